@@ -1,0 +1,200 @@
+// regdisk: VM disks in container image registries.
+//
+// This file wires command-line flags to the library; each command is a
+// short function that turns flags into library calls and a Status into an
+// exit code and one sentence on stderr.
+#include <signal.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "image/copy.h"
+#include "image/transport.h"
+#include "registry/auth.h"
+#include "registry/client.h"
+#include "util/log.h"
+
+namespace regdisk::cli {
+namespace {
+
+using json = nlohmann::json;
+
+struct Globals {
+  std::string root;
+  std::string tls_verify;  // "", "true" or "false"
+  std::string creds;
+  std::string authfile;
+  std::string cert_dir;
+  std::string platform = "linux/amd64";
+  bool verbose = false;
+};
+
+// --creds USER without a password: read it from stdin (without echo on a
+// terminal), so it never has to appear on a command line.
+Result<registry::Credentials> ResolveCreds(const std::string& flag) {
+  ASSIGN_OR_RETURN(registry::Credentials c, registry::ParseCredsFlag(flag));
+  if (flag.find(':') != std::string::npos) return c;
+  bool tty = ::isatty(STDIN_FILENO) != 0;
+  termios old{};
+  if (tty) {
+    std::fprintf(stderr, "Password for %s: ", c.username.c_str());
+    ::tcgetattr(STDIN_FILENO, &old);
+    termios quiet = old;
+    quiet.c_lflag &= ~static_cast<tcflag_t>(ECHO);
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &quiet);
+  }
+  std::getline(std::cin, c.password);
+  if (tty) {
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &old);
+    std::fprintf(stderr, "\n");
+  }
+  if (!c.password.empty() && c.password.back() == '\r') c.password.pop_back();
+  return c;
+}
+
+Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
+  registry::ClientOptions o;
+  if (g.tls_verify == "false") {
+    o.tls_verify = false;
+  } else if (g.tls_verify == "true") {
+    o.tls_verify = true;
+  } else if (!g.tls_verify.empty()) {
+    return InvalidArgument("--tls-verify takes true or false, not \"" + g.tls_verify + "\"");
+  }
+  o.cert_dir = g.cert_dir;
+  o.auth.authfile = g.authfile;
+  if (!g.creds.empty()) {
+    ASSIGN_OR_RETURN(registry::Credentials c, ResolveCreds(g.creds));
+    o.auth.explicit_creds = c;
+  }
+  // Test hooks: shorter timeouts and back-off, so fault tests stay quick.
+  if (const char* s = ::getenv("REGDISK_STALL_TIMEOUT_SECONDS")) o.limits.stall_timeout = std::chrono::seconds(std::atoi(s));
+  if (const char* s = ::getenv("REGDISK_BACKOFF_MS")) o.backoff_base = std::chrono::milliseconds(std::atoi(s));
+  if (const char* s = ::getenv("REGDISK_CHUNK_THRESHOLD")) o.chunk_threshold = std::strtoull(s, nullptr, 10);
+  if (const char* s = ::getenv("REGDISK_CHUNK_SIZE")) o.chunk_size = std::strtoull(s, nullptr, 10);
+  return o;
+}
+
+int Fail(const Status& st) {
+  std::fprintf(stderr, "regdisk: error: %s\n", st.message().c_str());
+  return st.code() == Code::kInvalidArgument ? 2 : 1;
+}
+
+int RunCopy(const Globals& g, const std::string& from, const std::string& to, bool all) {
+  auto opts = MakeClientOptions(g);
+  if (!opts.ok()) return Fail(opts.status());
+  auto platform = oci::Platform::Parse(g.platform);
+  if (!platform.ok()) return Fail(platform.status());
+  auto src_name = image::ImageName::Parse(from);
+  if (!src_name.ok()) return Fail(src_name.status());
+  auto dst_name = image::ImageName::Parse(to);
+  if (!dst_name.ok()) return Fail(dst_name.status());
+  auto src = image::OpenSource(*src_name, *opts);
+  if (!src.ok()) return Fail(src.status());
+  auto dst = image::OpenDestination(*dst_name, *opts);
+  if (!dst.ok()) return Fail(dst.status());
+  image::CopyOptions copts;
+  copts.platform = *platform;
+  copts.all = all;
+  auto r = image::Copy(**src, **dst, copts);
+  if (!r.ok()) return Fail(r.status().Annotate("copying " + src_name->String() + " to " + dst_name->String()));
+  std::printf("%s\n", r->digest.str().c_str());
+  log::Info("copied {} blobs ({} bytes), {} already present", r->blobs_copied, r->bytes_copied, r->blobs_present);
+  return 0;
+}
+
+int RunInspect(const Globals& g, const std::string& ref, bool raw) {
+  auto opts = MakeClientOptions(g);
+  if (!opts.ok()) return Fail(opts.status());
+  auto platform = oci::Platform::Parse(g.platform);
+  if (!platform.ok()) return Fail(platform.status());
+  auto name = image::ImageName::Parse(ref);
+  if (!name.ok()) return Fail(name.status());
+  auto src = image::OpenSource(*name, *opts);
+  if (!src.ok()) return Fail(src.status());
+  if (raw) {
+    auto m = (*src)->GetManifest();
+    if (!m.ok()) return Fail(m.status().Annotate("inspecting " + name->String()));
+    std::fwrite(m->bytes.data(), 1, m->bytes.size(), stdout);
+    return 0;
+  }
+  auto j = image::Inspect(**src, *platform);
+  if (!j.ok()) return Fail(j.status().Annotate("inspecting " + name->String()));
+  std::printf("%s\n", j->dump(2).c_str());
+  return 0;
+}
+
+// Overwrites the password of --creds in our own argv, so that it does not
+// linger in /proc/PID/cmdline while a long transfer runs.
+void ScrubCredsFromArgv(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    char* value = nullptr;
+    if (std::strncmp(argv[i], "--creds=", 8) == 0) {
+      value = argv[i] + 8;
+    } else if (std::strcmp(argv[i], "--creds") == 0 && i + 1 < argc) {
+      value = argv[i + 1];
+    }
+    if (value == nullptr) continue;
+    if (char* colon = std::strchr(value, ':')) std::memset(colon + 1, 'x', std::strlen(colon + 1));
+  }
+}
+
+int Main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_IGN);
+  CLI::App app{"regdisk: store virtual machine disks in container image registries and boot VMs from them"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "regdisk 0.1.0");
+  Globals g;
+  if (const char* root = ::getenv("REGDISK_ROOT")) g.root = root;
+  if (g.root.empty()) g.root = "/var/lib/regdisk";
+  app.add_option("--root", g.root, "node store directory (env REGDISK_ROOT)")->capture_default_str();
+  app.add_option("--tls-verify", g.tls_verify,
+                 "verify TLS certificates (true|false; false also allows plain HTTP)")
+      ->expected(0, 1)
+      ->default_str("true");
+  app.add_option("--creds", g.creds, "registry credentials USER[:PASS]; without PASS it is read from stdin");
+  app.add_option("--authfile", g.authfile, "auth file (containers auth.json or docker config.json)");
+  app.add_option("--cert-dir", g.cert_dir, "directory of CA certificates (*.crt) and client keys (*.cert/*.key)");
+  app.add_option("--platform", g.platform, "OS/ARCH[/VARIANT] to select from an index")->capture_default_str();
+  app.add_flag("-v,--verbose", g.verbose, "log what happens");
+
+  std::string from, to, ref;
+  bool all = false, raw = false;
+  CLI::App* copy = app.add_subcommand("copy", "copy an image between registries and OCI layouts");
+  copy->add_option("source", from, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
+  copy->add_option("destination", to, "docker://HOST/REPO[:TAG] or oci:DIR[:TAG]")->required();
+  copy->add_flag("--all,-a", all, "copy every image of an index, not only --platform's");
+  copy->fallthrough();
+
+  CLI::App* inspect = app.add_subcommand("inspect", "print an image's digest, media type, config and layers as JSON");
+  inspect->add_option("image", ref, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
+  inspect->add_flag("--raw", raw, "print the manifest bytes as stored");
+  inspect->fallthrough();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  ScrubCredsFromArgv(argc, argv);
+  // "--tls-verify" alone means true.
+  if (app.get_option("--tls-verify")->count() > 0 && g.tls_verify.empty()) g.tls_verify = "true";
+  log::SetLevel(g.verbose ? log::Level::kDebug : log::Level::kWarn);
+
+  if (*copy) return RunCopy(g, from, to, all);
+  if (*inspect) return RunInspect(g, ref, raw);
+  return 2;
+}
+
+}  // namespace
+}  // namespace regdisk::cli
+
+int main(int argc, char** argv) { return regdisk::cli::Main(argc, argv); }

@@ -1,0 +1,52 @@
+// Copying images between transports, and reading what an image holds.
+//
+//   ASSIGN_OR_RETURN(auto src, OpenSource(from, options));
+//   ASSIGN_OR_RETURN(auto dst, OpenDestination(to, options));
+//   ASSIGN_OR_RETURN(CopyResult r, Copy(*src, *dst, {}));
+//
+// Blobs already present at the destination are skipped (HEAD), same-registry
+// copies use cross-repository mounts, manifests keep their exact bytes so
+// digests agree byte for byte, and an index is written after its children.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "image/transport.h"
+#include "oci/manifest.h"
+#include "util/status.h"
+
+namespace regdisk::image {
+
+struct CopyOptions {
+  oci::Platform platform{"linux", "amd64", ""};
+  // Copy every image of an index, not just the one for `platform`.
+  bool all = false;
+};
+
+struct CopyResult {
+  oci::Digest digest;  // of the manifest written at the destination's tag
+  std::string media_type;
+  int blobs_copied = 0;
+  int blobs_present = 0;
+  uint64_t bytes_copied = 0;
+};
+
+Result<CopyResult> Copy(ImageSource& src, ImageDestination& dst, const CopyOptions& options);
+
+// The image manifest for `platform`: the source's manifest itself, or the
+// matching child of its index. index_digest is set when an index was read.
+struct ResolvedImage {
+  oci::RawManifest raw;
+  oci::Manifest manifest;
+  std::optional<oci::RawManifest> index;
+};
+Result<ResolvedImage> ResolveImage(ImageSource& src, const oci::Platform& platform);
+
+// A JSON summary: name, digest, mediaType, config, layers, os, architecture,
+// created, labels (from the config blob), and the index when there was one.
+Result<nlohmann::json> Inspect(ImageSource& src, const oci::Platform& platform);
+
+}  // namespace regdisk::image

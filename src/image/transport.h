@@ -1,0 +1,70 @@
+// Where images live: transports, sources and destinations.
+//
+//   docker://HOST/REPO[:TAG|@DIGEST]   a registry (Distribution API v2)
+//   oci:DIR[:TAG]                      an OCI image layout directory
+//   HOST/REPO[:TAG]                    no prefix means docker://
+//
+// A source hands out manifests and verified blob streams; a destination
+// takes blobs and manifests. Copy (copy.h) moves images between any two.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "oci/manifest.h"
+#include "oci/reference.h"
+#include "registry/client.h"
+#include "util/status.h"
+
+namespace regdisk::image {
+
+struct ImageName {
+  enum class Transport { kDocker, kOciLayout };
+  Transport transport = Transport::kDocker;
+  oci::Reference ref;         // kDocker
+  std::filesystem::path dir;  // kOciLayout
+  std::string tag;            // kOciLayout; may be empty
+
+  static Result<ImageName> Parse(std::string_view text);
+  std::string String() const;
+};
+
+class ImageSource {
+ public:
+  virtual ~ImageSource() = default;
+  virtual std::string Name() const = 0;
+  // The manifest the name points at (a tag, a digest, or the layout's only
+  // image when no tag was given).
+  virtual Result<oci::RawManifest> GetManifest() = 0;
+  // A manifest by digest (children of an index); verified.
+  virtual Result<oci::RawManifest> GetManifestByDigest(const oci::Descriptor& desc) = 0;
+  // Streams a blob to sink, verified by size and digest.
+  virtual Status FetchBlob(const oci::Descriptor& desc, const registry::BlobSink& sink) = 0;
+  // A blob that already lives in a local file, if this source has one.
+  virtual std::optional<std::filesystem::path> LocalBlobPath(const oci::Descriptor&) { return std::nullopt; }
+  // For registries: the registry and repository (for cross-repo mounts).
+  virtual const oci::Reference* RegistryRef() const { return nullptr; }
+};
+
+class ImageDestination {
+ public:
+  virtual ~ImageDestination() = default;
+  virtual std::string Name() const = 0;
+  virtual Result<bool> HasBlob(const oci::Descriptor& desc) = 0;
+  // Copies one blob from src, verifying it on the way.
+  virtual Status PutBlob(const oci::Descriptor& desc, ImageSource& src) = 0;
+  // Stores a manifest and tags it when tag is not empty. top_level is false
+  // for the children of an index, which are stored by digest only.
+  virtual Status PutManifest(const oci::RawManifest& m, const std::string& tag, bool top_level) = 0;
+  // The tag the destination name carries (may be empty).
+  virtual std::string Tag() const = 0;
+};
+
+Result<std::unique_ptr<ImageSource>> OpenSource(const ImageName& name, const registry::ClientOptions& options);
+Result<std::unique_ptr<ImageDestination>> OpenDestination(const ImageName& name,
+                                                          const registry::ClientOptions& options);
+
+}  // namespace regdisk::image

@@ -1,0 +1,727 @@
+#include "registry/client.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+
+#include <algorithm>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "util/fs.h"
+#include "util/log.h"
+
+namespace regdisk::registry {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr const char* kSystemCaBundle = "/etc/ssl/certs/ca-certificates.crt";
+constexpr uint64_t kMaxErrorBody = 64 << 10;
+constexpr int kMaxRedirects = 5;
+
+bool IsLoopbackHost(std::string_view registry) {
+  std::string host(registry);
+  if (!host.empty() && host.front() == '[') {
+    host = host.substr(1, host.find(']') - 1);
+  } else if (size_t c = host.rfind(':'); c != std::string::npos) {
+    host = host.substr(0, c);
+  }
+  if (host == "localhost" || host == "::1") return true;
+  in_addr a4;
+  return inet_pton(AF_INET, host.c_str(), &a4) == 1 && (ntohl(a4.s_addr) >> 24) == 127;
+}
+
+// scheme://host[:port] of an absolute URL.
+std::string Origin(std::string_view url) {
+  size_t p = url.find("://");
+  if (p == std::string_view::npos) return {};
+  size_t end = url.find_first_of("/?#", p + 3);
+  return std::string(url.substr(0, end));
+}
+
+std::string ResolveLocation(const std::string& base_url, const std::string& location) {
+  if (location.find("://") != std::string::npos) return location;
+  if (!location.empty() && location.front() == '/') return Origin(base_url) + location;
+  std::string dir = base_url.substr(0, base_url.rfind('/') + 1);
+  return dir + location;
+}
+
+// The message a Distribution error body carries, if any.
+std::string RegistryErrorText(std::string_view body) {
+  json j = json::parse(body, nullptr, false);
+  if (j.is_object() && j.contains("errors") && j["errors"].is_array() && !j["errors"].empty()) {
+    const json& e = j["errors"][0];
+    std::string code = e.value("code", "");
+    std::string msg = e.value("message", "");
+    return code.empty() ? msg : code + ": " + msg;
+  }
+  std::string_view head = body.substr(0, 200);
+  if (head.find("<html") != std::string_view::npos || head.find("<!DOCTYPE") != std::string_view::npos ||
+      head.find("<HTML") != std::string_view::npos) {
+    return "the server answered with an HTML page, not a registry response";
+  }
+  return {};
+}
+
+bool IsRetryableStatus(long s) { return s == 408 || s == 429 || (s >= 500 && s <= 599 && s != 501 && s != 505); }
+
+std::chrono::milliseconds ParseRetryAfter(const std::string& v, std::chrono::milliseconds cap) {
+  if (v.empty() || !std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return std::chrono::milliseconds(-1);
+  }
+  long long secs = v.size() > 6 ? 1000000 : std::stoll(v);
+  return std::min<std::chrono::milliseconds>(std::chrono::seconds(secs), cap);
+}
+
+std::string Scope(const std::string& repo, bool push) {
+  return "repository:" + repo + (push ? ":pull,push" : ":pull");
+}
+
+// Collects the CA certificates to trust for a registry: the system bundle
+// plus *.crt from --cert-dir or certs.d/HOST; and a client key pair.
+Result<TlsOptions> BuildTls(const ClientOptions& o, const std::string& registry) {
+  TlsOptions tls;
+  tls.verify = o.tls_verify.value_or(true);
+  std::vector<fs::path> dirs;
+  if (!o.cert_dir.empty()) {
+    std::error_code ec;
+    if (!fs::is_directory(o.cert_dir, ec)) {
+      return InvalidArgument("--cert-dir " + o.cert_dir.string() + " is not a directory");
+    }
+    dirs.push_back(o.cert_dir);
+  } else {
+    for (const auto& root : o.certs_d_roots) dirs.push_back(root / registry);
+  }
+  std::string extra;
+  for (const auto& dir : dirs) {
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) continue;
+    std::vector<fs::path> files;
+    for (const auto& e : fs::directory_iterator(dir, ec)) files.push_back(e.path());
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) {
+      if (f.extension() == ".crt") {
+        ASSIGN_OR_RETURN(std::string pem, ReadFileCapped(f, 1 << 20));
+        extra += pem + "\n";
+      } else if (f.extension() == ".cert" && tls.client_cert_file.empty()) {
+        fs::path key = f;
+        key.replace_extension(".key");
+        if (!fs::exists(key, ec)) {
+          return InvalidArgument("client certificate " + f.string() + " has no matching " + key.filename().string());
+        }
+        tls.client_cert_file = f.string();
+        tls.client_key_file = key.string();
+      }
+    }
+  }
+  if (!extra.empty()) {
+    auto system = ReadFileCapped(kSystemCaBundle, 16 << 20);
+    tls.ca_pem = (system.ok() ? *system + "\n" : std::string()) + extra;
+  }
+  return tls;
+}
+
+struct Token {
+  std::string value;
+  Clock::time_point expires;
+};
+
+}  // namespace
+
+struct RegistryClient::State {
+  ClientOptions opt;
+  bool loopback = false;
+  std::string api_host;
+  std::string scheme = "https";
+  bool scheme_settled = false;
+  std::unique_ptr<HttpSession> http;
+  Status init_status;
+
+  // Authentication state, learnt from the first 401.
+  std::optional<Challenge> challenge;
+  bool creds_loaded = false;
+  std::optional<Credentials> creds;
+  std::map<std::string, Token> tokens;  // by scope list
+  int token_requests = 0;
+  std::mt19937 rng{std::random_device{}()};
+
+  std::string BaseUrl() const { return scheme + "://" + api_host; }
+
+  bool MayUsePlainHttp() const { return loopback || (opt.tls_verify.has_value() && !*opt.tls_verify); }
+
+  void Sleep(std::chrono::milliseconds d) { std::this_thread::sleep_for(d); }
+
+  std::chrono::milliseconds Backoff(int attempt) {
+    auto base = opt.backoff_base * (1LL << std::min(attempt, 10));
+    auto capped = std::min<std::chrono::milliseconds>(base, opt.backoff_max);
+    std::uniform_int_distribution<long long> jitter(0, capped.count() / 2);
+    return capped / 2 + std::chrono::milliseconds(jitter(rng));
+  }
+
+  Status LoadCreds(const std::string& registry) {
+    if (creds_loaded) return OkStatus();
+    auto c = LookupCredentials(opt.auth, registry);
+    if (!c.ok()) return std::move(c).status().Annotate("reading credentials for " + registry);
+    creds = *c;
+    creds_loaded = true;
+    return OkStatus();
+  }
+
+  // Authorization header value for the given scopes, if any is known.
+  std::string AuthHeader(const std::string& scope_key) {
+    if (!challenge) return {};
+    if (challenge->scheme == "basic") {
+      if (!creds) return {};
+      return "Basic " + Base64Encode(creds->username + ":" + creds->password);
+    }
+    auto it = tokens.find(scope_key);
+    if (it == tokens.end() || Clock::now() >= it->second.expires) return {};
+    return "Bearer " + it->second.value;
+  }
+
+  // Answers a 401: learns the challenge and fetches a token for scopes.
+  Status Authenticate(const std::string& registry, const std::string& www_authenticate,
+                      const std::vector<std::string>& scopes, const std::string& scope_key) {
+    auto challenges = ParseChallenges(www_authenticate);
+    const Challenge* chosen = nullptr;
+    for (const auto& c : challenges) {
+      if (c.scheme == "bearer") chosen = &c;
+    }
+    if (!chosen) {
+      for (const auto& c : challenges) {
+        if (c.scheme == "basic") chosen = &c;
+      }
+    }
+    if (!chosen) {
+      return Unauthenticated("registry " + registry + " asks for an unsupported authentication scheme (" +
+                             (www_authenticate.empty() ? std::string("none given") : www_authenticate.substr(0, 60)) + ")");
+    }
+    challenge = *chosen;
+    RETURN_IF_ERROR(LoadCreds(registry));
+    if (challenge->scheme == "basic") {
+      if (!creds) {
+        return Unauthenticated("registry " + registry + " requires a login; pass --creds USER[:PASS] or --authfile FILE");
+      }
+      return OkStatus();
+    }
+    return FetchToken(registry, scopes, scope_key);
+  }
+
+  Status FetchToken(const std::string& registry, const std::vector<std::string>& scopes, const std::string& scope_key) {
+    std::string realm = challenge->params["realm"];
+    if (realm.empty() || (realm.rfind("https://", 0) != 0 && realm.rfind("http://", 0) != 0)) {
+      return Unauthenticated("registry " + registry + " sent a Bearer challenge without a usable realm");
+    }
+    std::string url = realm + (realm.find('?') == std::string::npos ? "?" : "&");
+    bool first = true;
+    auto add = [&](const std::string& k, const std::string& v) {
+      url += (first ? "" : "&") + k + "=" + UrlEncode(v);
+      first = false;
+    };
+    if (auto s = challenge->params.find("service"); s != challenge->params.end()) add("service", s->second);
+    for (const auto& s : scopes) add("scope", s);
+    if (creds && creds->username != "<token>") add("account", creds->username);
+
+    HttpRequest req;
+    req.url = url;
+    req.max_body = 1 << 20;
+    if (creds && creds->username != "<token>") {
+      req.headers.emplace_back("Authorization", "Basic " + Base64Encode(creds->username + ":" + creds->password));
+    }
+    ++token_requests;
+    Result<HttpResponse> resp = Unavailable("not attempted");
+    for (int attempt = 0; attempt < opt.max_attempts; ++attempt) {
+      TransportError te;
+      resp = http->Do(req, &te);
+      if (resp.ok() && !IsRetryableStatus(resp->status)) break;
+      if (attempt + 1 < opt.max_attempts) Sleep(Backoff(attempt));
+    }
+    if (!resp.ok()) return std::move(resp).status().Annotate("requesting a token for " + registry);
+    if (resp->status == 401 || resp->status == 403) {
+      if (creds) {
+        return Unauthenticated("registry " + registry + " refused the credentials for user \"" + creds->username +
+                               "\"; check --creds or the auth file");
+      }
+      return Unauthenticated("registry " + registry + " requires a login; pass --creds USER[:PASS] or --authfile FILE");
+    }
+    if (resp->status != 200) {
+      return Unavailable("the token service of " + registry + " answered HTTP " + std::to_string(resp->status));
+    }
+    json j = json::parse(resp->body, nullptr, false);
+    if (!j.is_object()) return Unavailable("the token service of " + registry + " did not answer with JSON");
+    std::string token = j.value("token", "");
+    if (token.empty()) token = j.value("access_token", "");
+    if (token.empty()) return Unavailable("the token service of " + registry + " answered without a token");
+    long long expires_in = 60;
+    if (auto e = j.find("expires_in"); e != j.end() && e->is_number_integer() && e->get<long long>() > 0) {
+      expires_in = e->get<long long>();
+    }
+    // Renew a little early so a token does not expire mid-request.
+    auto lifetime = std::chrono::seconds(expires_in);
+    auto margin = std::min<std::chrono::seconds>(std::chrono::seconds(10), lifetime / 4);
+    tokens[scope_key] = Token{token, Clock::now() + lifetime - margin};
+    return OkStatus();
+  }
+};
+
+RegistryClient::RegistryClient(std::string registry, ClientOptions options)
+    : s_(std::make_unique<State>()), registry_(std::move(registry)) {
+  s_->opt = std::move(options);
+  s_->loopback = IsLoopbackHost(registry_);
+  s_->api_host = registry_ == "docker.io" ? "registry-1.docker.io" : registry_;
+  auto tls = BuildTls(s_->opt, registry_);
+  if (!tls.ok()) {
+    s_->init_status = tls.status();
+    tls = TlsOptions{};
+  }
+  s_->http = std::make_unique<HttpSession>(*tls, s_->opt.limits);
+}
+
+RegistryClient::~RegistryClient() = default;
+
+int RegistryClient::token_requests() const { return s_->token_requests; }
+
+namespace {
+
+// One logical request to the registry, with authentication, redirects,
+// retries and plain-HTTP fallback. `path` is relative to the registry
+// origin ("/v2/...") or an absolute URL (an upload Location).
+struct Call {
+  std::string method = "GET";
+  std::string path;
+  std::vector<std::string> scopes;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+  int body_fd = -1;
+  uint64_t body_offset = 0, body_length = 0;
+  uint64_t max_body = kMaxErrorBody;
+  // Called before each attempt (to set Range on a resumed download).
+  std::function<void(HttpRequest&)> before_attempt;
+  std::function<Status(long, std::string_view)> on_body;
+  // Retrying a non-idempotent step (an upload PATCH) is the caller's call.
+  bool retry = true;
+};
+
+}  // namespace
+
+static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& registry, const Call& call) {
+  RETURN_IF_ERROR(s.init_status);
+  std::string scope_key;
+  for (const auto& sc : call.scopes) scope_key += sc + " ";
+  int attempt = 0;
+  int auth_tries = 0;
+  int redirects = 0;
+  std::string url;  // set when following a redirect
+  for (;;) {
+    std::string target = !url.empty() ? url
+                         : call.path.find("://") != std::string::npos ? call.path
+                                                                      : s.BaseUrl() + call.path;
+    HttpRequest req;
+    req.method = call.method;
+    req.url = target;
+    req.headers = call.headers;
+    req.body = call.body;
+    req.body_fd = call.body_fd;
+    req.body_offset = call.body_offset;
+    req.body_length = call.body_length;
+    req.max_body = call.max_body;
+    req.on_body = call.on_body;
+    if (call.before_attempt) call.before_attempt(req);
+    // Credentials only ever go to the registry's own origin.
+    bool own_origin = Origin(target) == s.BaseUrl();
+    if (own_origin) {
+      std::string auth = s.AuthHeader(scope_key);
+      if (!auth.empty()) req.headers.emplace_back("Authorization", auth);
+    }
+    TransportError te = TransportError::kNone;
+    auto resp = s.http->Do(req, &te);
+    if (!resp.ok()) {
+      if (own_origin && s.scheme == "https" && !s.scheme_settled && te == TransportError::kTls &&
+          s.MayUsePlainHttp()) {
+        log::Debug("{} does not speak TLS; using plain HTTP", registry);
+        s.scheme = "http";
+        s.scheme_settled = true;
+        if (call.path.find("://") != std::string::npos) return resp;  // absolute URL: caller restarts
+        continue;
+      }
+      if (te == TransportError::kTlsVerify) {
+        return Unavailable("the TLS certificate of " + registry +
+                           " is not trusted; put its CA certificate in --cert-dir or /etc/containers/certs.d/" +
+                           registry + "/, or pass --tls-verify=false");
+      }
+      if (te == TransportError::kAborted || !call.retry) return resp;
+      if (++attempt >= s.opt.max_attempts) {
+        return std::move(resp).status().Annotate("giving up after " + std::to_string(attempt) + " attempts");
+      }
+      auto wait = s.Backoff(attempt);
+      log::Debug("{} (attempt {}); retrying in {} ms", resp.status().message(), attempt, wait.count());
+      s.Sleep(wait);
+      continue;
+    }
+    if (own_origin) s.scheme_settled = true;
+    long st = resp->status;
+    if (st == 401 && own_origin && auth_tries < 2) {
+      ++auth_tries;
+      // A token that was refused mid-transfer is dropped and fetched again.
+      s.tokens.erase(scope_key);
+      RETURN_IF_ERROR(s.Authenticate(registry, resp->Header("www-authenticate"), call.scopes, scope_key));
+      continue;
+    }
+    if ((st == 301 || st == 302 || st == 303 || st == 307 || st == 308) && !resp->Header("location").empty()) {
+      if (++redirects > kMaxRedirects) return Unavailable("too many redirects from " + registry);
+      url = ResolveLocation(target, resp->Header("location"));
+      log::Debug("redirected to {}", Origin(url));
+      continue;
+    }
+    if (IsRetryableStatus(st) && call.retry && ++attempt < s.opt.max_attempts) {
+      auto wait = ParseRetryAfter(resp->Header("retry-after"), s.opt.retry_after_max);
+      if (wait.count() < 0) wait = s.Backoff(attempt);
+      log::Debug("{} {} answered HTTP {}; retrying in {} ms", call.method, registry, st, wait.count());
+      s.Sleep(wait);
+      url.clear();
+      continue;
+    }
+    return resp;
+  }
+}
+
+namespace {
+
+// Turns an unexpected HTTP status into a sentence.
+Status StatusError(const std::string& what, const std::string& registry, const HttpResponse& r) {
+  std::string detail = RegistryErrorText(r.body);
+  std::string suffix = detail.empty() ? "" : " (" + detail + ")";
+  switch (r.status) {
+    case 401:
+      return Unauthenticated(what + ": registry " + registry + " requires a login; pass --creds USER[:PASS] or --authfile FILE" +
+                             suffix);
+    case 403:
+      return PermissionDenied(what + ": access denied by " + registry + suffix);
+    case 404:
+      return NotFound(what + ": not found on " + registry + suffix);
+    case 429:
+      return Unavailable(what + ": " + registry + " is rate-limiting requests; try again later" + suffix);
+    default:
+      return Unavailable(what + ": " + registry + " answered HTTP " + std::to_string(r.status) + suffix);
+  }
+}
+
+}  // namespace
+
+Result<oci::RawManifest> RegistryClient::GetManifest(const std::string& repo, const std::string& ref) {
+  const std::string what = "manifest " + repo + ":" + ref;
+  Call c;
+  c.path = "/v2/" + repo + "/manifests/" + ref;
+  c.scopes = {Scope(repo, false)};
+  c.headers = {{"Accept", oci::media::AcceptHeader()}};
+  c.max_body = oci::kMaxManifestBytes;
+  auto resp = Send(*s_, registry_, c);
+  if (!resp.ok()) {
+    if (resp.status().code() == Code::kResourceExhausted) {
+      return ResourceExhausted(what + " is larger than the limit of " + std::to_string(oci::kMaxManifestBytes) +
+                               " bytes; refusing it");
+    }
+    return std::move(resp).status().Annotate("fetching " + what);
+  }
+  if (resp->status != 200) return StatusError("fetching " + what, registry_, *resp);
+  oci::RawManifest m;
+  m.bytes = std::move(resp->body);
+  m.media_type = resp->Header("content-type");
+  if (size_t semi = m.media_type.find(';'); semi != std::string::npos) m.media_type.resize(semi);
+  oci::Digest expected;
+  if (auto d = oci::Digest::Parse(ref); d.ok()) {
+    expected = *d;
+  } else if (std::string h = resp->Header("docker-content-digest"); !h.empty()) {
+    auto hd = oci::Digest::Parse(h);
+    if (hd.ok()) expected = *hd;
+  }
+  oci::Hasher hasher(expected.empty() ? "sha256" : expected.algorithm());
+  hasher.Update(m.bytes);
+  m.digest = hasher.Finish();
+  if (!expected.empty() && m.digest != expected) {
+    return DataLoss(what + " from " + registry_ + " failed verification: expected " + expected.str() + ", got " +
+                    m.digest.str());
+  }
+  if (expected.empty() || expected.algorithm() != "sha256") m.digest = oci::Digest::Sha256Of(m.bytes);
+  // The document's own mediaType is authoritative when present.
+  auto parsed = oci::Manifest::Parse(m.bytes, m.media_type);
+  if (!parsed.ok()) return std::move(parsed).status().Annotate(what + " from " + registry_);
+  m.media_type = parsed->media_type;
+  return m;
+}
+
+Result<oci::Digest> RegistryClient::ResolveManifest(const std::string& repo, const std::string& ref) {
+  Call c;
+  c.method = "HEAD";
+  c.path = "/v2/" + repo + "/manifests/" + ref;
+  c.scopes = {Scope(repo, false)};
+  c.headers = {{"Accept", oci::media::AcceptHeader()}};
+  ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
+  if (resp.status != 200) return StatusError("resolving " + repo + ":" + ref, registry_, resp);
+  std::string h = resp.Header("docker-content-digest");
+  if (h.empty()) {
+    ASSIGN_OR_RETURN(oci::RawManifest m, GetManifest(repo, ref));
+    return m.digest;
+  }
+  return oci::Digest::Parse(h);
+}
+
+Result<bool> RegistryClient::BlobExists(const std::string& repo, const oci::Digest& digest) {
+  Call c;
+  c.method = "HEAD";
+  c.path = "/v2/" + repo + "/blobs/" + digest.str();
+  c.scopes = {Scope(repo, false)};
+  ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
+  if (resp.status == 200) return true;
+  if (resp.status == 404) return false;
+  return StatusError("checking blob " + digest.Short() + " in " + repo, registry_, resp);
+}
+
+Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink) {
+  const std::string what = "blob " + desc.digest.Short() + " of " + repo;
+  oci::Hasher hasher(desc.digest.algorithm());
+  uint64_t received = 0;       // verified bytes handed to the sink
+  uint64_t skip = 0;           // bytes of a 200 answer to drop after a resume
+  std::string error_body;
+  const uint64_t size = static_cast<uint64_t>(desc.size);
+
+  Call c;
+  c.path = "/v2/" + repo + "/blobs/" + desc.digest.str();
+  c.scopes = {Scope(repo, false)};
+  c.before_attempt = [&](HttpRequest& req) {
+    error_body.clear();
+    skip = received;
+    if (received > 0) req.headers.emplace_back("Range", "bytes=" + std::to_string(received) + "-");
+  };
+  c.on_body = [&](long status, std::string_view chunk) -> Status {
+    if (status == 206 && skip > 0) skip = 0;  // the server honoured Range
+    if (status != 200 && status != 206) {
+      if (error_body.size() < kMaxErrorBody) error_body.append(chunk.substr(0, kMaxErrorBody - error_body.size()));
+      return OkStatus();
+    }
+    if (skip > 0) {
+      size_t drop = static_cast<size_t>(std::min<uint64_t>(skip, chunk.size()));
+      chunk.remove_prefix(drop);
+      skip -= drop;
+      if (chunk.empty()) return OkStatus();
+    }
+    if (received + chunk.size() > size) {
+      return DataLoss(what + " is larger than the " + std::to_string(size) + " bytes its descriptor declares");
+    }
+    hasher.Update(chunk);
+    received += chunk.size();
+    return sink(chunk);
+  };
+
+  // A dropped connection is resumed: Send retries transport failures and
+  // before_attempt asks for the rest with Range.
+  for (int round = 0;; ++round) {
+    auto resp = Send(*s_, registry_, c);
+    if (!resp.ok()) return std::move(resp).status().Annotate("fetching " + what);
+    if (resp->status == 416 && received == size) break;  // nothing left to send
+    if (resp->status != 200 && resp->status != 206) {
+      HttpResponse r = *resp;
+      r.body = error_body;
+      return StatusError("fetching " + what, registry_, r);
+    }
+    if (received == size) break;
+    // The body ended early without a transport error (a proxy closed a
+    // Content-Length-less response): ask again for the rest.
+    if (round + 1 >= s_->opt.max_attempts) {
+      return DataLoss(what + " ended after " + std::to_string(received) + " of " + std::to_string(size) + " bytes");
+    }
+  }
+  oci::Digest got = hasher.Finish();
+  if (got != desc.digest) {
+    return DataLoss(what + " failed verification: expected " + desc.digest.str() + ", got " + got.str());
+  }
+  return OkStatus();
+}
+
+Result<std::string> RegistryClient::FetchBlobToString(const std::string& repo, const oci::Descriptor& desc,
+                                                      uint64_t max_bytes) {
+  if (static_cast<uint64_t>(desc.size) > max_bytes) {
+    return ResourceExhausted("blob " + desc.digest.Short() + " is " + std::to_string(desc.size) +
+                             " bytes, over the limit of " + std::to_string(max_bytes));
+  }
+  std::string out;
+  RETURN_IF_ERROR(FetchBlob(repo, desc, [&](std::string_view chunk) {
+    out.append(chunk);
+    return OkStatus();
+  }));
+  return out;
+}
+
+namespace {
+
+std::string WithDigest(const std::string& location, const oci::Digest& d) {
+  return location + (location.find('?') == std::string::npos ? "?" : "&") + "digest=" + UrlEncode(d.str());
+}
+
+}  // namespace
+
+Result<bool> RegistryClient::MountBlob(const std::string& repo, const oci::Descriptor& desc,
+                                       const std::string& from_repo) {
+  Call c;
+  c.method = "POST";
+  c.path = "/v2/" + repo + "/blobs/uploads/?mount=" + UrlEncode(desc.digest.str()) + "&from=" + UrlEncode(from_repo);
+  c.scopes = {Scope(repo, true), Scope(from_repo, false)};
+  ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
+  if (resp.status == 201) return true;
+  if (resp.status == 202) {
+    // The registry opened an upload session instead; abandon it.
+    if (std::string loc = resp.Header("location"); !loc.empty()) {
+      Call del;
+      del.method = "DELETE";
+      del.path = ResolveLocation(s_->BaseUrl() + c.path, loc);
+      del.scopes = {Scope(repo, true)};
+      (void)Send(*s_, registry_, del);
+    }
+    return false;
+  }
+  return StatusError("mounting blob " + desc.digest.Short() + " into " + repo, registry_, resp);
+}
+
+Status RegistryClient::PushBlobBytes(const std::string& repo, const oci::Descriptor& desc, std::string_view bytes) {
+  auto file = TempDir::Create("regdisk-blob");
+  if (!file.ok()) return file.status();
+  fs::path p = file->path() / "blob";
+  RETURN_IF_ERROR(WriteFileAtomic(p, bytes));
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(p, O_RDONLY));
+  return PushBlob(repo, desc, fd.get(), 0);
+}
+
+Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& desc, int fd, uint64_t offset) {
+  const std::string what = "uploading blob " + desc.digest.Short() + " to " + repo;
+  const uint64_t size = static_cast<uint64_t>(desc.size);
+  const std::vector<std::string> scopes = {Scope(repo, true)};
+
+  // A failed upload session is abandoned and started again from scratch.
+  Status last;
+  for (int round = 0; round < 3; ++round) {
+    Call start;
+    start.method = "POST";
+    start.path = "/v2/" + repo + "/blobs/uploads/";
+    start.scopes = scopes;
+    ASSIGN_OR_RETURN(HttpResponse began, Send(*s_, registry_, start));
+    if (began.status != 202) return StatusError(what, registry_, began);
+    std::string location = ResolveLocation(s_->BaseUrl() + start.path, began.Header("location"));
+    if (began.Header("location").empty()) return Unavailable(what + ": the registry gave no upload location");
+
+    uint64_t chunk = s_->opt.chunk_size;
+    if (std::string m = began.Header("oci-chunk-min-length"); !m.empty()) {
+      chunk = std::max<uint64_t>(chunk, std::strtoull(m.c_str(), nullptr, 10));
+    }
+    Status st;
+    if (size > s_->opt.chunk_threshold) {
+      // Chunked: PATCH each range, following the Location each answer gives.
+      for (uint64_t sent = 0; sent < size && st.ok();) {
+        uint64_t n = std::min(chunk, size - sent);
+        Call patch;
+        patch.method = "PATCH";
+        patch.path = location;
+        patch.scopes = scopes;
+        patch.retry = false;
+        patch.body_fd = fd;
+        patch.body_offset = offset + sent;
+        patch.body_length = n;
+        patch.headers = {{"Content-Type", "application/octet-stream"},
+                         {"Content-Range", std::to_string(sent) + "-" + std::to_string(sent + n - 1)}};
+        auto r = Send(*s_, registry_, patch);
+        if (!r.ok()) {
+          st = r.status();
+        } else if (r->status != 202) {
+          st = StatusError(what, registry_, *r);
+        } else {
+          location = ResolveLocation(location, r->Header("location").empty() ? location : r->Header("location"));
+          sent += n;
+        }
+      }
+      if (st.ok()) {
+        Call put;
+        put.method = "PUT";
+        put.path = WithDigest(location, desc.digest);
+        put.scopes = scopes;
+        put.retry = false;
+        auto r = Send(*s_, registry_, put);
+        if (!r.ok()) {
+          st = r.status();
+        } else if (r->status != 201) {
+          st = StatusError(what, registry_, *r);
+        }
+      }
+    } else {
+      Call put;
+      put.method = "PUT";
+      put.path = WithDigest(location, desc.digest);
+      put.scopes = scopes;
+      put.retry = false;
+      put.body_fd = fd;
+      put.body_offset = offset;
+      put.body_length = size;
+      put.headers = {{"Content-Type", "application/octet-stream"}};
+      auto r = Send(*s_, registry_, put);
+      if (!r.ok()) {
+        st = r.status();
+      } else if (r->status != 201) {
+        st = StatusError(what, registry_, *r);
+      }
+    }
+    if (st.ok()) return OkStatus();
+    if (st.code() != Code::kUnavailable && st.code() != Code::kDeadlineExceeded) return st.Annotate(what);
+    last = st;
+    log::Debug("{}: {}; starting the upload again", what, st.message());
+    s_->Sleep(s_->Backoff(round + 1));
+  }
+  return last.Annotate(what);
+}
+
+Status RegistryClient::PutManifest(const std::string& repo, const std::string& ref, const oci::RawManifest& m) {
+  Call c;
+  c.method = "PUT";
+  c.path = "/v2/" + repo + "/manifests/" + ref;
+  c.scopes = {Scope(repo, true)};
+  c.body = m.bytes;
+  c.headers = {{"Content-Type", m.media_type}};
+  const std::string what = "pushing manifest " + repo + ":" + ref;
+  ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
+  if (resp.status != 201 && resp.status != 200) return StatusError(what, registry_, resp);
+  if (std::string h = resp.Header("docker-content-digest"); !h.empty() && h != m.digest.str()) {
+    return DataLoss(what + ": the registry stored digest " + h + " but the manifest is " + m.digest.str());
+  }
+  return OkStatus();
+}
+
+Result<std::vector<std::string>> RegistryClient::ListTags(const std::string& repo) {
+  std::vector<std::string> tags;
+  std::string path = "/v2/" + repo + "/tags/list";
+  for (int page = 0; page < 1000 && !path.empty(); ++page) {
+    Call c;
+    c.path = path;
+    c.scopes = {Scope(repo, false)};
+    c.max_body = 16 << 20;
+    ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
+    if (resp.status != 200) return StatusError("listing tags of " + repo, registry_, resp);
+    json j = json::parse(resp.body, nullptr, false);
+    if (!j.is_object()) return Unavailable("listing tags of " + repo + ": the answer is not JSON");
+    if (auto t = j.find("tags"); t != j.end() && t->is_array()) {
+      for (auto& x : *t) {
+        if (x.is_string()) tags.push_back(x.get<std::string>());
+      }
+    }
+    // Link: </v2/...?n=...&last=...>; rel="next"
+    std::string link = resp.Header("link");
+    path.clear();
+    if (size_t lt = link.find('<'), gt = link.find('>'); lt != std::string::npos && gt != std::string::npos && gt > lt) {
+      path = link.substr(lt + 1, gt - lt - 1);
+    }
+  }
+  return tags;
+}
+
+}  // namespace regdisk::registry

@@ -1,0 +1,100 @@
+// One HTTP exchange at a time over libcurl, with bodies streamed in both
+// directions. Redirects are not followed here: the registry client decides
+// where credentials may go (see client.cc).
+//
+// Thread-compatible: one HttpSession per thread; it keeps connections alive
+// between requests.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "util/status.h"
+
+namespace regdisk::registry {
+
+struct TlsOptions {
+  bool verify = true;
+  // PEM bundle to trust instead of the system store (system CAs included
+  // by the caller when wanted). Empty: the system store.
+  std::string ca_pem;
+  std::string client_cert_file;
+  std::string client_key_file;
+};
+
+struct HttpRequest {
+  std::string method = "GET";
+  std::string url;
+  std::vector<std::pair<std::string, std::string>> headers;
+
+  // Request body: in memory, or a byte range of a file.
+  std::string body;
+  int body_fd = -1;
+  uint64_t body_offset = 0;
+  uint64_t body_length = 0;
+
+  // Response body: streamed to on_body when set (returning an error aborts
+  // the transfer), otherwise collected up to max_body bytes.
+  std::function<Status(long status, std::string_view chunk)> on_body;
+  uint64_t max_body = 1 << 20;
+};
+
+struct HttpResponse {
+  long status = 0;
+  // Header names lowercased; the last value wins.
+  std::map<std::string, std::string> headers;
+  std::string body;  // when no on_body was given
+
+  std::string Header(const std::string& lower_name) const {
+    auto it = headers.find(lower_name);
+    return it == headers.end() ? std::string() : it->second;
+  }
+};
+
+// What went wrong below HTTP, for retry and fallback decisions.
+enum class TransportError {
+  kNone,
+  kConnect,     // nothing listens, or the name does not resolve
+  kTls,         // the handshake failed (e.g. the server speaks plain HTTP)
+  kTlsVerify,   // the server's certificate is not trusted
+  kTimeout,     // connect or stall timeout
+  kBroken,      // the connection dropped mid-exchange
+  kAborted,     // our own body callback stopped the transfer
+  kOther,
+};
+
+struct HttpLimits {
+  std::chrono::seconds connect_timeout{30};
+  // An attempt is abandoned when it moves fewer than 1 byte/s for this long.
+  std::chrono::seconds stall_timeout{30};
+};
+
+class HttpSession {
+ public:
+  HttpSession(TlsOptions tls, HttpLimits limits);
+  ~HttpSession();
+  HttpSession(const HttpSession&) = delete;
+  HttpSession& operator=(const HttpSession&) = delete;
+
+  // Performs one exchange. A transport failure returns Unavailable (or the
+  // on_body callback's own status) and sets *transport_error.
+  Result<HttpResponse> Do(const HttpRequest& req, TransportError* transport_error = nullptr);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Percent-encodes a query value.
+std::string UrlEncode(std::string_view s);
+// Base64 (standard alphabet, padded).
+std::string Base64Encode(std::string_view s);
+Result<std::string> Base64Decode(std::string_view s);
+
+}  // namespace regdisk::registry

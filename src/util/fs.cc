@@ -1,0 +1,119 @@
+#include "util/fs.h"
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <system_error>
+
+namespace regdisk {
+
+namespace fs = std::filesystem;
+
+void UniqueFd::reset(int fd) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
+Result<UniqueFd> OpenFile(const fs::path& path, int flags, mode_t mode) {
+  int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+  if (fd < 0) return ErrnoStatus("opening " + path.string());
+  return UniqueFd(fd);
+}
+
+Status WriteAll(int fd, std::string_view data) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("writing");
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return OkStatus();
+}
+
+Result<std::string> ReadFileCapped(const fs::path& path, uint64_t max_bytes) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY));
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("reading " + path.string());
+    }
+    if (n == 0) break;
+    if (out.size() + static_cast<uint64_t>(n) > max_bytes) {
+      return ResourceExhausted(path.string() + " is larger than the limit of " +
+                               std::to_string(max_bytes) + " bytes");
+    }
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+Status SyncDir(const fs::path& dir) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(dir, O_RDONLY | O_DIRECTORY));
+  if (::fsync(fd.get()) != 0) return ErrnoStatus("syncing directory " + dir.string());
+  return OkStatus();
+}
+
+Status MakeDirs(const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return ErrnoStatus("creating directory " + dir.string(), ec.value());
+  return OkStatus();
+}
+
+Status WriteFileAtomic(const fs::path& path, std::string_view data, mode_t mode) {
+  ASSIGN_OR_RETURN(PendingFile f, PendingFile::Create(path, mode));
+  RETURN_IF_ERROR(WriteAll(f.fd(), data).Annotate("writing " + path.string()));
+  return f.Commit();
+}
+
+Result<TempDir> TempDir::Create(std::string_view prefix) {
+  const char* tmp = ::getenv("TMPDIR");
+  std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/" + std::string(prefix) + ".XXXXXX";
+  if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating a temporary directory");
+  return TempDir(templ);
+}
+
+TempDir::~TempDir() {
+  if (path_.empty()) return;
+  std::error_code ec;
+  fs::remove_all(path_, ec);
+}
+
+Result<PendingFile> PendingFile::Create(const fs::path& final_path, mode_t mode) {
+  std::string templ = final_path.string() + ".tmp-XXXXXX";
+  int fd = ::mkostemp(templ.data(), O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus("creating a temporary file next to " + final_path.string());
+  UniqueFd owned(fd);
+  if (::fchmod(fd, mode) != 0) {
+    int err = errno;
+    ::unlink(templ.c_str());
+    return ErrnoStatus("setting the mode of " + templ, err);
+  }
+  return PendingFile(std::move(owned), templ, final_path);
+}
+
+PendingFile::PendingFile(PendingFile&& o) noexcept
+    : fd_(std::move(o.fd_)), temp_(std::move(o.temp_)), final_(std::move(o.final_)), committed_(o.committed_) {
+  o.committed_ = true;  // the moved-from object owns nothing
+}
+
+PendingFile::~PendingFile() {
+  if (!committed_ && !temp_.empty()) ::unlink(temp_.c_str());
+}
+
+Status PendingFile::Commit() {
+  if (::fsync(fd_.get()) != 0) return ErrnoStatus("syncing " + temp_.string());
+  fd_.reset();
+  if (::rename(temp_.c_str(), final_.c_str()) != 0) return ErrnoStatus("renaming into " + final_.string());
+  committed_ = true;
+  return SyncDir(final_.parent_path().empty() ? fs::path(".") : final_.parent_path());
+}
+
+}  // namespace regdisk

@@ -1,0 +1,102 @@
+// File-system helpers: an owning fd, temp files and directories removed on
+// scope exit, bounded reads and atomic writes (temp, fsync, rename).
+//
+// Every descriptor opened here carries O_CLOEXEC.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include "util/status.h"
+
+namespace regdisk {
+
+// Owns one file descriptor; closes it on destruction.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+// open(2) with O_CLOEXEC added; errors name the path.
+Result<UniqueFd> OpenFile(const std::filesystem::path& path, int flags, mode_t mode = 0644);
+
+// Writes all of data to fd, retrying short writes and EINTR.
+Status WriteAll(int fd, std::string_view data);
+
+// Reads a whole file, refusing one larger than max_bytes.
+Result<std::string> ReadFileCapped(const std::filesystem::path& path, uint64_t max_bytes);
+
+// Writes data to path atomically: a temp file in the same directory is
+// written, fsynced and renamed over path; the directory is then fsynced.
+Status WriteFileAtomic(const std::filesystem::path& path, std::string_view data, mode_t mode = 0644);
+
+// fsync(2) on a directory, so that a rename inside it is durable.
+Status SyncDir(const std::filesystem::path& dir);
+
+// Creates a directory and its parents (mkdir -p); an existing one is fine.
+Status MakeDirs(const std::filesystem::path& dir);
+
+// A directory created under $TMPDIR (or /tmp) and removed, with everything in
+// it, when this object is destroyed.
+class TempDir {
+ public:
+  static Result<TempDir> Create(std::string_view prefix = "regdisk");
+  TempDir(TempDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
+  TempDir& operator=(TempDir&&) = delete;
+  TempDir(const TempDir&) = delete;
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  explicit TempDir(std::filesystem::path p) : path_(std::move(p)) {}
+  std::filesystem::path path_;
+};
+
+// An open, anonymous-until-committed file: removed on destruction unless
+// Commit() renamed it into place.
+class PendingFile {
+ public:
+  // Creates a unique temp file next to final_path.
+  static Result<PendingFile> Create(const std::filesystem::path& final_path, mode_t mode = 0644);
+  PendingFile(PendingFile&& o) noexcept;
+  PendingFile& operator=(PendingFile&&) = delete;
+  ~PendingFile();
+
+  int fd() const { return fd_.get(); }
+  const std::filesystem::path& temp_path() const { return temp_; }
+  // fsync, rename over the final path, fsync the directory.
+  Status Commit();
+
+ private:
+  PendingFile(UniqueFd fd, std::filesystem::path temp, std::filesystem::path final_path)
+      : fd_(std::move(fd)), temp_(std::move(temp)), final_(std::move(final_path)) {}
+  UniqueFd fd_;
+  std::filesystem::path temp_;
+  std::filesystem::path final_;
+  bool committed_ = false;
+};
+
+}  // namespace regdisk

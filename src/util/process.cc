@@ -1,0 +1,272 @@
+#include "util/process.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <thread>
+
+extern char** environ;
+
+namespace regdisk {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+fs::path FindExecutable(std::string_view name) {
+  if (name.find('/') != std::string_view::npos) return fs::path(name);
+  const char* path = ::getenv("PATH");
+  std::string_view rest = path ? path : "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+  while (!rest.empty()) {
+    size_t colon = rest.find(':');
+    std::string_view dir = rest.substr(0, colon);
+    rest = colon == std::string_view::npos ? std::string_view() : rest.substr(colon + 1);
+    if (dir.empty()) continue;
+    fs::path candidate = fs::path(dir) / name;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return {};
+}
+
+namespace {
+
+struct SpawnActions {
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attr;
+  SpawnActions() {
+    posix_spawn_file_actions_init(&actions);
+    posix_spawnattr_init(&attr);
+  }
+  ~SpawnActions() {
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+  }
+};
+
+Status MakePipe(UniqueFd& read_end, UniqueFd& write_end) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return ErrnoStatus("creating a pipe");
+  read_end.reset(fds[0]);
+  write_end.reset(fds[1]);
+  return OkStatus();
+}
+
+int DecodeWaitStatus(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
+}  // namespace
+
+Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Options& options) {
+  if (argv.empty()) return InvalidArgument("cannot start a process with an empty argv");
+  fs::path exe = FindExecutable(argv[0]);
+  if (exe.empty()) {
+    return NotFound("program \"" + argv[0] + "\" was not found on PATH; install it or give its full path");
+  }
+
+  SpawnActions sa;
+  Process p;
+  // Child-side ends; closed in the parent once the child has them.
+  UniqueFd child_in, child_out, child_err;
+
+  auto setup = [&](Stdio mode, int target, const fs::path& file, UniqueFd& parent_end,
+                   UniqueFd& child_end, bool is_input) -> Status {
+    switch (mode) {
+      case Stdio::kInherit:
+        return OkStatus();
+      case Stdio::kNull: {
+        ASSIGN_OR_RETURN(child_end, OpenFile("/dev/null", is_input ? O_RDONLY : O_WRONLY));
+        break;
+      }
+      case Stdio::kFile: {
+        ASSIGN_OR_RETURN(child_end, OpenFile(file, is_input ? O_RDONLY : (O_WRONLY | O_CREAT | O_APPEND), 0600));
+        break;
+      }
+      case Stdio::kPipe: {
+        if (is_input) {
+          RETURN_IF_ERROR(MakePipe(child_end, parent_end));
+        } else {
+          RETURN_IF_ERROR(MakePipe(parent_end, child_end));
+        }
+        break;
+      }
+    }
+    posix_spawn_file_actions_adddup2(&sa.actions, child_end.get(), target);
+    return OkStatus();
+  };
+  RETURN_IF_ERROR(setup(options.stdin_mode, 0, {}, p.in_, child_in, true));
+  RETURN_IF_ERROR(setup(options.stdout_mode, 1, options.stdout_file, p.out_, child_out, false));
+  RETURN_IF_ERROR(setup(options.stderr_mode, 2, options.stderr_file, p.err_, child_err, false));
+  // Belt and braces: everything is O_CLOEXEC already, but a library may not be.
+  posix_spawn_file_actions_addclosefrom_np(&sa.actions, 3);
+  if (!options.cwd.empty()) posix_spawn_file_actions_addchdir_np(&sa.actions, options.cwd.c_str());
+
+  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(&sa.attr, &none);
+  posix_spawnattr_setsigdefault(&sa.attr, &all);
+  if (options.new_process_group) {
+    flags |= POSIX_SPAWN_SETPGROUP;
+    posix_spawnattr_setpgroup(&sa.attr, 0);
+  }
+  posix_spawnattr_setflags(&sa.attr, flags);
+
+  std::vector<char*> cargv;
+  for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  std::vector<char*> cenv;
+  char** envp = environ;
+  if (options.env) {
+    for (const auto& e : *options.env) cenv.push_back(const_cast<char*>(e.c_str()));
+    cenv.push_back(nullptr);
+    envp = cenv.data();
+  }
+
+  pid_t pid;
+  int rc = ::posix_spawn(&pid, exe.c_str(), &sa.actions, &sa.attr, cargv.data(), envp);
+  if (rc != 0) return ErrnoStatus("starting " + argv[0], rc);
+  p.pid_ = pid;
+  p.group_ = options.new_process_group;
+  return p;
+}
+
+Process::Process(Process&& o) noexcept
+    : pid_(o.pid_), group_(o.group_), exit_code_(o.exit_code_), in_(std::move(o.in_)),
+      out_(std::move(o.out_)), err_(std::move(o.err_)) {
+  o.pid_ = -1;
+}
+
+Process& Process::operator=(Process&& o) noexcept {
+  if (this != &o) {
+    if (pid_ > 0 && !exit_code_) Terminate(std::chrono::milliseconds(0));
+    pid_ = o.pid_;
+    group_ = o.group_;
+    exit_code_ = o.exit_code_;
+    in_ = std::move(o.in_);
+    out_ = std::move(o.out_);
+    err_ = std::move(o.err_);
+    o.pid_ = -1;
+  }
+  return *this;
+}
+
+Process::~Process() {
+  if (pid_ > 0 && !exit_code_) Terminate(std::chrono::milliseconds(0));
+}
+
+std::optional<int> Process::Poll() {
+  if (exit_code_ || pid_ <= 0) return exit_code_;
+  int status;
+  pid_t r = ::waitpid(pid_, &status, WNOHANG);
+  if (r == pid_) exit_code_ = DecodeWaitStatus(status);
+  return exit_code_;
+}
+
+std::optional<int> Process::Wait(std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  auto sleep = std::chrono::milliseconds(1);
+  while (!Poll()) {
+    if (Clock::now() >= deadline) return std::nullopt;
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::milliseconds(50));
+  }
+  return exit_code_;
+}
+
+void Process::Signal(int sig) {
+  if (pid_ <= 0 || exit_code_) return;
+  if (group_) {
+    ::kill(-pid_, sig);
+  } else {
+    ::kill(pid_, sig);
+  }
+}
+
+int Process::Terminate(std::chrono::milliseconds grace) {
+  if (pid_ <= 0) return -1;
+  if (!exit_code_ && grace.count() > 0) {
+    Signal(SIGTERM);
+    Wait(grace);
+  }
+  if (!exit_code_) {
+    Signal(SIGKILL);
+    int status;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+    exit_code_ = DecodeWaitStatus(status);
+  } else if (group_) {
+    ::kill(-pid_, SIGKILL);  // stragglers the child left in its group
+  }
+  return *exit_code_;
+}
+
+Result<Process::Output> Process::Communicate(std::chrono::milliseconds timeout, std::string_view input) {
+  auto deadline = Clock::now() + timeout;
+  Output result;
+  size_t written = 0;
+  if (in_.valid() && input.empty()) in_.reset();
+  while (in_.valid() || out_.valid() || err_.valid()) {
+    pollfd fds[3];
+    int n = 0;
+    if (in_.valid()) fds[n++] = {in_.get(), POLLOUT, 0};
+    if (out_.valid()) fds[n++] = {out_.get(), POLLIN, 0};
+    if (err_.valid()) fds[n++] = {err_.get(), POLLIN, 0};
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) break;
+    int r = ::poll(fds, n, static_cast<int>(left.count()));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("waiting for a child process");
+    }
+    for (int i = 0; i < n; ++i) {
+      if (fds[i].revents == 0) continue;
+      if (fds[i].fd == in_.get()) {
+        ssize_t w = ::write(in_.get(), input.data() + written, input.size() - written);
+        if (w < 0 && errno != EINTR && errno != EAGAIN) {
+          in_.reset();
+        } else if (w > 0) {
+          written += static_cast<size_t>(w);
+          if (written == input.size()) in_.reset();
+        }
+        continue;
+      }
+      UniqueFd& fd = fds[i].fd == out_.get() ? out_ : err_;
+      std::string& sink = fds[i].fd == out_.get() ? result.out : result.err;
+      char buf[16384];
+      ssize_t got = ::read(fd.get(), buf, sizeof buf);
+      if (got > 0) {
+        sink.append(buf, static_cast<size_t>(got));
+      } else if (got == 0 || (errno != EINTR && errno != EAGAIN)) {
+        fd.reset();
+      }
+    }
+  }
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  auto code = Wait(std::max(left, std::chrono::milliseconds(0)));
+  if (!code) {
+    Terminate(std::chrono::milliseconds(0));
+    return DeadlineExceeded("child process " + std::to_string(pid_) + " did not finish in time");
+  }
+  result.exit_code = *code;
+  return result;
+}
+
+Result<Process::Output> Process::Run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
+                                     std::string_view input, const Options* base) {
+  Options opt = base ? *base : Options();
+  opt.stdin_mode = input.empty() ? Stdio::kNull : Stdio::kPipe;
+  opt.stdout_mode = Stdio::kPipe;
+  opt.stderr_mode = Stdio::kPipe;
+  ASSIGN_OR_RETURN(Process p, Spawn(argv, opt));
+  return p.Communicate(timeout, input);
+}
+
+}  // namespace regdisk

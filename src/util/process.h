@@ -1,0 +1,92 @@
+// Child processes, started with an argv array (never a shell), every fd but
+// stdio closed in the child, and killed and reaped when the owner goes away.
+//
+//   Process::Options opt;
+//   opt.stdout_mode = Process::Stdio::kPipe;
+//   ASSIGN_OR_RETURN(Process p, Process::Spawn({"skopeo", "inspect", ref}, opt));
+//   ASSIGN_OR_RETURN(Process::Output out, p.Communicate(std::chrono::seconds(30)));
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "util/fs.h"
+#include "util/status.h"
+
+namespace regdisk {
+
+class Process {
+ public:
+  enum class Stdio { kInherit, kNull, kPipe, kFile };
+
+  struct Options {
+    Stdio stdin_mode = Stdio::kNull;
+    Stdio stdout_mode = Stdio::kInherit;
+    Stdio stderr_mode = Stdio::kInherit;
+    std::filesystem::path stdout_file;  // with kFile (appended)
+    std::filesystem::path stderr_file;  // with kFile (appended)
+    // Environment of the child; when unset the parent's is inherited.
+    std::optional<std::vector<std::string>> env;
+    std::filesystem::path cwd;
+    // Put the child in its own process group so that a signal reaches
+    // everything it starts.
+    bool new_process_group = true;
+  };
+
+  struct Output {
+    int exit_code = -1;  // 128+signal when killed by a signal
+    std::string out;
+    std::string err;
+  };
+
+  // Looks argv[0] up on PATH when it has no slash.
+  static Result<Process> Spawn(const std::vector<std::string>& argv, const Options& options);
+
+  // Spawns, writes `input` to stdin, collects stdout and stderr, and waits;
+  // a child still running at the deadline is killed and DeadlineExceeded
+  // is returned.
+  static Result<Output> Run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
+                            std::string_view input = {}, const Options* base = nullptr);
+
+  Process(Process&& o) noexcept;
+  Process& operator=(Process&& o) noexcept;
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+  // Kills (SIGKILL) and reaps a child that is still running.
+  ~Process();
+
+  pid_t pid() const { return pid_; }
+  int stdin_fd() const { return in_.get(); }
+  int stdout_fd() const { return out_.get(); }
+  int stderr_fd() const { return err_.get(); }
+  void CloseStdin() { in_.reset(); }
+
+  // Writes input, reads pipes until EOF, then waits for exit.
+  Result<Output> Communicate(std::chrono::milliseconds timeout, std::string_view input = {});
+
+  // Non-blocking: the exit code once the child has exited.
+  std::optional<int> Poll();
+  // Waits up to timeout; nullopt when still running.
+  std::optional<int> Wait(std::chrono::milliseconds timeout);
+  // Sends sig (to the group when the child leads one).
+  void Signal(int sig);
+  // SIGTERM, wait up to grace, then SIGKILL; always reaps.
+  int Terminate(std::chrono::milliseconds grace);
+
+ private:
+  Process() = default;
+  pid_t pid_ = -1;
+  bool group_ = false;
+  std::optional<int> exit_code_;
+  UniqueFd in_, out_, err_;
+};
+
+// Searches PATH for an executable; empty when not found.
+std::filesystem::path FindExecutable(std::string_view name);
+
+}  // namespace regdisk
