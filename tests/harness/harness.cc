@@ -1,0 +1,544 @@
+#include "harness/harness.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <httplib.h>
+
+#include <ctime>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "image/layout.h"
+#include "registry/http.h"
+
+namespace regdisk::testing {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  int port = ntohs(a.sin_port);
+  ::close(fd);
+  return port;
+}
+
+RunResult RunProgram(const std::vector<std::string>& argv, std::string_view input,
+                     const std::vector<std::string>& extra_env, std::chrono::seconds timeout) {
+  Process::Options opt;
+  if (!extra_env.empty()) {
+    std::vector<std::string> env;
+    for (char** e = environ; *e; ++e) env.emplace_back(*e);
+    for (const auto& e : extra_env) env.push_back(e);
+    opt.env = env;
+  }
+  auto out = Process::Run(argv, timeout, input, &opt);
+  RunResult r;
+  if (!out.ok()) {
+    r.err = out.status().ToString();
+    return r;
+  }
+  r.exit_code = out->exit_code;
+  r.out = std::move(out->out);
+  r.err = std::move(out->err);
+  return r;
+}
+
+RunResult RunRegdisk(const std::vector<std::string>& args, std::string_view input,
+                     const std::vector<std::string>& extra_env) {
+  std::vector<std::string> argv = {REGDISK_BIN};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<std::string> env = {"REGDISK_BACKOFF_MS=20"};
+  env.insert(env.end(), extra_env.begin(), extra_env.end());
+  return RunProgram(argv, input, env);
+}
+
+namespace {
+
+Status Run(const std::vector<std::string>& argv, std::string_view input = {}) {
+  auto out = Process::Run(argv, 60s, input);
+  if (!out.ok()) return out.status();
+  if (out->exit_code != 0) return Internal(argv[0] + " failed: " + out->err);
+  return OkStatus();
+}
+
+std::string Base64Url(std::string_view s) {
+  std::string b = registry::Base64Encode(s);
+  for (char& c : b) {
+    if (c == '+') c = '-';
+    if (c == '/') c = '_';
+  }
+  while (!b.empty() && b.back() == '=') b.pop_back();
+  return b;
+}
+
+// Waits until GET /v2/ answers at all (200 or 401).
+bool WaitReady(const std::string& url, bool tls, const fs::path& ca) {
+  registry::TlsOptions t;
+  if (tls) t.ca_pem = ReadFileCapped(ca, 1 << 20).value();
+  registry::HttpSession http(t, {});
+  for (int i = 0; i < 200; ++i) {
+    registry::HttpRequest req;
+    req.url = url;
+    auto r = http.Do(req);
+    if (r.ok() && (r->status == 200 || r->status == 401)) return true;
+    std::this_thread::sleep_for(25ms);
+  }
+  return false;
+}
+
+}  // namespace
+
+// --- TokenServer ---------------------------------------------------------------
+
+struct TokenServer::Impl {
+  httplib::Server server;
+  std::thread thread;
+  std::string x5c;
+  EVP_PKEY* key = nullptr;
+  ~Impl() { EVP_PKEY_free(key); }
+};
+
+Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Options options) {
+  std::unique_ptr<TokenServer> ts(new TokenServer());
+  ts->options_ = options;
+  ts->impl_ = std::make_unique<Impl>();
+  ts->cert_ = dir / "token.crt";
+  ts->key_ = dir / "token.key";
+  RETURN_IF_ERROR(Run({"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ts->key_.string(), "-out",
+                       ts->cert_.string(), "-days", "2", "-subj", "/CN=regdisk-test-token-issuer"}));
+  {
+    FILE* f = std::fopen(ts->key_.c_str(), "re");
+    ts->impl_->key = PEM_read_PrivateKey(f, nullptr, nullptr, nullptr);
+    std::fclose(f);
+    f = std::fopen(ts->cert_.c_str(), "re");
+    X509* cert = PEM_read_X509(f, nullptr, nullptr, nullptr);
+    std::fclose(f);
+    unsigned char* der = nullptr;
+    int len = i2d_X509(cert, &der);
+    ts->impl_->x5c = registry::Base64Encode(std::string_view(reinterpret_cast<char*>(der), static_cast<size_t>(len)));
+    OPENSSL_free(der);
+    X509_free(cert);
+  }
+  TokenServer* self = ts.get();
+  ts->impl_->server.Get("/token", [self](const httplib::Request& req, httplib::Response& res) {
+    self->requests_++;
+    std::string auth = req.get_header_value("Authorization");
+    bool authed = false;
+    if (!auth.empty()) {
+      auto decoded = registry::Base64Decode(auth.substr(auth.find(' ') + 1));
+      authed = decoded.ok() && *decoded == self->options_.user + ":" + self->options_.password;
+      if (!authed) {
+        res.status = 401;
+        res.set_content(R"({"details":"wrong user name or password"})", "application/json");
+        return;
+      }
+    }
+    json access = json::array();
+    for (size_t i = 0; i < req.get_param_value_count("scope"); ++i) {
+      std::string scope = req.get_param_value("scope", i);  // repository:NAME:ACTIONS
+      size_t a = scope.find(':'), b = scope.rfind(':');
+      if (a == std::string::npos || b == a) continue;
+      std::string actions = scope.substr(b + 1);
+      json granted = json::array();
+      std::stringstream ss(actions);
+      for (std::string act; std::getline(ss, act, ',');) {
+        if (authed || (act == "pull" && self->options_.anonymous_pull)) granted.push_back(act);
+      }
+      access.push_back({{"type", scope.substr(0, a)}, {"name", scope.substr(a + 1, b - a - 1)}, {"actions", granted}});
+    }
+    if (!authed && !self->options_.anonymous_pull) {
+      res.status = 401;
+      return;
+    }
+    long now = static_cast<long>(std::time(nullptr));
+    json header = {{"typ", "JWT"}, {"alg", "RS256"}, {"x5c", json::array({self->impl_->x5c})}};
+    json claims = {{"iss", "regdisk-test-issuer"},
+                   {"sub", authed ? self->options_.user : ""},
+                   {"aud", req.get_param_value("service")},
+                   {"exp", now + self->options_.jwt_lifetime},
+                   {"nbf", now - 10},
+                   {"iat", now},
+                   {"jti", std::to_string(self->requests_.load()) + "-" + std::to_string(now)},
+                   {"access", access}};
+    std::string signing_input = Base64Url(header.dump()) + "." + Base64Url(claims.dump());
+    EVP_MD_CTX* md = EVP_MD_CTX_new();
+    EVP_DigestSignInit(md, nullptr, EVP_sha256(), nullptr, self->impl_->key);
+    size_t sig_len = 0;
+    EVP_DigestSign(md, nullptr, &sig_len, reinterpret_cast<const unsigned char*>(signing_input.data()),
+                   signing_input.size());
+    std::string sig(sig_len, '\0');
+    EVP_DigestSign(md, reinterpret_cast<unsigned char*>(sig.data()), &sig_len,
+                   reinterpret_cast<const unsigned char*>(signing_input.data()), signing_input.size());
+    EVP_MD_CTX_free(md);
+    sig.resize(sig_len);
+    json body = {{"token", signing_input + "." + Base64Url(sig)}, {"expires_in", self->options_.expires_in}};
+    res.set_content(body.dump(), "application/json");
+  });
+  ts->port_ = ts->impl_->server.bind_to_any_port("127.0.0.1");
+  if (ts->port_ <= 0) return Internal("token server could not bind");
+  ts->impl_->thread = std::thread([self] { self->impl_->server.listen_after_bind(); });
+  return ts;
+}
+
+TokenServer::~TokenServer() {
+  if (impl_) {
+    impl_->server.stop();
+    if (impl_->thread.joinable()) impl_->thread.join();
+  }
+}
+
+std::string TokenServer::realm() const { return "http://127.0.0.1:" + std::to_string(port_) + "/token"; }
+
+// --- TestRegistry ----------------------------------------------------------------
+
+Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, TokenServer::Options token_options) {
+  ASSIGN_OR_RETURN(TempDir dir, TempDir::Create("regdisk-registry"));
+  std::unique_ptr<TestRegistry> reg(new TestRegistry(std::move(dir)));
+  const fs::path d = reg->dir_.path();
+  std::string auth_yaml, tls_yaml;
+  if (mode == RegistryMode::kTlsBasic) {
+    RETURN_IF_ERROR(MakeDirs(d / "certs-client"));
+    RETURN_IF_ERROR(Run({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                         "-nodes", "-keyout", (d / "ca.key").string(), "-out", (d / "certs-client/ca.crt").string(),
+                         "-days", "2", "-subj", "/CN=regdisk-test-ca"}));
+    RETURN_IF_ERROR(Run({"openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                         "-keyout", (d / "server.key").string(), "-out", (d / "server.csr").string(), "-subj",
+                         "/CN=127.0.0.1"}));
+    RETURN_IF_ERROR(WriteFileAtomic(d / "ext.cnf", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"));
+    RETURN_IF_ERROR(Run({"openssl", "x509", "-req", "-in", (d / "server.csr").string(), "-CA",
+                         (d / "certs-client/ca.crt").string(), "-CAkey", (d / "ca.key").string(), "-CAcreateserial",
+                         "-out", (d / "server.crt").string(), "-days", "2", "-extfile", (d / "ext.cnf").string()}));
+    // htpasswd reads the password from stdin (-i), so it is on no command line.
+    auto hp = Process::Run({"htpasswd", "-niB", reg->user()}, 30s, reg->password() + "\n");
+    if (!hp.ok() || hp->exit_code != 0) return Internal("htpasswd failed");
+    RETURN_IF_ERROR(WriteFileAtomic(d / "htpasswd", hp->out));
+    tls_yaml = "  tls:\n    certificate: " + (d / "server.crt").string() + "\n    key: " + (d / "server.key").string() + "\n";
+    auth_yaml = "auth:\n  htpasswd:\n    realm: regdisk-test\n    path: " + (d / "htpasswd").string() + "\n";
+  } else if (mode == RegistryMode::kToken) {
+    ASSIGN_OR_RETURN(reg->token_, TokenServer::Start(d, token_options));
+    auth_yaml = "auth:\n  token:\n    realm: " + reg->token_->realm() +
+                "\n    service: regdisk-test-registry\n    issuer: regdisk-test-issuer\n    rootcertbundle: " +
+                reg->token_->cert_path().string() + "\n";
+  }
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    reg->port_ = FreePort();
+    std::string config = "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+                         "    rootdirectory: " + (d / "data").string() +
+                         "\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:" + std::to_string(reg->port_) +
+                         "\n  secret: regdisk-test-secret\n" + tls_yaml + auth_yaml;
+    RETURN_IF_ERROR(WriteFileAtomic(d / "config.yml", config));
+    Process::Options opt;
+    opt.stdout_mode = Process::Stdio::kFile;
+    opt.stdout_file = d / "registry.log";
+    opt.stderr_mode = Process::Stdio::kFile;
+    opt.stderr_file = d / "registry.log";
+    ASSIGN_OR_RETURN(Process p, Process::Spawn({"docker-registry", "serve", (d / "config.yml").string()}, opt));
+    bool tls = mode == RegistryMode::kTlsBasic;
+    std::string url = std::string(tls ? "https" : "http") + "://127.0.0.1:" + std::to_string(reg->port_) + "/v2/";
+    if (WaitReady(url, tls, d / "certs-client/ca.crt")) {
+      reg->proc_.emplace(std::move(p));
+      return reg;
+    }
+    p.Terminate(1s);
+  }
+  return Unavailable("docker-registry did not start: " + reg->log());
+}
+
+TestRegistry::~TestRegistry() {
+  if (proc_) proc_->Terminate(3s);
+}
+
+std::string TestRegistry::log() const {
+  auto l = ReadFileCapped(dir_.path() / "registry.log", 1 << 20);
+  return l.ok() ? *l : std::string();
+}
+
+// --- FaultProxy ---------------------------------------------------------------------
+
+Result<std::unique_ptr<FaultProxy>> FaultProxy::Start(int upstream_port) {
+  std::unique_ptr<FaultProxy> p(new FaultProxy());
+  p->upstream_port_ = upstream_port;
+  p->listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  ::setsockopt(p->listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::bind(p->listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(p->listen_fd_, 64) != 0) {
+    return ErrnoStatus("proxy bind");
+  }
+  socklen_t len = sizeof a;
+  ::getsockname(p->listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
+  p->port_ = ntohs(a.sin_port);
+  FaultProxy* self = p.get();
+  p->acceptor_ = std::thread([self] { self->AcceptLoop(); });
+  return p;
+}
+
+FaultProxy::~FaultProxy() {
+  stop_ = true;
+  ::shutdown(listen_fd_, SHUT_RDWR);
+  if (acceptor_.joinable()) acceptor_.join();
+  ::close(listen_fd_);
+  std::vector<std::thread> workers;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    workers.swap(workers_);
+  }
+  for (auto& t : workers) t.join();
+}
+
+void FaultProxy::AddRule(Rule r) {
+  std::lock_guard<std::mutex> l(mu_);
+  rules_.push_back(std::move(r));
+}
+
+std::vector<FaultProxy::Seen> FaultProxy::seen() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return seen_;
+}
+
+void FaultProxy::AcceptLoop() {
+  while (!stop_) {
+    pollfd pfd{listen_fd_, POLLIN, 0};
+    if (::poll(&pfd, 1, 100) <= 0) continue;
+    int c = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (c < 0) continue;
+    std::lock_guard<std::mutex> l(mu_);
+    workers_.emplace_back([this, c] { Serve(c); });
+  }
+}
+
+std::optional<FaultProxy::Rule> FaultProxy::Match(const std::string& method, const std::string& path) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& r : rules_) {
+    if (r.times <= 0) continue;
+    if (!r.method.empty() && r.method != method) continue;
+    if (!r.path_contains.empty() && path.find(r.path_contains) == std::string::npos) continue;
+    --r.times;
+    return r;
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+bool SendAll(int fd, std::string_view data) {
+  while (!data.empty()) {
+    ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return true;
+}
+
+// Reads until "\r\n\r\n"; returns head and leaves any extra bytes in `rest`.
+bool ReadHead(int fd, std::string& head, std::string& rest) {
+  std::string buf;
+  char tmp[65536];
+  for (;;) {
+    size_t end = buf.find("\r\n\r\n");
+    if (end != std::string::npos) {
+      head = buf.substr(0, end + 4);
+      rest = buf.substr(end + 4);
+      return true;
+    }
+    ssize_t n = ::recv(fd, tmp, sizeof tmp, 0);
+    if (n <= 0) return false;
+    buf.append(tmp, static_cast<size_t>(n));
+  }
+}
+
+std::string HeaderValue(const std::string& head, const std::string& lower_name) {
+  std::istringstream in(head);
+  std::string line;
+  while (std::getline(in, line)) {
+    size_t c = line.find(':');
+    if (c == std::string::npos) continue;
+    std::string name = line.substr(0, c);
+    for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (name != lower_name) continue;
+    std::string v = line.substr(c + 1);
+    while (!v.empty() && (v.front() == ' ')) v.erase(0, 1);
+    while (!v.empty() && (v.back() == '\r' || v.back() == ' ')) v.pop_back();
+    return v;
+  }
+  return {};
+}
+
+}  // namespace
+
+void FaultProxy::Serve(int client) {
+  UniqueFd client_fd(client);
+  for (;;) {
+    std::string head, body;
+    if (!ReadHead(client, head, body)) return;
+    std::string method = head.substr(0, head.find(' '));
+    size_t p1 = head.find(' ') + 1;
+    std::string path = head.substr(p1, head.find(' ', p1) - p1);
+    uint64_t content_length = std::strtoull(HeaderValue(head, "content-length").c_str(), nullptr, 10);
+    char tmp[65536];
+    while (body.size() < content_length) {
+      ssize_t n = ::recv(client, tmp, sizeof tmp, 0);
+      if (n <= 0) return;
+      body.append(tmp, static_cast<size_t>(n));
+    }
+    Seen seen{method, path, HeaderValue(head, "range"), false, 0};
+    auto rule = Match(method, path);
+    auto record = [&] {
+      std::lock_guard<std::mutex> l(mu_);
+      seen_.push_back(seen);
+    };
+    if (rule && rule->action == Rule::Action::kStatus) {
+      seen.faulted = true;
+      record();
+      std::string resp = "HTTP/1.1 " + std::to_string(rule->status) + " Injected\r\nContent-Length: 0\r\n";
+      if (!rule->retry_after.empty()) resp += "Retry-After: " + rule->retry_after + "\r\n";
+      resp += "Connection: close\r\n\r\n";
+      SendAll(client, resp);
+      return;
+    }
+    if (rule && rule->action == Rule::Action::kStall) {
+      seen.faulted = true;
+      record();
+      auto until = std::chrono::steady_clock::now() + rule->stall;
+      while (!stop_ && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(20ms);
+      return;
+    }
+    // Forward with Connection: close so the upstream ends its answer with EOF.
+    std::string fwd;
+    std::istringstream in(head);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line == "\r" || line.empty()) break;
+      std::string lower = line.substr(0, line.find(':'));
+      for (auto& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      if (lower == "connection") continue;
+      fwd += line + "\n";
+    }
+    fwd += "Connection: close\r\n\r\n";
+    int up = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    UniqueFd up_fd(up);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(upstream_port_));
+    if (::connect(up, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return;
+    if (!SendAll(up, fwd) || !SendAll(up, body)) return;
+    std::string resp_head, resp_rest;
+    if (!ReadHead(up, resp_head, resp_rest)) return;
+    if (!SendAll(client, resp_head)) return;
+    bool cut = rule && rule->action == Rule::Action::kCutAfter;
+    seen.faulted = cut;
+    auto relay = [&](std::string_view chunk) -> bool {
+      if (cut && seen.body_bytes + chunk.size() > rule->cut_after) {
+        chunk = chunk.substr(0, static_cast<size_t>(rule->cut_after - seen.body_bytes));
+        SendAll(client, chunk);
+        seen.body_bytes += chunk.size();
+        return false;
+      }
+      seen.body_bytes += chunk.size();
+      return SendAll(client, chunk);
+    };
+    bool ok = relay(resp_rest);
+    while (ok) {
+      ssize_t n = ::recv(up, tmp, sizeof tmp, 0);
+      if (n <= 0) break;
+      ok = relay(std::string_view(tmp, static_cast<size_t>(n)));
+    }
+    record();
+    if (!ok) {
+      // Reset rather than close cleanly, as a dropped link would.
+      linger lg{1, 0};
+      ::setsockopt(client, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    }
+    return;  // one request per connection (the answer said Connection: close)
+  }
+}
+
+// --- Images ----------------------------------------------------------------------------
+
+std::string RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string s(n, '\0');
+  for (size_t i = 0; i < n; i += 4) {
+    uint32_t v = rng();
+    for (size_t k = 0; k < 4 && i + k < n; ++k) s[i + k] = static_cast<char>(v >> (8 * k));
+  }
+  return s;
+}
+
+Result<TestImage> MakeTestImage(const fs::path& layout_dir, const std::string& tag,
+                                const std::map<std::string, std::string>& files, const std::string& arch,
+                                int extra_random_bytes) {
+  ASSIGN_OR_RETURN(TempDir work, TempDir::Create("regdisk-img"));
+  fs::path root = work.path() / "root";
+  for (const auto& [path, content] : files) {
+    fs::path p = root / path;
+    RETURN_IF_ERROR(MakeDirs(p.parent_path()));
+    RETURN_IF_ERROR(WriteFileAtomic(p, content));
+  }
+  if (extra_random_bytes > 0) {
+    RETURN_IF_ERROR(MakeDirs(root / "data"));
+    RETURN_IF_ERROR(WriteFileAtomic(root / "data/random.bin",
+                                    RandomBytes(static_cast<size_t>(extra_random_bytes), static_cast<uint32_t>(tag.size()))));
+  }
+  RETURN_IF_ERROR(MakeDirs(root));
+  fs::path tar = work.path() / "layer.tar";
+  RETURN_IF_ERROR(Run({"tar", "--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-cf",
+                       tar.string(), "-C", root.string(), "."}));
+  ASSIGN_OR_RETURN(std::string layer, ReadFileCapped(tar, 1ull << 31));
+  ASSIGN_OR_RETURN(image::OciLayout layout, image::OciLayout::OpenOrCreate(layout_dir));
+
+  oci::Descriptor ld;
+  ld.media_type = oci::media::kOciLayerTar;
+  ld.digest = oci::Digest::Sha256Of(layer);
+  ld.size = static_cast<int64_t>(layer.size());
+  RETURN_IF_ERROR(layout.WriteBlobBytes(ld, layer));
+
+  json config = {{"architecture", arch},
+                 {"os", "linux"},
+                 {"created", "1970-01-01T00:00:00Z"},
+                 {"config", {{"Labels", {{"org.example.test", tag}}}}},
+                 {"rootfs", {{"type", "layers"}, {"diff_ids", json::array({ld.digest.str()})}}}};
+  std::string cfg = config.dump();
+  oci::Descriptor cd;
+  cd.media_type = oci::media::kOciConfig;
+  cd.digest = oci::Digest::Sha256Of(cfg);
+  cd.size = static_cast<int64_t>(cfg.size());
+  RETURN_IF_ERROR(layout.WriteBlobBytes(cd, cfg));
+
+  json manifest = {{"schemaVersion", 2},
+                   {"mediaType", oci::media::kOciManifest},
+                   {"config", cd.ToJson()},
+                   {"layers", json::array({ld.ToJson()})}};
+  std::string mbytes = manifest.dump();
+  oci::Descriptor md;
+  md.media_type = oci::media::kOciManifest;
+  md.digest = oci::Digest::Sha256Of(mbytes);
+  md.size = static_cast<int64_t>(mbytes.size());
+  RETURN_IF_ERROR(layout.WriteBlobBytes(md, mbytes));
+  RETURN_IF_ERROR(layout.AddToIndex(md, tag));
+  return TestImage{layout_dir, tag, md.digest, {ld}};
+}
+
+}  // namespace regdisk::testing

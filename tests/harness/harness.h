@@ -1,0 +1,181 @@
+// The test harness: real programs on 127.0.0.1 with ephemeral ports and
+// temp directories, stopped when the owning object goes away.
+//
+//   auto reg = TestRegistry::Start(RegistryMode::kTlsBasic);
+//   RunResult r = RunRegdisk({"copy", ..., "--cert-dir", reg->ca_dir()});
+//
+// Everything here is for tests only; none of it ships in regdisk.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "oci/digest.h"
+#include "oci/manifest.h"
+#include "util/fs.h"
+#include "util/process.h"
+#include "util/status.h"
+
+namespace regdisk::testing {
+
+// Aborts the test with the status message when not OK.
+#define ASSERT_OK(expr)                                        \
+  do {                                                         \
+    const auto& _s = (expr);                                   \
+    ASSERT_TRUE(_s.ok()) << ::regdisk::testing::StatusText(_s); \
+  } while (0)
+
+template <typename T>
+std::string StatusText(const T& s) {
+  return s.status().ToString();
+}
+inline std::string StatusText(const Status& s) { return s.ToString(); }
+
+// A free TCP port on 127.0.0.1 (bound and released; callers retry on a
+// lost race).
+int FreePort();
+
+// Runs a program to completion with a timeout; stdin from `input`.
+struct RunResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+RunResult RunProgram(const std::vector<std::string>& argv, std::string_view input = {},
+                     const std::vector<std::string>& extra_env = {},
+                     std::chrono::seconds timeout = std::chrono::seconds(120));
+// Runs the regdisk binary under test.
+RunResult RunRegdisk(const std::vector<std::string>& args, std::string_view input = {},
+                     const std::vector<std::string>& extra_env = {});
+
+// --- Token issuer ------------------------------------------------------------
+
+// A Docker-style token service (the "realm"): answers GET /token with a JWT
+// signed RS256 whose x5c header carries a certificate the registry trusts.
+class TokenServer {
+ public:
+  struct Options {
+    std::string user = "alice";
+    std::string password = "s3cret-pass";
+    bool anonymous_pull = true;
+    int expires_in = 300;       // what the JSON answer claims
+    int jwt_lifetime = 300;     // what the JWT's exp allows
+  };
+  static Result<std::unique_ptr<TokenServer>> Start(const std::filesystem::path& dir, Options options);
+  ~TokenServer();
+  std::string realm() const;
+  const std::filesystem::path& cert_path() const { return cert_; }
+  int requests() const { return requests_.load(); }
+  void set_jwt_lifetime(int seconds) { options_.jwt_lifetime = seconds; }
+
+ private:
+  TokenServer() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  Options options_;
+  std::filesystem::path cert_, key_;
+  std::atomic<int> requests_{0};
+  int port_ = 0;
+};
+
+// --- Registry ----------------------------------------------------------------
+
+enum class RegistryMode { kPlain, kTlsBasic, kToken };
+
+// Debian's docker-registry (Distribution v2) in a temp dir.
+class TestRegistry {
+ public:
+  static Result<std::unique_ptr<TestRegistry>> Start(RegistryMode mode, TokenServer::Options token_options = {});
+  ~TestRegistry();
+
+  // "127.0.0.1:PORT"
+  std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
+  // Directory with ca.crt, for --cert-dir (TLS mode).
+  std::filesystem::path ca_dir() const { return dir_.path() / "certs-client"; }
+  const std::filesystem::path& dir() const { return dir_.path(); }
+  std::string user() const { return "alice"; }
+  std::string password() const { return "s3cret-pass"; }
+  TokenServer* token_server() { return token_.get(); }
+  std::string log() const;
+
+ private:
+  explicit TestRegistry(TempDir dir) : dir_(std::move(dir)) {}
+  TempDir dir_;
+  int port_ = 0;
+  std::unique_ptr<TokenServer> token_;
+  std::optional<Process> proc_;
+};
+
+// --- Fault-injecting proxy ------------------------------------------------------
+
+// An HTTP-aware TCP proxy between client and registry. Each request is
+// forwarded on a fresh upstream connection ("Connection: close"), unless a
+// rule matches it: answer a status, cut the response after N body bytes, or
+// stall without answering.
+class FaultProxy {
+ public:
+  struct Rule {
+    std::string method;          // empty: any
+    std::string path_contains;   // empty: any
+    int times = 1;               // how many matching requests it affects
+    enum class Action { kStatus, kCutAfter, kStall } action = Action::kStatus;
+    int status = 503;
+    std::string retry_after;     // header value, with kStatus
+    uint64_t cut_after = 0;      // body bytes, with kCutAfter
+    std::chrono::milliseconds stall{0};
+  };
+  struct Seen {
+    std::string method, path, range;
+    bool faulted = false;
+    uint64_t body_bytes = 0;  // response body bytes relayed to the client
+  };
+
+  static Result<std::unique_ptr<FaultProxy>> Start(int upstream_port);
+  ~FaultProxy();
+  std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
+  void AddRule(Rule r);
+  std::vector<Seen> seen() const;
+
+ private:
+  FaultProxy() = default;
+  void AcceptLoop();
+  void Serve(int client_fd);
+  std::optional<Rule> Match(const std::string& method, const std::string& path);
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  int upstream_port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  mutable std::mutex mu_;
+  std::vector<Rule> rules_;
+  std::vector<Seen> seen_;
+  std::vector<std::thread> workers_;
+};
+
+// --- Images --------------------------------------------------------------------
+
+// Builds a small OCI layout with one image (config + layers of given
+// contents; layers are real tar files so umoci can unpack them).
+struct TestImage {
+  std::filesystem::path layout;
+  std::string tag;
+  oci::Digest manifest_digest;
+  std::vector<oci::Descriptor> layers;
+};
+Result<TestImage> MakeTestImage(const std::filesystem::path& layout, const std::string& tag,
+                                const std::map<std::string, std::string>& files, const std::string& arch = "amd64",
+                                int extra_random_bytes = 0);
+
+std::string RandomBytes(size_t n, uint32_t seed);
+
+}  // namespace regdisk::testing

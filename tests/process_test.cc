@@ -1,0 +1,88 @@
+#include "util/process.h"
+
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include "util/fs.h"
+
+namespace regdisk {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(ProcessTest, RunCapturesOutputAndExitCode) {
+  auto r = Process::Run({"sh", "-c", "read x; echo out:$x; echo err >&2; exit 3"}, 10s, "hello\n");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->exit_code, 3);
+  EXPECT_EQ(r->out, "out:hello\n");
+  EXPECT_EQ(r->err, "err\n");
+}
+
+TEST(ProcessTest, ArgvIsNotInterpretedByAShell) {
+  auto r = Process::Run({"echo", "$HOME; rm -rf /tmp/nothing"}, 10s);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->out, "$HOME; rm -rf /tmp/nothing\n");
+}
+
+TEST(ProcessTest, MissingProgramIsAClearError) {
+  auto r = Process::Run({"regdisk-no-such-program"}, 10s);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), ::testing::HasSubstr("was not found on PATH"));
+}
+
+TEST(ProcessTest, TimeoutKillsTheChild) {
+  auto start = std::chrono::steady_clock::now();
+  auto r = Process::Run({"sleep", "30"}, 300ms);
+  EXPECT_EQ(r.status().code(), Code::kDeadlineExceeded);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+}
+
+TEST(ProcessTest, DestructorKillsAndReaps) {
+  pid_t pid;
+  {
+    Process::Options opt;
+    auto p = Process::Spawn({"sleep", "30"}, opt);
+    ASSERT_TRUE(p.ok());
+    pid = p->pid();
+  }
+  EXPECT_EQ(::kill(pid, 0), -1);  // gone, and reaped (not a zombie)
+}
+
+TEST(ProcessTest, ChildInheritsNoDescriptors) {
+  // A descriptor opened here without O_CLOEXEC must still not leak.
+  int leaky = ::open("/dev/null", O_RDONLY);
+  ASSERT_GE(leaky, 0);
+  auto r = Process::Run({"ls", "/proc/self/fd"}, 10s);
+  ::close(leaky);
+  ASSERT_TRUE(r.ok());
+  // ls itself holds 0, 1, 2 and the directory it reads.
+  std::string out = r->out;
+  int count = 0;
+  for (char c : out) count += c == '\n';
+  EXPECT_LE(count, 4) << out;
+}
+
+TEST(FsTest, AtomicWriteLeavesNoTempOnSuccessAndOldFileOnFailure) {
+  auto dir = TempDir::Create("regdisk-fs");
+  ASSERT_TRUE(dir.ok());
+  auto p = dir->path() / "f";
+  ASSERT_TRUE(WriteFileAtomic(p, "one").ok());
+  ASSERT_TRUE(WriteFileAtomic(p, "two").ok());
+  EXPECT_EQ(*ReadFileCapped(p, 100), "two");
+  int n = 0;
+  for (auto& e : std::filesystem::directory_iterator(dir->path())) n += e.is_regular_file();
+  EXPECT_EQ(n, 1);
+  {
+    auto pending = PendingFile::Create(p);
+    ASSERT_TRUE(pending.ok());
+    ASSERT_TRUE(WriteAll(pending->fd(), "partial").ok());
+    // dropped without Commit
+  }
+  EXPECT_EQ(*ReadFileCapped(p, 100), "two");
+  EXPECT_FALSE(ReadFileCapped(p, 2).ok());
+}
+
+}  // namespace
+}  // namespace regdisk
