@@ -1,0 +1,396 @@
+// The registry client against Debian's docker-registry in its three modes
+// (plain, TLS + htpasswd, token auth), and against small fake registries
+// for the answers a real one never gives.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <nlohmann/json.hpp>
+
+#include "harness/harness.h"
+#include "image/copy.h"
+#include "image/layout.h"
+#include "registry/client.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+class RegistryTest : public ::testing::Test {
+ protected:
+  void SetUp() override { tmp_.emplace(std::move(TempDir::Create("regdisk-test").value())); }
+  fs::path tmp() const { return tmp_->path(); }
+  std::string Layout(const std::string& name, const std::string& tag) { return "oci:" + (tmp() / name).string() + ":" + tag; }
+  std::optional<TempDir> tmp_;
+};
+
+std::string Trim(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+// Every blob of `a` is in `b` with the same bytes.
+void ExpectSameBlobs(const fs::path& a, const fs::path& b) {
+  for (const auto& e : fs::directory_iterator(a / "blobs/sha256")) {
+    fs::path other = b / "blobs/sha256" / e.path().filename();
+    ASSERT_TRUE(fs::exists(other)) << other;
+    EXPECT_EQ(ReadFileCapped(e.path(), 1 << 26).value(), ReadFileCapped(other, 1 << 26).value());
+  }
+}
+
+TEST_F(RegistryTest, PlainRoundTripKeepsDigests) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(300000, 1)}});
+  ASSERT_OK(img);
+  std::string remote = "docker://" + (*reg)->host() + "/vmdisks/fedora25:latest";
+
+  RunResult push = RunRegdisk({"copy", Layout("src", "v1"), remote});
+  ASSERT_EQ(push.exit_code, 0) << push.err;
+  EXPECT_EQ(Trim(push.out), img->manifest_digest.str());
+
+  RunResult inspect = RunRegdisk({"inspect", remote});
+  ASSERT_EQ(inspect.exit_code, 0) << inspect.err;
+  json j = json::parse(inspect.out);
+  EXPECT_EQ(j["digest"], img->manifest_digest.str());
+  EXPECT_EQ(j["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+  EXPECT_EQ(j["layers"][0]["digest"], img->layers[0].digest.str());
+  EXPECT_EQ(j["labels"]["org.example.test"], "v1");
+  EXPECT_EQ(j["architecture"], "amd64");
+
+  RunResult pull = RunRegdisk({"copy", remote, Layout("back", "fedora25")});
+  ASSERT_EQ(pull.exit_code, 0) << pull.err;
+  EXPECT_EQ(Trim(pull.out), img->manifest_digest.str());
+  ExpectSameBlobs(tmp() / "back", tmp() / "src");
+
+  // Pushing again skips every blob; a digest reference resolves the same.
+  RunResult again = RunRegdisk({"-v", "copy", Layout("src", "v1"), remote});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_THAT(again.err, HasSubstr("0 blobs (0 bytes), 2 already present"));
+  RunResult by_digest = RunRegdisk({"inspect", "--raw", "docker://" + (*reg)->host() + "/vmdisks/fedora25@" +
+                                                            img->manifest_digest.str()});
+  ASSERT_EQ(by_digest.exit_code, 0) << by_digest.err;
+  EXPECT_EQ(oci::Digest::Sha256Of(by_digest.out), img->manifest_digest);
+}
+
+TEST_F(RegistryTest, MissingImagesAndBadFlagsAreClearErrors) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  RunResult r = RunRegdisk({"inspect", "docker://" + (*reg)->host() + "/nothing/here:v1"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("manifest nothing/here:v1: not found on " + (*reg)->host()));
+  r = RunRegdisk({"inspect", "docker://" + (*reg)->host() + "/Bad/Name"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("must be lowercase"));
+  r = RunRegdisk({"--tls-verify=maybe", "inspect", "docker://" + (*reg)->host() + "/a/b"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--tls-verify takes true or false"));
+  r = RunRegdisk({"--platform", "linux", "inspect", "docker://" + (*reg)->host() + "/a/b"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("OS/ARCH"));
+  r = RunRegdisk({"copy", "oci:" + (tmp() / "none").string() + ":x", "docker://" + (*reg)->host() + "/a/b"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("does not exist"));
+}
+
+TEST_F(RegistryTest, TlsAndBasicAuth) {
+  auto reg = TestRegistry::Start(RegistryMode::kTlsBasic);
+  ASSERT_OK(reg);
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(100000, 2)}});
+  ASSERT_OK(img);
+  std::string remote = "docker://" + (*reg)->host() + "/vm/disk:v1";
+  std::string creds = (*reg)->user() + ":" + (*reg)->password();
+  std::string certs = (*reg)->ca_dir().string();
+
+  // Untrusted certificate: refused, with the fix in the message.
+  RunResult r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--creds", creds});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("is not trusted"));
+  EXPECT_THAT(r.err, HasSubstr("--cert-dir"));
+
+  // No credentials: told to log in.
+  r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--cert-dir", certs});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("requires a login"));
+
+  // Wrong password: refused, and the password is never printed.
+  r = RunRegdisk({"-v", "copy", Layout("src", "v1"), remote, "--cert-dir", certs, "--creds", "alice:wrong-password-xyz"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, Not(HasSubstr("wrong-password-xyz")));
+
+  // Right credentials and CA.
+  r = RunRegdisk({"-v", "copy", Layout("src", "v1"), remote, "--cert-dir", certs, "--creds", creds});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, Not(HasSubstr((*reg)->password())));
+  EXPECT_THAT(r.err, Not(HasSubstr("plain HTTP")));
+
+  // Password on stdin rather than the command line.
+  r = RunRegdisk({"inspect", remote, "--cert-dir", certs, "--creds", (*reg)->user()}, (*reg)->password() + "\n");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["digest"], img->manifest_digest.str());
+
+  // An auth file, as podman writes it.
+  std::string authfile = (tmp() / "auth.json").string();
+  ASSERT_OK(WriteFileAtomic(authfile, json{{"auths", {{(*reg)->host(), {{"auth", registry::Base64Encode(creds)}}}}}}.dump()));
+  r = RunRegdisk({"inspect", remote, "--cert-dir", certs, "--authfile", authfile});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // And through $REGISTRY_AUTH_FILE.
+  r = RunRegdisk({"inspect", remote, "--cert-dir", certs}, {}, {"REGISTRY_AUTH_FILE=" + authfile});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  // --tls-verify=false skips verification but still authenticates.
+  r = RunRegdisk({"--tls-verify=false", "inspect", remote, "--creds", creds});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST_F(RegistryTest, RegistryToLayoutToAuthenticatedTlsRegistry) {
+  auto plain = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(plain);
+  auto secure = TestRegistry::Start(RegistryMode::kTlsBasic);
+  ASSERT_OK(secure);
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(200000, 3)}});
+  ASSERT_OK(img);
+  std::string a = "docker://" + (*plain)->host() + "/vmdisks/fedora25:latest";
+  std::string b = "docker://" + (*secure)->host() + "/team/fedora25:v1";
+  ASSERT_EQ(RunRegdisk({"copy", Layout("src", "v1"), a}).exit_code, 0);
+  RunResult r = RunRegdisk({"copy", a, Layout("mid", "fedora25")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = RunRegdisk({"copy", Layout("mid", "fedora25"), b, "--cert-dir", (*secure)->ca_dir().string(), "--creds",
+                  (*secure)->user() + ":" + (*secure)->password()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
+  // Registry to registry directly, staged through a temp file.
+  std::string c = "docker://" + (*secure)->host() + "/team/direct:v1";
+  r = RunRegdisk({"copy", a, c, "--cert-dir", (*secure)->ca_dir().string(), "--creds",
+                  (*secure)->user() + ":" + (*secure)->password()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
+}
+
+TEST_F(RegistryTest, TokenAuthCachesTokensAndRenewsOnExpiry) {
+  auto reg = TestRegistry::Start(RegistryMode::kToken);
+  ASSERT_OK(reg);
+  TokenServer* ts = (*reg)->token_server();
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(50000, 4)}});
+  ASSERT_OK(img);
+  std::string remote = "docker://" + (*reg)->host() + "/vm/disk:v1";
+
+  // Anonymous push is refused with a sentence, not a stack of HTTP codes.
+  RunResult r = RunRegdisk({"copy", Layout("src", "v1"), remote});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("requires a login"));
+  r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--creds", "alice:nope-not-it"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\""));
+  EXPECT_THAT(r.err, Not(HasSubstr("nope-not-it")));
+  r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--creds", "alice:s3cret-pass"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  // One token serves a whole pull (manifest, config, layer).
+  registry::ClientOptions opt;
+  registry::RegistryClient client((*reg)->host(), opt);
+  int before = ts->requests();
+  auto m = client.GetManifest("vm/disk", "v1");
+  ASSERT_OK(m);
+  auto parsed = oci::Manifest::Parse(m->bytes, m->media_type);
+  ASSERT_OK(parsed);
+  ASSERT_OK(client.FetchBlobToString("vm/disk", *parsed->config, 1 << 20));
+  ASSERT_OK(client.FetchBlob("vm/disk", parsed->layers[0], [](std::string_view) { return OkStatus(); }));
+  EXPECT_EQ(client.token_requests(), 1);
+  EXPECT_EQ(ts->requests() - before, 1);
+
+  // A token the registry stops accepting mid-way is fetched again.
+  // Distribution accepts a JWT up to 60 s past its exp, so an exp 57 s in
+  // the past leaves it valid for 3 s while the JSON still claims 300.
+  ts->set_jwt_lifetime(-57);
+  registry::RegistryClient short_lived((*reg)->host(), opt);
+  ASSERT_OK(short_lived.GetManifest("vm/disk", "v1"));
+  std::this_thread::sleep_for(4500ms);
+  ASSERT_OK(short_lived.FetchBlob("vm/disk", parsed->layers[0], [](std::string_view) { return OkStatus(); }));
+  EXPECT_EQ(short_lived.token_requests(), 2);
+}
+
+TEST_F(RegistryTest, IndexIsPushedAfterItsChildren) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  auto amd = MakeTestImage(tmp() / "src", "amd", {{"disk/disk.img", "amd64 disk"}}, "amd64");
+  ASSERT_OK(amd);
+  auto arm = MakeTestImage(tmp() / "src", "arm", {{"disk/disk.img", "arm64 disk"}}, "arm64");
+  ASSERT_OK(arm);
+  auto layout = image::OciLayout::Open(tmp() / "src");
+  ASSERT_OK(layout);
+  json manifests = json::array();
+  for (auto [img, arch] : {std::pair{&*amd, "amd64"}, std::pair{&*arm, "arm64"}}) {
+    oci::Descriptor d = layout->Resolve(img->tag).value();
+    d.annotations.clear();
+    d.platform = oci::Platform{"linux", arch, ""};
+    manifests.push_back(d.ToJson());
+  }
+  std::string index = json{{"schemaVersion", 2}, {"mediaType", oci::media::kOciIndex}, {"manifests", manifests}}.dump();
+  oci::Descriptor id;
+  id.media_type = oci::media::kOciIndex;
+  id.digest = oci::Digest::Sha256Of(index);
+  id.size = static_cast<int64_t>(index.size());
+  ASSERT_OK(layout->WriteBlobBytes(id, index));
+  ASSERT_OK(layout->AddToIndex(id, "multi"));
+
+  std::string remote = "docker://" + (*reg)->host() + "/vm/multi:v1";
+  RunResult r = RunRegdisk({"copy", "--all", Layout("src", "multi"), remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), id.digest.str());
+  r = RunProgram({"skopeo", "inspect", "--tls-verify=false", "--raw", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(oci::Digest::Sha256Of(r.out), id.digest);
+  // Platform selection picks the child.
+  r = RunRegdisk({"--platform", "linux/arm64", "inspect", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["digest"], arm->manifest_digest.str());
+  EXPECT_EQ(j["index"]["digest"], id.digest.str());
+  r = RunRegdisk({"--platform", "linux/riscv64", "inspect", remote});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("no variant for platform linux/riscv64 (it offers: linux/amd64, linux/arm64)"));
+  // Without --all only the platform's image is copied.
+  r = RunRegdisk({"copy", remote, Layout("one", "x")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), amd->manifest_digest.str());
+}
+
+// --- Fake registries for answers a real one never gives -----------------------------
+
+class FakeRegistry {
+ public:
+  FakeRegistry() {
+    port_ = server_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+  }
+  ~FakeRegistry() {
+    server_.stop();
+    thread_.join();
+  }
+  httplib::Server& server() { return server_; }
+  std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  httplib::Server server_;
+  std::thread thread_;
+  int port_;
+};
+
+TEST_F(RegistryTest, HostileAndBrokenRegistryAnswers) {
+  FakeRegistry fake;
+  const std::string hex(64, 'c');
+  std::string huge = "{\"schemaVersion\":2,\"pad\":\"" + std::string(5 << 20, 'x') + "\"}";
+  std::string blob = "the real bytes";
+  std::string wrong_media = R"({"schemaVersion":2,"mediaType":"application/vnd.example.thing+json"})";
+  std::string md5_layer = R"({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"md5:0123","size":2},"layers":[]})";
+  std::string liar_cfg = R"({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":")" +
+                         oci::Digest::Sha256Of(blob).str() + R"(","size":14},"layers":[]})";
+  auto& s = fake.server();
+  s.Get("/v2/", [](const httplib::Request&, httplib::Response& res) { res.set_content("{}", "application/json"); });
+  s.Get("/v2/t/notjson/manifests/v1", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("this is not json", "application/vnd.oci.image.manifest.v1+json");
+  });
+  s.Get("/v2/t/html/manifests/v1", [](const httplib::Request&, httplib::Response& res) {
+    res.status = 500;
+    res.set_content("<html><body>Gateway trouble</body></html>", "text/html");
+  });
+  s.Get("/v2/t/html200/manifests/v1", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("<!DOCTYPE html><html><body>Welcome</body></html>", "text/html");
+  });
+  s.Get("/v2/t/huge/manifests/v1", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content(huge, "application/vnd.oci.image.manifest.v1+json");
+  });
+  s.Get("/v2/t/media/manifests/v1", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content(wrong_media, "application/vnd.example.thing+json");
+  });
+  s.Get("/v2/t/md5/manifests/v1", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content(md5_layer, "application/vnd.oci.image.manifest.v1+json");
+  });
+  s.Get("/v2/t/liar/manifests/v1", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content(liar_cfg, "application/vnd.oci.image.manifest.v1+json");
+  });
+  s.Get("/v2/t/liar/blobs/.*", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("the fake bytes", "application/octet-stream");
+  });
+  s.Get("/v2/t/digest/manifests/.*", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content(liar_cfg, "application/vnd.oci.image.manifest.v1+json");
+    res.set_header("Docker-Content-Digest", "sha256:" + hex);
+  });
+
+  struct Case {
+    std::string repo;
+    std::string message;
+  };
+  const Case cases[] = {
+      {"t/notjson", "is not a JSON object"},
+      {"t/html", "HTML page"},
+      {"t/html200", "HTML"},
+      {"t/huge", "larger than the limit of 4194304 bytes"},
+      {"t/media", "media type \"application/vnd.example.thing+json\" is not supported"},
+      {"t/md5", "digest algorithm \"md5\" is not supported"},
+      {"t/liar", "failed verification: expected " + oci::Digest::Sha256Of(blob).str() + ", got " +
+                     oci::Digest::Sha256Of("the fake bytes").str()},
+      {"t/digest", "failed verification: expected sha256:" + hex},
+  };
+  for (const auto& c : cases) {
+    RunResult r = RunRegdisk({"copy", "docker://" + fake.host() + "/" + c.repo + ":v1", Layout("out", "x")});
+    EXPECT_NE(r.exit_code, 0) << c.repo;
+    EXPECT_LT(r.exit_code, 128) << c.repo << " crashed: " << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.message)) << c.repo;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+  }
+  // A refused blob leaves nothing in the layout.
+  if (fs::exists(tmp() / "out/blobs/sha256")) {
+    EXPECT_TRUE(fs::is_empty(tmp() / "out/blobs/sha256"));
+  }
+}
+
+TEST_F(RegistryTest, CredentialsNeverFollowARedirectToAnotherHost) {
+  FakeRegistry storage;  // plays a blob store on another origin
+  FakeRegistry reg;
+  std::string blob = "redirected blob bytes";
+  oci::Digest d = oci::Digest::Sha256Of(blob);
+  std::mutex mu;
+  std::vector<std::string> storage_auth, registry_auth;
+  storage.server().Get("/blob", [&](const httplib::Request& req, httplib::Response& res) {
+    std::lock_guard<std::mutex> l(mu);
+    storage_auth.push_back(req.get_header_value("Authorization"));
+    res.set_content(blob, "application/octet-stream");
+  });
+  reg.server().Get("/v2/.*", [&](const httplib::Request& req, httplib::Response& res) {
+    std::lock_guard<std::mutex> l(mu);
+    std::string auth = req.get_header_value("Authorization");
+    registry_auth.push_back(auth);
+    if (auth.empty()) {
+      res.status = 401;
+      res.set_header("WWW-Authenticate", "Basic realm=\"fake\"");
+      return;
+    }
+    res.status = 307;
+    res.set_header("Location", "http://" + storage.host() + "/blob");
+  });
+  registry::ClientOptions opt;
+  opt.tls_verify = false;
+  opt.auth.explicit_creds = registry::Credentials{"bob", "hunter2"};
+  registry::RegistryClient client(reg.host(), opt);
+  oci::Descriptor desc;
+  desc.media_type = "application/octet-stream";
+  desc.digest = d;
+  desc.size = static_cast<int64_t>(blob.size());
+  auto got = client.FetchBlobToString("x/y", desc, 1 << 20);
+  ASSERT_OK(got);
+  EXPECT_EQ(*got, blob);
+  std::lock_guard<std::mutex> l(mu);
+  ASSERT_FALSE(storage_auth.empty());
+  for (const auto& a : storage_auth) EXPECT_EQ(a, "") << "credentials leaked to the redirect target";
+  EXPECT_EQ(registry_auth.back(), "Basic " + registry::Base64Encode("bob:hunter2"));
+}
+
+}  // namespace
+}  // namespace regdisk::testing
