@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <string>
 
@@ -99,13 +100,26 @@ int RunCopy(const Globals& g, const std::string& from, const std::string& to, bo
   if (!dst_name.ok()) return Fail(dst_name.status());
   auto src = image::OpenSource(*src_name, *opts);
   if (!src.ok()) return Fail(src.status());
+  // A layout this copy creates is removed again if the copy fails.
+  std::error_code ec;
+  bool new_layout = dst_name->transport == image::ImageName::Transport::kOciLayout &&
+                    !std::filesystem::exists(dst_name->dir, ec);
+  auto discard = [&] {
+    if (new_layout) std::filesystem::remove_all(dst_name->dir, ec);
+  };
   auto dst = image::OpenDestination(*dst_name, *opts);
-  if (!dst.ok()) return Fail(dst.status());
+  if (!dst.ok()) {
+    discard();
+    return Fail(dst.status());
+  }
   image::CopyOptions copts;
   copts.platform = *platform;
   copts.all = all;
   auto r = image::Copy(**src, **dst, copts);
-  if (!r.ok()) return Fail(r.status().Annotate("copying " + src_name->String() + " to " + dst_name->String()));
+  if (!r.ok()) {
+    discard();
+    return Fail(r.status().Annotate("copying " + src_name->String() + " to " + dst_name->String()));
+  }
   std::printf("%s\n", r->digest.str().c_str());
   log::Info("copied {} blobs ({} bytes), {} already present", r->blobs_copied, r->bytes_copied, r->blobs_present);
   return 0;

@@ -364,6 +364,9 @@ bool ReadHead(int fd, std::string& head, std::string& rest) {
     }
     ssize_t n = ::recv(fd, tmp, sizeof tmp, 0);
     if (n <= 0) return false;
+    // A TLS ClientHello: this proxy speaks plain HTTP only, so hang up as a
+    // plain-HTTP server would and let the client fall back.
+    if (buf.empty() && static_cast<unsigned char>(tmp[0]) == 0x16) return false;
     buf.append(tmp, static_cast<size_t>(n));
   }
 }
@@ -433,6 +436,7 @@ void FaultProxy::Serve(int client) {
       std::string lower = line.substr(0, line.find(':'));
       for (auto& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
       if (lower == "connection") continue;
+      if (lower == "range" && rule && rule->action == Rule::Action::kIgnoreRange) continue;
       fwd += line + "\n";
     }
     fwd += "Connection: close\r\n\r\n";
@@ -466,11 +470,8 @@ void FaultProxy::Serve(int client) {
       ok = relay(std::string_view(tmp, static_cast<size_t>(n)));
     }
     record();
-    if (!ok) {
-      // Reset rather than close cleanly, as a dropped link would.
-      linger lg{1, 0};
-      ::setsockopt(client, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    }
+    // On a cut the connection closes with the answer incomplete; the client
+    // has received exactly cut_after body bytes.
     return;  // one request per connection (the answer said Connection: close)
   }
 }

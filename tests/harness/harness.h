@@ -119,15 +119,17 @@ class TestRegistry {
 
 // An HTTP-aware TCP proxy between client and registry. Each request is
 // forwarded on a fresh upstream connection ("Connection: close"), unless a
-// rule matches it: answer a status, cut the response after N body bytes, or
-// stall without answering.
+// rule matches it: answer a status, cut the response after N body bytes,
+// stall without answering, or drop the request's Range header.
 class FaultProxy {
  public:
   struct Rule {
     std::string method;          // empty: any
     std::string path_contains;   // empty: any
     int times = 1;               // how many matching requests it affects
-    enum class Action { kStatus, kCutAfter, kStall } action = Action::kStatus;
+    // kIgnoreRange forwards without the Range header, as a server that
+    // answers 200 with the whole blob would.
+    enum class Action { kStatus, kCutAfter, kStall, kIgnoreRange } action = Action::kStatus;
     int status = 503;
     std::string retry_after;     // header value, with kStatus
     uint64_t cut_after = 0;      // body bytes, with kCutAfter
