@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# regdisk's one entry point for developers and CI.
+#
+#   ./dev.sh demo    install what is missing, build, publish a tiny bootable
+#                    registry disk to a throwaway local registry and pull it
+#   ./dev.sh test    install what is missing, build with ASan/UBSan, run
+#                    every test (extra arguments go to ctest)
+#   ./dev.sh build   build build/src/regdisk (Release)
+#   ./dev.sh deps    only install the Debian packages
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Build tools and libraries, then the real programs the tests start.
+PACKAGES=(
+  cmake ninja-build g++ pkg-config binutils
+  libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev
+  docker-registry skopeo umoci apache2-utils openssl ca-certificates tar
+  qemu-utils qemu-system-x86
+)
+
+deps() {
+  local missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "dev.sh: installing ${missing[*]}" >&2
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+build() {  # build DIR CMAKE-ARGS...
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -G Ninja "$@" >/dev/null
+  cmake --build "$dir"
+}
+
+case "${1:-}" in
+  demo)
+    deps
+    build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
+    exec scripts/demo.sh build/src/regdisk build/guest/hello.bootsector
+    ;;
+  test)
+    shift
+    deps
+    build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
+    exec ctest --test-dir build-test -j2 --output-on-failure "$@"
+    ;;
+  build)
+    deps
+    build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
+    ;;
+  deps)
+    deps
+    ;;
+  *)
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac
