@@ -601,81 +601,62 @@ Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& 
   const uint64_t size = static_cast<uint64_t>(desc.size);
   const std::vector<std::string> scopes = {Scope(repo, true)};
 
-  // A failed upload session is abandoned and started again from scratch.
-  Status last;
-  for (int round = 0; round < 3; ++round) {
+  // One step of an upload session: the request must get `want` back.
+  auto step = [&](Call call, long want) -> Result<HttpResponse> {
+    call.scopes = scopes;
+    ASSIGN_OR_RETURN(HttpResponse r, Send(*s_, registry_, call));
+    if (r.status != want) return StatusError(call.method + " of the upload session", registry_, r);
+    return r;
+  };
+  // One whole session: POST, then PUT the body, or PATCH it in chunks and
+  // PUT to close.
+  auto upload_once = [&]() -> Status {
     Call start;
     start.method = "POST";
     start.path = "/v2/" + repo + "/blobs/uploads/";
-    start.scopes = scopes;
-    ASSIGN_OR_RETURN(HttpResponse began, Send(*s_, registry_, start));
-    if (began.status != 202) return StatusError(what, registry_, began);
+    ASSIGN_OR_RETURN(HttpResponse began, step(start, 202));
+    if (began.Header("location").empty()) return Unavailable("the registry gave no upload location");
     std::string location = ResolveLocation(s_->BaseUrl() + start.path, began.Header("location"));
-    if (began.Header("location").empty()) return Unavailable(what + ": the registry gave no upload location");
-
     uint64_t chunk = s_->opt.chunk_size;
     if (std::string m = began.Header("oci-chunk-min-length"); !m.empty()) {
       chunk = std::max<uint64_t>(chunk, std::strtoull(m.c_str(), nullptr, 10));
     }
-    Status st;
+    Call put;
+    put.method = "PUT";
+    put.retry = false;
+    put.headers = {{"Content-Type", "application/octet-stream"}};
     if (size > s_->opt.chunk_threshold) {
-      // Chunked: PATCH each range, following the Location each answer gives.
-      for (uint64_t sent = 0; sent < size && st.ok();) {
+      for (uint64_t sent = 0; sent < size;) {
         uint64_t n = std::min(chunk, size - sent);
         Call patch;
         patch.method = "PATCH";
         patch.path = location;
-        patch.scopes = scopes;
         patch.retry = false;
         patch.body_fd = fd;
         patch.body_offset = offset + sent;
         patch.body_length = n;
         patch.headers = {{"Content-Type", "application/octet-stream"},
                          {"Content-Range", std::to_string(sent) + "-" + std::to_string(sent + n - 1)}};
-        auto r = Send(*s_, registry_, patch);
-        if (!r.ok()) {
-          st = r.status();
-        } else if (r->status != 202) {
-          st = StatusError(what, registry_, *r);
-        } else {
-          location = ResolveLocation(location, r->Header("location").empty() ? location : r->Header("location"));
-          sent += n;
-        }
-      }
-      if (st.ok()) {
-        Call put;
-        put.method = "PUT";
-        put.path = WithDigest(location, desc.digest);
-        put.scopes = scopes;
-        put.retry = false;
-        auto r = Send(*s_, registry_, put);
-        if (!r.ok()) {
-          st = r.status();
-        } else if (r->status != 201) {
-          st = StatusError(what, registry_, *r);
-        }
+        ASSIGN_OR_RETURN(HttpResponse r, step(patch, 202));
+        if (!r.Header("location").empty()) location = ResolveLocation(location, r.Header("location"));
+        sent += n;
       }
     } else {
-      Call put;
-      put.method = "PUT";
-      put.path = WithDigest(location, desc.digest);
-      put.scopes = scopes;
-      put.retry = false;
       put.body_fd = fd;
       put.body_offset = offset;
       put.body_length = size;
-      put.headers = {{"Content-Type", "application/octet-stream"}};
-      auto r = Send(*s_, registry_, put);
-      if (!r.ok()) {
-        st = r.status();
-      } else if (r->status != 201) {
-        st = StatusError(what, registry_, *r);
-      }
     }
-    if (st.ok()) return OkStatus();
-    if (st.code() != Code::kUnavailable && st.code() != Code::kDeadlineExceeded) return st.Annotate(what);
-    last = st;
-    log::Debug("{}: {}; starting the upload again", what, st.message());
+    put.path = WithDigest(location, desc.digest);
+    return step(put, 201).status();
+  };
+
+  // A failed session is abandoned and started again from scratch.
+  Status last;
+  for (int round = 0; round < 3; ++round) {
+    last = upload_once();
+    if (last.ok()) return OkStatus();
+    if (last.code() != Code::kUnavailable && last.code() != Code::kDeadlineExceeded) break;
+    log::Debug("{}: {}; starting the upload again", what, last.message());
     s_->Sleep(s_->Backoff(round + 1));
   }
   return last.Annotate(what);
