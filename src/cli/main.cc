@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <iterator>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -21,6 +22,8 @@
 #include "image/transport.h"
 #include "registry/auth.h"
 #include "registry/client.h"
+#include "spec/spec.h"
+#include "util/fs.h"
 #include "util/log.h"
 
 namespace regdisk::cli {
@@ -146,6 +149,37 @@ int RunInspect(const Globals& g, const std::string& ref, bool raw) {
   return 0;
 }
 
+// validate -f FILE: every diagnostic on stderr; exit 1 on any error.
+int RunValidate(const std::string& file, const std::string& output) {
+  if (output != "text" && output != "json") {
+    return Fail(InvalidArgument("-o takes text or json, not \"" + output + "\""));
+  }
+  std::string text;
+  if (file == "-") {
+    text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  } else {
+    auto t = ReadFileCapped(file, (1 << 20) + 1);
+    if (!t.ok()) return Fail(t.status().Annotate("reading the VM spec"));
+    text = std::move(*t);
+  }
+  spec::ParseResult r = spec::ParseSpecs(text, file == "-" ? "<stdin>" : file);
+  for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.ToString().c_str());
+  if (!r.ok()) return 1;
+  if (output == "json") {
+    json out;
+    if (r.objects.size() == 1) {
+      out = spec::ToJson(r.objects[0]);
+    } else {
+      out = {{"apiVersion", "v1"}, {"kind", "List"}, {"items", json::array()}};
+      for (const auto& o : r.objects) out["items"].push_back(spec::ToJson(o));
+    }
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  for (const auto& o : r.objects) std::printf("%s: %s: valid\n", file.c_str(), spec::Describe(o).c_str());
+  return 0;
+}
+
 // Overwrites the password of --creds in our own argv, so that it does not
 // linger in /proc/PID/cmdline while a long transfer runs.
 void ScrubCredsFromArgv(int argc, char** argv) {
@@ -193,6 +227,12 @@ int Main(int argc, char** argv) {
   inspect->add_flag("--raw", raw, "print the manifest bytes as stored");
   inspect->fallthrough();
 
+  std::string spec_file, output = "text";
+  CLI::App* validate = app.add_subcommand("validate", "check VM specs (KubeVirt YAML or JSON) and apply defaults");
+  validate->add_option("-f,--filename", spec_file, "the spec file, or - for stdin")->required();
+  validate->add_option("-o,--output", output, "text (default) or json: the parsed objects with defaults");
+  validate->fallthrough();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -205,6 +245,7 @@ int Main(int argc, char** argv) {
 
   if (*copy) return RunCopy(g, from, to, all);
   if (*inspect) return RunInspect(g, ref, raw);
+  if (*validate) return RunValidate(spec_file, output);
   return 2;
 }
 

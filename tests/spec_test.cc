@@ -1,0 +1,371 @@
+#include "spec/spec.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "harness/harness.h"
+#include "registry/http.h"
+#include "spec/quantity.h"
+
+namespace regdisk::spec {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+// The seed's spec, exactly as written in the issue.
+const char* kSeed = R"(metadata:
+  name: testvm-ephemeral
+apiVersion: kubevirt.io/v1alpha1
+kind: VirtualMachine
+spec:
+  domain:
+    resources:
+      requests:
+        memory: 64M
+    devices:
+      disks:
+      - name: registrydisk
+        volumeName: registryvolume
+        disk:
+          dev: vda
+  volumes:
+    - name: registryvolume
+      registryDisk:
+        image: vmdisks/fedora25:latest
+)";
+
+std::string Replace(std::string s, const std::string& from, const std::string& to) {
+  size_t at = s.find(from);
+  EXPECT_NE(at, std::string::npos) << from;
+  if (at != std::string::npos) s.replace(at, from.size(), to);
+  return s;
+}
+
+std::vector<std::string> Errors(const ParseResult& r) {
+  std::vector<std::string> out;
+  for (const auto& d : r.diagnostics) {
+    if (d.severity == Diagnostic::Severity::kError) out.push_back(d.ToString());
+  }
+  return out;
+}
+
+TEST(QuantityTest, KubernetesForms) {
+  EXPECT_EQ(*ParseQuantity("64M", 1), 64000000);
+  EXPECT_EQ(*ParseQuantity("512Mi", 1), 512LL << 20);
+  EXPECT_EQ(*ParseQuantity("1G", 1), 1000000000);
+  EXPECT_EQ(*ParseQuantity("1Gi", 1), 1LL << 30);
+  EXPECT_EQ(*ParseQuantity("1e9", 1), 1000000000);
+  EXPECT_EQ(*ParseQuantity("1.5Gi", 1), 3LL << 29);
+  EXPECT_EQ(*ParseQuantity("0.5", 1000), 500);
+  EXPECT_EQ(*ParseQuantity("250m", 1000), 250);
+  EXPECT_EQ(*ParseQuantity("2", 1000), 2000);
+  EXPECT_EQ(*ParseQuantity("1.0001", 1), 2);  // rounded up
+  EXPECT_EQ(*ParseQuantity("1k", 1), 1000);
+  for (const char* bad : {"", "M", "1Q", "1.2.3", "abc", "1e", "1 Gi", "0x10", "1e99999"}) {
+    EXPECT_FALSE(ParseQuantity(bad, 1).ok()) << bad;
+  }
+  EXPECT_THAT(ParseQuantity("-1Gi", 1).status().message(), HasSubstr("negative"));
+  EXPECT_THAT(ParseQuantity("99999999Ei", 1).status().message(), HasSubstr("too large"));
+}
+
+TEST(SpecTest, SeedSpecIsAcceptedWithDefaults) {
+  ParseResult r = ParseSpecs(kSeed, "vm.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  EXPECT_TRUE(r.diagnostics.empty());
+  ASSERT_EQ(r.objects.size(), 1u);
+  const auto& vm = std::get<VirtualMachine>(r.objects[0]);
+  EXPECT_EQ(Describe(r.objects[0]), "VirtualMachine default/testvm-ephemeral");
+  EXPECT_EQ(vm.spec.memory_bytes, 64000000);
+  EXPECT_EQ(vm.spec.cores, 1);
+  ASSERT_EQ(vm.spec.disks.size(), 1u);
+  EXPECT_EQ(vm.spec.disks[0].dev, "vda");
+  EXPECT_EQ(vm.spec.disks[0].bus, "virtio");
+  ASSERT_TRUE(vm.spec.volumes[0].registry_disk);
+  EXPECT_EQ(vm.spec.volumes[0].registry_disk->image, "vmdisks/fedora25:latest");
+  EXPECT_EQ(vm.spec.volumes[0].registry_disk->image_pull_policy, "Always");  // :latest
+}
+
+TEST(SpecTest, EveryExampleInTheRepositoryValidates) {
+  for (const auto& e : std::filesystem::directory_iterator(REGDISK_SOURCE_DIR "/examples")) {
+    std::string text = ReadFileCapped(e.path(), 1 << 20).value();
+    ParseResult r = ParseSpecs(text, e.path().filename().string());
+    EXPECT_TRUE(r.ok()) << e.path() << ": " << ::testing::PrintToString(Errors(r));
+  }
+}
+
+TEST(SpecTest, DefaultsForDevsBusesAndPullPolicy) {
+  const char* doc = R"(apiVersion: kubevirt.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: two-disks, namespace: team, labels: {app: web}}
+spec:
+  domain:
+    resources: {requests: {memory: 1Gi, cpu: "0.5"}}
+    cpu: {cores: 2}
+    devices:
+      disks:
+      - {name: a, volumeName: va}
+      - {name: b, volumeName: vb, disk: {bus: sata}}
+      - {name: c, volumeName: vc, disk: {dev: vda}}
+      - {name: d, volumeName: vd, bootOrder: 1, disk: {readOnly: true}}
+  volumes:
+  - {name: va, registryDisk: {image: "reg.example.org/a:v1"}}
+  - {name: vb, registryDisk: {image: "reg.example.org/b", imagePullPolicy: Never}}
+  - {name: vc, registryDisk: {image: "reg.example.org/c@sha256:0000000000000000000000000000000000000000000000000000000000000000"}}
+  - {name: vd, registryDisk: {image: "reg.example.org/d:latest", path: /disk/d.qcow2}}
+)";
+  ParseResult r = ParseSpecs(doc, "two.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  const auto& vm = std::get<VirtualMachine>(r.objects[0]);
+  EXPECT_EQ(vm.metadata.namespace_, "team");
+  EXPECT_EQ(vm.spec.memory_bytes, 1LL << 30);
+  EXPECT_EQ(vm.spec.cpu_millis, 500);
+  EXPECT_EQ(vm.spec.cores, 2);
+  EXPECT_EQ(vm.spec.disks[0].dev, "vdb");  // vda is taken by disk c
+  EXPECT_EQ(vm.spec.disks[1].dev, "sda");
+  EXPECT_EQ(vm.spec.disks[1].bus, "sata");
+  EXPECT_EQ(vm.spec.disks[2].dev, "vda");
+  EXPECT_EQ(vm.spec.disks[3].dev, "vdc");
+  EXPECT_TRUE(vm.spec.disks[3].read_only);
+  EXPECT_EQ(vm.spec.disks[3].boot_order, 1);
+  EXPECT_EQ(vm.spec.volumes[0].registry_disk->image_pull_policy, "IfNotPresent");
+  EXPECT_EQ(vm.spec.volumes[1].registry_disk->image_pull_policy, "Never");
+  EXPECT_EQ(vm.spec.volumes[2].registry_disk->image_pull_policy, "IfNotPresent");  // digest
+  EXPECT_EQ(vm.spec.volumes[3].registry_disk->image_pull_policy, "Always");
+  EXPECT_EQ(vm.spec.volumes[3].registry_disk->path, "/disk/d.qcow2");
+}
+
+TEST(SpecTest, ReplicaSetAndPullSecretAndJsonInput) {
+  std::string secret_json = R"({"auths":{"reg.example.org":{"auth":"dXNlcjpwYXNz"}}})";
+  std::string doc = R"(apiVersion: v1
+kind: Secret
+metadata: {name: pull}
+type: kubernetes.io/dockerconfigjson
+data:
+  .dockerconfigjson: )" + registry::Base64Encode(secret_json) + R"(
+---
+apiVersion: kubevirt.io/v1alpha1
+kind: VirtualMachineReplicaSet
+metadata: {name: fleet}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: fleet}}
+  template:
+    metadata: {labels: {app: fleet}}
+    spec:
+      domain:
+        resources: {requests: {memory: 128Mi}}
+        devices: {disks: [{name: root, volumeName: root}]}
+      volumes:
+      - name: root
+        registryDisk: {image: "reg.example.org/vm/fleet:v2", imagePullSecret: pull}
+---
+{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "v1-vm"},
+ "spec": {"template": {"spec": {"domain": {"resources": {"requests": {"memory": "64Mi"}},
+   "devices": {"disks": [{"name": "d", "volumeName": "v"}]}},
+   "volumes": [{"name": "v", "containerDisk": {"image": "quay.io/x/y:1"}}]}}}}
+)";
+  ParseResult r = ParseSpecs(doc, "fleet.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  ASSERT_EQ(r.objects.size(), 3u);
+  const auto& s = std::get<Secret>(r.objects[0]);
+  EXPECT_EQ(s.docker_config_json, secret_json);
+  const auto& rs = std::get<VirtualMachineReplicaSet>(r.objects[1]);
+  EXPECT_EQ(rs.replicas, 3);
+  EXPECT_EQ(rs.template_spec.volumes[0].registry_disk->image_pull_secret, "pull");
+  const auto& v1 = std::get<VirtualMachine>(r.objects[2]);
+  EXPECT_EQ(v1.spec.volumes[0].registry_disk->field, "containerDisk");
+  EXPECT_EQ(v1.spec.memory_bytes, 64LL << 20);
+  // The secret's credentials never appear in the JSON output.
+  EXPECT_EQ(ToJson(r.objects[0]).dump().find("dXNlcjpwYXNz"), std::string::npos);
+}
+
+TEST(SpecTest, RoundTripThroughJsonIsStable) {
+  for (std::string doc : {std::string(kSeed), std::string(R"(apiVersion: kubevirt.io/v1alpha1
+kind: VirtualMachineReplicaSet
+metadata: {name: fleet}
+spec:
+  replicas: 2
+  paused: true
+  selector: {matchLabels: {app: a}}
+  template:
+    metadata: {labels: {app: a}}
+    spec:
+      domain:
+        resources: {requests: {memory: 1Gi, cpu: 250m}}
+        devices: {disks: [{name: root, volumeName: root, bootOrder: 2, disk: {bus: scsi}}]}
+      volumes: [{name: root, registryDisk: {image: "r.example.org/a:v1", path: /disk/a.img}}]
+)")}) {
+    ParseResult first = ParseSpecs(doc, "a.yaml");
+    ASSERT_TRUE(first.ok()) << ::testing::PrintToString(Errors(first));
+    json j1 = ToJson(first.objects[0]);
+    ParseResult second = ParseSpecs(j1.dump(), "a.json");
+    ASSERT_TRUE(second.ok()) << ::testing::PrintToString(Errors(second));
+    EXPECT_EQ(ToJson(second.objects[0]), j1);
+  }
+}
+
+struct BadCase {
+  std::string name;
+  std::string doc;
+  std::string expected;  // an exact diagnostic line
+};
+
+TEST(SpecTest, EachRuleHasItsMessage) {
+  const std::string s = kSeed;
+  const BadCase cases[] = {
+      {"missing name", Replace(s, "  name: testvm-ephemeral\n", "  labels: {}\n"), "vm.yaml:2:3: metadata.name: is required"},
+      {"missing kind", Replace(s, "kind: VirtualMachine\n", ""), "vm.yaml:1:1: kind: is required"},
+      {"missing apiVersion", Replace(s, "apiVersion: kubevirt.io/v1alpha1\n", ""), "vm.yaml:1:1: apiVersion: is required"},
+      {"unknown kind", Replace(s, "kind: VirtualMachine", "kind: Pod"),
+       "vm.yaml:4:7: kind: kind \"Pod\" is not supported; use VirtualMachine, VirtualMachineReplicaSet or Secret"},
+      {"bad apiVersion", Replace(s, "kubevirt.io/v1alpha1", "kubevirt.io/v2"),
+       "vm.yaml:3:13: apiVersion: apiVersion \"kubevirt.io/v2\" is not supported; use kubevirt.io/v1alpha1 (or kubevirt.io/v1)"},
+      {"misspelt field", Replace(s, "      disks:", "      disk:"),
+       "vm.yaml:11:7: spec.domain.devices.disk: unknown field \"disk\"; did you mean \"disks\"?"},
+      {"unknown field", Replace(s, "  domain:", "  flavour: big\n  domain:"),
+       "vm.yaml:6:3: spec.flavour: unknown field \"flavour\""},
+      {"missing volume", Replace(s, "volumeName: registryvolume", "volumeName: x"),
+       "vm.yaml:12:9: spec.domain.devices.disks[0].volumeName: volume \"x\" not found"},
+      {"two disks one volume",
+       Replace(s, "      - name: registrydisk\n", "      - name: other\n        volumeName: registryvolume\n      - name: registrydisk\n"),
+       "vm.yaml:14:9: spec.domain.devices.disks[1].volumeName: volume \"registryvolume\" is already used by disks[0]; each volume backs one disk"},
+      {"duplicate disk",
+       Replace(s, "      - name: registrydisk\n", "      - name: registrydisk\n        volumeName: other\n      - name: registrydisk\n") +
+           "    - name: other\n      registryDisk: {image: a/b:v1}\n",
+       "vm.yaml:14:9: spec.domain.devices.disks[1].name: disk name \"registrydisk\" is used twice"},
+      {"duplicate volume", s + "    - name: registryvolume\n      registryDisk: {image: a/b:v1}\n",
+       "vm.yaml:20:7: spec.volumes[1].name: volume name \"registryvolume\" is used twice"},
+      {"zero sources", Replace(s, "      registryDisk:\n        image: vmdisks/fedora25:latest\n", ""),
+       "vm.yaml:17:7: spec.volumes[0]: volume \"registryvolume\" has no source; give registryDisk: {image: ...}"},
+      {"two sources", Replace(s, "      registryDisk:", "      emptyDisk: {capacity: 1Gi}\n      registryDisk:"),
+       "vm.yaml:17:7: spec.volumes[0]: volume \"registryvolume\" has 2 sources (emptyDisk, registryDisk); a volume has exactly one"},
+      {"bad image", Replace(s, "vmdisks/fedora25:latest", "vmdisks/Fedora25"),
+       "vm.yaml:19:16: spec.volumes[0].registryDisk.image: image reference \"vmdisks/Fedora25\" has an invalid repository component \"Fedora25\"; repository names must be lowercase"},
+      {"dev does not fit bus", Replace(s, "dev: vda", "dev: sda"),
+       "vm.yaml:12:9: spec.domain.devices.disks[0].disk.dev: dev \"sda\" does not fit bus virtio; use vda, vdb, ..."},
+      {"dev repeats",
+       Replace(s, "      - name: registrydisk\n", "      - name: other\n        volumeName: v2\n        disk: {dev: vda}\n      - name: registrydisk\n") +
+           "    - name: v2\n      registryDisk: {image: a/b:v1}\n",
+       "vm.yaml:15:9: spec.domain.devices.disks[1].disk.dev: dev \"vda\" is already used by disks[0]"},
+      {"memory missing", Replace(s, "        memory: 64M\n", "        cpu: 1\n"),
+       "vm.yaml:9:9: spec.domain.resources.requests.memory: is required; give the VM's memory, e.g. 64M or 1Gi"},
+      {"memory zero", Replace(s, "memory: 64M", "memory: 0"),
+       "vm.yaml:9:17: spec.domain.resources.requests.memory: must be more than zero"},
+      {"memory malformed", Replace(s, "memory: 64M", "memory: 64MB"),
+       "vm.yaml:9:17: spec.domain.resources.requests.memory: \"64MB\" is not a quantity; write a number with an optional suffix such as 64M, 512Mi, 1Gi or 1e9"},
+      {"relative path", Replace(s, "image: vmdisks/fedora25:latest", "image: vmdisks/fedora25:latest\n        path: disk/x.img"),
+       "vm.yaml:20:15: spec.volumes[0].registryDisk.path: \"disk/x.img\" is relative; give the absolute path inside the image, e.g. /disk/disk.qcow2"},
+      {"dotdot path", Replace(s, "image: vmdisks/fedora25:latest", "image: vmdisks/fedora25:latest\n        path: /disk/../etc/passwd"),
+       "vm.yaml:20:15: spec.volumes[0].registryDisk.path: \"/disk/../etc/passwd\" contains \"..\"; give a plain absolute path inside the image"},
+      {"bad pull policy", Replace(s, "image: vmdisks/fedora25:latest", "image: vmdisks/fedora25:latest\n        imagePullPolicy: Sometimes"),
+       "vm.yaml:20:26: spec.volumes[0].registryDisk.imagePullPolicy: \"Sometimes\" is not a pull policy; use Always, IfNotPresent or Never"},
+      {"bad bus", Replace(s, "dev: vda", "dev: vda\n          bus: ide"),
+       "vm.yaml:16:16: spec.domain.devices.disks[0].disk.bus: bus \"ide\" is not supported; use virtio, sata or scsi"},
+      {"persistent volume", Replace(s, "      registryDisk:\n        image: vmdisks/fedora25:latest\n", "      persistentVolumeClaim: {claimName: data}\n"),
+       "vm.yaml:18:7: spec.volumes[0].persistentVolumeClaim: regdisk runs stateless VMs on ephemeral registry disks and does not provide persistent volumes (persistentVolumeClaim); keep state outside the VM, or run this VM with KubeVirt and a PersistentVolumeClaim"},
+      {"live migration", Replace(s, "  domain:", "  evictionStrategy: LiveMigrate\n  domain:"),
+       "vm.yaml:6:3: spec.evictionStrategy: live migration is not possible for VMs on registry disks, which are ephemeral and node-local; remove evictionStrategy and let the replica set start a fresh VM elsewhere"},
+      {"not yaml", "a: [1, 2\nb: c\n", "vm.yaml:2:2: not valid YAML or JSON: end of sequence flow not found"},
+      {"not a mapping", "- 1\n- 2\n", "vm.yaml:1:1: the document is not a mapping; expected an object with apiVersion, kind, metadata and spec"},
+  };
+  for (const auto& c : cases) {
+    ParseResult r = ParseSpecs(c.doc, "vm.yaml");
+    EXPECT_FALSE(r.ok()) << c.name;
+    EXPECT_THAT(Errors(r), ::testing::Contains(c.expected)) << c.name << "\n" << c.doc;
+  }
+}
+
+TEST(SpecTest, ReplicaSetRules) {
+  const std::string rs = R"(apiVersion: kubevirt.io/v1alpha1
+kind: VirtualMachineReplicaSet
+metadata: {name: fleet}
+spec:
+  replicas: -1
+  selector: {matchLabels: {app: other}}
+  template:
+    metadata: {labels: {app: fleet}}
+    spec:
+      domain:
+        resources: {requests: {memory: 64Mi}}
+        devices: {disks: [{name: root, volumeName: root}]}
+      volumes: [{name: root, registryDisk: {image: "r.example.org/a:v1", imagePullSecret: creds}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+type: Opaque
+)";
+  ParseResult r = ParseSpecs(rs, "rs.yaml");
+  EXPECT_THAT(Errors(r), ::testing::UnorderedElementsAre(
+                             "rs.yaml:5:13: spec.replicas: must not be negative",
+                             "rs.yaml:6:13: spec.selector.matchLabels: selector app=other does not match the template's labels; the replica set could never see its VMs",
+                             "rs.yaml:13:91: spec.template.spec.volumes[0].registryDisk.imagePullSecret: Secret \"creds\" has type Opaque; an image pull secret must be kubernetes.io/dockerconfigjson"));
+  r = ParseSpecs(rs.substr(0, rs.find("---")), "rs.yaml");
+  EXPECT_THAT(Errors(r), ::testing::Contains(HasSubstr("Secret \"creds\" is not in this file")));
+  r = ParseSpecs("apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstanceMigration\nmetadata: {name: m}\nspec: {vmiName: x}\n", "m.yaml");
+  EXPECT_THAT(Errors(r), ElementsAre("m.yaml:2:7: kind: live migration is not possible for VMs on registry disks, which are ephemeral and node-local; stop the VM and start it on the other node instead"));
+}
+
+TEST(SpecTest, KubeVirtFieldsRegdiskIgnoresAreWarnings) {
+  std::string doc = Replace(kSeed, "  domain:\n", "  terminationGracePeriodSeconds: 0\n  domain:\n    firmware: {uuid: x}\n");
+  ParseResult r = ParseSpecs(doc, "vm.yaml");
+  EXPECT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  std::vector<std::string> warnings;
+  for (const auto& d : r.diagnostics) warnings.push_back(d.ToString());
+  EXPECT_THAT(warnings, ElementsAre(
+                            "vm.yaml:6:3: warning: spec.terminationGracePeriodSeconds: is defined by KubeVirt but not implemented by regdisk; it is ignored",
+                            "vm.yaml:8:5: warning: spec.domain.firmware: is defined by KubeVirt but not implemented by regdisk; it is ignored"));
+}
+
+TEST(SpecTest, HostileInputIsBounded) {
+  EXPECT_FALSE(ParseSpecs(std::string(2 << 20, 'a'), "big.yaml").ok());
+  EXPECT_FALSE(ParseSpecs(std::string(10000, '[') + std::string(10000, ']'), "deep.yaml").ok());
+  std::string nested;
+  for (int i = 0; i < 2000; ++i) nested += std::string(static_cast<size_t>(i), ' ') + "a:\n";
+  EXPECT_FALSE(ParseSpecs(nested, "indent.yaml").ok());
+  // Billion laughs: aliases are shared, never expanded.
+  std::string laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n";
+  for (char c = 'b'; c <= 'k'; ++c) {
+    laughs += std::string(1, c) + ": &" + c + " [*" + static_cast<char>(c - 1) + ", *" + static_cast<char>(c - 1) +
+              ", *" + static_cast<char>(c - 1) + ", *" + static_cast<char>(c - 1) + "]\n";
+  }
+  laughs += "apiVersion: kubevirt.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: x, labels: *k}\nspec: *k\n";
+  auto start = std::chrono::steady_clock::now();
+  ParseResult r = ParseSpecs(laughs, "laughs.yaml");
+  EXPECT_FALSE(r.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  EXPECT_TRUE(ParseSpecs("", "empty.yaml").diagnostics.size() == 1);
+}
+
+TEST(ValidateCommandTest, OutputAndExitCodes) {
+  auto dir = TempDir::Create("regdisk-spec");
+  ASSERT_TRUE(dir.ok());
+  std::string good = (dir->path() / "vm.yaml").string();
+  ASSERT_TRUE(WriteFileAtomic(good, kSeed).ok());
+  auto r = testing::RunRegdisk({"validate", "-f", good});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, good + ": VirtualMachine default/testvm-ephemeral: valid\n");
+  r = testing::RunRegdisk({"validate", "-f", good, "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["spec"]["domain"]["devices"]["disks"][0]["disk"]["bus"], "virtio");
+  std::string bad = (dir->path() / "bad.yaml").string();
+  ASSERT_TRUE(WriteFileAtomic(bad, Replace(Replace(kSeed, "memory: 64M", "memory: lots"), "volumeName: registryvolume", "volumeName: x")).ok());
+  r = testing::RunRegdisk({"validate", "-f", bad});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("spec.domain.resources.requests.memory: \"lots\" is not a quantity"));
+  EXPECT_THAT(r.err, HasSubstr("volume \"x\" not found"));
+  r = testing::RunRegdisk({"validate", "-f", "-"}, kSeed);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  r = testing::RunRegdisk({"validate", "-f", (dir->path() / "missing.yaml").string()});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("missing.yaml"));
+}
+
+}  // namespace
+}  // namespace regdisk::spec
