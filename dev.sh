@@ -4,8 +4,10 @@
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
 #   ./dev.sh test    install what is missing, build with ASan/UBSan, run
-#                    every test (extra arguments go to ctest)
+#                    every test (extra arguments go to ctest), then fuzz
+#                    the VM spec parser briefly (clang + libFuzzer)
 #   ./dev.sh build   build build/src/regdisk (Release)
+#   ./dev.sh fuzz [SECONDS]  fuzz the VM spec parser (default 300 s)
 #   ./dev.sh deps    only install the Debian packages
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,8 +15,8 @@ cd "$(dirname "$0")"
 # Build tools and libraries, then the real programs the tests start.
 PACKAGES=(
   cmake ninja-build g++ pkg-config binutils
-  libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev
+  libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev libyaml-cpp-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86
 )
@@ -39,6 +41,25 @@ build() {  # build DIR CMAKE-ARGS...
   cmake --build "$dir"
 }
 
+fuzz() {  # fuzz SECONDS: run every fuzz target on a copy of its corpus
+  CC=clang CXX=clang++ build build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DREGDISK_FUZZ=ON \
+    -DREGDISK_BUILD_TESTS=OFF
+  local work
+  work=$(mktemp -d)
+  cp fuzz/corpus/spec/* "$work/"
+  local rc=0
+  build-fuzz/fuzz/spec_fuzzer -max_total_time="$1" -timeout=10 -rss_limit_mb=2048 \
+    -artifact_prefix=build-fuzz/ "$work" >build-fuzz/fuzz.log 2>&1 || rc=$?
+  rm -rf "$work"
+  if [ "$rc" -ne 0 ]; then
+    tail -n 40 build-fuzz/fuzz.log >&2
+    echo "dev.sh: the fuzzer found a problem (input saved under build-fuzz/)" >&2
+    return 1
+  fi
+  grep -E '^Done' build-fuzz/fuzz.log || true
+  echo "fuzz: spec parser clean for $1 s"
+}
+
 case "${1:-}" in
   demo)
     deps
@@ -49,7 +70,12 @@ case "${1:-}" in
     shift
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
-    exec ctest --test-dir build-test -j2 --output-on-failure "$@"
+    ctest --test-dir build-test -j2 --output-on-failure "$@"
+    fuzz "${FUZZ_SECONDS:-30}"
+    ;;
+  fuzz)
+    deps
+    fuzz "${2:-300}"
     ;;
   build)
     deps

@@ -280,6 +280,13 @@ TEST(SpecTest, EachRuleHasItsMessage) {
   }
 }
 
+TEST(SpecTest, PositionsCountFromTheStartOfTheFileAcrossDocuments) {
+  std::string doc = "# leading comment\n---\n" + std::string(kSeed) + "---\n" + Replace(kSeed, "memory: 64M", "memory: none");
+  ParseResult r = ParseSpecs(doc, "multi.yaml");
+  // kSeed has 19 lines; the second copy starts after line 22.
+  EXPECT_THAT(Errors(r), ElementsAre(HasSubstr("multi.yaml:31:17: spec.domain.resources.requests.memory")));
+}
+
 TEST(SpecTest, ReplicaSetRules) {
   const std::string rs = R"(apiVersion: kubevirt.io/v1alpha1
 kind: VirtualMachineReplicaSet
@@ -340,6 +347,16 @@ TEST(SpecTest, HostileInputIsBounded) {
   EXPECT_FALSE(r.ok());
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
   EXPECT_TRUE(ParseSpecs("", "empty.yaml").diagnostics.size() == 1);
+  // Inputs that made yaml-cpp 0.7's LoadAll loop forever, eating memory.
+  for (const char* loop : {"[1], 2\n", "{\"a\":1},\"c\":1}", ",\n", "a: 1\n---\n[x], y\n"}) {
+    ParseResult bad = ParseSpecs(loop, "loop.yaml");
+    EXPECT_FALSE(bad.ok()) << loop;
+  }
+  EXPECT_THAT(Errors(ParseSpecs("[1], 2\n", "loop.yaml")),
+              ElementsAre("loop.yaml:1:1: not valid YAML or JSON: unexpected content after the document"));
+  // Not UTF-8.
+  EXPECT_THAT(Errors(ParseSpecs(std::string(kSeed) + "# \xff\xfe\n", "bin.yaml")),
+              ElementsAre("bin.yaml: the file is not valid UTF-8 text; save it as UTF-8"));
 }
 
 TEST(ValidateCommandTest, OutputAndExitCodes) {

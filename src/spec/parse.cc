@@ -1,7 +1,11 @@
 // Parsing and validation of VM specs (see spec.h). The schema lives in
 // this file as FieldSet tables: the fields regdisk implements, and the ones
 // KubeVirt defines that regdisk accepts with a warning and ignores.
+#include <yaml-cpp/eventhandler.h>
+#include <yaml-cpp/parser.h>
 #include <yaml-cpp/yaml.h>
+
+#include <sstream>
 
 #include <algorithm>
 #include <set>
@@ -90,9 +94,29 @@ size_t EditDistance(std::string_view a, std::string_view b) {
   return prev[b.size()];
 }
 
-// Rejects input that could make the YAML library recurse without bound.
+bool IsValidUtf8(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    uint32_t cp = n == 1 ? c : c & (0x7f >> n);
+    for (size_t k = 1; k < n; ++k) {
+      unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc >> 6) != 2) return false;
+      cp = (cp << 6) | (cc & 0x3f);
+    }
+    static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    i += n;
+  }
+  return true;
+}
+
+// Rejects input that is not UTF-8 text, or that could make the YAML library
+// recurse without bound.
 std::string PreCheck(std::string_view text) {
   if (text.size() > kMaxInputBytes) return "the file is larger than 1 MiB; split it";
+  if (!IsValidUtf8(text)) return "the file is not valid UTF-8 text; save it as UTF-8";
   int depth = 0;
   bool in_single = false, in_double = false, comment = false;
   size_t indent = 0;
@@ -140,6 +164,62 @@ std::string PreCheck(std::string_view text) {
   return {};
 }
 
+// One document of a multi-document stream and the line it starts on.
+struct Chunk {
+  std::string text;
+  int first_line = 0;  // 0-based line of the chunk's first line in the file
+};
+
+// Splits a stream at "---" and "..." marker lines, as kubectl does. yaml-cpp
+// 0.7's LoadAll can loop forever on some malformed streams (fixed upstream
+// in 2024), so each document is loaded on its own with YAML::Load.
+std::vector<Chunk> SplitDocuments(std::string_view text) {
+  std::vector<Chunk> out(1);
+  int line = 0;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    std::string_view l = text.substr(pos, end == std::string_view::npos ? std::string_view::npos : end - pos);
+    bool start = l.substr(0, 3) == "---" && (l.size() == 3 || l[3] == ' ' || l[3] == '\t' || l[3] == '\r');
+    bool stop = l.substr(0, 3) == "..." && l.find_first_not_of(" \t\r", 3) == std::string_view::npos;
+    if (start || stop) {
+      // The marker's line becomes the new chunk's first line; content after
+      // "--- " stays there, at its column.
+      std::string first = start && l.size() > 4 ? std::string(4, ' ') + std::string(l.substr(4)) : std::string();
+      out.push_back(Chunk{first + "\n", line});
+    } else {
+      out.back().text.append(l).append("\n");
+    }
+    ++line;
+    if (end == std::string_view::npos) break;
+    pos = end + 1;
+  }
+  return out;
+}
+
+// Counts documents without building them.
+class DocumentCounter : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark&) override {}
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+};
+
+// True when the chunk holds content after its first document.
+bool HasTrailingContent(const std::string& chunk) {
+  std::istringstream in(chunk);
+  YAML::Parser parser(in);
+  DocumentCounter counter;
+  if (!parser.HandleNextDocument(counter)) return false;
+  return parser.HandleNextDocument(counter);
+}
+
 class Parser {
  public:
   Parser(std::string_view file, std::vector<Diagnostic>& out) : file_(file), out_(out) {}
@@ -152,7 +232,7 @@ class Parser {
     if (at.IsDefined()) {
       YAML::Mark m = at.Mark();
       if (m.line >= 0) {
-        d.line = m.line + 1;
+        d.line = m.line + 1 + line_offset_;
         d.column = m.column + 1;
       }
     }
@@ -485,7 +565,9 @@ class Parser {
       }
     }
     r.image_pull_secret = String(src, "imagePullSecret", p, false).value_or("");
-    if (!r.image_pull_secret.empty()) secret_refs_.push_back({src["imagePullSecret"], p + ".imagePullSecret", r.image_pull_secret});
+    if (!r.image_pull_secret.empty()) {
+      secret_refs_.push_back({src["imagePullSecret"], p + ".imagePullSecret", r.image_pull_secret, line_offset_});
+    }
     r.image_pull_policy = String(src, "imagePullPolicy", p, false).value_or("");
     if (r.image_pull_policy.empty()) {
       r.image_pull_policy = latest ? "Always" : "IfNotPresent";
@@ -606,10 +688,13 @@ class Parser {
     YAML::Node at;
     std::string path;
     std::string name;
+    int line_offset = 0;  // of the document the reference is in
   };
   std::vector<SecretRef> TakeSecretRefs() { return std::exchange(secret_refs_, {}); }
+  void set_line_offset(int offset) { line_offset_ = offset; }
 
  private:
+  int line_offset_ = 0;
   std::string file_;
   std::vector<Diagnostic>& out_;
   std::map<std::string, YAML::Node> marks_;
@@ -775,40 +860,42 @@ ParseResult ParseSpecs(std::string_view text, std::string_view file_name) {
     p.Error(YAML::Node(), "", why);
     return result;
   }
-  std::vector<YAML::Node> docs;
-  try {
-    docs = YAML::LoadAll(std::string(text));
-  } catch (const YAML::Exception& e) {
-    Diagnostic d;
-    d.file = std::string(file_name);
-    if (e.mark.line >= 0) {
-      d.line = e.mark.line + 1;
-      d.column = e.mark.column + 1;
-    }
-    d.message = "not valid YAML or JSON: " + e.msg;
-    result.diagnostics.push_back(std::move(d));
-    return result;
-  } catch (const std::exception& e) {
-    result.diagnostics.push_back({Diagnostic::Severity::kError, std::string(file_name), 0, 0, "",
-                                  std::string("could not be read: ") + e.what()});
-    return result;
-  }
   std::vector<Parser::SecretRef> refs;
-  try {
-    for (const auto& doc : docs) {
-      if (doc.IsNull()) continue;  // an empty document between "---"
-      if (auto obj = ParseDocument(p, doc, refs)) result.objects.push_back(std::move(*obj));
+  for (const Chunk& chunk : SplitDocuments(text)) {
+    p.set_line_offset(chunk.first_line);
+    YAML::Node doc;
+    try {
+      doc = YAML::Load(chunk.text);
+      if (HasTrailingContent(chunk.text)) {
+        result.diagnostics.push_back({Diagnostic::Severity::kError, std::string(file_name), chunk.first_line + 1, 1, "",
+                                      "not valid YAML or JSON: unexpected content after the document"});
+        continue;
+      }
+    } catch (const YAML::Exception& e) {
+      Diagnostic d;
+      d.file = std::string(file_name);
+      if (e.mark.line >= 0) {
+        d.line = e.mark.line + 1 + chunk.first_line;
+        d.column = e.mark.column + 1;
+      }
+      d.message = "not valid YAML or JSON: " + e.msg;
+      result.diagnostics.push_back(std::move(d));
+      continue;
     }
-  } catch (const std::exception& e) {
-    result.diagnostics.push_back({Diagnostic::Severity::kError, std::string(file_name), 0, 0, "",
-                                  std::string("could not be read: ") + e.what()});
-    return result;
+    if (!doc.IsDefined() || doc.IsNull()) continue;  // an empty document between markers
+    try {
+      if (auto obj = ParseDocument(p, doc, refs)) result.objects.push_back(std::move(*obj));
+    } catch (const std::exception& e) {
+      result.diagnostics.push_back({Diagnostic::Severity::kError, std::string(file_name), chunk.first_line + 1, 0, "",
+                                    std::string("could not be read: ") + e.what()});
+    }
   }
   if (result.objects.empty() && result.ok()) {
     p.Error(YAML::Node(), "", "the file holds no objects; expected a VirtualMachine or VirtualMachineReplicaSet");
   }
   // imagePullSecret must name a dockerconfigjson Secret of this file.
   for (const auto& ref : refs) {
+    p.set_line_offset(ref.line_offset);
     const Secret* found = nullptr;
     for (const auto& o : result.objects) {
       if (auto* s = std::get_if<Secret>(&o); s && s->metadata.name == ref.name) found = s;
