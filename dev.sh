@@ -3,9 +3,9 @@
 #
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
-#   ./dev.sh test    install what is missing, build with ASan/UBSan, run
-#                    every test (extra arguments go to ctest), then fuzz
-#                    the VM spec parser briefly (clang + libFuzzer)
+#   ./dev.sh test    install what is missing, fuzz the VM spec parser briefly
+#                    (clang + libFuzzer), build with ASan/UBSan and run every
+#                    test (extra arguments go to ctest)
 #   ./dev.sh build   build build/src/regdisk (Release)
 #   ./dev.sh fuzz [SECONDS]  fuzz the VM spec parser (default 300 s)
 #   ./dev.sh deps    only install the Debian packages
@@ -70,8 +70,8 @@ case "${1:-}" in
     shift
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
-    ctest --test-dir build-test -j2 --output-on-failure "$@"
     fuzz "${FUZZ_SECONDS:-30}"
+    exec ctest --test-dir build-test -j2 --output-on-failure "$@"
     ;;
   fuzz)
     deps
