@@ -23,6 +23,7 @@
 #include "registry/auth.h"
 #include "registry/client.h"
 #include "spec/spec.h"
+#include "store/store.h"
 #include "util/fs.h"
 #include "util/log.h"
 
@@ -128,7 +129,58 @@ int RunCopy(const Globals& g, const std::string& from, const std::string& to, bo
   return 0;
 }
 
-int RunInspect(const Globals& g, const std::string& ref, bool raw) {
+// Pulls `ref` into the node store under --root; used by pull and inspect --disk.
+Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref, const std::string& path) {
+  ASSIGN_OR_RETURN(registry::ClientOptions opts, MakeClientOptions(g));
+  ASSIGN_OR_RETURN(oci::Platform platform, oci::Platform::Parse(g.platform));
+  ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(ref));
+  ASSIGN_OR_RETURN(store::Store st, store::Store::Open(g.root));
+  ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> src, image::OpenSource(name, opts));
+  store::PullOptions po;
+  po.platform = platform;
+  po.path = path;
+  auto img = st.Pull(*src, name.String(), po);
+  if (!img.ok()) return std::move(img).status().Annotate("pulling " + name.String());
+  return img;
+}
+
+int RunPull(const Globals& g, const std::string& ref, const std::string& path) {
+  auto img = PullToStore(g, ref, path);
+  if (!img.ok()) return Fail(img.status());
+  std::printf("%s\n", img->manifest_digest.str().c_str());
+  log::Info("{}: {} disk {} ({} bytes virtual)", img->name, disk::FormatName(img->disk.format), img->disk_path,
+            img->disk.virtual_size);
+  return 0;
+}
+
+int RunImages(const Globals& g, const std::string& output) {
+  auto st = store::Store::Open(g.root);
+  if (!st.ok()) return Fail(st.status());
+  auto list = st->List();
+  if (!list.ok()) return Fail(list.status());
+  if (output == "json") {
+    json out = json::array();
+    for (const auto& img : *list) out.push_back(img.ToJson());
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  if (output != "text") return Fail(InvalidArgument("-o takes text or json, not \"" + output + "\""));
+  std::printf("%-60s %-19s %-6s %14s %14s\n", "IMAGE", "DIGEST", "FORMAT", "VIRTUAL SIZE", "SIZE");
+  for (const auto& img : *list) {
+    std::printf("%-60s %-19s %-6s %14llu %14llu\n", img.name.c_str(), img.manifest_digest.Short().c_str(),
+                std::string(disk::FormatName(img.disk.format)).c_str(),
+                static_cast<unsigned long long>(img.disk.virtual_size), static_cast<unsigned long long>(img.disk.file_size));
+  }
+  return 0;
+}
+
+int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path) {
+  if (disk) {
+    auto img = PullToStore(g, ref, path);
+    if (!img.ok()) return Fail(img.status());
+    std::printf("%s\n", img->ToJson().dump(2).c_str());
+    return 0;
+  }
   auto opts = MakeClientOptions(g);
   if (!opts.ok()) return Fail(opts.status());
   auto platform = oci::Platform::Parse(g.platform);
@@ -225,7 +277,22 @@ int Main(int argc, char** argv) {
   CLI::App* inspect = app.add_subcommand("inspect", "print an image's digest, media type, config and layers as JSON");
   inspect->add_option("image", ref, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
   inspect->add_flag("--raw", raw, "print the manifest bytes as stored");
+  bool disk = false;
+  std::string disk_path;
+  inspect->add_flag("--disk", disk, "pull into the node store and describe the VM disk (path, format, sizes)");
+  inspect->add_option("--path", disk_path, "the disk's path inside the image, when /disk holds several files");
   inspect->fallthrough();
+
+  std::string pull_ref;
+  CLI::App* pull = app.add_subcommand("pull", "pull a registry disk into the node store (--root) and validate it");
+  pull->add_option("image", pull_ref, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
+  pull->add_option("--path", disk_path, "the disk's path inside the image, when /disk holds several files");
+  pull->fallthrough();
+
+  std::string images_output = "text";
+  CLI::App* images = app.add_subcommand("images", "list the registry disks in the node store");
+  images->add_option("-o,--output", images_output, "text (default) or json");
+  images->fallthrough();
 
   std::string spec_file, output = "text";
   CLI::App* validate = app.add_subcommand("validate", "check VM specs (KubeVirt YAML or JSON) and apply defaults");
@@ -244,7 +311,9 @@ int Main(int argc, char** argv) {
   log::SetLevel(g.verbose ? log::Level::kDebug : log::Level::kWarn);
 
   if (*copy) return RunCopy(g, from, to, all);
-  if (*inspect) return RunInspect(g, ref, raw);
+  if (*inspect) return RunInspect(g, ref, raw, disk, disk_path);
+  if (*pull) return RunPull(g, pull_ref, disk_path);
+  if (*images) return RunImages(g, images_output);
   if (*validate) return RunValidate(spec_file, output);
   return 2;
 }

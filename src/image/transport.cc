@@ -50,14 +50,18 @@ std::string ImageName::String() const {
 
 namespace {
 
-// Verified streaming read of a local file.
-Status StreamFile(const fs::path& path, const oci::Descriptor& desc, const registry::BlobSink& sink) {
+// Verified streaming read of a local file, from `offset` on (the hasher has
+// seen the bytes before it).
+Status StreamFile(const fs::path& path, const oci::Descriptor& desc, const registry::BlobSink& sink, uint64_t offset,
+                  oci::Hasher& h) {
   auto fd = OpenFile(path, O_RDONLY);
   if (!fd.ok()) {
     if (fd.status().code() == Code::kNotFound) return NotFound("blob " + desc.digest.str() + " is missing at " + path.string());
     return fd.status();
   }
-  oci::Hasher h(desc.digest.algorithm());
+  if (offset > 0 && ::lseek(fd->get(), static_cast<off_t>(offset), SEEK_SET) < 0) {
+    return ErrnoStatus("seeking in " + path.string());
+  }
   std::string buf(1 << 20, '\0');
   for (;;) {
     ssize_t n = ::read(fd->get(), buf.data(), buf.size());
@@ -104,7 +108,12 @@ class LayoutSource : public ImageSource {
     return ToRaw(std::move(bytes), desc);
   }
   Status FetchBlob(const oci::Descriptor& desc, const registry::BlobSink& sink) override {
-    return StreamFile(layout_.BlobPath(desc.digest), desc, sink);
+    oci::Hasher h(desc.digest.algorithm());
+    return StreamFile(layout_.BlobPath(desc.digest), desc, sink, 0, h);
+  }
+  Status FetchBlobFrom(const oci::Descriptor& desc, uint64_t offset, oci::Hasher& hasher,
+                       const registry::BlobSink& sink) override {
+    return StreamFile(layout_.BlobPath(desc.digest), desc, sink, offset, hasher);
   }
   std::optional<fs::path> LocalBlobPath(const oci::Descriptor& desc) override {
     if (!layout_.HasBlob(desc.digest)) return std::nullopt;
@@ -154,6 +163,10 @@ class DockerSource : public ImageSource {
   }
   Status FetchBlob(const oci::Descriptor& desc, const registry::BlobSink& sink) override {
     return client_.FetchBlob(ref_.repository, desc, sink);
+  }
+  Status FetchBlobFrom(const oci::Descriptor& desc, uint64_t offset, oci::Hasher& hasher,
+                       const registry::BlobSink& sink) override {
+    return client_.FetchBlob(ref_.repository, desc, sink, offset, &hasher);
   }
 
  private:

@@ -43,6 +43,10 @@ class ImageSource {
   virtual Result<oci::RawManifest> GetManifestByDigest(const oci::Descriptor& desc) = 0;
   // Streams a blob to sink, verified by size and digest.
   virtual Status FetchBlob(const oci::Descriptor& desc, const registry::BlobSink& sink) = 0;
+  // Continues a partial download: `hasher` has seen the first `offset`
+  // bytes; the rest goes to sink, and the whole is verified.
+  virtual Status FetchBlobFrom(const oci::Descriptor& desc, uint64_t offset, oci::Hasher& hasher,
+                               const registry::BlobSink& sink) = 0;
   // A blob that already lives in a local file, if this source has one.
   virtual std::optional<std::filesystem::path> LocalBlobPath(const oci::Descriptor&) { return std::nullopt; }
   // For registries: the registry and repository (for cross-repo mounts).

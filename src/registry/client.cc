@@ -482,10 +482,12 @@ Result<bool> RegistryClient::BlobExists(const std::string& repo, const oci::Dige
   return StatusError("checking blob " + digest.Short() + " in " + repo, registry_, resp);
 }
 
-Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink) {
+Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink,
+                                 uint64_t offset, oci::Hasher* resumed) {
   const std::string what = "blob " + desc.digest.Short() + " of " + repo;
-  oci::Hasher hasher(desc.digest.algorithm());
-  uint64_t received = 0;       // verified bytes handed to the sink
+  oci::Hasher own(desc.digest.algorithm());
+  oci::Hasher& hasher = resumed ? *resumed : own;
+  uint64_t received = offset;  // bytes hashed so far (and, past offset, handed to the sink)
   uint64_t skip = 0;           // bytes of a 200 answer to drop after a resume
   std::string error_body;
   const uint64_t size = static_cast<uint64_t>(desc.size);

@@ -72,7 +72,12 @@ class RegistryClient {
   // Streams the blob to sink, resuming with Range after a dropped
   // connection; fails with DataLoss on a size or digest mismatch, in which
   // case whatever reached the sink must be discarded by the caller.
-  Status FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink);
+  //
+  // To continue an earlier partial download, pass its length as `offset`
+  // and a hasher that has already seen those bytes; only the rest is
+  // fetched and handed to sink.
+  Status FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink, uint64_t offset = 0,
+                   oci::Hasher* resumed = nullptr);
   // Small blobs (configs) into memory, verified; refuses more than max_bytes.
   Result<std::string> FetchBlobToString(const std::string& repo, const oci::Descriptor& desc, uint64_t max_bytes);
 

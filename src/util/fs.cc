@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -114,6 +115,14 @@ Status PendingFile::Commit() {
   if (::rename(temp_.c_str(), final_.c_str()) != 0) return ErrnoStatus("renaming into " + final_.string());
   committed_ = true;
   return SyncDir(final_.parent_path().empty() ? fs::path(".") : final_.parent_path());
+}
+
+Result<FileLock> FileLock::Acquire(const fs::path& path) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDWR | O_CREAT, 0600));
+  while (::flock(fd.get(), LOCK_EX) != 0) {
+    if (errno != EINTR) return ErrnoStatus("locking " + path.string());
+  }
+  return FileLock(std::move(fd));
 }
 
 }  // namespace regdisk

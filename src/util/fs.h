@@ -99,4 +99,17 @@ class PendingFile {
   bool committed_ = false;
 };
 
+// An exclusive advisory lock (flock) on a lock file, held until destruction.
+// Blocks until the lock is free; processes that die release it.
+class FileLock {
+ public:
+  static Result<FileLock> Acquire(const std::filesystem::path& path);
+  FileLock(FileLock&&) = default;
+  FileLock& operator=(FileLock&&) = default;
+
+ private:
+  explicit FileLock(UniqueFd fd) : fd_(std::move(fd)) {}
+  UniqueFd fd_;
+};
+
 }  // namespace regdisk

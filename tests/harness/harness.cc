@@ -1,5 +1,7 @@
 #include "harness/harness.h"
 
+#include <archive.h>
+#include <archive_entry.h>
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -505,33 +507,42 @@ Result<TestImage> MakeTestImage(const fs::path& layout_dir, const std::string& t
   }
   RETURN_IF_ERROR(MakeDirs(root));
   fs::path tar = work.path() / "layer.tar";
+  // GNU tar here, so that these layers come from an independent writer.
   RETURN_IF_ERROR(Run({"tar", "--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-cf",
                        tar.string(), "-C", root.string(), "."}));
   ASSIGN_OR_RETURN(std::string layer, ReadFileCapped(tar, 1ull << 31));
+  return MakeImageFromLayers(layout_dir, tag, {{std::string(oci::media::kOciLayerTar), layer}}, arch);
+}
+
+Result<TestImage> MakeImageFromLayers(const fs::path& layout_dir, const std::string& tag,
+                                      const std::vector<std::pair<std::string, std::string>>& layers,
+                                      const std::string& arch) {
   ASSIGN_OR_RETURN(image::OciLayout layout, image::OciLayout::OpenOrCreate(layout_dir));
-
-  oci::Descriptor ld;
-  ld.media_type = oci::media::kOciLayerTar;
-  ld.digest = oci::Digest::Sha256Of(layer);
-  ld.size = static_cast<int64_t>(layer.size());
-  RETURN_IF_ERROR(layout.WriteBlobBytes(ld, layer));
-
+  TestImage out{layout_dir, tag, {}, {}};
+  json diff_ids = json::array();
+  json layer_json = json::array();
+  for (const auto& [media_type, bytes] : layers) {
+    oci::Descriptor ld;
+    ld.media_type = media_type;
+    ld.digest = oci::Digest::Sha256Of(bytes);
+    ld.size = static_cast<int64_t>(bytes.size());
+    RETURN_IF_ERROR(layout.WriteBlobBytes(ld, bytes));
+    diff_ids.push_back(ld.digest.str());  // (not the uncompressed digest; nothing here checks it)
+    layer_json.push_back(ld.ToJson());
+    out.layers.push_back(ld);
+  }
   json config = {{"architecture", arch},
                  {"os", "linux"},
                  {"created", "1970-01-01T00:00:00Z"},
                  {"config", {{"Labels", {{"org.example.test", tag}}}}},
-                 {"rootfs", {{"type", "layers"}, {"diff_ids", json::array({ld.digest.str()})}}}};
+                 {"rootfs", {{"type", "layers"}, {"diff_ids", diff_ids}}}};
   std::string cfg = config.dump();
   oci::Descriptor cd;
   cd.media_type = oci::media::kOciConfig;
   cd.digest = oci::Digest::Sha256Of(cfg);
   cd.size = static_cast<int64_t>(cfg.size());
   RETURN_IF_ERROR(layout.WriteBlobBytes(cd, cfg));
-
-  json manifest = {{"schemaVersion", 2},
-                   {"mediaType", oci::media::kOciManifest},
-                   {"config", cd.ToJson()},
-                   {"layers", json::array({ld.ToJson()})}};
+  json manifest = {{"schemaVersion", 2}, {"mediaType", oci::media::kOciManifest}, {"config", cd.ToJson()}, {"layers", layer_json}};
   std::string mbytes = manifest.dump();
   oci::Descriptor md;
   md.media_type = oci::media::kOciManifest;
@@ -539,7 +550,65 @@ Result<TestImage> MakeTestImage(const fs::path& layout_dir, const std::string& t
   md.size = static_cast<int64_t>(mbytes.size());
   RETURN_IF_ERROR(layout.WriteBlobBytes(md, mbytes));
   RETURN_IF_ERROR(layout.AddToIndex(md, tag));
-  return TestImage{layout_dir, tag, md.digest, {ld}};
+  out.manifest_digest = md.digest;
+  return out;
+}
+
+std::string LayerMediaType(const std::string& compression) {
+  if (compression == "gzip") return std::string(oci::media::kOciLayerGzip);
+  if (compression == "zstd") return std::string(oci::media::kOciLayerZstd);
+  return std::string(oci::media::kOciLayerTar);
+}
+
+std::string MakeTar(const std::vector<TarEntry>& entries, const std::string& compression) {
+  std::string out;
+  archive* a = archive_write_new();
+  archive_write_set_format_pax_restricted(a);
+  if (compression == "gzip") archive_write_add_filter_gzip(a);
+  if (compression == "zstd") archive_write_add_filter_zstd(a);
+  archive_write_set_bytes_in_last_block(a, 1);
+  archive_write_open(
+      a, &out, nullptr,
+      [](archive*, void* user, const void* buf, size_t n) -> la_ssize_t {
+        static_cast<std::string*>(user)->append(static_cast<const char*>(buf), n);
+        return static_cast<la_ssize_t>(n);
+      },
+      nullptr);
+  for (const auto& t : entries) {
+    archive_entry* e = archive_entry_new();
+    archive_entry_set_pathname(e, t.path.c_str());
+    archive_entry_set_uid(e, t.uid);
+    archive_entry_set_gid(e, t.gid);
+    archive_entry_set_perm(e, static_cast<mode_t>(t.mode));
+    archive_entry_set_mtime(e, 0, 0);
+    switch (t.type) {
+      case TarEntry::Type::kFile:
+        archive_entry_set_filetype(e, AE_IFREG);
+        archive_entry_set_size(e, static_cast<la_int64_t>(t.data.size()));
+        break;
+      case TarEntry::Type::kDir: archive_entry_set_filetype(e, AE_IFDIR); break;
+      case TarEntry::Type::kSymlink:
+        archive_entry_set_filetype(e, AE_IFLNK);
+        archive_entry_set_symlink(e, t.link.c_str());
+        break;
+      case TarEntry::Type::kHardlink:
+        archive_entry_set_filetype(e, AE_IFREG);
+        archive_entry_set_hardlink(e, t.link.c_str());
+        break;
+      case TarEntry::Type::kFifo: archive_entry_set_filetype(e, AE_IFIFO); break;
+      case TarEntry::Type::kCharDevice:
+        archive_entry_set_filetype(e, AE_IFCHR);
+        archive_entry_set_rdevmajor(e, 1);
+        archive_entry_set_rdevminor(e, 3);
+        break;
+    }
+    archive_write_header(a, e);
+    if (t.type == TarEntry::Type::kFile && !t.data.empty()) archive_write_data(a, t.data.data(), t.data.size());
+    archive_entry_free(e);
+  }
+  archive_write_close(a);
+  archive_write_free(a);
+  return out;
 }
 
 }  // namespace regdisk::testing

@@ -180,4 +180,23 @@ Result<TestImage> MakeTestImage(const std::filesystem::path& layout, const std::
 
 std::string RandomBytes(size_t n, uint32_t seed);
 
+// One entry of a hand-made tar layer; anything a hostile image could hold.
+struct TarEntry {
+  enum class Type { kFile, kDir, kSymlink, kHardlink, kFifo, kCharDevice };
+  std::string path;
+  Type type = Type::kFile;
+  std::string data;  // kFile
+  std::string link;  // kSymlink, kHardlink
+  int uid = 0, gid = 0;
+  int mode = 0644;
+};
+// A tar stream (libarchive, pax) compressed with "gzip", "zstd" or "" (none).
+std::string MakeTar(const std::vector<TarEntry>& entries, const std::string& compression);
+// The layer media type for a compression ("gzip" -> ...tar+gzip).
+std::string LayerMediaType(const std::string& compression);
+// An image in an OCI layout from ready-made layers (media type, bytes).
+Result<TestImage> MakeImageFromLayers(const std::filesystem::path& layout, const std::string& tag,
+                                      const std::vector<std::pair<std::string, std::string>>& layers,
+                                      const std::string& arch = "amd64");
+
 }  // namespace regdisk::testing

@@ -1,0 +1,270 @@
+#include "store/store.h"
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "image/copy.h"
+#include "store/unpack.h"
+#include "util/fs.h"
+#include "util/log.h"
+
+namespace regdisk::store {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr uint64_t kMaxMetaBytes = 1 << 20;
+
+// A directory removed with its contents unless Keep() was called.
+class StagingDir {
+ public:
+  static Result<StagingDir> Create(const fs::path& parent, const std::string& prefix) {
+    std::string templ = (parent / (prefix + ".XXXXXX")).string();
+    if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating a staging directory in " + parent.string());
+    return StagingDir(templ);
+  }
+  StagingDir(StagingDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
+  ~StagingDir() {
+    if (path_.empty()) return;
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  explicit StagingDir(fs::path p) : path_(std::move(p)) {}
+  fs::path path_;
+};
+
+// Refusals (a hostile or broken image) remove what this pull stored;
+// transient failures keep partial downloads for the next attempt.
+bool IsRefusal(const Status& st) {
+  switch (st.code()) {
+    case Code::kInvalidArgument:
+    case Code::kNotFound:
+    case Code::kUnimplemented:
+    case Code::kDataLoss:
+    case Code::kResourceExhausted: return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+json StoredImage::ToJson() const {
+  return {{"name", name},
+          {"digest", manifest_digest.str()},
+          {"disk",
+           {{"path", disk_path},
+            {"format", std::string(disk::FormatName(disk.format))},
+            {"virtualSize", disk.virtual_size},
+            {"size", disk.file_size},
+            {"file", disk_file.string()}}}};
+}
+
+Result<Store> Store::Open(const fs::path& root) {
+  for (const char* sub : {"blobs/sha256", "ingest", "disks", "locks", "tmp"}) {
+    Status st = MakeDirs(root / sub);
+    if (!st.ok()) {
+      return st.Annotate("opening the node store at " + root.string() + " (choose another with --root or REGDISK_ROOT)");
+    }
+  }
+  ::chmod(root.c_str(), 0700);
+  return Store(root);
+}
+
+fs::path Store::BlobPath(const oci::Digest& d) const { return root_ / "blobs" / d.algorithm() / d.hex(); }
+fs::path Store::DiskDir(const oci::Digest& m) const { return root_ / "disks" / m.hex(); }
+
+Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched) {
+  *fetched = false;
+  const fs::path final_path = BlobPath(desc.digest);
+  std::error_code ec;
+  if (fs::exists(final_path, ec)) return OkStatus();
+  RETURN_IF_ERROR(MakeDirs(final_path.parent_path()));
+  const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
+  // One writer per ingest, across processes.
+  ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
+  if (fs::exists(final_path, ec)) return OkStatus();  // another process finished it
+
+  const fs::path partial = root_ / "ingest" / key;
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(partial, O_RDWR | O_CREAT, 0600));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("reading " + partial.string());
+  uint64_t have = static_cast<uint64_t>(st.st_size);
+  if (have > static_cast<uint64_t>(desc.size) && ::ftruncate(fd.get(), 0) == 0) have = 0;
+
+  // Resume: re-hash what an earlier attempt left, then fetch the rest.
+  oci::Hasher hasher(desc.digest.algorithm());
+  if (have > 0) {
+    std::string buf(1 << 20, '\0');
+    for (uint64_t off = 0; off < have;) {
+      ssize_t n = ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), have - off), static_cast<off_t>(off));
+      if (n <= 0) return ErrnoStatus("reading " + partial.string());
+      hasher.Update(buf.data(), static_cast<size_t>(n));
+      off += static_cast<uint64_t>(n);
+    }
+    log::Info("resuming blob {} at byte {}", desc.digest.Short(), have);
+  }
+  if (::lseek(fd.get(), static_cast<off_t>(have), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
+  Status got = src.FetchBlobFrom(desc, have, hasher, [&](std::string_view chunk) { return WriteAll(fd.get(), chunk); });
+  if (!got.ok()) {
+    if (got.code() == Code::kDataLoss) ::unlink(partial.c_str());  // wrong bytes: never resume from them
+    return got;
+  }
+  if (::fsync(fd.get()) != 0) return ErrnoStatus("syncing " + partial.string());
+  ::fchmod(fd.get(), 0444);
+  if (::rename(partial.c_str(), final_path.c_str()) != 0) return ErrnoStatus("committing " + final_path.string());
+  RETURN_IF_ERROR(SyncDir(final_path.parent_path()));
+  *fetched = true;
+  return OkStatus();
+}
+
+Status Store::Materialise(const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
+                          const PullOptions& options) {
+  ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(root_ / "tmp", manifest.hex().substr(0, 16)));
+  DiskTree tree(staging.path());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& l = layers[i];
+    std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
+    RETURN_IF_ERROR(tree.ApplyLayer(BlobPath(l.digest), l.media_type, label));
+  }
+  ASSIGN_OR_RETURN(DiskTree::File file, tree.FindDisk(options.path));
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file.staged, O_RDONLY));
+  ASSIGN_OR_RETURN(disk::DiskInfo info, disk::InspectDisk(fd.get(), 0, file.size, file.image_path));
+  fd.reset();
+
+  // The image directory: the disk under its own name, and meta.json.
+  const fs::path image_dir = staging.path() / "image";
+  RETURN_IF_ERROR(MakeDirs(image_dir));
+  std::string name = fs::path(file.image_path).filename().string();
+  if (name.empty() || name == "meta.json") name = "disk.img";
+  const fs::path disk_file = image_dir / name;
+  if (::rename(file.staged.c_str(), disk_file.c_str()) != 0) return ErrnoStatus("staging the disk");
+  ASSIGN_OR_RETURN(UniqueFd disk_fd, OpenFile(disk_file, O_RDONLY));
+  if (::fsync(disk_fd.get()) != 0) return ErrnoStatus("syncing the disk");
+  ::fchmod(disk_fd.get(), 0444);
+  json meta = {{"manifest", manifest.str()},
+               {"path", file.image_path},
+               {"file", name},
+               {"format", std::string(disk::FormatName(info.format))},
+               {"virtualSize", info.virtual_size},
+               {"size", info.file_size},
+               {"qcow2Version", info.qcow2_version}};
+  RETURN_IF_ERROR(WriteFileAtomic(image_dir / "meta.json", meta.dump(2) + "\n", 0444));
+  ::chmod(image_dir.c_str(), 0555);
+  if (::rename(image_dir.c_str(), DiskDir(manifest).c_str()) != 0) return ErrnoStatus("committing the disk");
+  return SyncDir(root_ / "disks");
+}
+
+Result<StoredImage> Store::Load(const oci::Digest& manifest, const std::string& name) const {
+  const fs::path dir = DiskDir(manifest);
+  ASSIGN_OR_RETURN(std::string text, ReadFileCapped(dir / "meta.json", kMaxMetaBytes));
+  json m = json::parse(text, nullptr, false);
+  if (!m.is_object() || !m.contains("file") || !m["file"].is_string()) {
+    return DataLoss("the store's record " + (dir / "meta.json").string() + " is damaged; remove " + dir.string() +
+                    " and pull again");
+  }
+  StoredImage img;
+  img.name = name;
+  img.manifest_digest = manifest;
+  img.disk_path = m.value("path", "");
+  img.disk_file = dir / m["file"].get<std::string>();
+  img.disk.format = m.value("format", "raw") == "qcow2" ? disk::Format::kQcow2 : disk::Format::kRaw;
+  img.disk.virtual_size = m.value("virtualSize", uint64_t{0});
+  img.disk.file_size = m.value("size", uint64_t{0});
+  img.disk.qcow2_version = m.value("qcow2Version", 0);
+  return img;
+}
+
+Result<json> Store::ReadRefs() const {
+  const fs::path p = root_ / "refs.json";
+  std::error_code ec;
+  if (!fs::exists(p, ec)) return json::object();
+  ASSIGN_OR_RETURN(std::string text, ReadFileCapped(p, 64 << 20));
+  json j = json::parse(text, nullptr, false);
+  if (!j.is_object()) return DataLoss("the store's " + p.string() + " is damaged; remove it and pull again");
+  return j;
+}
+
+Status Store::SetRef(const std::string& name, const oci::Digest& manifest) {
+  ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
+  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  refs[name] = manifest.str();
+  return WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600);
+}
+
+Result<std::optional<StoredImage>> Store::Lookup(const std::string& name) const {
+  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  auto it = refs.find(name);
+  if (it == refs.end() || !it->is_string()) return std::optional<StoredImage>();
+  ASSIGN_OR_RETURN(oci::Digest d, oci::Digest::Parse(it->get<std::string>()));
+  std::error_code ec;
+  if (!fs::exists(DiskDir(d), ec)) return std::optional<StoredImage>();
+  ASSIGN_OR_RETURN(StoredImage img, Load(d, name));
+  return std::optional<StoredImage>(std::move(img));
+}
+
+Result<std::vector<StoredImage>> Store::List() const {
+  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  std::vector<StoredImage> out;
+  for (auto& [name, value] : refs.items()) {
+    ASSIGN_OR_RETURN(std::optional<StoredImage> img, Lookup(name));
+    if (img) out.push_back(std::move(*img));
+  }
+  return out;
+}
+
+Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name, const PullOptions& options) {
+  ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(src, options.platform));
+  const oci::Digest digest = img.raw.digest;
+  std::error_code ec;
+  auto present = [&] { return fs::exists(DiskDir(digest) / "meta.json", ec); };
+  if (!present()) {
+    // One pull per image at a time; a second one waits, then finds it done.
+    ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (digest.hex() + ".image")));
+    if (!present()) {
+      std::vector<fs::path> stored_now;
+      auto keep = [&](const oci::Descriptor& d) -> Status {
+        bool fetched = false;
+        RETURN_IF_ERROR(EnsureBlob(src, d, &fetched));
+        if (fetched) stored_now.push_back(BlobPath(d.digest));
+        return OkStatus();
+      };
+      Status st = [&]() -> Status {
+        oci::Descriptor md;
+        md.media_type = img.raw.media_type;
+        md.digest = digest;
+        md.size = static_cast<int64_t>(img.raw.bytes.size());
+        if (!fs::exists(BlobPath(digest), ec)) {
+          ASSIGN_OR_RETURN(PendingFile f, PendingFile::Create(BlobPath(digest), 0444));
+          RETURN_IF_ERROR(WriteAll(f.fd(), img.raw.bytes));
+          RETURN_IF_ERROR(f.Commit());
+          stored_now.push_back(BlobPath(digest));
+        }
+        RETURN_IF_ERROR(keep(*img.manifest.config).Annotate("fetching the image config"));
+        for (const auto& layer : img.manifest.layers) {
+          log::Info("fetching layer {} ({} bytes)", layer.digest.Short(), layer.size);
+          RETURN_IF_ERROR(keep(layer).Annotate("fetching layer " + layer.digest.Short()));
+        }
+        return Materialise(img.manifest.layers, digest, options);
+      }();
+      if (!st.ok()) {
+        if (IsRefusal(st)) {
+          for (const auto& p : stored_now) fs::remove(p, ec);
+        }
+        return st;
+      }
+    }
+  }
+  RETURN_IF_ERROR(SetRef(name, digest));
+  return Load(digest, name);
+}
+
+}  // namespace regdisk::store

@@ -1,0 +1,76 @@
+// The node store: a content-addressed store of verified blobs and the
+// disks materialised from them, shared by every VM on the node.
+//
+//   ROOT/blobs/sha256/<hex>     committed blobs: verified, read-only
+//   ROOT/ingest/sha256-<hex>    partial downloads, resumed with Range
+//   ROOT/disks/<hex>/           one materialised image, by manifest digest:
+//                                 <file>       the disk, read-only
+//                                 meta.json    what it is (see StoredImage)
+//   ROOT/refs.json              image name -> manifest digest
+//   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system
+//
+// Nothing becomes visible before it is complete: blobs are renamed into
+// place after their size and digest check, a disk directory is renamed into
+// place after the whole image has been unpacked and validated. Pulling an
+// image already present is a no-op; two processes pulling the same image
+// serialise on a per-image lock, so it is fetched once and both succeed.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "disk/format.h"
+#include "image/transport.h"
+#include "oci/manifest.h"
+#include "util/status.h"
+
+namespace regdisk::store {
+
+struct StoredImage {
+  std::string name;             // what it was pulled as ("docker://...")
+  oci::Digest manifest_digest;
+  std::string disk_path;        // inside the image: "/disk/fedora25.qcow2"
+  std::filesystem::path disk_file;  // in the store
+  disk::DiskInfo disk;
+
+  nlohmann::json ToJson() const;
+};
+
+struct PullOptions {
+  oci::Platform platform{"linux", "amd64", ""};
+  std::string path;  // the disk's path inside the image; empty: discover
+};
+
+class Store {
+ public:
+  // Opens ROOT, creating its directories (mode 0700) when missing.
+  static Result<Store> Open(const std::filesystem::path& root);
+
+  const std::filesystem::path& root() const { return root_; }
+
+  // Pulls `src` (named `name` in refs.json) and materialises its disk.
+  Result<StoredImage> Pull(image::ImageSource& src, const std::string& name, const PullOptions& options);
+
+  // The image a name was last pulled as; nullopt when unknown.
+  Result<std::optional<StoredImage>> Lookup(const std::string& name) const;
+  // Every named image, sorted by name.
+  Result<std::vector<StoredImage>> List() const;
+
+ private:
+  explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
+  Result<StoredImage> Load(const oci::Digest& manifest, const std::string& name) const;
+  Status EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched);
+  Status Materialise(const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest, const PullOptions& options);
+  Status SetRef(const std::string& name, const oci::Digest& manifest);
+  Result<nlohmann::json> ReadRefs() const;
+  std::filesystem::path BlobPath(const oci::Digest& d) const;
+  std::filesystem::path DiskDir(const oci::Digest& manifest) const;
+
+  std::filesystem::path root_;
+};
+
+}  // namespace regdisk::store

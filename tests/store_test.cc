@@ -1,0 +1,257 @@
+// The node store: pulling registry disks, flattening layers, and refusing
+// hostile images without leaving anything behind.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "harness/harness.h"
+#include "image/layout.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using Type = TarEntry::Type;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tmp_.emplace(std::move(TempDir::Create("regdisk-store").value()));
+    root_ = (tmp() / "root").string();
+  }
+  fs::path tmp() const { return tmp_->path(); }
+  std::string Layout(const std::string& tag) { return "oci:" + (tmp() / "layout").string() + ":" + tag; }
+  RunResult Regdisk(std::vector<std::string> args, std::vector<std::string> env = {}) {
+    args.insert(args.begin(), {"--root", root_});
+    return RunRegdisk(args, {}, env);
+  }
+  // A qcow2 made by qemu-img with recognisable data, and its bytes.
+  std::string MakeQcow2(const std::string& name, const std::string& size = "8M") {
+    std::string p = (tmp() / name).string();
+    EXPECT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", p, size}).exit_code, 0);
+    EXPECT_EQ(RunProgram({"qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 64k", p}).exit_code, 0);
+    return ReadFileCapped(p, 1 << 26).value();
+  }
+  // An image whose single layer holds /disk (107:107, 0555) and the files.
+  std::string PushDiskImage(const std::string& tag, const std::vector<std::pair<std::string, std::string>>& files,
+                            const std::string& compression = "gzip") {
+    std::vector<TarEntry> entries = {{"disk", Type::kDir, "", "", 107, 107, 0555}};
+    for (const auto& [name, data] : files) entries.push_back({"disk/" + name, Type::kFile, data, "", 107, 107, 0444});
+    return PushLayers(tag, {MakeTar(entries, compression)}, compression);
+  }
+  std::string PushLayers(const std::string& tag, const std::vector<std::string>& layers, const std::string& compression) {
+    std::vector<std::pair<std::string, std::string>> ls;
+    for (const auto& l : layers) ls.emplace_back(LayerMediaType(compression), l);
+    auto img = MakeImageFromLayers(tmp() / "layout", tag, ls);
+    EXPECT_TRUE(img.ok());
+    return img.ok() ? img->manifest_digest.str() : "";
+  }
+  // The store holds no image, no blob, no staging and no partial download.
+  void ExpectStoreEmpty() {
+    for (const char* sub : {"disks", "blobs/sha256", "tmp", "ingest"}) {
+      fs::path p = fs::path(root_) / sub;
+      if (fs::exists(p)) {
+        EXPECT_TRUE(fs::is_empty(p)) << sub << " is not empty";
+      }
+    }
+  }
+  std::optional<TempDir> tmp_;
+  std::string root_;
+};
+
+TEST_F(StoreTest, PullsQcow2FromARegistryOnceAndDescribesIt) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::string disk = MakeQcow2("fedora25.qcow2");
+  std::string digest = PushDiskImage("v1", {{"fedora25.qcow2", disk}});
+  std::string remote = "docker://" + (*reg)->host() + "/vmdisks/fedora25:latest";
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), remote}).exit_code, 0);
+
+  RunResult r = Regdisk({"-v", "pull", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, digest + "\n");
+  EXPECT_THAT(r.err, HasSubstr("fetching layer"));
+
+  r = Regdisk({"inspect", "--disk", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["digest"], digest);
+  EXPECT_EQ(j["disk"]["path"], "/disk/fedora25.qcow2");
+  EXPECT_EQ(j["disk"]["format"], "qcow2");
+  EXPECT_EQ(j["disk"]["virtualSize"], 8 << 20);
+  EXPECT_EQ(j["disk"]["size"], disk.size());
+  std::string stored = j["disk"]["file"];
+  EXPECT_EQ(RunProgram({"qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", stored, (tmp() / "fedora25.qcow2").string()}).exit_code, 0);
+  struct stat st;
+  ASSERT_EQ(::stat(stored.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0444u);  // read-only once committed
+
+  // Pulling again is a no-op: nothing is fetched.
+  r = Regdisk({"-v", "pull", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("fetching layer")));
+
+  r = Regdisk({"images"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr(remote));
+  EXPECT_THAT(r.out, HasSubstr("qcow2"));
+  r = Regdisk({"images", "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)[0]["digest"], digest);
+}
+
+TEST_F(StoreTest, LayerCompressionsAndSparseRawDisks) {
+  // 4 MiB raw disk: a boot sector, then zeros.
+  std::string raw(4 << 20, '\0');
+  raw.replace(0, 5, "HELLO");
+  raw[510] = '\x55';
+  raw[511] = '\xaa';
+  for (const char* c : {"gzip", "zstd", ""}) {
+    std::string tag = std::string("raw-") + (*c ? c : "none");
+    PushDiskImage(tag, {{"disk.img", raw}}, c);
+    RunResult r = Regdisk({"inspect", "--disk", Layout(tag)});
+    ASSERT_EQ(r.exit_code, 0) << c << ": " << r.err;
+    json j = json::parse(r.out);
+    EXPECT_EQ(j["disk"]["format"], "raw");
+    EXPECT_EQ(j["disk"]["virtualSize"], 4 << 20);
+    std::string file = j["disk"]["file"];
+    EXPECT_EQ(ReadFileCapped(file, 8 << 20).value(), raw);
+    struct stat st;
+    ASSERT_EQ(::stat(file.c_str(), &st), 0);
+    // (file systems may preallocate a little around the one data block)
+    EXPECT_LT(st.st_blocks * 512, 1 << 20) << "zero blocks were written as data";
+  }
+}
+
+TEST_F(StoreTest, WhiteoutsAndDiskAsAFile) {
+  std::string a = MakeQcow2("a.qcow2", "1M"), b = MakeQcow2("b.qcow2", "2M"), c = MakeQcow2("c.qcow2", "3M");
+  std::string l1 = MakeTar({{"disk", Type::kDir, "", "", 107, 107, 0555},
+                            {"disk/a.qcow2", Type::kFile, a},
+                            {"disk/b.qcow2", Type::kFile, b}},
+                           "gzip");
+  // .wh.b.qcow2 deletes b: a is left.
+  PushLayers("whiteout", {l1, MakeTar({{"disk/.wh.b.qcow2", Type::kFile, ""}}, "gzip")}, "gzip");
+  RunResult r = Regdisk({"inspect", "--disk", Layout("whiteout")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/a.qcow2");
+  // An opaque directory hides everything below it: only c is left.
+  PushLayers("opaque", {l1, MakeTar({{"disk/.wh..wh..opq", Type::kFile, ""}, {"disk/c.qcow2", Type::kFile, c}}, "gzip")},
+             "gzip");
+  r = Regdisk({"inspect", "--disk", Layout("opaque")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/c.qcow2");
+  EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 3 << 20);
+  // Without --path two disks are an error that lists them; with it, fine.
+  PushLayers("two", {l1}, "gzip");
+  r = Regdisk({"inspect", "--disk", Layout("two")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("several files under /disk (/disk/a.qcow2, /disk/b.qcow2); name one with --path"));
+  r = Regdisk({"inspect", "--disk", "--path", "/disk/b.qcow2", Layout("two")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 2 << 20);
+  // /disk itself as a file (ADD disk.qcow2 /disk onto a base without /disk).
+  PushLayers("file", {MakeTar({{"disk", Type::kFile, a}}, "gzip")}, "gzip");
+  r = Regdisk({"inspect", "--disk", Layout("file")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk");
+}
+
+TEST_F(StoreTest, HostileImagesAreRefusedAndLeaveNothing) {
+  std::string good = MakeQcow2("good.qcow2", "1M");
+  std::string host = (tmp() / "host-secret").string();
+  ASSERT_OK(WriteFileAtomic(host, "secret"));
+  std::string backed = (tmp() / "backed.qcow2").string();
+  ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", "-b", host, "-F", "raw", backed}).exit_code, 0);
+  std::string datafile = (tmp() / "external.qcow2").string();
+  ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=" + (tmp() / "ext.raw").string(), datafile, "1M"}).exit_code, 0);
+  std::string vmdk = (tmp() / "disk.vmdk").string();
+  ASSERT_EQ(RunProgram({"qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", (tmp() / "good.qcow2").string(), vmdk}).exit_code, 0);
+  const TarEntry dir{"disk", Type::kDir, "", "", 107, 107, 0555};
+
+  struct Case {
+    std::string name;
+    std::vector<TarEntry> entries;
+    std::string message;
+  };
+  const Case cases[] = {
+      {"symlink", {dir, {"disk/disk.img", Type::kSymlink, "", "/etc/passwd"}}, "has a symlink at /disk/disk.img pointing to /etc/passwd"},
+      {"symlinked dir", {{"disk", Type::kSymlink, "", "/etc"}}, "has a symlink at /disk pointing to /etc"},
+      {"hard link", {{"etc/passwd", Type::kFile, "root:x:0:0"}, dir, {"disk/disk.img", Type::kHardlink, "", "etc/passwd"}},
+       "has a hard link at /disk/disk.img"},
+      {"dotdot", {dir, {"disk/../../escape", Type::kFile, good}}, "climbs out with \"..\""},
+      {"absolute", {{"/disk/disk.qcow2", Type::kFile, good}}, "absolute path \"/disk/disk.qcow2\""},
+      {"fifo", {dir, {"disk/disk.img", Type::kFifo}}, "has a device, FIFO or socket at /disk/disk.img"},
+      {"device", {dir, {"disk/disk.img", Type::kCharDevice}}, "has a device, FIFO or socket at /disk/disk.img"},
+      {"backing file", {dir, {"disk/backed.qcow2", Type::kFile, ReadFileCapped(backed, 1 << 20).value()}}, "has a backing file"},
+      {"external data", {dir, {"disk/ext.qcow2", Type::kFile, ReadFileCapped(datafile, 1 << 20).value()}}, "external data file"},
+      {"truncated", {dir, {"disk/short.qcow2", Type::kFile, good.substr(0, 50)}}, "the header is truncated"},
+      {"vmdk", {dir, {"disk/disk.vmdk", Type::kFile, ReadFileCapped(vmdk, 1 << 22).value()}},
+       "is in VMDK format; regdisk runs qcow2 and raw disks only, convert it with: qemu-img convert -f vmdk -O qcow2 disk.vmdk disk.qcow2"},
+      {"two disks", {dir, {"disk/a.img", Type::kFile, good}, {"disk/b.img", Type::kFile, good}}, "several files under /disk"},
+      {"no disk", {dir, {"etc/hostname", Type::kFile, "x"}}, "the image holds no disk"},
+  };
+  for (const auto& c : cases) {
+    std::string tag = "bad-" + std::to_string(&c - cases);
+    PushLayers(tag, {MakeTar(c.entries, "gzip")}, "gzip");
+    RunResult r = Regdisk({"pull", Layout(tag)});
+    EXPECT_NE(r.exit_code, 0) << c.name;
+    EXPECT_LT(r.exit_code, 128) << c.name << " crashed";
+    EXPECT_THAT(r.err, HasSubstr(c.message)) << c.name;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.name << ": " << r.err;
+    ExpectStoreEmpty();
+  }
+  EXPECT_FALSE(fs::exists("/escape"));
+  EXPECT_FALSE(fs::exists(tmp() / "escape"));
+
+  // A layer declared gzip that is not, and a layer whose bytes do not match
+  // their digest.
+  auto img = MakeImageFromLayers(tmp() / "layout", "liar", {{LayerMediaType("gzip"), MakeTar({dir, {"disk/a", Type::kFile, good}}, "")}});
+  ASSERT_OK(img);
+  RunResult r = Regdisk({"pull", Layout("liar")});
+  EXPECT_THAT(r.err, HasSubstr("is declared gzip but its bytes say otherwise"));
+  ExpectStoreEmpty();
+  PushDiskImage("corrupt", {{"a.qcow2", good}});
+  auto corrupt = image::OciLayout::Open(tmp() / "layout").value().Resolve("corrupt");
+  ASSERT_OK(corrupt);
+  auto m = oci::Manifest::Parse(ReadFileCapped(tmp() / "layout/blobs/sha256" / corrupt->digest.hex(), 1 << 20).value());
+  fs::path blob = tmp() / "layout/blobs/sha256" / m->layers[0].digest.hex();
+  ::chmod(blob.c_str(), 0644);
+  std::string bytes = ReadFileCapped(blob, 1 << 24).value();
+  bytes[bytes.size() / 2] ^= 0x40;
+  ASSERT_OK(WriteFileAtomic(blob, bytes));
+  r = Regdisk({"pull", Layout("corrupt")});
+  EXPECT_THAT(r.err, HasSubstr("failed verification"));
+  ExpectStoreEmpty();
+}
+
+TEST_F(StoreTest, ConcurrentPullsFetchOnceAndBothSucceed) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::string disk = MakeQcow2("disk.qcow2", "16M") + RandomBytes(2 << 20, 5);  // trailing bytes are fine for qcow2
+  PushDiskImage("v1", {{"disk.qcow2", disk}});
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/shared:v1"}).exit_code, 0);
+  auto proxy = FaultProxy::Start((*reg)->port());
+  ASSERT_OK(proxy);
+  std::string remote = "docker://" + (*proxy)->host() + "/vm/shared:v1";
+  RunResult r1, r2;
+  std::thread t1([&] { r1 = Regdisk({"pull", remote}); });
+  std::thread t2([&] { r2 = Regdisk({"pull", remote}); });
+  t1.join();
+  t2.join();
+  ASSERT_EQ(r1.exit_code, 0) << r1.err;
+  ASSERT_EQ(r2.exit_code, 0) << r2.err;
+  EXPECT_EQ(r1.out, r2.out);
+  int layer_gets = 0;
+  for (const auto& s : (*proxy)->seen()) {
+    if (s.method == "GET" && s.path.find("/blobs/") != std::string::npos) ++layer_gets;
+  }
+  EXPECT_EQ(layer_gets, 2);  // the config and the layer, once each
+}
+
+}  // namespace
+}  // namespace regdisk::testing
