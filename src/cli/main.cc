@@ -14,10 +14,12 @@
 #include <iostream>
 #include <iterator>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "image/build.h"
 #include "image/copy.h"
 #include "image/transport.h"
 #include "registry/auth.h"
@@ -201,6 +203,54 @@ int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, co
   return 0;
 }
 
+struct BuildFlags {
+  std::string tag;
+  std::string base;
+  std::string name;
+  std::string compression = "zstd";
+  std::string format = "oci";
+  std::vector<std::string> labels;
+};
+
+Result<image::BuildOptions> MakeBuildOptions(const Globals& g, const BuildFlags& f) {
+  image::BuildOptions o;
+  o.name = f.name;
+  o.compression = f.compression;
+  o.format = f.format;
+  ASSIGN_OR_RETURN(o.platform, oci::Platform::Parse(g.platform));
+  for (const auto& l : f.labels) {
+    size_t eq = l.find('=');
+    if (eq == std::string::npos || eq == 0) return InvalidArgument("--label \"" + l + "\" is not of the form KEY=VALUE");
+    o.labels[l.substr(0, eq)] = l.substr(eq + 1);
+  }
+  if (!f.base.empty()) {
+    ASSIGN_OR_RETURN(image::ImageName base, image::ImageName::Parse(f.base));
+    o.base = base;
+  }
+  return o;
+}
+
+// build DISK -t DEST, and base -t DEST: prints the manifest digest.
+int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file) {
+  auto opts = MakeClientOptions(g);
+  if (!opts.ok()) return Fail(opts.status());
+  auto bo = MakeBuildOptions(g, f);
+  if (!bo.ok()) return Fail(bo.status());
+  auto dest = image::ImageName::Parse(f.tag);
+  if (!dest.ok()) return Fail(dest.status().Annotate("-t"));
+  std::error_code ec;
+  bool new_layout = dest->transport == image::ImageName::Transport::kOciLayout && !std::filesystem::exists(dest->dir, ec);
+  auto r = disk_file.empty() ? image::BuildBaseImage(*dest, *bo, *opts) : image::BuildDiskImage(disk_file, *dest, *bo, *opts);
+  if (!r.ok()) {
+    if (new_layout) std::filesystem::remove_all(dest->dir, ec);
+    return Fail(r.status().Annotate((disk_file.empty() ? "publishing the base image to " : "building " + disk_file + " into ") +
+                                    dest->String()));
+  }
+  std::printf("%s\n", r->manifest.str().c_str());
+  log::Info("layer {} ({} bytes)", r->layer.digest.Short(), r->layer.size);
+  return 0;
+}
+
 // validate -f FILE: every diagnostic on stderr; exit 1 on any error.
 int RunValidate(const std::string& file, const std::string& output) {
   if (output != "text" && output != "json") {
@@ -294,6 +344,26 @@ int Main(int argc, char** argv) {
   images->add_option("-o,--output", images_output, "text (default) or json");
   images->fallthrough();
 
+  BuildFlags bf;
+  std::string disk_file;
+  CLI::App* build = app.add_subcommand("build", "make a registry disk from a qcow2 or raw disk, without a container engine");
+  build->add_option("disk", disk_file, "the qcow2 or raw disk image")->required();
+  build->add_option("-t,--tag", bf.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
+  build->add_option("--base", bf.base, "an image to build on (default: none, a single-layer image)");
+  build->add_option("--name", bf.name, "file name under /disk (default: the disk's own name)");
+  build->add_option("--compression", bf.compression, "zstd (default), gzip or none");
+  build->add_option("--format", bf.format, "oci (default) or docker (schema 2, gzip only)");
+  build->add_option("--label", bf.labels, "KEY=VALUE label on the image (repeatable)");
+  build->fallthrough();
+
+  BuildFlags base_flags;
+  CLI::App* base = app.add_subcommand("base", "publish the base image for the Dockerfile workflow (FROM it, ADD disk /disk)");
+  base->add_option("-t,--tag", base_flags.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
+  base->add_option("--compression", base_flags.compression, "zstd (default), gzip or none");
+  base->add_option("--format", base_flags.format, "oci (default) or docker");
+  base->add_option("--label", base_flags.labels, "KEY=VALUE label on the image (repeatable)");
+  base->fallthrough();
+
   std::string spec_file, output = "text";
   CLI::App* validate = app.add_subcommand("validate", "check VM specs (KubeVirt YAML or JSON) and apply defaults");
   validate->add_option("-f,--filename", spec_file, "the spec file, or - for stdin")->required();
@@ -315,6 +385,8 @@ int Main(int argc, char** argv) {
   if (*pull) return RunPull(g, pull_ref, disk_path);
   if (*images) return RunImages(g, images_output);
   if (*validate) return RunValidate(spec_file, output);
+  if (*build) return RunBuild(g, bf, disk_file);
+  if (*base) return RunBuild(g, base_flags, "");
   return 2;
 }
 

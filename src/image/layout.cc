@@ -137,6 +137,18 @@ Status OciLayout::WriteBlobBytes(const oci::Descriptor& desc, std::string_view b
   return WriteBlob(desc, [&](const registry::BlobSink& sink) { return sink(bytes); });
 }
 
+Result<oci::Descriptor> OciLayout::WriteBlobStream(const std::function<Result<oci::Descriptor>(int fd)>& produce) {
+  const fs::path dir = dir_ / "blobs" / "sha256";
+  RETURN_IF_ERROR(MakeDirs(dir));
+  // The final name is not known yet: write under a temp name, then rename.
+  ASSIGN_OR_RETURN(PendingFile pending, PendingFile::Create(dir / "stream", 0444));
+  ASSIGN_OR_RETURN(oci::Descriptor desc, produce(pending.fd()));
+  const fs::path final_path = BlobPath(desc.digest);
+  if (HasBlob(desc.digest)) return desc;  // identical content is already there; the temp file goes
+  RETURN_IF_ERROR(pending.CommitAs(final_path));
+  return desc;
+}
+
 Status OciLayout::AddToIndex(oci::Descriptor desc, const std::string& tag) {
   ASSIGN_OR_RETURN(std::vector<oci::Descriptor> entries, ReadIndex());
   std::vector<oci::Descriptor> kept;

@@ -45,6 +45,9 @@ class OciLayout {
   Status WriteBlob(const oci::Descriptor& desc,
                    const std::function<Status(const registry::BlobSink& sink)>& produce);
   Status WriteBlobBytes(const oci::Descriptor& desc, std::string_view bytes);
+  // Writes a blob whose digest is known only at the end (see
+  // ImageDestination::PutBlobStream).
+  Result<oci::Descriptor> WriteBlobStream(const std::function<Result<oci::Descriptor>(int fd)>& produce);
 
   // Records desc in index.json under tag (replacing that tag's entry);
   // with an empty tag, adds it untagged unless already present.

@@ -134,6 +134,12 @@ class LayoutDestination : public ImageDestination {
   Status PutBlob(const oci::Descriptor& desc, ImageSource& src) override {
     return layout_.WriteBlob(desc, [&](const registry::BlobSink& sink) { return src.FetchBlob(desc, sink); });
   }
+  Status PutBlobBytes(const oci::Descriptor& desc, std::string_view bytes) override {
+    return layout_.WriteBlobBytes(desc, bytes);
+  }
+  Result<oci::Descriptor> PutBlobStream(const std::function<Result<oci::Descriptor>(int fd)>& produce) override {
+    return layout_.WriteBlobStream(produce);
+  }
   Status PutManifest(const oci::RawManifest& m, const std::string& tag, bool top_level) override {
     oci::Descriptor d;
     d.media_type = m.media_type;
@@ -198,6 +204,14 @@ class DockerDestination : public ImageDestination {
     return client_.PushBlob(ref_.repository, desc, out.get());
   }
 
+  Status PutBlobBytes(const oci::Descriptor& desc, std::string_view bytes) override {
+    ASSIGN_OR_RETURN(bool present, client_.BlobExists(ref_.repository, desc.digest));
+    if (present) return OkStatus();
+    return client_.PushBlobBytes(ref_.repository, desc, bytes);
+  }
+  Result<oci::Descriptor> PutBlobStream(const std::function<Result<oci::Descriptor>(int fd)>& produce) override {
+    return client_.PushBlobStream(ref_.repository, produce);
+  }
   Status PutManifest(const oci::RawManifest& m, const std::string& tag, bool /*top_level*/) override {
     return client_.PutManifest(ref_.repository, tag.empty() ? m.digest.str() : tag, m);
   }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,6 +61,11 @@ class ImageDestination {
   virtual Result<bool> HasBlob(const oci::Descriptor& desc) = 0;
   // Copies one blob from src, verifying it on the way.
   virtual Status PutBlob(const oci::Descriptor& desc, ImageSource& src) = 0;
+  // Stores a blob held in memory (a config).
+  virtual Status PutBlobBytes(const oci::Descriptor& desc, std::string_view bytes) = 0;
+  // Stores a blob whose digest is known only once written: `produce` writes
+  // it to the fd it is given and returns its descriptor.
+  virtual Result<oci::Descriptor> PutBlobStream(const std::function<Result<oci::Descriptor>(int fd)>& produce) = 0;
   // Stores a manifest and tags it when tag is not empty. top_level is false
   // for the children of an index, which are stored by digest only.
   virtual Status PutManifest(const oci::RawManifest& m, const std::string& tag, bool top_level) = 0;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <random>
 #include <thread>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -299,6 +300,7 @@ struct Call {
   std::string body;
   int body_fd = -1;
   uint64_t body_offset = 0, body_length = 0;
+  bool body_stream = false;
   uint64_t max_body = kMaxErrorBody;
   // Called before each attempt (to set Range on a resumed download).
   std::function<void(HttpRequest&)> before_attempt;
@@ -327,6 +329,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
     req.headers = call.headers;
     req.body = call.body;
     req.body_fd = call.body_fd;
+    req.body_stream = call.body_stream;
     req.body_offset = call.body_offset;
     req.body_length = call.body_length;
     req.max_body = call.max_body;
@@ -662,6 +665,51 @@ Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& 
     s_->Sleep(s_->Backoff(round + 1));
   }
   return last.Annotate(what);
+}
+
+Result<oci::Descriptor> RegistryClient::PushBlobStream(
+    const std::string& repo, const std::function<Result<oci::Descriptor>(int fd)>& produce) {
+  const std::string what = "uploading a blob to " + repo;
+  const std::vector<std::string> scopes = {Scope(repo, true)};
+  Call start;
+  start.method = "POST";
+  start.path = "/v2/" + repo + "/blobs/uploads/";
+  start.scopes = scopes;
+  ASSIGN_OR_RETURN(HttpResponse began, Send(*s_, registry_, start));
+  if (began.status != 202 || began.Header("location").empty()) return StatusError(what, registry_, began);
+  std::string location = ResolveLocation(s_->BaseUrl() + start.path, began.Header("location"));
+
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return ErrnoStatus("creating a pipe");
+  UniqueFd read_end(fds[0]), write_end(fds[1]);
+  Result<oci::Descriptor> produced = Internal("the producer did not run");
+  std::thread producer([&] {
+    produced = produce(write_end.get());
+    write_end.reset();  // EOF for the upload
+  });
+  Call patch;
+  patch.method = "PATCH";
+  patch.path = location;
+  patch.scopes = scopes;
+  patch.retry = false;
+  patch.body_fd = read_end.get();
+  patch.body_stream = true;
+  patch.headers = {{"Content-Type", "application/octet-stream"}};
+  auto sent = Send(*s_, registry_, patch);
+  read_end.reset();  // a producer blocked on a dead upload gets EPIPE
+  producer.join();
+  if (!produced.ok()) return std::move(produced).status().Annotate(what);
+  if (!sent.ok()) return std::move(sent).status().Annotate(what);
+  if (sent->status != 202) return StatusError(what, registry_, *sent);
+  if (!sent->Header("location").empty()) location = ResolveLocation(location, sent->Header("location"));
+  Call put;
+  put.method = "PUT";
+  put.path = WithDigest(location, produced->digest);
+  put.scopes = scopes;
+  put.retry = false;
+  ASSIGN_OR_RETURN(HttpResponse done, Send(*s_, registry_, put));
+  if (done.status != 201) return StatusError(what, registry_, done);
+  return produced;
 }
 
 Status RegistryClient::PutManifest(const std::string& repo, const std::string& ref, const oci::RawManifest& m) {

@@ -86,6 +86,13 @@ class RegistryClient {
   Result<bool> MountBlob(const std::string& repo, const oci::Descriptor& desc, const std::string& from_repo);
   // Uploads length bytes of fd from offset (the blob's verified bytes).
   Status PushBlob(const std::string& repo, const oci::Descriptor& desc, int fd, uint64_t offset = 0);
+  // Uploads a blob whose digest is not known in advance: `produce` writes
+  // the bytes to the fd it is given (a pipe, from another thread) and returns
+  // the descriptor of what it wrote; the bytes stream to the registry in one
+  // chunked PATCH and the upload is closed with that digest. Memory stays
+  // bounded whatever the size. Not retried: on failure, produce again.
+  Result<oci::Descriptor> PushBlobStream(const std::string& repo,
+                                         const std::function<Result<oci::Descriptor>(int fd)>& produce);
   // Uploads a blob held in memory (configs, small test data).
   Status PushBlobBytes(const std::string& repo, const oci::Descriptor& desc, std::string_view bytes);
   // PUT a manifest under ref (a tag, or its own digest).

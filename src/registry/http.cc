@@ -69,6 +69,15 @@ size_t OnRead(char* buf, size_t size, size_t n, void* user) {
   auto* ex = static_cast<Exchange*>(user);
   const HttpRequest& r = *ex->req;
   size_t want = size * n;
+  if (r.body_stream) {
+    ssize_t got;
+    do {
+      got = ::read(r.body_fd, buf, want);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) return CURL_READFUNC_ABORT;
+    ex->sent += static_cast<uint64_t>(got);
+    return static_cast<size_t>(got);
+  }
   if (r.body_fd >= 0) {
     uint64_t left = r.body_length - ex->sent;
     want = static_cast<size_t>(std::min<uint64_t>(want, left));
@@ -186,7 +195,7 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
     curl_easy_setopt(c, CURLOPT_READDATA, &ex);
     curl_easy_setopt(c, CURLOPT_SEEKFUNCTION, OnSeek);
     curl_easy_setopt(c, CURLOPT_SEEKDATA, &ex);
-    curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(body_len));
+    if (!req.body_stream) curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(body_len));
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, req.method.c_str());
   } else if (req.method != "GET") {
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, req.method.c_str());
@@ -194,6 +203,7 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
 
   curl_slist* headers = nullptr;
   for (const auto& [k, v] : req.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  if (req.body_stream) headers = curl_slist_append(headers, "Transfer-Encoding: chunked");
   headers = curl_slist_append(headers, "Expect:");
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
 

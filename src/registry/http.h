@@ -33,11 +33,13 @@ struct HttpRequest {
   std::string url;
   std::vector<std::pair<std::string, std::string>> headers;
 
-  // Request body: in memory, or a byte range of a file.
+  // Request body: in memory, a byte range of a file, or (body_stream) all
+  // that can be read from body_fd until EOF, sent with chunked encoding.
   std::string body;
   int body_fd = -1;
   uint64_t body_offset = 0;
   uint64_t body_length = 0;
+  bool body_stream = false;
 
   // Response body: streamed to on_body when set (returning an error aborts
   // the transfer), otherwise collected up to max_body bytes.

@@ -109,6 +109,11 @@ PendingFile::~PendingFile() {
   if (!committed_ && !temp_.empty()) ::unlink(temp_.c_str());
 }
 
+Status PendingFile::CommitAs(const fs::path& final_path) {
+  final_ = final_path;
+  return Commit();
+}
+
 Status PendingFile::Commit() {
   if (::fsync(fd_.get()) != 0) return ErrnoStatus("syncing " + temp_.string());
   fd_.reset();

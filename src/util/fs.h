@@ -89,6 +89,8 @@ class PendingFile {
   const std::filesystem::path& temp_path() const { return temp_; }
   // fsync, rename over the final path, fsync the directory.
   Status Commit();
+  // The same, to a final path chosen only now (same directory or file system).
+  Status CommitAs(const std::filesystem::path& final_path);
 
  private:
   PendingFile(UniqueFd fd, std::filesystem::path temp, std::filesystem::path final_path)

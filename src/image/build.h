@@ -1,0 +1,55 @@
+// Making registry disks without a container engine.
+//
+//   BuildOptions o;                  // zstd, OCI media types, no base
+//   ASSIGN_OR_RETURN(BuildResult r, BuildDiskImage("fedora25.qcow2", dest, o, client_options));
+//
+// The disk is validated first (disk/format.h), then streamed once: read ->
+// tar (libarchive, pax) -> compress (zlib or zstd) -> destination, hashing
+// the uncompressed stream (diff_id) and the compressed one (digest) on the
+// way. Nothing is held whole in memory and no temp copy is made: a registry
+// receives the layer as one streamed upload. Timestamps are fixed (0, or
+// $SOURCE_DATE_EPOCH), so the same disk and options give the same digest.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+
+#include "disk/format.h"
+#include "image/transport.h"
+#include "oci/manifest.h"
+#include "registry/client.h"
+#include "util/status.h"
+
+namespace regdisk::image {
+
+struct BuildOptions {
+  std::string name;                  // file name under /disk; default: the disk's own
+  std::string compression = "zstd";  // zstd | gzip | none
+  std::string format = "oci";        // oci | docker (schema 2)
+  std::map<std::string, std::string> labels;
+  std::optional<ImageName> base;     // default: no base, a single-layer image
+  oci::Platform platform{"linux", "amd64", ""};
+};
+
+struct BuildResult {
+  oci::Digest manifest;
+  oci::Descriptor layer;
+  oci::Digest diff_id;
+  disk::DiskInfo disk;
+  std::string disk_path;  // "/disk/NAME"
+};
+
+// Builds an image holding `disk_file` at /disk/NAME (107:107, 0444) and
+// writes it to `dest` (a registry or an OCI layout), tagged as dest says.
+Result<BuildResult> BuildDiskImage(const std::filesystem::path& disk_file, const ImageName& dest,
+                                   const BuildOptions& options, const registry::ClientOptions& client_options);
+
+// Publishes the base image for the Dockerfile workflow: one layer holding
+// the /disk directory (107:107, 0555), labelled as a registry disk base, so
+// that `ADD disk.qcow2 /disk` lands at /disk/disk.qcow2.
+Result<BuildResult> BuildBaseImage(const ImageName& dest, const BuildOptions& options,
+                                   const registry::ClientOptions& client_options);
+
+}  // namespace regdisk::image
