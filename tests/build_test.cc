@@ -1,0 +1,181 @@
+// Making registry disks both ways users do: regdisk build, and a Dockerfile
+// built by buildah FROM regdisk's base image. Checked with skopeo, umoci,
+// qemu-img and regdisk's own node store.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sys/stat.h>
+
+#include "harness/harness.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+class BuildTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tmp_.emplace(std::move(TempDir::Create("regdisk-build").value()));
+    root_ = (tmp() / "root").string();
+  }
+  fs::path tmp() const { return tmp_->path(); }
+  std::string P(const std::string& name) const { return (tmp() / name).string(); }
+  RunResult Regdisk(std::vector<std::string> args) {
+    args.insert(args.begin(), {"--root", root_});
+    return RunRegdisk(args);
+  }
+  void Qcow2(const std::string& name, const std::string& size, const std::string& pattern_at = "0") {
+    ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", P(name), size}).exit_code, 0);
+    ASSERT_EQ(RunProgram({"qemu-io", "-f", "qcow2", "-c", "write -P 0x5a " + pattern_at + " 128k", P(name)}).exit_code, 0);
+  }
+  static std::string Trim(std::string s) {
+    while (!s.empty() && s.back() == '\n') s.pop_back();
+    return s;
+  }
+  std::optional<TempDir> tmp_;
+  std::string root_;
+};
+
+TEST_F(BuildTest, ReproducibleAndReadableBySkopeoAndUmoci) {
+  Qcow2("fedora25.qcow2", "32M");
+  std::string layout = "oci:" + P("layout") + ":v1";
+  RunResult a = Regdisk({"build", P("fedora25.qcow2"), "-t", layout, "--compression", "gzip", "--label", "team=vm"});
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  RunResult b = Regdisk({"build", P("fedora25.qcow2"), "-t", "oci:" + P("other") + ":v1", "--compression", "gzip",
+                         "--label", "team=vm"});
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  EXPECT_EQ(a.out, b.out) << "the same disk and options must give the same digest";
+
+  RunResult r = RunProgram({"skopeo", "inspect", layout});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["Digest"], Trim(a.out));
+  EXPECT_EQ(j["Labels"]["team"], "vm");
+  EXPECT_EQ(j["Labels"]["io.regdisk.disk.path"], "/disk/fedora25.qcow2");
+  EXPECT_EQ(j["Labels"]["io.regdisk.disk.format"], "qcow2");
+  r = RunProgram({"skopeo", "copy", layout, "dir:" + P("dir")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  r = RunProgram({"umoci", "unpack", "--image", P("layout") + ":v1", P("bundle")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  struct stat st;
+  ASSERT_EQ(::stat(P("bundle/rootfs/disk/fedora25.qcow2").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 107u);
+  EXPECT_EQ(st.st_gid, 107u);
+  EXPECT_EQ(st.st_mode & 0777, 0444u);
+  ASSERT_EQ(::stat(P("bundle/rootfs/disk").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 107u);
+  EXPECT_EQ(st.st_mode & 0777, 0555u);
+  EXPECT_EQ(ReadFileCapped(P("bundle/rootfs/disk/fedora25.qcow2"), 1 << 26).value(),
+            ReadFileCapped(P("fedora25.qcow2"), 1 << 26).value());
+}
+
+TEST_F(BuildTest, RefusesBadInputAndWritesNothing) {
+  ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "raw", P("host"), "1M"}).exit_code, 0);
+  ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", "-b", P("host"), "-F", "raw", P("backed.qcow2")}).exit_code, 0);
+  ASSERT_EQ(RunProgram({"qemu-img", "convert", "-f", "raw", "-O", "vmdk", P("host"), P("disk.vmdk")}).exit_code, 0);
+  Qcow2("ok.qcow2", "1M");
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::string out = "oci:" + P("out") + ":v1";
+  const Case cases[] = {
+      {{"build", P("backed.qcow2"), "-t", out}, "has a backing file"},
+      {{"build", P("disk.vmdk"), "-t", out}, "is in VMDK format"},
+      {{"build", P("missing.qcow2"), "-t", out}, "missing.qcow2"},
+      {{"build", P("ok.qcow2"), "-t", out, "--name", "../x"}, "is not a plain file name"},
+      {{"build", P("ok.qcow2"), "-t", out, "--format", "docker"}, "gzip layers only"},
+      {{"build", P("ok.qcow2"), "-t", out, "--compression", "lz4"}, "--compression takes zstd, gzip or none"},
+      {{"build", P("ok.qcow2"), "-t", out, "--label", "novalue"}, "is not of the form KEY=VALUE"},
+      {{"build", tmp().string(), "-t", out}, "is not a regular file"},
+  };
+  for (const auto& c : cases) {
+    RunResult r = Regdisk(c.args);
+    EXPECT_NE(r.exit_code, 0) << c.message;
+    EXPECT_THAT(r.err, HasSubstr(c.message));
+    EXPECT_FALSE(fs::exists(P("out"))) << c.message << ": a failed build left a layout behind";
+  }
+}
+
+// Property-style: many generated disks, every compression, both formats,
+// through a real registry and back, byte for byte.
+TEST_F(BuildTest, BuildPushPullRoundTripsManyDisks) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::mt19937 rng(20261127);
+  const char* compressions[] = {"zstd", "gzip", "none"};
+  for (int i = 0; i < 9; ++i) {
+    const bool qcow2 = i % 3 == 2;
+    const std::string comp = compressions[i % 3];
+    std::string name = "disk" + std::to_string(i) + (qcow2 ? ".qcow2" : ".img");
+    if (qcow2) {
+      Qcow2(name, std::to_string(1 + rng() % 64) + "M", std::to_string((rng() % 8) * 65536));
+    } else {
+      // Raw: random size (not a multiple of 512 on purpose), data islands between holes.
+      size_t size = 512 + rng() % (3 << 20);
+      std::string data(size, '\0');
+      for (int k = 0; k < 4; ++k) {
+        size_t at = rng() % size, len = std::min<size_t>(size - at, 1 + rng() % 70000);
+        data.replace(at, len, RandomBytes(len, static_cast<uint32_t>(rng())));
+      }
+      ASSERT_OK(WriteFileAtomic(P(name), data));
+    }
+    std::string remote = "docker://" + (*reg)->host() + "/prop/disk" + std::to_string(i) + ":v1";
+    std::vector<std::string> args = {"build", P(name), "-t", remote, "--compression", comp};
+    if (comp == "gzip" && i % 2 == 0) args.insert(args.end(), {"--format", "docker"});
+    RunResult r = Regdisk(args);
+    ASSERT_EQ(r.exit_code, 0) << name << ": " << r.err;
+    r = Regdisk({"inspect", "--disk", remote});
+    ASSERT_EQ(r.exit_code, 0) << name << ": " << r.err;
+    json j = json::parse(r.out);
+    EXPECT_EQ(j["disk"]["format"], qcow2 ? "qcow2" : "raw") << name;
+    EXPECT_EQ(j["disk"]["path"], "/disk/" + name);
+    EXPECT_EQ(ReadFileCapped(j["disk"]["file"].get<std::string>(), 1 << 27).value(), ReadFileCapped(P(name), 1 << 27).value())
+        << name << " (" << comp << ") did not survive the round trip";
+  }
+}
+
+TEST_F(BuildTest, DockerfileWorkflowWithBuildah) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  const std::string host = (*reg)->host();
+  RunResult r = Regdisk({"base", "-t", "docker://" + host + "/kubevirt/registry-disk-v1alpha:latest"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  Qcow2("fedora25.qcow2", "48M", "1M");
+  ASSERT_OK(MakeDirs(tmp() / "ctx"));
+  ASSERT_OK(WriteFileAtomic(tmp() / "ctx/fedora25.qcow2", ReadFileCapped(P("fedora25.qcow2"), 1 << 26).value()));
+  ASSERT_OK(WriteFileAtomic(tmp() / "ctx/Dockerfile",
+                            "FROM " + host + "/kubevirt/registry-disk-v1alpha:latest\nADD fedora25.qcow2 /disk\n"));
+  // buildah without a daemon: vfs storage in our temp dir, chroot isolation.
+  const std::vector<std::string> storage = {"--root", P("containers"), "--runroot", P("run"), "--storage-driver", "vfs"};
+  std::vector<std::string> bud = {"buildah"};
+  bud.insert(bud.end(), storage.begin(), storage.end());
+  bud.insert(bud.end(), {"bud", "--isolation", "chroot", "--tls-verify=false", "-t", host + "/vmdisks/fedora25:latest", P("ctx")});
+  r = RunProgram(bud, {}, {"BUILDAH_ISOLATION=chroot"}, std::chrono::seconds(300));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::vector<std::string> push = {"buildah"};
+  push.insert(push.end(), storage.begin(), storage.end());
+  push.insert(push.end(), {"push", "--tls-verify=false", host + "/vmdisks/fedora25:latest"});
+  r = RunProgram(push, {}, {}, std::chrono::seconds(300));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  r = Regdisk({"pull", "docker://" + host + "/vmdisks/fedora25:latest"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Regdisk({"inspect", "--disk", "docker://" + host + "/vmdisks/fedora25:latest"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["disk"]["path"], "/disk/fedora25.qcow2");
+  EXPECT_EQ(j["disk"]["format"], "qcow2");
+  EXPECT_EQ(j["disk"]["virtualSize"], 48 << 20);
+  r = RunProgram({"qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", j["disk"]["file"], P("fedora25.qcow2")});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
+}  // namespace
+}  // namespace regdisk::testing
