@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo behind `./dev.sh demo`: publish a tiny bootable VM disk as a
-# registry disk to a throwaway registry on 127.0.0.1, then pull it back into
-# an OCI layout and check it is the same disk. Everything lives in a temp
+# registry disk to a throwaway registry on 127.0.0.1, pull it into a node
+# store, check it is the same disk, and boot it. Everything lives in a temp
 # directory that is removed at the end, registry included.
 #
 #   scripts/demo.sh REGDISK_BINARY BOOT_SECTOR
@@ -45,36 +45,35 @@ truncate -s 1M "$work/disk.raw"
 qemu-img convert -f raw -O qcow2 "$work/disk.raw" "$work/hello.qcow2"
 qemu-img info "$work/hello.qcow2" | sed -n '1,4p'
 
-step "Packing it as a registry disk (/disk/hello.qcow2, owner 107:107) in an OCI layout"
-mkdir -p "$work/rootfs/disk"
-install -m 0444 "$work/hello.qcow2" "$work/rootfs/disk/hello.qcow2"
-chmod 0555 "$work/rootfs/disk"
-chown 107:107 "$work/rootfs/disk" "$work/rootfs/disk/hello.qcow2" 2>/dev/null || true
-(cd "$work" && umoci init --layout layout && umoci new --image layout:hello &&
-  umoci insert --image layout:hello rootfs/disk /disk) >/dev/null
-
+base="docker://127.0.0.1:$port/kubevirt/registry-disk-v1alpha:latest"
 ref="docker://127.0.0.1:$port/vmdisks/hello:latest"
-step "regdisk copy oci:layout:hello $ref"
-"$regdisk" copy "oci:$work/layout:hello" "$ref"
+export REGDISK_ROOT="$work/store"
 
-step "regdisk inspect $ref"
-"$regdisk" inspect "$ref"
+step "regdisk base -t $base    (for the Dockerfile workflow: FROM it, ADD disk.qcow2 /disk)"
+"$regdisk" base -t "$base"
 
-step "regdisk copy $ref oci:pulled:hello"
-"$regdisk" copy "$ref" "oci:$work/pulled:hello"
+step "regdisk build hello.qcow2 -t $ref"
+"$regdisk" build "$work/hello.qcow2" -t "$ref"
 
-step "Checking the pulled disk against the original with qemu-img compare"
-layer=$("$regdisk" inspect "oci:$work/pulled:hello" | sed -n 's/.*"digest": "sha256:\([0-9a-f]*\)".*/\1/p' | tail -n 1)
-mkdir -p "$work/extract"
-tar -m -xzf "$work/pulled/blobs/sha256/$layer" -C "$work/extract" disk/hello.qcow2
-qemu-img compare -f qcow2 -F qcow2 "$work/hello.qcow2" "$work/extract/disk/hello.qcow2"
+step "regdisk pull $ref    (into the node store at $REGDISK_ROOT)"
+"$regdisk" pull "$ref"
 
-step "Booting the pulled disk under QEMU, writes discarded (a preview of regdisk run)"
+step "regdisk inspect --disk $ref"
+"$regdisk" inspect --disk "$ref" | tee "$work/disk.json"
+stored=$(sed -n 's/.*"file": "\(.*\)".*/\1/p' "$work/disk.json")
+
+step "regdisk images"
+"$regdisk" images
+
+step "Checking the stored disk against the original with qemu-img compare"
+qemu-img compare -f qcow2 -F qcow2 "$work/hello.qcow2" "$stored"
+
+step "Booting the stored disk under QEMU, writes discarded (a preview of regdisk run)"
 accel=tcg
 [ -w /dev/kvm ] && accel=kvm
 qemu-system-x86_64 -accel "$accel" -m 64 -display none -nodefaults -no-user-config \
   -serial "file:$work/console.log" \
-  -drive "file=$work/extract/disk/hello.qcow2,format=qcow2,if=ide,snapshot=on" 2>"$work/qemu.log" &
+  -drive "file=$stored,format=qcow2,if=ide,snapshot=on" 2>"$work/qemu.log" &
 qemu_pid=$!
 for _ in $(seq 1 300); do
   grep -q REGDISK-GUEST-DONE "$work/console.log" 2>/dev/null && break
@@ -84,5 +83,5 @@ kill "$qemu_pid" 2>/dev/null; wait "$qemu_pid" 2>/dev/null || true
 tr -d '\r' < "$work/console.log"
 grep -q 'sector1: PRISTINE-SECTOR-CONTENT' "$work/console.log"
 
-printf '\nDemo done: the disk went to the registry, came back byte for byte, and booted.\n'
+printf '\nDemo done: the disk went to the registry, into the node store byte for byte, and booted.\n'
 printf 'regdisk run -f vm.yaml (one command for all of this) arrives with the VM runtime.\n'

@@ -175,6 +175,19 @@ TEST_F(BuildTest, DockerfileWorkflowWithBuildah) {
   EXPECT_EQ(j["disk"]["virtualSize"], 48 << 20);
   r = RunProgram({"qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", j["disk"]["file"], P("fedora25.qcow2")});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+
+  // regdisk build on the same base gives the same layout natively.
+  std::string native = "docker://" + host + "/vmdisks/native:v1";
+  r = Regdisk({"build", P("fedora25.qcow2"), "--base", "docker://" + host + "/kubevirt/registry-disk-v1alpha:latest", "-t",
+               native, "--compression", "gzip"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Regdisk({"inspect", native});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["layers"].size(), 2u);
+  EXPECT_EQ(json::parse(r.out)["labels"]["io.regdisk.base"], "v1");
+  r = Regdisk({"inspect", "--disk", native});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/fedora25.qcow2");
 }
 
 }  // namespace
