@@ -253,5 +253,45 @@ TEST_F(StoreTest, ConcurrentPullsFetchOnceAndBothSucceed) {
   EXPECT_EQ(layer_gets, 2);  // the config and the layer, once each
 }
 
+TEST_F(StoreTest, InterruptedDownloadResumesFromTheIngestFile) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::string disk = RandomBytes(3 << 20, 11);  // raw; incompressible
+  PushDiskImage("v1", {{"disk.img", disk}});
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/resume:v1"}).exit_code, 0);
+  auto layout = image::OciLayout::Open(tmp() / "layout").value();
+  auto m = oci::Manifest::Parse(layout.ReadBlob(layout.Resolve("v1").value(), 1 << 20).value()).value();
+  const oci::Descriptor& layer = m.layers[0];
+  std::string bytes = layout.ReadBlob(layer, 1 << 24).value();
+  // What a killed pull leaves: the first half of the layer in ingest/.
+  const uint64_t half = bytes.size() / 2;
+  ASSERT_OK(MakeDirs(fs::path(root_) / "ingest"));
+  ASSERT_OK(WriteFileAtomic(fs::path(root_) / "ingest" / ("sha256-" + layer.digest.hex()), bytes.substr(0, half), 0600));
+  auto proxy = FaultProxy::Start((*reg)->port());
+  ASSERT_OK(proxy);
+  RunResult r = Regdisk({"pull", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  bool resumed = false;
+  for (const auto& s : (*proxy)->seen()) {
+    if (s.path.find(layer.digest.hex()) == std::string::npos) continue;
+    EXPECT_EQ(s.range, "bytes=" + std::to_string(half) + "-");
+    EXPECT_EQ(s.body_bytes, bytes.size() - half);
+    resumed = true;
+  }
+  EXPECT_TRUE(resumed);
+  r = Regdisk({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+  // A partial file with the wrong bytes is detected, and the blob fetched
+  // again from the start.
+  root_ = (tmp() / "root2").string();
+  ASSERT_OK(MakeDirs(fs::path(root_) / "ingest"));
+  ASSERT_OK(WriteFileAtomic(fs::path(root_) / "ingest" / ("sha256-" + layer.digest.hex()), std::string(half, 'x'), 0600));
+  r = Regdisk({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("did not verify; fetching it again from the start"));
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+}
+
 }  // namespace
 }  // namespace regdisk::testing

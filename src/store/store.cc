@@ -112,8 +112,18 @@ Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, b
     }
     log::Info("resuming blob {} at byte {}", desc.digest.Short(), have);
   }
-  if (::lseek(fd.get(), static_cast<off_t>(have), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
-  Status got = src.FetchBlobFrom(desc, have, hasher, [&](std::string_view chunk) { return WriteAll(fd.get(), chunk); });
+  auto fetch = [&](uint64_t from, oci::Hasher& h) -> Status {
+    if (::lseek(fd.get(), static_cast<off_t>(from), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
+    return src.FetchBlobFrom(desc, from, h, [&](std::string_view chunk) { return WriteAll(fd.get(), chunk); });
+  };
+  Status got = fetch(have, hasher);
+  if (got.code() == Code::kDataLoss && have > 0) {
+    // The partial file held wrong bytes (not ours to trust): start over once.
+    log::Warn("the partial download of {} did not verify; fetching it again from the start", desc.digest.Short());
+    if (::ftruncate(fd.get(), 0) != 0) return ErrnoStatus("truncating " + partial.string());
+    oci::Hasher fresh(desc.digest.algorithm());
+    got = fetch(0, fresh);
+  }
   if (!got.ok()) {
     if (got.code() == Code::kDataLoss) ::unlink(partial.c_str());  // wrong bytes: never resume from them
     return got;
