@@ -253,6 +253,35 @@ TEST_F(StoreTest, ConcurrentPullsFetchOnceAndBothSucceed) {
   EXPECT_EQ(layer_gets, 2);  // the config and the layer, once each
 }
 
+TEST_F(StoreTest, GzipLayersWithSeveralMembersAndBrokenStreams) {
+  std::string disk = MakeQcow2("m.qcow2", "2M");
+  std::string tar = MakeTar({{"disk", Type::kDir, "", "", 107, 107, 0555}, {"disk/m.qcow2", Type::kFile, disk}}, "");
+  auto gz = [&](const std::string& data) { return RunProgram({"gzip", "-c", "-n"}, data).out; };
+  // pigz-style: the tar stream split across two concatenated gzip members.
+  std::string two = gz(tar.substr(0, 70001)) + gz(tar.substr(70001));
+  PushLayers("members", {two}, "gzip");
+  RunResult r = Regdisk({"inspect", "--disk", Layout("members")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+  // Truncated and corrupted gzip streams are refused cleanly (in a store of
+  // their own, to check that they leave nothing).
+  root_ = (tmp() / "root-broken").string();
+  std::string whole = gz(tar);
+  PushLayers("truncated", {whole.substr(0, whole.size() / 2)}, "gzip");
+  r = Regdisk({"pull", Layout("truncated")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("layer 1"));
+  ExpectStoreEmpty();
+  std::string bad = whole;
+  for (size_t i = 100; i < 400; ++i) bad[i] = static_cast<char>(bad[i] ^ 0x5a);
+  PushLayers("corrupt", {bad}, "gzip");
+  r = Regdisk({"pull", Layout("corrupt")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("layer 1"));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  ExpectStoreEmpty();
+}
+
 TEST_F(StoreTest, InterruptedDownloadResumesFromTheIngestFile) {
   auto reg = TestRegistry::Start(RegistryMode::kPlain);
   ASSERT_OK(reg);

@@ -3,6 +3,7 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <fcntl.h>
+#include <isa-l/igzip_lib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -47,6 +48,71 @@ Status CheckMagic(const fs::path& blob, Compression c, const std::string& label)
   }
   return OkStatus();
 }
+
+// Inflates a gzip layer with isa-l (several times faster than zlib on this
+// data) and hands the tar stream to libarchive through a read callback.
+// Concatenated gzip members (as pigz and some registries produce) are read
+// one after another.
+class IsalGzipReader {
+ public:
+  explicit IsalGzipReader(int fd) : fd_(fd), in_(1 << 20), out_(1 << 20) { Reset(); }
+
+  static la_ssize_t Read(archive* a, void* user, const void** buf) {
+    return static_cast<IsalGzipReader*>(user)->Next(a, buf);
+  }
+
+ private:
+  void Reset() {
+    isal_inflate_init(&st_);
+    st_.crc_flag = ISAL_GZIP;
+  }
+
+  la_ssize_t Next(archive* a, const void** buf) {
+    for (;;) {
+      if (st_.avail_in == 0 && !eof_) {
+        ssize_t n = ::read(fd_, in_.data(), in_.size());
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+          archive_set_error(a, errno, "reading the layer");
+          return -1;
+        }
+        eof_ = n == 0;
+        st_.next_in = in_.data();
+        st_.avail_in = static_cast<uint32_t>(n);
+      }
+      if (st_.block_state == ISAL_BLOCK_FINISH) {
+        if (st_.avail_in == 0 && eof_) return 0;  // the end of the last member
+        uint8_t* next = st_.next_in;
+        uint32_t left = st_.avail_in;
+        Reset();  // another member follows
+        st_.next_in = next;
+        st_.avail_in = left;
+        if (left == 0) continue;
+      }
+      st_.next_out = out_.data();
+      st_.avail_out = static_cast<uint32_t>(out_.size());
+      int rc = isal_inflate(&st_);
+      if (rc != ISAL_DECOMP_OK && rc != ISAL_END_INPUT) {
+        archive_set_error(a, EINVAL, "the gzip stream is corrupt (isa-l error %d)", rc);
+        return -1;
+      }
+      size_t produced = out_.size() - st_.avail_out;
+      if (produced > 0) {
+        *buf = out_.data();
+        return static_cast<la_ssize_t>(produced);
+      }
+      if (eof_ && st_.avail_in == 0 && st_.block_state != ISAL_BLOCK_FINISH) {
+        archive_set_error(a, EINVAL, "the gzip stream ends early");
+        return -1;
+      }
+    }
+  }
+
+  int fd_;
+  std::vector<uint8_t> in_, out_;
+  inflate_state st_{};
+  bool eof_ = false;
+};
 
 struct ArchiveCloser {
   void operator()(archive* a) const { archive_read_free(a); }
@@ -132,13 +198,20 @@ Status DiskTree::ApplyLayer(const fs::path& blob, std::string_view media_type, c
 
   std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
   archive_read_support_format_tar(a.get());
-  switch (comp) {
-    case Compression::kGzip: archive_read_support_filter_gzip(a.get()); break;
-    case Compression::kZstd: archive_read_support_filter_zstd(a.get()); break;
-    case Compression::kNone: archive_read_support_filter_none(a.get()); break;
-  }
   ASSIGN_OR_RETURN(UniqueFd in, OpenFile(blob, O_RDONLY));
-  if (archive_read_open_fd(a.get(), in.get(), 1 << 20) != ARCHIVE_OK) {
+  ::posix_fadvise(in.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+  std::unique_ptr<IsalGzipReader> gzip;
+  int opened;
+  if (comp == Compression::kGzip) {
+    archive_read_support_filter_none(a.get());
+    gzip = std::make_unique<IsalGzipReader>(in.get());
+    opened = archive_read_open(a.get(), gzip.get(), nullptr, IsalGzipReader::Read, nullptr);
+  } else {
+    if (comp == Compression::kZstd) archive_read_support_filter_zstd(a.get());
+    archive_read_support_filter_none(a.get());
+    opened = archive_read_open_fd(a.get(), in.get(), 1 << 20);
+  }
+  if (opened != ARCHIVE_OK) {
     return InvalidArgument(label + " is not a readable tar archive: " + archive_error_string(a.get()));
   }
   archive_entry* e = nullptr;
