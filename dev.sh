@@ -19,7 +19,7 @@ PACKAGES=(
   libarchive-dev libzstd-dev zlib1g-dev libisal-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
-  qemu-utils qemu-system-x86
+  qemu-utils qemu-system-x86 libvirt-clients procps
 )
 
 deps() {

@@ -1,9 +1,12 @@
 /* A BIOS boot sector that proves a VM booted from a registry disk.
  *
  * It prints a banner and then the first bytes of the disk's second sector
- * (LBA 1) to the first serial port, writes a new value into that sector,
- * and halts. A fresh, ephemeral disk therefore always prints the pristine
+ * (LBA 1) to the first serial port, and writes a new value into that
+ * sector. A fresh, ephemeral disk therefore always prints the pristine
  * sector; a disk whose writes persisted would print the new value.
+ * Then, if the third sector (LBA 2) starts with 'P', it powers the machine
+ * off through the ACPI PM1a control port of QEMU's pc machine; otherwise it
+ * halts and keeps running until it is stopped.
  *
  * Assembled by the build (see guest/CMakeLists.txt) into a flat 512-byte
  * image that ends in the 0x55 0xAA boot signature.
@@ -55,6 +58,22 @@ _start:
 
         mov     $done, %si
         call    puts
+
+        /* Read LBA 2 (CHS 0/0/3): 'P' at its start asks for power-off. */
+        mov     $0x0201, %ax
+        mov     $0x0003, %cx
+        xor     %dh, %dh
+        mov     boot_drive, %dl
+        mov     $0x8000, %bx
+        int     $0x13
+        jc      halt
+        cmpb    $'P', 0x8000
+        jne     halt
+        mov     $poweroff, %si
+        call    puts
+        mov     $0x604, %dx           /* PM1a_CNT: SLP_TYP 0 | SLP_EN */
+        mov     $0x2000, %ax
+        out     %ax, %dx
         jmp     halt
 
 disk_error:
@@ -81,6 +100,7 @@ newline:      .asciz "\r\n"
 written:      .asciz "WRITTEN-BY-GUEST"
 done:         .asciz "REGDISK-GUEST-DONE\r\n"
 error_msg:    .asciz "REGDISK-GUEST-DISK-ERROR\r\n"
+poweroff:     .asciz "REGDISK-GUEST-POWEROFF\r\n"
 
         .org    510
         .word   0xaa55

@@ -41,6 +41,7 @@ echo "registry at 127.0.0.1:$port"
 step "Making a 1 MiB bootable disk (BIOS boot sector + a data sector) as qcow2"
 cp "$bootsector" "$work/disk.raw"
 printf 'PRISTINE-SECTOR-CONTENT' | dd of="$work/disk.raw" bs=512 seek=1 conv=notrunc status=none
+printf 'POWEROFF' | dd of="$work/disk.raw" bs=512 seek=2 conv=notrunc status=none  # the guest powers off when done
 truncate -s 1M "$work/disk.raw"
 qemu-img convert -f raw -O qcow2 "$work/disk.raw" "$work/hello.qcow2"
 qemu-img info "$work/hello.qcow2" | sed -n '1,4p'

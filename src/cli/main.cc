@@ -28,6 +28,8 @@
 #include "store/store.h"
 #include "util/fs.h"
 #include "util/log.h"
+#include "vm/plan.h"
+#include "vm/runner.h"
 
 namespace regdisk::cli {
 namespace {
@@ -251,6 +253,71 @@ int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file
   return 0;
 }
 
+// Reads a spec file that must hold exactly one VirtualMachine (plus any
+// Secrets it names). Diagnostics go to stderr.
+Result<std::pair<spec::VirtualMachine, std::vector<spec::Secret>>> LoadOneVm(const std::string& file) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileCapped(file, (1 << 20) + 1));
+  spec::ParseResult r = spec::ParseSpecs(text, file);
+  for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.ToString().c_str());
+  if (!r.ok()) return InvalidArgument(file + " is not a valid VM spec (see above); check it with regdisk validate -f " + file);
+  std::vector<spec::VirtualMachine> vms;
+  std::vector<spec::Secret> secrets;
+  for (auto& o : r.objects) {
+    if (auto* vm = std::get_if<spec::VirtualMachine>(&o)) vms.push_back(*vm);
+    if (auto* s = std::get_if<spec::Secret>(&o)) secrets.push_back(*s);
+  }
+  if (vms.size() != 1) {
+    return InvalidArgument(file + " holds " + std::to_string(vms.size()) +
+                           " VirtualMachines; regdisk run and domxml take exactly one");
+  }
+  return std::make_pair(vms[0], secrets);
+}
+
+struct RunFlags {
+  std::string file;
+  int timeout = 0;
+  int grace = 10;
+  std::string qemu;
+  std::string accel = "auto";
+};
+
+Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
+  vm::PlanOptions p;
+  p.root = g.root;
+  p.qemu = f.qemu;
+  p.accel = f.accel;
+  ASSIGN_OR_RETURN(p.client, MakeClientOptions(g));
+  ASSIGN_OR_RETURN(p.platform, oci::Platform::Parse(g.platform));
+  return p;
+}
+
+int RunRun(const Globals& g, const RunFlags& f) {
+  auto loaded = LoadOneVm(f.file);
+  if (!loaded.ok()) return Fail(loaded.status());
+  auto plan = MakePlanOptions(g, f);
+  if (!plan.ok()) return Fail(plan.status());
+  vm::RunOptions ro;
+  ro.plan = *plan;
+  ro.timeout = std::chrono::seconds(f.timeout);
+  ro.grace = std::chrono::seconds(f.grace);
+  Status st = vm::RunVm(loaded->first, loaded->second, ro);
+  if (!st.ok()) return Fail(st.Annotate("running VM " + loaded->first.metadata.name));
+  return 0;
+}
+
+int RunDomxml(const Globals& g, const RunFlags& f) {
+  auto loaded = LoadOneVm(f.file);
+  if (!loaded.ok()) return Fail(loaded.status());
+  auto po = MakePlanOptions(g, f);
+  if (!po.ok()) return Fail(po.status());
+  const auto& vmspec = loaded->first;
+  auto plan = vm::PlanVm(vmspec, loaded->second, *po,
+                         std::filesystem::path(g.root) / "run" / (vmspec.metadata.namespace_ + "_" + vmspec.metadata.name));
+  if (!plan.ok()) return Fail(plan.status().Annotate("planning VM " + vmspec.metadata.name));
+  std::fputs(vm::DomainXml(*plan).c_str(), stdout);
+  return 0;
+}
+
 // validate -f FILE: every diagnostic on stderr; exit 1 on any error.
 int RunValidate(const std::string& file, const std::string& output) {
   if (output != "text" && output != "json") {
@@ -356,6 +423,20 @@ int Main(int argc, char** argv) {
   build->add_option("--label", bf.labels, "KEY=VALUE label on the image (repeatable)");
   build->fallthrough();
 
+  RunFlags rf;
+  CLI::App* run = app.add_subcommand("run", "run a VM from a spec on ephemeral registry disks, console on stdout");
+  run->add_option("-f,--filename", rf.file, "the VM spec (one VirtualMachine, and the Secrets it names)")->required();
+  run->add_option("--timeout", rf.timeout, "stop the VM after this many seconds (default: run until it powers off)");
+  run->add_option("--grace", rf.grace, "seconds between ACPI powerdown and kill when stopping (default 10)");
+  run->add_option("--qemu", rf.qemu, "the QEMU binary (default: qemu-system-x86_64 on PATH)");
+  run->add_option("--accel", rf.accel, "auto (default: KVM when usable, else TCG), kvm or tcg");
+  run->fallthrough();
+  CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML equivalent to a VM spec");
+  domxml->add_option("-f,--filename", rf.file, "the VM spec")->required();
+  domxml->add_option("--qemu", rf.qemu, "the QEMU binary to name as emulator");
+  domxml->add_option("--accel", rf.accel, "auto, kvm or tcg");
+  domxml->fallthrough();
+
   BuildFlags base_flags;
   CLI::App* base = app.add_subcommand("base", "publish the base image for the Dockerfile workflow (FROM it, ADD disk /disk)");
   base->add_option("-t,--tag", base_flags.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
@@ -386,6 +467,8 @@ int Main(int argc, char** argv) {
   if (*images) return RunImages(g, images_output);
   if (*validate) return RunValidate(spec_file, output);
   if (*build) return RunBuild(g, bf, disk_file);
+  if (*run) return RunRun(g, rf);
+  if (*domxml) return RunDomxml(g, rf);
   if (*base) return RunBuild(g, base_flags, "");
   return 2;
 }

@@ -1,0 +1,70 @@
+// From a validated VirtualMachine spec to what QEMU (or libvirt) needs:
+// each disk's verified backing file in the node store, its ephemeral
+// overlay, memory, CPUs and accelerator, and the command line or domain XML.
+//
+//   ASSIGN_OR_RETURN(VmPlan plan, PlanVm(vm, secrets, store, options));
+//   std::vector<std::string> argv = QemuArgv(plan);
+//   std::string xml = DomainXml(plan);
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "disk/format.h"
+#include "registry/client.h"
+#include "spec/spec.h"
+#include "store/store.h"
+#include "util/status.h"
+
+namespace regdisk::vm {
+
+struct PlannedDisk {
+  std::string name;
+  std::string dev;  // vda, sda, ...
+  std::string bus;  // virtio | sata | scsi
+  bool read_only = false;
+  std::optional<int> boot_order;
+  std::filesystem::path backing;  // the store's read-only disk
+  disk::Format backing_format = disk::Format::kRaw;
+  uint64_t virtual_size = 0;
+  std::filesystem::path overlay;  // qcow2, per VM, mode 0600
+};
+
+struct VmPlan {
+  std::string name;       // metadata.name
+  std::string namespace_;
+  int64_t memory_bytes = 0;
+  int cores = 1;
+  std::string accel;      // kvm | tcg
+  std::filesystem::path qemu;
+  std::filesystem::path run_dir;      // overlays and sockets
+  std::filesystem::path qmp_socket;
+  std::filesystem::path console_log;
+  std::vector<PlannedDisk> disks;
+};
+
+struct PlanOptions {
+  std::filesystem::path root;      // node store
+  std::filesystem::path qemu;      // empty: qemu-system-x86_64 on PATH
+  std::string accel = "auto";      // auto | kvm | tcg
+  registry::ClientOptions client;  // for pulls
+  oci::Platform platform{"linux", "amd64", ""};
+};
+
+// Pulls what the pull policies ask for and fills in every path. The Secrets
+// are those of the same file (for imagePullSecret). Creates nothing under
+// run_dir.
+Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const PlanOptions& options,
+                      const std::filesystem::path& run_dir);
+
+// The QEMU command line: -nodefaults, -blockdev with explicit formats, the
+// store's disk opened read-only under a qcow2 overlay, serial to a file,
+// QMP on a unix socket, no network.
+std::vector<std::string> QemuArgv(const VmPlan& plan);
+
+// The equivalent libvirt domain XML.
+std::string DomainXml(const VmPlan& plan);
+
+}  // namespace regdisk::vm

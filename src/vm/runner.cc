@@ -1,0 +1,234 @@
+#include "vm/runner.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <thread>
+
+#include "util/fs.h"
+#include "util/log.h"
+#include "util/process.h"
+
+namespace regdisk::vm {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+namespace {
+
+bool Alive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
+
+pid_t ReadPid(const fs::path& p) {
+  auto t = ReadFileCapped(p, 64);
+  return t.ok() ? static_cast<pid_t>(std::atoi(t->c_str())) : 0;
+}
+
+// The run directory, removed (with whatever is in it) on every way out.
+class RunDir {
+ public:
+  static Result<RunDir> Create(const fs::path& root, const std::string& name) {
+    RETURN_IF_ERROR(MakeDirs(root / "run"));
+    std::string templ = (root / "run" / (name + ".XXXXXX")).string();
+    if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating the VM's run directory");
+    RunDir d(templ);
+    RETURN_IF_ERROR(WriteFileAtomic(d.path() / "owner", std::to_string(::getpid()), 0600));
+    return d;
+  }
+  RunDir(RunDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
+  ~RunDir() {
+    if (path_.empty()) return;
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  explicit RunDir(fs::path p) : path_(std::move(p)) {}
+  fs::path path_;
+};
+
+// Blocks the stop signals for this thread and reads them from a signalfd;
+// restores the mask when done.
+class StopSignals {
+ public:
+  StopSignals() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGINT);
+    sigaddset(&set_, SIGTERM);
+    sigaddset(&set_, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set_, &old_);
+    fd_.reset(::signalfd(-1, &set_, SFD_CLOEXEC | SFD_NONBLOCK));
+  }
+  ~StopSignals() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+  int fd() const { return fd_.get(); }
+
+ private:
+  sigset_t set_, old_;
+  UniqueFd fd_;
+};
+
+// Copies what QEMU appended to the console log since the last call.
+class ConsoleTail {
+ public:
+  ConsoleTail(fs::path path, std::FILE* out) : path_(std::move(path)), out_(out) {}
+  void Drain() {
+    if (!fd_.valid()) {
+      auto fd = OpenFile(path_, O_RDONLY);
+      if (!fd.ok()) return;
+      fd_ = std::move(*fd);
+    }
+    char buf[65536];
+    for (;;) {
+      ssize_t n = ::read(fd_.get(), buf, sizeof buf);
+      if (n <= 0) break;
+      std::fwrite(buf, 1, static_cast<size_t>(n), out_);
+      seen_ += static_cast<uint64_t>(n);
+    }
+    std::fflush(out_);
+  }
+  uint64_t seen() const { return seen_; }
+
+ private:
+  fs::path path_;
+  std::FILE* out_;
+  UniqueFd fd_;
+  uint64_t seen_ = 0;
+};
+
+// Asks the guest to power off through QMP (ACPI powerdown).
+Status QmpPowerdown(const fs::path& socket_path) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return ErrnoStatus("opening a QMP socket");
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (socket_path.string().size() >= sizeof addr.sun_path) return InvalidArgument("the QMP socket path is too long");
+  std::strcpy(addr.sun_path, socket_path.c_str());
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return ErrnoStatus("connecting to QMP");
+  timeval tv{2, 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  auto read_line = [&]() -> std::string {
+    std::string line;
+    char c;
+    while (::recv(fd.get(), &c, 1, 0) == 1 && c != '\n') line.push_back(c);
+    return line;
+  };
+  read_line();  // the greeting
+  RETURN_IF_ERROR(WriteAll(fd.get(), "{\"execute\":\"qmp_capabilities\"}\n"));
+  read_line();
+  RETURN_IF_ERROR(WriteAll(fd.get(), "{\"execute\":\"system_powerdown\"}\n"));
+  read_line();
+  return OkStatus();
+}
+
+std::string LastLines(const fs::path& p) {
+  auto t = ReadFileCapped(p, 1 << 20);
+  if (!t.ok()) return {};
+  std::string s = *t;
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+  size_t nl = s.rfind('\n');
+  return nl == std::string::npos ? s : s.substr(nl + 1);
+}
+
+}  // namespace
+
+void CleanStaleRuns(const fs::path& root) {
+  std::error_code ec;
+  if (!fs::is_directory(root / "run", ec)) return;
+  for (const auto& e : fs::directory_iterator(root / "run", ec)) {
+    pid_t owner = ReadPid(e.path() / "owner");
+    if (Alive(owner) && owner != ::getpid()) continue;
+    pid_t qemu = ReadPid(e.path() / "qemu.pid");
+    if (Alive(qemu)) {
+      // Only a QEMU that uses this run directory is ours to kill.
+      auto cmdline = ReadFileCapped("/proc/" + std::to_string(qemu) + "/cmdline", 1 << 20);
+      if (cmdline.ok() && cmdline->find(e.path().string()) != std::string::npos) ::kill(qemu, SIGKILL);
+    }
+    log::Info("removing {} left by a regdisk that is gone", e.path().string());
+    fs::remove_all(e.path(), ec);
+  }
+}
+
+Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const RunOptions& o) {
+  CleanStaleRuns(o.plan.root);
+  StopSignals signals;
+  ASSIGN_OR_RETURN(RunDir run, RunDir::Create(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
+  ::chmod(run.path().c_str(), 0700);
+  ASSIGN_OR_RETURN(VmPlan plan, PlanVm(vm, secrets, o.plan, run.path()));
+  if (plan.accel == "tcg" && o.plan.accel == "auto") {
+    std::fprintf(stderr, "regdisk: notice: /dev/kvm is not usable here; running %s under TCG emulation, which is slower\n",
+                 plan.name.c_str());
+  }
+
+  // One overlay per disk: a qcow2 header naming the store's disk, with its
+  // format given explicitly. Creating it does not read the disk.
+  for (const auto& d : plan.disks) {
+    auto r = Process::Run({"qemu-img", "create", "-q", "-f", "qcow2", "-F", std::string(disk::FormatName(d.backing_format)),
+                           "-b", d.backing.string(), d.overlay.string(), std::to_string(d.virtual_size)},
+                          60s);
+    if (!r.ok()) return std::move(r).status().Annotate("creating the overlay for disk " + d.name);
+    if (r->exit_code != 0) return Internal("qemu-img could not create the overlay for disk " + d.name + ": " + r->err);
+    ::chmod(d.overlay.c_str(), 0600);
+  }
+  RETURN_IF_ERROR(MakeDirs(plan.console_log.parent_path()));
+  RETURN_IF_ERROR(WriteFileAtomic(plan.console_log, "", 0600));
+
+  Process::Options popt;
+  popt.stdout_mode = Process::Stdio::kFile;
+  popt.stdout_file = run.path() / "qemu.log";
+  popt.stderr_mode = Process::Stdio::kFile;
+  popt.stderr_file = run.path() / "qemu.log";
+  ASSIGN_OR_RETURN(Process qemu, Process::Spawn(QemuArgv(plan), popt));
+  RETURN_IF_ERROR(WriteFileAtomic(run.path() / "qemu.pid", std::to_string(qemu.pid()), 0600));
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu.pid(), 0)));
+  log::Info("VM {} started (QEMU pid {})", plan.name, qemu.pid());
+
+  ConsoleTail console(plan.console_log, o.console);
+  const auto start = Clock::now();
+  const char* why = nullptr;
+  for (;;) {
+    pollfd fds[2] = {{signals.fd(), POLLIN, 0}, {pidfd.get(), POLLIN, 0}};
+    ::poll(fds, pidfd.valid() ? 2 : 1, 50);
+    console.Drain();
+    if (qemu.Poll()) break;  // the guest powered off, or QEMU failed
+    if (fds[0].revents & POLLIN) {
+      signalfd_siginfo si;
+      (void)::read(signals.fd(), &si, sizeof si);
+      why = si.ssi_signo == SIGINT ? "interrupted" : "terminated";
+      break;
+    }
+    if (o.timeout.count() > 0 && Clock::now() - start >= o.timeout) {
+      why = "timed out";
+      break;
+    }
+  }
+  if (!qemu.Poll()) {
+    log::Info("stopping VM {} ({})", plan.name, why ? why : "");
+    Status st = QmpPowerdown(plan.qmp_socket);
+    if (!st.ok()) log::Debug("QMP powerdown: {}", st.message());
+    auto deadline = Clock::now() + o.grace;
+    while (!qemu.Poll() && Clock::now() < deadline) {
+      console.Drain();
+      std::this_thread::sleep_for(50ms);
+    }
+    qemu.Terminate(1s);
+  }
+  console.Drain();
+  std::optional<int> code = qemu.Poll();
+  if (!why && code && *code != 0) {
+    std::string detail = LastLines(run.path() / "qemu.log");
+    return Internal("QEMU could not run VM " + plan.name + (detail.empty() ? "" : ": " + detail));
+  }
+  return OkStatus();
+}
+
+}  // namespace regdisk::vm

@@ -1,0 +1,248 @@
+// Running VMs with real QEMU (KVM when usable, else TCG) on registry disks
+// pushed to a real registry. The guest is the boot sector in guest/hello.S:
+// it prints sector 1, then overwrites it.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <fstream>
+#include <regex>
+#include <thread>
+
+#include "harness/harness.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+const char* kSeedSpec = REGDISK_SOURCE_DIR "/examples/vm.yaml";
+
+class VmTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tmp_.emplace(std::move(TempDir::Create("regdisk-vm").value()));
+    root_ = (tmp() / "root").string();
+    auto reg = TestRegistry::Start(RegistryMode::kPlain);
+    ASSERT_OK(reg);
+    reg_ = std::move(*reg);
+    // The guest disks: boot sector, the sector it prints, and a sector
+    // that says whether to power off at the end (guest) or stay up (halt).
+    for (bool off : {true, false}) {
+      std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+      std::string sector1 = "PRISTINE-SECTOR-CONTENT";
+      sector1.resize(512, '\0');
+      raw += sector1 + (off ? "POWEROFF" : "STAY-UP");
+      raw.resize(1 << 20, '\0');
+      std::string name = off ? "guest" : "halt";
+      ASSERT_OK(WriteFileAtomic(tmp() / (name + ".raw"), raw));
+      ASSERT_EQ(RunProgram({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", P(name + ".raw"), P(name + ".qcow2")}).exit_code, 0);
+    }
+  }
+  fs::path tmp() const { return tmp_->path(); }
+  std::string P(const std::string& n) const { return (tmp() / n).string(); }
+  std::string Push(const std::string& disk, const std::string& repo) {
+    std::string ref = "docker://" + reg_->host() + "/" + repo;
+    RunResult r = RunRegdisk({"build", P(disk), "-t", ref});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return ref;
+  }
+  // The seed's spec with its image (or `image`) on the test registry.
+  std::string Spec(const std::string& name, const std::string& image = "vmdisks/fedora25:latest",
+                   const std::string& src = kSeedSpec) {
+    std::string text = ReadFileCapped(src, 1 << 20).value();
+    text = std::regex_replace(text, std::regex("image: vmdisks/"), "image: " + reg_->host() + "/vmdisks/");
+    if (image != "vmdisks/fedora25:latest") {
+      text = std::regex_replace(text, std::regex("image: .*fedora25:latest"), "image: " + reg_->host() + "/" + image);
+    }
+    std::string path = P(name);
+    EXPECT_TRUE(WriteFileAtomic(path, text).ok());
+    return path;
+  }
+  RunResult Run(const std::string& spec, std::vector<std::string> extra = {}) {
+    // The guest powers itself off; the timeout is only a safety net.
+    std::vector<std::string> args = {"--root", root_, "run", "-f", spec, "--timeout", "120", "--grace", "1"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return RunRegdisk(args);
+  }
+  static int Count(const std::string& s, const std::string& what) {
+    int n = 0;
+    for (size_t at = s.find(what); at != std::string::npos; at = s.find(what, at + 1)) ++n;
+    return n;
+  }
+  void ExpectNothingLeft() {
+    fs::path run = fs::path(root_) / "run";
+    if (fs::exists(run)) {
+      EXPECT_TRUE(fs::is_empty(run)) << "a run directory was left behind";
+    }
+    auto r = RunProgram({"pgrep", "-f", root_ + "/run"});
+    EXPECT_NE(r.exit_code, 0) << "a QEMU process was left behind: " << r.out;
+  }
+  std::string StoredDiskDigest() {
+    std::string out;
+    for (const auto& e : fs::recursive_directory_iterator(fs::path(root_) / "disks")) {
+      if (e.is_regular_file() && e.path().filename() != "meta.json") {
+        out += oci::Digest::Sha256Of(ReadFileCapped(e.path(), 1 << 26).value()).str() + " ";
+      }
+    }
+    return out;
+  }
+  std::optional<TempDir> tmp_;
+  std::string root_;
+  std::unique_ptr<TestRegistry> reg_;
+};
+
+// Waits (up to `limit`) until `file` contains `marker`.
+bool WaitFor(const std::string& file, const std::string& marker, std::chrono::seconds limit) {
+  auto until = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < until) {
+    auto t = ReadFileCapped(file, 1 << 20);
+    if (t.ok() && t->find(marker) != std::string::npos) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return false;
+}
+
+TEST_F(VmTest, SeedSpecBootsAndWritesAreEphemeral) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  RunResult first = Run(spec);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_THAT(first.out, HasSubstr("REGDISK-GUEST-BOOTED"));
+  EXPECT_THAT(first.out, HasSubstr("sector1: PRISTINE-SECTOR-CONTENT"));
+  EXPECT_THAT(first.out, HasSubstr("REGDISK-GUEST-DONE"));  // the guest wrote the sector
+  EXPECT_THAT(first.out, HasSubstr("REGDISK-GUEST-POWEROFF"));  // and regdisk returned when it powered off
+  std::string digest = StoredDiskDigest();
+  ExpectNothingLeft();
+  // The second run (under TCG emulation, whatever the host has) sees the
+  // pristine sector again: the write went to an overlay that is gone.
+  RunResult second = Run(spec, {"--accel", "tcg"});
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_THAT(second.out, HasSubstr("sector1: PRISTINE-SECTOR-CONTENT"));
+  EXPECT_THAT(second.out, Not(HasSubstr("WRITTEN-BY-GUEST")));
+  EXPECT_EQ(StoredDiskDigest(), digest) << "the store's copy of the disk changed";
+  ExpectNothingLeft();
+  // The console also went to the log.
+  EXPECT_THAT(ReadFileCapped(fs::path(root_) / "logs/default_testvm-ephemeral.log", 1 << 20).value(),
+              HasSubstr("PRISTINE-SECTOR-CONTENT"));
+}
+
+TEST_F(VmTest, RawDisksAndTwoVmsAtOnceShareOneStoredDisk) {
+  Push("guest.raw", "vmdisks/raw:v1");
+  std::string a = Spec("a.yaml", "vmdisks/raw:v1");
+  // Pull once, then start two VMs from it at the same time.
+  ASSERT_EQ(RunRegdisk({"--root", root_, "pull", "docker://" + reg_->host() + "/vmdisks/raw:v1"}).exit_code, 0);
+  RunResult r1, r2;
+  std::thread t1([&] { r1 = Run(a); });
+  std::thread t2([&] { r2 = Run(a); });
+  t1.join();
+  t2.join();
+  for (const RunResult* r : {&r1, &r2}) {
+    ASSERT_EQ(r->exit_code, 0) << r->err;
+    EXPECT_EQ(Count(r->out, "sector1: PRISTINE-SECTOR-CONTENT"), 1) << r->out;
+  }
+  int disks = 0;
+  for (const auto& e : fs::directory_iterator(fs::path(root_) / "disks")) disks += e.is_directory();
+  EXPECT_EQ(disks, 1);
+  ExpectNothingLeft();
+}
+
+TEST_F(VmTest, SigtermDuringBootAndRunLeavesNothing) {
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  for (bool during_boot : {true, false}) {
+    std::string out = P(during_boot ? "boot.out" : "run.out");
+    Process::Options opt;
+    opt.stdout_mode = Process::Stdio::kFile;
+    opt.stdout_file = out;
+    opt.stderr_mode = Process::Stdio::kFile;
+    opt.stderr_file = out + ".err";
+    auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec, "--grace", "1"}, opt);
+    ASSERT_OK(p);
+    if (during_boot) {
+      std::this_thread::sleep_for(300ms);  // pulling, or QEMU starting
+    } else {
+      ASSERT_TRUE(WaitFor(out, "REGDISK-GUEST-DONE", 60s)) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
+    }
+    ::kill(p->pid(), SIGTERM);
+    auto code = p->Wait(30s);
+    ASSERT_TRUE(code.has_value()) << "regdisk did not stop on SIGTERM";
+    EXPECT_EQ(*code, 0) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
+    ExpectNothingLeft();
+  }
+}
+
+TEST_F(VmTest, CrashedRegdiskIsCleanedUpByTheNextRun) {
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  Process::Options opt;
+  opt.stdout_mode = Process::Stdio::kFile;
+  opt.stdout_file = P("crash.out");
+  auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec}, opt);
+  ASSERT_OK(p);
+  ASSERT_TRUE(WaitFor(P("crash.out"), "REGDISK-GUEST-DONE", 60s));
+  ::kill(p->pid(), SIGKILL);  // regdisk dies; its QEMU (own process group) lives on
+  p->Wait(10s);
+  EXPECT_FALSE(fs::is_empty(fs::path(root_) / "run"));
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  RunResult r = Run(spec);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ExpectNothingLeft();
+}
+
+TEST_F(VmTest, FailuresAreOneClearSentence) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  struct Case {
+    std::vector<std::string> extra;
+    std::string spec;
+    std::string message;
+  };
+  std::string huge = P("huge.yaml");
+  ASSERT_OK(WriteFileAtomic(huge, std::regex_replace(ReadFileCapped(spec, 1 << 20).value(), std::regex("memory: 64M"),
+                                                     "memory: 900Ti")));
+  std::string never = P("never.yaml");
+  ASSERT_OK(WriteFileAtomic(never, std::regex_replace(ReadFileCapped(Spec("missing.yaml", "vmdisks/absent:v1"), 1 << 20).value(),
+                                                      std::regex("image: (.*)"), "image: $1\n        imagePullPolicy: Never")));
+  std::string unreachable = P("unreachable.yaml");
+  ASSERT_OK(WriteFileAtomic(unreachable, std::regex_replace(ReadFileCapped(Spec("u.yaml", "vmdisks/x:v1"), 1 << 20).value(),
+                                                            std::regex(reg_->host()), "127.0.0.1:1")));
+  const Case cases[] = {
+      {{"--qemu", "/nonexistent/qemu"}, spec, "QEMU (qemu-system-x86_64) was not found"},
+      {{}, huge, "asks for 943718400 MiB of memory but the host has only"},
+      {{}, never, "is not in the node store and its imagePullPolicy is Never"},
+      {{}, Spec("absent.yaml", "vmdisks/absent:v1"), "not found on " + reg_->host()},
+      {{}, unreachable, "127.0.0.1:1"},
+  };
+  for (const auto& c : cases) {
+    RunResult r = Run(c.spec, c.extra);
+    EXPECT_NE(r.exit_code, 0) << c.message;
+    EXPECT_THAT(r.err, HasSubstr(c.message));
+    EXPECT_EQ(Count(r.err, "\n"), 1) << r.err;
+    ExpectNothingLeft();
+  }
+  if (::access("/dev/kvm", R_OK | W_OK) != 0) {
+    RunResult r = Run(spec, {"--accel", "kvm"});
+    EXPECT_THAT(r.err, HasSubstr("/dev/kvm is not usable"));
+  }
+}
+
+TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  Push("guest.raw", "vmdisks/data:v1");
+  for (const auto& e : fs::directory_iterator(REGDISK_SOURCE_DIR "/examples")) {
+    std::string spec = Spec(e.path().filename().string(), "vmdisks/fedora25:latest", e.path().string());
+    RunResult r = RunRegdisk({"--root", root_, "domxml", "-f", spec});
+    ASSERT_EQ(r.exit_code, 0) << e.path() << ": " << r.err;
+    ASSERT_OK(WriteFileAtomic(P("domain.xml"), r.out));
+    RunResult v = RunProgram({"virt-xml-validate", P("domain.xml"), "domain"});
+    EXPECT_EQ(v.exit_code, 0) << e.path() << ":\n" << r.out << v.out << v.err;
+    EXPECT_THAT(r.out, HasSubstr("<backingStore type='file'>"));
+  }
+}
+
+}  // namespace
+}  // namespace regdisk::testing
