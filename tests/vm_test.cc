@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "harness/harness.h"
+#include "registry/http.h"
 
 namespace regdisk::testing {
 namespace {
@@ -190,6 +191,35 @@ TEST_F(VmTest, CrashedRegdiskIsCleanedUpByTheNextRun) {
   Push("guest.qcow2", "vmdisks/fedora25:latest");
   RunResult r = Run(spec);
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  ExpectNothingLeft();
+}
+
+TEST_F(VmTest, ImagePullSecretFromTheSameFile) {
+  auto secure = TestRegistry::Start(RegistryMode::kTlsBasic);
+  ASSERT_OK(secure);
+  const std::string host = (*secure)->host();
+  const std::string certs = (*secure)->ca_dir().string();
+  const std::string creds = (*secure)->user() + ":" + (*secure)->password();
+  RunResult r = RunRegdisk({"build", P("guest.qcow2"), "-t", "docker://" + host + "/private/vm:v1", "--cert-dir", certs,
+                            "--creds", creds});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string config = "{\"auths\":{\"" + host + "\":{\"auth\":\"" + registry::Base64Encode(creds) + "\"}}}";
+  std::string spec = "apiVersion: v1\nkind: Secret\nmetadata: {name: pull}\ntype: kubernetes.io/dockerconfigjson\n"
+                     "data:\n  .dockerconfigjson: " + registry::Base64Encode(config) + "\n---\n" +
+                     ReadFileCapped(kSeedSpec, 1 << 20).value();
+  spec = std::regex_replace(spec, std::regex("image: vmdisks/fedora25:latest"),
+                            "image: " + host + "/private/vm:v1\n        imagePullSecret: pull");
+  ASSERT_OK(WriteFileAtomic(P("secret.yaml"), spec));
+  // Without the secret the registry refuses; with it the VM boots.
+  std::string no_secret = std::regex_replace(spec, std::regex("\n        imagePullSecret: pull"), "");
+  ASSERT_OK(WriteFileAtomic(P("nosecret.yaml"), no_secret));
+  r = Run(P("nosecret.yaml"), {"--cert-dir", certs});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("requires a login"));
+  r = Run(P("secret.yaml"), {"--cert-dir", certs});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("sector1: PRISTINE-SECTOR-CONTENT"));
+  EXPECT_THAT(r.err, Not(HasSubstr((*secure)->password())));
   ExpectNothingLeft();
 }
 
