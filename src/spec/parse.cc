@@ -466,16 +466,22 @@ class Parser {
     }
   }
 
-  void Disks(const YAML::Node& list, const std::string& path, VmSpec& vm) {
-    if (!list.IsDefined() || list.IsNull()) return;
+  // True when `list` is a usable list (absent counts as empty: false, silently).
+  bool CheckList(const YAML::Node& list, const std::string& path) {
+    if (!Has(list)) return false;
     if (!list.IsSequence()) {
       Error(list, path, "must be a list");
-      return;
+      return false;
     }
     if (list.size() > kMaxListItems) {
       Error(list, path, "has more than 256 entries");
-      return;
+      return false;
     }
+    return true;
+  }
+
+  void Disks(const YAML::Node& list, const std::string& path, VmSpec& vm) {
+    if (!CheckList(list, path)) return;
     for (size_t i = 0; i < list.size(); ++i) {
       YAML::Node d = list[i];
       std::string p = path + "[" + std::to_string(i) + "]";
@@ -508,15 +514,7 @@ class Parser {
   }
 
   void Volumes(const YAML::Node& list, const std::string& path, const std::string& api_version, VmSpec& vm) {
-    if (!list.IsDefined() || list.IsNull()) return;
-    if (!list.IsSequence()) {
-      Error(list, path, "must be a list");
-      return;
-    }
-    if (list.size() > kMaxListItems) {
-      Error(list, path, "has more than 256 entries");
-      return;
-    }
+    if (!CheckList(list, path)) return;
     for (size_t i = 0; i < list.size(); ++i) {
       YAML::Node v = list[i];
       std::string p = path + "[" + std::to_string(i) + "]";

@@ -21,27 +21,6 @@ namespace {
 
 constexpr uint64_t kMaxMetaBytes = 1 << 20;
 
-// A directory removed with its contents unless Keep() was called.
-class StagingDir {
- public:
-  static Result<StagingDir> Create(const fs::path& parent, const std::string& prefix) {
-    std::string templ = (parent / (prefix + ".XXXXXX")).string();
-    if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating a staging directory in " + parent.string());
-    return StagingDir(templ);
-  }
-  StagingDir(StagingDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
-  ~StagingDir() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  explicit StagingDir(fs::path p) : path_(std::move(p)) {}
-  fs::path path_;
-};
-
 // Refusals (a hostile or broken image) remove what this pull stored;
 // transient failures keep partial downloads for the next attempt.
 bool IsRefusal(const Status& st) {
@@ -138,7 +117,7 @@ Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, b
 
 Status Store::Materialise(const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
                           const PullOptions& options) {
-  ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(root_ / "tmp", manifest.hex().substr(0, 16)));
+  ASSIGN_OR_RETURN(TempDir staging, TempDir::Create(manifest.hex().substr(0, 16), root_ / "tmp"));
   DiskTree tree(staging.path());
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& l = layers[i];

@@ -74,10 +74,11 @@ Status WriteFileAtomic(const fs::path& path, std::string_view data, mode_t mode)
   return f.Commit();
 }
 
-Result<TempDir> TempDir::Create(std::string_view prefix) {
+Result<TempDir> TempDir::Create(std::string_view prefix, const fs::path& parent) {
   const char* tmp = ::getenv("TMPDIR");
-  std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/" + std::string(prefix) + ".XXXXXX";
-  if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating a temporary directory");
+  fs::path dir = !parent.empty() ? parent : fs::path(tmp && *tmp ? tmp : "/tmp");
+  std::string templ = (dir / (std::string(prefix) + ".XXXXXX")).string();
+  if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating a temporary directory in " + dir.string());
   return TempDir(templ);
 }
 

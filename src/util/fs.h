@@ -59,11 +59,12 @@ Status SyncDir(const std::filesystem::path& dir);
 // Creates a directory and its parents (mkdir -p); an existing one is fine.
 Status MakeDirs(const std::filesystem::path& dir);
 
-// A directory created under $TMPDIR (or /tmp) and removed, with everything in
-// it, when this object is destroyed.
+// A directory created under `parent` (default $TMPDIR, or /tmp) as
+// PREFIX.XXXXXX, and removed, with everything in it, when this object is
+// destroyed.
 class TempDir {
  public:
-  static Result<TempDir> Create(std::string_view prefix = "regdisk");
+  static Result<TempDir> Create(std::string_view prefix = "regdisk", const std::filesystem::path& parent = {});
   TempDir(TempDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
   TempDir& operator=(TempDir&&) = delete;
   TempDir(const TempDir&) = delete;

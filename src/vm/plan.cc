@@ -99,7 +99,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
   plan.cores = vm.spec.cores;
   plan.run_dir = run_dir;
   plan.qmp_socket = run_dir / "qmp.sock";
-  plan.console_log = fs::path(o.root) / "logs" / (vm.metadata.namespace_ + "_" + vm.metadata.name + ".log");
+  plan.console_log = run_dir / "console.log";
+  plan.log_file = fs::path(o.root) / "logs" / (vm.metadata.namespace_ + "_" + vm.metadata.name + ".log");
 
   plan.qemu = o.qemu.empty() ? FindExecutable("qemu-system-x86_64") : o.qemu;
   if (plan.qemu.empty() || ::access(plan.qemu.c_str(), X_OK) != 0) {
@@ -218,9 +219,9 @@ std::string DomainXml(const VmPlan& p) {
     else if (!any_boot && i == 0) x += "      <boot order='1'/>\n";
     x += "    </disk>\n";
   }
-  x += "    <serial type='file'>\n      <source path='" + XmlEscape(p.console_log.string()) + "'/>\n";
+  x += "    <serial type='file'>\n      <source path='" + XmlEscape(p.log_file.string()) + "'/>\n";
   x += "      <target port='0'/>\n    </serial>\n";
-  x += "    <console type='file'>\n      <source path='" + XmlEscape(p.console_log.string()) + "'/>\n";
+  x += "    <console type='file'>\n      <source path='" + XmlEscape(p.log_file.string()) + "'/>\n";
   x += "      <target type='serial' port='0'/>\n    </console>\n";
   x += "  </devices>\n</domain>\n";
   return x;

@@ -41,7 +41,8 @@ struct VmPlan {
   std::filesystem::path qemu;
   std::filesystem::path run_dir;      // overlays and sockets
   std::filesystem::path qmp_socket;
-  std::filesystem::path console_log;
+  std::filesystem::path console_log;  // QEMU's serial output, in run_dir
+  std::filesystem::path log_file;     // ROOT/logs/NS_NAME.log: regdisk copies the console here
   std::vector<PlannedDisk> disks;
 };
 

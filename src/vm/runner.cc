@@ -33,29 +33,14 @@ pid_t ReadPid(const fs::path& p) {
   return t.ok() ? static_cast<pid_t>(std::atoi(t->c_str())) : 0;
 }
 
-// The run directory, removed (with whatever is in it) on every way out.
-class RunDir {
- public:
-  static Result<RunDir> Create(const fs::path& root, const std::string& name) {
-    RETURN_IF_ERROR(MakeDirs(root / "run"));
-    std::string templ = (root / "run" / (name + ".XXXXXX")).string();
-    if (::mkdtemp(templ.data()) == nullptr) return ErrnoStatus("creating the VM's run directory");
-    RunDir d(templ);
-    RETURN_IF_ERROR(WriteFileAtomic(d.path() / "owner", std::to_string(::getpid()), 0600));
-    return d;
-  }
-  RunDir(RunDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
-  ~RunDir() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  explicit RunDir(fs::path p) : path_(std::move(p)) {}
-  fs::path path_;
-};
+// The run directory (removed, with whatever is in it, on every way out),
+// with an owner file so a later run can tell whether its regdisk is alive.
+Result<TempDir> CreateRunDir(const fs::path& root, const std::string& name) {
+  RETURN_IF_ERROR(MakeDirs(root / "run"));
+  ASSIGN_OR_RETURN(TempDir d, TempDir::Create(name, root / "run"));
+  RETURN_IF_ERROR(WriteFileAtomic(d.path() / "owner", std::to_string(::getpid()), 0600));
+  return d;
+}
 
 // Blocks the stop signals for this thread and reads them from a signalfd;
 // restores the mask when done.
@@ -77,10 +62,11 @@ class StopSignals {
   UniqueFd fd_;
 };
 
-// Copies what QEMU appended to the console log since the last call.
+// Copies what QEMU appended to its console file since the last call to
+// `out` and to the VM's log file.
 class ConsoleTail {
  public:
-  ConsoleTail(fs::path path, std::FILE* out) : path_(std::move(path)), out_(out) {}
+  ConsoleTail(fs::path path, std::FILE* out, UniqueFd log) : path_(std::move(path)), out_(out), log_(std::move(log)) {}
   void Drain() {
     if (!fd_.valid()) {
       auto fd = OpenFile(path_, O_RDONLY);
@@ -92,17 +78,16 @@ class ConsoleTail {
       ssize_t n = ::read(fd_.get(), buf, sizeof buf);
       if (n <= 0) break;
       std::fwrite(buf, 1, static_cast<size_t>(n), out_);
-      seen_ += static_cast<uint64_t>(n);
+      if (log_.valid()) (void)WriteAll(log_.get(), std::string_view(buf, static_cast<size_t>(n)));
     }
     std::fflush(out_);
   }
-  uint64_t seen() const { return seen_; }
 
  private:
   fs::path path_;
   std::FILE* out_;
+  UniqueFd log_;
   UniqueFd fd_;
-  uint64_t seen_ = 0;
 };
 
 // Asks the guest to power off through QMP (ACPI powerdown).
@@ -161,7 +146,7 @@ void CleanStaleRuns(const fs::path& root) {
 Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const RunOptions& o) {
   CleanStaleRuns(o.plan.root);
   StopSignals signals;
-  ASSIGN_OR_RETURN(RunDir run, RunDir::Create(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
+  ASSIGN_OR_RETURN(TempDir run, CreateRunDir(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
   ::chmod(run.path().c_str(), 0700);
   ASSIGN_OR_RETURN(VmPlan plan, PlanVm(vm, secrets, o.plan, run.path()));
   if (plan.accel == "tcg" && o.plan.accel == "auto") {
@@ -179,8 +164,10 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     if (r->exit_code != 0) return Internal("qemu-img could not create the overlay for disk " + d.name + ": " + r->err);
     ::chmod(d.overlay.c_str(), 0600);
   }
-  RETURN_IF_ERROR(MakeDirs(plan.console_log.parent_path()));
-  RETURN_IF_ERROR(WriteFileAtomic(plan.console_log, "", 0600));
+  // The VM's log holds the console of its latest run (runs of the same name
+  // at the same time append to it together).
+  RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
+  ASSIGN_OR_RETURN(UniqueFd log_fd, OpenFile(plan.log_file, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0600));
 
   Process::Options popt;
   popt.stdout_mode = Process::Stdio::kFile;
@@ -192,7 +179,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu.pid(), 0)));
   log::Info("VM {} started (QEMU pid {})", plan.name, qemu.pid());
 
-  ConsoleTail console(plan.console_log, o.console);
+  ConsoleTail console(plan.console_log, o.console, std::move(log_fd));
   const auto start = Clock::now();
   const char* why = nullptr;
   for (;;) {
