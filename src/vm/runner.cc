@@ -132,6 +132,12 @@ void CleanStaleRuns(const fs::path& root) {
   for (const auto& e : fs::directory_iterator(root / "run", ec)) {
     pid_t owner = ReadPid(e.path() / "owner");
     if (Alive(owner) && owner != ::getpid()) continue;
+    if (owner == 0) {
+      // A run directory is created before its owner file is written: one
+      // without an owner may belong to a run that is just starting.
+      auto age = fs::file_time_type::clock::now() - fs::last_write_time(e.path(), ec);
+      if (ec || age < std::chrono::minutes(1)) continue;
+    }
     pid_t qemu = ReadPid(e.path() / "qemu.pid");
     if (Alive(qemu)) {
       // Only a QEMU that uses this run directory is ours to kill.
