@@ -76,6 +76,17 @@ TEST_F(RegistryTest, PlainRoundTripKeepsDigests) {
                                                             img->manifest_digest.str()});
   ASSERT_EQ(by_digest.exit_code, 0) << by_digest.err;
   EXPECT_EQ(oci::Digest::Sha256Of(by_digest.out), img->manifest_digest);
+
+  // Tags and HEAD resolution through the library.
+  ASSERT_EQ(RunRegdisk({"copy", Layout("src", "v1"), "docker://" + (*reg)->host() + "/vmdisks/fedora25:v2"}).exit_code, 0);
+  registry::RegistryClient client((*reg)->host(), {});
+  auto tags = client.ListTags("vmdisks/fedora25");
+  ASSERT_OK(tags);
+  EXPECT_THAT(*tags, ::testing::UnorderedElementsAre("latest", "v2"));
+  auto resolved = client.ResolveManifest("vmdisks/fedora25", "v2");
+  ASSERT_OK(resolved);
+  EXPECT_EQ(*resolved, img->manifest_digest);
+  EXPECT_EQ(client.ResolveManifest("vmdisks/fedora25", "nope").status().code(), Code::kNotFound);
 }
 
 TEST_F(RegistryTest, MissingImagesAndBadFlagsAreClearErrors) {
