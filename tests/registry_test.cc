@@ -154,6 +154,18 @@ TEST_F(RegistryTest, TlsAndBasicAuth) {
   r = RunRegdisk({"inspect", remote, "--cert-dir", certs}, {}, {"REGISTRY_AUTH_FILE=" + authfile});
   ASSERT_EQ(r.exit_code, 0) << r.err;
 
+  // CA certificates from a certs.d directory named after the registry.
+  registry::ClientOptions copts;
+  copts.certs_d_roots = {tmp() / "certs.d"};
+  copts.auth.explicit_creds = registry::Credentials{(*reg)->user(), (*reg)->password()};
+  ASSERT_OK(MakeDirs(tmp() / "certs.d" / (*reg)->host()));
+  ASSERT_OK(WriteFileAtomic(tmp() / "certs.d" / (*reg)->host() / "ca.crt",
+                            ReadFileCapped((*reg)->ca_dir() / "ca.crt", 1 << 20).value()));
+  registry::RegistryClient via_certs_d((*reg)->host(), copts);
+  auto m = via_certs_d.GetManifest("vm/disk", "v1");
+  ASSERT_OK(m);
+  EXPECT_EQ(m->digest, img->manifest_digest);
+
   // --tls-verify=false skips verification but still authenticates.
   r = RunRegdisk({"--tls-verify=false", "inspect", remote, "--creds", creds});
   ASSERT_EQ(r.exit_code, 0) << r.err;
