@@ -293,18 +293,11 @@ namespace {
 // retries and plain-HTTP fallback. `path` is relative to the registry
 // origin ("/v2/...") or an absolute URL (an upload Location).
 struct Call {
-  std::string method = "GET";
-  std::string path;
+  Call() { req.max_body = kMaxErrorBody; }
+  HttpRequest req;  // url: relative to the registry origin, or absolute
   std::vector<std::string> scopes;
-  std::vector<std::pair<std::string, std::string>> headers;
-  std::string body;
-  int body_fd = -1;
-  uint64_t body_offset = 0, body_length = 0;
-  bool body_stream = false;
-  uint64_t max_body = kMaxErrorBody;
   // Called before each attempt (to set Range on a resumed download).
   std::function<void(HttpRequest&)> before_attempt;
-  std::function<Status(long, std::string_view)> on_body;
   // Retrying a non-idempotent step (an upload PATCH) is the caller's call.
   bool retry = true;
 };
@@ -321,19 +314,10 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
   std::string url;  // set when following a redirect
   for (;;) {
     std::string target = !url.empty() ? url
-                         : call.path.find("://") != std::string::npos ? call.path
-                                                                      : s.BaseUrl() + call.path;
-    HttpRequest req;
-    req.method = call.method;
+                         : call.req.url.find("://") != std::string::npos ? call.req.url
+                                                                      : s.BaseUrl() + call.req.url;
+    HttpRequest req = call.req;
     req.url = target;
-    req.headers = call.headers;
-    req.body = call.body;
-    req.body_fd = call.body_fd;
-    req.body_stream = call.body_stream;
-    req.body_offset = call.body_offset;
-    req.body_length = call.body_length;
-    req.max_body = call.max_body;
-    req.on_body = call.on_body;
     if (call.before_attempt) call.before_attempt(req);
     // Credentials only ever go to the registry's own origin.
     bool own_origin = Origin(target) == s.BaseUrl();
@@ -349,7 +333,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
         log::Debug("{} does not speak TLS; using plain HTTP", registry);
         s.scheme = "http";
         s.scheme_settled = true;
-        if (call.path.find("://") != std::string::npos) return resp;  // absolute URL: caller restarts
+        if (call.req.url.find("://") != std::string::npos) return resp;  // absolute URL: caller restarts
         continue;
       }
       if (te == TransportError::kTlsVerify) {
@@ -384,7 +368,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
     if (IsRetryableStatus(st) && call.retry && ++attempt < s.opt.max_attempts) {
       auto wait = ParseRetryAfter(resp->Header("retry-after"), s.opt.retry_after_max);
       if (wait.count() < 0) wait = s.Backoff(attempt);
-      log::Debug("{} {} answered HTTP {}; retrying in {} ms", call.method, registry, st, wait.count());
+      log::Debug("{} {} answered HTTP {}; retrying in {} ms", call.req.method, registry, st, wait.count());
       s.Sleep(wait);
       url.clear();
       continue;
@@ -419,10 +403,10 @@ Status StatusError(const std::string& what, const std::string& registry, const H
 Result<oci::RawManifest> RegistryClient::GetManifest(const std::string& repo, const std::string& ref) {
   const std::string what = "manifest " + repo + ":" + ref;
   Call c;
-  c.path = "/v2/" + repo + "/manifests/" + ref;
+  c.req.url = "/v2/" + repo + "/manifests/" + ref;
   c.scopes = {Scope(repo, false)};
-  c.headers = {{"Accept", oci::media::AcceptHeader()}};
-  c.max_body = oci::kMaxManifestBytes;
+  c.req.headers = {{"Accept", oci::media::AcceptHeader()}};
+  c.req.max_body = oci::kMaxManifestBytes;
   auto resp = Send(*s_, registry_, c);
   if (!resp.ok()) {
     if (resp.status().code() == Code::kResourceExhausted) {
@@ -460,10 +444,10 @@ Result<oci::RawManifest> RegistryClient::GetManifest(const std::string& repo, co
 
 Result<oci::Digest> RegistryClient::ResolveManifest(const std::string& repo, const std::string& ref) {
   Call c;
-  c.method = "HEAD";
-  c.path = "/v2/" + repo + "/manifests/" + ref;
+  c.req.method = "HEAD";
+  c.req.url = "/v2/" + repo + "/manifests/" + ref;
   c.scopes = {Scope(repo, false)};
-  c.headers = {{"Accept", oci::media::AcceptHeader()}};
+  c.req.headers = {{"Accept", oci::media::AcceptHeader()}};
   ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
   if (resp.status != 200) return StatusError("resolving " + repo + ":" + ref, registry_, resp);
   std::string h = resp.Header("docker-content-digest");
@@ -476,8 +460,8 @@ Result<oci::Digest> RegistryClient::ResolveManifest(const std::string& repo, con
 
 Result<bool> RegistryClient::BlobExists(const std::string& repo, const oci::Digest& digest) {
   Call c;
-  c.method = "HEAD";
-  c.path = "/v2/" + repo + "/blobs/" + digest.str();
+  c.req.method = "HEAD";
+  c.req.url = "/v2/" + repo + "/blobs/" + digest.str();
   c.scopes = {Scope(repo, false)};
   ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
   if (resp.status == 200) return true;
@@ -496,14 +480,14 @@ Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor&
   const uint64_t size = static_cast<uint64_t>(desc.size);
 
   Call c;
-  c.path = "/v2/" + repo + "/blobs/" + desc.digest.str();
+  c.req.url = "/v2/" + repo + "/blobs/" + desc.digest.str();
   c.scopes = {Scope(repo, false)};
   c.before_attempt = [&](HttpRequest& req) {
     error_body.clear();
     skip = received;
     if (received > 0) req.headers.emplace_back("Range", "bytes=" + std::to_string(received) + "-");
   };
-  c.on_body = [&](long status, std::string_view chunk) -> Status {
+  c.req.on_body = [&](long status, std::string_view chunk) -> Status {
     if (status == 206 && skip > 0) skip = 0;  // the server honoured Range
     if (status != 200 && status != 206) {
       if (error_body.size() < kMaxErrorBody) error_body.append(chunk.substr(0, kMaxErrorBody - error_body.size()));
@@ -573,8 +557,8 @@ std::string WithDigest(const std::string& location, const oci::Digest& d) {
 Result<bool> RegistryClient::MountBlob(const std::string& repo, const oci::Descriptor& desc,
                                        const std::string& from_repo) {
   Call c;
-  c.method = "POST";
-  c.path = "/v2/" + repo + "/blobs/uploads/?mount=" + UrlEncode(desc.digest.str()) + "&from=" + UrlEncode(from_repo);
+  c.req.method = "POST";
+  c.req.url = "/v2/" + repo + "/blobs/uploads/?mount=" + UrlEncode(desc.digest.str()) + "&from=" + UrlEncode(from_repo);
   c.scopes = {Scope(repo, true), Scope(from_repo, false)};
   ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
   if (resp.status == 201) return true;
@@ -582,8 +566,8 @@ Result<bool> RegistryClient::MountBlob(const std::string& repo, const oci::Descr
     // The registry opened an upload session instead; abandon it.
     if (std::string loc = resp.Header("location"); !loc.empty()) {
       Call del;
-      del.method = "DELETE";
-      del.path = ResolveLocation(s_->BaseUrl() + c.path, loc);
+      del.req.method = "DELETE";
+      del.req.url = ResolveLocation(s_->BaseUrl() + c.req.url, loc);
       del.scopes = {Scope(repo, true)};
       (void)Send(*s_, registry_, del);
     }
@@ -610,48 +594,48 @@ Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& 
   auto step = [&](Call call, long want) -> Result<HttpResponse> {
     call.scopes = scopes;
     ASSIGN_OR_RETURN(HttpResponse r, Send(*s_, registry_, call));
-    if (r.status != want) return StatusError(call.method + " of the upload session", registry_, r);
+    if (r.status != want) return StatusError(call.req.method + " of the upload session", registry_, r);
     return r;
   };
   // One whole session: POST, then PUT the body, or PATCH it in chunks and
   // PUT to close.
   auto upload_once = [&]() -> Status {
     Call start;
-    start.method = "POST";
-    start.path = "/v2/" + repo + "/blobs/uploads/";
+    start.req.method = "POST";
+    start.req.url = "/v2/" + repo + "/blobs/uploads/";
     ASSIGN_OR_RETURN(HttpResponse began, step(start, 202));
     if (began.Header("location").empty()) return Unavailable("the registry gave no upload location");
-    std::string location = ResolveLocation(s_->BaseUrl() + start.path, began.Header("location"));
+    std::string location = ResolveLocation(s_->BaseUrl() + start.req.url, began.Header("location"));
     uint64_t chunk = s_->opt.chunk_size;
     if (std::string m = began.Header("oci-chunk-min-length"); !m.empty()) {
       chunk = std::max<uint64_t>(chunk, std::strtoull(m.c_str(), nullptr, 10));
     }
     Call put;
-    put.method = "PUT";
+    put.req.method = "PUT";
     put.retry = false;
-    put.headers = {{"Content-Type", "application/octet-stream"}};
+    put.req.headers = {{"Content-Type", "application/octet-stream"}};
     if (size > s_->opt.chunk_threshold) {
       for (uint64_t sent = 0; sent < size;) {
         uint64_t n = std::min(chunk, size - sent);
         Call patch;
-        patch.method = "PATCH";
-        patch.path = location;
+        patch.req.method = "PATCH";
+        patch.req.url = location;
         patch.retry = false;
-        patch.body_fd = fd;
-        patch.body_offset = offset + sent;
-        patch.body_length = n;
-        patch.headers = {{"Content-Type", "application/octet-stream"},
+        patch.req.body_fd = fd;
+        patch.req.body_offset = offset + sent;
+        patch.req.body_length = n;
+        patch.req.headers = {{"Content-Type", "application/octet-stream"},
                          {"Content-Range", std::to_string(sent) + "-" + std::to_string(sent + n - 1)}};
         ASSIGN_OR_RETURN(HttpResponse r, step(patch, 202));
         if (!r.Header("location").empty()) location = ResolveLocation(location, r.Header("location"));
         sent += n;
       }
     } else {
-      put.body_fd = fd;
-      put.body_offset = offset;
-      put.body_length = size;
+      put.req.body_fd = fd;
+      put.req.body_offset = offset;
+      put.req.body_length = size;
     }
-    put.path = WithDigest(location, desc.digest);
+    put.req.url = WithDigest(location, desc.digest);
     return step(put, 201).status();
   };
 
@@ -672,12 +656,12 @@ Result<oci::Descriptor> RegistryClient::PushBlobStream(
   const std::string what = "uploading a blob to " + repo;
   const std::vector<std::string> scopes = {Scope(repo, true)};
   Call start;
-  start.method = "POST";
-  start.path = "/v2/" + repo + "/blobs/uploads/";
+  start.req.method = "POST";
+  start.req.url = "/v2/" + repo + "/blobs/uploads/";
   start.scopes = scopes;
   ASSIGN_OR_RETURN(HttpResponse began, Send(*s_, registry_, start));
   if (began.status != 202 || began.Header("location").empty()) return StatusError(what, registry_, began);
-  std::string location = ResolveLocation(s_->BaseUrl() + start.path, began.Header("location"));
+  std::string location = ResolveLocation(s_->BaseUrl() + start.req.url, began.Header("location"));
 
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) return ErrnoStatus("creating a pipe");
@@ -688,13 +672,13 @@ Result<oci::Descriptor> RegistryClient::PushBlobStream(
     write_end.reset();  // EOF for the upload
   });
   Call patch;
-  patch.method = "PATCH";
-  patch.path = location;
+  patch.req.method = "PATCH";
+  patch.req.url = location;
   patch.scopes = scopes;
   patch.retry = false;
-  patch.body_fd = read_end.get();
-  patch.body_stream = true;
-  patch.headers = {{"Content-Type", "application/octet-stream"}};
+  patch.req.body_fd = read_end.get();
+  patch.req.body_stream = true;
+  patch.req.headers = {{"Content-Type", "application/octet-stream"}};
   auto sent = Send(*s_, registry_, patch);
   read_end.reset();  // a producer blocked on a dead upload gets EPIPE
   producer.join();
@@ -703,8 +687,8 @@ Result<oci::Descriptor> RegistryClient::PushBlobStream(
   if (sent->status != 202) return StatusError(what, registry_, *sent);
   if (!sent->Header("location").empty()) location = ResolveLocation(location, sent->Header("location"));
   Call put;
-  put.method = "PUT";
-  put.path = WithDigest(location, produced->digest);
+  put.req.method = "PUT";
+  put.req.url = WithDigest(location, produced->digest);
   put.scopes = scopes;
   put.retry = false;
   ASSIGN_OR_RETURN(HttpResponse done, Send(*s_, registry_, put));
@@ -714,11 +698,11 @@ Result<oci::Descriptor> RegistryClient::PushBlobStream(
 
 Status RegistryClient::PutManifest(const std::string& repo, const std::string& ref, const oci::RawManifest& m) {
   Call c;
-  c.method = "PUT";
-  c.path = "/v2/" + repo + "/manifests/" + ref;
+  c.req.method = "PUT";
+  c.req.url = "/v2/" + repo + "/manifests/" + ref;
   c.scopes = {Scope(repo, true)};
-  c.body = m.bytes;
-  c.headers = {{"Content-Type", m.media_type}};
+  c.req.body = m.bytes;
+  c.req.headers = {{"Content-Type", m.media_type}};
   const std::string what = "pushing manifest " + repo + ":" + ref;
   ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
   if (resp.status != 201 && resp.status != 200) return StatusError(what, registry_, resp);
@@ -733,9 +717,9 @@ Result<std::vector<std::string>> RegistryClient::ListTags(const std::string& rep
   std::string path = "/v2/" + repo + "/tags/list";
   for (int page = 0; page < 1000 && !path.empty(); ++page) {
     Call c;
-    c.path = path;
+    c.req.url = path;
     c.scopes = {Scope(repo, false)};
-    c.max_body = 16 << 20;
+    c.req.max_body = 16 << 20;
     ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
     if (resp.status != 200) return StatusError("listing tags of " + repo, registry_, resp);
     json j = json::parse(resp.body, nullptr, false);
