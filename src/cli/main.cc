@@ -209,7 +209,7 @@ struct BuildFlags {
   std::string tag;
   std::string base;
   std::string name;
-  std::string compression = "zstd";
+  std::string compression;  // empty: zstd, or gzip with --format docker
   std::string format = "oci";
   std::vector<std::string> labels;
 };
@@ -217,7 +217,7 @@ struct BuildFlags {
 Result<image::BuildOptions> MakeBuildOptions(const Globals& g, const BuildFlags& f) {
   image::BuildOptions o;
   o.name = f.name;
-  o.compression = f.compression;
+  o.compression = !f.compression.empty() ? f.compression : f.format == "docker" ? "gzip" : "zstd";
   o.format = f.format;
   ASSIGN_OR_RETURN(o.platform, oci::Platform::Parse(g.platform));
   for (const auto& l : f.labels) {
@@ -418,7 +418,7 @@ int Main(int argc, char** argv) {
   build->add_option("-t,--tag", bf.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
   build->add_option("--base", bf.base, "an image to build on (default: none, a single-layer image)");
   build->add_option("--name", bf.name, "file name under /disk (default: the disk's own name)");
-  build->add_option("--compression", bf.compression, "zstd (default), gzip or none");
+  build->add_option("--compression", bf.compression, "zstd (default; gzip with --format docker), gzip or none");
   build->add_option("--format", bf.format, "oci (default) or docker (schema 2, gzip only)");
   build->add_option("--label", bf.labels, "KEY=VALUE label on the image (repeatable)");
   build->fallthrough();
@@ -440,7 +440,7 @@ int Main(int argc, char** argv) {
   BuildFlags base_flags;
   CLI::App* base = app.add_subcommand("base", "publish the base image for the Dockerfile workflow (FROM it, ADD disk /disk)");
   base->add_option("-t,--tag", base_flags.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
-  base->add_option("--compression", base_flags.compression, "zstd (default), gzip or none");
+  base->add_option("--compression", base_flags.compression, "zstd (default; gzip with --format docker), gzip or none");
   base->add_option("--format", base_flags.format, "oci (default) or docker");
   base->add_option("--label", base_flags.labels, "KEY=VALUE label on the image (repeatable)");
   base->fallthrough();
