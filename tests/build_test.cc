@@ -17,14 +17,12 @@ using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-class BuildTest : public ::testing::Test {
+class BuildTest : public TempDirTest {
  protected:
   void SetUp() override {
-    tmp_.emplace(std::move(TempDir::Create("regdisk-build").value()));
+    TempDirTest::SetUp();
     root_ = (tmp() / "root").string();
   }
-  fs::path tmp() const { return tmp_->path(); }
-  std::string P(const std::string& name) const { return (tmp() / name).string(); }
   RunResult Regdisk(std::vector<std::string> args) {
     args.insert(args.begin(), {"--root", root_});
     return RunRegdisk(args);
@@ -37,7 +35,6 @@ class BuildTest : public ::testing::Test {
     while (!s.empty() && s.back() == '\n') s.pop_back();
     return s;
   }
-  std::optional<TempDir> tmp_;
   std::string root_;
 };
 

@@ -13,10 +13,9 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-class DiskFormatTest : public ::testing::Test {
+class DiskFormatTest : public testing::TempDirTest {
  protected:
-  void SetUp() override { dir_.emplace(std::move(TempDir::Create("regdisk-disk").value())); }
-  std::string Path(const std::string& name) { return (dir_->path() / name).string(); }
+  std::string Path(const std::string& name) { return P(name); }
   void QemuImg(const std::vector<std::string>& args) {
     std::vector<std::string> argv = {"qemu-img"};
     argv.insert(argv.end(), args.begin(), args.end());
@@ -34,7 +33,6 @@ class DiskFormatTest : public ::testing::Test {
     ASSERT_TRUE(fd.ok());
     ASSERT_EQ(::pwrite(fd->get(), bytes.data(), bytes.size(), static_cast<off_t>(offset)), static_cast<ssize_t>(bytes.size()));
   }
-  std::optional<TempDir> dir_;
 };
 
 TEST_F(DiskFormatTest, AcceptsQcow2V2V3AndRaw) {

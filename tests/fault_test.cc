@@ -18,10 +18,10 @@ using Rule = FaultProxy::Rule;
 
 constexpr int kBigLayer = 3 << 20;
 
-class FaultTest : public ::testing::Test {
+class FaultTest : public TempDirTest {
  protected:
   void SetUp() override {
-    tmp_.emplace(std::move(TempDir::Create("regdisk-fault").value()));
+    TempDirTest::SetUp();
     auto reg = TestRegistry::Start(RegistryMode::kPlain);
     ASSERT_OK(reg);
     reg_ = std::move(*reg);
@@ -34,7 +34,6 @@ class FaultTest : public ::testing::Test {
     ASSERT_OK(proxy);
     proxy_ = std::move(*proxy);
   }
-  fs::path tmp() const { return tmp_->path(); }
   std::string ViaProxy(const std::string& repo = "vm/disk:v1") { return "docker://" + proxy_->host() + "/" + repo; }
   RunResult Pull(std::vector<std::string> extra_env = {}) {
     return RunRegdisk({"copy", ViaProxy(), "oci:" + (tmp() / "out").string() + ":v1"}, {}, extra_env);
@@ -52,7 +51,6 @@ class FaultTest : public ::testing::Test {
     ASSERT_TRUE(fs::exists(blob));
     EXPECT_EQ(oci::Digest::Sha256Of(ReadFileCapped(blob, 1 << 26).value()), img_.layers[0].digest);
   }
-  std::optional<TempDir> tmp_;
   std::unique_ptr<TestRegistry> reg_;
   std::unique_ptr<FaultProxy> proxy_;
   TestImage img_;

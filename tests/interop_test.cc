@@ -16,17 +16,15 @@ using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-class InteropTest : public ::testing::Test {
+class InteropTest : public TempDirTest {
  protected:
   void SetUp() override {
-    tmp_.emplace(std::move(TempDir::Create("regdisk-interop").value()));
+    TempDirTest::SetUp();
     auto reg = TestRegistry::Start(RegistryMode::kPlain);
     ASSERT_OK(reg);
     reg_ = std::move(*reg);
   }
-  fs::path tmp() const { return tmp_->path(); }
   std::string Remote(const std::string& repo) { return "docker://" + reg_->host() + "/" + repo; }
-  std::optional<TempDir> tmp_;
   std::unique_ptr<TestRegistry> reg_;
 };
 

@@ -13,11 +13,9 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-class LayoutTest : public ::testing::Test {
+class LayoutTest : public testing::TempDirTest {
  protected:
-  void SetUp() override { dir_.emplace(std::move(TempDir::Create("regdisk-layout").value())); }
-  fs::path dir() { return dir_->path(); }
-  std::optional<TempDir> dir_;
+  fs::path dir() { return tmp(); }
 };
 
 TEST_F(LayoutTest, WritesAndResolvesTags) {

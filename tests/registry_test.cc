@@ -21,12 +21,9 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
-class RegistryTest : public ::testing::Test {
+class RegistryTest : public TempDirTest {
  protected:
-  void SetUp() override { tmp_.emplace(std::move(TempDir::Create("regdisk-test").value())); }
-  fs::path tmp() const { return tmp_->path(); }
   std::string Layout(const std::string& name, const std::string& tag) { return "oci:" + (tmp() / name).string() + ":" + tag; }
-  std::optional<TempDir> tmp_;
 };
 
 std::string Trim(std::string s) {

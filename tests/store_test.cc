@@ -18,13 +18,12 @@ using Type = TarEntry::Type;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-class StoreTest : public ::testing::Test {
+class StoreTest : public TempDirTest {
  protected:
   void SetUp() override {
-    tmp_.emplace(std::move(TempDir::Create("regdisk-store").value()));
+    TempDirTest::SetUp();
     root_ = (tmp() / "root").string();
   }
-  fs::path tmp() const { return tmp_->path(); }
   std::string Layout(const std::string& tag) { return "oci:" + (tmp() / "layout").string() + ":" + tag; }
   RunResult Regdisk(std::vector<std::string> args, std::vector<std::string> env = {}) {
     args.insert(args.begin(), {"--root", root_});
@@ -60,7 +59,6 @@ class StoreTest : public ::testing::Test {
       }
     }
   }
-  std::optional<TempDir> tmp_;
   std::string root_;
 };
 

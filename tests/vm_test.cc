@@ -22,10 +22,10 @@ using namespace std::chrono_literals;
 
 const char* kSeedSpec = REGDISK_SOURCE_DIR "/examples/vm.yaml";
 
-class VmTest : public ::testing::Test {
+class VmTest : public TempDirTest {
  protected:
   void SetUp() override {
-    tmp_.emplace(std::move(TempDir::Create("regdisk-vm").value()));
+    TempDirTest::SetUp();
     root_ = (tmp() / "root").string();
     auto reg = TestRegistry::Start(RegistryMode::kPlain);
     ASSERT_OK(reg);
@@ -43,8 +43,6 @@ class VmTest : public ::testing::Test {
       ASSERT_EQ(RunProgram({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", P(name + ".raw"), P(name + ".qcow2")}).exit_code, 0);
     }
   }
-  fs::path tmp() const { return tmp_->path(); }
-  std::string P(const std::string& n) const { return (tmp() / n).string(); }
   std::string Push(const std::string& disk, const std::string& repo) {
     std::string ref = "docker://" + reg_->host() + "/" + repo;
     RunResult r = RunRegdisk({"build", P(disk), "-t", ref});
@@ -91,7 +89,6 @@ class VmTest : public ::testing::Test {
     }
     return out;
   }
-  std::optional<TempDir> tmp_;
   std::string root_;
   std::unique_ptr<TestRegistry> reg_;
 };

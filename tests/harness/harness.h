@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "oci/digest.h"
 #include "oci/manifest.h"
 #include "util/fs.h"
@@ -38,6 +40,18 @@ std::string StatusText(const T& s) {
   return s.status().ToString();
 }
 inline std::string StatusText(const Status& s) { return s.ToString(); }
+
+// A test with a temp directory of its own, removed afterwards. Fixtures
+// derive from it and call TempDirTest::SetUp() first.
+class TempDirTest : public ::testing::Test {
+ protected:
+  void SetUp() override { tmp_.emplace(std::move(TempDir::Create("regdisk-test").value())); }
+  const std::filesystem::path& tmp() const { return tmp_->path(); }
+  std::string P(const std::string& name) const { return (tmp() / name).string(); }
+
+ private:
+  std::optional<TempDir> tmp_;
+};
 
 // A free TCP port on 127.0.0.1 (bound and released; callers retry on a
 // lost race).
