@@ -152,6 +152,11 @@ TEST_F(StoreTest, WhiteoutsAndDiskAsAFile) {
   r = Regdisk({"inspect", "--disk", "--path", "/disk/b.qcow2", Layout("two")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 2 << 20);
+  // The same image's other disk is a disk of its own, not the one pulled before.
+  r = Regdisk({"inspect", "--disk", "--path", "/disk/a.qcow2", Layout("two")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/a.qcow2");
+  EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 1 << 20);
   // /disk itself as a file (ADD disk.qcow2 /disk onto a base without /disk).
   PushLayers("file", {MakeTar({{"disk", Type::kFile, a}}, "gzip")}, "gzip");
   r = Regdisk({"inspect", "--disk", Layout("file")});

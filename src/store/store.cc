@@ -59,7 +59,10 @@ Result<Store> Store::Open(const fs::path& root) {
 }
 
 fs::path Store::BlobPath(const oci::Digest& d) const { return root_ / "blobs" / d.algorithm() / d.hex(); }
-fs::path Store::DiskDir(const oci::Digest& m) const { return root_ / "disks" / m.hex(); }
+fs::path Store::DiskDir(const oci::Digest& m, const std::string& path) const {
+  if (path.empty()) return root_ / "disks" / m.hex();
+  return root_ / "disks" / (m.hex() + "-" + oci::Digest::Sha256Of(path).hex().substr(0, 16));
+}
 
 Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched) {
   *fetched = false;
@@ -148,12 +151,14 @@ Status Store::Materialise(const std::vector<oci::Descriptor>& layers, const oci:
                {"qcow2Version", info.qcow2_version}};
   RETURN_IF_ERROR(WriteFileAtomic(image_dir / "meta.json", meta.dump(2) + "\n", 0444));
   ::chmod(image_dir.c_str(), 0555);
-  if (::rename(image_dir.c_str(), DiskDir(manifest).c_str()) != 0) return ErrnoStatus("committing the disk");
+  if (::rename(image_dir.c_str(), DiskDir(manifest, options.path).c_str()) != 0) {
+    return ErrnoStatus("committing the disk");
+  }
   return SyncDir(root_ / "disks");
 }
 
-Result<StoredImage> Store::Load(const oci::Digest& manifest, const std::string& name) const {
-  const fs::path dir = DiskDir(manifest);
+Result<StoredImage> Store::Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const {
+  const fs::path dir = DiskDir(manifest, path);
   ASSIGN_OR_RETURN(std::string text, ReadFileCapped(dir / "meta.json", kMaxMetaBytes));
   json m = json::parse(text, nullptr, false);
   if (!m.is_object() || !m.contains("file") || !m["file"].is_string()) {
@@ -182,10 +187,10 @@ Result<json> Store::ReadRefs() const {
   return j;
 }
 
-Status Store::SetRef(const std::string& name, const oci::Digest& manifest) {
+Status Store::SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path) {
   ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
   ASSIGN_OR_RETURN(json refs, ReadRefs());
-  refs[name] = manifest.str();
+  refs[name] = manifest.str() + (path.empty() ? "" : "#" + path);
   return WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600);
 }
 
@@ -193,10 +198,13 @@ Result<std::optional<StoredImage>> Store::Lookup(const std::string& name) const 
   ASSIGN_OR_RETURN(json refs, ReadRefs());
   auto it = refs.find(name);
   if (it == refs.end() || !it->is_string()) return std::optional<StoredImage>();
-  ASSIGN_OR_RETURN(oci::Digest d, oci::Digest::Parse(it->get<std::string>()));
+  const std::string value = it->get<std::string>();
+  const size_t hash = value.find('#');
+  const std::string path = hash == std::string::npos ? "" : value.substr(hash + 1);
+  ASSIGN_OR_RETURN(oci::Digest d, oci::Digest::Parse(value.substr(0, hash)));
   std::error_code ec;
-  if (!fs::exists(DiskDir(d), ec)) return std::optional<StoredImage>();
-  ASSIGN_OR_RETURN(StoredImage img, Load(d, name));
+  if (!fs::exists(DiskDir(d, path), ec)) return std::optional<StoredImage>();
+  ASSIGN_OR_RETURN(StoredImage img, Load(d, path, name));
   return std::optional<StoredImage>(std::move(img));
 }
 
@@ -214,10 +222,11 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
   ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(src, options.platform));
   const oci::Digest digest = img.raw.digest;
   std::error_code ec;
-  auto present = [&] { return fs::exists(DiskDir(digest) / "meta.json", ec); };
+  auto present = [&] { return fs::exists(DiskDir(digest, options.path) / "meta.json", ec); };
   if (!present()) {
     // One pull per image at a time; a second one waits, then finds it done.
-    ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (digest.hex() + ".image")));
+    const std::string key = DiskDir(digest, options.path).filename().string();
+    ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".image")));
     if (!present()) {
       std::vector<fs::path> stored_now;
       auto keep = [&](const oci::Descriptor& d) -> Status {
@@ -252,8 +261,8 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
       }
     }
   }
-  RETURN_IF_ERROR(SetRef(name, digest));
-  return Load(digest, name);
+  RETURN_IF_ERROR(SetRef(name, digest, options.path));
+  return Load(digest, options.path, name);
 }
 
 }  // namespace regdisk::store

@@ -3,10 +3,11 @@
 //
 //   ROOT/blobs/sha256/<hex>     committed blobs: verified, read-only
 //   ROOT/ingest/sha256-<hex>    partial downloads, resumed with Range
-//   ROOT/disks/<hex>/           one materialised image, by manifest digest:
+//   ROOT/disks/<hex>[-<p>]/     one materialised disk, by manifest digest (and,
+//                               when a --path was given, a hash of that path):
 //                                 <file>       the disk, read-only
 //                                 meta.json    what it is (see StoredImage)
-//   ROOT/refs.json              image name -> manifest digest
+//   ROOT/refs.json              image name -> manifest digest [#path]
 //   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system
 //
 // Nothing becomes visible before it is complete: blobs are renamed into
@@ -62,13 +63,15 @@ class Store {
 
  private:
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
-  Result<StoredImage> Load(const oci::Digest& manifest, const std::string& name) const;
+  Result<StoredImage> Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const;
   Status EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched);
   Status Materialise(const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest, const PullOptions& options);
-  Status SetRef(const std::string& name, const oci::Digest& manifest);
+  Status SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path);
   Result<nlohmann::json> ReadRefs() const;
   std::filesystem::path BlobPath(const oci::Digest& d) const;
-  std::filesystem::path DiskDir(const oci::Digest& manifest) const;
+  // One directory per image digest and requested disk path (empty: the
+  // disk found under /disk), so one image can serve several of its disks.
+  std::filesystem::path DiskDir(const oci::Digest& manifest, const std::string& path) const;
 
   std::filesystem::path root_;
 };
