@@ -129,8 +129,9 @@ struct ArchiveWriterFree {
 // One tar entry of the layer: the /disk directory, or the disk file.
 struct LayerEntry {
   std::string path;     // "disk" or "disk/NAME"
-  fs::path source;      // empty for the directory
+  int fd = -1;          // the disk, already open and validated; -1 for the directory
   uint64_t size = 0;
+  std::string label;    // for messages
 };
 
 struct LayerBlob {
@@ -167,7 +168,7 @@ Result<LayerBlob> WriteLayer(const std::vector<LayerEntry>& entries, const std::
     archive_entry_set_uid(ent.get(), kQemuUid);
     archive_entry_set_gid(ent.get(), kQemuUid);
     archive_entry_set_mtime(ent.get(), mtime, 0);
-    if (e.source.empty()) {
+    if (e.fd < 0) {
       archive_entry_set_filetype(ent.get(), AE_IFDIR);
       archive_entry_set_perm(ent.get(), 0555);
     } else {
@@ -176,15 +177,15 @@ Result<LayerBlob> WriteLayer(const std::vector<LayerEntry>& entries, const std::
       archive_entry_set_size(ent.get(), static_cast<la_int64_t>(e.size));
     }
     if (archive_write_header(a.get(), ent.get()) != ARCHIVE_OK) return failed("writing the layer");
-    if (e.source.empty()) continue;
-    ASSIGN_OR_RETURN(UniqueFd in, OpenFile(e.source, O_RDONLY));
-    ::posix_fadvise(in.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+    if (e.fd < 0) continue;
+    // Read the very file that was validated (pread: no reopen, no seek).
+    ::posix_fadvise(e.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     uint64_t left = e.size;
     while (left > 0) {
-      ssize_t n = ::read(in.get(), buf.data(), std::min<uint64_t>(buf.size(), left));
+      ssize_t n = ::pread(e.fd, buf.data(), std::min<uint64_t>(buf.size(), left), static_cast<off_t>(e.size - left));
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return ErrnoStatus("reading " + e.source.string());
-      if (n == 0) return DataLoss(e.source.string() + " shrank while it was being read");
+      if (n < 0) return ErrnoStatus("reading " + e.label);
+      if (n == 0) return DataLoss(e.label + " shrank while it was being read");
       if (archive_write_data(a.get(), buf.data(), static_cast<size_t>(n)) < 0) return failed("writing the layer");
       left -= static_cast<uint64_t>(n);
     }
@@ -329,7 +330,7 @@ Result<BuildResult> BuildDiskImage(const fs::path& disk_file, const ImageName& d
       {"io.regdisk.disk.format", std::string(disk::FormatName(info.format))},
       {"io.regdisk.disk.virtual-size", std::to_string(info.virtual_size)},
   };
-  ASSIGN_OR_RETURN(BuildResult r, Assemble({{"disk", {}, 0}, {path, disk_file, size}}, dest, options, client_options, labels));
+  ASSIGN_OR_RETURN(BuildResult r, Assemble({{"disk", -1, 0, ""}, {path, fd->get(), size, disk_file.string()}}, dest, options, client_options, labels));
   // The disk must not have changed while it was streamed.
   struct stat after;
   if (::fstat(fd->get(), &after) != 0 || after.st_size != st.st_size || after.st_mtim.tv_sec != st.st_mtim.tv_sec ||
@@ -351,7 +352,7 @@ Result<BuildResult> BuildBaseImage(const ImageName& dest, const BuildOptions& op
        "Base image for registry disks: ADD a qcow2 or raw disk to /disk and push the result"},
       {"io.regdisk.base", "v1"},
   };
-  return Assemble({{"disk", {}, 0}}, dest, o, client_options, labels);
+  return Assemble({{"disk", -1, 0, ""}}, dest, o, client_options, labels);
 }
 
 }  // namespace regdisk::image
