@@ -73,7 +73,12 @@ TEST_F(StoreTest, PullsQcow2FromARegistryOnceAndDescribesIt) {
   RunResult r = Regdisk({"-v", "pull", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, digest + "\n");
-  EXPECT_THAT(r.err, HasSubstr("fetching layer"));
+  EXPECT_THAT(r.err, HasSubstr("streaming layer 1"));
+  // One copy of the disk: the layer was streamed into it, not kept.
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "ingest"));
+  for (const auto& e : fs::directory_iterator(fs::path(root_) / "blobs/sha256")) {
+    EXPECT_LT(fs::file_size(e.path()), 4096u) << "a layer blob was kept: " << e.path();
+  }
 
   r = Regdisk({"inspect", "--disk", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -92,7 +97,7 @@ TEST_F(StoreTest, PullsQcow2FromARegistryOnceAndDescribesIt) {
   // Pulling again is a no-op: nothing is fetched.
   r = Regdisk({"-v", "pull", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("fetching layer")));
+  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("streaming layer")));
 
   r = Regdisk({"images"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -323,6 +328,52 @@ TEST_F(StoreTest, InterruptedDownloadResumesFromTheIngestFile) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("did not verify; fetching it again from the start"));
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+}
+
+TEST_F(StoreTest, AStreamedLayerSurvivesCutsAndAWrongDigestLeavesNothing) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::string disk = RandomBytes(4 << 20, 21);  // raw; incompressible, so the cut lands mid-disk
+  PushDiskImage("v1", {{"disk.img", disk}});
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/cut:v1"}).exit_code, 0);
+  auto layout = image::OciLayout::Open(tmp() / "layout").value();
+  auto m = oci::Manifest::Parse(layout.ReadBlob(layout.Resolve("v1").value(), 1 << 20).value()).value();
+  const std::string layer_path = "/blobs/" + m.layers[0].digest.str();
+  auto proxy = FaultProxy::Start((*reg)->port());
+  ASSERT_OK(proxy);
+  FaultProxy::Rule cut;
+  cut.method = "GET";
+  cut.path_contains = layer_path;
+  cut.action = FaultProxy::Rule::Action::kCutAfter;
+  cut.cut_after = 1 << 20;
+  cut.times = 2;
+  (*proxy)->AddRule(cut);
+  RunResult r = Regdisk({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/cut:v1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+  std::vector<std::string> ranges;
+  for (const auto& s : (*proxy)->seen()) {
+    if (s.path.find(layer_path) != std::string::npos) ranges.push_back(s.range);
+  }
+  ASSERT_EQ(ranges.size(), 3u);
+  EXPECT_EQ(ranges[0], "");
+  EXPECT_EQ(ranges[1], "bytes=" + std::to_string(1 << 20) + "-");
+  EXPECT_EQ(ranges[2], "bytes=" + std::to_string(2 << 20) + "-");
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "ingest"));
+
+  // A registry that serves other bytes under the layer's digest: the disk
+  // written so far is discarded, nothing is left behind.
+  fs::path blob = tmp() / "layout/blobs/sha256" / m.layers[0].digest.hex();
+  std::string bytes = ReadFileCapped(blob, 1 << 24).value();
+  bytes[bytes.size() - 100] ^= 0x01;  // late in the stream: the disk is nearly written
+  fs::permissions(blob, fs::perms::owner_write, fs::perm_options::add);
+  ASSERT_OK(WriteFileAtomic(blob, bytes, 0444));
+  root_ = (tmp() / "root-liar").string();
+  r = Regdisk({"pull", Layout("v1")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("failed verification"));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  ExpectStoreEmpty();
 }
 
 }  // namespace

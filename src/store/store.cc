@@ -7,8 +7,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <thread>
+
 #include "image/copy.h"
 #include "store/unpack.h"
+#include "util/byte_source.h"
 #include "util/fs.h"
 #include "util/log.h"
 
@@ -118,14 +121,67 @@ Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, b
   return OkStatus();
 }
 
-Status Store::Materialise(const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
-                          const PullOptions& options) {
+Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree,
+                          const std::string& label, bool* resumed) {
+  if (fs::path blob = BlobPath(desc.digest); fs::exists(blob)) return tree.ApplyLayer(blob, desc.media_type, label);
+  const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
+  // One writer per ingest, across processes.
+  ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
+  const fs::path partial = root_ / "ingest" / key;
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(partial, O_RDWR | O_CREAT, 0600));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("reading " + partial.string());
+  uint64_t have = static_cast<uint64_t>(st.st_size);
+  if (have > static_cast<uint64_t>(desc.size)) {
+    if (::ftruncate(fd.get(), 0) != 0) return ErrnoStatus("truncating " + partial.string());
+    have = 0;
+  }
+  if (have > 0) {
+    *resumed = true;
+    log::Info("resuming layer {} at byte {}", desc.digest.Short(), have);
+  }
+
+  // The producer: replays what an earlier attempt left, then downloads the
+  // rest, appending it to the ingest file (so a killed pull resumes) and
+  // hashing it; FetchBlobFrom fails at the end if the digest is wrong.
+  BlockPipe pipe;
+  auto produce = [&]() -> Status {
+    oci::Hasher hasher(desc.digest.algorithm());
+    std::string buf(1 << 20, '\0');
+    for (uint64_t off = 0; off < have;) {
+      ssize_t n = ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), have - off), static_cast<off_t>(off));
+      if (n <= 0) return ErrnoStatus("reading " + partial.string());
+      std::string_view chunk(buf.data(), static_cast<size_t>(n));
+      hasher.Update(chunk);
+      RETURN_IF_ERROR(pipe.Write(chunk));
+      off += static_cast<uint64_t>(n);
+    }
+    if (::lseek(fd.get(), static_cast<off_t>(have), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
+    return src.FetchBlobFrom(desc, have, hasher, [&](std::string_view chunk) -> Status {
+      RETURN_IF_ERROR(WriteAll(fd.get(), chunk));
+      return pipe.Write(chunk);
+    });
+  };
+  std::thread producer([&] { pipe.Finish(produce()); });
+  // The consumer (this thread): decompresses, reads the tar, writes the disk.
+  Status applied = tree.ApplyLayer(pipe, desc.media_type, label);
+  if (!applied.ok()) pipe.Cancel();
+  producer.join();
+  // Verified and applied: the disk now holds what matters. Wrong bytes:
+  // never resume from them.
+  if (applied.ok() || applied.code() == Code::kDataLoss) ::unlink(partial.c_str());
+  return applied;
+}
+
+Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers,
+                          const oci::Digest& manifest, const PullOptions& options, bool* resumed) {
   ASSIGN_OR_RETURN(TempDir staging, TempDir::Create(manifest.hex().substr(0, 16), root_ / "tmp"));
   DiskTree tree(staging.path());
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& l = layers[i];
     std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
-    RETURN_IF_ERROR(tree.ApplyLayer(BlobPath(l.digest), l.media_type, label));
+    log::Info("streaming {} ({} bytes)", label, l.size);
+    RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed));
   }
   ASSIGN_OR_RETURN(DiskTree::File file, tree.FindDisk(options.path));
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file.staged, O_RDONLY));
@@ -155,6 +211,11 @@ Status Store::Materialise(const std::vector<oci::Descriptor>& layers, const oci:
     return ErrnoStatus("committing the disk");
   }
   return SyncDir(root_ / "disks");
+}
+
+void Store::RemovePartials(const std::vector<oci::Descriptor>& layers) {
+  std::error_code ec;
+  for (const auto& l : layers) fs::remove(root_ / "ingest" / (l.digest.algorithm() + "-" + l.digest.hex()), ec);
 }
 
 Result<StoredImage> Store::Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const {
@@ -229,33 +290,32 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
     ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".image")));
     if (!present()) {
       std::vector<fs::path> stored_now;
-      auto keep = [&](const oci::Descriptor& d) -> Status {
-        bool fetched = false;
-        RETURN_IF_ERROR(EnsureBlob(src, d, &fetched));
-        if (fetched) stored_now.push_back(BlobPath(d.digest));
-        return OkStatus();
-      };
-      Status st = [&]() -> Status {
-        oci::Descriptor md;
-        md.media_type = img.raw.media_type;
-        md.digest = digest;
-        md.size = static_cast<int64_t>(img.raw.bytes.size());
+      bool resumed = false;
+      auto attempt = [&]() -> Status {
         if (!fs::exists(BlobPath(digest), ec)) {
           ASSIGN_OR_RETURN(PendingFile f, PendingFile::Create(BlobPath(digest), 0444));
           RETURN_IF_ERROR(WriteAll(f.fd(), img.raw.bytes));
           RETURN_IF_ERROR(f.Commit());
           stored_now.push_back(BlobPath(digest));
         }
-        RETURN_IF_ERROR(keep(*img.manifest.config).Annotate("fetching the image config"));
-        for (const auto& layer : img.manifest.layers) {
-          log::Info("fetching layer {} ({} bytes)", layer.digest.Short(), layer.size);
-          RETURN_IF_ERROR(keep(layer).Annotate("fetching layer " + layer.digest.Short()));
-        }
-        return Materialise(img.manifest.layers, digest, options);
-      }();
+        bool fetched = false;
+        RETURN_IF_ERROR(EnsureBlob(src, *img.manifest.config, &fetched).Annotate("fetching the image config"));
+        if (fetched) stored_now.push_back(BlobPath(img.manifest.config->digest));
+        return Materialise(src, img.manifest.layers, digest, options, &resumed);
+      };
+      Status st = attempt();
+      if (!st.ok() && resumed && IsRefusal(st)) {
+        // The partial download an earlier pull left may hold wrong bytes
+        // (not ours to trust): start over once, from nothing.
+        log::Warn("a partial download did not verify; fetching it again from the start ({})", st.message());
+        RemovePartials(img.manifest.layers);
+        resumed = false;
+        st = attempt();
+      }
       if (!st.ok()) {
         if (IsRefusal(st)) {
           for (const auto& p : stored_now) fs::remove(p, ec);
+          RemovePartials(img.manifest.layers);
         }
         return st;
       }

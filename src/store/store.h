@@ -1,8 +1,9 @@
-// The node store: a content-addressed store of verified blobs and the
-// disks materialised from them, shared by every VM on the node.
+// The node store: the disks materialised from registry disk images, shared
+// by every VM on the node, and the small verified blobs that describe them.
 //
-//   ROOT/blobs/sha256/<hex>     committed blobs: verified, read-only
-//   ROOT/ingest/sha256-<hex>    partial downloads, resumed with Range
+//   ROOT/blobs/sha256/<hex>     manifests and configs: verified, read-only
+//   ROOT/ingest/sha256-<hex>    a layer being downloaded; a killed pull
+//                               resumes from it with Range
 //   ROOT/disks/<hex>[-<p>]/     one materialised disk, by manifest digest (and,
 //                               when a --path was given, a hash of that path):
 //                                 <file>       the disk, read-only
@@ -10,11 +11,17 @@
 //   ROOT/refs.json              image name -> manifest digest [#path]
 //   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system
 //
-// Nothing becomes visible before it is complete: blobs are renamed into
-// place after their size and digest check, a disk directory is renamed into
-// place after the whole image has been unpacked and validated. Pulling an
-// image already present is a no-op; two processes pulling the same image
-// serialise on a per-image lock, so it is fetched once and both succeed.
+// Layers are streamed, not stored: one thread downloads and hashes a layer
+// (appending it to its ingest file), another decompresses it and writes
+// the disk's blocks into staging as they arrive. The ingest file goes once
+// the layer is verified and applied, so the node keeps one copy of the
+// disk, not a compressed and an extracted one.
+//
+// Nothing becomes visible before it is complete: a disk directory is
+// renamed into place after every layer's digest has checked and the disk
+// has been validated. Pulling an image already present is a no-op; two
+// processes pulling the same image serialise on a per-image lock, so it is
+// fetched once and both succeed.
 #pragma once
 
 #include <filesystem>
@@ -27,6 +34,7 @@
 #include "disk/format.h"
 #include "image/transport.h"
 #include "oci/manifest.h"
+#include "store/unpack.h"
 #include "util/status.h"
 
 namespace regdisk::store {
@@ -65,7 +73,13 @@ class Store {
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
   Result<StoredImage> Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const;
   Status EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched);
-  Status Materialise(const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest, const PullOptions& options);
+  // Streams every layer from src into a staging tree and commits the disk.
+  // *resumed is set when a partial download of an earlier pull was reused.
+  Status Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
+                     const PullOptions& options, bool* resumed);
+  Status StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree, const std::string& label,
+                     bool* resumed);
+  void RemovePartials(const std::vector<oci::Descriptor>& layers);
   Status SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path);
   Result<nlohmann::json> ReadRefs() const;
   std::filesystem::path BlobPath(const oci::Digest& d) const;

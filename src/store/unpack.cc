@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "util/byte_source.h"
 #include "util/fs.h"
 
 namespace regdisk::store {
@@ -34,12 +35,9 @@ Result<Compression> FromMediaType(std::string_view mt, const std::string& label)
                        "\", which is not a tar layer (tar, tar+gzip or tar+zstd)");
 }
 
-Status CheckMagic(const fs::path& blob, Compression c, const std::string& label) {
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(blob, O_RDONLY));
-  unsigned char m[4] = {0, 0, 0, 0};
-  ssize_t n = ::pread(fd.get(), m, sizeof m, 0);
-  bool gzip = n >= 2 && m[0] == 0x1f && m[1] == 0x8b;
-  bool zstd = n >= 4 && m[0] == 0x28 && m[1] == 0xb5 && m[2] == 0x2f && m[3] == 0xfd;
+Status CheckMagic(std::span<const uint8_t> m, Compression c, const std::string& label) {
+  bool gzip = m.size() >= 2 && m[0] == 0x1f && m[1] == 0x8b;
+  bool zstd = m.size() >= 4 && m[0] == 0x28 && m[1] == 0xb5 && m[2] == 0x2f && m[3] == 0xfd;
   const char* declared = c == Compression::kGzip ? "gzip" : c == Compression::kZstd ? "zstd" : "uncompressed";
   bool ok = (c == Compression::kGzip && gzip) || (c == Compression::kZstd && zstd) ||
             (c == Compression::kNone && !gzip && !zstd);
@@ -49,13 +47,66 @@ Status CheckMagic(const fs::path& blob, Compression c, const std::string& label)
   return OkStatus();
 }
 
+// Reads a layer's bytes for libarchive: the first chunk (already fetched
+// for the magic check) and then the rest of the source. A failure of the
+// source itself (a download error, a digest mismatch) is kept, so it is
+// reported as what it is rather than as a broken tar.
+class LayerInput {
+ public:
+  LayerInput(ByteSource& src, std::span<const uint8_t> first) : src_(src), first_(first) {}
+
+  Result<std::span<const uint8_t>> Next() {
+    if (!first_.empty()) {
+      auto out = first_;
+      first_ = {};
+      return out;
+    }
+    if (ended_) return std::span<const uint8_t>();
+    auto r = src_.Next();
+    if (!r.ok()) {
+      error_ = r.status();
+      return r;
+    }
+    ended_ = r->empty();
+    return r;
+  }
+
+  // Reads whatever libarchive left (tar padding, the end of the gzip
+  // stream), so the source reaches its end and is verified.
+  Status Drain() {
+    for (;;) {
+      ASSIGN_OR_RETURN(auto chunk, Next());
+      if (chunk.empty()) return OkStatus();
+    }
+  }
+
+  const Status& error() const { return error_; }
+
+  static la_ssize_t Read(archive* a, void* user, const void** buf) {
+    auto* self = static_cast<LayerInput*>(user);
+    auto r = self->Next();
+    if (!r.ok()) {
+      archive_set_error(a, EIO, "%s", r.status().message().c_str());
+      return -1;
+    }
+    *buf = r->data();
+    return static_cast<la_ssize_t>(r->size());
+  }
+
+ private:
+  ByteSource& src_;
+  std::span<const uint8_t> first_;
+  bool ended_ = false;
+  Status error_;
+};
+
 // Inflates a gzip layer with isa-l (several times faster than zlib on this
 // data) and hands the tar stream to libarchive through a read callback.
 // Concatenated gzip members (as pigz and some registries produce) are read
 // one after another.
 class IsalGzipReader {
  public:
-  explicit IsalGzipReader(int fd) : fd_(fd), in_(1 << 20), out_(1 << 20) { Reset(); }
+  explicit IsalGzipReader(LayerInput& in) : in_(in), out_(1 << 20) { Reset(); }
 
   static la_ssize_t Read(archive* a, void* user, const void** buf) {
     return static_cast<IsalGzipReader*>(user)->Next(a, buf);
@@ -70,15 +121,14 @@ class IsalGzipReader {
   la_ssize_t Next(archive* a, const void** buf) {
     for (;;) {
       if (st_.avail_in == 0 && !eof_) {
-        ssize_t n = ::read(fd_, in_.data(), in_.size());
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-          archive_set_error(a, errno, "reading the layer");
+        auto r = in_.Next();
+        if (!r.ok()) {
+          archive_set_error(a, EIO, "%s", r.status().message().c_str());
           return -1;
         }
-        eof_ = n == 0;
-        st_.next_in = in_.data();
-        st_.avail_in = static_cast<uint32_t>(n);
+        eof_ = r->empty();
+        st_.next_in = const_cast<uint8_t*>(r->data());
+        st_.avail_in = static_cast<uint32_t>(r->size());
       }
       if (st_.block_state == ISAL_BLOCK_FINISH) {
         if (st_.avail_in == 0 && eof_) return 0;  // the end of the last member
@@ -108,8 +158,8 @@ class IsalGzipReader {
     }
   }
 
-  int fd_;
-  std::vector<uint8_t> in_, out_;
+  LayerInput& in_;
+  std::vector<uint8_t> out_;
   inflate_state st_{};
   bool eof_ = false;
 };
@@ -192,34 +242,43 @@ void DiskTree::RemoveTree(const std::string& path, int below_layer) {
 }
 
 Status DiskTree::ApplyLayer(const fs::path& blob, std::string_view media_type, const std::string& label) {
+  ASSIGN_OR_RETURN(FileSource src, FileSource::Open(blob));
+  return ApplyLayer(src, media_type, label);
+}
+
+Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const std::string& label) {
   ++layer_;
   ASSIGN_OR_RETURN(Compression comp, FromMediaType(media_type, label));
-  RETURN_IF_ERROR(CheckMagic(blob, comp, label));
-
+  ASSIGN_OR_RETURN(auto first, src.Next());
+  RETURN_IF_ERROR(CheckMagic(first, comp, label));
+  LayerInput input(src, first);
   std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
   archive_read_support_format_tar(a.get());
-  ASSIGN_OR_RETURN(UniqueFd in, OpenFile(blob, O_RDONLY));
-  ::posix_fadvise(in.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+  archive_read_support_filter_none(a.get());
   std::unique_ptr<IsalGzipReader> gzip;
   int opened;
   if (comp == Compression::kGzip) {
-    archive_read_support_filter_none(a.get());
-    gzip = std::make_unique<IsalGzipReader>(in.get());
+    gzip = std::make_unique<IsalGzipReader>(input);
     opened = archive_read_open(a.get(), gzip.get(), nullptr, IsalGzipReader::Read, nullptr);
   } else {
     if (comp == Compression::kZstd) archive_read_support_filter_zstd(a.get());
-    archive_read_support_filter_none(a.get());
-    opened = archive_read_open_fd(a.get(), in.get(), 1 << 20);
+    opened = archive_read_open(a.get(), &input, nullptr, LayerInput::Read, nullptr);
   }
-  if (opened != ARCHIVE_OK) {
-    return InvalidArgument(label + " is not a readable tar archive: " + archive_error_string(a.get()));
-  }
+  Status st = opened == ARCHIVE_OK
+                  ? ReadEntries(a.get(), label)
+                  : InvalidArgument(label + " is not a readable tar archive: " + archive_error_string(a.get()));
+  if (!input.error().ok()) return input.error();  // the source failed: say so, not "bad tar"
+  RETURN_IF_ERROR(st);
+  return input.Drain();
+}
+
+Status DiskTree::ReadEntries(archive* a, const std::string& label) {
   archive_entry* e = nullptr;
   for (;;) {
-    int r = archive_read_next_header(a.get(), &e);
+    int r = archive_read_next_header(a, &e);
     if (r == ARCHIVE_EOF) break;
     if (r < ARCHIVE_WARN) {
-      return InvalidArgument(label + " is not a valid tar archive: " + archive_error_string(a.get()));
+      return InvalidArgument(label + " is not a valid tar archive: " + archive_error_string(a));
     }
     ASSIGN_OR_RETURN(std::string path, CleanPath(archive_entry_pathname(e), label));
     if (path.empty()) continue;
@@ -271,10 +330,10 @@ Status DiskTree::ApplyLayer(const fs::path& blob, std::string_view media_type, c
     size_t len = 0;
     la_int64_t off = 0;
     for (;;) {
-      int rr = archive_read_data_block(a.get(), &buf, &len, &off);
+      int rr = archive_read_data_block(a, &buf, &len, &off);
       if (rr == ARCHIVE_EOF) break;
       if (rr < ARCHIVE_WARN) {
-        return InvalidArgument(label + " is truncated or corrupt inside /" + path + ": " + archive_error_string(a.get()));
+        return InvalidArgument(label + " is truncated or corrupt inside /" + path + ": " + archive_error_string(a));
       }
       RETURN_IF_ERROR(WriteSparse(out.get(), static_cast<const char*>(buf), len, static_cast<uint64_t>(off)));
     }

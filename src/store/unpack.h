@@ -18,7 +18,10 @@
 #include <string>
 #include <string_view>
 
+#include "util/byte_source.h"
 #include "util/status.h"
+
+struct archive;
 
 namespace regdisk::store {
 
@@ -36,6 +39,10 @@ class DiskTree {
   // checked against the blob's magic bytes). `label` names the layer in
   // messages.
   Status ApplyLayer(const std::filesystem::path& blob, std::string_view media_type, const std::string& label);
+  // The same, reading the layer from `src` to its end (so a streamed,
+  // verified download reports its digest check). A failure of the source is
+  // returned as it is.
+  Status ApplyLayer(ByteSource& src, std::string_view media_type, const std::string& label);
 
   // The disk: `path` when given (absolute, inside the image), else the only
   // regular file under /disk (or /disk itself when it is a file).
@@ -49,6 +56,7 @@ class DiskTree {
     int layer = 0;
   };
   void RemoveTree(const std::string& path, int below_layer);
+  Status ReadEntries(archive* a, const std::string& label);
   std::filesystem::path staging_;
   std::map<std::string, Entry> entries_;  // "disk", "disk/a.img", ...
   int layer_ = 0;

@@ -19,6 +19,7 @@ std::string_view CodeName(Code code) {
     case Code::kResourceExhausted: return "ResourceExhausted";
     case Code::kUnimplemented: return "Unimplemented";
     case Code::kInternal: return "Internal";
+    case Code::kCancelled: return "Cancelled";
   }
   return "Unknown";
 }

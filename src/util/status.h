@@ -34,6 +34,7 @@ enum class Code {
   kResourceExhausted,   // a size cap was hit
   kUnimplemented,       // valid but unsupported (algorithm, media type)
   kInternal,            // a bug or an unexpected system failure
+  kCancelled,           // the other side of a pipeline gave up
 };
 
 std::string_view CodeName(Code code);
@@ -71,6 +72,7 @@ inline Status DataLoss(std::string m) { return {Code::kDataLoss, std::move(m)}; 
 inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
 inline Status Unimplemented(std::string m) { return {Code::kUnimplemented, std::move(m)}; }
 inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
+inline Status Cancelled(std::string m) { return {Code::kCancelled, std::move(m)}; }
 
 // The single place where errno becomes a Status: "what: strerror(errno)".
 Status ErrnoStatus(std::string_view what, int err = errno);

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <thread>
 
+#include "disk/overlay.h"
 #include "util/fs.h"
 #include "util/log.h"
 #include "util/process.h"
@@ -163,12 +164,11 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   // One overlay per disk: a qcow2 header naming the store's disk, with its
   // format given explicitly. Creating it does not read the disk.
   for (const auto& d : plan.disks) {
-    auto r = Process::Run({"qemu-img", "create", "-q", "-f", "qcow2", "-F", std::string(disk::FormatName(d.backing_format)),
-                           "-b", d.backing.string(), d.overlay.string(), std::to_string(d.virtual_size)},
-                          60s);
-    if (!r.ok()) return std::move(r).status().Annotate("creating the overlay for disk " + d.name);
-    if (r->exit_code != 0) return Internal("qemu-img could not create the overlay for disk " + d.name + ": " + r->err);
-    ::chmod(d.overlay.c_str(), 0600);
+    const auto t0 = Clock::now();
+    RETURN_IF_ERROR(disk::CreateOverlay(d.overlay, d.backing, d.backing_format, d.virtual_size)
+                        .Annotate("creating the ephemeral disk for " + d.name));
+    log::Info("ephemeral disk for {} created in {:.2f} ms", d.name,
+              std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   }
   // The VM's log holds the console of its latest run (runs of the same name
   // at the same time append to it together).

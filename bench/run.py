@@ -1,0 +1,524 @@
+#!/usr/bin/python3
+"""regdisk against containerd, side by side, in one run on one machine.
+
+    bench/run.py REGDISK BOOT_SECTOR [--size-gib 2] [--runs 5] [--build-runs 3] [--vms 20] [--out DIR]
+
+(./dev.sh bench builds regdisk and calls this.) It generates a disk, makes
+registry disks of it with buildah (gzip, the Dockerfile workflow) and with
+`regdisk build` (zstd), pushes them to a docker-registry on 127.0.0.1, and
+then alternates, run after run:
+
+  floor        curl fetches the disk layer blob to /dev/null
+  containerd   `ctr images pull --snapshotter native` into a fresh containerd
+  regdisk      `regdisk pull` into a fresh node store (gzip and zstd images)
+
+It also times build+push (buildah bud + push vs regdisk build) and the warm
+start of N VMs from one stored disk. Results: a table on stdout and
+OUT/results.json. Needs root (containerd, buildah) and the Debian packages
+that ./dev.sh deps installs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+MIB = 1 << 20
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(argv, env=None, stdout=subprocess.DEVNULL):
+    """Runs argv; returns (seconds, peak RSS in KiB).
+
+    The peak comes from GNU time: a child forked from this (large) Python
+    process would report Python's own RSS as its peak.
+    """
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.monotonic()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env=env, stdout=stdout,
+                           stderr=subprocess.PIPE)
+        dt = time.monotonic() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{argv[0]} {argv[1:4]} failed ({p.returncode}): "
+                               f"{p.stderr.decode(errors='replace')[-2000:]}")
+        return dt, int(rss.read().split()[-1])
+
+
+def used_bytes(path):
+    """Bytes the files under path occupy on disk (allocated blocks, holes excluded)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files + dirs:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def wait_http(url, proc, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited early")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+class Registry:
+    """docker-registry on 127.0.0.1; restart() empties it."""
+
+    def __init__(self, work):
+        self.dir = os.path.join(work, "registry")
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.proc = None
+
+    def restart(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        cfg = os.path.join(self.dir, "config.yml")
+        with open(cfg, "w") as f:
+            f.write("version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\n"
+                    f"storage: {{filesystem: {{rootdirectory: {self.dir}/data}}}}\n"
+                    f"http: {{addr: {self.host}}}\n")
+        self.proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(self.dir, "log"), "w"))
+        wait_http(f"http://{self.host}/v2/", self.proc)
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+    def manifest(self, repo, tag):
+        req = urllib.request.Request(f"http://{self.host}/v2/{repo}/manifests/{tag}", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json, "
+                      "application/vnd.docker.distribution.manifest.v2+json"})
+        with urllib.request.urlopen(req) as r:
+            return json.load(r)
+
+    def largest_layer(self, repo, tag):
+        layer = max(self.manifest(repo, tag)["layers"], key=lambda l: l["size"])
+        return layer["digest"], layer["size"]
+
+
+class Containerd:
+    """A containerd of the benchmark's own (root, state and socket in a temp dir)."""
+
+    def __init__(self, work):
+        self.dir = tempfile.mkdtemp(prefix="rdb-ctd-", dir="/tmp")  # short: socket paths are limited
+        self.sock = os.path.join(self.dir, "s", "c.sock")
+        self.root = os.path.join(self.dir, "root")
+        self.proc = None
+
+    def fresh(self):
+        self.stop()
+        for d in ("root", "s"):
+            shutil.rmtree(os.path.join(self.dir, d), ignore_errors=True)
+        cfg = os.path.join(self.dir, "config.toml")
+        with open(cfg, "w") as f:
+            f.write(f'version = 2\nroot = "{self.root}"\nstate = "{self.dir}/s"\n'
+                    'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",'
+                    ' "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",'
+                    ' "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.opt"]\n'
+                    f'[grpc]\n  address = "{self.sock}"\n[ttrpc]\n  address = "{self.sock}.ttrpc"\n')
+        self.proc = subprocess.Popen(["containerd", "--config", cfg], stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(self.dir, "log"), "a"))
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ctr", "--address", self.sock, "version"], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("containerd did not start; see " + os.path.join(self.dir, "log"))
+            time.sleep(0.1)
+
+    def peak_rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_disk(work, size, boot_sector):
+    """A bootable raw disk of `size` virtual bytes and its qcow2 twin.
+
+    Layout: the boot sector (it prints sector 1 and halts), then system files
+    from /usr packed 4 KiB aligned (3/8 of the size), a hole, incompressible
+    data (3/16), and zeros to the end (written zeros and a hole).
+    """
+    raw = os.path.join(work, "disk.raw")
+    with open(raw, "wb") as f:
+        with open(boot_sector, "rb") as b:
+            f.write(b.read())
+        f.seek(512)
+        f.write(b"REGDISK-BENCH-DISK".ljust(512, b"\0"))
+        f.write(b"HALT".ljust(512, b"\0"))  # sector 2: the guest halts (stays up)
+        pos, limit = MIB, MIB + size * 3 // 8
+        f.seek(pos)
+        for top in ("/usr/lib", "/usr/share", "/usr/bin"):
+            for root, dirs, files in os.walk(top):
+                dirs.sort()
+                for name in sorted(files):
+                    p = os.path.join(root, name)
+                    if pos >= limit or os.path.islink(p) or not os.path.isfile(p):
+                        continue
+                    try:
+                        data = open(p, "rb").read(limit - pos)
+                    except OSError:
+                        continue
+                    f.write(data)
+                    pos += len(data)
+                    pad = -pos % 4096
+                    f.write(b"\0" * pad)
+                    pos += pad
+        rng = random.Random(42)
+        f.seek(size // 2)
+        for _ in range(size * 3 // 16 // (16 * MIB)):
+            f.write(rng.randbytes(16 * MIB))
+        f.write(b"\0" * (size // 16))  # explicit zeros
+        f.truncate(size)
+    qcow2 = os.path.join(work, "disk.qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2], check=True)
+    return raw, qcow2
+
+
+def summary(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.regdisk = os.path.abspath(args.regdisk)
+        self.work = tempfile.mkdtemp(prefix="regdisk-bench.", dir=args.work_parent)
+        self.reg = Registry(self.work)
+        self.ctd = Containerd(self.work)
+        self.samples = {}  # name -> list of seconds
+        self.extra = {}  # name -> dict of other figures
+
+    def rd(self, *argv, root=None):
+        return [self.regdisk, "--root", root or os.path.join(self.work, "store"), "--tls-verify=false", *argv]
+
+    def add(self, name, seconds, **extra):
+        self.samples.setdefault(name, []).append(seconds)
+        for k, v in extra.items():
+            self.extra.setdefault(name, {}).setdefault(k, []).append(v)
+        log(f"{name}: {seconds:.2f} s {extra if extra else ''}")
+
+    def buildah(self, *argv):
+        b = os.path.join(self.work, "buildah")
+        return ["buildah", "--root", b + "/root", "--runroot", b + "/run", "--storage-driver", "vfs", *argv]
+
+    def push_base(self):
+        subprocess.run(self.rd("base", "-t", f"docker://{self.reg.host}/bench/base:latest"), check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def build_buildah(self, disk, repo):
+        ctx = os.path.join(self.work, "ctx-" + repo.replace("/", "-"))
+        os.makedirs(ctx, exist_ok=True)
+        target = os.path.join(ctx, os.path.basename(disk))
+        if not os.path.exists(target):
+            os.link(disk, target)
+        with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+            f.write(f"FROM {self.reg.host}/bench/base:latest\nADD {os.path.basename(disk)} /disk\n")
+        shutil.rmtree(os.path.join(self.work, "buildah"), ignore_errors=True)
+        env = dict(os.environ, BUILDAH_ISOLATION="chroot", STORAGE_DRIVER="vfs")
+        ref = f"{self.reg.host}/{repo}:latest"
+        t1, _ = timed(self.buildah("bud", "--tls-verify=false", "-q", "-t", ref, ctx), env=env)
+        t2, _ = timed(self.buildah("push", "--tls-verify=false", "-q", ref, "docker://" + ref), env=env)
+        shutil.rmtree(os.path.join(self.work, "buildah"), ignore_errors=True)
+        return t1 + t2
+
+    def build_regdisk(self, disk, repo, *flags):
+        t, rss = timed(self.rd("build", disk, "-t", f"docker://{self.reg.host}/{repo}:latest", *flags))
+        return t, rss
+
+    def builds(self, qcow2, raw):
+        for i in range(self.a.build_runs):
+            # A registry without the disk each time, so neither tool skips an upload.
+            for name in (["buildah", "regdisk-zstd", "regdisk-gzip"] if i % 2 == 0 else
+                         ["regdisk-gzip", "regdisk-zstd", "buildah"]):
+                self.reg.restart()
+                self.push_base()
+                subprocess.run(["sync"])
+                if name == "buildah":
+                    self.add("build+push buildah (gzip)", self.build_buildah(qcow2, "bench/qcow2-gzip"))
+                else:
+                    comp = name.split("-")[1]
+                    t, rss = self.build_regdisk(qcow2, f"bench/qcow2-{comp}", "--compression", comp)
+                    self.add(f"build+push regdisk ({comp})", t, peak_rss_mib=rss / 1024)
+        # The images the pulls read.
+        self.reg.restart()
+        self.push_base()
+        log("making the images the pulls read")
+        self.build_buildah(qcow2, "bench/qcow2-gzip")
+        self.build_regdisk(qcow2, "bench/qcow2-zstd")
+        if self.a.raw:
+            self.build_buildah(raw, "bench/raw-gzip")
+            self.build_regdisk(raw, "bench/raw-zstd")
+
+    def pull_regdisk(self, repo):
+        store = os.path.join(self.work, "store")
+        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run(["sync"])
+        t, rss = timed(self.rd("pull", f"docker://{self.reg.host}/{repo}:latest"))
+        return t, rss, used_bytes(store)
+
+    def pull_containerd(self, repo):
+        self.ctd.fresh()
+        subprocess.run(["sync"])
+        t, _ = timed(["ctr", "--address", self.ctd.sock, "-n", "bench", "images", "pull", "--plain-http",
+                      "--snapshotter", "native", f"{self.reg.host}/{repo}:latest"])
+        return t, self.ctd.peak_rss_kib(), used_bytes(self.ctd.root)
+
+    def fetch_floor(self, repo):
+        digest, _ = self.reg.largest_layer(repo, "latest")
+        t, _ = timed(["curl", "-sSf", "-o", "/dev/null", f"http://{self.reg.host}/v2/{repo}/blobs/{digest}"])
+        return t
+
+    def pulls(self, disk_bytes):
+        variants = ["qcow2"] + (["raw"] if self.a.raw else [])
+        steps = []
+        for v in variants:
+            steps += [
+                (f"fetch floor ({v}, gzip blob)", lambda v=v: (self.fetch_floor(f"bench/{v}-gzip"),)),
+                (f"fetch floor ({v}, zstd blob)", lambda v=v: (self.fetch_floor(f"bench/{v}-zstd"),)),
+                (f"pull containerd ({v}, gzip)", lambda v=v: self.pull_containerd(f"bench/{v}-gzip")),
+                (f"pull regdisk ({v}, gzip)", lambda v=v: self.pull_regdisk(f"bench/{v}-gzip")),
+                (f"pull regdisk ({v}, zstd)", lambda v=v: self.pull_regdisk(f"bench/{v}-zstd")),
+            ]
+        for i in range(self.a.runs):
+            order = steps[i % len(steps):] + steps[:i % len(steps)]  # rotate, so no one always goes first
+            for name, fn in order:
+                r = fn()
+                if len(r) == 1:
+                    self.add(name, r[0])
+                else:
+                    v = name.split("(")[1].split(",")[0]
+                    self.add(name, r[0], peak_rss_mib=r[1] / 1024, disk_usage_ratio=r[2] / disk_bytes[v])
+        self.ctd.stop()
+
+    def warm_start(self):
+        """N VMs at once from the disk the last pull stored."""
+        store = os.path.join(self.work, "store")
+        subprocess.run(self.rd("pull", f"docker://{self.reg.host}/bench/qcow2-gzip:latest"), check=True,
+                       stdout=subprocess.DEVNULL)
+        procs, booted, created = [], {}, {}
+        t0 = time.monotonic()
+        for i in range(self.a.vms):
+            spec = os.path.join(self.work, f"vm{i}.yaml")
+            with open(spec, "w") as f:
+                f.write(f"apiVersion: kubevirt.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: bench-{i}}}\n"
+                        "spec:\n  domain:\n    resources: {requests: {memory: 64Mi}}\n"
+                        "    devices: {disks: [{name: d, volumeName: v, disk: {dev: vda}}]}\n"
+                        f"  volumes: [{{name: v, registryDisk: {{image: {self.reg.host}/bench/qcow2-gzip:latest}}}}]\n")
+            p = subprocess.Popen(self.rd("-v", "run", "-f", spec, "--timeout", "300", "--grace", "2"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs.append(p)
+
+            def watch(i=i, p=p):
+                for line in p.stdout:
+                    if b"REGDISK-GUEST-BOOTED" in line and i not in booted:
+                        booted[i] = time.monotonic() - t0
+
+            def watch_err(i=i, p=p):
+                for line in p.stderr:
+                    if b"ephemeral disk" in line and b" ms" in line:
+                        created.setdefault(i, float(line.split(b" in ")[-1].split(b" ms")[0]))
+
+            threading.Thread(target=watch, daemon=True).start()
+            threading.Thread(target=watch_err, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while len(booted) < self.a.vms and time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a VM exited before booting")
+            time.sleep(0.05)
+        all_booted = time.monotonic() - t0
+        time.sleep(1)  # let every VM settle before measuring
+        overlay = used_bytes(os.path.join(store, "run"))
+        qemu_pss = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                if b"qemu-system" in cmd and store.encode() in cmd:
+                    for line in open(f"/proc/{pid}/smaps_rollup"):
+                        if line.startswith("Pss:"):
+                            qemu_pss += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        sup_rss = 0
+        for p in procs:
+            for line in open(f"/proc/{p.pid}/status"):
+                if line.startswith("VmRSS:"):
+                    sup_rss += int(line.split()[1]) * 1024
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        n = self.a.vms
+        self.extra["warm start"] = {
+            "vms": n,
+            "all booted s": all_booted,
+            "ephemeral disk create ms (median)": statistics.median(created.values()) if created else None,
+            "ephemeral disk create ms (max)": max(created.values()) if created else None,
+            "overlay bytes per VM": overlay / n,
+            "QEMU PSS MiB per VM": qemu_pss / n / MIB,
+            "regdisk supervisor RSS MiB per VM": sup_rss / n / MIB,
+        }
+        log(f"warm start: {self.extra['warm start']}")
+
+    def check_bootable(self, qcow2):
+        """The stored disk equals the original (outside the timed runs)."""
+        store = os.path.join(self.work, "store")
+        out = subprocess.run(self.rd("inspect", "--disk", f"docker://{self.reg.host}/bench/qcow2-zstd:latest"),
+                             capture_output=True, check=True)
+        stored = json.loads(out.stdout)["disk"]["file"] if b'"disk"' in out.stdout else None
+        subprocess.run(self.rd("pull", f"docker://{self.reg.host}/bench/qcow2-zstd:latest"), check=True,
+                       stdout=subprocess.DEVNULL)
+        for name in os.listdir(os.path.join(store, "disks")):
+            for f in os.listdir(os.path.join(store, "disks", name)):
+                if f != "meta.json":
+                    stored = os.path.join(store, "disks", name, f)
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", qcow2, stored], check=True)
+
+    def run(self):
+        try:
+            log(f"work directory {self.work}")
+            size = int(self.a.size_gib * (1 << 30)) // MIB * MIB
+            raw, qcow2 = make_disk(self.work, size, self.a.boot_sector)
+            disk_bytes = {"qcow2": os.path.getsize(qcow2), "raw": size}
+            log(f"disk: {size / MIB:.0f} MiB virtual, qcow2 file {disk_bytes['qcow2'] / MIB:.0f} MiB")
+            self.reg.restart()
+            self.builds(qcow2, raw)
+            self.pulls(disk_bytes)
+            self.check_bootable(qcow2)
+            if self.a.vms > 0:
+                self.warm_start()
+            return self.report(size, disk_bytes)
+        finally:
+            self.reg.stop()
+            self.ctd.close()
+            if not self.a.keep:
+                shutil.rmtree(self.work, ignore_errors=True)
+
+    def report(self, size, disk_bytes):
+        s = {k: summary(v) for k, v in self.samples.items()}
+        for k, extra in self.extra.items():
+            if k in s:
+                s[k].update({f"{e} (median)": statistics.median(vals) for e, vals in extra.items()})
+        med = lambda k: s[k]["median"] if k in s else None
+        ratios = {}
+        for v in ["qcow2"] + (["raw"] if self.a.raw else []):
+            c, g, z, f = (med(f"pull containerd ({v}, gzip)"), med(f"pull regdisk ({v}, gzip)"),
+                          med(f"pull regdisk ({v}, zstd)"), med(f"fetch floor ({v}, gzip blob)"))
+            ratios[f"pull {v} gzip: regdisk / containerd (target <= 0.25)"] = g / c
+            ratios[f"pull {v} gzip: regdisk / fetch floor (target <= 1.5)"] = g / f
+            ratios[f"pull {v}: regdisk zstd / containerd"] = z / c
+            ratios[f"pull {v} zstd: regdisk / fetch floor"] = z / med(f"fetch floor ({v}, zstd blob)")
+        b = med("build+push buildah (gzip)")
+        for comp in ("zstd", "gzip"):
+            ratios[f"build+push: regdisk {comp} / buildah (target <= 0.3)"] = med(f"build+push regdisk ({comp})") / b
+        result = {
+            "machine": machine(),
+            "disk": {"virtual bytes": size, "qcow2 bytes": disk_bytes["qcow2"]},
+            "timings": s,
+            "ratios": ratios,
+            "warm start": self.extra.get("warm start"),
+        }
+        os.makedirs(self.a.out, exist_ok=True)
+        with open(os.path.join(self.a.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print_table(result)
+        return result
+
+
+def machine():
+    cpu = ""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = open("/proc/meminfo").readline().split()[1]
+    ver = lambda argv: subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0:1]
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory GiB": round(int(mem) / (1 << 20)),
+            "kernel": platform.release(), "containerd": ver(["containerd", "--version"]),
+            "buildah": ver(["buildah", "--version"]), "date": time.strftime("%Y-%m-%d")}
+
+
+def print_table(r):
+    print(f"\nmachine: {r['machine']}")
+    print(f"disk: {r['disk']['virtual bytes'] / MIB:.0f} MiB virtual, qcow2 {r['disk']['qcow2 bytes'] / MIB:.0f} MiB\n")
+    print(f"| {'measurement':44} | median s | min s | max s | peak RSS MiB | disk use / disk |")
+    print(f"|{'-' * 46}|----------|-------|-------|--------------|-----------------|")
+    for k, v in r["timings"].items():
+        rss = v.get("peak_rss_mib (median)")
+        use = v.get("disk_usage_ratio (median)")
+        print(f"| {k:44} | {v['median']:8.2f} | {v['min']:5.2f} | {v['max']:5.2f} | "
+              f"{'' if rss is None else f'{rss:.0f}':>12} | {'' if use is None else f'{use:.2f}':>15} |")
+    print()
+    for k, v in r["ratios"].items():
+        print(f"| {k:60} | {v:5.2f} |")
+    if r.get("warm start"):
+        print()
+        for k, v in r["warm start"].items():
+            print(f"| warm start: {k:40} | {v if v is None or isinstance(v, int) else round(v, 3)} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("regdisk")
+    ap.add_argument("boot_sector")
+    ap.add_argument("--size-gib", type=float, default=2.0, help="virtual size of the generated disk")
+    ap.add_argument("--runs", type=int, default=5, help="pull runs of each kind")
+    ap.add_argument("--build-runs", type=int, default=3)
+    ap.add_argument("--vms", type=int, default=20, help="VMs started at once for the warm start (0: skip)")
+    ap.add_argument("--raw", action="store_true", help="also pull a raw variant of the disk")
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--work-parent", default="/var/tmp", help="where the work directory goes (not a tmpfs)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (containerd and buildah need it)")
+    Bench(a).run()
+
+
+if __name__ == "__main__":
+    main()
