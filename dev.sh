@@ -7,6 +7,8 @@
 #                    (clang + libFuzzer), build with ASan/UBSan and run every
 #                    test (extra arguments go to ctest)
 #   ./dev.sh build   build build/src/regdisk (Release)
+#   ./dev.sh bench [ARGS]  build (Release) and run bench/run.py: regdisk against
+#                    containerd and buildah on a generated 2 GiB disk (as root)
 #   ./dev.sh fuzz [SECONDS]  fuzz the VM spec parser (default 300 s)
 #   ./dev.sh deps    only install the Debian packages
 set -euo pipefail
@@ -20,6 +22,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps
+  containerd python3 curl time isal  # bench/run.py: the anchor and its tools
 )
 
 deps() {
@@ -82,11 +85,17 @@ case "${1:-}" in
     deps
     build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
     ;;
+  bench)
+    shift
+    deps
+    build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
+    exec python3 bench/run.py build/src/regdisk build/guest/hello.bootsector "$@"
+    ;;
   deps)
     deps
     ;;
   *)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -454,7 +454,7 @@ class Bench:
             ratios[f"pull {v}: regdisk zstd / containerd"] = z / c
             ratios[f"pull {v} zstd: regdisk / fetch floor"] = z / med(f"fetch floor ({v}, zstd blob)")
         b = med("build+push buildah (gzip)")
-        for comp in ("zstd", "gzip"):
+        for comp in ("zstd", "gzip") if b else ():
             ratios[f"build+push: regdisk {comp} / buildah (target <= 0.3)"] = med(f"build+push regdisk ({comp})") / b
         result = {
             "machine": machine(),
@@ -516,7 +516,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
     if os.geteuid() != 0:
-        sys.exit("bench: run as root (containerd and buildah need it)")
+        print("bench: run as root (containerd and buildah need it)", file=sys.stderr)
+        sys.exit(77)
     Bench(a).run()
 
 

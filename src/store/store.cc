@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <thread>
 
 #include "image/copy.h"
@@ -35,6 +36,10 @@ bool IsRefusal(const Status& st) {
     case Code::kResourceExhausted: return true;
     default: return false;
   }
+}
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
 }  // namespace
@@ -181,7 +186,9 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     const auto& l = layers[i];
     std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
     log::Info("streaming {} ({} bytes)", label, l.size);
+    const auto t0 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed));
+    log::Info("{} streamed in {:.2f} s", label, Seconds(t0));
   }
   ASSIGN_OR_RETURN(DiskTree::File file, tree.FindDisk(options.path));
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file.staged, O_RDONLY));
@@ -196,7 +203,9 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   const fs::path disk_file = image_dir / name;
   if (::rename(file.staged.c_str(), disk_file.c_str()) != 0) return ErrnoStatus("staging the disk");
   ASSIGN_OR_RETURN(UniqueFd disk_fd, OpenFile(disk_file, O_RDONLY));
+  const auto t0 = std::chrono::steady_clock::now();
   if (::fsync(disk_fd.get()) != 0) return ErrnoStatus("syncing the disk");
+  log::Info("disk synced in {:.2f} s", Seconds(t0));
   ::fchmod(disk_fd.get(), 0444);
   json meta = {{"manifest", manifest.str()},
                {"path", file.image_path},

@@ -21,6 +21,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr size_t kZeroBlock = 4096;
+constexpr uint64_t kWritebackWindow = 32 << 20;
 
 enum class Compression { kNone, kGzip, kZstd };
 
@@ -329,6 +330,7 @@ Status DiskTree::ReadEntries(archive* a, const std::string& label) {
     const void* buf = nullptr;
     size_t len = 0;
     la_int64_t off = 0;
+    uint64_t flushed = 0;  // bytes handed to writeback
     for (;;) {
       int rr = archive_read_data_block(a, &buf, &len, &off);
       if (rr == ARCHIVE_EOF) break;
@@ -336,6 +338,14 @@ Status DiskTree::ReadEntries(archive* a, const std::string& label) {
         return InvalidArgument(label + " is truncated or corrupt inside /" + path + ": " + archive_error_string(a));
       }
       RETURN_IF_ERROR(WriteSparse(out.get(), static_cast<const char*>(buf), len, static_cast<uint64_t>(off)));
+      // Start writing back what is done while the rest streams in, so the
+      // fsync before the commit has little left to do.
+      const uint64_t end = static_cast<uint64_t>(off) + len;
+      if (end >= flushed + kWritebackWindow) {
+        ::sync_file_range(out.get(), static_cast<off_t>(flushed), static_cast<off_t>(end - flushed),
+                          SYNC_FILE_RANGE_WRITE);
+        flushed = end;
+      }
     }
     uint64_t size = static_cast<uint64_t>(archive_entry_size(e));
     if (::ftruncate(out.get(), static_cast<off_t>(size)) != 0) return ErrnoStatus("sizing " + staged.string());
