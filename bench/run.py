@@ -312,6 +312,24 @@ class Bench:
         t, _ = timed(["curl", "-sSf", "-o", "/dev/null", f"http://{self.reg.host}/v2/{repo}/blobs/{digest}"])
         return t
 
+    def blob_file(self, repo):
+        digest, _ = self.reg.largest_layer(repo, "latest")
+        algo, hexd = digest.split(":")
+        return os.path.join(self.reg.dir, "data/docker/registry/v2/blobs", algo, hexd[:2], hexd, "data")
+
+    def profile(self):
+        """The single-core cost of each step of a pull, on the same blobs (read from the page cache)."""
+        gz, zs = self.blob_file("bench/qcow2-gzip"), self.blob_file("bench/qcow2-zstd")
+        steps = [
+            ("step: SHA-256 of the gzip blob (openssl)", ["openssl", "dgst", "-sha256", gz]),
+            ("step: inflate the gzip blob (igzip -dc)", ["sh", "-c", 'exec igzip -dc < "$0" > /dev/null', gz]),
+            ("step: inflate the gzip blob (zlib: gzip -dc)", ["sh", "-c", 'exec gzip -dc < "$0" > /dev/null', gz]),
+            ("step: decompress the zstd blob (zstd -dc)", ["sh", "-c", 'exec zstd -qdc < "$0" > /dev/null', zs]),
+        ]
+        for i in range(3):
+            for name, argv in steps:
+                self.add(name, timed(argv)[0])
+
     def pulls(self, disk_bytes):
         variants = ["qcow2"] + (["raw"] if self.a.raw else [])
         steps = []
@@ -429,6 +447,7 @@ class Bench:
             self.reg.restart()
             self.builds(qcow2, raw)
             self.pulls(disk_bytes)
+            self.profile()
             self.check_bootable(qcow2)
             if self.a.vms > 0:
                 self.warm_start()
@@ -458,7 +477,9 @@ class Bench:
             ratios[f"build+push: regdisk {comp} / buildah (target <= 0.3)"] = med(f"build+push regdisk ({comp})") / b
         result = {
             "machine": machine(),
-            "disk": {"virtual bytes": size, "qcow2 bytes": disk_bytes["qcow2"]},
+            "disk": {"virtual bytes": size, "qcow2 bytes": disk_bytes["qcow2"],
+                     "gzip layer bytes": self.reg.largest_layer("bench/qcow2-gzip", "latest")[1],
+                     "zstd layer bytes": self.reg.largest_layer("bench/qcow2-zstd", "latest")[1]},
             "timings": s,
             "ratios": ratios,
             "warm start": self.extra.get("warm start"),
@@ -485,13 +506,15 @@ def machine():
 
 def print_table(r):
     print(f"\nmachine: {r['machine']}")
-    print(f"disk: {r['disk']['virtual bytes'] / MIB:.0f} MiB virtual, qcow2 {r['disk']['qcow2 bytes'] / MIB:.0f} MiB\n")
-    print(f"| {'measurement':44} | median s | min s | max s | peak RSS MiB | disk use / disk |")
-    print(f"|{'-' * 46}|----------|-------|-------|--------------|-----------------|")
+    d = r["disk"]
+    print(f"disk: {d['virtual bytes'] / MIB:.0f} MiB virtual, qcow2 {d['qcow2 bytes'] / MIB:.0f} MiB, "
+          f"gzip layer {d['gzip layer bytes'] / MIB:.0f} MiB, zstd layer {d['zstd layer bytes'] / MIB:.0f} MiB\n")
+    print(f"| {'measurement':50} | median s | min s | max s | peak RSS MiB | disk use / disk |")
+    print(f"|{'-' * 52}|----------|-------|-------|--------------|-----------------|")
     for k, v in r["timings"].items():
         rss = v.get("peak_rss_mib (median)")
         use = v.get("disk_usage_ratio (median)")
-        print(f"| {k:44} | {v['median']:8.2f} | {v['min']:5.2f} | {v['max']:5.2f} | "
+        print(f"| {k:50} | {v['median']:8.2f} | {v['min']:5.2f} | {v['max']:5.2f} | "
               f"{'' if rss is None else f'{rss:.0f}':>12} | {'' if use is None else f'{use:.2f}':>15} |")
     print()
     for k, v in r["ratios"].items():
