@@ -51,6 +51,16 @@ TEST_F(OverlayTest, QemuAcceptsItOverQcow2AndRawAndWritesStayInIt) {
   }
 }
 
+TEST_F(OverlayTest, AFreshOverlayTakesAFewBlocks) {
+  const std::string base = P("base.raw");
+  Qemu({"qemu-img", "create", "-q", "-f", "raw", base, "20G"});
+  ASSERT_OK(CreateOverlay(P("vm.qcow2"), base, Format::kRaw, 20ull << 30));
+  struct stat st;
+  ASSERT_EQ(::stat(P("vm.qcow2").c_str(), &st), 0);
+  EXPECT_LE(st.st_blocks * 512, 64 * 1024);  // the L1 table is a hole
+  Qemu({"qemu-img", "check", "-q", "-f", "qcow2", P("vm.qcow2")});
+}
+
 TEST_F(OverlayTest, SmallAndOddSizesMatchQemuImg) {
   const std::string base = P("base.raw");
   Qemu({"qemu-img", "create", "-q", "-f", "raw", base, "1536"});
