@@ -89,7 +89,7 @@ case "${1:-}" in
     shift
     deps
     build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
-    exec python3 bench/run.py build/src/regdisk build/guest/hello.bootsector "$@"
+    exec /usr/bin/python3 bench/run.py build/src/regdisk build/guest/hello.bootsector "$@"
     ;;
   deps)
     deps

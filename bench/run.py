@@ -464,18 +464,7 @@ class Bench:
         for k, extra in self.extra.items():
             if k in s:
                 s[k].update({f"{e} (median)": statistics.median(vals) for e, vals in extra.items()})
-        med = lambda k: s[k]["median"] if k in s else None
-        ratios = {}
-        for v in ["qcow2"] + (["raw"] if self.a.raw else []):
-            c, g, z, f = (med(f"pull containerd ({v}, gzip)"), med(f"pull regdisk ({v}, gzip)"),
-                          med(f"pull regdisk ({v}, zstd)"), med(f"fetch floor ({v}, gzip blob)"))
-            ratios[f"pull {v} gzip: regdisk / containerd (target <= 0.25)"] = g / c
-            ratios[f"pull {v} gzip: regdisk / fetch floor (target <= 1.5)"] = g / f
-            ratios[f"pull {v}: regdisk zstd / containerd"] = z / c
-            ratios[f"pull {v} zstd: regdisk / fetch floor"] = z / med(f"fetch floor ({v}, zstd blob)")
-        b = med("build+push buildah (gzip)")
-        for comp in ("zstd", "gzip") if b else ():
-            ratios[f"build+push: regdisk {comp} / buildah (target <= 0.3)"] = med(f"build+push regdisk ({comp})") / b
+        ratios = compute_ratios(s)
         result = {
             "machine": machine(),
             "disk": {"virtual bytes": size, "qcow2 bytes": disk_bytes["qcow2"],
@@ -489,6 +478,7 @@ class Bench:
         with open(os.path.join(self.a.out, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
         print_table(result)
+        plot(result, os.path.join(self.a.out, "ratios.png"))
         return result
 
 
@@ -503,6 +493,60 @@ def machine():
     return {"cpu": cpu, "cores": os.cpu_count(), "memory GiB": round(int(mem) / (1 << 20)),
             "kernel": platform.release(), "containerd": ver(["containerd", "--version"]),
             "buildah": ver(["buildah", "--version"]), "date": time.strftime("%Y-%m-%d")}
+
+
+def compute_ratios(s):
+    """Ratios of the medians in `s` (timings by name) to their anchors."""
+    med = lambda k: s[k]["median"] if k in s else None
+    ratios = {}
+    for v in ("qcow2", "raw"):
+        c, g, z = med(f"pull containerd ({v}, gzip)"), med(f"pull regdisk ({v}, gzip)"), med(f"pull regdisk ({v}, zstd)")
+        if not (c and g and z):
+            continue
+        ratios[f"pull {v} gzip: regdisk / containerd (target <= 0.25)"] = g / c
+        ratios[f"pull {v} gzip: regdisk / fetch floor (target <= 1.5)"] = g / med(f"fetch floor ({v}, gzip blob)")
+        ratios[f"pull {v}: regdisk zstd / containerd"] = z / c
+        ratios[f"pull {v} zstd: regdisk / fetch floor"] = z / med(f"fetch floor ({v}, zstd blob)")
+    # How close a pull comes to the cost of decompressing alone, on one core.
+    inflate, unzstd = med("step: inflate the gzip blob (igzip -dc)"), med("step: decompress the zstd blob (zstd -dc)")
+    if inflate and unzstd and med("pull regdisk (qcow2, gzip)"):
+        ratios["pull qcow2 gzip: regdisk / igzip -dc alone"] = med("pull regdisk (qcow2, gzip)") / inflate
+        ratios["pull qcow2 zstd: regdisk / zstd -dc alone"] = med("pull regdisk (qcow2, zstd)") / unzstd
+    b = med("build+push buildah (gzip)")
+    for comp in ("zstd", "gzip") if b else ():
+        ratios[f"build+push: regdisk {comp} / buildah (target <= 0.3)"] = med(f"build+push regdisk ({comp})") / b
+    return ratios
+
+
+def plot(r, path):
+    """A bar chart of the ratios against their targets, when matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no plot: apt-get install python3-matplotlib for one")
+        return
+    items = list(r["ratios"].items())
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.2))
+    names = [k.replace(" (target", "\n(target") for k, _ in items]
+    values = [v for _, v in items]
+    colors = []
+    for k, v in items:
+        target = float(k.split("<= ")[1].rstrip(")")) if "<=" in k else None
+        colors.append("tab:gray" if target is None else ("tab:green" if v <= target else "tab:red"))
+    ax.barh(names, values, color=colors)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("ratio (log scale; green: target met, red: missed, gray: no target)")
+    ax.set_title(f"regdisk vs anchors, {r['machine']['cores']} cores, {r['disk']['virtual bytes'] >> 30} GiB disk")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"plot: {path}")
 
 
 def print_table(r):
@@ -528,8 +572,8 @@ def print_table(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("regdisk")
-    ap.add_argument("boot_sector")
+    ap.add_argument("regdisk", nargs="?")
+    ap.add_argument("boot_sector", nargs="?")
     ap.add_argument("--size-gib", type=float, default=2.0, help="virtual size of the generated disk")
     ap.add_argument("--runs", type=int, default=5, help="pull runs of each kind")
     ap.add_argument("--build-runs", type=int, default=3)
@@ -538,7 +582,19 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--work-parent", default="/var/tmp", help="where the work directory goes (not a tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the table and plot of saved results")
     a = ap.parse_args()
+    if a.replot:
+        with open(a.replot) as f:
+            r = json.load(f)
+        r["ratios"] = compute_ratios(r["timings"])
+        with open(a.replot, "w") as f:
+            json.dump(r, f, indent=2)
+        print_table(r)
+        plot(r, os.path.join(os.path.dirname(a.replot) or ".", "ratios.png"))
+        return
+    if not a.regdisk or not a.boot_sector:
+        ap.error("give the regdisk binary and the guest boot sector (./dev.sh bench does)")
     if os.geteuid() != 0:
         print("bench: run as root (containerd and buildah need it)", file=sys.stderr)
         sys.exit(77)
