@@ -2,13 +2,16 @@
 // hostile images without leaving anything behind.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "harness/harness.h"
 #include "image/layout.h"
+#include "util/process.h"
 
 namespace regdisk::testing {
 namespace {
@@ -374,6 +377,51 @@ TEST_F(StoreTest, AStreamedLayerSurvivesCutsAndAWrongDigestLeavesNothing) {
   EXPECT_THAT(r.err, HasSubstr("failed verification"));
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   ExpectStoreEmpty();
+}
+
+TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::string disk = RandomBytes(4 << 20, 31);
+  PushDiskImage("v1", {{"disk.img", disk}});
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/kill:v1"}).exit_code, 0);
+  auto proxy = FaultProxy::Start((*reg)->port());
+  ASSERT_OK(proxy);
+  const std::string remote = "docker://" + (*proxy)->host() + "/vm/kill:v1";
+  // The layer's answer stops after 1 MiB; the pull then waits a minute
+  // before retrying, and is killed while it waits.
+  FaultProxy::Rule cut;
+  cut.method = "GET";
+  cut.path_contains = "/blobs/";
+  cut.action = FaultProxy::Rule::Action::kCutAfter;
+  cut.cut_after = 1 << 20;
+  (*proxy)->AddRule(cut);  // the config
+  (*proxy)->AddRule(cut);  // the layer
+  std::vector<std::string> env = {"REGDISK_BACKOFF_MS=60000"};
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  Process::Options opt;
+  opt.env = env;
+  opt.stderr_mode = Process::Stdio::kNull;
+  auto pull = Process::Spawn({REGDISK_BIN, "--root", root_, "pull", remote}, opt);
+  ASSERT_OK(pull);
+  fs::path ingest = fs::path(root_) / "ingest";
+  uint64_t have = 0;
+  for (int i = 0; i < 500 && have < (1u << 20); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(ingest, ec)) have = std::max<uint64_t>(have, fs::file_size(e.path()));
+  }
+  ASSERT_EQ(have, 1u << 20) << "the ingest file should hold exactly what arrived before the cut";
+  pull->Signal(SIGKILL);
+  EXPECT_TRUE(pull->Wait(std::chrono::seconds(10)).has_value());
+
+  RunResult r = Regdisk({"inspect", "--disk", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+  auto seen = (*proxy)->seen();
+  ASSERT_FALSE(seen.empty());
+  EXPECT_EQ(seen.back().range, "bytes=" + std::to_string(1 << 20) + "-");
+  EXPECT_TRUE(fs::is_empty(ingest));
 }
 
 }  // namespace
