@@ -22,12 +22,14 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps
-  containerd python3 curl time isal zstd  # bench/run.py: the anchor and its tools
+  containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
 )
+# Only for ./dev.sh bench: the plot of the ratios.
+BENCH_PACKAGES=(python3-matplotlib)
 
-deps() {
+deps() {  # deps [EXTRA-PACKAGES...]
   local missing=()
-  for p in "${PACKAGES[@]}"; do
+  for p in "${PACKAGES[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -87,7 +89,7 @@ case "${1:-}" in
     ;;
   bench)
     shift
-    deps
+    deps "${BENCH_PACKAGES[@]}"
     build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
     exec /usr/bin/python3 bench/run.py build/src/regdisk build/guest/hello.bootsector "$@"
     ;;
