@@ -192,6 +192,50 @@ TEST_F(RegistryTest, RegistryToLayoutToAuthenticatedTlsRegistry) {
   EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
 }
 
+TEST_F(RegistryTest, ClientCertificatesFromTheCertDirectory) {
+  auto reg = TestRegistry::Start(RegistryMode::kMutualTls);
+  ASSERT_OK(reg);
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(50000, 4)}});
+  ASSERT_OK(img);
+  std::string remote = "docker://" + (*reg)->host() + "/vm/mtls:v1";
+  // The CA alone: the registry wants a client certificate, and says so.
+  fs::path ca_only = tmp() / "ca-only";
+  ASSERT_OK(MakeDirs(ca_only));
+  fs::copy_file((*reg)->ca_dir() / "ca.crt", ca_only / "ca.crt");
+  RunResult r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--cert-dir", ca_only.string()});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("client certificate"));
+  // A *.cert without its *.key is named.
+  fs::path half = tmp() / "half";
+  ASSERT_OK(MakeDirs(half));
+  fs::copy_file((*reg)->ca_dir() / "ca.crt", half / "ca.crt");
+  fs::copy_file((*reg)->ca_dir() / "client.cert", half / "client.cert");
+  r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--cert-dir", half.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("has no matching client.key"));
+  // A pair the registry's CA did not sign: refused, and the file named.
+  fs::path other = tmp() / "other";
+  ASSERT_OK(MakeDirs(other));
+  fs::copy_file((*reg)->ca_dir() / "ca.crt", other / "ca.crt");
+  ASSERT_EQ(RunProgram({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                        "-keyout", (other / "me.key").string(), "-out", (other / "me.cert").string(), "-days", "1",
+                        "-subj", "/CN=stranger"})
+                .exit_code,
+            0);
+  r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--cert-dir", other.string()});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("refused the TLS client certificate " + (other / "me.cert").string()));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  // The pair: push and pull back, digests intact.
+  r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--cert-dir", (*reg)->ca_dir().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
+  r = RunRegdisk({"copy", remote, Layout("back", "v1"), "--cert-dir", (*reg)->ca_dir().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
+}
+
 TEST_F(RegistryTest, TokenAuthCachesTokensAndRenewsOnExpiry) {
   auto reg = TestRegistry::Start(RegistryMode::kToken);
   ASSERT_OK(reg);

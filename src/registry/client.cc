@@ -341,6 +341,16 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
                            " is not trusted; put its CA certificate in --cert-dir or /etc/containers/certs.d/" +
                            registry + "/, or pass --tls-verify=false");
       }
+      if (te == TransportError::kClientCert) {
+        const std::string& cert = s.http->tls().client_cert_file;
+        if (cert.empty()) {
+          return PermissionDenied("the registry " + registry +
+                                  " requires a TLS client certificate; put NAME.cert and NAME.key (PEM) in --cert-dir "
+                                  "or /etc/containers/certs.d/" + registry + "/");
+        }
+        return PermissionDenied("the registry " + registry + " refused the TLS client certificate " + cert +
+                                "; use one signed by a CA it trusts and not expired");
+      }
       if (te == TransportError::kAborted || !call.retry) return resp;
       if (++attempt >= s.opt.max_attempts) {
         return std::move(resp).status().Annotate("giving up after " + std::to_string(attempt) + " attempts");

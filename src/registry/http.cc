@@ -104,6 +104,16 @@ int OnSeek(void* user, curl_off_t offset, int origin) {
   return CURL_SEEKFUNC_OK;
 }
 
+// OpenSSL's names for the alerts a server sends when it requires a client
+// certificate and got none, or does not accept the one it got.
+bool IsClientCertAlert(std::string_view detail) {
+  for (std::string_view alert : {"alert certificate required", "alert bad certificate", "alert unknown ca",
+                                 "alert certificate unknown", "alert certificate expired"}) {
+    if (detail.find(alert) != std::string_view::npos) return true;
+  }
+  return false;
+}
+
 TransportError Classify(CURLcode rc) {
   switch (rc) {
     case CURLE_OK: return TransportError::kNone;
@@ -136,6 +146,8 @@ struct HttpSession::Impl {
   HttpLimits limits;
   char errbuf[CURL_ERROR_SIZE] = {0};
 };
+
+const TlsOptions& HttpSession::tls() const { return impl_->tls; }
 
 HttpSession::HttpSession(TlsOptions tls, HttpLimits limits) : impl_(std::make_unique<Impl>()) {
   GlobalInitOnce();
@@ -225,6 +237,12 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
                                " bytes");
     }
     std::string detail = impl_->errbuf[0] ? impl_->errbuf : curl_easy_strerror(rc);
+    if (IsClientCertAlert(detail)) {
+      // With TLS 1.3 the server's verdict on our (missing) certificate
+      // arrives as an alert on the first read, not during the handshake.
+      if (transport_error) *transport_error = TransportError::kClientCert;
+      return PermissionDenied(req.method + " " + req.url + " failed: " + detail);
+    }
     if (te == TransportError::kTimeout) {
       return DeadlineExceeded(req.method + " " + req.url + " timed out: " + detail);
     }

@@ -65,6 +65,7 @@ enum class TransportError {
   kConnect,     // nothing listens, or the name does not resolve
   kTls,         // the handshake failed (e.g. the server speaks plain HTTP)
   kTlsVerify,   // the server's certificate is not trusted
+  kClientCert,  // the server wants a client certificate, or refused ours
   kTimeout,     // connect or stall timeout
   kBroken,      // the connection dropped mid-exchange
   kAborted,     // our own body callback stopped the transfer
@@ -85,8 +86,11 @@ class HttpSession {
   HttpSession& operator=(const HttpSession&) = delete;
 
   // Performs one exchange. A transport failure returns Unavailable (or the
-  // on_body callback's own status) and sets *transport_error.
+  // on_body callback's own status; PermissionDenied when the server refused
+  // the client certificate, or wanted one) and sets *transport_error.
   Result<HttpResponse> Do(const HttpRequest& req, TransportError* transport_error = nullptr);
+
+  const TlsOptions& tls() const;
 
  private:
   struct Impl;

@@ -96,6 +96,10 @@ std::string Base64Url(std::string_view s) {
 bool WaitReady(const std::string& url, bool tls, const fs::path& ca) {
   registry::TlsOptions t;
   if (tls) t.ca_pem = ReadFileCapped(ca, 1 << 20).value();
+  if (fs::path cert = ca.parent_path() / "client.cert"; fs::exists(cert)) {
+    t.client_cert_file = cert.string();
+    t.client_key_file = (ca.parent_path() / "client.key").string();
+  }
   registry::HttpSession http(t, {});
   for (int i = 0; i < 200; ++i) {
     registry::HttpRequest req;
@@ -217,7 +221,8 @@ Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, Tok
   std::unique_ptr<TestRegistry> reg(new TestRegistry(std::move(dir)));
   const fs::path d = reg->dir_.path();
   std::string auth_yaml, tls_yaml;
-  if (mode == RegistryMode::kTlsBasic) {
+  const bool tls = mode == RegistryMode::kTlsBasic || mode == RegistryMode::kMutualTls;
+  if (tls) {
     RETURN_IF_ERROR(MakeDirs(d / "certs-client"));
     RETURN_IF_ERROR(Run({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                          "-nodes", "-keyout", (d / "ca.key").string(), "-out", (d / "certs-client/ca.crt").string(),
@@ -229,12 +234,24 @@ Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, Tok
     RETURN_IF_ERROR(Run({"openssl", "x509", "-req", "-in", (d / "server.csr").string(), "-CA",
                          (d / "certs-client/ca.crt").string(), "-CAkey", (d / "ca.key").string(), "-CAcreateserial",
                          "-out", (d / "server.crt").string(), "-days", "2", "-extfile", (d / "ext.cnf").string()}));
+    tls_yaml = "  tls:\n    certificate: " + (d / "server.crt").string() + "\n    key: " + (d / "server.key").string() + "\n";
+  }
+  if (mode == RegistryMode::kTlsBasic) {
     // htpasswd reads the password from stdin (-i), so it is on no command line.
     auto hp = Process::Run({"htpasswd", "-niB", reg->user()}, 30s, reg->password() + "\n");
     if (!hp.ok() || hp->exit_code != 0) return Internal("htpasswd failed");
     RETURN_IF_ERROR(WriteFileAtomic(d / "htpasswd", hp->out));
-    tls_yaml = "  tls:\n    certificate: " + (d / "server.crt").string() + "\n    key: " + (d / "server.key").string() + "\n";
     auth_yaml = "auth:\n  htpasswd:\n    realm: regdisk-test\n    path: " + (d / "htpasswd").string() + "\n";
+  } else if (mode == RegistryMode::kMutualTls) {
+    // A client key pair signed by the same CA, named as certs.d expects.
+    const fs::path c = d / "certs-client";
+    RETURN_IF_ERROR(Run({"openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                         "-keyout", (c / "client.key").string(), "-out", (d / "client.csr").string(), "-subj",
+                         "/CN=regdisk-test-client"}));
+    RETURN_IF_ERROR(Run({"openssl", "x509", "-req", "-in", (d / "client.csr").string(), "-CA", (c / "ca.crt").string(),
+                         "-CAkey", (d / "ca.key").string(), "-CAcreateserial", "-out", (c / "client.cert").string(),
+                         "-days", "2"}));
+    tls_yaml += "    clientcas:\n      - " + (c / "ca.crt").string() + "\n";
   } else if (mode == RegistryMode::kToken) {
     ASSIGN_OR_RETURN(reg->token_, TokenServer::Start(d, token_options));
     auth_yaml = "auth:\n  token:\n    realm: " + reg->token_->realm() +
@@ -254,7 +271,6 @@ Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, Tok
     opt.stderr_mode = Process::Stdio::kFile;
     opt.stderr_file = d / "registry.log";
     ASSIGN_OR_RETURN(Process p, Process::Spawn({"docker-registry", "serve", (d / "config.yml").string()}, opt));
-    bool tls = mode == RegistryMode::kTlsBasic;
     std::string url = std::string(tls ? "https" : "http") + "://127.0.0.1:" + std::to_string(reg->port_) + "/v2/";
     if (WaitReady(url, tls, d / "certs-client/ca.crt")) {
       reg->proc_.emplace(std::move(p));

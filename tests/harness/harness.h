@@ -102,7 +102,9 @@ class TokenServer {
 
 // --- Registry ----------------------------------------------------------------
 
-enum class RegistryMode { kPlain, kTlsBasic, kToken };
+// kMutualTls: TLS that requires a client certificate signed by the test CA
+// (ca_dir() holds the CA and such a pair, client.cert and client.key).
+enum class RegistryMode { kPlain, kTlsBasic, kToken, kMutualTls };
 
 // Debian's docker-registry (Distribution v2) in a temp dir.
 class TestRegistry {
