@@ -424,5 +424,51 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
   EXPECT_TRUE(fs::is_empty(ingest));
 }
 
+TEST_F(StoreTest, RmiAndPruneRemoveWhatNoNameRefersTo) {
+  std::string a = MakeQcow2("a.qcow2");
+  PushDiskImage("a", {{"a.qcow2", a}});
+  PushDiskImage("b", {{"b.img", RandomBytes(1 << 20, 41)}});
+  // Two names for image a, one for b.
+  ASSERT_EQ(Regdisk({"pull", Layout("a")}).exit_code, 0);
+  ASSERT_EQ(RunRegdisk({"copy", Layout("a"), Layout("a2")}).exit_code, 0);
+  ASSERT_EQ(Regdisk({"pull", Layout("a2")}).exit_code, 0);
+  ASSERT_EQ(Regdisk({"pull", Layout("b")}).exit_code, 0);
+  auto count = [&](const char* sub) {
+    return std::distance(fs::directory_iterator(fs::path(root_) / sub), fs::directory_iterator());
+  };
+  ASSERT_EQ(count("disks"), 2);
+
+  // An unknown name: nothing is removed.
+  RunResult r = Regdisk({"rmi", Layout("a"), Layout("nope")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("no image named"));
+  EXPECT_EQ(json::parse(Regdisk({"images", "-o", "json"}).out).size(), 3u);
+
+  // One of a's names: its disk stays for the other.
+  r = Regdisk({"rmi", Layout("a")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("0 disks"));
+  EXPECT_EQ(count("disks"), 2);
+  // Both gone: a's disk, manifest and config go; b is untouched and usable.
+  ASSERT_OK(MakeDirs(fs::path(root_) / "tmp" / "left-by-a-killed-pull"));
+  ASSERT_OK(WriteFileAtomic(fs::path(root_) / "ingest" / "sha256-partial", "x", 0600));
+  r = Regdisk({"rmi", Layout("a2")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("1 disks, 2 blobs"));
+  EXPECT_EQ(count("disks"), 1);
+  EXPECT_EQ(count("blobs/sha256"), 2);  // b's manifest and config
+  EXPECT_EQ(count("tmp"), 0);
+  EXPECT_EQ(count("ingest"), 0);
+  json images = json::parse(Regdisk({"images", "-o", "json"}).out);
+  ASSERT_EQ(images.size(), 1u);
+  EXPECT_EQ(images[0]["name"], Layout("b"));
+  r = Regdisk({"inspect", "--disk", Layout("b")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Nothing left to prune; pulling a again works.
+  EXPECT_THAT(Regdisk({"prune"}).out, HasSubstr("0 disks, 0 blobs"));
+  ASSERT_EQ(Regdisk({"pull", Layout("a")}).exit_code, 0);
+}
+
 }  // namespace
 }  // namespace regdisk::testing

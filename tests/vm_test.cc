@@ -173,6 +173,34 @@ TEST_F(VmTest, SigtermDuringBootAndRunLeavesNothing) {
   }
 }
 
+TEST_F(VmTest, RmiKeepsADiskARunningVmUsesUntilItStops) {
+  std::string image = Push("halt.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  Process::Options opt;
+  opt.stdout_mode = Process::Stdio::kFile;
+  opt.stdout_file = P("run.out");
+  opt.stderr_mode = Process::Stdio::kFile;
+  opt.stderr_file = P("run.err");
+  auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec, "--grace", "1"}, opt);
+  ASSERT_OK(p);
+  ASSERT_TRUE(WaitFor(P("run.out"), "REGDISK-GUEST-DONE", 60s)) << ReadFileCapped(P("run.err"), 1 << 20).value_or("");
+
+  RunResult r = RunRegdisk({"--root", root_, "rmi", image});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("removed " + image));
+  EXPECT_THAT(r.err, HasSubstr("a running VM uses it"));
+  EXPECT_FALSE(fs::is_empty(fs::path(root_) / "disks"));  // kept under the running VM
+  EXPECT_THAT(RunRegdisk({"--root", root_, "images"}).out, Not(HasSubstr("fedora25")));
+
+  ::kill(p->pid(), SIGTERM);
+  ASSERT_TRUE(p->Wait(30s).has_value());
+  r = RunRegdisk({"--root", root_, "prune"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("1 disks"));
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "disks"));
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "blobs/sha256"));
+}
+
 TEST_F(VmTest, CrashedRegdiskIsCleanedUpByTheNextRun) {
   Push("halt.qcow2", "vmdisks/fedora25:latest");
   std::string spec = Spec("vm.yaml");

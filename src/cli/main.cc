@@ -178,6 +178,28 @@ int RunImages(const Globals& g, const std::string& output) {
   return 0;
 }
 
+// rmi (names given) and prune (none).
+int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune) {
+  auto st = store::Store::Open(g.root);
+  if (!st.ok()) return Fail(st.status());
+  std::vector<std::string> names;
+  for (const auto& ref : refs) {
+    auto name = image::ImageName::Parse(ref);
+    if (!name.ok()) return Fail(name.status());
+    names.push_back(name->String());
+  }
+  auto r = prune ? st->Prune() : st->Remove(names);
+  if (!r.ok()) return Fail(r.status());
+  for (const auto& n : names) std::printf("removed %s\n", n.c_str());
+  for (const auto& d : r->disks_in_use) {
+    std::fprintf(stderr, "regdisk: kept disk %s: a running VM uses it (regdisk prune removes it once the VM stops)\n",
+                 d.c_str());
+  }
+  std::printf("freed %.1f MiB: %d disks, %d blobs\n", static_cast<double>(r->bytes_freed) / (1 << 20), r->disks_removed,
+              r->blobs_removed);
+  return 0;
+}
+
 int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path) {
   if (disk) {
     auto img = PullToStore(g, ref, path);
@@ -411,6 +433,13 @@ int Main(int argc, char** argv) {
   images->add_option("-o,--output", images_output, "text (default) or json");
   images->fallthrough();
 
+  std::vector<std::string> rmi_refs;
+  CLI::App* rmi = app.add_subcommand("rmi", "remove registry disks from the node store (a disk in use stays until its VMs stop)");
+  rmi->add_option("image", rmi_refs, "names as regdisk images lists them")->required();
+  rmi->fallthrough();
+  CLI::App* prune = app.add_subcommand("prune", "delete from the node store what no name refers to and no VM uses");
+  prune->fallthrough();
+
   BuildFlags bf;
   std::string disk_file;
   CLI::App* build = app.add_subcommand("build", "make a registry disk from a qcow2 or raw disk, without a container engine");
@@ -465,6 +494,8 @@ int Main(int argc, char** argv) {
   if (*inspect) return RunInspect(g, ref, raw, disk, disk_path);
   if (*pull) return RunPull(g, pull_ref, disk_path);
   if (*images) return RunImages(g, images_output);
+  if (*rmi) return RunRemove(g, rmi_refs, false);
+  if (*prune) return RunRemove(g, {}, true);
   if (*validate) return RunValidate(spec_file, output);
   if (*build) return RunBuild(g, bf, disk_file);
   if (*run) return RunRun(g, rf);

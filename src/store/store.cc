@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <set>
 #include <thread>
 
 #include "image/copy.h"
@@ -289,6 +290,7 @@ Result<std::vector<StoredImage>> Store::List() const {
 }
 
 Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name, const PullOptions& options) {
+  ASSIGN_OR_RETURN(FileLock sharing, Share());  // no Prune between the commit and the name
   ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(src, options.platform));
   const oci::Digest digest = img.raw.digest;
   std::error_code ec;
@@ -332,6 +334,141 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
   }
   RETURN_IF_ERROR(SetRef(name, digest, options.path));
   return Load(digest, options.path, name);
+}
+
+fs::path Store::UseLockPath(const fs::path& disk_dir) const {
+  return root_ / "locks" / (disk_dir.filename().string() + ".use");
+}
+
+Result<FileLock> Store::Share() const {
+  return FileLock::Acquire(root_ / "locks" / "store", FileLock::Mode::kShared);
+}
+
+Result<FileLock> Store::Use(const StoredImage& img) const {
+  ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(UseLockPath(img.disk_file.parent_path()), FileLock::Mode::kShared));
+  std::error_code ec;
+  if (!fs::exists(img.disk_file, ec)) {
+    return NotFound("the disk of " + img.name + " was removed from the node store; pull it again");
+  }
+  return lock;
+}
+
+Result<GcResult> Store::Remove(const std::vector<std::string>& names) {
+  ASSIGN_OR_RETURN(FileLock exclusive, FileLock::Acquire(root_ / "locks" / "store"));
+  {
+    ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
+    ASSIGN_OR_RETURN(json refs, ReadRefs());
+    for (const auto& n : names) {
+      if (!refs.contains(n)) return NotFound("the node store has no image named " + n + "; regdisk images lists them");
+    }
+    for (const auto& n : names) refs.erase(n);
+    RETURN_IF_ERROR(WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600));
+  }
+  return CollectLocked();
+}
+
+Result<GcResult> Store::Prune() {
+  ASSIGN_OR_RETURN(FileLock exclusive, FileLock::Acquire(root_ / "locks" / "store"));
+  return CollectLocked();
+}
+
+namespace {
+
+uint64_t UsedBytes(const fs::path& p) {
+  std::error_code ec;
+  uint64_t total = 0;
+  struct stat st;
+  if (::lstat(p.c_str(), &st) == 0) total += static_cast<uint64_t>(st.st_blocks) * 512;
+  if (fs::is_directory(fs::symlink_status(p, ec))) {
+    for (const auto& e : fs::recursive_directory_iterator(p, ec)) {
+      if (::lstat(e.path().c_str(), &st) == 0) total += static_cast<uint64_t>(st.st_blocks) * 512;
+    }
+  }
+  return total;
+}
+
+// Removes a tree regdisk made read-only (disks are 0444 in a 0555 directory).
+void RemoveTree(const fs::path& p) {
+  std::error_code ec;
+  if (fs::is_directory(fs::symlink_status(p, ec))) {
+    ::chmod(p.c_str(), 0700);
+    for (const auto& e : fs::recursive_directory_iterator(p, ec)) {
+      if (e.is_directory(ec) && !e.is_symlink(ec)) ::chmod(e.path().c_str(), 0700);
+    }
+  }
+  fs::remove_all(p, ec);
+}
+
+}  // namespace
+
+Result<GcResult> Store::CollectLocked() {
+  GcResult r;
+  std::error_code ec;
+  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  std::set<std::string> named;  // disk directory names some name refers to
+  for (auto& [name, value] : refs.items()) {
+    if (!value.is_string()) continue;
+    const std::string v = value.get<std::string>();
+    const size_t hash = v.find('#');
+    auto d = oci::Digest::Parse(v.substr(0, hash));
+    if (d.ok()) named.insert(DiskDir(*d, hash == std::string::npos ? "" : v.substr(hash + 1)).filename().string());
+  }
+
+  // Disks: kept when named or in use; the blobs describing kept disks stay.
+  std::set<std::string> keep_blobs;
+  auto keep_blobs_of = [&](const fs::path& dir) {
+    auto meta = ReadFileCapped(dir / "meta.json", kMaxMetaBytes);
+    if (!meta.ok()) return;
+    json m = json::parse(*meta, nullptr, false);
+    if (!m.is_object() || !m["manifest"].is_string()) return;
+    auto d = oci::Digest::Parse(m["manifest"].get<std::string>());
+    if (!d.ok()) return;
+    keep_blobs.insert(d->hex());
+    auto text = ReadFileCapped(BlobPath(*d), 4 << 20);
+    if (!text.ok()) return;
+    auto manifest = oci::Manifest::Parse(*text);
+    if (manifest.ok() && manifest->config) keep_blobs.insert(manifest->config->digest.hex());
+  };
+  for (const auto& e : fs::directory_iterator(root_ / "disks", ec)) {
+    const std::string name = e.path().filename().string();
+    if (named.count(name)) {
+      keep_blobs_of(e.path());
+      continue;
+    }
+    ASSIGN_OR_RETURN(std::optional<FileLock> unused, FileLock::TryAcquire(UseLockPath(e.path())));
+    if (!unused) {
+      r.disks_in_use.push_back(name);
+      keep_blobs_of(e.path());
+      continue;
+    }
+    const uint64_t bytes = UsedBytes(e.path());
+    // Out of disks/ first, so no one ever sees half a disk directory.
+    const fs::path trash = root_ / "tmp" / ("removed-" + name);
+    RemoveTree(trash);
+    if (::rename(e.path().c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + e.path().string());
+    RemoveTree(trash);
+    ::unlink(UseLockPath(e.path()).c_str());
+    ++r.disks_removed;
+    r.bytes_freed += bytes;
+    log::Info("removed disk {} ({} bytes)", name, bytes);
+  }
+  RETURN_IF_ERROR(SyncDir(root_ / "disks"));
+
+  for (const auto& e : fs::directory_iterator(root_ / "blobs" / "sha256", ec)) {
+    if (keep_blobs.count(e.path().filename().string())) continue;
+    r.bytes_freed += UsedBytes(e.path());
+    fs::remove(e.path(), ec);
+    ++r.blobs_removed;
+  }
+  // No pull runs while the store lock is held exclusively: what is in
+  // tmp/ and ingest/ was left by killed pulls.
+  for (const char* sub : {"tmp", "ingest"}) {
+    for (const auto& e : fs::directory_iterator(root_ / sub, ec)) {
+      r.bytes_freed += UsedBytes(e.path());
+      RemoveTree(e.path());
+    }
+  }
+  return r;
 }
 
 }  // namespace regdisk::store

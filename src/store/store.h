@@ -17,6 +17,15 @@
 // the layer is verified and applied, so the node keeps one copy of the
 // disk, not a compressed and an extracted one.
 //
+// Removing images: Remove (regdisk rmi) drops names, Prune (regdisk prune)
+// deletes what no name refers to: disks, their manifests and configs,
+// leftovers of killed pulls. A disk a running VM uses is kept: every VM
+// holds a shared lock on its disks (Use) for as long as it runs, and
+// deleting needs that lock exclusively. Pulls and VM planning hold the
+// store lock shared; Remove and Prune take it exclusively, so they never
+// delete a disk between a pull's commit and its name, or between a VM's
+// lookup and its Use.
+//
 // Nothing becomes visible before it is complete: a disk directory is
 // renamed into place after every layer's digest has checked and the disk
 // has been validated. Pulling an image already present is a no-op; two
@@ -35,6 +44,7 @@
 #include "image/transport.h"
 #include "oci/manifest.h"
 #include "store/unpack.h"
+#include "util/fs.h"
 #include "util/status.h"
 
 namespace regdisk::store {
@@ -54,6 +64,13 @@ struct PullOptions {
   std::string path;  // the disk's path inside the image; empty: discover
 };
 
+struct GcResult {
+  int disks_removed = 0;
+  std::vector<std::string> disks_in_use;  // kept: a running VM uses them
+  int blobs_removed = 0;
+  uint64_t bytes_freed = 0;
+};
+
 class Store {
  public:
   // Opens ROOT, creating its directories (mode 0700) when missing.
@@ -69,6 +86,20 @@ class Store {
   // Every named image, sorted by name.
   Result<std::vector<StoredImage>> List() const;
 
+  // Held (shared) by whoever looks a disk up to use it, until it holds the
+  // disk's Use lock; Remove and Prune wait for it.
+  Result<FileLock> Share() const;
+  // A running VM's claim on its disk (shared); fails with NotFound when the
+  // disk is gone.
+  Result<FileLock> Use(const StoredImage& img) const;
+
+  // Drops the names (as `images` lists them) and then prunes. Unknown names
+  // fail before anything is removed.
+  Result<GcResult> Remove(const std::vector<std::string>& names);
+  // Deletes disks no name refers to (unless a VM uses them), blobs of no
+  // kept disk, staging left by killed pulls and partial downloads.
+  Result<GcResult> Prune();
+
  private:
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
   Result<StoredImage> Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const;
@@ -80,6 +111,8 @@ class Store {
   Status StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree, const std::string& label,
                      bool* resumed);
   void RemovePartials(const std::vector<oci::Descriptor>& layers);
+  Result<GcResult> CollectLocked();  // with the store lock held exclusively
+  std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;
   Status SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path);
   Result<nlohmann::json> ReadRefs() const;
   std::filesystem::path BlobPath(const oci::Digest& d) const;

@@ -123,12 +123,21 @@ Status PendingFile::Commit() {
   return SyncDir(final_.parent_path().empty() ? fs::path(".") : final_.parent_path());
 }
 
-Result<FileLock> FileLock::Acquire(const fs::path& path) {
+Result<FileLock> FileLock::Acquire(const fs::path& path, Mode mode) {
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDWR | O_CREAT, 0600));
-  while (::flock(fd.get(), LOCK_EX) != 0) {
+  while (::flock(fd.get(), mode == Mode::kShared ? LOCK_SH : LOCK_EX) != 0) {
     if (errno != EINTR) return ErrnoStatus("locking " + path.string());
   }
   return FileLock(std::move(fd));
+}
+
+Result<std::optional<FileLock>> FileLock::TryAcquire(const fs::path& path) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDWR | O_CREAT, 0600));
+  while (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) return std::optional<FileLock>();
+    if (errno != EINTR) return ErrnoStatus("locking " + path.string());
+  }
+  return std::optional<FileLock>(FileLock(std::move(fd)));
 }
 
 }  // namespace regdisk

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -106,7 +107,11 @@ class PendingFile {
 // Blocks until the lock is free; processes that die release it.
 class FileLock {
  public:
-  static Result<FileLock> Acquire(const std::filesystem::path& path);
+  enum class Mode { kExclusive, kShared };
+  // Waits for the lock.
+  static Result<FileLock> Acquire(const std::filesystem::path& path, Mode mode = Mode::kExclusive);
+  // Takes the lock if no one holds it (exclusive); nullopt when someone does.
+  static Result<std::optional<FileLock>> TryAcquire(const std::filesystem::path& path);
   FileLock(FileLock&&) = default;
   FileLock& operator=(FileLock&&) = default;
 

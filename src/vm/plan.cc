@@ -123,6 +123,7 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
   }
 
   ASSIGN_OR_RETURN(store::Store st, store::Store::Open(o.root));
+  ASSIGN_OR_RETURN(FileLock sharing, st.Share());  // no prune between a lookup and its Use
   for (const auto& d : vm.spec.disks) {
     const spec::Volume* vol = nullptr;
     for (const auto& v : vm.spec.volumes) {
@@ -132,6 +133,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + ", which is not a registry disk");
     }
     ASSIGN_OR_RETURN(store::StoredImage img, ResolveVolume(*vol->registry_disk, secrets, o, st));
+    ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
+    plan.disk_leases.push_back(std::move(lease));
     PlannedDisk pd;
     pd.name = d.name;
     pd.dev = d.dev;

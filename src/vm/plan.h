@@ -16,6 +16,7 @@
 #include "registry/client.h"
 #include "spec/spec.h"
 #include "store/store.h"
+#include "util/fs.h"
 #include "util/status.h"
 
 namespace regdisk::vm {
@@ -44,6 +45,9 @@ struct VmPlan {
   std::filesystem::path console_log;  // QEMU's serial output, in run_dir
   std::filesystem::path log_file;     // ROOT/logs/NS_NAME.log: regdisk copies the console here
   std::vector<PlannedDisk> disks;
+  // The VM's claims on its disks in the node store (Store::Use): held for
+  // as long as the plan lives, so rmi and prune keep those disks.
+  std::vector<FileLock> disk_leases;
 };
 
 struct PlanOptions {
