@@ -236,6 +236,37 @@ TEST_F(RegistryTest, ClientCertificatesFromTheCertDirectory) {
   EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
 }
 
+TEST_F(RegistryTest, IdentityTokensUseTheOAuth2RefreshTokenFlow) {
+  TokenServer::Options o;
+  o.anonymous_pull = false;
+  auto reg = TestRegistry::Start(RegistryMode::kToken, o);
+  ASSERT_OK(reg);
+  TokenServer* ts = (*reg)->token_server();
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(50000, 6)}});
+  ASSERT_OK(img);
+  std::string remote = "docker://" + (*reg)->host() + "/vm/idt:v1";
+  // What `docker login` leaves for registries that hand out identity tokens.
+  auto authfile = [&](const std::string& token) {
+    json j = {{"auths", {{(*reg)->host(), {{"auth", ""}, {"identitytoken", token}}}}}};
+    fs::path p = tmp() / ("auth-" + std::to_string(token.size()) + ".json");
+    EXPECT_TRUE(WriteFileAtomic(p, j.dump(), 0600).ok());
+    return p.string();
+  };
+  std::string good = authfile(o.identity_token);
+  RunResult r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--authfile", good});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_GE(ts->oauth_requests(), 1);
+  r = RunRegdisk({"copy", remote, Layout("back", "v1"), "--authfile", good});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Trim(r.out), img->manifest_digest.str());
+
+  std::string stale = authfile("idt-expired-or-revoked-token");
+  r = RunRegdisk({"-v", "copy", remote, Layout("back2", "v1"), "--authfile", stale});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("refused the identity token from the auth file; log in again"));
+  EXPECT_THAT(r.err, Not(HasSubstr("idt-expired-or-revoked-token")));
+}
+
 TEST_F(RegistryTest, TokenAuthCachesTokensAndRenewsOnExpiry) {
   auto reg = TestRegistry::Start(RegistryMode::kToken);
   ASSERT_OK(reg);

@@ -218,21 +218,37 @@ struct RegistryClient::State {
     if (realm.empty() || (realm.rfind("https://", 0) != 0 && realm.rfind("http://", 0) != 0)) {
       return Unauthenticated("registry " + registry + " sent a Bearer challenge without a usable realm");
     }
-    std::string url = realm + (realm.find('?') == std::string::npos ? "?" : "&");
-    bool first = true;
+    const bool identity_token = creds && creds->username == "<token>";
+    std::string form;  // "k=v&k=v"
     auto add = [&](const std::string& k, const std::string& v) {
-      url += (first ? "" : "&") + k + "=" + UrlEncode(v);
-      first = false;
+      form += (form.empty() ? "" : "&") + k + "=" + UrlEncode(v);
     };
-    if (auto s = challenge->params.find("service"); s != challenge->params.end()) add("service", s->second);
-    for (const auto& s : scopes) add("scope", s);
-    if (creds && creds->username != "<token>") add("account", creds->username);
-
+    std::string service;
+    if (auto s = challenge->params.find("service"); s != challenge->params.end()) service = s->second;
     HttpRequest req;
-    req.url = url;
     req.max_body = 1 << 20;
-    if (creds && creds->username != "<token>") {
-      req.headers.emplace_back("Authorization", "Basic " + Base64Encode(creds->username + ":" + creds->password));
+    if (identity_token) {
+      // An identity token (docker login's "identitytoken") is an OAuth2
+      // refresh token: POSTed to the realm, never sent as Basic auth.
+      add("grant_type", "refresh_token");
+      add("refresh_token", creds->password);
+      add("service", service);
+      add("client_id", "regdisk");
+      std::string scope;
+      for (const auto& s : scopes) scope += (scope.empty() ? "" : " ") + s;
+      add("scope", scope);
+      req.method = "POST";
+      req.url = realm;
+      req.body = form;
+      req.headers.emplace_back("Content-Type", "application/x-www-form-urlencoded");
+    } else {
+      if (!service.empty()) add("service", service);
+      for (const auto& s : scopes) add("scope", s);
+      if (creds) add("account", creds->username);
+      req.url = realm + (realm.find('?') == std::string::npos ? "?" : "&") + form;
+      if (creds) {
+        req.headers.emplace_back("Authorization", "Basic " + Base64Encode(creds->username + ":" + creds->password));
+      }
     }
     ++token_requests;
     Result<HttpResponse> resp = Unavailable("not attempted");
@@ -243,6 +259,10 @@ struct RegistryClient::State {
       if (attempt + 1 < opt.max_attempts) Sleep(Backoff(attempt));
     }
     if (!resp.ok()) return std::move(resp).status().Annotate("requesting a token for " + registry);
+    if (identity_token && (resp->status == 400 || resp->status == 401 || resp->status == 403)) {
+      return Unauthenticated("registry " + registry +
+                             " refused the identity token from the auth file; log in again to renew it");
+    }
     if (resp->status == 401 || resp->status == 403) {
       if (creds) {
         return Unauthenticated("registry " + registry + " refused the credentials for user \"" + creds->username +

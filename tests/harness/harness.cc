@@ -145,22 +145,12 @@ Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Opt
     X509_free(cert);
   }
   TokenServer* self = ts.get();
-  ts->impl_->server.Get("/token", [self](const httplib::Request& req, httplib::Response& res) {
-    self->requests_++;
-    std::string auth = req.get_header_value("Authorization");
-    bool authed = false;
-    if (!auth.empty()) {
-      auto decoded = registry::Base64Decode(auth.substr(auth.find(' ') + 1));
-      authed = decoded.ok() && *decoded == self->options_.user + ":" + self->options_.password;
-      if (!authed) {
-        res.status = 401;
-        res.set_content(R"({"details":"wrong user name or password"})", "application/json");
-        return;
-      }
-    }
+  // Answers with a JWT granting `scopes` (repository:NAME:ACTIONS) as the
+  // user may: everything when authed, else pull when anonymous pulls are on.
+  auto issue = [self](bool authed, const std::vector<std::string>& scopes, const std::string& service,
+                      const char* token_field, httplib::Response& res) {
     json access = json::array();
-    for (size_t i = 0; i < req.get_param_value_count("scope"); ++i) {
-      std::string scope = req.get_param_value("scope", i);  // repository:NAME:ACTIONS
+    for (const std::string& scope : scopes) {
       size_t a = scope.find(':'), b = scope.rfind(':');
       if (a == std::string::npos || b == a) continue;
       std::string actions = scope.substr(b + 1);
@@ -179,7 +169,7 @@ Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Opt
     json header = {{"typ", "JWT"}, {"alg", "RS256"}, {"x5c", json::array({self->impl_->x5c})}};
     json claims = {{"iss", "regdisk-test-issuer"},
                    {"sub", authed ? self->options_.user : ""},
-                   {"aud", req.get_param_value("service")},
+                   {"aud", service},
                    {"exp", now + self->options_.jwt_lifetime},
                    {"nbf", now - 10},
                    {"iat", now},
@@ -196,8 +186,44 @@ Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Opt
                    reinterpret_cast<const unsigned char*>(signing_input.data()), signing_input.size());
     EVP_MD_CTX_free(md);
     sig.resize(sig_len);
-    json body = {{"token", signing_input + "." + Base64Url(sig)}, {"expires_in", self->options_.expires_in}};
+    json body = {{token_field, signing_input + "." + Base64Url(sig)}, {"expires_in", self->options_.expires_in}};
     res.set_content(body.dump(), "application/json");
+  };
+  // The Docker token flow: GET with Basic credentials, or anonymous.
+  ts->impl_->server.Get("/token", [self, issue](const httplib::Request& req, httplib::Response& res) {
+    self->requests_++;
+    std::string auth = req.get_header_value("Authorization");
+    bool authed = false;
+    if (!auth.empty()) {
+      auto decoded = registry::Base64Decode(auth.substr(auth.find(' ') + 1));
+      authed = decoded.ok() && *decoded == self->options_.user + ":" + self->options_.password;
+      if (!authed) {
+        res.status = 401;
+        res.set_content(R"({"details":"wrong user name or password"})", "application/json");
+        return;
+      }
+    }
+    std::vector<std::string> scopes;
+    for (size_t i = 0; i < req.get_param_value_count("scope"); ++i) scopes.push_back(req.get_param_value("scope", i));
+    issue(authed, scopes, req.get_param_value("service"), "token", res);
+  });
+  // The OAuth2 flow: POST a form with a refresh token (never Basic auth).
+  ts->impl_->server.Post("/token", [self, issue](const httplib::Request& req, httplib::Response& res) {
+    self->requests_++;
+    self->oauth_requests_++;
+    if (req.has_header("Authorization") || req.get_param_value("grant_type") != "refresh_token" ||
+        req.get_param_value("refresh_token") != self->options_.identity_token ||
+        req.get_param_value("client_id").empty()) {
+      res.status = 401;
+      res.set_content(R"({"error":"invalid_grant"})", "application/json");
+      return;
+    }
+    std::vector<std::string> scopes;
+    std::stringstream ss(req.get_param_value("scope"));
+    for (std::string s; std::getline(ss, s, ' ');) {
+      if (!s.empty()) scopes.push_back(s);
+    }
+    issue(true, scopes, req.get_param_value("service"), "access_token", res);
   });
   ts->port_ = ts->impl_->server.bind_to_any_port("127.0.0.1");
   if (ts->port_ <= 0) return Internal("token server could not bind");

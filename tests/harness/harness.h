@@ -82,12 +82,16 @@ class TokenServer {
     bool anonymous_pull = true;
     int expires_in = 300;       // what the JSON answer claims
     int jwt_lifetime = 300;     // what the JWT's exp allows
+    // The OAuth2 refresh token POST /token accepts (an auth file's
+    // "identitytoken"); it grants what the user may do.
+    std::string identity_token = "idt-6f1c2b0e-regdisk-test";
   };
   static Result<std::unique_ptr<TokenServer>> Start(const std::filesystem::path& dir, Options options);
   ~TokenServer();
   std::string realm() const;
   const std::filesystem::path& cert_path() const { return cert_; }
   int requests() const { return requests_.load(); }
+  int oauth_requests() const { return oauth_requests_.load(); }
   void set_jwt_lifetime(int seconds) { options_.jwt_lifetime = seconds; }
 
  private:
@@ -97,6 +101,7 @@ class TokenServer {
   Options options_;
   std::filesystem::path cert_, key_;
   std::atomic<int> requests_{0};
+  std::atomic<int> oauth_requests_{0};
   int port_ = 0;
 };
 
