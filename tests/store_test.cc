@@ -11,6 +11,8 @@
 
 #include "harness/harness.h"
 #include "image/layout.h"
+#include "image/transport.h"
+#include "store/store.h"
 #include "util/process.h"
 
 namespace regdisk::testing {
@@ -468,6 +470,35 @@ TEST_F(StoreTest, RmiAndPruneRemoveWhatNoNameRefersTo) {
   // Nothing left to prune; pulling a again works.
   EXPECT_THAT(Regdisk({"prune"}).out, HasSubstr("0 disks, 0 blobs"));
   ASSERT_EQ(Regdisk({"pull", Layout("a")}).exit_code, 0);
+}
+
+TEST_F(StoreTest, PullReportsProgressPerLayer) {
+  PushDiskImage("v1", {{"disk.img", RandomBytes(12 << 20, 51)}});
+  auto st = store::Store::Open(root_);
+  ASSERT_OK(st);
+  auto name = image::ImageName::Parse(Layout("v1"));
+  ASSERT_OK(name);
+  auto src = image::OpenSource(*name, {});
+  ASSERT_OK(src);
+  struct Call {
+    size_t layer, layers;
+    uint64_t done, total;
+  };
+  std::vector<Call> calls;
+  store::PullOptions po;
+  po.on_progress = [&](size_t layer, size_t layers, uint64_t done, uint64_t total) {
+    calls.push_back({layer, layers, done, total});
+  };
+  ASSERT_OK(st->Pull(**src, name->String(), po));
+  ASSERT_GE(calls.size(), 3u);  // every 4 MiB of a 12 MiB layer, and its end
+  for (size_t i = 0; i < calls.size(); ++i) {
+    EXPECT_EQ(calls[i].layer, 0u);
+    EXPECT_EQ(calls[i].layers, 1u);
+    if (i > 0) {
+      EXPECT_GT(calls[i].done, calls[i - 1].done);
+    }
+  }
+  EXPECT_EQ(calls.back().done, calls.back().total);
 }
 
 }  // namespace

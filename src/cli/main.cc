@@ -7,12 +7,17 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -133,6 +138,36 @@ int RunCopy(const Globals& g, const std::string& from, const std::string& to, bo
   return 0;
 }
 
+// A progress line on stderr for pulls, redrawn in place, when stderr is a
+// terminal (logs and pipes get none).
+std::function<void(size_t, size_t, uint64_t, uint64_t)> TerminalProgress() {
+  if (!::isatty(STDERR_FILENO)) return {};
+  struct State {
+    std::chrono::steady_clock::time_point start, shown;
+    uint64_t start_bytes = 0;
+    size_t layer = SIZE_MAX;
+  };
+  auto st = std::make_shared<State>();
+  return [st](size_t layer, size_t layers, uint64_t done, uint64_t total) {
+    const auto now = std::chrono::steady_clock::now();
+    const bool last = done >= total;
+    if (layer != st->layer) {  // the rate counts from a layer's first report
+      st->layer = layer;
+      st->start = st->shown = now;
+      st->start_bytes = done;
+      if (!last) return;
+    }
+    if (!last && now - st->shown < std::chrono::milliseconds(200)) return;
+    st->shown = now;
+    const double secs = std::chrono::duration<double>(now - st->start).count();
+    std::string rate;
+    if (secs > 0.05) rate = fmt::format(" ({:.0f} MiB/s)", static_cast<double>(done - st->start_bytes) / (1 << 20) / secs);
+    std::fprintf(stderr, "\rlayer %zu/%zu: %.1f of %.1f MiB%s%s", layer + 1, layers,
+                 static_cast<double>(done) / (1 << 20), static_cast<double>(total) / (1 << 20), rate.c_str(),
+                 last ? "\n" : "   ");
+  };
+}
+
 // Pulls `ref` into the node store under --root; used by pull and inspect --disk.
 Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref, const std::string& path) {
   ASSIGN_OR_RETURN(registry::ClientOptions opts, MakeClientOptions(g));
@@ -143,6 +178,7 @@ Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref,
   store::PullOptions po;
   po.platform = platform;
   po.path = path;
+  po.on_progress = TerminalProgress();
   auto img = st.Pull(*src, name.String(), po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + name.String());
   return img;
@@ -310,6 +346,7 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
   p.accel = f.accel;
   ASSIGN_OR_RETURN(p.client, MakeClientOptions(g));
   ASSIGN_OR_RETURN(p.platform, oci::Platform::Parse(g.platform));
+  p.on_progress = TerminalProgress();
   return p;
 }
 

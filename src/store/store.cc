@@ -25,6 +25,7 @@ using json = nlohmann::json;
 namespace {
 
 constexpr uint64_t kMaxMetaBytes = 1 << 20;
+constexpr uint64_t kProgressStep = 4 << 20;
 
 // Refusals (a hostile or broken image) remove what this pull stored;
 // transient failures keep partial downloads for the next attempt.
@@ -128,7 +129,7 @@ Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, b
 }
 
 Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree,
-                          const std::string& label, bool* resumed) {
+                          const std::string& label, bool* resumed, const std::function<void(uint64_t done)>& progress) {
   if (fs::path blob = BlobPath(desc.digest); fs::exists(blob)) return tree.ApplyLayer(blob, desc.media_type, label);
   const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
   // One writer per ingest, across processes.
@@ -151,6 +152,13 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
   // rest, appending it to the ingest file (so a killed pull resumes) and
   // hashing it; FetchBlobFrom fails at the end if the digest is wrong.
   BlockPipe pipe;
+  uint64_t done = have, reported = 0;
+  auto report = [&](bool last) {
+    if (progress && (last || done - reported >= kProgressStep)) {
+      progress(done);
+      reported = done;
+    }
+  };
   auto produce = [&]() -> Status {
     oci::Hasher hasher(desc.digest.algorithm());
     std::string buf(1 << 20, '\0');
@@ -163,10 +171,14 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
       off += static_cast<uint64_t>(n);
     }
     if (::lseek(fd.get(), static_cast<off_t>(have), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
-    return src.FetchBlobFrom(desc, have, hasher, [&](std::string_view chunk) -> Status {
+    Status fetched = src.FetchBlobFrom(desc, have, hasher, [&](std::string_view chunk) -> Status {
       RETURN_IF_ERROR(WriteAll(fd.get(), chunk));
+      done += chunk.size();
+      report(false);
       return pipe.Write(chunk);
     });
+    if (fetched.ok()) report(true);
+    return fetched;
   };
   std::thread producer([&] { pipe.Finish(produce()); });
   // The consumer (this thread): decompresses, reads the tar, writes the disk.
@@ -188,7 +200,11 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
     log::Info("streaming {} ({} bytes)", label, l.size);
     const auto t0 = std::chrono::steady_clock::now();
-    RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed));
+    std::function<void(uint64_t)> progress;
+    if (options.on_progress) {
+      progress = [&, i](uint64_t done) { options.on_progress(i, layers.size(), done, static_cast<uint64_t>(l.size)); };
+    }
+    RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed, progress));
     log::Info("{} streamed in {:.2f} s", label, Seconds(t0));
   }
   ASSIGN_OR_RETURN(DiskTree::File file, tree.FindDisk(options.path));

@@ -34,6 +34,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -62,6 +63,11 @@ struct StoredImage {
 struct PullOptions {
   oci::Platform platform{"linux", "amd64", ""};
   std::string path;  // the disk's path inside the image; empty: discover
+  // Called from the downloading thread as a layer's bytes arrive (at most
+  // every few MiB, and once at the end of each layer): layer index from 0,
+  // layer count, bytes of this layer so far (a resumed prefix included),
+  // and its size.
+  std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
 };
 
 struct GcResult {
@@ -109,7 +115,7 @@ class Store {
   Status Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
                      const PullOptions& options, bool* resumed);
   Status StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree, const std::string& label,
-                     bool* resumed);
+                     bool* resumed, const std::function<void(uint64_t done)>& progress);
   void RemovePartials(const std::vector<oci::Descriptor>& layers);
   Result<GcResult> CollectLocked();  // with the store lock held exclusively
   std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;

@@ -82,6 +82,7 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
   store::PullOptions po;
   po.platform = o.platform;
   po.path = src.path;
+  po.on_progress = o.on_progress;
   log::Info("pulling {}", key);
   auto img = st.Pull(*source, key, po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + key);

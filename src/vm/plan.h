@@ -8,6 +8,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -56,6 +57,8 @@ struct PlanOptions {
   std::string accel = "auto";      // auto | kvm | tcg
   registry::ClientOptions client;  // for pulls
   oci::Platform platform{"linux", "amd64", ""};
+  // Pull progress (see store::PullOptions); may be empty.
+  std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets
