@@ -1,0 +1,104 @@
+#include "cli/common.h"
+
+#include <termios.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+
+#include <fmt/core.h>
+
+#include "registry/auth.h"
+
+namespace regdisk::cli {
+
+namespace {
+
+// --creds USER without a password: read it from stdin (without echo on a
+// terminal), so it never has to appear on a command line.
+Result<registry::Credentials> ResolveCreds(const std::string& flag) {
+  ASSIGN_OR_RETURN(registry::Credentials c, registry::ParseCredsFlag(flag));
+  if (flag.find(':') != std::string::npos) return c;
+  bool tty = ::isatty(STDIN_FILENO) != 0;
+  termios old{};
+  if (tty) {
+    std::fprintf(stderr, "Password for %s: ", c.username.c_str());
+    ::tcgetattr(STDIN_FILENO, &old);
+    termios quiet = old;
+    quiet.c_lflag &= ~static_cast<tcflag_t>(ECHO);
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &quiet);
+  }
+  std::getline(std::cin, c.password);
+  if (tty) {
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &old);
+    std::fprintf(stderr, "\n");
+  }
+  if (!c.password.empty() && c.password.back() == '\r') c.password.pop_back();
+  return c;
+}
+
+}  // namespace
+
+Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
+  registry::ClientOptions o;
+  if (g.tls_verify == "false") {
+    o.tls_verify = false;
+  } else if (g.tls_verify == "true") {
+    o.tls_verify = true;
+  } else if (!g.tls_verify.empty()) {
+    return InvalidArgument("--tls-verify takes true or false, not \"" + g.tls_verify + "\"");
+  }
+  o.cert_dir = g.cert_dir;
+  o.auth.authfile = g.authfile;
+  if (!g.creds.empty()) {
+    ASSIGN_OR_RETURN(registry::Credentials c, ResolveCreds(g.creds));
+    o.auth.explicit_creds = c;
+  }
+  // Test hooks: shorter timeouts and back-off, so fault tests stay quick.
+  if (const char* s = ::getenv("REGDISK_STALL_TIMEOUT_SECONDS")) o.limits.stall_timeout = std::chrono::seconds(std::atoi(s));
+  if (const char* s = ::getenv("REGDISK_BACKOFF_MS")) o.backoff_base = std::chrono::milliseconds(std::atoi(s));
+  if (const char* s = ::getenv("REGDISK_CHUNK_THRESHOLD")) o.chunk_threshold = std::strtoull(s, nullptr, 10);
+  if (const char* s = ::getenv("REGDISK_CHUNK_SIZE")) o.chunk_size = std::strtoull(s, nullptr, 10);
+  return o;
+}
+
+int Fail(const Status& st) {
+  std::fprintf(stderr, "regdisk: error: %s\n", st.message().c_str());
+  return st.code() == Code::kInvalidArgument ? 2 : 1;
+}
+
+// A progress line on stderr for pulls, redrawn in place, when stderr is a
+// terminal (logs and pipes get none).
+std::function<void(size_t, size_t, uint64_t, uint64_t)> TerminalProgress() {
+  if (!::isatty(STDERR_FILENO)) return {};
+  struct State {
+    std::chrono::steady_clock::time_point start, shown;
+    uint64_t start_bytes = 0;
+    size_t layer = SIZE_MAX;
+  };
+  auto st = std::make_shared<State>();
+  return [st](size_t layer, size_t layers, uint64_t done, uint64_t total) {
+    const auto now = std::chrono::steady_clock::now();
+    const bool last = done >= total;
+    if (layer != st->layer) {  // the rate counts from a layer's first report
+      st->layer = layer;
+      st->start = st->shown = now;
+      st->start_bytes = done;
+      if (!last) return;
+    }
+    if (!last && now - st->shown < std::chrono::milliseconds(200)) return;
+    st->shown = now;
+    const double secs = std::chrono::duration<double>(now - st->start).count();
+    std::string rate;
+    if (secs > 0.05) rate = fmt::format(" ({:.0f} MiB/s)", static_cast<double>(done - st->start_bytes) / (1 << 20) / secs);
+    std::fprintf(stderr, "\rlayer %zu/%zu: %.1f of %.1f MiB%s%s", layer + 1, layers,
+                 static_cast<double>(done) / (1 << 20), static_cast<double>(total) / (1 << 20), rate.c_str(),
+                 last ? "\n" : "   ");
+  };
+}
+
+}  // namespace regdisk::cli

@@ -1,0 +1,63 @@
+// What the commands share: global flags, the flag structs CLI11 fills,
+// and how a Status becomes an exit code. Each Run* function turns flags
+// into library calls and returns the process's exit code.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "registry/client.h"
+#include "util/status.h"
+
+namespace regdisk::cli {
+
+struct Globals {
+  std::string root;
+  std::string tls_verify;  // "", "true" or "false"
+  std::string creds;
+  std::string authfile;
+  std::string cert_dir;
+  std::string platform = "linux/amd64";
+  bool verbose = false;
+};
+
+struct BuildFlags {
+  std::string tag;
+  std::string base;
+  std::string name;
+  std::string compression;  // empty: zstd, or gzip with --format docker
+  std::string format = "oci";
+  std::vector<std::string> labels;
+};
+
+struct RunFlags {
+  std::string file;
+  int timeout = 0;
+  int grace = 10;
+  std::string qemu;
+  std::string accel = "auto";
+};
+
+// Registry options from the global flags (and the test-only environment).
+Result<registry::ClientOptions> MakeClientOptions(const Globals& g);
+// Prints "regdisk: error: MESSAGE"; returns 2 for bad input, else 1.
+int Fail(const Status& st);
+// A pull progress reporter for stderr when it is a terminal, else empty.
+std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> TerminalProgress();
+
+// Image commands (image_commands.cc).
+int RunCopy(const Globals& g, const std::string& from, const std::string& to, bool all);
+int RunPull(const Globals& g, const std::string& ref, const std::string& path);
+int RunImages(const Globals& g, const std::string& output);
+int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune);
+int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path);
+int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file);
+
+// VM commands (vm_commands.cc).
+int RunValidate(const std::string& file, const std::string& output);
+int RunRun(const Globals& g, const RunFlags& f);
+int RunDomxml(const Globals& g, const RunFlags& f);
+
+}  // namespace regdisk::cli

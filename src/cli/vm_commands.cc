@@ -1,0 +1,114 @@
+// validate, run and domxml.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <iterator>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/common.h"
+#include "spec/spec.h"
+#include "util/fs.h"
+#include "vm/plan.h"
+#include "vm/runner.h"
+
+namespace regdisk::cli {
+
+using json = nlohmann::json;
+
+namespace {
+
+// Reads a spec file that must hold exactly one VirtualMachine (plus any
+// Secrets it names). Diagnostics go to stderr.
+Result<std::pair<spec::VirtualMachine, std::vector<spec::Secret>>> LoadOneVm(const std::string& file) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileCapped(file, (1 << 20) + 1));
+  spec::ParseResult r = spec::ParseSpecs(text, file);
+  for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.ToString().c_str());
+  if (!r.ok()) return InvalidArgument(file + " is not a valid VM spec (see above); check it with regdisk validate -f " + file);
+  std::vector<spec::VirtualMachine> vms;
+  std::vector<spec::Secret> secrets;
+  for (auto& o : r.objects) {
+    if (auto* vm = std::get_if<spec::VirtualMachine>(&o)) vms.push_back(*vm);
+    if (auto* s = std::get_if<spec::Secret>(&o)) secrets.push_back(*s);
+  }
+  if (vms.size() != 1) {
+    return InvalidArgument(file + " holds " + std::to_string(vms.size()) +
+                           " VirtualMachines; regdisk run and domxml take exactly one");
+  }
+  return std::make_pair(vms[0], secrets);
+}
+
+Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
+  vm::PlanOptions p;
+  p.root = g.root;
+  p.qemu = f.qemu;
+  p.accel = f.accel;
+  ASSIGN_OR_RETURN(p.client, MakeClientOptions(g));
+  ASSIGN_OR_RETURN(p.platform, oci::Platform::Parse(g.platform));
+  p.on_progress = TerminalProgress();
+  return p;
+}
+
+}  // namespace
+
+int RunRun(const Globals& g, const RunFlags& f) {
+  auto loaded = LoadOneVm(f.file);
+  if (!loaded.ok()) return Fail(loaded.status());
+  auto plan = MakePlanOptions(g, f);
+  if (!plan.ok()) return Fail(plan.status());
+  vm::RunOptions ro;
+  ro.plan = *plan;
+  ro.timeout = std::chrono::seconds(f.timeout);
+  ro.grace = std::chrono::seconds(f.grace);
+  Status st = vm::RunVm(loaded->first, loaded->second, ro);
+  if (!st.ok()) return Fail(st.Annotate("running VM " + loaded->first.metadata.name));
+  return 0;
+}
+
+int RunDomxml(const Globals& g, const RunFlags& f) {
+  auto loaded = LoadOneVm(f.file);
+  if (!loaded.ok()) return Fail(loaded.status());
+  auto po = MakePlanOptions(g, f);
+  if (!po.ok()) return Fail(po.status());
+  const auto& vmspec = loaded->first;
+  auto plan = vm::PlanVm(vmspec, loaded->second, *po,
+                         std::filesystem::path(g.root) / "run" / (vmspec.metadata.namespace_ + "_" + vmspec.metadata.name));
+  if (!plan.ok()) return Fail(plan.status().Annotate("planning VM " + vmspec.metadata.name));
+  std::fputs(vm::DomainXml(*plan).c_str(), stdout);
+  return 0;
+}
+
+// validate -f FILE: every diagnostic on stderr; exit 1 on any error.
+int RunValidate(const std::string& file, const std::string& output) {
+  if (output != "text" && output != "json") {
+    return Fail(InvalidArgument("-o takes text or json, not \"" + output + "\""));
+  }
+  std::string text;
+  if (file == "-") {
+    text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  } else {
+    auto t = ReadFileCapped(file, (1 << 20) + 1);
+    if (!t.ok()) return Fail(t.status().Annotate("reading the VM spec"));
+    text = std::move(*t);
+  }
+  spec::ParseResult r = spec::ParseSpecs(text, file == "-" ? "<stdin>" : file);
+  for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.ToString().c_str());
+  if (!r.ok()) return 1;
+  if (output == "json") {
+    json out;
+    if (r.objects.size() == 1) {
+      out = spec::ToJson(r.objects[0]);
+    } else {
+      out = {{"apiVersion", "v1"}, {"kind", "List"}, {"items", json::array()}};
+      for (const auto& o : r.objects) out["items"].push_back(spec::ToJson(o));
+    }
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  for (const auto& o : r.objects) std::printf("%s: %s: valid\n", file.c_str(), spec::Describe(o).c_str());
+  return 0;
+}
+
+}  // namespace regdisk::cli
