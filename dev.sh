@@ -49,7 +49,7 @@ build() {  # build DIR CMAKE-ARGS...
 
 fuzz() {  # fuzz SECONDS: run every fuzz target on a copy of its corpus
   CC=clang CXX=clang++ build build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DREGDISK_FUZZ=ON \
-    -DREGDISK_BUILD_TESTS=OFF
+    -DREGDISK_BUILD_TESTS=OFF -DREGDISK_BUILD_BENCH=OFF
   local work
   work=$(mktemp -d)
   cp fuzz/corpus/spec/* "$work/"
@@ -91,7 +91,8 @@ case "${1:-}" in
     shift
     deps "${BENCH_PACKAGES[@]}"
     build build -DCMAKE_BUILD_TYPE=Release -DREGDISK_BUILD_TESTS=OFF
-    exec /usr/bin/python3 bench/run.py build/src/regdisk build/guest/hello.bootsector "$@"
+    exec /usr/bin/python3 bench/run.py build/src/regdisk build/guest/hello.bootsector \
+      --micro build/bench/micro/regdisk_micro "$@"
     ;;
   deps)
     deps

@@ -230,6 +230,7 @@ class Bench:
         self.reg = Registry(self.work)
         self.ctd = Containerd(self.work)
         self.samples = {}  # name -> list of seconds
+        self.micro_results = None
         self.extra = {}  # name -> dict of other figures
 
     def rd(self, *argv, root=None):
@@ -444,6 +445,20 @@ class Bench:
             stored = json.loads(out.stdout)["disk"]["file"]
             subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", qcow2, stored], check=True)
 
+    def micro(self):
+        """The Google Benchmark micro-benchmarks, beside their anchors."""
+        if not self.a.micro:
+            return None
+        out = subprocess.run([self.a.micro, "--benchmark_format=json",
+                              f"--benchmark_min_time={self.a.micro_min_time}"],
+                             capture_output=True, check=True, text=True)
+        results = {}
+        for b in json.loads(out.stdout)["benchmarks"]:
+            results[b["name"]] = {"real_time": b["real_time"], "cpu_time": b["cpu_time"], "unit": b["time_unit"],
+                                  "bytes_per_second": b.get("bytes_per_second")}
+            log(f"micro: {b['name']}: {b['real_time']:.1f} {b['time_unit']}")
+        return results
+
     def run(self):
         try:
             log(f"work directory {self.work}")
@@ -456,6 +471,7 @@ class Bench:
             self.pulls(disk_bytes)
             self.profile()
             self.check_bootable(qcow2)
+            self.micro_results = self.micro()
             if self.a.vms > 0:
                 for accel in (["kvm"] if os.access("/dev/kvm", os.R_OK | os.W_OK) else []) + ["tcg"]:
                     self.warm_start(accel)
@@ -480,7 +496,10 @@ class Bench:
             "timings": s,
             "ratios": ratios,
             "warm start": {k: v for k, v in self.extra.items() if k.startswith("warm start")},
+            "micro": self.micro_results,
         }
+        if self.micro_results:
+            ratios.update(micro_ratios(self.micro_results))
         os.makedirs(self.a.out, exist_ok=True)
         with open(os.path.join(self.a.out, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
@@ -523,6 +542,13 @@ def compute_ratios(s):
     for comp in ("zstd", "gzip") if b else ():
         ratios[f"build+push: regdisk {comp} / buildah (target <= 0.3)"] = med(f"build+push regdisk ({comp})") / b
     return ratios
+
+
+def micro_ratios(m):
+    ours, anchor = m.get("BM_CreateOverlay"), m.get("BM_QemuImgCreate")
+    if not ours or not anchor:
+        return {}
+    return {"ephemeral disk: regdisk CreateOverlay / qemu-img create": ours["real_time"] / anchor["real_time"]}
 
 
 def plot(r, path):
@@ -571,6 +597,9 @@ def print_table(r):
     print()
     for k, v in r["ratios"].items():
         print(f"| {k:60} | {v:5.2f} |")
+    for k, v in (r.get("micro") or {}).items():
+        bps = f", {v['bytes_per_second'] / 1e9:.2f} GB/s" if v.get("bytes_per_second") else ""
+        print(f"| micro: {k:43} | {v['real_time']:.1f} {v['unit']}{bps} |")
     for name, figures in r["warm start"].items():
         print()
         for k, v in figures.items():
@@ -589,12 +618,16 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--work-parent", default="/var/tmp", help="where the work directory goes (not a tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--micro", help="the regdisk_micro binary (Google Benchmark) to run as well")
+    ap.add_argument("--micro-min-time", type=float, default=0.5, help="seconds per micro-benchmark")
     ap.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the table and plot of saved results")
     a = ap.parse_args()
     if a.replot:
         with open(a.replot) as f:
             r = json.load(f)
         r["ratios"] = compute_ratios(r["timings"])
+        if r.get("micro"):
+            r["ratios"].update(micro_ratios(r["micro"]))
         with open(a.replot, "w") as f:
             json.dump(r, f, indent=2)
         print_table(r)
