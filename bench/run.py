@@ -309,7 +309,9 @@ class Bench:
                       "--snapshotter", "native", f"{self.reg.host}/{repo}:latest"])
         snapshots = os.path.join(self.ctd.root, "io.containerd.snapshotter.v1.native", "snapshots")
         self.check_disk_in(snapshots, repo, "containerd's snapshots")
-        return t, self.ctd.peak_rss_kib(), used_bytes(self.ctd.root)
+        result = t, self.ctd.peak_rss_kib(), used_bytes(self.ctd.root)
+        self.ctd.stop()  # its background work (GC) must not run into the next measurement
+        return result
 
     def check_disk_in(self, top, repo, what):
         """The pull left the whole disk on disk (unpacked, not only fetched)."""
@@ -353,6 +355,9 @@ class Bench:
                 (f"pull regdisk ({v}, gzip)", lambda v=v: self.pull_regdisk(f"bench/{v}-gzip")),
                 (f"pull regdisk ({v}, zstd)", lambda v=v: self.pull_regdisk(f"bench/{v}-zstd")),
             ]
+        log("warm-up round (not counted)")
+        for _, fn in steps:
+            fn()
         for i in range(self.a.runs):
             order = steps[i % len(steps):] + steps[:i % len(steps)]  # rotate, so no one always goes first
             for name, fn in order:
@@ -570,7 +575,7 @@ def plot(r, path):
         colors.append("tab:gray" if target is None else ("tab:green" if v <= target else "tab:red"))
     ax.barh(names, values, color=colors)
     for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+        ax.text(v, i, f" {v:.2f}" if v >= 0.01 else f" {v:.1e}", va="center", fontsize=8)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.invert_yaxis()
@@ -596,7 +601,7 @@ def print_table(r):
               f"{'' if rss is None else f'{rss:.0f}':>12} | {'' if use is None else f'{use:.2f}':>15} |")
     print()
     for k, v in r["ratios"].items():
-        print(f"| {k:60} | {v:5.2f} |")
+        print(f"| {k:60} | {v:5.2f} |" if v >= 0.01 else f"| {k:60} | {v:.1e} |")
     for k, v in (r.get("micro") or {}).items():
         bps = f", {v['bytes_per_second'] / 1e9:.2f} GB/s" if v.get("bytes_per_second") else ""
         print(f"| micro: {k:43} | {v['real_time']:.1f} {v['unit']}{bps} |")
