@@ -62,17 +62,5 @@ TEST(BlockPipeTest, CancelReleasesABlockedProducer) {
   EXPECT_EQ(last.code(), Code::kCancelled);
 }
 
-TEST(FileSourceTest, ReadsAFileToItsEnd) {
-  auto dir = TempDir::Create("bytesrc");
-  ASSERT_TRUE(dir.ok());
-  const std::string data = testing::RandomBytes(3 << 20, 9);
-  ASSERT_TRUE(WriteFileAtomic(dir->path() / "f", data, 0600).ok());
-  auto src = FileSource::Open(dir->path() / "f");
-  ASSERT_TRUE(src.ok());
-  Status error;
-  EXPECT_EQ(Drain(*src, &error), data);
-  EXPECT_FALSE(FileSource::Open(dir->path() / "missing").ok());
-}
-
 }  // namespace
 }  // namespace regdisk

@@ -240,6 +240,24 @@ TEST_F(StoreTest, HostileImagesAreRefusedAndLeaveNothing) {
   r = Regdisk({"pull", Layout("corrupt")});
   EXPECT_THAT(r.err, HasSubstr("failed verification"));
   ExpectStoreEmpty();
+
+  // A manifest whose config claims 5 GB: refused before fetching anything.
+  json manifest = json::parse(ReadFileCapped(tmp() / "layout/blobs/sha256" / corrupt->digest.hex(), 1 << 20).value());
+  manifest["config"]["size"] = 5000000000LL;
+  const std::string mbytes = manifest.dump();
+  const oci::Digest md = oci::Digest::Sha256Of(mbytes);
+  ASSERT_OK(WriteFileAtomic(tmp() / "layout/blobs/sha256" / md.hex(), mbytes));
+  json index = json::parse(ReadFileCapped(tmp() / "layout/index.json", 1 << 20).value());
+  index["manifests"].push_back({{"mediaType", manifest.value("mediaType", "application/vnd.oci.image.manifest.v1+json")},
+                                {"digest", md.str()},
+                                {"size", mbytes.size()},
+                                {"annotations", {{"org.opencontainers.image.ref.name", "huge-config"}}}});
+  ASSERT_OK(WriteFileAtomic(tmp() / "layout/index.json", index.dump()));
+  r = Regdisk({"pull", Layout("huge-config")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("the image config is 5000000000 bytes, over the limit"));
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  ExpectStoreEmpty();
 }
 
 TEST_F(StoreTest, ConcurrentPullsFetchOnceAndBothSucceed) {

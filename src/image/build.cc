@@ -28,7 +28,6 @@ namespace {
 constexpr int kQemuUid = 107;  // the qemu user, as KubeVirt's disks have it
 constexpr size_t kReadChunk = 1 << 20;
 constexpr int kZstdWorkers = 2;
-constexpr uint64_t kMaxConfigBytes = 4 << 20;
 
 int64_t Epoch() {
   const char* e = ::getenv("SOURCE_DATE_EPOCH");
@@ -243,14 +242,9 @@ Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const Image
   if (o.base) {
     ASSIGN_OR_RETURN(std::unique_ptr<ImageSource> base, OpenSource(*o.base, copts));
     ASSIGN_OR_RETURN(ResolvedImage img, ResolveImage(*base, o.platform));
-    const oci::Descriptor& cd = *img.manifest.config;
-    if (static_cast<uint64_t>(cd.size) > kMaxConfigBytes) return ResourceExhausted("the base image's config is too large");
-    std::string bytes;
-    RETURN_IF_ERROR(base->FetchBlob(cd, [&](std::string_view c) {
-      bytes.append(c);
-      return OkStatus();
-    }).Annotate("reading the base image's config"));
-    json base_config = json::parse(bytes, nullptr, false);
+    auto bytes = FetchConfig(*base, *img.manifest.config);
+    if (!bytes.ok()) return std::move(bytes).status().Annotate("reading the base image");
+    json base_config = json::parse(*bytes, nullptr, false);
     if (!base_config.is_object()) return InvalidArgument("the base image's config is not JSON");
     config = base_config;
     if (!config.contains("rootfs") || !config["rootfs"].is_object()) config["rootfs"] = {{"type", "layers"}};

@@ -84,6 +84,19 @@ Result<CopyResult> Copy(ImageSource& src, ImageDestination& dst, const CopyOptio
   return result;
 }
 
+Result<std::string> FetchConfig(ImageSource& src, const oci::Descriptor& config) {
+  if (config.size < 0 || static_cast<uint64_t>(config.size) > kMaxConfigBytes) {
+    return ResourceExhausted("the image config is " + std::to_string(config.size) + " bytes, over the limit of " +
+                             std::to_string(kMaxConfigBytes) + "; the image is malformed");
+  }
+  std::string bytes;
+  RETURN_IF_ERROR(src.FetchBlob(config, [&](std::string_view chunk) {
+    bytes.append(chunk);
+    return OkStatus();
+  }).Annotate("fetching the image config"));
+  return bytes;
+}
+
 Result<json> Inspect(ImageSource& src, const oci::Platform& platform) {
   ASSIGN_OR_RETURN(ResolvedImage img, ResolveImage(src, platform));
   json out;
@@ -104,16 +117,7 @@ Result<json> Inspect(ImageSource& src, const oci::Platform& platform) {
   out["size"] = total;
   if (!img.manifest.annotations.empty()) out["annotations"] = img.manifest.annotations;
 
-  std::string cfg_bytes;
-  const oci::Descriptor& cfg = *img.manifest.config;
-  if (static_cast<uint64_t>(cfg.size) > kMaxConfigBytes) {
-    return ResourceExhausted("the image config is " + std::to_string(cfg.size) + " bytes, over the limit of " +
-                             std::to_string(kMaxConfigBytes));
-  }
-  RETURN_IF_ERROR(src.FetchBlob(cfg, [&](std::string_view chunk) {
-    cfg_bytes.append(chunk);
-    return OkStatus();
-  }).Annotate("fetching the image config"));
+  ASSIGN_OR_RETURN(std::string cfg_bytes, FetchConfig(src, *img.manifest.config));
   json config = json::parse(cfg_bytes, nullptr, false);
   if (config.is_object()) {
     for (const char* key : {"os", "architecture", "variant", "created", "author"}) {

@@ -45,6 +45,10 @@ struct ResolvedImage {
 };
 Result<ResolvedImage> ResolveImage(ImageSource& src, const oci::Platform& platform);
 
+// An image's config blob, verified, refused (ResourceExhausted) when its
+// descriptor claims more than 4 MiB.
+Result<std::string> FetchConfig(ImageSource& src, const oci::Descriptor& config);
+
 // A JSON summary: name, digest, mediaType, config, layers, os, architecture,
 // created, labels (from the config blob), and the index when there was one.
 Result<nlohmann::json> Inspect(ImageSource& src, const oci::Platform& platform);

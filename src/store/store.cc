@@ -74,63 +74,20 @@ fs::path Store::DiskDir(const oci::Digest& m, const std::string& path) const {
   return root_ / "disks" / (m.hex() + "-" + oci::Digest::Sha256Of(path).hex().substr(0, 16));
 }
 
-Status Store::EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched) {
-  *fetched = false;
-  const fs::path final_path = BlobPath(desc.digest);
+Status Store::KeepBlob(const oci::Digest& digest, std::string_view bytes, std::vector<fs::path>* stored_now) {
+  const fs::path path = BlobPath(digest);
   std::error_code ec;
-  if (fs::exists(final_path, ec)) return OkStatus();
-  RETURN_IF_ERROR(MakeDirs(final_path.parent_path()));
-  const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
-  // One writer per ingest, across processes.
-  ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
-  if (fs::exists(final_path, ec)) return OkStatus();  // another process finished it
-
-  const fs::path partial = root_ / "ingest" / key;
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(partial, O_RDWR | O_CREAT, 0600));
-  struct stat st;
-  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("reading " + partial.string());
-  uint64_t have = static_cast<uint64_t>(st.st_size);
-  if (have > static_cast<uint64_t>(desc.size) && ::ftruncate(fd.get(), 0) == 0) have = 0;
-
-  // Resume: re-hash what an earlier attempt left, then fetch the rest.
-  oci::Hasher hasher(desc.digest.algorithm());
-  if (have > 0) {
-    std::string buf(1 << 20, '\0');
-    for (uint64_t off = 0; off < have;) {
-      ssize_t n = ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), have - off), static_cast<off_t>(off));
-      if (n <= 0) return ErrnoStatus("reading " + partial.string());
-      hasher.Update(buf.data(), static_cast<size_t>(n));
-      off += static_cast<uint64_t>(n);
-    }
-    log::Info("resuming blob {} at byte {}", desc.digest.Short(), have);
-  }
-  auto fetch = [&](uint64_t from, oci::Hasher& h) -> Status {
-    if (::lseek(fd.get(), static_cast<off_t>(from), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
-    return src.FetchBlobFrom(desc, from, h, [&](std::string_view chunk) { return WriteAll(fd.get(), chunk); });
-  };
-  Status got = fetch(have, hasher);
-  if (got.code() == Code::kDataLoss && have > 0) {
-    // The partial file held wrong bytes (not ours to trust): start over once.
-    log::Warn("the partial download of {} did not verify; fetching it again from the start", desc.digest.Short());
-    if (::ftruncate(fd.get(), 0) != 0) return ErrnoStatus("truncating " + partial.string());
-    oci::Hasher fresh(desc.digest.algorithm());
-    got = fetch(0, fresh);
-  }
-  if (!got.ok()) {
-    if (got.code() == Code::kDataLoss) ::unlink(partial.c_str());  // wrong bytes: never resume from them
-    return got;
-  }
-  if (::fsync(fd.get()) != 0) return ErrnoStatus("syncing " + partial.string());
-  ::fchmod(fd.get(), 0444);
-  if (::rename(partial.c_str(), final_path.c_str()) != 0) return ErrnoStatus("committing " + final_path.string());
-  RETURN_IF_ERROR(SyncDir(final_path.parent_path()));
-  *fetched = true;
+  if (fs::exists(path, ec)) return OkStatus();
+  RETURN_IF_ERROR(MakeDirs(path.parent_path()));
+  ASSIGN_OR_RETURN(PendingFile f, PendingFile::Create(path, 0444));
+  RETURN_IF_ERROR(WriteAll(f.fd(), bytes));
+  RETURN_IF_ERROR(f.Commit());
+  stored_now->push_back(path);
   return OkStatus();
 }
 
 Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree,
                           const std::string& label, bool* resumed, const std::function<void(uint64_t done)>& progress) {
-  if (fs::path blob = BlobPath(desc.digest); fs::exists(blob)) return tree.ApplyLayer(blob, desc.media_type, label);
   const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
   // One writer per ingest, across processes.
   ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
@@ -319,15 +276,11 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
       std::vector<fs::path> stored_now;
       bool resumed = false;
       auto attempt = [&]() -> Status {
-        if (!fs::exists(BlobPath(digest), ec)) {
-          ASSIGN_OR_RETURN(PendingFile f, PendingFile::Create(BlobPath(digest), 0444));
-          RETURN_IF_ERROR(WriteAll(f.fd(), img.raw.bytes));
-          RETURN_IF_ERROR(f.Commit());
-          stored_now.push_back(BlobPath(digest));
+        RETURN_IF_ERROR(KeepBlob(digest, img.raw.bytes, &stored_now));
+        if (!fs::exists(BlobPath(img.manifest.config->digest), ec)) {
+          ASSIGN_OR_RETURN(std::string config, image::FetchConfig(src, *img.manifest.config));  // verified, capped
+          RETURN_IF_ERROR(KeepBlob(img.manifest.config->digest, config, &stored_now));
         }
-        bool fetched = false;
-        RETURN_IF_ERROR(EnsureBlob(src, *img.manifest.config, &fetched).Annotate("fetching the image config"));
-        if (fetched) stored_now.push_back(BlobPath(img.manifest.config->digest));
         return Materialise(src, img.manifest.layers, digest, options, &resumed);
       };
       Status st = attempt();

@@ -109,7 +109,9 @@ class Store {
  private:
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
   Result<StoredImage> Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const;
-  Status EnsureBlob(image::ImageSource& src, const oci::Descriptor& desc, bool* fetched);
+  // Stores a small verified blob (a manifest, a config) unless it is there,
+  // adding its path to *stored_now when this call stored it.
+  Status KeepBlob(const oci::Digest& digest, std::string_view bytes, std::vector<std::filesystem::path>* stored_now);
   // Streams every layer from src into a staging tree and commits the disk.
   // *resumed is set when a partial download of an earlier pull was reused.
   Status Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,

@@ -242,11 +242,6 @@ void DiskTree::RemoveTree(const std::string& path, int below_layer) {
   }
 }
 
-Status DiskTree::ApplyLayer(const fs::path& blob, std::string_view media_type, const std::string& label) {
-  ASSIGN_OR_RETURN(FileSource src, FileSource::Open(blob));
-  return ApplyLayer(src, media_type, label);
-}
-
 Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const std::string& label) {
   ++layer_;
   ASSIGN_OR_RETURN(Compression comp, FromMediaType(media_type, label));

@@ -4,7 +4,7 @@
 // no entry can write outside the staging directory.
 //
 //   DiskTree tree(staging_dir);
-//   for (each layer) RETURN_IF_ERROR(tree.ApplyLayer(blob_path, media_type, "layer 1"));
+//   for (each layer) RETURN_IF_ERROR(tree.ApplyLayer(layer_bytes, media_type, "layer 1"));
 //   ASSIGN_OR_RETURN(DiskTree::File disk, tree.FindDisk(requested_path));
 //
 // Hostile layers are refused: absolute or ".." entry paths anywhere; and
@@ -38,10 +38,9 @@ class DiskTree {
   // Applies one layer blob (its compression follows from media_type and is
   // checked against the blob's magic bytes). `label` names the layer in
   // messages.
-  Status ApplyLayer(const std::filesystem::path& blob, std::string_view media_type, const std::string& label);
-  // The same, reading the layer from `src` to its end (so a streamed,
-  // verified download reports its digest check). A failure of the source is
-  // returned as it is.
+  // The layer is read from `src` to its end (so a streamed, verified
+  // download reports its digest check); a failure of the source is returned
+  // as it is.
   Status ApplyLayer(ByteSource& src, std::string_view media_type, const std::string& label);
 
   // The disk: `path` when given (absolute, inside the image), else the only

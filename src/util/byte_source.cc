@@ -1,26 +1,9 @@
 #include "util/byte_source.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstring>
 
 namespace regdisk {
-
-Result<FileSource> FileSource::Open(const std::filesystem::path& path) {
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY));
-  ::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
-  return FileSource(std::move(fd), path);
-}
-
-Result<std::span<const uint8_t>> FileSource::Next() {
-  for (;;) {
-    ssize_t n = ::read(fd_.get(), buf_.data(), buf_.size());
-    if (n >= 0) return std::span<const uint8_t>(buf_.data(), static_cast<size_t>(n));
-    if (errno != EINTR) return ErrnoStatus("reading " + path_.string());
-  }
-}
 
 BlockPipe::BlockPipe(size_t block_size, size_t depth) : block_size_(block_size), depth_(std::max<size_t>(depth, 1)) {}
 

@@ -14,13 +14,11 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <filesystem>
 #include <mutex>
 #include <span>
 #include <string_view>
 #include <vector>
 
-#include "util/fs.h"
 #include "util/status.h"
 
 namespace regdisk {
@@ -30,19 +28,6 @@ class ByteSource {
   virtual ~ByteSource() = default;
   // The next chunk; valid until the next call. An empty chunk is the end.
   virtual Result<std::span<const uint8_t>> Next() = 0;
-};
-
-// A file, read in large sequential chunks.
-class FileSource : public ByteSource {
- public:
-  static Result<FileSource> Open(const std::filesystem::path& path);
-  Result<std::span<const uint8_t>> Next() override;
-
- private:
-  FileSource(UniqueFd fd, std::filesystem::path path) : fd_(std::move(fd)), path_(std::move(path)), buf_(1 << 20) {}
-  UniqueFd fd_;
-  std::filesystem::path path_;
-  std::vector<uint8_t> buf_;
 };
 
 // One producer thread Write()s and finally calls Finish(status); one
