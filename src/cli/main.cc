@@ -31,6 +31,14 @@ void ScrubCredsFromArgv(int argc, char** argv) {
   }
 }
 
+// The flags build and base share: how the image is made.
+void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
+  cmd->add_option("--compression", f.compression, "zstd (default; gzip with --format docker), gzip or none");
+  cmd->add_option("--format", f.format, "oci (default) or docker (schema 2, gzip layers)");
+  cmd->add_option("--label", f.labels, "KEY=VALUE label on the image (repeatable)");
+  cmd->fallthrough();
+}
+
 int Main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"regdisk: store virtual machine disks in container image registries and boot VMs from them"};
@@ -92,10 +100,7 @@ int Main(int argc, char** argv) {
   build->add_option("-t,--tag", bf.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
   build->add_option("--base", bf.base, "an image to build on (default: none, a single-layer image)");
   build->add_option("--name", bf.name, "file name under /disk (default: the disk's own name)");
-  build->add_option("--compression", bf.compression, "zstd (default; gzip with --format docker), gzip or none");
-  build->add_option("--format", bf.format, "oci (default) or docker (schema 2, gzip only)");
-  build->add_option("--label", bf.labels, "KEY=VALUE label on the image (repeatable)");
-  build->fallthrough();
+  AddImageFlags(build, bf);
 
   RunFlags rf;
   CLI::App* run = app.add_subcommand("run", "run a VM from a spec on ephemeral registry disks, console on stdout");
@@ -114,10 +119,7 @@ int Main(int argc, char** argv) {
   BuildFlags base_flags;
   CLI::App* base = app.add_subcommand("base", "publish the base image for the Dockerfile workflow (FROM it, ADD disk /disk)");
   base->add_option("-t,--tag", base_flags.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
-  base->add_option("--compression", base_flags.compression, "zstd (default; gzip with --format docker), gzip or none");
-  base->add_option("--format", base_flags.format, "oci (default) or docker");
-  base->add_option("--label", base_flags.labels, "KEY=VALUE label on the image (repeatable)");
-  base->fallthrough();
+  AddImageFlags(base, base_flags);
 
   std::string spec_file, output = "text";
   CLI::App* validate = app.add_subcommand("validate", "check VM specs (KubeVirt YAML or JSON) and apply defaults");
