@@ -158,7 +158,7 @@ TEST_F(StoreTest, WhiteoutsAndDiskAsAFile) {
   PushLayers("two", {l1}, "gzip");
   r = Regdisk({"inspect", "--disk", Layout("two")});
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_THAT(r.err, HasSubstr("several files under /disk (/disk/a.qcow2, /disk/b.qcow2); name one with --path"));
+  EXPECT_THAT(r.err, HasSubstr("holds 2 files under /disk (\"/disk/a.qcow2\", \"/disk/b.qcow2\"); name one with --path"));
   r = Regdisk({"inspect", "--disk", "--path", "/disk/b.qcow2", Layout("two")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 2 << 20);
@@ -192,20 +192,20 @@ TEST_F(StoreTest, HostileImagesAreRefusedAndLeaveNothing) {
     std::string message;
   };
   const Case cases[] = {
-      {"symlink", {dir, {"disk/disk.img", Type::kSymlink, "", "/etc/passwd"}}, "has a symlink at /disk/disk.img pointing to /etc/passwd"},
-      {"symlinked dir", {{"disk", Type::kSymlink, "", "/etc"}}, "has a symlink at /disk pointing to /etc"},
+      {"symlink", {dir, {"disk/disk.img", Type::kSymlink, "", "/etc/passwd"}}, "has a symlink at \"/disk/disk.img\" pointing to \"/etc/passwd\""},
+      {"symlinked dir", {{"disk", Type::kSymlink, "", "/etc"}}, "has a symlink at \"/disk\" pointing to \"/etc\""},
       {"hard link", {{"etc/passwd", Type::kFile, "root:x:0:0"}, dir, {"disk/disk.img", Type::kHardlink, "", "etc/passwd"}},
-       "has a hard link at /disk/disk.img"},
+       "has a hard link at \"/disk/disk.img\""},
       {"dotdot", {dir, {"disk/../../escape", Type::kFile, good}}, "climbs out with \"..\""},
       {"absolute", {{"/disk/disk.qcow2", Type::kFile, good}}, "absolute path \"/disk/disk.qcow2\""},
-      {"fifo", {dir, {"disk/disk.img", Type::kFifo}}, "has a device, FIFO or socket at /disk/disk.img"},
-      {"device", {dir, {"disk/disk.img", Type::kCharDevice}}, "has a device, FIFO or socket at /disk/disk.img"},
+      {"fifo", {dir, {"disk/disk.img", Type::kFifo}}, "has a device, FIFO or socket at \"/disk/disk.img\""},
+      {"device", {dir, {"disk/disk.img", Type::kCharDevice}}, "has a device, FIFO or socket at \"/disk/disk.img\""},
       {"backing file", {dir, {"disk/backed.qcow2", Type::kFile, ReadFileCapped(backed, 1 << 20).value()}}, "has a backing file"},
       {"external data", {dir, {"disk/ext.qcow2", Type::kFile, ReadFileCapped(datafile, 1 << 20).value()}}, "external data file"},
       {"truncated", {dir, {"disk/short.qcow2", Type::kFile, good.substr(0, 50)}}, "the header is truncated"},
       {"vmdk", {dir, {"disk/disk.vmdk", Type::kFile, ReadFileCapped(vmdk, 1 << 22).value()}},
        "is in VMDK format; regdisk runs qcow2 and raw disks only, convert it with: qemu-img convert -f vmdk -O qcow2 disk.vmdk disk.qcow2"},
-      {"two disks", {dir, {"disk/a.img", Type::kFile, good}, {"disk/b.img", Type::kFile, good}}, "several files under /disk"},
+      {"two disks", {dir, {"disk/a.img", Type::kFile, good}, {"disk/b.img", Type::kFile, good}}, "files under /disk"},
       {"no disk", {dir, {"etc/hostname", Type::kFile, "x"}}, "the image holds no disk"},
   };
   for (const auto& c : cases) {
@@ -434,6 +434,7 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
   ASSERT_EQ(have, 1u << 20) << "the ingest file should hold exactly what arrived before the cut";
   pull->Signal(SIGKILL);
   EXPECT_TRUE(pull->Wait(std::chrono::seconds(10)).has_value());
+  EXPECT_FALSE(fs::is_empty(fs::path(root_) / "tmp")) << "the killed pull's staging should be there";
 
   RunResult r = Regdisk({"inspect", "--disk", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -442,6 +443,31 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(seen.back().range, "bytes=" + std::to_string(1 << 20) + "-");
   EXPECT_TRUE(fs::is_empty(ingest));
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "tmp")) << "the re-pull should reclaim the killed pull's staging";
+}
+
+TEST_F(StoreTest, DiskSizesAreCapped) {
+  // A qcow2 of a few KiB that declares 2 TiB, over the default 1 TiB.
+  const std::string huge = P("huge.qcow2");
+  ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", huge, "2T"}).exit_code, 0);
+  PushDiskImage("huge", {{"huge.qcow2", ReadFileCapped(huge, 1 << 20).value()}});
+  RunResult r = Regdisk({"pull", Layout("huge")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("\"/disk/huge.qcow2\" declares a virtual size of 2199023255552 bytes, over the maximum "
+                               "disk size of 1099511627776 bytes; raise it with --max-disk-size"));
+  ExpectStoreEmpty();
+  r = Regdisk({"--max-disk-size", "3Ti", "pull", Layout("huge")});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+
+  // A raw disk larger than the flag allows, and a flag that is no size.
+  PushDiskImage("raw", {{"disk.img", std::string(2 << 20, 'r')}});
+  r = Regdisk({"--max-disk-size", "1Mi", "pull", Layout("raw")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("\"/disk/disk.img\" of 2.0 MiB (2097152 bytes), over the maximum disk size of 1.0 MiB"));
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "tmp"));
+  r = Regdisk({"--max-disk-size", "lots", "pull", Layout("raw")});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--max-disk-size takes a size such as 500Gi or 2Ti, not \"lots\""));
 }
 
 TEST_F(StoreTest, RmiAndPruneRemoveWhatNoNameRefersTo) {

@@ -13,6 +13,8 @@
 #include <fmt/core.h>
 
 #include "registry/auth.h"
+#include "spec/quantity.h"
+#include "util/text.h"
 
 namespace regdisk::cli {
 
@@ -66,8 +68,18 @@ Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
   return o;
 }
 
+Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g) {
+  auto bytes = spec::ParseQuantity(g.max_disk_size, 1);
+  if (!bytes.ok() || *bytes <= 0) {
+    return InvalidArgument("--max-disk-size takes a size such as 500Gi or 2Ti, not " + Printable(g.max_disk_size, 40));
+  }
+  store::DiskTree::Limits l;
+  l.max_file_bytes = static_cast<uint64_t>(*bytes);
+  return l;
+}
+
 int Fail(const Status& st) {
-  std::fprintf(stderr, "regdisk: error: %s\n", st.message().c_str());
+  std::fprintf(stderr, "regdisk: error: %s\n", PrintableLine(st.message()).c_str());
   return st.code() == Code::kInvalidArgument ? 2 : 1;
 }
 

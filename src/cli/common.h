@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "registry/client.h"
+#include "store/unpack.h"
 #include "util/status.h"
 
 namespace regdisk::cli {
@@ -20,6 +21,7 @@ struct Globals {
   std::string authfile;
   std::string cert_dir;
   std::string platform = "linux/amd64";
+  std::string max_disk_size = "1Ti";  // a Kubernetes quantity
   bool verbose = false;
 };
 
@@ -42,7 +44,10 @@ struct RunFlags {
 
 // Registry options from the global flags (and the test-only environment).
 Result<registry::ClientOptions> MakeClientOptions(const Globals& g);
-// Prints "regdisk: error: MESSAGE"; returns 2 for bad input, else 1.
+// What a pull may write, from --max-disk-size.
+Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g);
+// Prints "regdisk: error: MESSAGE" (control characters escaped, length
+// bounded); returns 2 for bad input, else 1.
 int Fail(const Status& st);
 // A pull progress reporter for stderr when it is a terminal, else empty.
 std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> TerminalProgress();

@@ -64,6 +64,7 @@ Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref,
   po.platform = platform;
   po.path = path;
   po.on_progress = TerminalProgress();
+  ASSIGN_OR_RETURN(po.limits, MakeDiskLimits(g));
   auto img = st.Pull(*src, name.String(), po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + name.String());
   return img;

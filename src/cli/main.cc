@@ -56,6 +56,8 @@ int Main(int argc, char** argv) {
   app.add_option("--authfile", g.authfile, "auth file (containers auth.json or docker config.json)");
   app.add_option("--cert-dir", g.cert_dir, "directory of CA certificates (*.crt) and client keys (*.cert/*.key)");
   app.add_option("--platform", g.platform, "OS/ARCH[/VARIANT] to select from an index")->capture_default_str();
+  app.add_option("--max-disk-size", g.max_disk_size,
+                 "largest disk a pull accepts, file or virtual size (default 1Ti)");
   app.add_flag("-v,--verbose", g.verbose, "log what happens");
 
   std::string from, to, ref;

@@ -48,6 +48,7 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
   ASSIGN_OR_RETURN(p.client, MakeClientOptions(g));
   ASSIGN_OR_RETURN(p.platform, oci::Platform::Parse(g.platform));
   p.on_progress = TerminalProgress();
+  ASSIGN_OR_RETURN(p.disk_limits, MakeDiskLimits(g));
   return p;
 }
 

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -16,6 +17,7 @@
 #include "util/byte_source.h"
 #include "util/fs.h"
 #include "util/log.h"
+#include "util/text.h"
 
 namespace regdisk::store {
 
@@ -28,7 +30,8 @@ constexpr uint64_t kMaxMetaBytes = 1 << 20;
 constexpr uint64_t kProgressStep = 4 << 20;
 
 // Refusals (a hostile or broken image) remove what this pull stored;
-// transient failures keep partial downloads for the next attempt.
+// transient failures (the network, a full file system: kNoSpace) keep
+// partial downloads for the next attempt.
 bool IsRefusal(const Status& st) {
   switch (st.code()) {
     case Code::kInvalidArgument:
@@ -36,6 +39,7 @@ bool IsRefusal(const Status& st) {
     case Code::kUnimplemented:
     case Code::kDataLoss:
     case Code::kResourceExhausted: return true;
+    case Code::kNoSpace:
     default: return false;
   }
 }
@@ -150,8 +154,11 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
 
 Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers,
                           const oci::Digest& manifest, const PullOptions& options, bool* resumed) {
-  ASSIGN_OR_RETURN(TempDir staging, TempDir::Create(manifest.hex().substr(0, 16), root_ / "tmp"));
-  DiskTree tree(staging.path());
+  // Staging has a fixed name per disk, so whatever a killed pull of this
+  // image left there is reclaimed now (the caller holds the image's lock).
+  const fs::path dir = DiskDir(manifest, options.path);
+  ASSIGN_OR_RETURN(TempDir staging, TempDir::CreateFresh(root_ / "tmp" / (dir.filename().string() + ".staging")));
+  DiskTree tree(staging.path(), options.limits);
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& l = layers[i];
     std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
@@ -168,12 +175,18 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file.staged, O_RDONLY));
   ASSIGN_OR_RETURN(disk::DiskInfo info, disk::InspectDisk(fd.get(), 0, file.size, file.image_path));
   fd.reset();
+  if (info.virtual_size > options.limits.max_file_bytes) {
+    return ResourceExhausted(fmt::format("{} declares a virtual size of {} bytes, over the maximum disk size of {} "
+                                         "bytes; raise it with --max-disk-size if the image is trusted",
+                                         Printable(file.image_path), info.virtual_size, options.limits.max_file_bytes));
+  }
 
   // The image directory: the disk under its own name, and meta.json.
   const fs::path image_dir = staging.path() / "image";
   RETURN_IF_ERROR(MakeDirs(image_dir));
-  std::string name = fs::path(file.image_path).filename().string();
-  if (name.empty() || name == "meta.json") name = "disk.img";
+  // The store names the file by its format: a name from the image is data
+  // (kept in meta.json), never part of a path QEMU or libvirt is given.
+  const std::string name = "disk." + std::string(disk::FormatName(info.format));
   const fs::path disk_file = image_dir / name;
   if (::rename(file.staged.c_str(), disk_file.c_str()) != 0) return ErrnoStatus("staging the disk");
   ASSIGN_OR_RETURN(UniqueFd disk_fd, OpenFile(disk_file, O_RDONLY));
@@ -190,7 +203,7 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
                {"qcow2Version", info.qcow2_version}};
   RETURN_IF_ERROR(WriteFileAtomic(image_dir / "meta.json", meta.dump(2) + "\n", 0444));
   ::chmod(image_dir.c_str(), 0555);
-  if (::rename(image_dir.c_str(), DiskDir(manifest, options.path).c_str()) != 0) {
+  if (::rename(image_dir.c_str(), dir.c_str()) != 0) {
     return ErrnoStatus("committing the disk");
   }
   return SyncDir(root_ / "disks");
@@ -356,18 +369,6 @@ uint64_t UsedBytes(const fs::path& p) {
   return total;
 }
 
-// Removes a tree regdisk made read-only (disks are 0444 in a 0555 directory).
-void RemoveTree(const fs::path& p) {
-  std::error_code ec;
-  if (fs::is_directory(fs::symlink_status(p, ec))) {
-    ::chmod(p.c_str(), 0700);
-    for (const auto& e : fs::recursive_directory_iterator(p, ec)) {
-      if (e.is_directory(ec) && !e.is_symlink(ec)) ::chmod(e.path().c_str(), 0700);
-    }
-  }
-  fs::remove_all(p, ec);
-}
-
 }  // namespace
 
 Result<GcResult> Store::CollectLocked() {
@@ -413,9 +414,9 @@ Result<GcResult> Store::CollectLocked() {
     const uint64_t bytes = UsedBytes(e.path());
     // Out of disks/ first, so no one ever sees half a disk directory.
     const fs::path trash = root_ / "tmp" / ("removed-" + name);
-    RemoveTree(trash);
+    RemoveAll(trash);
     if (::rename(e.path().c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + e.path().string());
-    RemoveTree(trash);
+    RemoveAll(trash);
     ::unlink(UseLockPath(e.path()).c_str());
     ++r.disks_removed;
     r.bytes_freed += bytes;
@@ -434,7 +435,7 @@ Result<GcResult> Store::CollectLocked() {
   for (const char* sub : {"tmp", "ingest"}) {
     for (const auto& e : fs::directory_iterator(root_ / sub, ec)) {
       r.bytes_freed += UsedBytes(e.path());
-      RemoveTree(e.path());
+      RemoveAll(e.path());
     }
   }
   return r;

@@ -9,7 +9,10 @@
 //                                 <file>       the disk, read-only
 //                                 meta.json    what it is (see StoredImage)
 //   ROOT/refs.json              image name -> manifest digest [#path]
-//   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system
+//   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system;
+//                               a pull stages in tmp/<disk dir>.staging, so
+//                               the next pull of that image (under the same
+//                               image lock) removes what a killed one left
 //
 // Layers are streamed, not stored: one thread downloads and hashes a layer
 // (appending it to its ingest file), another decompresses it and writes
@@ -68,6 +71,9 @@ struct PullOptions {
   // layer count, bytes of this layer so far (a resumed prefix included),
   // and its size.
   std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
+  // Caps on what a layer may make the store write; max_file_bytes is also
+  // the largest virtual size a disk may declare.
+  DiskTree::Limits limits;
 };
 
 struct GcResult {

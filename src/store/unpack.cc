@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <isa-l/igzip_lib.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -13,6 +14,7 @@
 
 #include "util/byte_source.h"
 #include "util/fs.h"
+#include "util/text.h"
 
 namespace regdisk::store {
 
@@ -173,7 +175,7 @@ struct ArchiveCloser {
 Result<std::string> CleanPath(const char* raw, const std::string& label) {
   std::string p = raw ? raw : "";
   if (!p.empty() && p.front() == '/') {
-    return InvalidArgument(label + " has an entry with the absolute path \"" + p + "\"; refusing a hostile image");
+    return InvalidArgument(label + " has an entry with the absolute path " + Printable(p) + "; refusing a hostile image");
   }
   std::string out;
   size_t start = 0;
@@ -181,7 +183,7 @@ Result<std::string> CleanPath(const char* raw, const std::string& label) {
     size_t end = p.find('/', start);
     std::string comp = p.substr(start, end == std::string::npos ? std::string::npos : end - start);
     if (comp == "..") {
-      return InvalidArgument(label + " has an entry \"" + p + "\" that climbs out with \"..\"; refusing a hostile image");
+      return InvalidArgument(label + " has an entry " + Printable(p) + " that climbs out with \"..\"; refusing a hostile image");
     }
     if (!comp.empty() && comp != ".") out += (out.empty() ? "" : "/") + comp;
     if (end == std::string::npos) break;
@@ -192,23 +194,32 @@ Result<std::string> CleanPath(const char* raw, const std::string& label) {
 
 bool UnderDisk(const std::string& p) { return p == "disk" || p.rfind("disk/", 0) == 0; }
 
-// Writes data at `offset`, leaving all-zero 4 KiB blocks as holes.
-Status WriteSparse(int fd, const char* data, size_t len, uint64_t offset) {
+bool AllZero(const char* p, size_t n) {
   static const char kZeros[kZeroBlock] = {};
+  return n <= kZeroBlock && std::memcmp(p, kZeros, n) == 0;
+}
+
+// Writes data at `offset` of a new file, leaving every all-zero piece of a
+// 4 KiB block (whole, or the part of it this call holds) as a hole: the
+// file starts empty, so what is not written reads as zeros. Decompressors
+// cut their output at arbitrary offsets, so partial blocks are the rule.
+Status WriteSparse(int fd, const char* data, size_t len, uint64_t offset) {
   size_t i = 0;
   while (i < len) {
-    // Align blocks to file offsets so holes land on block boundaries.
-    size_t in_block = kZeroBlock - static_cast<size_t>((offset + i) % kZeroBlock);
-    size_t n = std::min(in_block, len - i);
-    if (n == kZeroBlock && std::memcmp(data + i, kZeros, kZeroBlock) == 0) {
+    // Pieces end on block boundaries of the file, so holes do too.
+    auto piece = [&](size_t at) {
+      return std::min(kZeroBlock - static_cast<size_t>((offset + at) % kZeroBlock), len - at);
+    };
+    size_t n = piece(i);
+    if (AllZero(data + i, n)) {
       i += n;
       continue;
     }
-    // Gather a run of non-zero blocks into one write.
+    // Gather a run of pieces with data into one write.
     size_t run = n;
     while (i + run < len) {
-      size_t m = std::min(kZeroBlock, len - i - run);
-      if (m == kZeroBlock && std::memcmp(data + i + run, kZeros, kZeroBlock) == 0) break;
+      const size_t m = piece(i + run);
+      if (AllZero(data + i + run, m)) break;
       run += m;
     }
     size_t done = 0;
@@ -225,20 +236,54 @@ Status WriteSparse(int fd, const char* data, size_t len, uint64_t offset) {
   return OkStatus();
 }
 
+// Bytes of data a tar entry carries: the sum of its sparse map when it has
+// one (pax/GNU sparse files), else its size.
+uint64_t DataBytes(archive_entry* e) {
+  const uint64_t size = static_cast<uint64_t>(archive_entry_size(e));
+  if (archive_entry_sparse_reset(e) <= 0) return size;
+  uint64_t total = 0;
+  la_int64_t off = 0, len = 0;
+  while (archive_entry_sparse_next(e, &off, &len) == ARCHIVE_OK) total += static_cast<uint64_t>(len);
+  return std::min(total, size);
+}
+
+// Free bytes for an unprivileged writer on the file system of `fd`.
+uint64_t FreeBytes(int fd) {
+  struct statvfs vfs;
+  if (::fstatvfs(fd, &vfs) != 0) return UINT64_MAX;  // unknown: let the writes tell
+  return static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+}
+
+std::string Bytes(uint64_t n) {
+  char buf[64];
+  if (n >= (uint64_t{1} << 30)) {
+    std::snprintf(buf, sizeof buf, "%.1f GiB", static_cast<double>(n) / (1 << 30));
+  } else {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(n) / (1 << 20));
+  }
+  return std::string(buf) + " (" + std::to_string(n) + " bytes)";
+}
+
 }  // namespace
 
 void DiskTree::RemoveTree(const std::string& path, int below_layer) {
-  for (auto it = entries_.begin(); it != entries_.end();) {
-    bool inside = path.empty() || it->first == path || it->first.rfind(path + "/", 0) == 0;
-    if (inside && it->second.layer < below_layer) {
-      if (!it->second.staged.empty()) {
-        std::error_code ec;
-        fs::remove(it->second.staged, ec);
-      }
-      it = entries_.erase(it);
-    } else {
-      ++it;
+  auto drop = [&](std::map<std::string, Entry>::iterator it) {
+    if (it->second.layer >= below_layer) return std::next(it);
+    if (!it->second.staged.empty()) {
+      std::error_code ec;
+      fs::remove(it->second.staged, ec);
     }
+    return entries_.erase(it);
+  };
+  // The entry itself, then the contiguous run of keys under "path/" (the
+  // map is sorted, so that run starts at lower_bound and ends at the first
+  // key without the prefix).
+  if (!path.empty()) {
+    if (auto it = entries_.find(path); it != entries_.end()) drop(it);
+  }
+  const std::string prefix = path.empty() ? "" : path + "/";
+  for (auto it = entries_.lower_bound(prefix); it != entries_.end() && it->first.compare(0, prefix.size(), prefix) == 0;) {
+    it = drop(it);
   }
 }
 
@@ -270,16 +315,21 @@ Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const 
 
 Status DiskTree::ReadEntries(archive* a, const std::string& label) {
   archive_entry* e = nullptr;
-  for (;;) {
+  for (uint64_t count = 1;; ++count) {
     int r = archive_read_next_header(a, &e);
     if (r == ARCHIVE_EOF) break;
     if (r < ARCHIVE_WARN) {
       return InvalidArgument(label + " is not a valid tar archive: " + archive_error_string(a));
     }
+    if (count > limits_.max_layer_entries) {
+      return ResourceExhausted(label + " has more than " + std::to_string(limits_.max_layer_entries) +
+                               " entries, the most regdisk reads in one layer; put the disk in an image of its own");
+    }
     ASSIGN_OR_RETURN(std::string path, CleanPath(archive_entry_pathname(e), label));
     if (path.empty()) continue;
-    std::string dir = path.substr(0, path.rfind('/') == std::string::npos ? 0 : path.rfind('/'));
-    std::string base = path.substr(path.rfind('/') == std::string::npos ? 0 : path.rfind('/') + 1);
+    const size_t slash = path.rfind('/');
+    std::string dir = slash == std::string::npos ? "" : path.substr(0, slash);
+    std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
 
     // Whiteouts remove what lower layers put there.
     if (base == ".wh..wh..opq") {
@@ -293,23 +343,26 @@ Status DiskTree::ReadEntries(archive* a, const std::string& label) {
       RemoveTree(target, layer_);
       continue;
     }
-    // Anything placed at a path also replaces what lower layers had there.
-    bool disk_related = UnderDisk(path);
-    mode_t type = archive_entry_filetype(e);
-    const char* hardlink = archive_entry_hardlink(e);
-    if (!disk_related) continue;  // only /disk is materialised
+    if (!UnderDisk(path)) continue;  // only /disk is materialised
+    if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) {
+      return ResourceExhausted(label + " puts more than " + std::to_string(limits_.max_disk_entries) +
+                               " entries under /disk, the most regdisk accepts; a registry disk holds one disk file");
+    }
 
-    if (hardlink != nullptr) {
-      return InvalidArgument(label + " has a hard link at /" + path + " (to " + hardlink +
+    const mode_t type = archive_entry_filetype(e);
+    if (const char* hardlink = archive_entry_hardlink(e)) {
+      return InvalidArgument(label + " has a hard link at " + Printable("/" + path) + " (to " + Printable(hardlink) +
                              "); links under /disk are refused");
     }
     if (type == AE_IFLNK) {
       const char* target = archive_entry_symlink(e);
-      return InvalidArgument(label + " has a symlink at /" + path + " pointing to " + (target ? target : "?") +
+      return InvalidArgument(label + " has a symlink at " + Printable("/" + path) + " pointing to " +
+                             Printable(target ? target : "?") +
                              "; links under /disk are refused, as they could expose host files to the VM");
     }
     if (type != AE_IFREG && type != AE_IFDIR) {
-      return InvalidArgument(label + " has a device, FIFO or socket at /" + path + "; only regular files belong under /disk");
+      return InvalidArgument(label + " has a device, FIFO or socket at " + Printable("/" + path) +
+                             "; only regular files belong under /disk");
     }
     if (type == AE_IFDIR) {
       // A directory merges with a lower directory, but replaces a lower file.
@@ -319,33 +372,61 @@ Status DiskTree::ReadEntries(archive* a, const std::string& label) {
       continue;
     }
     RemoveTree(path, layer_ + 1);  // a file replaces whatever was there, even in this layer
-    // A regular file: stream its data into a staging file, holes kept.
-    fs::path staged = staging_ / ("file-" + std::to_string(next_file_++));
-    ASSIGN_OR_RETURN(UniqueFd out, OpenFile(staged, O_WRONLY | O_CREAT | O_EXCL, 0600));
-    const void* buf = nullptr;
-    size_t len = 0;
-    la_int64_t off = 0;
-    uint64_t flushed = 0;  // bytes handed to writeback
-    for (;;) {
-      int rr = archive_read_data_block(a, &buf, &len, &off);
-      if (rr == ARCHIVE_EOF) break;
-      if (rr < ARCHIVE_WARN) {
-        return InvalidArgument(label + " is truncated or corrupt inside /" + path + ": " + archive_error_string(a));
-      }
-      RETURN_IF_ERROR(WriteSparse(out.get(), static_cast<const char*>(buf), len, static_cast<uint64_t>(off)));
-      // Start writing back what is done while the rest streams in, so the
-      // fsync before the commit has little left to do.
-      const uint64_t end = static_cast<uint64_t>(off) + len;
-      if (end >= flushed + kWritebackWindow) {
-        ::sync_file_range(out.get(), static_cast<off_t>(flushed), static_cast<off_t>(end - flushed),
-                          SYNC_FILE_RANGE_WRITE);
-        flushed = end;
-      }
-    }
-    uint64_t size = static_cast<uint64_t>(archive_entry_size(e));
-    if (::ftruncate(out.get(), static_cast<off_t>(size)) != 0) return ErrnoStatus("sizing " + staged.string());
-    entries_[path] = Entry{false, staged, size, layer_};
+    RETURN_IF_ERROR(StageFile(a, e, path, label));
   }
+  return OkStatus();
+}
+
+// Streams a regular file's data into a new staging file, holes kept, after
+// checking its size against the limit and the room left for its data.
+Status DiskTree::StageFile(archive* a, archive_entry* e, const std::string& path, const std::string& label) {
+  const uint64_t size = static_cast<uint64_t>(std::max<la_int64_t>(archive_entry_size(e), 0));
+  const std::string shown = Printable("/" + path);
+  if (size > limits_.max_file_bytes) {
+    return ResourceExhausted(label + " has " + shown + " of " + Bytes(size) + ", over the maximum disk size of " +
+                             Bytes(limits_.max_file_bytes) + "; raise it with --max-disk-size if the image is trusted");
+  }
+  fs::path staged = staging_ / ("file-" + std::to_string(next_file_++));
+  ASSIGN_OR_RETURN(UniqueFd out, OpenFile(staged, O_WRONLY | O_CREAT | O_EXCL, 0600));
+  // Until the entry is recorded, a failure removes the file.
+  struct Unstage {
+    const fs::path* path;
+    ~Unstage() {
+      if (path) ::unlink(path->c_str());
+    }
+  } unstage{&staged};
+  const uint64_t needed = DataBytes(e);
+  const uint64_t free = FreeBytes(out.get());
+  auto no_room = [&] {
+    return NoSpace("writing " + shown + " needs up to " + Bytes(needed) + " but the file system of " +
+                   staging_.parent_path().string() + " has " + Bytes(FreeBytes(out.get())) +
+                   " free; free space there or choose another --root");
+  };
+  if (needed > free) return no_room();
+  const void* buf = nullptr;
+  size_t len = 0;
+  la_int64_t off = 0;
+  uint64_t flushed = 0;  // bytes handed to writeback
+  for (;;) {
+    int rr = archive_read_data_block(a, &buf, &len, &off);
+    if (rr == ARCHIVE_EOF) break;
+    if (rr < ARCHIVE_WARN) {
+      return InvalidArgument(label + " is truncated or corrupt inside " + shown + ": " + archive_error_string(a));
+    }
+    Status st = WriteSparse(out.get(), static_cast<const char*>(buf), len, static_cast<uint64_t>(off));
+    if (st.code() == Code::kNoSpace) return no_room();
+    RETURN_IF_ERROR(st);
+    // Start writing back what is done while the rest streams in, so the
+    // fsync before the commit has little left to do.
+    const uint64_t end = static_cast<uint64_t>(off) + len;
+    if (end >= flushed + kWritebackWindow) {
+      ::sync_file_range(out.get(), static_cast<off_t>(flushed), static_cast<off_t>(end - flushed), SYNC_FILE_RANGE_WRITE);
+      flushed = end;
+    }
+  }
+  if (::ftruncate(out.get(), static_cast<off_t>(size)) != 0) return ErrnoStatus("sizing " + staged.string());
+  entries_[path] = Entry{false, staged, size, layer_};
+  unstage.path = nullptr;
   return OkStatus();
 }
 
@@ -354,7 +435,7 @@ Result<DiskTree::File> DiskTree::FindDisk(const std::string& path) const {
     std::string key = path.substr(path.find_first_not_of('/') == std::string::npos ? path.size() : path.find_first_not_of('/'));
     auto it = entries_.find(key);
     if (it == entries_.end() || it->second.is_dir) {
-      return NotFound("the image has no regular file at " + path);
+      return NotFound("the image has no regular file at " + Printable(path));
     }
     return File{"/" + it->first, it->second.staged, it->second.size};
   }
@@ -367,8 +448,11 @@ Result<DiskTree::File> DiskTree::FindDisk(const std::string& path) const {
     return NotFound("the image holds no disk: there is no regular file under /disk; add one (ADD disk.qcow2 /disk)");
   }
   std::string list;
-  for (const auto* f : files) list += (list.empty() ? "/" : ", /") + f->first;
-  return InvalidArgument("the image holds several files under /disk (" + list + "); name one with --path");
+  constexpr size_t kShown = 4;
+  for (size_t i = 0; i < files.size() && i < kShown; ++i) list += (i ? ", " : "") + Printable("/" + files[i]->first, 80);
+  if (files.size() > kShown) list += " and " + std::to_string(files.size() - kShown) + " more";
+  return InvalidArgument("the image holds " + std::to_string(files.size()) + " files under /disk (" + list +
+                         "); name one with --path");
 }
 
 }  // namespace regdisk::store

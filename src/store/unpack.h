@@ -11,6 +11,11 @@
 // under /disk (or for /disk itself) symlinks, hard links, devices, FIFOs
 // and sockets. Whiteouts (.wh.NAME and .wh..wh..opq) are honoured.
 // Zero-filled blocks are written as holes, so sparse disks stay sparse.
+//
+// Sizes and counts from a layer are bounded (Limits): entries per layer,
+// entries under /disk, bytes per file; and a file is written only when the
+// staging file system has room for its data. Work per entry is O(log n)
+// plus what it removes, so a layer of n entries costs O(n log n).
 #pragma once
 
 #include <filesystem>
@@ -22,6 +27,7 @@
 #include "util/status.h"
 
 struct archive;
+struct archive_entry;
 
 namespace regdisk::store {
 
@@ -33,7 +39,14 @@ class DiskTree {
     uint64_t size = 0;
   };
 
+  struct Limits {
+    uint64_t max_layer_entries = 1'000'000;  // entries of any kind in one layer
+    uint64_t max_disk_entries = 10'000;      // files and directories under /disk
+    uint64_t max_file_bytes = uint64_t{1} << 40;  // one file under /disk (1 TiB)
+  };
+
   explicit DiskTree(std::filesystem::path staging) : staging_(std::move(staging)) {}
+  DiskTree(std::filesystem::path staging, Limits limits) : staging_(std::move(staging)), limits_(limits) {}
 
   // Applies one layer blob (its compression follows from media_type and is
   // checked against the blob's magic bytes). `label` names the layer in
@@ -54,9 +67,13 @@ class DiskTree {
     uint64_t size = 0;
     int layer = 0;
   };
+  // Drops `path` and everything below it that lower layers (layer <
+  // below_layer) put there.
   void RemoveTree(const std::string& path, int below_layer);
   Status ReadEntries(archive* a, const std::string& label);
+  Status StageFile(archive* a, archive_entry* e, const std::string& path, const std::string& label);
   std::filesystem::path staging_;
+  Limits limits_;
   std::map<std::string, Entry> entries_;  // "disk", "disk/a.img", ...
   int layer_ = 0;
   int next_file_ = 0;

@@ -82,10 +82,26 @@ Result<TempDir> TempDir::Create(std::string_view prefix, const fs::path& parent)
   return TempDir(templ);
 }
 
+Result<TempDir> TempDir::CreateFresh(const fs::path& path) {
+  RemoveAll(path);
+  if (::mkdir(path.c_str(), 0700) != 0) return ErrnoStatus("creating directory " + path.string());
+  return TempDir(path);
+}
+
 TempDir::~TempDir() {
-  if (path_.empty()) return;
+  if (!path_.empty()) RemoveAll(path_);
+}
+
+void RemoveAll(const fs::path& p) {
   std::error_code ec;
-  fs::remove_all(path_, ec);
+  if (fs::is_directory(fs::symlink_status(p, ec))) {
+    ::chmod(p.c_str(), 0700);
+    for (auto it = fs::recursive_directory_iterator(p, ec); !ec && it != fs::recursive_directory_iterator();
+         it.increment(ec)) {
+      if (it->is_directory(ec) && !it->is_symlink(ec)) ::chmod(it->path().c_str(), 0700);
+    }
+  }
+  fs::remove_all(p, ec);
 }
 
 Result<PendingFile> PendingFile::Create(const fs::path& final_path, mode_t mode) {

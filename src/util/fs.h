@@ -60,12 +60,19 @@ Status SyncDir(const std::filesystem::path& dir);
 // Creates a directory and its parents (mkdir -p); an existing one is fine.
 Status MakeDirs(const std::filesystem::path& dir);
 
+// Removes a file or a tree, including directories made read-only (as the
+// store makes its disks); errors are ignored, as in `rm -rf`.
+void RemoveAll(const std::filesystem::path& p);
+
 // A directory created under `parent` (default $TMPDIR, or /tmp) as
 // PREFIX.XXXXXX, and removed, with everything in it, when this object is
 // destroyed.
 class TempDir {
  public:
   static Result<TempDir> Create(std::string_view prefix = "regdisk", const std::filesystem::path& parent = {});
+  // Exactly `path` (mode 0700), after removing whatever a process that died
+  // left there. The caller must hold a lock that makes the name its own.
+  static Result<TempDir> CreateFresh(const std::filesystem::path& path);
   TempDir(TempDir&& o) noexcept : path_(std::move(o.path_)) { o.path_.clear(); }
   TempDir& operator=(TempDir&&) = delete;
   TempDir(const TempDir&) = delete;

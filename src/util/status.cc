@@ -17,6 +17,7 @@ std::string_view CodeName(Code code) {
     case Code::kDeadlineExceeded: return "DeadlineExceeded";
     case Code::kDataLoss: return "DataLoss";
     case Code::kResourceExhausted: return "ResourceExhausted";
+    case Code::kNoSpace: return "NoSpace";
     case Code::kUnimplemented: return "Unimplemented";
     case Code::kInternal: return "Internal";
     case Code::kCancelled: return "Cancelled";
@@ -48,6 +49,7 @@ Status ErrnoStatus(std::string_view what, int err) {
     case EACCES:
     case EPERM: code = Code::kPermissionDenied; break;
     case ENOSPC:
+    case EDQUOT: code = Code::kNoSpace; break;
     case EMFILE:
     case ENFILE:
     case ENOMEM: code = Code::kResourceExhausted; break;

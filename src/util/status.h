@@ -31,7 +31,9 @@ enum class Code {
   kUnavailable,         // transient: network, 5xx, 429; retryable
   kDeadlineExceeded,    // an attempt took too long
   kDataLoss,            // digest or size mismatch, truncated data
-  kResourceExhausted,   // a size cap was hit
+  kResourceExhausted,   // a size or count cap was hit, or memory/fds ran out
+  kNoSpace,             // the local file system is full (ENOSPC, EDQUOT):
+                        // nobody's input is wrong; partial work is kept
   kUnimplemented,       // valid but unsupported (algorithm, media type)
   kInternal,            // a bug or an unexpected system failure
   kCancelled,           // the other side of a pipeline gave up
@@ -70,6 +72,7 @@ inline Status Unavailable(std::string m) { return {Code::kUnavailable, std::move
 inline Status DeadlineExceeded(std::string m) { return {Code::kDeadlineExceeded, std::move(m)}; }
 inline Status DataLoss(std::string m) { return {Code::kDataLoss, std::move(m)}; }
 inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
+inline Status NoSpace(std::string m) { return {Code::kNoSpace, std::move(m)}; }
 inline Status Unimplemented(std::string m) { return {Code::kUnimplemented, std::move(m)}; }
 inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
 inline Status Cancelled(std::string m) { return {Code::kCancelled, std::move(m)}; }

@@ -83,6 +83,7 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
   po.platform = o.platform;
   po.path = src.path;
   po.on_progress = o.on_progress;
+  po.limits = o.disk_limits;
   log::Info("pulling {}", key);
   auto img = st.Pull(*source, key, po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + key);

@@ -59,6 +59,7 @@ struct PlanOptions {
   oci::Platform platform{"linux", "amd64", ""};
   // Pull progress (see store::PullOptions); may be empty.
   std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
+  store::DiskTree::Limits disk_limits;  // for pulls
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets
