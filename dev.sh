@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 PACKAGES=(
   cmake ninja-build g++ pkg-config binutils
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev libyaml-cpp-dev
-  libarchive-dev libzstd-dev libisal-dev
+  libarchive-dev libzstd-dev libisal-dev libxml2-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps

@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <thread>
 
@@ -295,8 +296,42 @@ TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
     ASSERT_OK(WriteFileAtomic(P("domain.xml"), r.out));
     RunResult v = RunProgram({"virt-xml-validate", P("domain.xml"), "domain"});
     EXPECT_EQ(v.exit_code, 0) << e.path() << ":\n" << r.out << v.out << v.err;
-    EXPECT_THAT(r.out, HasSubstr("<backingStore type='file'>"));
+    EXPECT_THAT(r.out, HasSubstr("<backingStore type=\"file\">"));
   }
+}
+
+TEST_F(VmTest, HostileDiskNamesAndRootPathsAreDataNotSyntax) {
+  // A disk whose name in the image is QEMU option syntax, XML and a second
+  // line; a node store whose path has a comma, quotes and a space.
+  const std::string name = "d.qcow2,locking=off,file.filename=/etc/passwd 'x\" <y> & z\nnext=1";
+  auto img = MakeImageFromLayers(
+      tmp() / "layout", "evil",
+      {{LayerMediaType("gzip"), MakeTar({{"disk", TarEntry::Type::kDir, "", "", 107, 107, 0555},
+                                         {"disk/" + name, TarEntry::Type::kFile, ReadFileCapped(P("guest.qcow2"), 1 << 22).value(),
+                                          "", 107, 107, 0444}},
+                                        "gzip")}});
+  ASSERT_OK(img);
+  const std::string ref = "docker://" + reg_->host() + "/vmdisks/fedora25:latest";
+  ASSERT_EQ(RunRegdisk({"copy", "oci:" + P("layout") + ":evil", ref}).exit_code, 0);
+  root_ = (tmp() / "node, \"store\" 'a=b'").string();
+
+  const std::string spec = Spec("vm.yaml");
+  RunResult r = Run(spec);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Count(r.out, "sector1: PRISTINE-SECTOR-CONTENT"), 1) << r.out;
+  RunResult inspect = RunRegdisk({"--root", root_, "inspect", "--disk", ref});
+  ASSERT_EQ(inspect.exit_code, 0) << inspect.err;
+  const auto disk = nlohmann::json::parse(inspect.out)["disk"];
+  EXPECT_EQ(disk["path"], "/disk/" + name);  // kept as data
+  EXPECT_EQ(fs::path(disk["file"].get<std::string>()).filename(), "disk.qcow2");  // not a name from the image
+
+  RunResult x = RunRegdisk({"--root", root_, "domxml", "-f", spec});
+  ASSERT_EQ(x.exit_code, 0) << x.err;
+  ASSERT_OK(WriteFileAtomic(P("domain.xml"), x.out));
+  RunResult v = RunProgram({"virt-xml-validate", P("domain.xml"), "domain"});
+  EXPECT_EQ(v.exit_code, 0) << x.out << v.out << v.err;
+  EXPECT_THAT(x.out, HasSubstr("node, &quot;store&quot; 'a=b'/disks/"));
+  ExpectNothingLeft();
 }
 
 }  // namespace

@@ -77,7 +77,9 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
   auto plan = vm::PlanVm(vmspec, loaded->second, *po,
                          std::filesystem::path(g.root) / "run" / (vmspec.metadata.namespace_ + "_" + vmspec.metadata.name));
   if (!plan.ok()) return Fail(plan.status().Annotate("planning VM " + vmspec.metadata.name));
-  std::fputs(vm::DomainXml(*plan).c_str(), stdout);
+  auto xml = vm::DomainXml(*plan);
+  if (!xml.ok()) return Fail(xml.status().Annotate("writing the domain XML of VM " + vmspec.metadata.name));
+  std::fputs(xml->c_str(), stdout);
   return 0;
 }
 

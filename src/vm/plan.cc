@@ -6,10 +6,13 @@
 #include <fstream>
 
 #include <fmt/core.h>
+#include <libxml/xmlwriter.h>
+#include <nlohmann/json.hpp>
 
 #include "image/transport.h"
 #include "util/fs.h"
 #include "util/log.h"
+#include "util/text.h"
 #include "util/process.h"
 
 namespace regdisk::vm {
@@ -35,21 +38,6 @@ bool KvmUsable() {
   if (fd < 0) return false;
   ::close(fd);
   return true;
-}
-
-std::string XmlEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '\'': out += "&apos;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
-    }
-  }
-  return out;
 }
 
 // Resolves one registry disk volume to a disk in the node store, pulling as
@@ -152,17 +140,37 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
   return plan;
 }
 
+namespace {
+
+// A value inside QEMU's "key=value,..." option syntax: commas are doubled,
+// so a path cannot end the value and add options of its own.
+std::string OptValue(std::string_view v) {
+  std::string out;
+  for (char c : v) {
+    out += c;
+    if (c == ',') out += ',';
+  }
+  return out;
+}
+
+// Block nodes and devices go to QEMU as JSON objects, so paths and names
+// are strings, never option syntax.
+std::string Json(const nlohmann::json& j) { return j.dump(); }
+
+}  // namespace
+
 std::vector<std::string> QemuArgv(const VmPlan& p) {
   std::vector<std::string> a = {p.qemu.string(),
-                                "-name", "guest=" + p.name + ",debug-threads=on",
+                                "-name", "guest=" + OptValue(p.name) + ",debug-threads=on",
                                 "-nodefaults", "-no-user-config",
                                 "-machine", "pc", "-accel", p.accel,
                                 "-m", std::to_string((p.memory_bytes + (1 << 20) - 1) >> 20) + "M",
                                 "-smp", std::to_string(p.cores),
                                 "-display", "none",
-                                "-chardev", "file,id=serial0,path=" + p.console_log.string(),
+                                "-chardev", "file,id=serial0,path=" + OptValue(p.console_log.string()),
                                 "-serial", "chardev:serial0",
-                                "-qmp", "unix:" + p.qmp_socket.string() + ",server=on,wait=off",
+                                "-chardev", "socket,id=qmp,path=" + OptValue(p.qmp_socket.string()) + ",server=on,wait=off",
+                                "-mon", "chardev=qmp,mode=control",
                                 "-nic", "none"};
   bool any_boot = false;
   for (const auto& d : p.disks) any_boot |= d.boot_order.has_value();
@@ -171,65 +179,137 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
     const PlannedDisk& d = p.disks[i];
     const std::string n = std::to_string(i);
     // The store's disk, read-only, with its format given (never probed)...
-    a.insert(a.end(), {"-blockdev", "driver=file,node-name=base-file" + n + ",filename=" + d.backing.string() +
-                                        ",read-only=on",
-                       "-blockdev", std::string("driver=") + std::string(disk::FormatName(d.backing_format)) +
-                                        ",node-name=base" + n + ",file=base-file" + n + ",read-only=on"});
+    a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "base-file" + n},
+                                          {"filename", d.backing.string()}, {"read-only", true}}),
+                       "-blockdev", Json({{"driver", std::string(disk::FormatName(d.backing_format))},
+                                          {"node-name", "base" + n}, {"file", "base-file" + n}, {"read-only", true}})});
     // ...under this VM's own qcow2 overlay.
-    a.insert(a.end(), {"-blockdev", "driver=file,node-name=overlay-file" + n + ",filename=" + d.overlay.string(),
-                       "-blockdev", "driver=qcow2,node-name=disk" + n + ",file=overlay-file" + n + ",backing=base" + n +
-                                        (d.read_only ? ",read-only=on" : "")});
-    std::string boot;
-    if (d.boot_order) boot = ",bootindex=" + std::to_string(*d.boot_order);
-    else if (!any_boot && i == 0) boot = ",bootindex=1";
+    nlohmann::json overlay = {{"driver", "qcow2"}, {"node-name", "disk" + n}, {"file", "overlay-file" + n},
+                              {"backing", "base" + n}};
+    if (d.read_only) overlay["read-only"] = true;
+    a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "overlay-file" + n},
+                                          {"filename", d.overlay.string()}}),
+                       "-blockdev", Json(overlay)});
+    nlohmann::json dev = {{"drive", "disk" + n}, {"id", d.name}};
+    if (d.boot_order) dev["bootindex"] = *d.boot_order;
+    else if (!any_boot && i == 0) dev["bootindex"] = 1;
     if (d.bus == "sata") {
-      if (!ahci) a.insert(a.end(), {"-device", "ahci,id=ahci0"});
+      if (!ahci) a.insert(a.end(), {"-device", Json({{"driver", "ahci"}, {"id", "ahci0"}})});
       ahci = true;
-      a.insert(a.end(), {"-device", "ide-hd,bus=ahci0." + n + ",drive=disk" + n + ",id=" + d.name + boot});
+      dev["driver"] = "ide-hd";
+      dev["bus"] = "ahci0." + n;
     } else if (d.bus == "scsi") {
-      if (!scsi) a.insert(a.end(), {"-device", "virtio-scsi-pci,id=scsi0"});
+      if (!scsi) a.insert(a.end(), {"-device", Json({{"driver", "virtio-scsi-pci"}, {"id", "scsi0"}})});
       scsi = true;
-      a.insert(a.end(), {"-device", "scsi-hd,bus=scsi0.0,drive=disk" + n + ",id=" + d.name + boot});
+      dev["driver"] = "scsi-hd";
+      dev["bus"] = "scsi0.0";
     } else {
-      a.insert(a.end(), {"-device", "virtio-blk-pci,drive=disk" + n + ",id=" + d.name + boot});
+      dev["driver"] = "virtio-blk-pci";
     }
+    a.insert(a.end(), {"-device", Json(dev)});
   }
   return a;
 }
 
-std::string DomainXml(const VmPlan& p) {
-  std::string x;
-  x += "<domain type='" + std::string(p.accel == "kvm" ? "kvm" : "qemu") + "'>\n";
-  x += "  <name>" + XmlEscape(p.name) + "</name>\n";
-  x += "  <memory unit='KiB'>" + std::to_string((p.memory_bytes + 1023) / 1024) + "</memory>\n";
-  x += "  <vcpu>" + std::to_string(p.cores) + "</vcpu>\n";
-  x += "  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n  </os>\n";
-  x += "  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n";
-  x += "  <devices>\n";
-  x += "    <emulator>" + XmlEscape(p.qemu.string()) + "</emulator>\n";
+namespace {
+
+// Builds an XML document with libxml2's writer, which escapes every value;
+// a string XML 1.0 cannot carry at all (control characters) makes the
+// document fail instead of producing something libvirt would misread.
+class XmlWriter {
+ public:
+  XmlWriter() : buf_(xmlBufferCreate()), w_(xmlNewTextWriterMemory(buf_, 0)) {
+    xmlTextWriterSetIndent(w_, 1);
+    xmlTextWriterSetIndentString(w_, BAD_CAST "  ");
+  }
+  ~XmlWriter() {
+    if (w_) xmlFreeTextWriter(w_);
+    xmlBufferFree(buf_);
+  }
+  XmlWriter(const XmlWriter&) = delete;
+  XmlWriter& operator=(const XmlWriter&) = delete;
+
+  XmlWriter& Open(const char* name) { return Check(xmlTextWriterStartElement(w_, BAD_CAST name)); }
+  XmlWriter& Attr(const char* name, const std::string& value) {
+    if (!Valid(value)) bad_ = value;
+    return Check(xmlTextWriterWriteAttribute(w_, BAD_CAST name, BAD_CAST value.c_str()));
+  }
+  XmlWriter& Text(const std::string& value) {
+    if (!Valid(value)) bad_ = value;
+    return Check(xmlTextWriterWriteString(w_, BAD_CAST value.c_str()));
+  }
+  XmlWriter& Close() { return Check(xmlTextWriterEndElement(w_)); }
+  // <name attr='value'/> and <name>text</name> in one call.
+  XmlWriter& Empty(const char* name, std::initializer_list<std::pair<const char*, std::string>> attrs) {
+    Open(name);
+    for (const auto& [k, v] : attrs) Attr(k, v);
+    return Close();
+  }
+  XmlWriter& Element(const char* name, const std::string& text) { return Open(name).Text(text).Close(); }
+
+  Result<std::string> Finish() {
+    Check(xmlTextWriterEndDocument(w_));
+    xmlFreeTextWriter(w_);
+    w_ = nullptr;
+    if (bad_) return InvalidArgument("the value " + Printable(*bad_, 80) + " cannot be written in XML");
+    if (failed_) return Internal("libxml2 could not write the domain XML");
+    return std::string(reinterpret_cast<const char*>(xmlBufferContent(buf_)), xmlBufferLength(buf_));
+  }
+
+ private:
+  XmlWriter& Check(int rc) {
+    failed_ |= rc < 0;
+    return *this;
+  }
+  // XML 1.0 has no way to write C0 controls other than tab, CR and LF, and
+  // libxml2 expects UTF-8.
+  static bool Valid(const std::string& v) {
+    for (unsigned char c : v) {
+      if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return false;
+    }
+    return xmlCheckUTF8(BAD_CAST v.c_str()) != 0;
+  }
+  xmlBufferPtr buf_;
+  xmlTextWriterPtr w_;
+  bool failed_ = false;
+  std::optional<std::string> bad_;
+};
+
+}  // namespace
+
+Result<std::string> DomainXml(const VmPlan& p) {
+  XmlWriter x;
+  x.Open("domain").Attr("type", p.accel == "kvm" ? "kvm" : "qemu");
+  x.Element("name", p.name);
+  x.Open("memory").Attr("unit", "KiB").Text(std::to_string((p.memory_bytes + 1023) / 1024)).Close();
+  x.Element("vcpu", std::to_string(p.cores));
+  x.Open("os").Open("type").Attr("arch", "x86_64").Attr("machine", "pc").Text("hvm").Close().Close();
+  x.Element("on_poweroff", "destroy").Element("on_reboot", "restart").Element("on_crash", "destroy");
+  x.Open("devices");
+  x.Element("emulator", p.qemu.string());
   bool any_boot = false;
   for (const auto& d : p.disks) any_boot |= d.boot_order.has_value();
   for (size_t i = 0; i < p.disks.size(); ++i) {
     const PlannedDisk& d = p.disks[i];
-    x += "    <disk type='file' device='disk'>\n";
-    x += "      <driver name='qemu' type='qcow2'/>\n";
-    x += "      <source file='" + XmlEscape(d.overlay.string()) + "'/>\n";
-    x += "      <backingStore type='file'>\n";
-    x += "        <format type='" + std::string(disk::FormatName(d.backing_format)) + "'/>\n";
-    x += "        <source file='" + XmlEscape(d.backing.string()) + "'/>\n";
-    x += "      </backingStore>\n";
-    x += "      <target dev='" + XmlEscape(d.dev) + "' bus='" + XmlEscape(d.bus) + "'/>\n";
-    if (d.read_only) x += "      <readonly/>\n";
-    if (d.boot_order) x += "      <boot order='" + std::to_string(*d.boot_order) + "'/>\n";
-    else if (!any_boot && i == 0) x += "      <boot order='1'/>\n";
-    x += "    </disk>\n";
+    x.Open("disk").Attr("type", "file").Attr("device", "disk");
+    x.Empty("driver", {{"name", "qemu"}, {"type", "qcow2"}});
+    x.Empty("source", {{"file", d.overlay.string()}});
+    x.Open("backingStore").Attr("type", "file");
+    x.Empty("format", {{"type", std::string(disk::FormatName(d.backing_format))}});
+    x.Empty("source", {{"file", d.backing.string()}});
+    x.Close();
+    x.Empty("target", {{"dev", d.dev}, {"bus", d.bus}});
+    if (d.read_only) x.Open("readonly").Close();
+    if (d.boot_order) x.Empty("boot", {{"order", std::to_string(*d.boot_order)}});
+    else if (!any_boot && i == 0) x.Empty("boot", {{"order", "1"}});
+    x.Close();
   }
-  x += "    <serial type='file'>\n      <source path='" + XmlEscape(p.log_file.string()) + "'/>\n";
-  x += "      <target port='0'/>\n    </serial>\n";
-  x += "    <console type='file'>\n      <source path='" + XmlEscape(p.log_file.string()) + "'/>\n";
-  x += "      <target type='serial' port='0'/>\n    </console>\n";
-  x += "  </devices>\n</domain>\n";
-  return x;
+  x.Open("serial").Attr("type", "file").Empty("source", {{"path", p.log_file.string()}});
+  x.Empty("target", {{"port", "0"}}).Close();
+  x.Open("console").Attr("type", "file").Empty("source", {{"path", p.log_file.string()}});
+  x.Empty("target", {{"type", "serial"}, {"port", "0"}}).Close();
+  x.Close().Close();  // devices, domain
+  return x.Finish();
 }
 
 }  // namespace regdisk::vm

@@ -4,7 +4,7 @@
 //
 //   ASSIGN_OR_RETURN(VmPlan plan, PlanVm(vm, secrets, store, options));
 //   std::vector<std::string> argv = QemuArgv(plan);
-//   std::string xml = DomainXml(plan);
+//   ASSIGN_OR_RETURN(std::string xml, DomainXml(plan));
 #pragma once
 
 #include <filesystem>
@@ -73,7 +73,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
 // QMP on a unix socket, no network.
 std::vector<std::string> QemuArgv(const VmPlan& plan);
 
-// The equivalent libvirt domain XML.
-std::string DomainXml(const VmPlan& plan);
+// The equivalent libvirt domain XML, written with libxml2 (every value
+// escaped); a value XML cannot carry is an error.
+Result<std::string> DomainXml(const VmPlan& plan);
 
 }  // namespace regdisk::vm
