@@ -8,11 +8,18 @@
 set -euo pipefail
 regdisk=$(realpath "$1")
 bootsector=$(realpath "$2")
-work=$(mktemp -d /tmp/regdisk-demo.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/regdisk-demo.XXXXXX")
 registry_pid=
+# On every way out: stop the registry, remove everything, and exit with the
+# demo's own status (not that of the registry killed here).
 cleanup() {
-  [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
+  local rc=$?
+  if [ -n "$registry_pid" ]; then
+    kill "$registry_pid" 2>/dev/null || true
+    wait "$registry_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
+  exit "$rc"
 }
 trap cleanup EXIT
 step() { printf '\n==> %s\n' "$*"; }
