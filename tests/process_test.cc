@@ -32,6 +32,48 @@ TEST(ProcessTest, MissingProgramIsAClearError) {
   EXPECT_THAT(r.status().message(), ::testing::HasSubstr("was not found on PATH"));
 }
 
+TEST(ProcessTest, AChildHoldsAnInheritedLockAndNoOtherDescriptor) {
+  auto dir = TempDir::Create("regdisk-test");
+  ASSERT_TRUE(dir.ok());
+  const auto lock_path = dir->path() / "lock";
+  auto lock = FileLock::Acquire(lock_path, FileLock::Mode::kShared);
+  ASSERT_TRUE(lock.ok());
+  auto opened = OpenFile(dir->path() / "other", O_RDWR | O_CREAT);
+  ASSERT_TRUE(opened.ok());
+  UniqueFd other(::fcntl(opened->get(), F_DUPFD_CLOEXEC, 100));  // a number ls will not use itself
+  Process::Options opt;
+  opt.inherit_fds = {lock->fd()};
+  opt.stdout_mode = Process::Stdio::kPipe;
+  auto child = Process::Spawn({"sh", "-c", "ls /proc/self/fd; exec sleep 30"}, opt);
+  ASSERT_TRUE(child.ok()) << child.status().ToString();
+  char buf[256] = {};
+  ssize_t n = ::read(child->stdout_fd(), buf, sizeof buf - 1);
+  ASSERT_GT(n, 0);
+  // stdio, the lock, and the descriptor ls opens to list the directory.
+  EXPECT_THAT(std::string(buf), ::testing::HasSubstr(std::to_string(lock->fd()) + "\n"));
+  EXPECT_THAT(std::string(buf), ::testing::Not(::testing::HasSubstr("\n" + std::to_string(other.get()) + "\n")));
+  { auto released = std::move(*lock); }  // our own descriptor is closed
+  auto taken = FileLock::TryAcquire(lock_path);
+  ASSERT_TRUE(taken.ok());
+  EXPECT_FALSE(taken->has_value()) << "the child's inherited descriptor should still hold the lock";
+  child->Terminate(0ms);
+  taken = FileLock::TryAcquire(lock_path);
+  ASSERT_TRUE(taken.ok());
+  EXPECT_TRUE(taken->has_value());
+}
+
+TEST(ProcessTest, AFailedExecIsAnErrorAndLeavesNoChild) {
+  auto dir = TempDir::Create("regdisk-test");
+  ASSERT_TRUE(dir.ok());
+  const auto script = dir->path() / "not-executable";
+  ASSERT_TRUE(WriteFileAtomic(script, "#!/bin/sh\n", 0755).ok());
+  Process::Options opt;
+  opt.cwd = dir->path() / "no-such-dir";
+  auto r = Process::Spawn({script.string()}, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), ::testing::HasSubstr("No such file or directory"));
+}
+
 TEST(ProcessTest, TimeoutKillsTheChild) {
   auto start = std::chrono::steady_clock::now();
   auto r = Process::Run({"sleep", "30"}, 300ms);

@@ -211,8 +211,13 @@ TEST_F(VmTest, CrashedRegdiskIsCleanedUpByTheNextRun) {
   auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec}, opt);
   ASSERT_OK(p);
   ASSERT_TRUE(WaitFor(P("crash.out"), "REGDISK-GUEST-DONE", 60s));
-  ::kill(p->pid(), SIGKILL);  // regdisk dies; its QEMU (own process group) lives on
+  ::kill(p->pid(), SIGKILL);  // regdisk dies, and takes its QEMU along
   p->Wait(10s);
+  bool qemu_gone = false;
+  for (int i = 0; i < 200 && !qemu_gone; ++i, std::this_thread::sleep_for(50ms)) {
+    qemu_gone = RunProgram({"pgrep", "-f", root_ + "/run"}).exit_code != 0;
+  }
+  EXPECT_TRUE(qemu_gone) << "QEMU outlived the regdisk that ran it";
   EXPECT_FALSE(fs::is_empty(fs::path(root_) / "run"));
   Push("guest.qcow2", "vmdisks/fedora25:latest");
   RunResult r = Run(spec);

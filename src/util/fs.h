@@ -121,6 +121,9 @@ class FileLock {
   static Result<std::optional<FileLock>> TryAcquire(const std::filesystem::path& path);
   FileLock(FileLock&&) = default;
   FileLock& operator=(FileLock&&) = default;
+  // The locked descriptor: a child that inherits it (Process::Options::
+  // inherit_fds) holds the lock for as long as it lives.
+  int fd() const { return fd_.get(); }
 
  private:
   explicit FileLock(UniqueFd fd) : fd_(std::move(fd)) {}

@@ -3,10 +3,11 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <thread>
 
@@ -34,19 +35,6 @@ fs::path FindExecutable(std::string_view name) {
 
 namespace {
 
-struct SpawnActions {
-  posix_spawn_file_actions_t actions;
-  posix_spawnattr_t attr;
-  SpawnActions() {
-    posix_spawn_file_actions_init(&actions);
-    posix_spawnattr_init(&attr);
-  }
-  ~SpawnActions() {
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attr);
-  }
-};
-
 Status MakePipe(UniqueFd& read_end, UniqueFd& write_end) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) return ErrnoStatus("creating a pipe");
@@ -70,55 +58,36 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
     return NotFound("program \"" + argv[0] + "\" was not found on PATH; install it or give its full path");
   }
 
-  SpawnActions sa;
   Process p;
   // Child-side ends; closed in the parent once the child has them.
-  UniqueFd child_in, child_out, child_err;
-
-  auto setup = [&](Stdio mode, int target, const fs::path& file, UniqueFd& parent_end,
-                   UniqueFd& child_end, bool is_input) -> Status {
+  UniqueFd child_ends[3];
+  auto setup = [&](Stdio mode, const fs::path& file, UniqueFd& parent_end, UniqueFd& child_end,
+                   bool is_input) -> Status {
     switch (mode) {
       case Stdio::kInherit:
         return OkStatus();
       case Stdio::kNull: {
         ASSIGN_OR_RETURN(child_end, OpenFile("/dev/null", is_input ? O_RDONLY : O_WRONLY));
-        break;
+        return OkStatus();
       }
       case Stdio::kFile: {
         ASSIGN_OR_RETURN(child_end, OpenFile(file, is_input ? O_RDONLY : (O_WRONLY | O_CREAT | O_APPEND), 0600));
-        break;
+        return OkStatus();
       }
-      case Stdio::kPipe: {
-        if (is_input) {
-          RETURN_IF_ERROR(MakePipe(child_end, parent_end));
-        } else {
-          RETURN_IF_ERROR(MakePipe(parent_end, child_end));
-        }
-        break;
-      }
+      case Stdio::kPipe:
+        return is_input ? MakePipe(child_end, parent_end) : MakePipe(parent_end, child_end);
     }
-    posix_spawn_file_actions_adddup2(&sa.actions, child_end.get(), target);
     return OkStatus();
   };
-  RETURN_IF_ERROR(setup(options.stdin_mode, 0, {}, p.in_, child_in, true));
-  RETURN_IF_ERROR(setup(options.stdout_mode, 1, options.stdout_file, p.out_, child_out, false));
-  RETURN_IF_ERROR(setup(options.stderr_mode, 2, options.stderr_file, p.err_, child_err, false));
-  // Belt and braces: everything is O_CLOEXEC already, but a library may not be.
-  posix_spawn_file_actions_addclosefrom_np(&sa.actions, 3);
-  if (!options.cwd.empty()) posix_spawn_file_actions_addchdir_np(&sa.actions, options.cwd.c_str());
+  RETURN_IF_ERROR(setup(options.stdin_mode, {}, p.in_, child_ends[0], true));
+  RETURN_IF_ERROR(setup(options.stdout_mode, options.stdout_file, p.out_, child_ends[1], false));
+  RETURN_IF_ERROR(setup(options.stderr_mode, options.stderr_file, p.err_, child_ends[2], false));
+  // exec's errno comes back through this pipe; it closes on a successful exec.
+  UniqueFd exec_err_read, exec_err_write;
+  RETURN_IF_ERROR(MakePipe(exec_err_read, exec_err_write));
 
-  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&sa.attr, &none);
-  posix_spawnattr_setsigdefault(&sa.attr, &all);
-  if (options.new_process_group) {
-    flags |= POSIX_SPAWN_SETPGROUP;
-    posix_spawnattr_setpgroup(&sa.attr, 0);
-  }
-  posix_spawnattr_setflags(&sa.attr, flags);
-
+  // Everything the child needs is prepared here: after fork it only makes
+  // async-signal-safe calls.
   std::vector<char*> cargv;
   for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
   cargv.push_back(nullptr);
@@ -129,12 +98,64 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
     cenv.push_back(nullptr);
     envp = cenv.data();
   }
+  // Descriptors the child keeps besides stdio and the exec error pipe, in
+  // ascending order; every other one is closed (belt and braces: all are
+  // O_CLOEXEC already, but a library's may not be).
+  std::vector<int> keep(options.inherit_fds.begin(), options.inherit_fds.end());
+  for (const auto& fd : child_ends) {
+    if (fd.valid()) keep.push_back(fd.get());
+  }
+  keep.push_back(exec_err_write.get());
+  std::sort(keep.begin(), keep.end());
+  const pid_t parent = ::getpid();
 
-  pid_t pid;
-  int rc = ::posix_spawn(&pid, exe.c_str(), &sa.actions, &sa.attr, cargv.data(), envp);
-  if (rc != 0) return ErrnoStatus("starting " + argv[0], rc);
+  const pid_t pid = ::fork();
+  if (pid < 0) return ErrnoStatus("starting " + argv[0]);
+  if (pid == 0) {
+    const int err_fd = exec_err_write.get();
+    auto die = [&](int err) {
+      (void)!::write(err_fd, &err, sizeof err);
+      ::_exit(127);
+    };
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; ++sig) ::sigaction(sig, &dfl, nullptr);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (options.new_process_group && ::setpgid(0, 0) != 0) die(errno);
+    if (options.die_with_parent) {
+      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die(errno);
+      if (::getppid() != parent) ::_exit(127);  // the parent is already gone
+    }
+    for (int target = 0; target < 3; ++target) {
+      if (child_ends[target].valid() && ::dup2(child_ends[target].get(), target) < 0) die(errno);
+    }
+    int next = 3;
+    for (int fd : keep) {
+      if (fd > next) ::close_range(static_cast<unsigned>(next), static_cast<unsigned>(fd - 1), 0);
+      next = fd + 1;
+    }
+    ::close_range(static_cast<unsigned>(next), ~0U, 0);
+    for (int fd : options.inherit_fds) {
+      if (::fcntl(fd, F_SETFD, 0) != 0) die(errno);
+    }
+    if (!options.cwd.empty() && ::chdir(options.cwd.c_str()) != 0) die(errno);
+    ::execve(exe.c_str(), cargv.data(), envp);
+    die(errno);
+  }
   p.pid_ = pid;
   p.group_ = options.new_process_group;
+  exec_err_write.reset();
+  int err = 0;
+  ssize_t n;
+  while ((n = ::read(exec_err_read.get(), &err, sizeof err)) < 0 && errno == EINTR) {
+  }
+  if (n == sizeof err) {
+    p.Wait(std::chrono::seconds(5));
+    p.pid_ = -1;
+    return ErrnoStatus("starting " + argv[0], err);
+  }
   return p;
 }
 

@@ -1,5 +1,6 @@
 // Child processes, started with an argv array (never a shell), every fd but
-// stdio closed in the child, and killed and reaped when the owner goes away.
+// stdio (and those named in Options::inherit_fds) closed in the child, and
+// killed and reaped when the owner goes away.
 //
 //   Process::Options opt;
 //   opt.stdout_mode = Process::Stdio::kPipe;
@@ -36,6 +37,13 @@ class Process {
     // Put the child in its own process group so that a signal reaches
     // everything it starts.
     bool new_process_group = true;
+    // SIGKILL the child when the thread that started it dies, however it
+    // dies (PR_SET_PDEATHSIG): a supervised child never outlives its
+    // supervisor unnoticed.
+    bool die_with_parent = false;
+    // Descriptors the child inherits under the same numbers (say, a lock
+    // it must hold for as long as it lives); every other one is closed.
+    std::vector<int> inherit_fds;
   };
 
   struct Output {

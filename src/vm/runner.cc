@@ -180,6 +180,10 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   popt.stdout_file = run.path() / "qemu.log";
   popt.stderr_mode = Process::Stdio::kFile;
   popt.stderr_file = run.path() / "qemu.log";
+  // QEMU holds the disks' use locks itself, so rmi keeps them for as long
+  // as it runs, and dies with this process however it dies.
+  for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
+  popt.die_with_parent = true;
   ASSIGN_OR_RETURN(Process qemu, Process::Spawn(QemuArgv(plan), popt));
   RETURN_IF_ERROR(WriteFileAtomic(run.path() / "qemu.pid", std::to_string(qemu.pid()), 0600));
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu.pid(), 0)));
