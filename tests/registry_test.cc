@@ -3,6 +3,7 @@
 // for the answers a real one never gives.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <httplib.h>
 
 #include <nlohmann/json.hpp>
@@ -86,6 +87,31 @@ TEST_F(RegistryTest, PlainRoundTripKeepsDigests) {
   EXPECT_EQ(client.ResolveManifest("vmdisks/fedora25", "nope").status().code(), Code::kNotFound);
 }
 
+TEST_F(RegistryTest, FilesThatAreNotRegularFilesAndEmptyOrNegativeFlags) {
+  // A FIFO would block a plain open; /dev/zero never ends.
+  const std::string fifo = P("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const Case cases[] = {
+      {{"validate", "-f", fifo}, fifo + " is not a regular file (a FIFO); give a regular file"},
+      {{"--authfile", fifo, "inspect", "docker://127.0.0.1:1/a/b:c"}, fifo + " is not a regular file (a FIFO)"},
+      {{"--authfile", "/dev/zero", "inspect", "docker://127.0.0.1:1/a/b:c"}, "/dev/zero is not a regular file (a device"},
+      {{"--root", "", "images"}, "--root needs a directory (it is empty)"},
+      {{"run", "-f", fifo, "--timeout", "-1"}, "--timeout takes seconds, 0 or more (0: no limit), not -1"},
+      {{"run", "-f", fifo, "--grace", "-5"}, "--grace takes seconds, 0 or more, not -5"},
+  };
+  for (const auto& c : cases) {
+    RunResult r = RunRegdisk(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.message << ": " << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.message));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  EXPECT_FALSE(fs::exists("refs.json")) << "an empty --root must not make a store in the current directory";
+}
+
 TEST_F(RegistryTest, MissingImagesAndBadFlagsAreClearErrors) {
   auto reg = TestRegistry::Start(RegistryMode::kPlain);
   ASSERT_OK(reg);
@@ -130,6 +156,8 @@ TEST_F(RegistryTest, TlsAndBasicAuth) {
   r = RunRegdisk({"-v", "copy", Layout("src", "v1"), remote, "--cert-dir", certs, "--creds", "alice:wrong-password-xyz"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, Not(HasSubstr("wrong-password-xyz")));
+  EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\"; check --creds or the auth file"));
+  EXPECT_THAT(r.err, Not(HasSubstr("requires a login")));
 
   // Right credentials and CA.
   r = RunRegdisk({"-v", "copy", Layout("src", "v1"), remote, "--cert-dir", certs, "--creds", creds});

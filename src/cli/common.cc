@@ -56,6 +56,7 @@ Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
   }
   o.cert_dir = g.cert_dir;
   o.auth.authfile = g.authfile;
+  if (!g.authfile.empty()) RETURN_IF_ERROR(registry::CheckAuthFile(g.authfile).Annotate("--authfile"));
   if (!g.creds.empty()) {
     ASSIGN_OR_RETURN(registry::Credentials c, ResolveCreds(g.creds));
     o.auth.explicit_creds = c;

@@ -135,6 +135,9 @@ int Main(int argc, char** argv) {
     return app.exit(e);
   }
   ScrubCredsFromArgv(argc, argv);
+  if (g.root.empty()) {
+    return Fail(InvalidArgument("--root needs a directory (it is empty); leave it out for /var/lib/regdisk"));
+  }
   // "--tls-verify" alone means true.
   if (app.get_option("--tls-verify")->count() > 0 && g.tls_verify.empty()) g.tls_verify = "true";
   log::SetLevel(g.verbose ? log::Level::kDebug : log::Level::kWarn);

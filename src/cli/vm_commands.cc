@@ -55,6 +55,8 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
 }  // namespace
 
 int RunRun(const Globals& g, const RunFlags& f) {
+  if (f.timeout < 0) return Fail(InvalidArgument("--timeout takes seconds, 0 or more (0: no limit), not " + std::to_string(f.timeout)));
+  if (f.grace < 0) return Fail(InvalidArgument("--grace takes seconds, 0 or more, not " + std::to_string(f.grace)));
   auto loaded = LoadOneVm(f.file);
   if (!loaded.ok()) return Fail(loaded.status());
   auto plan = MakePlanOptions(g, f);

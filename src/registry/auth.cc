@@ -57,19 +57,24 @@ Result<Credentials> FromHelper(const std::string& helper, std::string_view regis
   return c;
 }
 
-// Reads one auth file; nullopt when it has nothing for the registry.
-Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::string_view registry, bool must_exist) {
+// An auth file's JSON object.
+Result<json> ReadAuthFile(const fs::path& path) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) {
-    if (must_exist) return NotFound("auth file " + path.string() + " does not exist; check --authfile");
-    return std::optional<Credentials>();
-  }
+  if (!fs::exists(path, ec)) return NotFound("auth file " + path.string() + " does not exist; check --authfile");
   auto text = ReadFileCapped(path, kMaxAuthFileBytes);
   if (!text.ok()) return std::move(text).status();
   json j = json::parse(*text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     return InvalidArgument("auth file " + path.string() + " is not valid JSON; fix or remove it");
   }
+  return j;
+}
+
+// Reads one auth file; nullopt when it has nothing for the registry.
+Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::string_view registry, bool must_exist) {
+  std::error_code ec;
+  if (!must_exist && !fs::exists(path, ec)) return std::optional<Credentials>();
+  ASSIGN_OR_RETURN(json j, ReadAuthFile(path));
   const std::string want = NormaliseKey(registry);
   if (auto helpers = j.find("credHelpers"); helpers != j.end() && helpers->is_object()) {
     for (auto& [key, helper] : helpers->items()) {
@@ -111,6 +116,8 @@ Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::strin
 }
 
 }  // namespace
+
+Status CheckAuthFile(const fs::path& path) { return ReadAuthFile(path).status(); }
 
 Result<Credentials> ParseCredsFlag(std::string_view value) {
   size_t colon = value.find(':');

@@ -38,6 +38,10 @@ struct AuthConfig {
 // (unreadable authfile, malformed JSON, failing helper).
 Result<std::optional<Credentials>> LookupCredentials(const AuthConfig& config, std::string_view registry);
 
+// Reads and parses an auth file given explicitly (--authfile), so a missing,
+// unreadable or malformed one fails at once rather than at the first 401.
+Status CheckAuthFile(const std::filesystem::path& path);
+
 // Parses "USER[:PASS]" from --creds.
 Result<Credentials> ParseCredsFlag(std::string_view value);
 

@@ -389,6 +389,10 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       RETURN_IF_ERROR(s.Authenticate(registry, resp->Header("www-authenticate"), call.scopes, scope_key));
       continue;
     }
+    if (st == 401 && own_origin && s.challenge && s.challenge->scheme == "basic" && s.creds) {
+      return Unauthenticated("registry " + registry + " refused the credentials for user \"" + s.creds->username +
+                             "\"; check --creds or the auth file");
+    }
     if ((st == 301 || st == 302 || st == 303 || st == 307 || st == 308) && !resp->Header("location").empty()) {
       if (++redirects > kMaxRedirects) return Unavailable("too many redirects from " + registry);
       url = ResolveLocation(target, resp->Header("location"));

@@ -36,7 +36,20 @@ Status WriteAll(int fd, std::string_view data) {
 }
 
 Result<std::string> ReadFileCapped(const fs::path& path, uint64_t max_bytes) {
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY));
+  // Non-blocking, so a FIFO cannot hang the open; then only regular files.
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY | O_NONBLOCK | O_NOCTTY));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("reading " + path.string());
+  if (!S_ISREG(st.st_mode)) {
+    return InvalidArgument(path.string() + " is not a regular file (" +
+                           (S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket") +
+                           "); give a regular file");
+  }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    return ResourceExhausted(path.string() + " is " + std::to_string(st.st_size) + " bytes, larger than the limit of " +
+                             std::to_string(max_bytes) + " bytes");
+  }
+  ::fcntl(fd.get(), F_SETFL, 0);
   std::string out;
   char buf[65536];
   for (;;) {

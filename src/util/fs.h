@@ -47,7 +47,8 @@ Result<UniqueFd> OpenFile(const std::filesystem::path& path, int flags, mode_t m
 // Writes all of data to fd, retrying short writes and EINTR.
 Status WriteAll(int fd, std::string_view data);
 
-// Reads a whole file, refusing one larger than max_bytes.
+// Reads a whole regular file, refusing one larger than max_bytes and
+// anything else (a FIFO, a device, a directory) without blocking on it.
 Result<std::string> ReadFileCapped(const std::filesystem::path& path, uint64_t max_bytes);
 
 // Writes data to path atomically: a temp file in the same directory is
