@@ -72,6 +72,29 @@ TEST_F(BuildTest, ReproducibleAndReadableBySkopeoAndUmoci) {
             ReadFileCapped(P("fedora25.qcow2"), 1 << 26).value());
 }
 
+TEST_F(BuildTest, TempFilesAKilledBuildLeftInALayoutAreRemovedByTheNext) {
+  Qcow2("disk.qcow2", "8M");
+  const std::string layout = "oci:" + P("layout") + ":v1";
+  ASSERT_EQ(Regdisk({"build", P("disk.qcow2"), "-t", layout}).exit_code, 0);
+  EXPECT_EQ(RunProgram({"umoci", "gc", "--layout", P("layout")}).exit_code, 0);
+  // What a build killed mid-blob leaves: a temp file no live writer holds
+  // (and, from older regdisk versions, one inside blobs/sha256).
+  const fs::path stale = P("layout/.regdisk-blob.tmp-AbC123");
+  const fs::path old_stale = P("layout/blobs/sha256/stream.tmp-XyZ789");
+  ASSERT_OK(WriteFileAtomic(stale, "half a layer"));
+  ASSERT_OK(WriteFileAtomic(old_stale, "half a layer"));
+  EXPECT_NE(RunProgram({"umoci", "gc", "--layout", P("layout")}).exit_code, 0) << "umoci should trip on the leftover";
+  // A temp file whose writer is alive stays.
+  auto live = PendingFile::Create(P("layout/.regdisk-blob"));
+  ASSERT_OK(live);
+
+  RunResult r = Regdisk({"build", P("disk.qcow2"), "-t", "oci:" + P("layout") + ":v2", "--compression", "gzip"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_FALSE(fs::exists(old_stale));
+  EXPECT_TRUE(fs::exists(live->temp_path()));
+}
+
 TEST_F(BuildTest, RefusesBadInputAndWritesNothing) {
   ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "raw", P("host"), "1M"}).exit_code, 0);
   ASSERT_EQ(RunProgram({"qemu-img", "create", "-q", "-f", "qcow2", "-b", P("host"), "-F", "raw", P("backed.qcow2")}).exit_code, 0);

@@ -14,6 +14,11 @@ using json = nlohmann::json;
 
 namespace {
 constexpr uint64_t kMaxIndexBytes = 16 << 20;
+// Blobs are written beside the layout's index, not in blobs/ (where a
+// killed writer's temp file would break tools that expect only digests
+// there), and renamed into blobs/ once verified. Leftovers are removed by
+// the next writer.
+constexpr const char* kStaging = ".regdisk-blob";
 constexpr const char* kLayoutFileText = "{\"imageLayoutVersion\":\"1.0.0\"}";
 }  // namespace
 
@@ -35,7 +40,13 @@ Result<OciLayout> OciLayout::Open(const fs::path& dir) {
 
 Result<OciLayout> OciLayout::OpenOrCreate(const fs::path& dir) {
   std::error_code ec;
-  if (fs::exists(dir / "oci-layout", ec)) return Open(dir);
+  if (fs::exists(dir / "oci-layout", ec)) {
+    ASSIGN_OR_RETURN(OciLayout layout, Open(dir));
+    PendingFile::RemoveStale(dir / kStaging);
+    // Left in blobs/ by regdisk versions that staged there.
+    PendingFile::RemoveStale(dir / "blobs" / "sha256" / "stream");
+    return layout;
+  }
   if (fs::exists(dir, ec) && !fs::is_empty(dir, ec)) {
     return FailedPrecondition(dir.string() + " exists and is not an OCI layout; name an empty or new directory");
   }
@@ -114,7 +125,7 @@ Status OciLayout::WriteBlob(const oci::Descriptor& desc,
   if (HasBlob(desc.digest)) return OkStatus();
   fs::path final_path = BlobPath(desc.digest);
   RETURN_IF_ERROR(MakeDirs(final_path.parent_path()));
-  ASSIGN_OR_RETURN(PendingFile pending, PendingFile::Create(final_path, 0444));
+  ASSIGN_OR_RETURN(PendingFile pending, PendingFile::Create(dir_ / kStaging, 0444));
   oci::Hasher h(desc.digest.algorithm());
   const uint64_t limit = static_cast<uint64_t>(desc.size);
   RETURN_IF_ERROR(produce([&](std::string_view chunk) -> Status {
@@ -130,7 +141,7 @@ Status OciLayout::WriteBlob(const oci::Descriptor& desc,
     return DataLoss("blob " + desc.digest.str() + " failed verification: got " + got.str() + " in " +
                     std::to_string(written) + " bytes, expected " + std::to_string(limit));
   }
-  return pending.Commit();
+  return pending.CommitAs(final_path);
 }
 
 Status OciLayout::WriteBlobBytes(const oci::Descriptor& desc, std::string_view bytes) {
@@ -141,7 +152,7 @@ Result<oci::Descriptor> OciLayout::WriteBlobStream(const std::function<Result<oc
   const fs::path dir = dir_ / "blobs" / "sha256";
   RETURN_IF_ERROR(MakeDirs(dir));
   // The final name is not known yet: write under a temp name, then rename.
-  ASSIGN_OR_RETURN(PendingFile pending, PendingFile::Create(dir / "stream", 0444));
+  ASSIGN_OR_RETURN(PendingFile pending, PendingFile::Create(dir_ / kStaging, 0444));
   ASSIGN_OR_RETURN(oci::Descriptor desc, produce(pending.fd()));
   const fs::path final_path = BlobPath(desc.digest);
   if (HasBlob(desc.digest)) return desc;  // identical content is already there; the temp file goes

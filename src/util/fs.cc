@@ -122,6 +122,9 @@ Result<PendingFile> PendingFile::Create(const fs::path& final_path, mode_t mode)
   int fd = ::mkostemp(templ.data(), O_CLOEXEC);
   if (fd < 0) return ErrnoStatus("creating a temporary file next to " + final_path.string());
   UniqueFd owned(fd);
+  // Held until the file is committed or its writer dies, so RemoveStale
+  // can tell an abandoned temp file from one being written.
+  ::flock(fd, LOCK_EX | LOCK_NB);
   if (::fchmod(fd, mode) != 0) {
     int err = errno;
     ::unlink(templ.c_str());
@@ -150,6 +153,19 @@ Status PendingFile::Commit() {
   if (::rename(temp_.c_str(), final_.c_str()) != 0) return ErrnoStatus("renaming into " + final_.string());
   committed_ = true;
   return SyncDir(final_.parent_path().empty() ? fs::path(".") : final_.parent_path());
+}
+
+int PendingFile::RemoveStale(const fs::path& final_path) {
+  const std::string prefix = final_path.filename().string() + ".tmp-";
+  std::error_code ec;
+  int removed = 0;
+  for (const auto& e : fs::directory_iterator(final_path.parent_path(), ec)) {
+    if (e.path().filename().string().rfind(prefix, 0) != 0) continue;
+    UniqueFd fd(::open(e.path().c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd.valid() || ::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;  // its writer is alive
+    removed += ::unlink(e.path().c_str()) == 0;
+  }
+  return removed;
 }
 
 Result<FileLock> FileLock::Acquire(const fs::path& path, Mode mode) {

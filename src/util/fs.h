@@ -101,6 +101,9 @@ class PendingFile {
   Status Commit();
   // The same, to a final path chosen only now (same directory or file system).
   Status CommitAs(const std::filesystem::path& final_path);
+  // Removes the temp files of `final_path` that writers which died left
+  // behind (a live writer holds a lock on its own); returns how many.
+  static int RemoveStale(const std::filesystem::path& final_path);
 
  private:
   PendingFile(UniqueFd fd, std::filesystem::path temp, std::filesystem::path final_path)
