@@ -247,10 +247,20 @@ TEST_F(VmTest, ImagePullSecretFromTheSameFile) {
   r = Run(P("nosecret.yaml"), {"--cert-dir", certs});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("requires a login"));
-  r = Run(P("secret.yaml"), {"--cert-dir", certs});
+  // The secret is never written anywhere: not under TMPDIR, not in the store.
+  fs::create_directory(P("tmpdir"));
+  r = RunRegdisk({"--root", root_, "run", "-f", P("secret.yaml"), "--timeout", "120", "--grace", "1", "--cert-dir", certs},
+                 {}, {"TMPDIR=" + P("tmpdir")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("sector1: PRISTINE-SECTOR-CONTENT"));
   EXPECT_THAT(r.err, Not(HasSubstr((*secure)->password())));
+  EXPECT_TRUE(fs::is_empty(P("tmpdir")));
+  for (const auto& e : fs::recursive_directory_iterator(root_)) {
+    if (!e.is_regular_file()) continue;
+    const std::string text = ReadFileCapped(e.path(), 64 << 20).value_or("");
+    EXPECT_EQ(text.find((*secure)->password()), std::string::npos) << e.path();
+    EXPECT_EQ(text.find(registry::Base64Encode(creds)), std::string::npos) << e.path();
+  }
   ExpectNothingLeft();
 }
 

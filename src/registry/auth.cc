@@ -57,24 +57,35 @@ Result<Credentials> FromHelper(const std::string& helper, std::string_view regis
   return c;
 }
 
+json ParseAuthJson(std::string_view text) {
+  json j = json::parse(text, nullptr, false);
+  return j.is_discarded() || !j.is_object() ? json() : j;
+}
+
 // An auth file's JSON object.
 Result<json> ReadAuthFile(const fs::path& path) {
   std::error_code ec;
   if (!fs::exists(path, ec)) return NotFound("auth file " + path.string() + " does not exist; check --authfile");
   auto text = ReadFileCapped(path, kMaxAuthFileBytes);
   if (!text.ok()) return std::move(text).status();
-  json j = json::parse(*text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    return InvalidArgument("auth file " + path.string() + " is not valid JSON; fix or remove it");
-  }
+  json j = ParseAuthJson(*text);
+  if (j.is_null()) return InvalidArgument("auth file " + path.string() + " is not valid JSON; fix or remove it");
   return j;
 }
+
+Result<std::optional<Credentials>> FromAuthJson(const json& j, const std::string& name, std::string_view registry);
 
 // Reads one auth file; nullopt when it has nothing for the registry.
 Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::string_view registry, bool must_exist) {
   std::error_code ec;
   if (!must_exist && !fs::exists(path, ec)) return std::optional<Credentials>();
   ASSIGN_OR_RETURN(json j, ReadAuthFile(path));
+  return FromAuthJson(j, "auth file " + path.string(), registry);
+}
+
+// Credentials for a registry from an auth file's object; `name` says where
+// it came from, in messages.
+Result<std::optional<Credentials>> FromAuthJson(const json& j, const std::string& name, std::string_view registry) {
   const std::string want = NormaliseKey(registry);
   if (auto helpers = j.find("credHelpers"); helpers != j.end() && helpers->is_object()) {
     for (auto& [key, helper] : helpers->items()) {
@@ -92,7 +103,7 @@ Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::strin
         auto decoded = Base64Decode(a->get<std::string>());
         size_t colon = decoded.ok() ? decoded->find(':') : std::string::npos;
         if (colon == std::string::npos) {
-          return InvalidArgument("auth file " + path.string() + " has a malformed \"auth\" entry for " + key +
+          return InvalidArgument(name + " has a malformed \"auth\" entry for " + key +
                                  "; it must be base64 of user:password");
         }
         c.username = decoded->substr(0, colon);
@@ -130,6 +141,11 @@ Result<Credentials> ParseCredsFlag(std::string_view value) {
 
 Result<std::optional<Credentials>> LookupCredentials(const AuthConfig& config, std::string_view registry) {
   if (config.explicit_creds) return config.explicit_creds;
+  if (config.authfile_json) {
+    json j = ParseAuthJson(*config.authfile_json);
+    if (j.is_null()) return InvalidArgument(config.authfile_name + " is not valid JSON; fix it");
+    return FromAuthJson(j, config.authfile_name, registry);
+  }
   if (!config.authfile.empty()) return FromAuthFile(config.authfile, registry, true);
   if (std::string f = Env(config, "REGISTRY_AUTH_FILE"); !f.empty()) return FromAuthFile(f, registry, true);
   if (std::string xdg = Env(config, "XDG_RUNTIME_DIR"); !xdg.empty()) {

@@ -29,6 +29,11 @@ struct Credentials {
 struct AuthConfig {
   std::optional<Credentials> explicit_creds;  // --creds
   std::filesystem::path authfile;             // --authfile
+  // An auth file's contents held in memory (a Kubernetes pull secret's
+  // .dockerconfigjson); used like --authfile, and never written to disk.
+  // `authfile_name` names it in messages.
+  std::optional<std::string> authfile_json;
+  std::string authfile_name;
   // Overrides for tests; empty means the process environment.
   std::optional<std::map<std::string, std::string>> env;
 };

@@ -55,15 +55,12 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
     }
   }
   registry::ClientOptions copts = o.client;
-  std::optional<TempDir> auth_dir;
   if (!src.image_pull_secret.empty()) {
-    // The Secret's config goes to a private temp file, never to argv or env.
+    // The Secret's config stays in memory: never in a file, argv or env.
     for (const auto& s : secrets) {
       if (s.metadata.name != src.image_pull_secret) continue;
-      ASSIGN_OR_RETURN(TempDir d, TempDir::Create("regdisk-auth"));
-      auth_dir.emplace(std::move(d));
-      RETURN_IF_ERROR(WriteFileAtomic(auth_dir->path() / "auth.json", s.docker_config_json, 0600));
-      copts.auth.authfile = auth_dir->path() / "auth.json";
+      copts.auth.authfile_json = s.docker_config_json;
+      copts.auth.authfile_name = "the .dockerconfigjson of Secret " + s.metadata.name;
     }
   }
   ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
