@@ -446,6 +446,53 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
   EXPECT_TRUE(fs::is_empty(fs::path(root_) / "tmp")) << "the re-pull should reclaim the killed pull's staging";
 }
 
+TEST_F(StoreTest, SigintStopsAPullAtOnceKeepsThePartialAndRemovesStaging) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  std::string disk = RandomBytes(4 << 20, 33);
+  PushDiskImage("v1", {{"disk.img", disk}});
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/int:v1"}).exit_code, 0);
+  auto proxy = FaultProxy::Start((*reg)->port());
+  ASSERT_OK(proxy);
+  const std::string remote = "docker://" + (*proxy)->host() + "/vm/int:v1";
+  // The layer stops after 1 MiB and the pull waits ten minutes to retry:
+  // only the signal can end it before the test's time is up.
+  FaultProxy::Rule cut;
+  cut.method = "GET";
+  cut.path_contains = "/blobs/";
+  cut.action = FaultProxy::Rule::Action::kCutAfter;
+  cut.cut_after = 1 << 20;
+  (*proxy)->AddRule(cut);  // the config
+  (*proxy)->AddRule(cut);  // the layer
+  std::vector<std::string> env = {"REGDISK_BACKOFF_MS=600000"};
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  Process::Options opt;
+  opt.env = env;
+  opt.stderr_mode = Process::Stdio::kPipe;
+  auto pull = Process::Spawn({REGDISK_BIN, "--root", root_, "pull", remote}, opt);
+  ASSERT_OK(pull);
+  const fs::path ingest = fs::path(root_) / "ingest";
+  uint64_t have = 0;
+  for (int i = 0; i < 500 && have < (1u << 20); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(ingest, ec)) have = std::max<uint64_t>(have, fs::file_size(e.path()));
+  }
+  ASSERT_EQ(have, 1u << 20);
+  ::kill(pull->pid(), SIGINT);
+  auto out = pull->Communicate(std::chrono::seconds(60));
+  ASSERT_OK(out);
+  EXPECT_EQ(out->exit_code, 130) << out->err;
+  EXPECT_THAT(out->err, HasSubstr("interrupted"));
+  EXPECT_EQ(std::count(out->err.begin(), out->err.end(), '\n'), 1) << out->err;
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "tmp")) << "the interrupted pull's staging should be gone";
+  EXPECT_FALSE(fs::is_empty(ingest)) << "the partial download should be kept for a resume";
+
+  RunResult r = Regdisk({"pull", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ((*proxy)->seen().back().range, "bytes=" + std::to_string(1 << 20) + "-");
+}
+
 TEST_F(StoreTest, DiskSizesAreCapped) {
   // A qcow2 of a few KiB that declares 2 TiB, over the default 1 TiB.
   const std::string huge = P("huge.qcow2");

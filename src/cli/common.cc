@@ -1,5 +1,6 @@
 #include "cli/common.h"
 
+#include <signal.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <memory>
+#include <thread>
 
 #include <fmt/core.h>
 
@@ -56,6 +58,7 @@ Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
   }
   o.cert_dir = g.cert_dir;
   o.auth.authfile = g.authfile;
+  o.cancel = g.cancel;
   if (!g.authfile.empty()) RETURN_IF_ERROR(registry::CheckAuthFile(g.authfile).Annotate("--authfile"));
   if (!g.creds.empty()) {
     ASSIGN_OR_RETURN(registry::Credentials c, ResolveCreds(g.creds));
@@ -67,6 +70,20 @@ Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
   if (const char* s = ::getenv("REGDISK_CHUNK_THRESHOLD")) o.chunk_threshold = std::strtoull(s, nullptr, 10);
   if (const char* s = ::getenv("REGDISK_CHUNK_SIZE")) o.chunk_size = std::strtoull(s, nullptr, 10);
   return o;
+}
+
+void CancelOnSignals(std::shared_ptr<CancelToken> token) {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, sig);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  std::thread([set, token = std::move(token)] {
+    for (;;) {
+      int sig = 0;
+      if (sigwait(&set, &sig) != 0) continue;
+      token->Cancel(sig == SIGINT ? "interrupted" : "terminated");
+    }
+  }).detach();
 }
 
 Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g) {
@@ -81,6 +98,7 @@ Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g) {
 
 int Fail(const Status& st) {
   std::fprintf(stderr, "regdisk: error: %s\n", PrintableLine(st.message()).c_str());
+  if (st.code() == Code::kCancelled) return 130;
   return st.code() == Code::kInvalidArgument ? 2 : 1;
 }
 

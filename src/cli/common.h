@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "registry/client.h"
 #include "store/unpack.h"
+#include "util/cancel.h"
 #include "util/status.h"
 
 namespace regdisk::cli {
@@ -23,6 +25,8 @@ struct Globals {
   std::string platform = "linux/amd64";
   std::string max_disk_size = "1Ti";  // a Kubernetes quantity
   bool verbose = false;
+  // Cancelled by SIGINT, SIGTERM or SIGHUP (see CancelOnSignals).
+  std::shared_ptr<CancelToken> cancel = std::make_shared<CancelToken>();
 };
 
 struct BuildFlags {
@@ -44,10 +48,15 @@ struct RunFlags {
 
 // Registry options from the global flags (and the test-only environment).
 Result<registry::ClientOptions> MakeClientOptions(const Globals& g);
+// Blocks SIGINT, SIGTERM and SIGHUP and cancels `token` when the first
+// arrives ("interrupted" or "terminated"), from a thread of its own. Call
+// before any other thread starts, so that all inherit the mask.
+void CancelOnSignals(std::shared_ptr<CancelToken> token);
 // What a pull may write, from --max-disk-size.
 Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g);
 // Prints "regdisk: error: MESSAGE" (control characters escaped, length
-// bounded); returns 2 for bad input, else 1.
+// bounded); returns 2 for bad input, 130 for an operation cancelled by a
+// signal, else 1.
 int Fail(const Status& st);
 // A pull progress reporter for stderr when it is a terminal, else empty.
 std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> TerminalProgress();

@@ -65,6 +65,7 @@ Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref,
   po.path = path;
   po.on_progress = TerminalProgress();
   ASSIGN_OR_RETURN(po.limits, MakeDiskLimits(g));
+  po.cancel = g.cancel;
   auto img = st.Pull(*src, name.String(), po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + name.String());
   return img;

@@ -41,10 +41,11 @@ void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
 
 int Main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
+  Globals g;
+  CancelOnSignals(g.cancel);  // before any thread starts
   CLI::App app{"regdisk: store virtual machine disks in container image registries and boot VMs from them"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "regdisk 0.1.0");
-  Globals g;
   if (const char* root = ::getenv("REGDISK_ROOT")) g.root = root;
   if (g.root.empty()) g.root = "/var/lib/regdisk";
   app.add_option("--root", g.root, "node store directory (env REGDISK_ROOT)")->capture_default_str();

@@ -65,6 +65,7 @@ int RunRun(const Globals& g, const RunFlags& f) {
   ro.plan = *plan;
   ro.timeout = std::chrono::seconds(f.timeout);
   ro.grace = std::chrono::seconds(f.grace);
+  ro.stop = g.cancel;
   Status st = vm::RunVm(loaded->first, loaded->second, ro);
   if (!st.ok()) return Fail(st.Annotate("running VM " + loaded->first.metadata.name));
   return 0;

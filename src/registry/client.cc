@@ -155,7 +155,12 @@ struct RegistryClient::State {
 
   bool MayUsePlainHttp() const { return loopback || (opt.tls_verify.has_value() && !*opt.tls_verify); }
 
-  void Sleep(std::chrono::milliseconds d) { std::this_thread::sleep_for(d); }
+  // A back-off wait; cut short (Cancelled) when the operation is cancelled.
+  Status Sleep(std::chrono::milliseconds d) {
+    if (opt.cancel) return opt.cancel->SleepFor(d);
+    std::this_thread::sleep_for(d);
+    return OkStatus();
+  }
 
   std::chrono::milliseconds Backoff(int attempt) {
     auto base = opt.backoff_base * (1LL << std::min(attempt, 10));
@@ -227,6 +232,7 @@ struct RegistryClient::State {
     if (auto s = challenge->params.find("service"); s != challenge->params.end()) service = s->second;
     HttpRequest req;
     req.max_body = 1 << 20;
+    req.cancel = opt.cancel.get();
     if (identity_token) {
       // An identity token (docker login's "identitytoken") is an OAuth2
       // refresh token: POSTed to the realm, never sent as Basic auth.
@@ -256,7 +262,8 @@ struct RegistryClient::State {
       TransportError te;
       resp = http->Do(req, &te);
       if (resp.ok() && !IsRetryableStatus(resp->status)) break;
-      if (attempt + 1 < opt.max_attempts) Sleep(Backoff(attempt));
+      if (te == TransportError::kAborted) break;
+      if (attempt + 1 < opt.max_attempts) RETURN_IF_ERROR(Sleep(Backoff(attempt)));
     }
     if (!resp.ok()) return std::move(resp).status().Annotate("requesting a token for " + registry);
     if (identity_token && (resp->status == 400 || resp->status == 401 || resp->status == 403)) {
@@ -338,6 +345,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
                                                                       : s.BaseUrl() + call.req.url;
     HttpRequest req = call.req;
     req.url = target;
+    req.cancel = s.opt.cancel.get();
     if (call.before_attempt) call.before_attempt(req);
     // Credentials only ever go to the registry's own origin.
     bool own_origin = Origin(target) == s.BaseUrl();
@@ -377,7 +385,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       }
       auto wait = s.Backoff(attempt);
       log::Debug("{} (attempt {}); retrying in {} ms", resp.status().message(), attempt, wait.count());
-      s.Sleep(wait);
+      RETURN_IF_ERROR(s.Sleep(wait));
       continue;
     }
     if (own_origin) s.scheme_settled = true;
@@ -403,7 +411,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       auto wait = ParseRetryAfter(resp->Header("retry-after"), s.opt.retry_after_max);
       if (wait.count() < 0) wait = s.Backoff(attempt);
       log::Debug("{} {} answered HTTP {}; retrying in {} ms", call.req.method, registry, st, wait.count());
-      s.Sleep(wait);
+      RETURN_IF_ERROR(s.Sleep(wait));
       url.clear();
       continue;
     }
@@ -680,7 +688,7 @@ Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& 
     if (last.ok()) return OkStatus();
     if (last.code() != Code::kUnavailable && last.code() != Code::kDeadlineExceeded) break;
     log::Debug("{}: {}; starting the upload again", what, last.message());
-    s_->Sleep(s_->Backoff(round + 1));
+    RETURN_IF_ERROR(s_->Sleep(s_->Backoff(round + 1)).Annotate(what));
   }
   return last.Annotate(what);
 }

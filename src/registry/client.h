@@ -28,6 +28,7 @@
 #include "oci/manifest.h"
 #include "registry/auth.h"
 #include "registry/http.h"
+#include "util/cancel.h"
 #include "util/status.h"
 
 namespace regdisk::registry {
@@ -49,6 +50,8 @@ struct ClientOptions {
   // registry's OCI-Chunk-Min-Length, whichever is larger).
   uint64_t chunk_threshold = 128ull << 20;
   uint64_t chunk_size = 64ull << 20;
+  // Stops transfers and back-off waits of this client when cancelled.
+  std::shared_ptr<const CancelToken> cancel;
 };
 
 // Receives a blob's bytes in order; an error aborts the download.

@@ -46,6 +46,10 @@ size_t OnHeader(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+int OnProgress(void* token, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  return static_cast<const CancelToken*>(token)->cancelled() ? 1 : 0;
+}
+
 size_t OnBody(char* data, size_t size, size_t n, void* user) {
   auto* ex = static_cast<Exchange*>(user);
   size_t len = size * n;
@@ -180,6 +184,14 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &ex);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &ex);
+  if (req.cancel) {
+    RETURN_IF_ERROR(req.cancel->status());
+    // libcurl calls this about once a second while idle, and on every
+    // chunk: a cancelled token aborts the transfer.
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnProgress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, req.cancel);
+  }
 
   const TlsOptions& tls = impl_->tls;
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, tls.verify ? 1L : 0L);
@@ -226,6 +238,10 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
 
   TransportError te = Classify(rc);
   if (transport_error) *transport_error = te;
+  if (rc != CURLE_OK && req.cancel && req.cancel->cancelled()) {
+    if (transport_error) *transport_error = TransportError::kAborted;
+    return req.cancel->status();
+  }
   if (rc != CURLE_OK) {
     if (!ex.body_status.ok()) {
       if (transport_error) *transport_error = TransportError::kAborted;

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "util/cancel.h"
 #include "util/status.h"
 
 namespace regdisk::registry {
@@ -45,6 +46,10 @@ struct HttpRequest {
   // the transfer), otherwise collected up to max_body bytes.
   std::function<Status(long status, std::string_view chunk)> on_body;
   uint64_t max_body = 1 << 20;
+
+  // When set and cancelled, the exchange stops within a fraction of a
+  // second and Do returns its Cancelled status.
+  const CancelToken* cancel = nullptr;
 };
 
 struct HttpResponse {

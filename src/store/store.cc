@@ -91,7 +91,8 @@ Status Store::KeepBlob(const oci::Digest& digest, std::string_view bytes, std::v
 }
 
 Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree,
-                          const std::string& label, bool* resumed, const std::function<void(uint64_t done)>& progress) {
+                          const std::string& label, bool* resumed, const std::function<void(uint64_t done)>& progress,
+                          const CancelToken* cancel) {
   const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
   // One writer per ingest, across processes.
   ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
@@ -133,7 +134,12 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
     }
     if (::lseek(fd.get(), static_cast<off_t>(have), SEEK_SET) < 0) return ErrnoStatus("seeking in " + partial.string());
     Status fetched = src.FetchBlobFrom(desc, have, hasher, [&](std::string_view chunk) -> Status {
-      RETURN_IF_ERROR(WriteAll(fd.get(), chunk));
+      if (cancel) RETURN_IF_ERROR(cancel->status());
+      if (Status w = WriteAll(fd.get(), chunk); !w.ok()) {
+        return std::move(w).Annotate("writing the partial download of " + desc.digest.Short() + " in " +
+                                     partial.parent_path().string() + " (kept: " + std::to_string(done) + " of " +
+                                     std::to_string(desc.size) + " bytes)");
+      }
       done += chunk.size();
       report(false);
       return pipe.Write(chunk);
@@ -168,7 +174,7 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     if (options.on_progress) {
       progress = [&, i](uint64_t done) { options.on_progress(i, layers.size(), done, static_cast<uint64_t>(l.size)); };
     }
-    RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed, progress));
+    RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed, progress, options.cancel.get()));
     log::Info("{} streamed in {:.2f} s", label, Seconds(t0));
   }
   ASSIGN_OR_RETURN(DiskTree::File file, tree.FindDisk(options.path));

@@ -38,6 +38,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -48,6 +49,7 @@
 #include "image/transport.h"
 #include "oci/manifest.h"
 #include "store/unpack.h"
+#include "util/cancel.h"
 #include "util/fs.h"
 #include "util/status.h"
 
@@ -74,6 +76,9 @@ struct PullOptions {
   // Caps on what a layer may make the store write; max_file_bytes is also
   // the largest virtual size a disk may declare.
   DiskTree::Limits limits;
+  // Stops the pull between blocks when cancelled (partial downloads stay
+  // for the next pull; the staging directory goes).
+  std::shared_ptr<const CancelToken> cancel;
 };
 
 struct GcResult {
@@ -123,7 +128,7 @@ class Store {
   Status Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
                      const PullOptions& options, bool* resumed);
   Status StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree, const std::string& label,
-                     bool* resumed, const std::function<void(uint64_t done)>& progress);
+                     bool* resumed, const std::function<void(uint64_t done)>& progress, const CancelToken* cancel);
   void RemovePartials(const std::vector<oci::Descriptor>& layers);
   Result<GcResult> CollectLocked();  // with the store lock held exclusively
   std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;

@@ -55,6 +55,7 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
     }
   }
   registry::ClientOptions copts = o.client;
+  copts.cancel = o.cancel;
   if (!src.image_pull_secret.empty()) {
     // The Secret's config stays in memory: never in a file, argv or env.
     for (const auto& s : secrets) {
@@ -69,6 +70,7 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
   po.path = src.path;
   po.on_progress = o.on_progress;
   po.limits = o.disk_limits;
+  po.cancel = o.cancel;
   log::Info("pulling {}", key);
   auto img = st.Pull(*source, key, po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + key);

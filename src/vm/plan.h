@@ -60,6 +60,7 @@ struct PlanOptions {
   // Pull progress (see store::PullOptions); may be empty.
   std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
   store::DiskTree::Limits disk_limits;  // for pulls
+  std::shared_ptr<const CancelToken> cancel;  // ends a pull early
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets

@@ -4,7 +4,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
-#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -42,26 +41,6 @@ Result<TempDir> CreateRunDir(const fs::path& root, const std::string& name) {
   RETURN_IF_ERROR(WriteFileAtomic(d.path() / "owner", std::to_string(::getpid()), 0600));
   return d;
 }
-
-// Blocks the stop signals for this thread and reads them from a signalfd;
-// restores the mask when done.
-class StopSignals {
- public:
-  StopSignals() {
-    sigemptyset(&set_);
-    sigaddset(&set_, SIGINT);
-    sigaddset(&set_, SIGTERM);
-    sigaddset(&set_, SIGHUP);
-    pthread_sigmask(SIG_BLOCK, &set_, &old_);
-    fd_.reset(::signalfd(-1, &set_, SFD_CLOEXEC | SFD_NONBLOCK));
-  }
-  ~StopSignals() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
-  int fd() const { return fd_.get(); }
-
- private:
-  sigset_t set_, old_;
-  UniqueFd fd_;
-};
 
 // Copies what QEMU appended to its console file since the last call to
 // `out` and to the VM's log file.
@@ -152,10 +131,17 @@ void CleanStaleRuns(const fs::path& root) {
 
 Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const RunOptions& o) {
   CleanStaleRuns(o.plan.root);
-  StopSignals signals;
   ASSIGN_OR_RETURN(TempDir run, CreateRunDir(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
   ::chmod(run.path().c_str(), 0700);
-  ASSIGN_OR_RETURN(VmPlan plan, PlanVm(vm, secrets, o.plan, run.path()));
+  PlanOptions plan_options = o.plan;
+  plan_options.cancel = o.stop;  // a stop during the pull ends the pull
+  auto planned = PlanVm(vm, secrets, plan_options, run.path());
+  if (!planned.ok() && o.stop && o.stop->cancelled()) {
+    log::Info("VM {} stopped before it started ({})", vm.metadata.name, o.stop->status().message());
+    return OkStatus();
+  }
+  if (!planned.ok()) return std::move(planned).status();
+  VmPlan plan = std::move(*planned);
   if (plan.accel == "tcg" && o.plan.accel == "auto") {
     std::fprintf(stderr, "regdisk: notice: /dev/kvm is not usable here; running %s under TCG emulation, which is slower\n",
                  plan.name.c_str());
@@ -191,16 +177,14 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
 
   ConsoleTail console(plan.console_log, o.console, std::move(log_fd));
   const auto start = Clock::now();
-  const char* why = nullptr;
+  std::string why;
   for (;;) {
-    pollfd fds[2] = {{signals.fd(), POLLIN, 0}, {pidfd.get(), POLLIN, 0}};
-    ::poll(fds, pidfd.valid() ? 2 : 1, 50);
+    pollfd fds[1] = {{pidfd.get(), POLLIN, 0}};
+    ::poll(fds, pidfd.valid() ? 1 : 0, 50);
     console.Drain();
     if (qemu.Poll()) break;  // the guest powered off, or QEMU failed
-    if (fds[0].revents & POLLIN) {
-      signalfd_siginfo si;
-      (void)::read(signals.fd(), &si, sizeof si);
-      why = si.ssi_signo == SIGINT ? "interrupted" : "terminated";
+    if (o.stop && o.stop->cancelled()) {
+      why = o.stop->status().message();
       break;
     }
     if (o.timeout.count() > 0 && Clock::now() - start >= o.timeout) {
@@ -209,7 +193,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     }
   }
   if (!qemu.Poll()) {
-    log::Info("stopping VM {} ({})", plan.name, why ? why : "");
+    log::Info("stopping VM {} ({})", plan.name, why);
     Status st = QmpPowerdown(plan.qmp_socket);
     if (!st.ok()) log::Debug("QMP powerdown: {}", st.message());
     auto deadline = Clock::now() + o.grace;
@@ -221,7 +205,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   }
   console.Drain();
   std::optional<int> code = qemu.Poll();
-  if (!why && code && *code != 0) {
+  if (why.empty() && code && *code != 0) {
     std::string detail = LastLines(run.path() / "qemu.log");
     return Internal("QEMU could not run VM " + plan.name + (detail.empty() ? "" : ": " + detail));
   }

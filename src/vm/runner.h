@@ -3,7 +3,7 @@
 // RunVm pulls what the spec asks for, gives each disk a fresh qcow2 overlay
 // over the store's read-only copy (O(1): only a header is written), starts
 // QEMU, copies its serial console to `console` as it arrives, and stops when
-// the guest powers off, on SIGINT/SIGTERM/SIGHUP, or at the timeout: ACPI
+// the guest powers off, when `stop` is cancelled, or at the timeout: ACPI
 // powerdown over QMP, then SIGKILL after the grace period. Overlays and
 // sockets are removed on every way out; runs left by a crashed regdisk are
 // cleaned up by the next one (CleanStaleRuns).
@@ -12,9 +12,11 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <vector>
 
 #include "spec/spec.h"
+#include "util/cancel.h"
 #include "util/status.h"
 #include "vm/plan.h"
 
@@ -24,6 +26,9 @@ struct RunOptions {
   PlanOptions plan;
   std::chrono::seconds timeout{0};  // 0: no limit
   std::chrono::seconds grace{10};   // from powerdown to kill
+  // Stops the VM when cancelled (ACPI powerdown, then kill after `grace`);
+  // cancelled during the pull, it ends the pull and RunVm returns OK.
+  std::shared_ptr<const CancelToken> stop;
   std::FILE* console = stdout;
 };
 

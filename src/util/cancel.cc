@@ -1,0 +1,28 @@
+#include "util/cancel.h"
+
+namespace regdisk {
+
+void CancelToken::Cancel(std::string reason) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cancelled_.load(std::memory_order_relaxed)) return;
+    reason_ = std::move(reason);
+    cancelled_.store(true, std::memory_order_release);
+  }
+  cv_.notify_all();
+}
+
+Status CancelToken::status() const {
+  if (!cancelled()) return OkStatus();
+  std::lock_guard<std::mutex> lock(mu_);
+  return Cancelled(reason_);
+}
+
+Status CancelToken::SleepFor(std::chrono::milliseconds d) const {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, d, [&] { return cancelled_.load(std::memory_order_acquire); });
+  lock.unlock();
+  return status();
+}
+
+}  // namespace regdisk
