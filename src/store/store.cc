@@ -15,6 +15,7 @@
 #include "image/copy.h"
 #include "store/unpack.h"
 #include "util/byte_source.h"
+#include "util/env.h"
 #include "util/fs.h"
 #include "util/log.h"
 #include "util/text.h"
@@ -102,7 +103,7 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
   if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("reading " + partial.string());
   uint64_t have = static_cast<uint64_t>(st.st_size);
   if (have > static_cast<uint64_t>(desc.size)) {
-    if (::ftruncate(fd.get(), 0) != 0) return ErrnoStatus("truncating " + partial.string());
+    RETURN_IF_ERROR(Env::Default()->Truncate(fd.get(), 0).Annotate(partial.string()));
     have = 0;
   }
   if (have > 0) {
@@ -194,10 +195,11 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   // (kept in meta.json), never part of a path QEMU or libvirt is given.
   const std::string name = "disk." + std::string(disk::FormatName(info.format));
   const fs::path disk_file = image_dir / name;
-  if (::rename(file.staged.c_str(), disk_file.c_str()) != 0) return ErrnoStatus("staging the disk");
+  Env* env = Env::Default();
+  RETURN_IF_ERROR(env->Rename(file.staged, disk_file).Annotate("staging the disk"));
   ASSIGN_OR_RETURN(UniqueFd disk_fd, OpenFile(disk_file, O_RDONLY));
   const auto t0 = std::chrono::steady_clock::now();
-  if (::fsync(disk_fd.get()) != 0) return ErrnoStatus("syncing the disk");
+  RETURN_IF_ERROR(env->Sync(disk_fd.get()).Annotate("the disk " + disk_file.string()));
   log::Info("disk synced in {:.2f} s", Seconds(t0));
   ::fchmod(disk_fd.get(), 0444);
   json meta = {{"manifest", manifest.str()},
@@ -209,9 +211,7 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
                {"qcow2Version", info.qcow2_version}};
   RETURN_IF_ERROR(WriteFileAtomic(image_dir / "meta.json", meta.dump(2) + "\n", 0444));
   ::chmod(image_dir.c_str(), 0555);
-  if (::rename(image_dir.c_str(), dir.c_str()) != 0) {
-    return ErrnoStatus("committing the disk");
-  }
+  RETURN_IF_ERROR(env->Rename(image_dir, dir).Annotate("committing the disk"));
   return SyncDir(root_ / "disks");
 }
 

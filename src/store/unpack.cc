@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "util/byte_source.h"
+#include "util/env.h"
 #include "util/fs.h"
 #include "util/text.h"
 
@@ -222,15 +223,7 @@ Status WriteSparse(int fd, const char* data, size_t len, uint64_t offset) {
       if (AllZero(data + i + run, m)) break;
       run += m;
     }
-    size_t done = 0;
-    while (done < run) {
-      ssize_t w = ::pwrite(fd, data + i + done, run - done, static_cast<off_t>(offset + i + done));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return ErrnoStatus("writing the disk");
-      }
-      done += static_cast<size_t>(w);
-    }
+    RETURN_IF_ERROR(PWriteAll(fd, std::string_view(data + i, run), offset + i).Annotate("writing the disk"));
     i += run;
   }
   return OkStatus();
@@ -424,7 +417,7 @@ Status DiskTree::StageFile(archive* a, archive_entry* e, const std::string& path
       flushed = end;
     }
   }
-  if (::ftruncate(out.get(), static_cast<off_t>(size)) != 0) return ErrnoStatus("sizing " + staged.string());
+  RETURN_IF_ERROR(Env::Default()->Truncate(out.get(), size).Annotate(staged.string()));
   entries_[path] = Entry{false, staged, size, layer_};
   unstage.path = nullptr;
   return OkStatus();

@@ -1,5 +1,7 @@
 #include "util/fs.h"
 
+#include "util/env.h"
+
 #include <fcntl.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -18,19 +20,24 @@ void UniqueFd::reset(int fd) {
 }
 
 Result<UniqueFd> OpenFile(const fs::path& path, int flags, mode_t mode) {
-  int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
-  if (fd < 0) return ErrnoStatus("opening " + path.string());
-  return UniqueFd(fd);
+  return Env::Default()->Open(path, flags, mode);
 }
 
 Status WriteAll(int fd, std::string_view data) {
+  Env* env = Env::Default();
   while (!data.empty()) {
-    ssize_t n = ::write(fd, data.data(), data.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus("writing");
-    }
-    data.remove_prefix(static_cast<size_t>(n));
+    ASSIGN_OR_RETURN(size_t n, env->Write(fd, data.data(), data.size(), std::nullopt));
+    data.remove_prefix(n);
+  }
+  return OkStatus();
+}
+
+Status PWriteAll(int fd, std::string_view data, uint64_t offset) {
+  Env* env = Env::Default();
+  while (!data.empty()) {
+    ASSIGN_OR_RETURN(size_t n, env->Write(fd, data.data(), data.size(), offset));
+    data.remove_prefix(n);
+    offset += n;
   }
   return OkStatus();
 }
@@ -70,7 +77,7 @@ Result<std::string> ReadFileCapped(const fs::path& path, uint64_t max_bytes) {
 
 Status SyncDir(const fs::path& dir) {
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(dir, O_RDONLY | O_DIRECTORY));
-  if (::fsync(fd.get()) != 0) return ErrnoStatus("syncing directory " + dir.string());
+  RETURN_IF_ERROR(Env::Default()->Sync(fd.get()).Annotate("directory " + dir.string()));
   return OkStatus();
 }
 
@@ -148,9 +155,9 @@ Status PendingFile::CommitAs(const fs::path& final_path) {
 }
 
 Status PendingFile::Commit() {
-  if (::fsync(fd_.get()) != 0) return ErrnoStatus("syncing " + temp_.string());
+  RETURN_IF_ERROR(Env::Default()->Sync(fd_.get()).Annotate(temp_.string()));
   fd_.reset();
-  if (::rename(temp_.c_str(), final_.c_str()) != 0) return ErrnoStatus("renaming into " + final_.string());
+  RETURN_IF_ERROR(Env::Default()->Rename(temp_, final_));
   committed_ = true;
   return SyncDir(final_.parent_path().empty() ? fs::path(".") : final_.parent_path());
 }

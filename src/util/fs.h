@@ -44,8 +44,11 @@ class UniqueFd {
 // open(2) with O_CLOEXEC added; errors name the path.
 Result<UniqueFd> OpenFile(const std::filesystem::path& path, int flags, mode_t mode = 0644);
 
-// Writes all of data to fd, retrying short writes and EINTR.
+// Writes all of data to fd (at `offset` for PWriteAll), retrying short
+// writes and EINTR. Goes through Env::Default(), like OpenFile, the syncs
+// and renames of SyncDir and PendingFile, so tests can inject faults.
 Status WriteAll(int fd, std::string_view data);
+Status PWriteAll(int fd, std::string_view data, uint64_t offset);
 
 // Reads a whole regular file, refusing one larger than max_bytes and
 // anything else (a FIFO, a device, a directory) without blocking on it.

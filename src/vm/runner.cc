@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "disk/overlay.h"
+#include "util/env.h"
 #include "util/fs.h"
 #include "util/log.h"
 #include "util/process.h"
@@ -170,7 +171,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   // as it runs, and dies with this process however it dies.
   for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
   popt.die_with_parent = true;
-  ASSIGN_OR_RETURN(Process qemu, Process::Spawn(QemuArgv(plan), popt));
+  ASSIGN_OR_RETURN(Process qemu, Env::Default()->Spawn(QemuArgv(plan), popt));
   RETURN_IF_ERROR(WriteFileAtomic(run.path() / "qemu.pid", std::to_string(qemu.pid()), 0600));
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu.pid(), 0)));
   log::Info("VM {} started (QEMU pid {})", plan.name, qemu.pid());
