@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
+#include <map>
 #include <thread>
 
 #include "harness/harness.h"
@@ -19,6 +20,7 @@ namespace regdisk::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Type = TarEntry::Type;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -491,6 +493,67 @@ TEST_F(StoreTest, SigintStopsAPullAtOnceKeepsThePartialAndRemovesStaging) {
   RunResult r = Regdisk({"pull", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ((*proxy)->seen().back().range, "bytes=" + std::to_string(1 << 20) + "-");
+}
+
+TEST_F(StoreTest, FsckFindsEachKindOfDamageAndRepairRemovesIt) {
+  PushDiskImage("a", {{"a.qcow2", MakeQcow2("a.qcow2")}});
+  PushDiskImage("b", {{"b.img", RandomBytes(1 << 20, 51)}});
+  PushDiskImage("c", {{"c.img", RandomBytes(1 << 20, 52)}});
+  PushDiskImage("d", {{"d.img", RandomBytes(1 << 20, 53)}});
+  std::map<std::string, json> disk;
+  for (const char* t : {"a", "b", "c", "d"}) {
+    RunResult r = Regdisk({"inspect", "--disk", Layout(t)});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    disk[t] = json::parse(r.out);
+  }
+  RunResult r = Regdisk({"fsck"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_THAT(r.out, HasSubstr("is whole"));
+
+  auto writable = [](const fs::path& p) {
+    ::chmod(p.parent_path().c_str(), 0755);
+    ::chmod(p.c_str(), 0644);
+  };
+  // a: a bit flipped in the qcow2 header's magic; b: its manifest blob
+  // damaged; c: the disk file truncated; d: its directory gone, name left.
+  const fs::path a = disk["a"]["disk"]["file"].get<std::string>();
+  writable(a);
+  std::string bytes = ReadFileCapped(a, 1 << 26).value();
+  bytes[0] ^= 1;
+  ASSERT_OK(WriteFileAtomic(a, bytes, 0444));
+  const fs::path b_manifest = fs::path(root_) / "blobs/sha256" / disk["b"]["digest"].get<std::string>().substr(7);
+  ::chmod(b_manifest.c_str(), 0644);
+  ASSERT_OK(WriteFileAtomic(b_manifest, "{}", 0444));
+  const fs::path c = disk["c"]["disk"]["file"].get<std::string>();
+  writable(c);
+  ASSERT_EQ(::truncate(c.c_str(), 4096), 0);
+  ::chmod(c.c_str(), 0444);
+  const fs::path d = fs::path(disk["d"]["disk"]["file"].get<std::string>()).parent_path();
+  ::chmod(d.c_str(), 0755);
+  fs::remove_all(d);
+
+  r = Regdisk({"fsck"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, HasSubstr("its disk is raw, the record says qcow2"));  // no qcow2 magic: raw bytes
+  EXPECT_THAT(r.out, HasSubstr("blob \"" + b_manifest.filename().string() + "\" hashes to sha256:"));
+  EXPECT_THAT(r.out, HasSubstr("its manifest sha256:"));
+  EXPECT_THAT(r.out, HasSubstr("its disk file is 4096 bytes, the record says 1048576"));
+  EXPECT_THAT(r.out, HasSubstr("which is missing"));
+  EXPECT_THAT(r.err, HasSubstr("regdisk fsck --repair removes what is broken"));
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 8) << r.out;  // 1 blob, 3 disks, 4 names
+
+  r = Regdisk({"fsck", "--repair"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_THAT(r.out, HasSubstr("removed: "));
+  EXPECT_THAT(r.out, Not(HasSubstr("broken: ")));
+  r = Regdisk({"fsck"});
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_TRUE(fs::is_empty(fs::path(root_) / "disks"));
+  r = Regdisk({"images"});
+  EXPECT_THAT(r.out, Not(HasSubstr("oci:")));
+  // Pulling again brings them back whole.
+  for (const char* t : {"a", "b", "c", "d"}) ASSERT_EQ(Regdisk({"pull", Layout(t)}).exit_code, 0) << t;
+  EXPECT_EQ(Regdisk({"fsck"}).exit_code, 0);
 }
 
 TEST_F(StoreTest, DiskSizesAreCapped) {

@@ -66,6 +66,7 @@ int RunCopy(const Globals& g, const std::string& from, const std::string& to, bo
 int RunPull(const Globals& g, const std::string& ref, const std::string& path);
 int RunImages(const Globals& g, const std::string& output);
 int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune);
+int RunFsck(const Globals& g, bool repair);
 int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path);
 int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file);
 

@@ -125,6 +125,31 @@ int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune
   return 0;
 }
 
+int RunFsck(const Globals& g, bool repair) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(g.root, ec)) {
+    return Fail(NotFound("there is no node store at " + g.root + "; name one with --root"));
+  }
+  auto st = store::Store::Open(g.root);
+  if (!st.ok()) return Fail(st.status());
+  auto problems = st->Check(repair);
+  if (!problems.ok()) return Fail(problems.status());
+  int left = 0;
+  for (const auto& p : *problems) {
+    std::printf("%s: %s\n", p.repaired ? "removed" : "broken", p.what.c_str());
+    left += !p.repaired;
+  }
+  if (problems->empty()) {
+    std::printf("the node store at %s is whole\n", g.root.c_str());
+  } else if (left > 0 && !repair) {
+    std::fprintf(stderr, "regdisk: error: %d problems in the node store at %s; regdisk fsck --repair removes what is "
+                 "broken (pull again afterwards)\n", left, g.root.c_str());
+  } else if (left > 0) {
+    std::fprintf(stderr, "regdisk: error: %d problems in the node store at %s could not be repaired\n", left, g.root.c_str());
+  }
+  return left == 0 ? 0 : 1;
+}
+
 int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path) {
   if (disk) {
     auto img = PullToStore(g, ref, path);

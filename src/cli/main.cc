@@ -96,6 +96,11 @@ int Main(int argc, char** argv) {
   CLI::App* prune = app.add_subcommand("prune", "delete from the node store what no name refers to and no VM uses");
   prune->fallthrough();
 
+  bool repair = false;
+  CLI::App* fsck = app.add_subcommand("fsck", "verify the node store: blobs against their digests, disks, names");
+  fsck->add_flag("--repair", repair, "remove what is broken (and names that point to it)");
+  fsck->fallthrough();
+
   BuildFlags bf;
   std::string disk_file;
   CLI::App* build = app.add_subcommand("build", "make a registry disk from a qcow2 or raw disk, without a container engine");
@@ -149,6 +154,7 @@ int Main(int argc, char** argv) {
   if (*images) return RunImages(g, images_output);
   if (*rmi) return RunRemove(g, rmi_refs, false);
   if (*prune) return RunRemove(g, {}, true);
+  if (*fsck) return RunFsck(g, repair);
   if (*validate) return RunValidate(spec_file, output);
   if (*build) return RunBuild(g, bf, disk_file);
   if (*run) return RunRun(g, rf);

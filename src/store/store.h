@@ -81,6 +81,13 @@ struct PullOptions {
   std::shared_ptr<const CancelToken> cancel;
 };
 
+// One thing fsck found wrong, in one line ("blob sha256:ab…: its content
+// hashes to sha256:cd…"), and whether --repair removed it.
+struct Problem {
+  std::string what;
+  bool repaired = false;
+};
+
 struct GcResult {
   int disks_removed = 0;
   std::vector<std::string> disks_in_use;  // kept: a running VM uses them
@@ -117,6 +124,14 @@ class Store {
   // kept disk, staging left by killed pulls and partial downloads.
   Result<GcResult> Prune();
 
+  // Checks the store: every manifest and config blob against its digest,
+  // every disk's record, file, size, mode and format header (the disk's
+  // bytes were checked against the layer digests when pulled; no digest of
+  // the flattened disk is kept), and every name against its disk. With
+  // `repair`, removes what is broken (a disk a running VM uses is only
+  // reported) and the names that pointed to it.
+  Result<std::vector<Problem>> Check(bool repair);
+
  private:
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
   Result<StoredImage> Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const;
@@ -131,6 +146,9 @@ class Store {
                      bool* resumed, const std::function<void(uint64_t done)>& progress, const CancelToken* cancel);
   void RemovePartials(const std::vector<oci::Descriptor>& layers);
   Result<GcResult> CollectLocked();  // with the store lock held exclusively
+  // Check's parts (store/fsck.cc).
+  std::optional<std::string> CheckDisk(const std::filesystem::path& dir) const;
+  void CheckBlobs(bool repair, std::vector<Problem>* out);
   std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;
   Status SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path);
   Result<nlohmann::json> ReadRefs() const;
