@@ -10,9 +10,10 @@
 // on every run and every machine with the same standard library.
 //
 // A crash aborts the process (ASan, UBSan, an uncaught exception or a
-// target's own check), which fails the test. With --artifact, each input is
-// written to FILE before it runs, so after a crash FILE holds the input that
-// crashed: add it to fuzz/corpus/NAME/ once the bug is fixed.
+// target's own check), which fails the test. Each corpus file is named on
+// stderr before it runs; with --artifact, each input is also written to
+// FILE before it runs, so after a crash FILE holds the input that crashed:
+// add it to fuzz/corpus/NAME/ once the bug is fixed.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -85,7 +86,7 @@ Input ReadFile(const std::filesystem::path& path) {
 
 // The corpus files, sorted by path so the order (and with it every mutated
 // input) does not depend on the file system.
-std::vector<Input> LoadCorpus(const std::vector<std::string>& paths) {
+std::vector<std::filesystem::path> ListCorpus(const std::vector<std::string>& paths) {
   std::vector<std::filesystem::path> files;
   for (const auto& p : paths) {
     if (std::filesystem::is_directory(p)) {
@@ -97,9 +98,7 @@ std::vector<Input> LoadCorpus(const std::vector<std::string>& paths) {
     }
   }
   std::sort(files.begin(), files.end());
-  std::vector<Input> out;
-  for (const auto& f : files) out.push_back(ReadFile(f));
-  return out;
+  return files;
 }
 
 // Writes each input to a file before it runs; does nothing without a path.
@@ -237,9 +236,16 @@ void RunOne(const Input& in, Artifact& artifact) {
 
 int main(int argc, char** argv) {
   Options o = ParseArgs(argc, argv);
-  std::vector<Input> corpus = LoadCorpus(o.corpus);
   Artifact artifact(o.artifact);
-  for (const Input& in : corpus) RunOne(in, artifact);
+  if (!o.artifact.empty()) std::fprintf(stderr, "replay: each input is written to %s before it runs\n", o.artifact.c_str());
+  std::vector<Input> corpus;
+  for (const auto& file : ListCorpus(o.corpus)) {
+    std::fprintf(stderr, "replay: %s\n", file.c_str());
+    corpus.push_back(ReadFile(file));
+    RunOne(corpus.back(), artifact);
+  }
+  std::fprintf(stderr, "replay: %llu mutated inputs, seed %llu\n", static_cast<unsigned long long>(o.runs),
+               static_cast<unsigned long long>(o.seed));
   Mutator mutator(corpus, o.seed, o.max_len);
   for (uint64_t i = 0; i < o.runs; ++i) RunOne(mutator.Next(), artifact);
   std::string name = std::filesystem::path(argv[0]).filename().string();
