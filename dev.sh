@@ -3,13 +3,16 @@
 #
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
-#   ./dev.sh test    install what is missing, fuzz the VM spec parser briefly
-#                    (clang + libFuzzer), build with ASan/UBSan and run every
-#                    test (extra arguments go to ctest)
+#   ./dev.sh test    install what is missing, build with ASan/UBSan and run
+#                    every test (extra arguments go to ctest); deterministic:
+#                    the fuzz targets replay their corpus and a fixed-seed
+#                    mutation run (ctest -L fuzz)
 #   ./dev.sh build   build build/src/regdisk (Release)
 #   ./dev.sh bench [ARGS]  build (Release) and run bench/run.py: regdisk against
 #                    containerd and buildah on a generated 2 GiB disk (as root)
-#   ./dev.sh fuzz [SECONDS]  fuzz the VM spec parser (default 300 s)
+#   ./dev.sh fuzz [SECONDS] [TARGET]  run libFuzzer (clang, build-fuzz/) on each
+#                    target in fuzz/ (or TARGET) for SECONDS each (default
+#                    300), on a copy of fuzz/corpus/TARGET/
 #   ./dev.sh deps    only install the Debian packages
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,23 +50,45 @@ build() {  # build DIR CMAKE-ARGS...
   cmake --build "$dir"
 }
 
-fuzz() {  # fuzz SECONDS: run every fuzz target on a copy of its corpus
+fuzz() {  # fuzz SECONDS [TARGET]: run libFuzzer on each target, on a copy of its corpus
+  local seconds=$1 only=${2:-} targets=() t
+  for t in fuzz/*_fuzzer.cc; do
+    t=${t#fuzz/}
+    targets+=("${t%_fuzzer.cc}")
+  done
+  if [ -n "$only" ]; then
+    [ -f "fuzz/${only}_fuzzer.cc" ] || { echo "dev.sh: no fuzz target $only (have: ${targets[*]})" >&2; return 2; }
+    targets=("$only")
+  fi
   CC=clang CXX=clang++ build build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DREGDISK_FUZZ=ON \
     -DREGDISK_BUILD_TESTS=OFF -DREGDISK_BUILD_BENCH=OFF
-  local work
-  work=$(mktemp -d)
-  cp fuzz/corpus/spec/* "$work/"
-  local rc=0
-  build-fuzz/fuzz/spec_fuzzer -max_total_time="$1" -timeout=10 -rss_limit_mb=2048 \
-    -artifact_prefix=build-fuzz/ "$work" >build-fuzz/fuzz.log 2>&1 || rc=$?
-  rm -rf "$work"
-  if [ "$rc" -ne 0 ]; then
-    tail -n 40 build-fuzz/fuzz.log >&2
-    echo "dev.sh: the fuzzer found a problem (input saved under build-fuzz/)" >&2
+  local failed=()
+  for t in "${targets[@]}"; do
+    # libFuzzer adds what it finds to its first directory: a copy, so
+    # fuzz/corpus/ changes only by hand.
+    local work=build-fuzz/corpus/$t log=build-fuzz/$t.log rc=0
+    rm -rf "$work"
+    mkdir -p "$work"
+    cp fuzz/corpus/"$t"/* "$work"/
+    build-fuzz/fuzz/"$t"_fuzzer -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+      -artifact_prefix=build-fuzz/"$t"- "$work" >"$log" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      tail -n 40 "$log" >&2
+      echo "dev.sh: fuzz target $t found a problem; the input is build-fuzz/$t-crash-* (or -leak-, -timeout-)." >&2
+      echo "  Replay it: build-test/fuzz/${t}_replay FILE (ASan build) or build-fuzz/fuzz/${t}_fuzzer FILE." >&2
+      echo "  Once fixed, add it as fuzz/corpus/$t/regress-WHAT, so that ctest -L fuzz replays it for ever." >&2
+      failed+=("$t")
+      continue
+    fi
+    echo "fuzz: $t clean for $seconds s ($(grep -oE '^Done [0-9]+ runs' "$log" || echo '? runs'))"
+  done
+  echo "fuzz: new inputs are in build-fuzz/corpus/TARGET/; to keep the few that add coverage:"
+  echo "  build-fuzz/fuzz/TARGET_fuzzer -merge=1 fuzz/corpus/TARGET build-fuzz/corpus/TARGET"
+  echo "  (review them and keep the corpus small: ctest replays every file)"
+  if [ ${#failed[@]} -ne 0 ]; then
+    echo "dev.sh: fuzzing found problems in: ${failed[*]}" >&2
     return 1
   fi
-  grep -E '^Done' build-fuzz/fuzz.log || true
-  echo "fuzz: spec parser clean for $1 s"
 }
 
 case "${1:-}" in
@@ -76,12 +101,11 @@ case "${1:-}" in
     shift
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
-    fuzz "${FUZZ_SECONDS:-30}"
     exec ctest --test-dir build-test -j2 --output-on-failure "$@"
     ;;
   fuzz)
     deps
-    fuzz "${2:-300}"
+    fuzz "${2:-300}" "${3:-}"
     ;;
   build)
     deps
@@ -98,7 +122,7 @@ case "${1:-}" in
     deps
     ;;
   *)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -359,6 +359,28 @@ TEST(SpecTest, HostileInputIsBounded) {
               ElementsAre("bin.yaml: the file is not valid UTF-8 text; save it as UTF-8"));
 }
 
+TEST(SpecTest, ControlCharactersAndOtherEncodingsAreRefused) {
+  // A NUL among the first bytes makes yaml-cpp read the file as UTF-16 or
+  // UTF-32; these valid UTF-8 files then gave strings with unpaired
+  // surrogates, and ToJson(...).dump() threw (found by the fuzzer).
+  for (std::string name : {"regress-utf16be-surrogate.yaml:1:1", "regress-utf16le-surrogate.yaml:1:2",
+                            "regress-utf32be-surrogate.yaml:1:1"}) {
+    std::string at = name;
+    name.resize(name.find(':'));
+    std::string text = ReadFileCapped(REGDISK_SOURCE_DIR "/fuzz/corpus/spec/" + name, 1 << 20).value();
+    ParseResult r = ParseSpecs(text, name);
+    EXPECT_THAT(Errors(r), ElementsAre(HasSubstr(at + ": the file holds control character U+0000")));
+    for (const auto& o : r.objects) EXPECT_NO_THROW((void)ToJson(o).dump()) << name;
+  }
+  EXPECT_THAT(Errors(ParseSpecs(Replace(kSeed, "kind: VirtualMachine", "kind: Virtual\x01Machine"), "c0.yaml")),
+              ElementsAre("c0.yaml:4:14: the file holds control character U+0001, which YAML does not allow; save it "
+                          "as UTF-8 text without control characters"));
+  // Columns count characters, not bytes.
+  EXPECT_THAT(Errors(ParseSpecs("# \u00e9\u00e9\x1b", "esc.yaml")), ElementsAre(HasSubstr("esc.yaml:1:5: ")));
+  // Tab, line feed and carriage return are text.
+  EXPECT_TRUE(ParseSpecs(Replace(kSeed, "\n", "\t\r\n"), "crlf.yaml").ok());
+}
+
 TEST(ValidateCommandTest, OutputAndExitCodes) {
   auto dir = TempDir::Create("regdisk-spec");
   ASSERT_TRUE(dir.ok());

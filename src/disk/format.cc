@@ -79,7 +79,9 @@ Status CheckQcow2(int fd, uint64_t offset, uint64_t size, std::string_view name,
   auto bad = [&](const std::string& why) {
     return InvalidArgument(what + " is not a usable qcow2 image: " + why + "; check it with qemu-img check");
   };
-  ASSIGN_OR_RETURN(std::string hdr, ReadAt(fd, offset, kQcow2V3MinHeaderLength + 8));
+  // Never past the image's end: an image may sit inside a larger file.
+  ASSIGN_OR_RETURN(std::string hdr,
+                   ReadAt(fd, offset, static_cast<size_t>(std::min<uint64_t>(size, kQcow2V3MinHeaderLength + 8))));
   if (hdr.size() < kQcow2V2HeaderLength) return bad("the header is truncated");
   const auto* h = reinterpret_cast<const unsigned char*>(hdr.data());
   uint32_t version = Be32(h + 4);

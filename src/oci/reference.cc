@@ -157,6 +157,10 @@ Result<Reference> Reference::Parse(std::string_view text) {
   ref.repository = std::string(name);
   if (ref.registry == "docker.io" && ref.repository.find('/') == std::string::npos) {
     ref.repository = "library/" + ref.repository;
+    // Checked again once normalised, so that String() always parses again.
+    if (ref.repository.size() > kMaxNameLength) {
+      return InvalidArgument(quoted + " has a repository name longer than 255 characters with Docker Hub's library/");
+    }
   }
   if (ref.tag.empty() && !ref.digest) ref.tag = "latest";
   return ref;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <set>
 
+#include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
 #include "oci/reference.h"
@@ -112,11 +113,42 @@ bool IsValidUtf8(std::string_view s) {
   return true;
 }
 
+// Why PreCheck refused a file; line and column (1-based) when one place is
+// to blame, 0 otherwise.
+struct Refusal {
+  std::string why;
+  int line = 0;
+  int column = 0;
+};
+
+// Finds a C0 control character other than tab, LF and CR, which YAML does
+// not allow. A NUL among the first bytes would also make yaml-cpp read the
+// file as UTF-16 or UTF-32 and hand back strings that are not UTF-8.
+// `text` must be valid UTF-8: columns count characters.
+std::optional<Refusal> FindControlCharacter(std::string_view text) {
+  int line = 1, column = 0;
+  for (char ch : text) {
+    unsigned char c = static_cast<unsigned char>(ch);
+    if ((c & 0xc0) != 0x80) ++column;  // not a continuation byte
+    if (c == '\n') {
+      ++line;
+      column = 0;
+    } else if (c < 0x20 && c != '\t' && c != '\r') {
+      return Refusal{fmt::format("the file holds control character U+{:04X}, which YAML does not allow; save it as "
+                                 "UTF-8 text without control characters",
+                                 c),
+                     line, column};
+    }
+  }
+  return std::nullopt;
+}
+
 // Rejects input that is not UTF-8 text, or that could make the YAML library
 // recurse without bound.
-std::string PreCheck(std::string_view text) {
-  if (text.size() > kMaxInputBytes) return "the file is larger than 1 MiB; split it";
-  if (!IsValidUtf8(text)) return "the file is not valid UTF-8 text; save it as UTF-8";
+std::optional<Refusal> PreCheck(std::string_view text) {
+  if (text.size() > kMaxInputBytes) return Refusal{"the file is larger than 1 MiB; split it"};
+  if (!IsValidUtf8(text)) return Refusal{"the file is not valid UTF-8 text; save it as UTF-8"};
+  if (auto control = FindControlCharacter(text)) return control;
   int depth = 0;
   bool in_single = false, in_double = false, comment = false;
   size_t indent = 0;
@@ -131,7 +163,7 @@ std::string PreCheck(std::string_view text) {
     }
     if (line_start) {
       if (c == ' ' || c == '\t' || c == '-' || c == '?' || c == ':') {
-        if (++indent > kMaxIndent) return "nesting is deeper than regdisk accepts";
+        if (++indent > kMaxIndent) return Refusal{"nesting is deeper than regdisk accepts"};
         continue;
       }
       line_start = false;
@@ -152,7 +184,7 @@ std::string PreCheck(std::string_view text) {
       case '\'': in_single = true; break;
       case '[':
       case '{':
-        if (++depth > kMaxFlowDepth) return "nesting is deeper than regdisk accepts";
+        if (++depth > kMaxFlowDepth) return Refusal{"nesting is deeper than regdisk accepts"};
         break;
       case ']':
       case '}':
@@ -161,7 +193,7 @@ std::string PreCheck(std::string_view text) {
       default: break;
     }
   }
-  return {};
+  return std::nullopt;
 }
 
 // One document of a multi-document stream and the line it starts on.
@@ -197,27 +229,55 @@ std::vector<Chunk> SplitDocuments(std::string_view text) {
   return out;
 }
 
-// Counts documents without building them.
-class DocumentCounter : public YAML::EventHandler {
+// Sees every string of a document as yaml-cpp's events give it (scalars,
+// keys, tags) without building nodes, and remembers the first one that is
+// not UTF-8. PreCheck should make that impossible; this keeps the promise
+// that every string the parser returns is UTF-8 if yaml-cpp ever decodes
+// differently.
+class DocumentScanner : public YAML::EventHandler {
  public:
+  std::optional<YAML::Mark> not_utf8;
+
   void OnDocumentStart(const YAML::Mark&) override {}
   void OnDocumentEnd() override {}
   void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
   void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
-  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
-  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnScalar(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t, const std::string& value) override {
+    Check(mark, tag);
+    Check(mark, value);
+  }
+  void OnSequenceStart(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {
+    Check(mark, tag);
+  }
   void OnSequenceEnd() override {}
-  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnMapStart(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t, YAML::EmitterStyle::value) override {
+    Check(mark, tag);
+  }
   void OnMapEnd() override {}
+
+ private:
+  void Check(const YAML::Mark& mark, const std::string& s) {
+    if (!not_utf8 && !IsValidUtf8(s)) not_utf8 = mark;
+  }
 };
 
-// True when the chunk holds content after its first document.
-bool HasTrailingContent(const std::string& chunk) {
+// What one pass of the event parser over a chunk found.
+struct ChunkScan {
+  bool trailing_content = false;        // content after the first document
+  std::optional<YAML::Mark> not_utf8;  // the first string that is not UTF-8
+};
+
+// Throws YAML::Exception like YAML::Load.
+ChunkScan ScanChunk(const std::string& chunk) {
   std::istringstream in(chunk);
   YAML::Parser parser(in);
-  DocumentCounter counter;
-  if (!parser.HandleNextDocument(counter)) return false;
-  return parser.HandleNextDocument(counter);
+  DocumentScanner scanner;
+  ChunkScan scan;
+  if (!parser.HandleNextDocument(scanner)) return scan;
+  scan.not_utf8 = scanner.not_utf8;
+  scan.trailing_content = parser.HandleNextDocument(scanner);
+  return scan;
 }
 
 class Parser {
@@ -854,8 +914,9 @@ bool ParseResult::ok() const {
 ParseResult ParseSpecs(std::string_view text, std::string_view file_name) {
   ParseResult result;
   Parser p(file_name, result.diagnostics);
-  if (std::string why = PreCheck(text); !why.empty()) {
-    p.Error(YAML::Node(), "", why);
+  if (auto refusal = PreCheck(text)) {
+    result.diagnostics.push_back(
+        {Diagnostic::Severity::kError, std::string(file_name), refusal->line, refusal->column, "", refusal->why});
     return result;
   }
   std::vector<Parser::SecretRef> refs;
@@ -864,9 +925,16 @@ ParseResult ParseSpecs(std::string_view text, std::string_view file_name) {
     YAML::Node doc;
     try {
       doc = YAML::Load(chunk.text);
-      if (HasTrailingContent(chunk.text)) {
+      ChunkScan scan = ScanChunk(chunk.text);
+      if (scan.trailing_content) {
         result.diagnostics.push_back({Diagnostic::Severity::kError, std::string(file_name), chunk.first_line + 1, 1, "",
                                       "not valid YAML or JSON: unexpected content after the document"});
+        continue;
+      }
+      if (scan.not_utf8) {
+        result.diagnostics.push_back({Diagnostic::Severity::kError, std::string(file_name),
+                                      scan.not_utf8->line + 1 + chunk.first_line, scan.not_utf8->column + 1, "",
+                                      "the text here is not valid UTF-8; save the file as UTF-8"});
         continue;
       }
     } catch (const YAML::Exception& e) {
