@@ -161,7 +161,8 @@ Result<LayerBlob> WriteLayer(const std::vector<LayerEntry>& entries, const std::
     return s->status.ok() ? static_cast<la_ssize_t>(n) : -1;
   };
   if (archive_write_open(a.get(), &sink, nullptr, write_cb, nullptr) != ARCHIVE_OK) {
-    return Internal(std::string("libarchive could not start: ") + archive_error_string(a.get()));
+    const char* msg = archive_error_string(a.get());
+    return Internal(std::string("libarchive could not start: ") + (msg ? msg : "unknown error"));
   }
   auto failed = [&](const std::string& what) -> Status {
     if (!sink.status.ok()) return sink.status;

@@ -193,6 +193,13 @@ Result<std::string> CleanPath(const char* raw, const std::string& label) {
   return out;
 }
 
+// libarchive's message for the last error; it may have none (a header cut
+// short can fail with a null string).
+std::string ArchiveError(archive* a) {
+  const char* msg = archive_error_string(a);
+  return msg ? PrintableLine(msg, 200) : "libarchive gave no reason";
+}
+
 bool UnderDisk(const std::string& p) { return p == "disk" || p.rfind("disk/", 0) == 0; }
 
 bool AllZero(const char* p, size_t n) {
@@ -300,7 +307,7 @@ Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const 
   }
   Status st = opened == ARCHIVE_OK
                   ? ReadEntries(a.get(), label)
-                  : InvalidArgument(label + " is not a readable tar archive: " + archive_error_string(a.get()));
+                  : InvalidArgument(label + " is not a readable tar archive: " + ArchiveError(a.get()));
   if (!input.error().ok()) return input.error();  // the source failed: say so, not "bad tar"
   RETURN_IF_ERROR(st);
   return input.Drain();
@@ -312,7 +319,7 @@ Status DiskTree::ReadEntries(archive* a, const std::string& label) {
     int r = archive_read_next_header(a, &e);
     if (r == ARCHIVE_EOF) break;
     if (r < ARCHIVE_WARN) {
-      return InvalidArgument(label + " is not a valid tar archive: " + archive_error_string(a));
+      return InvalidArgument(label + " is not a valid tar archive: " + ArchiveError(a));
     }
     if (count > limits_.max_layer_entries) {
       return ResourceExhausted(label + " has more than " + std::to_string(limits_.max_layer_entries) +
@@ -404,7 +411,7 @@ Status DiskTree::StageFile(archive* a, archive_entry* e, const std::string& path
     int rr = archive_read_data_block(a, &buf, &len, &off);
     if (rr == ARCHIVE_EOF) break;
     if (rr < ARCHIVE_WARN) {
-      return InvalidArgument(label + " is truncated or corrupt inside " + shown + ": " + archive_error_string(a));
+      return InvalidArgument(label + " is truncated or corrupt inside " + shown + ": " + ArchiveError(a));
     }
     Status st = WriteSparse(out.get(), static_cast<const char*>(buf), len, static_cast<uint64_t>(off));
     if (st.code() == Code::kNoSpace) return no_room();
