@@ -3,10 +3,11 @@
 #
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
-#   ./dev.sh test    install what is missing, build with ASan/UBSan and run
-#                    every test (extra arguments go to ctest); deterministic:
-#                    the fuzz targets replay their corpus and a fixed-seed
-#                    mutation run (ctest -L fuzz)
+#   ./dev.sh test    install what is missing, run the pull and store tests
+#                    under ThreadSanitizer, then build with ASan/UBSan and run
+#                    every test (extra arguments go to ctest, and skip the
+#                    TSan pass); deterministic: the fuzz targets replay their
+#                    corpus and a fixed-seed mutation run (ctest -L fuzz)
 #   ./dev.sh build   build build/src/regdisk (Release)
 #   ./dev.sh bench [ARGS]  build (Release) and run bench/run.py: regdisk against
 #                    containerd and buildah on a generated 2 GiB disk (as root)
@@ -43,11 +44,13 @@ deps() {  # deps [EXTRA-PACKAGES...]
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-build() {  # build DIR CMAKE-ARGS...
-  local dir=$1
+build() {  # build DIR CMAKE-ARGS... [-- TARGETS...]
+  local dir=$1 args=() targets=()
   shift
-  cmake -S . -B "$dir" -G Ninja "$@" >/dev/null
-  cmake --build "$dir"
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && targets=(--target "$@")
+  cmake -S . -B "$dir" -G Ninja "${args[@]}" >/dev/null
+  cmake --build "$dir" "${targets[@]}"
 }
 
 fuzz() {  # fuzz SECONDS [TARGET]: run libFuzzer on each target, on a copy of its corpus
@@ -101,6 +104,13 @@ case "${1:-}" in
     shift
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
+    if [ $# -eq 0 ]; then
+      # The threaded pull and the store again under ThreadSanitizer (a
+      # data race fails the test: TSan exits 66), then everything under ASan.
+      build build-tsan -DCMAKE_BUILD_TYPE=Debug -DREGDISK_TSAN=ON -DREGDISK_WERROR=ON -DREGDISK_BUILD_BENCH=OFF \
+        -- regdisk unit_tests store_tests crash_tests
+      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack)'
+    fi
     exec ctest --test-dir build-test -j2 --output-on-failure "$@"
     ;;
   fuzz)
