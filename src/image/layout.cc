@@ -112,11 +112,8 @@ Result<std::string> OciLayout::ReadBlob(const oci::Descriptor& desc, uint64_t ma
   }
   oci::Hasher h(desc.digest.algorithm());
   h.Update(*data);
-  oci::Digest got = h.Finish();
-  if (data->size() != static_cast<uint64_t>(desc.size) || got != desc.digest) {
-    return DataLoss("blob " + desc.digest.str() + " in " + dir_.string() + " failed verification: got " + got.str() +
-                    " (" + std::to_string(data->size()) + " bytes)");
-  }
+  RETURN_IF_ERROR(oci::VerifyBlob("blob " + desc.digest.Short() + " in " + dir_.string(), desc.digest,
+                                  static_cast<uint64_t>(desc.size), data->size(), h.Finish()));
   return data;
 }
 
@@ -128,19 +125,14 @@ Status OciLayout::WriteBlob(const oci::Descriptor& desc,
   ASSIGN_OR_RETURN(PendingFile pending, PendingFile::Create(dir_ / kStaging, 0444));
   oci::Hasher h(desc.digest.algorithm());
   const uint64_t limit = static_cast<uint64_t>(desc.size);
+  const std::string what = "blob " + desc.digest.Short();
   RETURN_IF_ERROR(produce([&](std::string_view chunk) -> Status {
-    if (h.bytes() + chunk.size() > limit) {
-      return DataLoss("blob " + desc.digest.Short() + " is larger than its declared " + std::to_string(limit) + " bytes");
-    }
+    RETURN_IF_ERROR(oci::CheckBlobGrowth(what, h.bytes(), chunk.size(), limit));
     h.Update(chunk);
     return WriteAll(pending.fd(), chunk);
   }));
-  uint64_t written = h.bytes();
-  oci::Digest got = h.Finish();
-  if (written != limit || got != desc.digest) {
-    return DataLoss("blob " + desc.digest.str() + " failed verification: got " + got.str() + " in " +
-                    std::to_string(written) + " bytes, expected " + std::to_string(limit));
-  }
+  const uint64_t written = h.bytes();
+  RETURN_IF_ERROR(oci::VerifyBlob(what, desc.digest, limit, written, h.Finish()));
   return pending.CommitAs(final_path);
 }
 

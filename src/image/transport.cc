@@ -70,18 +70,14 @@ Status StreamFile(const fs::path& path, const oci::Descriptor& desc, const regis
       return ErrnoStatus("reading " + path.string());
     }
     if (n == 0) break;
-    if (h.bytes() + static_cast<uint64_t>(n) > static_cast<uint64_t>(desc.size)) {
-      return DataLoss("blob " + desc.digest.str() + " at " + path.string() + " is larger than its declared size");
-    }
+    RETURN_IF_ERROR(oci::CheckBlobGrowth("blob " + desc.digest.Short() + " at " + path.string(), h.bytes(),
+                                         static_cast<uint64_t>(n), static_cast<uint64_t>(desc.size)));
     h.Update(buf.data(), static_cast<size_t>(n));
     RETURN_IF_ERROR(sink(std::string_view(buf.data(), static_cast<size_t>(n))));
   }
-  uint64_t got_size = h.bytes();
-  oci::Digest got = h.Finish();
-  if (got_size != static_cast<uint64_t>(desc.size) || got != desc.digest) {
-    return DataLoss("blob " + desc.digest.str() + " at " + path.string() + " failed verification: got " + got.str());
-  }
-  return OkStatus();
+  const uint64_t got_size = h.bytes();
+  return oci::VerifyBlob("blob " + desc.digest.Short() + " at " + path.string(), desc.digest,
+                         static_cast<uint64_t>(desc.size), got_size, h.Finish());
 }
 
 Result<oci::RawManifest> ToRaw(std::string bytes, const oci::Descriptor& desc) {

@@ -81,4 +81,22 @@ Digest Hasher::Finish() {
   return Digest(algorithm_, std::move(hex));
 }
 
+Status CheckBlobGrowth(std::string_view what, uint64_t have, uint64_t adding, uint64_t declared) {
+  if (have + adding <= declared) return OkStatus();
+  return DataLoss(std::string(what) + " is larger than the " + std::to_string(declared) +
+                  " bytes its descriptor declares");
+}
+
+Status VerifyBlob(std::string_view what, const Digest& expected, uint64_t declared, uint64_t got_size, const Digest& got) {
+  if (got_size < declared) {
+    return DataLoss(std::string(what) + " ended after " + std::to_string(got_size) + " of " + std::to_string(declared) +
+                    " bytes");
+  }
+  RETURN_IF_ERROR(CheckBlobGrowth(what, got_size, 0, declared));
+  if (got != expected) {
+    return DataLoss(std::string(what) + " failed verification: expected " + expected.str() + ", got " + got.str());
+  }
+  return OkStatus();
+}
+
 }  // namespace regdisk::oci

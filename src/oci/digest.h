@@ -60,4 +60,13 @@ class Hasher {
   uint64_t bytes_ = 0;
 };
 
+// The one check that a blob is what its descriptor says; every failure is
+// DataLoss. `what` names the blob in messages ("blob sha256:ab… from HOST").
+//
+// While streaming: refuses `adding` more bytes once `have` were received
+// and the descriptor declares `declared`.
+Status CheckBlobGrowth(std::string_view what, uint64_t have, uint64_t adding, uint64_t declared);
+// At the end: the size and the digest.
+Status VerifyBlob(std::string_view what, const Digest& expected, uint64_t declared, uint64_t got_size, const Digest& got);
+
 }  // namespace regdisk::oci

@@ -541,9 +541,7 @@ Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor&
       skip -= drop;
       if (chunk.empty()) return OkStatus();
     }
-    if (received + chunk.size() > size) {
-      return DataLoss(what + " is larger than the " + std::to_string(size) + " bytes its descriptor declares");
-    }
+    RETURN_IF_ERROR(oci::CheckBlobGrowth(what, received, chunk.size(), size));
     hasher.Update(chunk);
     received += chunk.size();
     return sink(chunk);
@@ -563,15 +561,9 @@ Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor&
     if (received == size) break;
     // The body ended early without a transport error (a proxy closed a
     // Content-Length-less response): ask again for the rest.
-    if (round + 1 >= s_->opt.max_attempts) {
-      return DataLoss(what + " ended after " + std::to_string(received) + " of " + std::to_string(size) + " bytes");
-    }
+    if (round + 1 >= s_->opt.max_attempts) break;
   }
-  oci::Digest got = hasher.Finish();
-  if (got != desc.digest) {
-    return DataLoss(what + " failed verification: expected " + desc.digest.str() + ", got " + got.str());
-  }
-  return OkStatus();
+  return oci::VerifyBlob(what, desc.digest, size, received, hasher.Finish());
 }
 
 Result<std::string> RegistryClient::FetchBlobToString(const std::string& repo, const oci::Descriptor& desc,

@@ -98,13 +98,12 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
     cenv.push_back(nullptr);
     envp = cenv.data();
   }
-  // Descriptors the child keeps besides stdio and the exec error pipe, in
-  // ascending order; every other one is closed (belt and braces: all are
-  // O_CLOEXEC already, but a library's may not be).
+  // Descriptors the child keeps besides stdio, in ascending order; every
+  // other one is closed once stdio is in place (belt and braces: all are
+  // O_CLOEXEC already, but a library's may not be). The exec error pipe is
+  // then the only one exec closes, so when the parent sees it close, the
+  // child holds exactly stdio and inherit_fds.
   std::vector<int> keep(options.inherit_fds.begin(), options.inherit_fds.end());
-  for (const auto& fd : child_ends) {
-    if (fd.valid()) keep.push_back(fd.get());
-  }
   keep.push_back(exec_err_write.get());
   std::sort(keep.begin(), keep.end());
   const pid_t parent = ::getpid();

@@ -114,10 +114,13 @@ class [[nodiscard]] Result {
 #define REGDISK_CONCAT_INNER(a, b) a##b
 #define REGDISK_CONCAT(a, b) REGDISK_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                   \
+// The status variable is named by line, so a RETURN_IF_ERROR inside a
+// lambda inside another does not shadow the outer one.
+#define RETURN_IF_ERROR(expr) RETURN_IF_ERROR_IMPL(REGDISK_CONCAT(_status_, __LINE__), expr)
+#define RETURN_IF_ERROR_IMPL(st, expr)          \
   do {                                          \
-    ::regdisk::Status _st = (expr);             \
-    if (!_st.ok()) return _st;                  \
+    ::regdisk::Status st = (expr);              \
+    if (!st.ok()) return st;                    \
   } while (0)
 
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr)   \
