@@ -556,6 +556,29 @@ TEST_F(StoreTest, FsckFindsEachKindOfDamageAndRepairRemovesIt) {
   EXPECT_EQ(Regdisk({"fsck"}).exit_code, 0);
 }
 
+TEST_F(StoreTest, AKillAfterTheWholeLayerArrivedResumesWithoutAskingForMore) {
+  // Found by KillTest: the ingest file held every byte of the layer (the
+  // pull was killed after its download, before the layer was applied), and
+  // the resume asked docker-registry for an empty range, which it answers
+  // with a body libcurl calls a broken transfer, six times over.
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  const std::string disk = RandomBytes(1 << 20, 71);
+  const std::string digest = PushDiskImage("v1", {{"disk.img", disk}});
+  const std::string remote = "docker://" + (*reg)->host() + "/vm/whole:v1";
+  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), remote}).exit_code, 0);
+  auto m = oci::Manifest::Parse(ReadFileCapped(tmp() / "layout/blobs/sha256" / digest.substr(7), 1 << 20).value());
+  ASSERT_OK(m);
+  const oci::Digest layer = m->layers[0].digest;
+  ASSERT_OK(MakeDirs(fs::path(root_) / "ingest"));
+  ASSERT_OK(WriteFileAtomic(fs::path(root_) / "ingest" / ("sha256-" + layer.hex()),
+                            ReadFileCapped(tmp() / "layout/blobs/sha256" / layer.hex(), 1 << 24).value()));
+  RunResult r = Regdisk({"-v", "inspect", "--disk", remote});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("resuming layer " + layer.Short()));
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
+}
+
 TEST_F(StoreTest, DiskSizesAreCapped) {
   // A qcow2 of a few KiB that declares 2 TiB, over the default 1 TiB.
   const std::string huge = P("huge.qcow2");
