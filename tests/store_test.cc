@@ -66,6 +66,50 @@ class StoreTest : public TempDirTest {
       }
     }
   }
+  // A pull of a 4 MiB disk through a proxy that cuts the layer after 1 MiB;
+  // the pull then waits `backoff_ms` before retrying. Returns once the
+  // ingest file holds exactly that first MiB, with the pull still running.
+  struct CutPull {
+    std::unique_ptr<TestRegistry> reg;
+    std::unique_ptr<FaultProxy> proxy;
+    std::string remote;
+    std::optional<Process> pull;
+  };
+  void StartCutPull(CutPull& c, uint32_t seed, int backoff_ms, Process::Stdio stderr_mode) {
+    auto reg = TestRegistry::Start(RegistryMode::kPlain);
+    ASSERT_OK(reg);
+    c.reg = std::move(*reg);
+    PushDiskImage("v1", {{"disk.img", RandomBytes(4 << 20, seed)}});
+    ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + c.reg->host() + "/vm/cut:v1"}).exit_code, 0);
+    auto proxy = FaultProxy::Start(c.reg->port());
+    ASSERT_OK(proxy);
+    c.proxy = std::move(*proxy);
+    c.remote = "docker://" + c.proxy->host() + "/vm/cut:v1";
+    FaultProxy::Rule cut;
+    cut.method = "GET";
+    cut.path_contains = "/blobs/";
+    cut.action = FaultProxy::Rule::Action::kCutAfter;
+    cut.cut_after = 1 << 20;
+    c.proxy->AddRule(cut);  // the config
+    c.proxy->AddRule(cut);  // the layer
+    std::vector<std::string> env = {"REGDISK_BACKOFF_MS=" + std::to_string(backoff_ms)};
+    for (char** e = environ; *e; ++e) env.emplace_back(*e);
+    Process::Options opt;
+    opt.env = env;
+    opt.stderr_mode = stderr_mode;
+    auto pull = Process::Spawn({REGDISK_BIN, "--root", root_, "pull", c.remote}, opt);
+    ASSERT_OK(pull);
+    c.pull.emplace(std::move(*pull));
+    uint64_t have = 0;
+    for (int i = 0; i < 500 && have < (1u << 20); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::error_code ec;
+      for (const auto& e : fs::directory_iterator(fs::path(root_) / "ingest", ec)) {
+        have = std::max<uint64_t>(have, fs::file_size(e.path()));
+      }
+    }
+    ASSERT_EQ(have, 1u << 20) << "the ingest file should hold exactly what arrived before the cut";
+  }
   std::string root_;
 };
 
@@ -402,38 +446,14 @@ TEST_F(StoreTest, AStreamedLayerSurvivesCutsAndAWrongDigestLeavesNothing) {
 }
 
 TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
-  auto reg = TestRegistry::Start(RegistryMode::kPlain);
-  ASSERT_OK(reg);
-  std::string disk = RandomBytes(4 << 20, 31);
-  PushDiskImage("v1", {{"disk.img", disk}});
-  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/kill:v1"}).exit_code, 0);
-  auto proxy = FaultProxy::Start((*reg)->port());
-  ASSERT_OK(proxy);
-  const std::string remote = "docker://" + (*proxy)->host() + "/vm/kill:v1";
-  // The layer's answer stops after 1 MiB; the pull then waits a minute
-  // before retrying, and is killed while it waits.
-  FaultProxy::Rule cut;
-  cut.method = "GET";
-  cut.path_contains = "/blobs/";
-  cut.action = FaultProxy::Rule::Action::kCutAfter;
-  cut.cut_after = 1 << 20;
-  (*proxy)->AddRule(cut);  // the config
-  (*proxy)->AddRule(cut);  // the layer
-  std::vector<std::string> env = {"REGDISK_BACKOFF_MS=60000"};
-  for (char** e = environ; *e; ++e) env.emplace_back(*e);
-  Process::Options opt;
-  opt.env = env;
-  opt.stderr_mode = Process::Stdio::kNull;
-  auto pull = Process::Spawn({REGDISK_BIN, "--root", root_, "pull", remote}, opt);
-  ASSERT_OK(pull);
-  fs::path ingest = fs::path(root_) / "ingest";
-  uint64_t have = 0;
-  for (int i = 0; i < 500 && have < (1u << 20); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    std::error_code ec;
-    for (const auto& e : fs::directory_iterator(ingest, ec)) have = std::max<uint64_t>(have, fs::file_size(e.path()));
-  }
-  ASSERT_EQ(have, 1u << 20) << "the ingest file should hold exactly what arrived before the cut";
+  // Killed while it waits a minute to retry after the cut.
+  CutPull c;
+  ASSERT_NO_FATAL_FAILURE(StartCutPull(c, 31, 60000, Process::Stdio::kNull));
+  auto& pull = c.pull;
+  const std::string remote = c.remote;
+  auto& proxy = c.proxy;
+  const fs::path ingest = fs::path(root_) / "ingest";
+  const std::string disk = RandomBytes(4 << 20, 31);  // as StartCutPull made it
   pull->Signal(SIGKILL);
   EXPECT_TRUE(pull->Wait(std::chrono::seconds(10)).has_value());
   EXPECT_FALSE(fs::is_empty(fs::path(root_) / "tmp")) << "the killed pull's staging should be there";
@@ -441,7 +461,7 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
   RunResult r = Regdisk({"inspect", "--disk", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
-  auto seen = (*proxy)->seen();
+  auto seen = proxy->seen();
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(seen.back().range, "bytes=" + std::to_string(1 << 20) + "-");
   EXPECT_TRUE(fs::is_empty(ingest));
@@ -449,38 +469,15 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
 }
 
 TEST_F(StoreTest, SigintStopsAPullAtOnceKeepsThePartialAndRemovesStaging) {
-  auto reg = TestRegistry::Start(RegistryMode::kPlain);
-  ASSERT_OK(reg);
-  std::string disk = RandomBytes(4 << 20, 33);
-  PushDiskImage("v1", {{"disk.img", disk}});
-  ASSERT_EQ(RunRegdisk({"copy", Layout("v1"), "docker://" + (*reg)->host() + "/vm/int:v1"}).exit_code, 0);
-  auto proxy = FaultProxy::Start((*reg)->port());
-  ASSERT_OK(proxy);
-  const std::string remote = "docker://" + (*proxy)->host() + "/vm/int:v1";
-  // The layer stops after 1 MiB and the pull waits ten minutes to retry:
-  // only the signal can end it before the test's time is up.
-  FaultProxy::Rule cut;
-  cut.method = "GET";
-  cut.path_contains = "/blobs/";
-  cut.action = FaultProxy::Rule::Action::kCutAfter;
-  cut.cut_after = 1 << 20;
-  (*proxy)->AddRule(cut);  // the config
-  (*proxy)->AddRule(cut);  // the layer
-  std::vector<std::string> env = {"REGDISK_BACKOFF_MS=600000"};
-  for (char** e = environ; *e; ++e) env.emplace_back(*e);
-  Process::Options opt;
-  opt.env = env;
-  opt.stderr_mode = Process::Stdio::kPipe;
-  auto pull = Process::Spawn({REGDISK_BIN, "--root", root_, "pull", remote}, opt);
-  ASSERT_OK(pull);
+  // The pull waits ten minutes to retry after the cut: only the signal can
+  // end it before the test's time is up.
+  CutPull c;
+  ASSERT_NO_FATAL_FAILURE(StartCutPull(c, 33, 600000, Process::Stdio::kPipe));
+  auto& pull = c.pull;
+  const std::string remote = c.remote;
+  auto& proxy = c.proxy;
   const fs::path ingest = fs::path(root_) / "ingest";
-  uint64_t have = 0;
-  for (int i = 0; i < 500 && have < (1u << 20); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    std::error_code ec;
-    for (const auto& e : fs::directory_iterator(ingest, ec)) have = std::max<uint64_t>(have, fs::file_size(e.path()));
-  }
-  ASSERT_EQ(have, 1u << 20);
+  const std::string disk = RandomBytes(4 << 20, 33);  // as StartCutPull made it
   ::kill(pull->pid(), SIGINT);
   auto out = pull->Communicate(std::chrono::seconds(60));
   ASSERT_OK(out);
@@ -492,7 +489,7 @@ TEST_F(StoreTest, SigintStopsAPullAtOnceKeepsThePartialAndRemovesStaging) {
 
   RunResult r = Regdisk({"pull", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ((*proxy)->seen().back().range, "bytes=" + std::to_string(1 << 20) + "-");
+  EXPECT_EQ(proxy->seen().back().range, "bytes=" + std::to_string(1 << 20) + "-");
 }
 
 TEST_F(StoreTest, FsckFindsEachKindOfDamageAndRepairRemovesIt) {
