@@ -110,6 +110,16 @@ TEST_F(RegistryTest, FilesThatAreNotRegularFilesAndEmptyOrNegativeFlags) {
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
   EXPECT_FALSE(fs::exists("refs.json")) << "an empty --root must not make a store in the current directory";
+
+  // A 100 kB reference full of terminal escapes: one short, escaped line.
+  std::string evil = "docker://127.0.0.1:1/a\x1b[2J\x1b]0;owned\x07";
+  evil += std::string(100000, 'b');
+  RunResult r = RunRegdisk({"inspect", evil});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_EQ(r.err.find('\x1b'), std::string::npos);
+  EXPECT_EQ(r.err.find('\x07'), std::string::npos);
+  EXPECT_LT(r.err.size(), 2100u);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1);
 }
 
 TEST_F(RegistryTest, MissingImagesAndBadFlagsAreClearErrors) {

@@ -225,6 +225,37 @@ TEST_F(VmTest, CrashedRegdiskIsCleanedUpByTheNextRun) {
   ExpectNothingLeft();
 }
 
+TEST_F(VmTest, RunsKilledAtAnyPointLeaveNoVmAndAWholeStore) {
+  // SIGKILL while pulling, while QEMU starts, while the guest runs: no QEMU
+  // outlives regdisk, the store stays whole, and the next run works.
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  const std::string spec = Spec("vm.yaml");
+  for (int ms : {0, 40, 120, 250, 500, 900, 1500, 2500}) {
+    Process::Options opt;
+    opt.stdout_mode = Process::Stdio::kNull;
+    opt.stderr_mode = Process::Stdio::kNull;
+    auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec}, opt);
+    ASSERT_OK(p);
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    p->Signal(SIGKILL);
+    ASSERT_TRUE(p->Wait(30s).has_value());
+    bool qemu_gone = false;
+    for (int i = 0; i < 200 && !qemu_gone; ++i, std::this_thread::sleep_for(50ms)) {
+      qemu_gone = RunProgram({"pgrep", "-f", root_ + "/run"}).exit_code != 0;
+    }
+    EXPECT_TRUE(qemu_gone) << "QEMU outlived a regdisk killed after " << ms << " ms";
+    if (fs::exists(root_)) {
+      RunResult fsck = RunRegdisk({"--root", root_, "fsck"});
+      EXPECT_EQ(fsck.exit_code, 0) << "after " << ms << " ms: " << fsck.out << fsck.err;
+    }
+  }
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  RunResult r = Run(spec);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Count(r.out, "sector1: PRISTINE-SECTOR-CONTENT"), 1) << r.out;
+  ExpectNothingLeft();
+}
+
 TEST_F(VmTest, ImagePullSecretFromTheSameFile) {
   auto secure = TestRegistry::Start(RegistryMode::kTlsBasic);
   ASSERT_OK(secure);
