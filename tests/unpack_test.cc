@@ -102,6 +102,14 @@ TEST_F(UnpackTest, CountsAndSizesAreCapped) {
   EXPECT_THAT(st.message(), HasSubstr("\"/disk/big.img\" of 1.0 MiB (1048577 bytes), over the maximum disk size of "
                                       "1.0 MiB (1048576 bytes); raise it with --max-disk-size"));
 
+  // Opaque directories are entries too.
+  std::vector<TarEntry> opaque = {{"disk", Type::kDir}};
+  for (int i = 0; i < 20; ++i) opaque.push_back({"disk/d" + std::to_string(i) + "/.wh..wh..opq", Type::kFile, ""});
+  DiskTree e(Staging(), limits);
+  st = Apply(e, opaque);
+  EXPECT_EQ(st.code(), Code::kResourceExhausted);
+  EXPECT_THAT(st.message(), HasSubstr("puts more than 10 entries under /disk"));
+
   // Replacing one file many times in one layer is not many entries.
   std::vector<TarEntry> rewrites = {{"disk", Type::kDir}};
   for (int i = 0; i < 30; ++i) rewrites.push_back({"disk/d.img", Type::kFile, std::to_string(i)});
@@ -157,7 +165,7 @@ TEST_F(UnpackTest, AFullFileSystemIsNoSpaceWithBothNumbers) {
   const fs::path staging = small / "staging";
   fs::create_directory(staging);
 
-  // Refused before writing: the entry needs more than is free.
+  // The entry needs more than is free: its writes fail with ENOSPC.
   DiskTree a(staging);
   Status st = Apply(a, {{"disk", Type::kDir}, {"disk/d.img", Type::kFile, testing::RandomBytes(3 << 20, 7)}});
   EXPECT_EQ(st.code(), Code::kNoSpace) << st.ToString();

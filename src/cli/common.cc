@@ -81,6 +81,7 @@ void CancelOnSignals(std::shared_ptr<CancelToken> token) {
     for (;;) {
       int sig = 0;
       if (sigwait(&set, &sig) != 0) continue;
+      if (token->cancelled()) ::_exit(128 + sig);  // a second signal: stop now
       token->Cancel(sig == SIGINT ? "interrupted" : "terminated");
     }
   }).detach();

@@ -49,8 +49,10 @@ struct RunFlags {
 // Registry options from the global flags (and the test-only environment).
 Result<registry::ClientOptions> MakeClientOptions(const Globals& g);
 // Blocks SIGINT, SIGTERM and SIGHUP and cancels `token` when the first
-// arrives ("interrupted" or "terminated"), from a thread of its own. Call
-// before any other thread starts, so that all inherit the mask.
+// arrives ("interrupted" or "terminated"), from a thread of its own; a
+// second one ends the process at once. Only for commands whose work checks
+// the token (the others keep the default: a signal ends them). Call before
+// any other thread starts, so that all inherit the mask.
 void CancelOnSignals(std::shared_ptr<CancelToken> token);
 // What a pull may write, from --max-disk-size.
 Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g);

@@ -10,6 +10,7 @@
 #include "image/transport.h"
 #include "store/store.h"
 #include "util/log.h"
+#include "util/text.h"
 
 namespace regdisk::cli {
 
@@ -136,7 +137,7 @@ int RunFsck(const Globals& g, bool repair) {
   if (!problems.ok()) return Fail(problems.status());
   int left = 0;
   for (const auto& p : *problems) {
-    std::printf("%s: %s\n", p.repaired ? "removed" : "broken", p.what.c_str());
+    std::printf("%s: %s\n", p.repaired ? "removed" : "broken", PrintableLine(p.what).c_str());
     left += !p.repaired;
   }
   if (problems->empty()) {

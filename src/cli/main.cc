@@ -42,7 +42,6 @@ void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
 int Main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   Globals g;
-  CancelOnSignals(g.cancel);  // before any thread starts
   CLI::App app{"regdisk: store virtual machine disks in container image registries and boot VMs from them"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "regdisk 0.1.0");
@@ -147,6 +146,10 @@ int Main(int argc, char** argv) {
   // "--tls-verify" alone means true.
   if (app.get_option("--tls-verify")->count() > 0 && g.tls_verify.empty()) g.tls_verify = "true";
   log::SetLevel(g.verbose ? log::Level::kDebug : log::Level::kWarn);
+
+  // Commands whose long work checks the cancellation token; before any
+  // thread starts.
+  if (*copy || *inspect || *pull || *run) CancelOnSignals(g.cancel);
 
   if (*copy) return RunCopy(g, from, to, all);
   if (*inspect) return RunInspect(g, ref, raw, disk, disk_path);

@@ -259,7 +259,7 @@ struct RegistryClient::State {
     ++token_requests;
     Result<HttpResponse> resp = Unavailable("not attempted");
     for (int attempt = 0; attempt < opt.max_attempts; ++attempt) {
-      TransportError te;
+      TransportError te = TransportError::kNone;
       resp = http->Do(req, &te);
       if (resp.ok() && !IsRetryableStatus(resp->status)) break;
       if (te == TransportError::kAborted) break;

@@ -185,7 +185,10 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &ex);
   if (req.cancel) {
-    RETURN_IF_ERROR(req.cancel->status());
+    if (req.cancel->cancelled()) {
+      if (transport_error) *transport_error = TransportError::kAborted;
+      return req.cancel->status();
+    }
     // libcurl calls this about once a second while idle, and on every
     // chunk: a cancelled token aborts the transfer.
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);

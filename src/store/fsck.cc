@@ -45,6 +45,7 @@ void Store::CheckBlobs(bool repair, std::vector<Problem>* out) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(root_ / "blobs" / "sha256", ec)) {
     const std::string name = e.path().filename().string();
+    if (name.find(".tmp-") != std::string::npos) continue;  // being written, or a leftover prune removes
     std::string wrong;
     auto want = oci::Digest::Parse("sha256:" + name);
     if (!want.ok()) {
@@ -86,7 +87,8 @@ std::optional<std::string> Store::CheckDisk(const fs::path& dir) const {
            std::to_string(m["size"].get<uint64_t>());
   }
   if ((st.st_mode & 0222) != 0) return std::string("its disk file is writable (it must be read-only)");
-  for (const auto& e : fs::directory_iterator(dir)) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
     if (n != file && n != "meta.json") return "it holds a file regdisk did not put there: " + Printable(n, 80);
   }

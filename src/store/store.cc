@@ -128,6 +128,7 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
     for (uint64_t off = 0; off < have;) {
       ssize_t n = ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), have - off), static_cast<off_t>(off));
       if (n <= 0) return ErrnoStatus("reading " + partial.string());
+      if (cancel) RETURN_IF_ERROR(cancel->status());
       std::string_view chunk(buf.data(), static_cast<size_t>(n));
       hasher.Update(chunk);
       RETURN_IF_ERROR(pipe.Write(chunk));
@@ -303,7 +304,10 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
         return Materialise(src, img.manifest.layers, digest, options, &resumed);
       };
       Status st = attempt();
-      if (!st.ok() && resumed && IsRefusal(st)) {
+      // Only bytes that failed to verify or to parse can be blamed on the
+      // partial download; a cap the image itself exceeds stays exceeded.
+      const bool partial_suspect = st.code() == Code::kDataLoss || st.code() == Code::kInvalidArgument;
+      if (!st.ok() && resumed && partial_suspect) {
         // The partial download an earlier pull left may hold wrong bytes
         // (not ours to trust): start over once, from nothing.
         log::Warn("a partial download did not verify; fetching it again from the start ({})", st.message());

@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <memory>
+#include <set>
 #include <vector>
 
 #include "util/byte_source.h"
@@ -315,6 +316,11 @@ Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const 
 
 Status DiskTree::ReadEntries(archive* a, const std::string& label) {
   archive_entry* e = nullptr;
+  std::set<std::string> whited_out;  // in this layer; "dir/" for an opaque dir
+  auto too_many = [&] {
+    return ResourceExhausted(label + " puts more than " + std::to_string(limits_.max_disk_entries) +
+                             " entries under /disk, the most regdisk accepts; a registry disk holds one disk file");
+  };
   for (uint64_t count = 1;; ++count) {
     int r = archive_read_next_header(a, &e);
     if (r == ARCHIVE_EOF) break;
@@ -331,23 +337,26 @@ Status DiskTree::ReadEntries(archive* a, const std::string& label) {
     std::string dir = slash == std::string::npos ? "" : path.substr(0, slash);
     std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
 
-    // Whiteouts remove what lower layers put there.
+    // Whiteouts remove what lower layers put there. Once per path and
+    // layer: a repeat would remove nothing, only walk this layer's entries.
     if (base == ".wh..wh..opq") {
+      if (!whited_out.insert(dir + "/").second) continue;
       RemoveTree(dir, layer_);
       // The directory itself stays; only its lower contents go.
-      if (!dir.empty() && UnderDisk(dir)) entries_[dir] = Entry{true, {}, 0, layer_};
+      if (!dir.empty() && UnderDisk(dir)) {
+        if (entries_.size() >= limits_.max_disk_entries && !entries_.count(dir)) return too_many();
+        entries_[dir] = Entry{true, {}, 0, layer_};
+      }
       continue;
     }
     if (base.rfind(".wh.", 0) == 0) {
       std::string target = (dir.empty() ? "" : dir + "/") + base.substr(4);
+      if (!whited_out.insert(target).second) continue;
       RemoveTree(target, layer_);
       continue;
     }
     if (!UnderDisk(path)) continue;  // only /disk is materialised
-    if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) {
-      return ResourceExhausted(label + " puts more than " + std::to_string(limits_.max_disk_entries) +
-                               " entries under /disk, the most regdisk accepts; a registry disk holds one disk file");
-    }
+    if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) return too_many();
 
     const mode_t type = archive_entry_filetype(e);
     if (const char* hardlink = archive_entry_hardlink(e)) {
@@ -395,8 +404,12 @@ Status DiskTree::StageFile(archive* a, archive_entry* e, const std::string& path
       if (path) ::unlink(path->c_str());
     }
   } unstage{&staged};
+  // The room a file needs is known before writing only when its tar entry
+  // maps its data (pax/GNU sparse); otherwise zero blocks become holes and
+  // only the writes can tell, as ENOSPC (reported the same way).
+  const bool mapped = archive_entry_sparse_count(e) > 0;
   const uint64_t needed = DataBytes(e);
-  const uint64_t free = FreeBytes(out.get());
+  const uint64_t free = mapped ? FreeBytes(out.get()) : UINT64_MAX;
   auto no_room = [&] {
     return NoSpace("writing " + shown + " needs up to " + Bytes(needed) + " but the file system of " +
                    staging_.parent_path().string() + " has " + Bytes(FreeBytes(out.get())) +

@@ -132,6 +132,10 @@ Result<PendingFile> PendingFile::Create(const fs::path& final_path, mode_t mode)
   // Held until the file is committed or its writer dies, so RemoveStale
   // can tell an abandoned temp file from one being written.
   ::flock(fd, LOCK_EX | LOCK_NB);
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && st.st_nlink == 0) {  // RemoveStale got it before the lock
+    return Unavailable("a temporary file next to " + final_path.string() + " vanished; try again");
+  }
   if (::fchmod(fd, mode) != 0) {
     int err = errno;
     ::unlink(templ.c_str());
@@ -156,8 +160,10 @@ Status PendingFile::CommitAs(const fs::path& final_path) {
 
 Status PendingFile::Commit() {
   RETURN_IF_ERROR(Env::Default()->Sync(fd_.get()).Annotate(temp_.string()));
-  fd_.reset();
+  // Renamed while still open (and so still locked), so RemoveStale never
+  // takes it for a dead writer's file.
   RETURN_IF_ERROR(Env::Default()->Rename(temp_, final_));
+  fd_.reset();
   committed_ = true;
   return SyncDir(final_.parent_path().empty() ? fs::path(".") : final_.parent_path());
 }

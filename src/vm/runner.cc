@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -35,12 +36,23 @@ pid_t ReadPid(const fs::path& p) {
 }
 
 // The run directory (removed, with whatever is in it, on every way out),
-// with an owner file so a later run can tell whether its regdisk is alive.
-Result<TempDir> CreateRunDir(const fs::path& root, const std::string& name) {
+// locked (flock on the directory itself) for as long as its regdisk, or the
+// QEMU that inherits the lock, lives. It is created and locked while
+// locks/run is held, so CleanStaleRuns (which holds it too) never sees a
+// directory that is not locked yet.
+struct RunDir {
+  TempDir dir;
+  UniqueFd lock;
+};
+
+Result<RunDir> CreateRunDir(const fs::path& root, const std::string& name) {
   RETURN_IF_ERROR(MakeDirs(root / "run"));
+  RETURN_IF_ERROR(MakeDirs(root / "locks"));
+  ASSIGN_OR_RETURN(FileLock creating, FileLock::Acquire(root / "locks" / "run"));
   ASSIGN_OR_RETURN(TempDir d, TempDir::Create(name, root / "run"));
-  RETURN_IF_ERROR(WriteFileAtomic(d.path() / "owner", std::to_string(::getpid()), 0600));
-  return d;
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(d.path(), O_RDONLY | O_DIRECTORY));
+  if (::flock(fd.get(), LOCK_EX) != 0) return ErrnoStatus("locking " + d.path().string());
+  return RunDir{std::move(d), std::move(fd)};
 }
 
 // Copies what QEMU appended to its console file since the last call to
@@ -110,15 +122,13 @@ std::string LastLines(const fs::path& p) {
 void CleanStaleRuns(const fs::path& root) {
   std::error_code ec;
   if (!fs::is_directory(root / "run", ec)) return;
+  if (!fs::is_directory(root / "locks", ec)) return;
+  auto creating = FileLock::Acquire(root / "locks" / "run");
+  if (!creating.ok()) return;
   for (const auto& e : fs::directory_iterator(root / "run", ec)) {
-    pid_t owner = ReadPid(e.path() / "owner");
-    if (Alive(owner) && owner != ::getpid()) continue;
-    if (owner == 0) {
-      // A run directory is created before its owner file is written: one
-      // without an owner may belong to a run that is just starting.
-      auto age = fs::file_time_type::clock::now() - fs::last_write_time(e.path(), ec);
-      if (ec || age < std::chrono::minutes(1)) continue;
-    }
+    // Locked: its regdisk (or that regdisk's QEMU) is alive.
+    UniqueFd fd(::open(e.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (fd.valid() && ::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;
     pid_t qemu = ReadPid(e.path() / "qemu.pid");
     if (Alive(qemu)) {
       // Only a QEMU that uses this run directory is ours to kill.
@@ -132,7 +142,8 @@ void CleanStaleRuns(const fs::path& root) {
 
 Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const RunOptions& o) {
   CleanStaleRuns(o.plan.root);
-  ASSIGN_OR_RETURN(TempDir run, CreateRunDir(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
+  ASSIGN_OR_RETURN(RunDir rundir, CreateRunDir(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
+  const TempDir& run = rundir.dir;
   ::chmod(run.path().c_str(), 0700);
   PlanOptions plan_options = o.plan;
   plan_options.cancel = o.stop;  // a stop during the pull ends the pull
@@ -170,6 +181,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   // QEMU holds the disks' use locks itself, so rmi keeps them for as long
   // as it runs, and dies with this process however it dies.
   for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
+  popt.inherit_fds.push_back(rundir.lock.get());  // the run directory stays QEMU's while it lives
   popt.die_with_parent = true;
   ASSIGN_OR_RETURN(Process qemu, Env::Default()->Spawn(QemuArgv(plan), popt));
   RETURN_IF_ERROR(WriteFileAtomic(run.path() / "qemu.pid", std::to_string(qemu.pid()), 0600));
@@ -177,7 +189,8 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   log::Info("VM {} started (QEMU pid {})", plan.name, qemu.pid());
 
   ConsoleTail console(plan.console_log, o.console, std::move(log_fd));
-  const auto start = Clock::now();
+  Env* env = Env::Default();
+  const auto start = env->Now();
   std::string why;
   for (;;) {
     pollfd fds[1] = {{pidfd.get(), POLLIN, 0}};
@@ -188,7 +201,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
       why = o.stop->status().message();
       break;
     }
-    if (o.timeout.count() > 0 && Clock::now() - start >= o.timeout) {
+    if (o.timeout.count() > 0 && env->Now() - start >= o.timeout) {
       why = "timed out";
       break;
     }
