@@ -162,7 +162,13 @@ TEST_F(VmTest, SigtermDuringBootAndRunLeavesNothing) {
     auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec, "--grace", "1"}, opt);
     ASSERT_OK(p);
     if (during_boot) {
-      std::this_thread::sleep_for(300ms);  // pulling, or QEMU starting
+      // Pulling, or QEMU starting: its run directory exists.
+      bool started = false;
+      for (int i = 0; i < 600 && !started; ++i, std::this_thread::sleep_for(10ms)) {
+        std::error_code ec;
+        started = fs::is_directory(fs::path(root_) / "run", ec) && !fs::is_empty(fs::path(root_) / "run", ec);
+      }
+      ASSERT_TRUE(started) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
     } else {
       ASSERT_TRUE(WaitFor(out, "REGDISK-GUEST-DONE", 60s)) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
     }

@@ -42,6 +42,12 @@ void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
 int Main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   Globals g;
+  // Held back until we know whether this command handles them (below), so
+  // none lands in the window before the handling thread starts.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&stop_signals, sig);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   CLI::App app{"regdisk: store virtual machine disks in container image registries and boot VMs from them"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "regdisk 0.1.0");
@@ -149,7 +155,11 @@ int Main(int argc, char** argv) {
 
   // Commands whose long work checks the cancellation token; before any
   // thread starts.
-  if (*copy || *inspect || *pull || *run) CancelOnSignals(g.cancel);
+  if (*copy || *inspect || *pull || *run) {
+    CancelOnSignals(g.cancel);
+  } else {
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);  // the default: a signal ends the command
+  }
 
   if (*copy) return RunCopy(g, from, to, all);
   if (*inspect) return RunInspect(g, ref, raw, disk, disk_path);
