@@ -1,6 +1,7 @@
 #include "image/layout.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -50,12 +51,22 @@ Result<OciLayout> OciLayout::OpenOrCreate(const fs::path& dir) {
   if (fs::exists(dir, ec) && !fs::is_empty(dir, ec)) {
     return FailedPrecondition(dir.string() + " exists and is not an OCI layout; name an empty or new directory");
   }
-  RETURN_IF_ERROR(MakeDirs(dir / "blobs" / "sha256"));
-  RETURN_IF_ERROR(WriteFileAtomic(dir / "index.json",
+  // Made whole beside DIR and renamed onto it (rename replaces an empty
+  // directory), so a process killed half-way never leaves DIR half a layout.
+  const fs::path parent = dir.parent_path().empty() ? fs::path(".") : dir.parent_path();
+  RETURN_IF_ERROR(MakeDirs(parent));
+  ASSIGN_OR_RETURN(TempDir fresh, TempDir::Create("." + dir.filename().string() + ".regdisk-new", parent));
+  RETURN_IF_ERROR(MakeDirs(fresh.path() / "blobs" / "sha256"));
+  RETURN_IF_ERROR(WriteFileAtomic(fresh.path() / "index.json",
                                   json{{"schemaVersion", 2}, {"mediaType", oci::media::kOciIndex},
                                        {"manifests", json::array()}}
                                       .dump()));
-  RETURN_IF_ERROR(WriteFileAtomic(dir / "oci-layout", kLayoutFileText));
+  RETURN_IF_ERROR(WriteFileAtomic(fresh.path() / "oci-layout", kLayoutFileText));
+  ::chmod(fresh.path().c_str(), 0755);
+  if (::rename(fresh.path().c_str(), dir.c_str()) != 0) {
+    return ErrnoStatus("creating the OCI layout " + dir.string());
+  }
+  RETURN_IF_ERROR(SyncDir(parent));
   return OciLayout(dir);
 }
 
