@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 #include <openssl/evp.h>
+#include <openssl/ssl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -142,13 +143,51 @@ TransportError Classify(CURLcode rc) {
   }
 }
 
+// What the TLS handshake of the current request showed about client
+// certificates. Under TLS 1.3 a server that refuses our certificate (or
+// wanted one) sends its alert after the handshake; when the request was
+// already on its way the alert can be lost to a connection reset, so
+// "asked for a certificate, then dropped us" is the same verdict.
+struct HandshakeSeen {
+  bool cert_requested = false;
+  std::string alert;  // the last alert the server sent, OpenSSL's long name
+};
+
+void OnTlsInfo(const SSL* ssl, int where, int ret) {
+  SSL_CTX* ctx = SSL_get_SSL_CTX(ssl);
+  auto* seen = static_cast<HandshakeSeen*>(SSL_CTX_get_app_data(ctx));
+  if (seen == nullptr) return;
+  // The SSL_CB_* flags share bits: a combination matches only as a whole.
+  auto is = [where](int flags) { return (where & flags) == flags; };
+  if (is(SSL_CB_CONNECT_LOOP) && SSL_get_state(ssl) == TLS_ST_CR_CERT_REQ) seen->cert_requested = true;
+  if (is(SSL_CB_READ_ALERT)) seen->alert = SSL_alert_desc_string_long(ret);
+}
+
+CURLcode OnSslContext(CURL*, void* ssl_ctx, void* user) {
+  auto* ctx = static_cast<SSL_CTX*>(ssl_ctx);
+  SSL_CTX_set_app_data(ctx, user);
+  SSL_CTX_set_info_callback(ctx, OnTlsInfo);
+  return CURLE_OK;
+}
+
+bool IsClientCertAlertName(std::string_view alert) {
+  for (std::string_view a : {"certificate required", "bad certificate", "unknown CA", "certificate unknown",
+                             "certificate expired", "unsupported certificate", "certificate revoked"}) {
+    if (alert == a) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
+// The session owns the observer, so a connection libcurl keeps alive
+// never points at a finished request.
 struct HttpSession::Impl {
   CURL* curl = nullptr;
   TlsOptions tls;
   HttpLimits limits;
   char errbuf[CURL_ERROR_SIZE] = {0};
+  HandshakeSeen handshake;
 };
 
 const TlsOptions& HttpSession::tls() const { return impl_->tls; }
@@ -197,6 +236,9 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
   }
 
   const TlsOptions& tls = impl_->tls;
+  impl_->handshake = HandshakeSeen{};
+  curl_easy_setopt(c, CURLOPT_SSL_CTX_FUNCTION, OnSslContext);
+  curl_easy_setopt(c, CURLOPT_SSL_CTX_DATA, &impl_->handshake);
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, tls.verify ? 1L : 0L);
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, tls.verify ? 2L : 0L);
   curl_blob ca_blob;
@@ -256,9 +298,12 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
                                " bytes");
     }
     std::string detail = impl_->errbuf[0] ? impl_->errbuf : curl_easy_strerror(rc);
-    if (IsClientCertAlert(detail)) {
+    const HandshakeSeen& hs = impl_->handshake;
+    if (IsClientCertAlert(detail) || IsClientCertAlertName(hs.alert) ||
+        (hs.cert_requested && te == TransportError::kBroken)) {
       // With TLS 1.3 the server's verdict on our (missing) certificate
-      // arrives as an alert on the first read, not during the handshake.
+      // arrives after the handshake: as an alert on the first read, or as
+      // a reset when our request was still being sent.
       if (transport_error) *transport_error = TransportError::kClientCert;
       return PermissionDenied(req.method + " " + req.url + " failed: " + detail);
     }
