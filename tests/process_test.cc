@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 
 #include "util/fs.h"
 
@@ -109,6 +111,52 @@ TEST(ProcessTest, ChildInheritsNoDescriptors) {
   int count = 0;
   for (char c : out) count += c == '\n';
   EXPECT_LE(count, 4) << out;
+}
+
+// regdisk started with stdout closed (say, `regdisk run ... >&-`): the file
+// a child should write to lands on descriptor 1 itself, and must still be
+// the child's stdout after exec.
+TEST(ProcessTest, AChildGetsItsStdioWhenOursWasClosed) {
+  char dir_template[] = "/tmp/regdisk-proc.XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string out_file = std::string(dir_template) + "/out";
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(1);
+    Process::Options opt;
+    opt.stdin_mode = Process::Stdio::kInherit;  // so that the file is the first thing opened
+    opt.stdout_mode = Process::Stdio::kFile;
+    opt.stdout_file = out_file;
+    opt.stderr_mode = Process::Stdio::kNull;
+    auto p = Process::Spawn({"echo", "hi"}, opt);
+    ::_exit(p.ok() && p->Wait(10s) == 0 ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  auto text = ReadFileCapped(out_file, 100);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text, "hi\n");
+  std::filesystem::remove_all(dir_template);
+}
+
+TEST(ProcessTest, EnsureStdioOpenFillsClosedDescriptorsWithDevNull) {
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(0);
+    ::close(2);
+    EnsureStdioOpen();
+    struct stat st {};
+    bool ok = ::fstat(0, &st) == 0 && S_ISCHR(st.st_mode) && ::fstat(2, &st) == 0 && S_ISCHR(st.st_mode);
+    int next = ::open("/dev/null", O_RDONLY | O_CLOEXEC);  // the first free number is now above stdio
+    ::_exit(ok && next > 2 ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
 TEST(FsTest, AtomicWriteLeavesNoTempOnSuccessAndOldFileOnFailure) {

@@ -12,6 +12,7 @@
 
 #include "cli/common.h"
 #include "util/log.h"
+#include "util/process.h"
 
 namespace regdisk::cli {
 namespace {
@@ -40,6 +41,7 @@ void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
 }
 
 int Main(int argc, char** argv) {
+  EnsureStdioOpen();
   ::signal(SIGPIPE, SIG_IGN);
   Globals g;
   // Held back until we know whether this command handles them (below), so

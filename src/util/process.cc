@@ -43,6 +43,15 @@ Status MakePipe(UniqueFd& read_end, UniqueFd& write_end) {
   return OkStatus();
 }
 
+// Moves `fd` to the lowest free number above stdio (close-on-exec).
+Status RaiseAboveStdio(UniqueFd& fd) {
+  if (!fd.valid() || fd.get() > 2) return OkStatus();
+  int moved = ::fcntl(fd.get(), F_DUPFD_CLOEXEC, 3);
+  if (moved < 0) return ErrnoStatus("moving a descriptor above stdio");
+  fd.reset(moved);
+  return OkStatus();
+}
+
 int DecodeWaitStatus(int status) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
@@ -82,9 +91,18 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
   RETURN_IF_ERROR(setup(options.stdin_mode, {}, p.in_, child_ends[0], true));
   RETURN_IF_ERROR(setup(options.stdout_mode, options.stdout_file, p.out_, child_ends[1], false));
   RETURN_IF_ERROR(setup(options.stderr_mode, options.stderr_file, p.err_, child_ends[2], false));
+  for (int fd : options.inherit_fds) {
+    if (fd < 3) return InvalidArgument("descriptor " + std::to_string(fd) + " is stdio; inherit_fds names others");
+  }
   // exec's errno comes back through this pipe; it closes on a successful exec.
   UniqueFd exec_err_read, exec_err_write;
   RETURN_IF_ERROR(MakePipe(exec_err_read, exec_err_write));
+  // When our own stdio was closed, a descriptor made above can sit on 0, 1
+  // or 2, where the child's dup2 calls would clobber it (or, being its own
+  // target, keep close-on-exec): each moves above stdio first.
+  for (UniqueFd* fd : {&child_ends[0], &child_ends[1], &child_ends[2], &exec_err_write}) {
+    RETURN_IF_ERROR(RaiseAboveStdio(*fd));
+  }
 
   // Everything the child needs is prepared here: after fork it only makes
   // async-signal-safe calls.
@@ -127,6 +145,8 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
       if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die(errno);
       if (::getppid() != parent) ::_exit(127);  // the parent is already gone
     }
+    // Every child end is above 2 (RaiseAboveStdio): dup2 never clobbers
+    // one, and clears close-on-exec on its target.
     for (int target = 0; target < 3; ++target) {
       if (child_ends[target].valid() && ::dup2(child_ends[target].get(), target) < 0) die(errno);
     }
@@ -287,6 +307,15 @@ Result<Process::Output> Process::Run(const std::vector<std::string>& argv, std::
   opt.stderr_mode = Stdio::kPipe;
   ASSIGN_OR_RETURN(Process p, Spawn(argv, opt));
   return p.Communicate(timeout, input);
+}
+
+void EnsureStdioOpen() {
+  for (int fd = 0; fd < 3; ++fd) {
+    if (::fcntl(fd, F_GETFD) >= 0 || errno != EBADF) continue;
+    // The lowest free number is fd itself; no O_CLOEXEC: children inherit it.
+    int null = ::open("/dev/null", O_RDWR);
+    if (null >= 0 && null != fd) ::close(null);
+  }
 }
 
 }  // namespace regdisk

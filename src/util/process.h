@@ -21,6 +21,11 @@
 
 namespace regdisk {
 
+// Opens /dev/null on whichever of descriptors 0, 1 and 2 is closed, so that
+// no file opened later lands on a stdio number (where a child would write
+// its output into it). Call first thing in main, before any thread starts.
+void EnsureStdioOpen();
+
 class Process {
  public:
   enum class Stdio { kInherit, kNull, kPipe, kFile };
