@@ -338,6 +338,43 @@ TEST_F(VmTest, FailuresAreOneClearSentence) {
   }
 }
 
+// Every spec in examples/ boots: the seed (v1alpha1), the two-disk VM with
+// its read-only SATA cdrom, and the kubevirt.io/v1 VirtualMachine.
+TEST_F(VmTest, EveryExampleBoots) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  Push("guest.raw", "vmdisks/data:v1");
+  int booted = 0;
+  for (const auto& e : fs::directory_iterator(REGDISK_SOURCE_DIR "/examples")) {
+    std::string spec = Spec(e.path().filename().string(), "vmdisks/fedora25:latest", e.path().string());
+    RunResult r = Run(spec);
+    ASSERT_EQ(r.exit_code, 0) << e.path() << ": " << r.err;
+    EXPECT_THAT(r.out, HasSubstr("sector1: PRISTINE-SECTOR-CONTENT")) << e.path();
+    EXPECT_THAT(r.out, HasSubstr("REGDISK-GUEST-POWEROFF")) << e.path();
+    ExpectNothingLeft();
+    ++booted;
+  }
+  EXPECT_GE(booted, 3);
+}
+
+// cloudInitNoCloud and emptyDisk validate but do not run yet: run says so
+// in one line, and starts nothing.
+TEST_F(VmTest, VolumesThatDoNotRunYetAreRefusedByName) {
+  for (const std::string source : {"cloudInitNoCloud: {userData: \"#cloud-config\"}", "emptyDisk: {capacity: 1Gi}"}) {
+    std::string text = "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {name: ci}\n"
+                       "spec:\n  domain:\n    memory: {guest: 64Mi}\n    devices: {}\n"
+                       "  volumes:\n  - name: extra\n    " + source + "\n";
+    ASSERT_OK(WriteFileAtomic(P("ci.yaml"), text));
+    RunResult v = RunRegdisk({"validate", "-f", P("ci.yaml")});
+    EXPECT_EQ(v.exit_code, 0) << v.err;
+    RunResult r = Run(P("ci.yaml"));
+    EXPECT_NE(r.exit_code, 0);
+    std::string name = source.substr(0, source.find(':'));
+    EXPECT_THAT(r.err, HasSubstr("disk extra uses volume extra (" + name + "), which regdisk validates but cannot run yet"));
+    EXPECT_EQ(Count(r.err, "\n"), 1) << r.err;
+    ExpectNothingLeft();
+  }
+}
+
 TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
   Push("guest.qcow2", "vmdisks/fedora25:latest");
   Push("guest.raw", "vmdisks/data:v1");
