@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <map>
 
+#include <nlohmann/json.hpp>
+
 #include "harness/harness.h"
 #include "spec/spec.h"
 
@@ -16,8 +18,22 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-// Examples regdisk refuses on purpose, and why (a substring of the error).
+// Examples regdisk refuses, and why (a substring of one of the errors).
 const std::map<std::string, std::string> kRefused = {
+    // Live migration: registry disks are node-local.
+    {"user-guide/cluster_admin-node_maintenance-0.yaml", "live migration is not possible"},
+    // The guide puts ioThreadsPolicy under cpu; KubeVirt's schema has it on
+    // domain, so KubeVirt's API server refuses this one too.
+    {"user-guide/compute-numa-1.yaml", "cpu.ioThreadsPolicy: unknown field \"ioThreadsPolicy\""},
+    // No memory at all (KubeVirt refuses it too).
+    {"user-guide/compute-run_strategies-0.yaml", "memory: is required"},
+    // An empty cdrom for media hotplugged later.
+    {"user-guide/storage-hotplug_volumes-0.yaml", "regdisk does not insert media into an empty cdrom"},
+    // The memory comes from an instancetype in the cluster.
+    {"user-guide/user_workloads-boot_from_external_source-1.yaml", "instancetype u1.medium, which lives in the cluster"},
+    // An old OpenShift template's VM: fields KubeVirt does not define
+    // (osinfoname, lower-case terminationgraceperiodseconds), memory "1g".
+    {"user-guide/user_workloads-templates-8.yaml", "metadata.osinfoname: unknown field \"osinfoname\""},
 };
 
 std::vector<fs::path> VendoredExamples() {
@@ -44,7 +60,7 @@ TEST(KubeVirtExamplesTest, EachValidatesOrIsRefusedWithItsReason) {
     }
     if (auto it = kRefused.find(name); it != kRefused.end()) {
       EXPECT_FALSE(r.ok()) << name;
-      EXPECT_THAT(errors, ::testing::Each(HasSubstr(it->second))) << name;
+      EXPECT_THAT(errors, ::testing::Contains(HasSubstr(it->second))) << name;
       continue;
     }
     EXPECT_TRUE(r.ok()) << name << ":\n" << ::testing::PrintToString(errors);
@@ -53,7 +69,9 @@ TEST(KubeVirtExamplesTest, EachValidatesOrIsRefusedWithItsReason) {
     for (const auto& o : r.objects) {
       ParseResult again = ParseSpecs(ToYaml(ToJson(o)), name + " (as YAML)");
       EXPECT_TRUE(again.ok()) << name << ":\n" << ToYaml(ToJson(o));
-      if (again.ok() && !again.objects.empty()) EXPECT_EQ(ToJson(again.objects[0]), ToJson(o)) << name;
+      if (again.ok() && !again.objects.empty()) {
+        EXPECT_EQ(ToJson(again.objects[0]), ToJson(o)) << name;
+      }
     }
   }
   EXPECT_EQ(valid + kRefused.size(), examples.size());

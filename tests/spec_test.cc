@@ -571,7 +571,7 @@ spec:
        "volumeName: a disk uses the volume of the same name; name the disk after its volume and remove volumeName (or "
        "use apiVersion kubevirt.io/v1alpha1)"},
       {"disk without its volume", Replace(vmi, "      - name: cloudinitdisk\n        disk:", "      - name: other\n        disk:"),
-       "vmi.yaml:13:9: spec.domain.devices.disks[1].name: disk \"other\" has no volume of the same name; add a volume named \"other\""},
+       "vmi.yaml:14:9: spec.domain.devices.disks[1].name: disk \"other\" has no volume of the same name; add a volume named \"other\""},
       {"registryDisk in v1", Replace(vmi, "    containerDisk:", "    registryDisk:"),
        "vmi.yaml:19:5: spec.volumes[0].registryDisk: unknown field \"registryDisk\"; registryDisk is the "
        "kubevirt.io/v1alpha1 name; kubevirt.io/v1 calls it containerDisk"},
@@ -590,14 +590,14 @@ spec:
        "vm.yaml:5:16: spec.runStrategy: \"Sometimes\" is not a run strategy; use Always, Halted, Manual, RerunOnFailure or Once"},
       {"running as a string", Replace(vm, "running: true", "running: \"true\""),
        "vm.yaml:5:12: spec.running: must be true or false, not \"true\""},
-      {"v1 VirtualMachine without template", Replace(vm, "  template:\n    spec:\n", "  template:\n    spec:\n  domain: {}\n"),
-       "vm.yaml:8:3: spec.domain: unknown field \"domain\"; a kubevirt.io/v1 VirtualMachine holds its instance under "
+      {"v1 VirtualMachine without template", Replace(vm, "  running: true\n", "  running: true\n  domain: {}\n"),
+       "vm.yaml:6:3: spec.domain: unknown field \"domain\"; a kubevirt.io/v1 VirtualMachine holds its instance under "
        "spec.template.spec; move it there, or use kind VirtualMachineInstance"},
       {"v1 replica set kind", Replace(vm, "kind: VirtualMachine", "kind: VirtualMachineReplicaSet"),
        "vm.yaml:2:7: kind: kind \"VirtualMachineReplicaSet\" is not supported with apiVersion kubevirt.io/v1; "
        "kubevirt.io/v1 calls it VirtualMachineInstanceReplicaSet"},
       {"cores as words", Replace(vmi, "    memory:\n", "    cpu: {cores: two}\n    memory:\n"),
-       "vmi.yaml:6:17: spec.domain.cpu.cores: must be an integer, not \"two\""},
+       "vmi.yaml:7:18: spec.domain.cpu.cores: must be an integer, not \"two\""},
       {"name as a number", Replace(vmi, "  name: vmi-nocloud", "  name: 42"),
        "vmi.yaml:4:9: metadata.name: must be a string, not \"42\"; write it in quotes to make it a string"},
       {"memory as a list", Replace(vmi, "guest: 128Mi", "guest: [128Mi]"),
@@ -605,11 +605,11 @@ spec:
       {"bootOrder too big", Replace(vmi, "      - name: containerdisk\n", "      - name: containerdisk\n        bootOrder: 9999999999\n"),
        "vmi.yaml:12:20: spec.domain.devices.disks[0].bootOrder: \"9999999999\" is out of range for a 32-bit integer"},
       {"misspelt cloud-init field", Replace(vmi, "userData: |", "userdata: |"),
-       "vmi.yaml:24:7: spec.volumes[1].cloudInitNoCloud.userdata: unknown field \"userdata\"; did you mean \"userData\"?"},
+       "vmi.yaml:23:7: spec.volumes[1].cloudInitNoCloud.userdata: unknown field \"userdata\"; did you mean \"userData\"?"},
       {"empty cloud-init", Replace(vmi, "    cloudInitNoCloud:\n      userData: |\n        #cloud-config\n        password: fedora\n", "    cloudInitNoCloud: {}\n"),
-       "vmi.yaml:23:23: spec.volumes[1].cloudInitNoCloud: is empty; give userData (or userDataBase64, or networkData)"},
+       "vmi.yaml:22:23: spec.volumes[1].cloudInitNoCloud: is empty; give userData (or userDataBase64, or networkData)"},
       {"emptyDisk without capacity", Replace(vmi, "      capacity: 2Gi\n", "      {}\n"),
-       "vmi.yaml:27:7: spec.volumes[2].emptyDisk.capacity: is required"},
+       "vmi.yaml:28:7: spec.volumes[2].emptyDisk.capacity: is required"},
       {"unknown field inside an ignored one", Replace(vmi, "  domain:\n", "  domain:\n    firmware: {uuidd: x}\n"),
        "vmi.yaml:7:16: spec.domain.firmware.uuidd: unknown field \"uuidd\"; did you mean \"uuid\"?"},
   };

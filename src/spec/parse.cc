@@ -448,7 +448,10 @@ class Parser {
       if (vm.guest_memory.text.empty()) vm.memory_bytes = bytes;
     } else if (vm.guest_memory.text.empty() && !Has(Child(req, "memory")) && !Has(guest_at)) {
       Error(Has(req) ? req : domain, qp + ".memory",
-            "is required; give the VM's memory, e.g. 64M or 1Gi (or domain.memory.guest)");
+            instancetype_.empty()
+                ? "is required; give the VM's memory, e.g. 64M or 1Gi (or domain.memory.guest)"
+                : "is required: the VM's memory would come from instancetype " + instancetype_ +
+                      ", which lives in the cluster and regdisk cannot read; give domain.memory.guest");
     }
     if (auto cpu = Qty(req, "cpu")) {
       vm.cpu = *cpu;
@@ -586,8 +589,7 @@ class Parser {
     int user = !c.user_data.empty() + !c.user_data_base64.empty() + secret;
     if (user > 1) {
       Error(src, p, "give only one of userData, userDataBase64 and secretRef");
-    } else if (user == 0 && c.network_data.empty() && c.network_data_base64.empty() &&
-               !Has(Child(src, "networkDataSecretRef"))) {
+    } else if (src.size() == 0) {
       Error(src, p, "is empty; give userData (or userDataBase64, or networkData)");
     }
     if (!c.network_data.empty() && !c.network_data_base64.empty()) {
@@ -683,9 +685,14 @@ class Parser {
       if (!d.volume_name.empty()) {
         const std::string field = v1 ? ".name" : ".volumeName";
         if (!volume_index.count(d.volume_name)) {
-          Error(at, p + field,
-                v1 ? "disk \"" + d.name + "\" has no volume of the same name; add a volume named \"" + d.name + "\""
-                   : "volume \"" + d.volume_name + "\" not found");
+          std::string msg = "volume \"" + d.volume_name + "\" not found";
+          if (v1 && d.device == "cdrom") {
+            msg = "cdrom \"" + d.name + "\" has no volume of the same name; regdisk does not insert media into an "
+                  "empty cdrom later (hotplug), so add a volume named \"" + d.name + "\"";
+          } else if (v1) {
+            msg = "disk \"" + d.name + "\" has no volume of the same name; add a volume named \"" + d.name + "\"";
+          }
+          Error(at, p + field, msg);
         } else if (auto [it, fresh] = volume_users.emplace(d.volume_name, i); !fresh) {
           Error(at, p + field,
                 "volume \"" + d.volume_name + "\" is already used by disks[" + std::to_string(it->second) + "]; each volume backs one disk");
@@ -759,9 +766,12 @@ class Parser {
   };
   std::vector<SecretRef> TakeSecretRefs() { return std::exchange(secret_refs_, {}); }
   void set_line_offset(int offset) { line_offset_ = offset; }
+  // The instancetype a v1 VirtualMachine names (for messages), or "".
+  void set_instancetype(std::string name) { instancetype_ = std::move(name); }
 
  private:
   int line_offset_ = 0;
+  std::string instancetype_;
   std::string file_;
   std::vector<Diagnostic>& out_;
   std::map<std::string, YAML::Node> marks_;
@@ -922,11 +932,13 @@ std::optional<Object> ParseDocument(Parser& p, const YAML::Node& doc, std::vecto
     YAML::Node tmpl = Parser::Child(spec, "template");
     if (Has(tmpl) && tmpl.IsMap()) {
       vm.template_metadata = p.Metadata(tmpl, "spec.template", false);
+      p.set_instancetype(Parser::Str(Parser::Child(spec, "instancetype"), "name").value_or(""));
       if (YAML::Node ts = Parser::Child(tmpl, "spec"); Has(ts)) {
         vm.spec = p.Spec(ts, "spec.template.spec", *api);
       } else {
         p.Error(tmpl, "spec.template.spec", "is required");
       }
+      p.set_instancetype("");
     }
   } else {
     vm.spec = p.Spec(spec, "spec", *api);
@@ -1125,8 +1137,14 @@ void EmitYaml(YAML::Emitter& out, const json& j) {
     out << YAML::EndSeq;
   } else if (j.is_string()) {
     const std::string& s = j.get_ref<const std::string&>();
-    if (s.find('\n') != std::string::npos) {
+    // A literal block (|) keeps exactly one final line break; anything else
+    // with line breaks is written double-quoted, with escapes.
+    const bool literal = s.size() > 1 && s.back() == '\n' && s[s.size() - 2] != '\n' && s[0] != ' ' &&
+                         s[0] != '\n' && s.find_first_of("\r\t") == std::string::npos;
+    if (literal) {
       out << YAML::Literal << s;
+    } else if (s.find('\n') != std::string::npos) {
+      out << YAML::DoubleQuoted << s;
     } else if (PlainScalarIsNotString(s)) {
       out << YAML::DoubleQuoted << s;
     } else {

@@ -5,7 +5,6 @@
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
-#include <regex>
 #include <set>
 #include <vector>
 
@@ -186,16 +185,67 @@ const std::string& KubeVirtSchema::UpstreamVersion() {
   return version;
 }
 
+namespace {
+
+bool IsDigit(char c, int base) {
+  if (c == '_') return true;
+  if (base == 16) return std::isxdigit(static_cast<unsigned char>(c)) != 0;
+  return c >= '0' && c < '0' + base;
+}
+
+// YAML 1.1 integers as go-yaml v2 reads them: decimal, 0x hex, 0b binary,
+// 0-prefixed octal, with an optional sign and "_" separators.
+bool IsYamlInt(std::string_view s) {
+  if (!s.empty() && (s[0] == '-' || s[0] == '+')) s.remove_prefix(1);
+  if (s.empty()) return false;
+  int base = 10;
+  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'b')) {
+    base = s[1] == 'x' ? 16 : 2;
+    s.remove_prefix(2);
+  } else if (s.size() > 1 && s[0] == '0') {
+    base = 8;
+  }
+  return std::all_of(s.begin(), s.end(), [&](char c) { return IsDigit(c, base); });
+}
+
+// [-+]? (\.[0-9]+ | [0-9][0-9_]* (\.[0-9_]*)?) ([eE][-+]?[0-9]+)?
+bool IsYamlFloat(std::string_view s) {
+  size_t i = 0;
+  auto digits = [&](bool underscore) {
+    size_t start = i;
+    while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || (underscore && s[i] == '_'))) ++i;
+    return i > start;
+  };
+  if (i < s.size() && (s[i] == '-' || s[i] == '+')) ++i;
+  if (i < s.size() && s[i] == '.') {
+    ++i;
+    if (!digits(false)) return false;
+  } else {
+    if (i >= s.size() || !std::isdigit(static_cast<unsigned char>(s[i])) || !digits(true)) return false;
+    if (i < s.size() && s[i] == '.') {
+      ++i;
+      digits(true);
+    }
+  }
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    if (i < s.size() && (s[i] == '-' || s[i] == '+')) ++i;
+    if (!digits(false)) return false;
+  }
+  return i == s.size();
+}
+
+const std::set<std::string_view> kBoolWords = {"y",    "Y",    "yes",   "Yes",   "YES",   "n",  "N",  "no",
+                                               "No",   "NO",   "true",  "True",  "TRUE",  "false", "False", "FALSE",
+                                               "on",   "On",   "ON",    "off",   "Off",   "OFF"};
+const std::set<std::string_view> kOtherWords = {"",     "~",     "null",  "Null",  "NULL",  ".inf", ".Inf",
+                                                ".INF", "-.inf", "-.Inf", "-.INF", "+.inf", ".nan", ".NaN", ".NAN"};
+
+}  // namespace
+
 bool PlainScalarIsNotString(std::string_view text) {
   // YAML 1.1 as go-yaml v2 (and so kubectl and the API server) resolves it.
-  static const std::set<std::string_view> kWords = {
-      "", "~", "null", "Null", "NULL", "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO",
-      "true", "True", "TRUE", "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF",
-      ".inf", ".Inf", ".INF", "-.inf", "-.Inf", "-.INF", "+.inf", ".nan", ".NaN", ".NAN"};
-  if (kWords.count(text)) return true;
-  static const std::regex kNumber(
-      R"([-+]?(0|[1-9][0-9_]*)|[-+]?0[0-7_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0b[01_]+|[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?)");
-  return text.size() < 64 && std::regex_match(text.begin(), text.end(), kNumber);
+  return kBoolWords.count(text) || kOtherWords.count(text) || IsYamlInt(text) || IsYamlFloat(text);
 }
 
 std::string YamlType(const YAML::Node& node) {
@@ -209,14 +259,10 @@ std::string YamlType(const YAML::Node& node) {
   if (tag == "tag:yaml.org,2002:int") return "integer";
   if (tag == "tag:yaml.org,2002:float") return "number";
   if (tag != "?" && !tag.empty()) return "string";
-  if (!PlainScalarIsNotString(s)) return "string";
-  static const std::set<std::string_view> kBool = {"y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO",
-                                                   "true", "True", "TRUE", "false", "False", "FALSE",
-                                                   "on", "On", "ON", "off", "Off", "OFF"};
-  if (kBool.count(s)) return "boolean";
-  static const std::regex kInt(R"([-+]?(0|[1-9][0-9_]*)|[-+]?0[0-7_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0b[01_]+)");
-  if (std::regex_match(s, kInt)) return "integer";
-  return "number";
+  if (kBoolWords.count(s)) return "boolean";
+  if (IsYamlInt(s)) return "integer";
+  if (IsYamlFloat(s) || kOtherWords.count(s)) return "number";
+  return "string";
 }
 
 void SchemaChecker::Check(const YAML::Node& node, const std::string& definition, const std::string& path) {
