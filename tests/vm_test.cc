@@ -386,6 +386,11 @@ TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
     RunResult v = RunProgram({"virt-xml-validate", P("domain.xml"), "domain"});
     EXPECT_EQ(v.exit_code, 0) << e.path() << ":\n" << r.out << v.out << v.err;
     EXPECT_THAT(r.out, HasSubstr("<backingStore type=\"file\">"));
+    if (e.path().filename() == "vm-two-disks.yaml") {
+      // The read-only SATA device is a cdrom, as KubeVirt attaches one.
+      EXPECT_THAT(r.out, HasSubstr("<disk type=\"file\" device=\"cdrom\">"));
+      EXPECT_THAT(r.out, HasSubstr("<readonly/>"));
+    }
   }
 }
 
