@@ -9,9 +9,11 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <thread>
+#include <tuple>
 
 #include "harness/harness.h"
 #include "registry/http.h"
+#include "vm/plan.h"
 
 namespace regdisk::testing {
 namespace {
@@ -336,6 +338,32 @@ TEST_F(VmTest, FailuresAreOneClearSentence) {
     RunResult r = Run(spec, {"--accel", "kvm"});
     EXPECT_THAT(r.err, HasSubstr("/dev/kvm is not usable"));
   }
+}
+
+// A cdrom goes to QEMU as a read-only ide-cd on the AHCI controller (or a
+// scsi-cd), each SATA device on a port of its own.
+TEST(QemuArgvTest, CdromsAreReadOnlyCdDevices) {
+  vm::VmPlan plan;
+  plan.name = "vm";
+  plan.qemu = "/usr/bin/qemu-system-x86_64";
+  plan.memory_bytes = 64 << 20;
+  for (const auto& [name, device, bus] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"root", "disk", "virtio"}, {"media", "cdrom", "sata"}, {"data", "disk", "sata"}, {"iso", "cdrom", "scsi"}}) {
+    vm::PlannedDisk d;
+    d.name = name;
+    d.device = device;
+    d.bus = bus;
+    d.read_only = device == "cdrom";
+    d.backing = "/store/" + name;
+    d.overlay = "/run/" + name + ".qcow2";
+    plan.disks.push_back(d);
+  }
+  std::string argv;
+  for (const auto& a : vm::QemuArgv(plan)) argv += a + "\n";
+  EXPECT_THAT(argv, HasSubstr(R"({"bus":"ahci0.0","drive":"disk1","driver":"ide-cd","id":"media"})"));
+  EXPECT_THAT(argv, HasSubstr(R"({"bus":"ahci0.1","drive":"disk2","driver":"ide-hd","id":"data"})"));
+  EXPECT_THAT(argv, HasSubstr(R"("driver":"scsi-cd","id":"iso")"));
+  EXPECT_THAT(argv, HasSubstr(R"({"backing":"base1","driver":"qcow2","file":"overlay-file1","node-name":"disk1","read-only":true})"));
 }
 
 // Every spec in examples/ boots: the seed (v1alpha1), the two-disk VM with
