@@ -17,8 +17,10 @@
 #include <thread>
 
 #include <nlohmann/json.hpp>
+#include <yaml-cpp/yaml.h>
 
 #include "harness/harness.h"
+#include "spec/spec.h"
 
 namespace regdisk::testing {
 namespace {
@@ -101,6 +103,35 @@ class KubectlTest : public TempDirTest {
   FakeApiServer api_;
 };
 
+// The instance spec of an object (a VirtualMachine's template spec).
+nlohmann::json InstanceSpecJson(const json& object) {
+  const json& spec = object["spec"];
+  return spec.contains("template") ? spec["template"]["spec"] : spec;
+}
+
+// kubectl -o yaml and regdisk validate -o json write the quantities of a
+// file the same way: as written. Returns the number of quantities compared.
+int SameQuantities(const fs::path& file, const std::string& kubectl_yaml) {
+  spec::ParseResult parsed = spec::ParseSpecs(ReadFileCapped(file, 1 << 20).value(), file.string());
+  if (!parsed.ok() || parsed.objects.size() != 1) return 0;  // refused ones are checked elsewhere
+  json ours = InstanceSpecJson(spec::ToJson(parsed.objects[0]))["domain"];
+  const YAML::Node spec = YAML::Load(kubectl_yaml)["spec"];
+  const YAML::Node theirs = spec["template"] ? spec["template"]["spec"]["domain"] : spec["domain"];
+  int n = 0;
+  auto compare = [&](const YAML::Node& k, const json& o, const std::string& what) {
+    if (!k) return;
+    ++n;
+    EXPECT_EQ(k.Scalar(), o.is_string() ? o.get<std::string>() : o.dump()) << file << ": " << what;
+  };
+  if (ours.contains("memory")) compare(theirs["memory"]["guest"], ours["memory"]["guest"], "memory.guest");
+  if (ours.contains("resources")) {
+    const json& req = ours["resources"]["requests"];
+    if (req.contains("memory")) compare(theirs["resources"]["requests"]["memory"], req["memory"], "requests.memory");
+    if (req.contains("cpu")) compare(theirs["resources"]["requests"]["cpu"], req["cpu"], "requests.cpu");
+  }
+  return n;
+}
+
 TEST_F(KubectlTest, AcceptsEveryVendoredExampleAndEveryRegdiskExample) {
   std::vector<fs::path> files;
   for (const char* dir : {"tests/kubevirt-examples/kubevirt", "tests/kubevirt-examples/user-guide", "examples"}) {
@@ -110,11 +141,14 @@ TEST_F(KubectlTest, AcceptsEveryVendoredExampleAndEveryRegdiskExample) {
   }
   std::sort(files.begin(), files.end());
   ASSERT_GE(files.size(), 60u);
+  int compared = 0;
   for (const auto& f : files) {
     RunResult r = Apply(f);
     EXPECT_EQ(r.exit_code, 0) << f << ":\n" << r.err;
     EXPECT_THAT(r.out, HasSubstr("apiVersion: kubevirt.io/v1")) << f;
+    compared += SameQuantities(f, r.out);
   }
+  EXPECT_GE(compared, 50);
   // The test can fail: kubectl does refuse a document it cannot read.
   ASSERT_OK(WriteFileAtomic(P("broken.yaml"), "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: [\n"));
   EXPECT_NE(Apply(P("broken.yaml")).exit_code, 0);

@@ -1,5 +1,5 @@
 // KubeVirt's own examples (tests/kubevirt-examples/, vendored verbatim from
-// kubevirt/kubevirt and the KubeVirt user guide; see SOURCES there): each
+// kubevirt/kubevirt and the KubeVirt user guide; see README.md there): each
 // validates, or is refused for the one reason listed here.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
