@@ -9,6 +9,7 @@
 #include "harness/harness.h"
 #include "registry/http.h"
 #include "spec/quantity.h"
+#include "spec/schema.h"
 
 namespace regdisk::spec {
 namespace {
@@ -166,7 +167,7 @@ spec:
 ---
 {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "v1-vm"},
  "spec": {"template": {"spec": {"domain": {"resources": {"requests": {"memory": "64Mi"}},
-   "devices": {"disks": [{"name": "d", "volumeName": "v"}]}},
+   "devices": {"disks": [{"name": "v"}]}},
    "volumes": [{"name": "v", "containerDisk": {"image": "quay.io/x/y:1"}}]}}}}
 )";
   ParseResult r = ParseSpecs(doc, "fleet.yaml");
@@ -222,9 +223,12 @@ TEST(SpecTest, EachRuleHasItsMessage) {
       {"missing kind", Replace(s, "kind: VirtualMachine\n", ""), "vm.yaml:1:1: kind: is required"},
       {"missing apiVersion", Replace(s, "apiVersion: kubevirt.io/v1alpha1\n", ""), "vm.yaml:1:1: apiVersion: is required"},
       {"unknown kind", Replace(s, "kind: VirtualMachine", "kind: Pod"),
-       "vm.yaml:4:7: kind: kind \"Pod\" is not supported; use VirtualMachine, VirtualMachineReplicaSet or Secret"},
+       "vm.yaml:4:7: kind: kind \"Pod\" is not supported; use VirtualMachineInstance, VirtualMachine or "
+       "VirtualMachineInstanceReplicaSet (kubevirt.io/v1), VirtualMachine or VirtualMachineReplicaSet "
+       "(kubevirt.io/v1alpha1), or Secret (v1)"},
       {"bad apiVersion", Replace(s, "kubevirt.io/v1alpha1", "kubevirt.io/v2"),
-       "vm.yaml:3:13: apiVersion: apiVersion \"kubevirt.io/v2\" is not supported; use kubevirt.io/v1alpha1 (or kubevirt.io/v1)"},
+       "vm.yaml:3:13: apiVersion: apiVersion \"kubevirt.io/v2\" is not supported; use kubevirt.io/v1 (or "
+       "kubevirt.io/v1alpha1 for the seed's shape)"},
       {"misspelt field", Replace(s, "      disks:", "      disk:"),
        "vm.yaml:11:7: spec.domain.devices.disk: unknown field \"disk\"; did you mean \"disks\"?"},
       {"unknown field", Replace(s, "  domain:", "  flavour: big\n  domain:"),
@@ -253,7 +257,8 @@ TEST(SpecTest, EachRuleHasItsMessage) {
            "    - name: v2\n      registryDisk: {image: a/b:v1}\n",
        "vm.yaml:15:9: spec.domain.devices.disks[1].disk.dev: dev \"vda\" is already used by disks[0]"},
       {"memory missing", Replace(s, "        memory: 64M\n", "        cpu: 1\n"),
-       "vm.yaml:9:9: spec.domain.resources.requests.memory: is required; give the VM's memory, e.g. 64M or 1Gi"},
+       "vm.yaml:9:9: spec.domain.resources.requests.memory: is required; give the VM's memory, e.g. 64M or 1Gi (or "
+       "domain.memory.guest)"},
       {"memory zero", Replace(s, "memory: 64M", "memory: 0"),
        "vm.yaml:9:17: spec.domain.resources.requests.memory: must be more than zero"},
       {"memory malformed", Replace(s, "memory: 64M", "memory: 64MB"),
@@ -263,7 +268,7 @@ TEST(SpecTest, EachRuleHasItsMessage) {
       {"dotdot path", Replace(s, "image: vmdisks/fedora25:latest", "image: vmdisks/fedora25:latest\n        path: /disk/../etc/passwd"),
        "vm.yaml:20:15: spec.volumes[0].registryDisk.path: \"/disk/../etc/passwd\" contains \"..\"; give a plain absolute path inside the image"},
       {"bad pull policy", Replace(s, "image: vmdisks/fedora25:latest", "image: vmdisks/fedora25:latest\n        imagePullPolicy: Sometimes"),
-       "vm.yaml:20:26: spec.volumes[0].registryDisk.imagePullPolicy: \"Sometimes\" is not a pull policy; use Always, IfNotPresent or Never"},
+       "vm.yaml:20:26: spec.volumes[0].registryDisk.imagePullPolicy: \"Sometimes\" is not one of Always, IfNotPresent, Never"},
       {"bad bus", Replace(s, "dev: vda", "dev: vda\n          bus: ide"),
        "vm.yaml:16:16: spec.domain.devices.disks[0].disk.bus: bus \"ide\" is not supported; use virtio, sata or scsi"},
       {"persistent volume", Replace(s, "      registryDisk:\n        image: vmdisks/fedora25:latest\n", "      persistentVolumeClaim: {claimName: data}\n"),
@@ -393,6 +398,15 @@ TEST(ValidateCommandTest, OutputAndExitCodes) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json j = json::parse(r.out);
   EXPECT_EQ(j["spec"]["domain"]["devices"]["disks"][0]["disk"]["bus"], "virtio");
+  EXPECT_EQ(j["spec"]["domain"]["resources"]["requests"]["memory"], "64M");  // as written, as kubectl keeps it
+  r = testing::RunRegdisk({"validate", "-f", good, "-o", "yaml"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("\n        memory: 64M\n"));
+  EXPECT_THAT(r.out, HasSubstr("kind: VirtualMachine\n"));
+  EXPECT_TRUE(ParseSpecs(r.out, "out.yaml").ok()) << r.out;
+  r = testing::RunRegdisk({"validate", "-f", good, "-o", "xml"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("-o takes text, json or yaml"));
   std::string bad = (dir->path() / "bad.yaml").string();
   ASSERT_TRUE(WriteFileAtomic(bad, Replace(Replace(kSeed, "memory: 64M", "memory: lots"), "volumeName: registryvolume", "volumeName: x")).ok());
   r = testing::RunRegdisk({"validate", "-f", bad});
@@ -404,6 +418,258 @@ TEST(ValidateCommandTest, OutputAndExitCodes) {
   r = testing::RunRegdisk({"validate", "-f", (dir->path() / "missing.yaml").string()});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("missing.yaml"));
+}
+
+
+// --- kubevirt.io/v1, read as KubeVirt reads it -----------------------------
+
+std::vector<std::string> Warnings(const ParseResult& r) {
+  std::vector<std::string> out;
+  for (const auto& d : r.diagnostics) {
+    if (d.severity == Diagnostic::Severity::kWarning) out.push_back(d.ToString());
+  }
+  return out;
+}
+
+const char* kV1Vmi = R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  name: vmi-nocloud
+spec:
+  domain:
+    memory:
+      guest: 128Mi
+    devices:
+      disks:
+      - name: containerdisk
+        disk:
+          bus: virtio
+      - name: cloudinitdisk
+        disk:
+          bus: virtio
+  volumes:
+  - name: containerdisk
+    containerDisk:
+      image: quay.io/kubevirt/cirros-container-disk-demo:v1.0
+  - name: cloudinitdisk
+    cloudInitNoCloud:
+      userData: |
+        #cloud-config
+        password: fedora
+  - name: scratch
+    emptyDisk:
+      capacity: 2Gi
+)";
+
+TEST(SpecV1Test, VirtualMachineInstanceDisksUseTheVolumeOfTheSameName) {
+  ParseResult r = ParseSpecs(kV1Vmi, "vmi.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  EXPECT_THAT(Warnings(r), ::testing::IsEmpty());
+  const auto& vm = std::get<VirtualMachine>(r.objects[0]);
+  EXPECT_EQ(Describe(r.objects[0]), "VirtualMachineInstance default/vmi-nocloud");
+  EXPECT_EQ(vm.spec.memory_bytes, 128LL << 20);
+  ASSERT_EQ(vm.spec.disks.size(), 3u);
+  EXPECT_EQ(vm.spec.disks[0].volume_name, "containerdisk");
+  EXPECT_EQ(vm.spec.disks[1].volume_name, "cloudinitdisk");
+  // A volume without a disk gets one of its name, on KubeVirt's amd64 bus.
+  EXPECT_EQ(vm.spec.disks[2].name, "scratch");
+  EXPECT_EQ(vm.spec.disks[2].bus, "sata");
+  EXPECT_EQ(vm.spec.disks[2].dev, "sda");
+  ASSERT_TRUE(vm.spec.volumes[0].registry_disk);
+  EXPECT_EQ(vm.spec.volumes[0].registry_disk->field, "containerDisk");
+  EXPECT_EQ(vm.spec.volumes[0].registry_disk->image_pull_policy, "IfNotPresent");
+  ASSERT_TRUE(vm.spec.volumes[1].cloud_init_no_cloud);
+  EXPECT_EQ(vm.spec.volumes[1].cloud_init_no_cloud->user_data, "#cloud-config\npassword: fedora\n");
+  ASSERT_TRUE(vm.spec.volumes[2].empty_disk);
+  EXPECT_EQ(vm.spec.volumes[2].empty_disk->capacity_bytes, 2LL << 30);
+  // Output in v1's own names: no volumeName, no dev; quantities as written.
+  json j = ToJson(r.objects[0]);
+  EXPECT_EQ(j["spec"]["domain"]["memory"]["guest"], "128Mi");
+  EXPECT_FALSE(j["spec"]["domain"]["devices"]["disks"][0].contains("volumeName"));
+  EXPECT_FALSE(j["spec"]["domain"]["devices"]["disks"][0]["disk"].contains("dev"));
+  EXPECT_EQ(j["spec"]["volumes"][2]["emptyDisk"]["capacity"], "2Gi");
+  EXPECT_EQ(j["spec"]["volumes"][1]["cloudInitNoCloud"]["userData"], "#cloud-config\npassword: fedora\n");
+}
+
+TEST(SpecV1Test, VirtualMachineRunStrategyAndReplicaSet) {
+  std::string vm = R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata: {name: vm-cirros, labels: {kubevirt.io/vm: vm-cirros}}
+spec:
+  runStrategy: RerunOnFailure
+  template:
+    metadata: {labels: {kubevirt.io/vm: vm-cirros}}
+    spec:
+      domain:
+        resources: {requests: {memory: 64M, cpu: 2}}
+        devices: {disks: [{name: root, cdrom: {}}]}
+      volumes: [{name: root, containerDisk: {image: "r.example.org/a:v1"}}]
+---
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstanceReplicaSet
+metadata: {name: fleet}
+spec:
+  replicas: 2
+  paused: true
+  selector: {matchLabels: {app: fleet}}
+  template:
+    metadata: {labels: {app: fleet}}
+    spec:
+      domain: {memory: {guest: 1Gi}, devices: {}}
+      volumes: [{name: root, containerDisk: {image: "r.example.org/a:v1"}}]
+)";
+  ParseResult r = ParseSpecs(vm, "vm.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  ASSERT_EQ(r.objects.size(), 2u);
+  const auto& v = std::get<VirtualMachine>(r.objects[0]);
+  EXPECT_TRUE(v.IsV1VirtualMachine());
+  EXPECT_EQ(v.run_strategy, "RerunOnFailure");
+  EXPECT_EQ(v.template_metadata.labels.at("kubevirt.io/vm"), "vm-cirros");
+  EXPECT_EQ(v.spec.cpu_millis, 2000);
+  // A cdrom is read-only on SATA unless the spec says otherwise.
+  EXPECT_EQ(v.spec.disks[0].device, "cdrom");
+  EXPECT_EQ(v.spec.disks[0].bus, "sata");
+  EXPECT_TRUE(v.spec.disks[0].read_only);
+  json j = ToJson(r.objects[0]);
+  EXPECT_EQ(j["spec"]["runStrategy"], "RerunOnFailure");
+  EXPECT_EQ(j["spec"]["template"]["spec"]["domain"]["resources"]["requests"]["memory"], "64M");
+  EXPECT_EQ(j["spec"]["template"]["spec"]["domain"]["resources"]["requests"]["cpu"], 2);  // a number stays a number
+  EXPECT_EQ(j["spec"]["template"]["spec"]["domain"]["devices"]["disks"][0]["cdrom"]["readonly"], true);
+  const auto& rs = std::get<VirtualMachineReplicaSet>(r.objects[1]);
+  EXPECT_EQ(Describe(r.objects[1]), "VirtualMachineInstanceReplicaSet default/fleet");
+  EXPECT_EQ(rs.replicas, 2);
+  EXPECT_TRUE(rs.paused);
+  EXPECT_EQ(rs.template_spec.memory_bytes, 1LL << 30);
+  EXPECT_EQ(rs.template_spec.disks.size(), 1u);
+  // Neither running nor runStrategy: KubeVirt's default, Halted.
+  ParseResult halted = ParseSpecs(Replace(vm.substr(0, vm.find("---")), "  runStrategy: RerunOnFailure\n", ""), "h.yaml");
+  ASSERT_TRUE(halted.ok()) << ::testing::PrintToString(Errors(halted));
+  EXPECT_EQ(std::get<VirtualMachine>(halted.objects[0]).run_strategy, "Halted");
+  // YAML output reads back to the same objects.
+  for (const auto& o : r.objects) {
+    ParseResult again = ParseSpecs(ToYaml(ToJson(o)), "again.yaml");
+    ASSERT_TRUE(again.ok()) << ToYaml(ToJson(o)) << ::testing::PrintToString(Errors(again));
+    EXPECT_EQ(ToJson(again.objects[0]), ToJson(o));
+  }
+}
+
+TEST(SpecV1Test, EachRuleHasItsMessage) {
+  const std::string vmi = kV1Vmi;
+  const std::string vm = R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata: {name: vm}
+spec:
+  running: true
+  template:
+    spec:
+      domain: {memory: {guest: 64M}, devices: {}}
+      volumes: [{name: root, containerDisk: {image: "r.example.org/a:v1"}}]
+)";
+  const BadCase cases[] = {
+      {"volumeName in v1", Replace(vmi, "      - name: containerdisk\n", "      - name: containerdisk\n        volumeName: containerdisk\n"),
+       "vmi.yaml:12:9: spec.domain.devices.disks[0].volumeName: unknown field \"volumeName\"; kubevirt.io/v1 has no "
+       "volumeName: a disk uses the volume of the same name; name the disk after its volume and remove volumeName (or "
+       "use apiVersion kubevirt.io/v1alpha1)"},
+      {"disk without its volume", Replace(vmi, "      - name: cloudinitdisk\n        disk:", "      - name: other\n        disk:"),
+       "vmi.yaml:14:9: spec.domain.devices.disks[1].name: disk \"other\" has no volume of the same name; add a volume named \"other\""},
+      {"registryDisk in v1", Replace(vmi, "    containerDisk:", "    registryDisk:"),
+       "vmi.yaml:19:5: spec.volumes[0].registryDisk: unknown field \"registryDisk\"; registryDisk is the "
+       "kubevirt.io/v1alpha1 name; kubevirt.io/v1 calls it containerDisk"},
+      {"readOnly in v1", Replace(vmi, "          bus: virtio\n      - name: cloudinitdisk", "          bus: virtio\n          readOnly: true\n      - name: cloudinitdisk"),
+       "vmi.yaml:14:11: spec.domain.devices.disks[0].disk.readOnly: unknown field \"readOnly\"; did you mean \"readonly\"?"},
+      {"read-only sata disk", Replace(vmi, "          bus: virtio\n      - name: cloudinitdisk", "          bus: sata\n          readonly: true\n      - name: cloudinitdisk"),
+       "vmi.yaml:11:9: spec.domain.devices.disks[0].disk.bus: sata hard disks cannot be read-only (QEMU's ide-hd "
+       "refuses it, and so does KubeVirt); use cdrom: {bus: sata} for a read-only SATA device, or bus virtio or scsi"},
+      {"virtio cdrom", Replace(vmi, "        disk:\n          bus: virtio\n      - name: cloudinitdisk", "        cdrom:\n          bus: virtio\n      - name: cloudinitdisk"),
+       "vmi.yaml:13:16: spec.domain.devices.disks[0].cdrom.bus: bus virtio is invalid for a cdrom (as in KubeVirt); use sata or scsi"},
+      {"lun", Replace(vmi, "        disk:\n          bus: virtio\n      - name: cloudinitdisk", "        lun: {}\n      - name: cloudinitdisk"),
+       "vmi.yaml:12:14: spec.domain.devices.disks[0].lun: regdisk attaches registry disks as disk or cdrom, not lun; use disk: {} or cdrom: {}"},
+      {"running and runStrategy", Replace(vm, "  running: true\n", "  running: true\n  runStrategy: Always\n"),
+       "vm.yaml:6:16: spec.runStrategy: running and runStrategy are mutually exclusive (as in KubeVirt); keep runStrategy and remove running"},
+      {"bad runStrategy", Replace(vm, "  running: true\n", "  runStrategy: Sometimes\n"),
+       "vm.yaml:5:16: spec.runStrategy: \"Sometimes\" is not a run strategy; use Always, Halted, Manual, RerunOnFailure or Once"},
+      {"running as a string", Replace(vm, "running: true", "running: \"true\""),
+       "vm.yaml:5:12: spec.running: must be true or false, not \"true\""},
+      {"v1 VirtualMachine without template", Replace(vm, "  running: true\n", "  running: true\n  domain: {}\n"),
+       "vm.yaml:6:3: spec.domain: unknown field \"domain\"; a kubevirt.io/v1 VirtualMachine holds its instance under "
+       "spec.template.spec; move it there, or use kind VirtualMachineInstance"},
+      {"v1 replica set kind", Replace(vm, "kind: VirtualMachine", "kind: VirtualMachineReplicaSet"),
+       "vm.yaml:2:7: kind: kind \"VirtualMachineReplicaSet\" is not supported with apiVersion kubevirt.io/v1; "
+       "kubevirt.io/v1 calls it VirtualMachineInstanceReplicaSet"},
+      {"cores as words", Replace(vmi, "    memory:\n", "    cpu: {cores: two}\n    memory:\n"),
+       "vmi.yaml:7:18: spec.domain.cpu.cores: must be an integer, not \"two\""},
+      {"name as a number", Replace(vmi, "  name: vmi-nocloud", "  name: 42"),
+       "vmi.yaml:4:9: metadata.name: must be a string, not \"42\"; write it in quotes to make it a string"},
+      {"memory as a list", Replace(vmi, "guest: 128Mi", "guest: [128Mi]"),
+       "vmi.yaml:8:14: spec.domain.memory.guest: must be a quantity such as 64M, 1Gi or 2, not a list"},
+      {"bootOrder too big", Replace(vmi, "      - name: containerdisk\n", "      - name: containerdisk\n        bootOrder: 9999999999\n"),
+       "vmi.yaml:12:20: spec.domain.devices.disks[0].bootOrder: \"9999999999\" is out of range for a 32-bit integer"},
+      {"misspelt cloud-init field", Replace(vmi, "userData: |", "userdata: |"),
+       "vmi.yaml:23:7: spec.volumes[1].cloudInitNoCloud.userdata: unknown field \"userdata\"; did you mean \"userData\"?"},
+      {"empty cloud-init", Replace(vmi, "    cloudInitNoCloud:\n      userData: |\n        #cloud-config\n        password: fedora\n", "    cloudInitNoCloud: {}\n"),
+       "vmi.yaml:22:23: spec.volumes[1].cloudInitNoCloud: is empty; give userData (or userDataBase64, or networkData)"},
+      {"emptyDisk without capacity", Replace(vmi, "      capacity: 2Gi\n", "      {}\n"),
+       "vmi.yaml:28:7: spec.volumes[2].emptyDisk.capacity: is required"},
+      {"unknown field inside an ignored one", Replace(vmi, "  domain:\n", "  domain:\n    firmware: {uuidd: x}\n"),
+       "vmi.yaml:7:16: spec.domain.firmware.uuidd: unknown field \"uuidd\"; did you mean \"uuid\"?"},
+  };
+  for (const auto& c : cases) {
+    std::string file = c.expected.substr(0, c.expected.find(':'));
+    ParseResult r = ParseSpecs(c.doc, file);
+    EXPECT_FALSE(r.ok()) << c.name;
+    EXPECT_THAT(Errors(r), ::testing::Contains(c.expected)) << c.name << "\n" << c.doc;
+  }
+}
+
+// The field set comes from KubeVirt's schema: fields no table in regdisk
+// names are known (a warning), and the schema's version is on record.
+TEST(SpecV1Test, FieldsComeFromKubeVirtsSchema) {
+  std::string doc = Replace(Replace(kV1Vmi, "  domain:\n", "  architecture: amd64\n  domain:\n"),
+                            "      - name: containerdisk\n", "      - name: containerdisk\n        changedBlockTracking: true\n");
+  ParseResult r = ParseSpecs(doc, "vmi.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  EXPECT_THAT(Warnings(r),
+              ElementsAre("vmi.yaml:6:3: warning: spec.architecture: is defined by KubeVirt but not implemented by regdisk; it is ignored",
+                          "vmi.yaml:13:9: warning: spec.domain.devices.disks[0].changedBlockTracking: is defined by "
+                          "KubeVirt but not implemented by regdisk; it is ignored"));
+  const KubeVirtSchema* v1 = KubeVirtSchema::For("kubevirt.io/v1");
+  ASSERT_NE(v1, nullptr);
+  EXPECT_EQ(v1->RootOf("VirtualMachineInstanceReplicaSet"), "v1.VirtualMachineInstanceReplicaSet");
+  EXPECT_EQ(KubeVirtSchema::For("kubevirt.io/v1alpha1")->RootOf("VirtualMachine"), "v1.VirtualMachineInstance");
+  EXPECT_EQ(KubeVirtSchema::For("kubevirt.io/v2"), nullptr);
+  json file = json::parse(ReadFileCapped(REGDISK_SOURCE_DIR "/schema/kubevirt/swagger-subset.json", 1 << 20).value());
+  EXPECT_EQ(KubeVirtSchema::UpstreamCommit(), file["commit"]);
+  EXPECT_EQ(*v1->Definition("v1.Disk"), file["definitions"]["v1.Disk"]);
+  // YAML 1.1 scalars, as kubectl and the API server read them.
+  for (const char* s : {"yes", "No", "on", "OFF", "true", "~", "null", "12", "-3", "0x1F", "1e9", "1.5", ".inf"}) {
+    EXPECT_TRUE(PlainScalarIsNotString(s)) << s;
+  }
+  for (const char* s : {"64M", "1Gi", "hello", "1.2.3", "v1", "yes please"}) EXPECT_FALSE(PlainScalarIsNotString(s)) << s;
+}
+
+TEST(SpecV1Test, YamlOutputQuotesWhatYamlWouldMisread) {
+  json j = {{"a", "yes"}, {"b", "12"}, {"c", "64M"}, {"d", 12}, {"e", true}, {"f", "two\nlines\n"}, {"g", json::array()}};
+  std::string y = ToYaml(j);
+  EXPECT_THAT(y, HasSubstr("a: \"yes\"\n"));
+  EXPECT_THAT(y, HasSubstr("b: \"12\"\n"));
+  EXPECT_THAT(y, HasSubstr("c: 64M\n"));
+  EXPECT_THAT(y, HasSubstr("d: 12\n"));
+  EXPECT_THAT(y, HasSubstr("e: true\n"));
+  EXPECT_EQ(YAML::Load(y)["f"].as<std::string>(), "two\nlines\n");
+}
+
+TEST(SpecV1Test, TheSeedsTwoDiskExampleUsesACdromNotAReadOnlySataDisk) {
+  ParseResult r = ParseSpecs(ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm-two-disks.yaml", 1 << 20).value(), "two.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  const auto& d = std::get<VirtualMachine>(r.objects[0]).spec.disks[1];
+  EXPECT_EQ(d.device, "cdrom");
+  EXPECT_EQ(d.bus, "sata");
+  EXPECT_TRUE(d.read_only);
+  // What the example used to say is refused in validate, with the reason.
+  std::string old = Replace(ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm-two-disks.yaml", 1 << 20).value(),
+                            "        cdrom:\n          bus: sata\n", "        disk:\n          bus: sata\n          readOnly: true\n");
+  EXPECT_THAT(Errors(ParseSpecs(old, "two.yaml")),
+              ElementsAre(HasSubstr("spec.domain.devices.disks[1].disk.bus: sata hard disks cannot be read-only")));
 }
 
 }  // namespace

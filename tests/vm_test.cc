@@ -9,9 +9,11 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <thread>
+#include <tuple>
 
 #include "harness/harness.h"
 #include "registry/http.h"
+#include "vm/plan.h"
 
 namespace regdisk::testing {
 namespace {
@@ -338,6 +340,69 @@ TEST_F(VmTest, FailuresAreOneClearSentence) {
   }
 }
 
+// A cdrom goes to QEMU as a read-only ide-cd on the AHCI controller (or a
+// scsi-cd), each SATA device on a port of its own.
+TEST(QemuArgvTest, CdromsAreReadOnlyCdDevices) {
+  vm::VmPlan plan;
+  plan.name = "vm";
+  plan.qemu = "/usr/bin/qemu-system-x86_64";
+  plan.memory_bytes = 64 << 20;
+  for (const auto& [name, device, bus] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"root", "disk", "virtio"}, {"media", "cdrom", "sata"}, {"data", "disk", "sata"}, {"iso", "cdrom", "scsi"}}) {
+    vm::PlannedDisk d;
+    d.name = name;
+    d.device = device;
+    d.bus = bus;
+    d.read_only = device == "cdrom";
+    d.backing = "/store/" + name;
+    d.overlay = "/run/" + name + ".qcow2";
+    plan.disks.push_back(d);
+  }
+  std::string argv;
+  for (const auto& a : vm::QemuArgv(plan)) argv += a + "\n";
+  EXPECT_THAT(argv, HasSubstr(R"({"bus":"ahci0.0","drive":"disk1","driver":"ide-cd","id":"media"})"));
+  EXPECT_THAT(argv, HasSubstr(R"({"bus":"ahci0.1","drive":"disk2","driver":"ide-hd","id":"data"})"));
+  EXPECT_THAT(argv, HasSubstr(R"("driver":"scsi-cd","id":"iso")"));
+  EXPECT_THAT(argv, HasSubstr(R"({"backing":"base1","driver":"qcow2","file":"overlay-file1","node-name":"disk1","read-only":true})"));
+}
+
+// Every spec in examples/ boots: the seed (v1alpha1), the two-disk VM with
+// its read-only SATA cdrom, and the kubevirt.io/v1 VirtualMachine.
+TEST_F(VmTest, EveryExampleBoots) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  Push("guest.raw", "vmdisks/data:v1");
+  int booted = 0;
+  for (const auto& e : fs::directory_iterator(REGDISK_SOURCE_DIR "/examples")) {
+    std::string spec = Spec(e.path().filename().string(), "vmdisks/fedora25:latest", e.path().string());
+    RunResult r = Run(spec);
+    ASSERT_EQ(r.exit_code, 0) << e.path() << ": " << r.err;
+    EXPECT_THAT(r.out, HasSubstr("sector1: PRISTINE-SECTOR-CONTENT")) << e.path();
+    EXPECT_THAT(r.out, HasSubstr("REGDISK-GUEST-POWEROFF")) << e.path();
+    ExpectNothingLeft();
+    ++booted;
+  }
+  EXPECT_GE(booted, 3);
+}
+
+// cloudInitNoCloud and emptyDisk validate but do not run yet: run says so
+// in one line, and starts nothing.
+TEST_F(VmTest, VolumesThatDoNotRunYetAreRefusedByName) {
+  for (const std::string source : {"cloudInitNoCloud: {userData: \"#cloud-config\"}", "emptyDisk: {capacity: 1Gi}"}) {
+    std::string text = "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {name: ci}\n"
+                       "spec:\n  domain:\n    memory: {guest: 64Mi}\n    devices: {}\n"
+                       "  volumes:\n  - name: extra\n    " + source + "\n";
+    ASSERT_OK(WriteFileAtomic(P("ci.yaml"), text));
+    RunResult v = RunRegdisk({"validate", "-f", P("ci.yaml")});
+    EXPECT_EQ(v.exit_code, 0) << v.err;
+    RunResult r = Run(P("ci.yaml"));
+    EXPECT_NE(r.exit_code, 0);
+    std::string name = source.substr(0, source.find(':'));
+    EXPECT_THAT(r.err, HasSubstr("disk extra uses volume extra (" + name + "), which regdisk validates but cannot run yet"));
+    EXPECT_EQ(Count(r.err, "\n"), 1) << r.err;
+    ExpectNothingLeft();
+  }
+}
+
 TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
   Push("guest.qcow2", "vmdisks/fedora25:latest");
   Push("guest.raw", "vmdisks/data:v1");
@@ -349,6 +414,11 @@ TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
     RunResult v = RunProgram({"virt-xml-validate", P("domain.xml"), "domain"});
     EXPECT_EQ(v.exit_code, 0) << e.path() << ":\n" << r.out << v.out << v.err;
     EXPECT_THAT(r.out, HasSubstr("<backingStore type=\"file\">"));
+    if (e.path().filename() == "vm-two-disks.yaml") {
+      // The read-only SATA device is a cdrom, as KubeVirt attaches one.
+      EXPECT_THAT(r.out, HasSubstr("<disk type=\"file\" device=\"cdrom\">"));
+      EXPECT_THAT(r.out, HasSubstr("<readonly/>"));
+    }
   }
 }
 

@@ -139,7 +139,7 @@ int Main(int argc, char** argv) {
   std::string spec_file, output = "text";
   CLI::App* validate = app.add_subcommand("validate", "check VM specs (KubeVirt YAML or JSON) and apply defaults");
   validate->add_option("-f,--filename", spec_file, "the spec file, or - for stdin")->required();
-  validate->add_option("-o,--output", output, "text (default) or json: the parsed objects with defaults");
+  validate->add_option("-o,--output", output, "text (default), json or yaml: the parsed objects with defaults, quantities as written");
   validate->fallthrough();
 
   try {

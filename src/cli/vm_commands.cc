@@ -88,8 +88,8 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
 
 // validate -f FILE: every diagnostic on stderr; exit 1 on any error.
 int RunValidate(const std::string& file, const std::string& output) {
-  if (output != "text" && output != "json") {
-    return Fail(InvalidArgument("-o takes text or json, not \"" + output + "\""));
+  if (output != "text" && output != "json" && output != "yaml") {
+    return Fail(InvalidArgument("-o takes text, json or yaml, not \"" + output + "\""));
   }
   std::string text;
   if (file == "-") {
@@ -102,7 +102,7 @@ int RunValidate(const std::string& file, const std::string& output) {
   spec::ParseResult r = spec::ParseSpecs(text, file == "-" ? "<stdin>" : file);
   for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.ToString().c_str());
   if (!r.ok()) return 1;
-  if (output == "json") {
+  if (output == "json" || output == "yaml") {
     json out;
     if (r.objects.size() == 1) {
       out = spec::ToJson(r.objects[0]);
@@ -110,7 +110,11 @@ int RunValidate(const std::string& file, const std::string& output) {
       out = {{"apiVersion", "v1"}, {"kind", "List"}, {"items", json::array()}};
       for (const auto& o : r.objects) out["items"].push_back(spec::ToJson(o));
     }
-    std::printf("%s\n", out.dump(2).c_str());
+    if (output == "yaml") {
+      std::fputs(spec::ToYaml(out).c_str(), stdout);
+    } else {
+      std::printf("%s\n", out.dump(2).c_str());
+    }
     return 0;
   }
   for (const auto& o : r.objects) std::printf("%s: %s: valid\n", file.c_str(), spec::Describe(o).c_str());

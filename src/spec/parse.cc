@@ -1,10 +1,16 @@
-// Parsing and validation of VM specs (see spec.h). The schema lives in
-// this file as FieldSet tables: the fields regdisk implements, and the ones
-// KubeVirt defines that regdisk accepts with a warning and ignores.
+// Parsing and validation of VM specs (see spec.h). Each document is first
+// checked against KubeVirt's OpenAPI schema (spec/schema.h: field names,
+// types, required fields, what regdisk implements); then the fields regdisk
+// implements are read into the model and checked against the rules the
+// schema cannot express (references between disks and volumes, quantities,
+// image references, defaults).
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/parser.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cerrno>
+#include <climits>
+#include <cstdint>
 #include <sstream>
 
 #include <algorithm>
@@ -16,6 +22,7 @@
 #include "oci/reference.h"
 #include "registry/http.h"
 #include "spec/quantity.h"
+#include "spec/schema.h"
 #include "spec/spec.h"
 
 namespace regdisk::spec {
@@ -30,52 +37,11 @@ constexpr int kMaxFlowDepth = 64;
 constexpr size_t kMaxIndent = 256;
 constexpr size_t kMaxListItems = 256;
 
-struct FieldSet {
-  std::vector<std::string_view> implemented;
-  std::vector<std::string_view> kubevirt_only;  // accepted with a warning
-};
-
-const FieldSet kTopFields{{"apiVersion", "kind", "metadata", "spec"}, {"status"}};
-const FieldSet kSecretTopFields{{"apiVersion", "kind", "metadata", "type", "data", "stringData"}, {"immutable"}};
-const FieldSet kMetaFields{{"name", "namespace", "labels", "annotations"},
-                           {"generateName", "uid", "resourceVersion", "generation", "creationTimestamp",
-                            "deletionTimestamp", "deletionGracePeriodSeconds", "ownerReferences", "finalizers",
-                            "selfLink", "managedFields", "clusterName"}};
-const FieldSet kVmSpecFields{{"domain", "volumes"},
-                             {"terminationGracePeriodSeconds", "affinity", "nodeSelector", "hostname", "subdomain",
-                              "tolerations", "schedulerName", "priorityClassName", "networks", "livenessProbe",
-                              "readinessProbe", "dnsPolicy", "dnsConfig", "accessCredentials", "startStrategy",
-                              "topologySpreadConstraints", "evictionStrategy"}};
-const FieldSet kV1VmFields{{"template"}, {"running", "runStrategy", "instancetype", "preference"}};
-const FieldSet kDomainFields{{"resources", "cpu", "devices"},
-                             {"memory", "machine", "firmware", "clock", "features", "chassis", "ioThreadsPolicy",
-                              "launchSecurity"}};
-const FieldSet kResourcesFields{{"requests"}, {"limits", "overcommitGuestOverhead"}};
-const FieldSet kRequestsFields{{"memory", "cpu"}, {}};
-const FieldSet kCpuFields{{"cores"},
-                          {"sockets", "threads", "model", "features", "dedicatedCpuPlacement", "isolateEmulatorThread",
-                           "numa", "realtime", "maxSockets"}};
-const FieldSet kDevicesFields{{"disks"},
-                              {"interfaces", "watchdog", "autoattachGraphicsDevice", "autoattachPodInterface",
-                               "autoattachSerialConsole", "autoattachMemBalloon", "rng", "blockMultiQueue",
-                               "networkInterfaceMultiqueue", "gpus", "hostDevices", "inputs", "filesystems",
-                               "useVirtioTransitional", "clientPassthrough", "sound", "tpm"}};
-const FieldSet kDiskFields{{"name", "volumeName", "disk", "bootOrder"},
-                           {"serial", "cache", "io", "dedicatedIOThread", "blockSize", "shareable", "errorPolicy", "tag",
-                            "lun", "cdrom", "floppy"}};
-const FieldSet kDiskTargetFields{{"dev", "bus", "readOnly"}, {"pciAddress"}};
-const FieldSet kVolumeFields{{"name", "registryDisk", "containerDisk"},
-                             {"cloudInitNoCloud", "cloudInitConfigDrive", "emptyDisk", "ephemeral", "hostDisk",
-                              "configMap", "secret", "serviceAccount", "sysprep", "downwardAPI", "downwardMetrics",
-                              "memoryDump", "persistentVolumeClaim", "dataVolume"}};
-const FieldSet kRegistryDiskFields{{"image", "imagePullSecret", "imagePullPolicy", "path"}, {}};
-const FieldSet kReplicaSetSpecFields{{"replicas", "selector", "template", "paused"}, {}};
-const FieldSet kSelectorFields{{"matchLabels"}, {"matchExpressions"}};
-const FieldSet kTemplateFields{{"metadata", "spec"}, {}};
-
-// Volume sources that keep data: refused, because a VM on a registry disk
-// is stateless by design.
-const std::set<std::string_view> kPersistentSources = {"persistentVolumeClaim", "dataVolume", "hostDisk"};
+// A Secret is core Kubernetes, not KubeVirt: its few top-level fields are
+// listed here; its metadata is checked against the schema's ObjectMeta.
+const std::vector<std::string_view> kSecretTopFields = {"apiVersion", "kind", "metadata", "type",
+                                                        "data",       "stringData", "immutable"};
+const char kObjectMeta[] = "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta";
 
 // True when a looked-up node exists and is not null. yaml-cpp hands back an
 // invalid node for a missing key, on which everything but IsDefined throws.
@@ -311,147 +277,113 @@ class Parser {
     Report(Diagnostic::Severity::kWarning, at, path, std::move(msg));
   }
 
-  // Checks a mapping's keys against a FieldSet. Returns false when `node`
-  // is not a mapping (and says so).
-  bool CheckFields(const YAML::Node& node, const std::string& path, const FieldSet& fields) {
-    if (!node.IsMap()) {
-      Error(node, path, "must be a mapping of fields");
-      return false;
-    }
-    for (auto it = node.begin(); it != node.end(); ++it) {
+  // Checks `node` against a definition of KubeVirt's schema.
+  void SchemaCheck(const KubeVirtSchema& schema, const YAML::Node& node, const std::string& definition,
+                   const std::string& path) {
+    SchemaChecker checker(schema, [this](SchemaChecker::Level level, const YAML::Node& at, const std::string& p,
+                                         const std::string& msg) {
+      Report(level == SchemaChecker::Level::kError ? Diagnostic::Severity::kError : Diagnostic::Severity::kWarning, at,
+             p, msg);
+    });
+    checker.Check(node, definition, path);
+  }
+
+  // A Secret's top-level fields (not KubeVirt's, so not in its schema).
+  void CheckSecretFields(const YAML::Node& doc) {
+    for (auto it = doc.begin(); it != doc.end(); ++it) {
       if (!it->first.IsScalar()) {
-        Error(it->first, path, "has a field name that is not a string");
+        Error(it->first, "", "has a field name that is not a string");
         continue;
       }
-      std::string key = it->first.Scalar();
-      std::string child = Join(path, key);
-      auto in = [&](const std::vector<std::string_view>& v) { return std::find(v.begin(), v.end(), key) != v.end(); };
-      if (in(fields.implemented)) continue;
-      if (in(fields.kubevirt_only)) {
-        if (!Refused(it->first, child, key)) {
-          Warn(it->first, child, "is defined by KubeVirt but not implemented by regdisk; it is ignored");
-        }
-        continue;
-      }
+      const std::string& key = it->first.Scalar();
+      if (std::find(kSecretTopFields.begin(), kSecretTopFields.end(), key) != kSecretTopFields.end()) continue;
       std::string best;
       size_t best_d = 1000;
-      for (const auto* v : {&fields.implemented, &fields.kubevirt_only}) {
-        for (auto candidate : *v) {
-          size_t d = EditDistance(key, candidate);
-          if (d < best_d) {
-            best_d = d;
-            best = std::string(candidate);
-          }
+      for (auto candidate : kSecretTopFields) {
+        if (size_t d = EditDistance(key, candidate); d < best_d) {
+          best_d = d;
+          best = std::string(candidate);
         }
       }
       std::string msg = "unknown field \"" + key + "\"";
       if (best_d <= std::max<size_t>(2, key.size() / 3)) msg += "; did you mean \"" + best + "\"?";
-      Error(it->first, child, msg);
+      Error(it->first, key, msg);
     }
-    return true;
-  }
-
-  // Fields KubeVirt has that regdisk must refuse rather than ignore.
-  bool Refused(const YAML::Node& at, const std::string& path, const std::string& key) {
-    if (key == "evictionStrategy") {
-      Error(at, path,
-            "live migration is not possible for VMs on registry disks, which are ephemeral and node-local; remove "
-            "evictionStrategy and let the replica set start a fresh VM elsewhere");
-      return true;
-    }
-    if (kPersistentSources.count(key)) {
-      Error(at, path,
-            "regdisk runs stateless VMs on ephemeral registry disks and does not provide persistent volumes (" + key +
-                "); keep state outside the VM, or run this VM with KubeVirt and a PersistentVolumeClaim");
-      return true;
-    }
-    return false;
   }
 
   static std::string Join(const std::string& path, const std::string& key) {
     return path.empty() ? key : path + "." + key;
   }
 
-  std::optional<std::string> String(const YAML::Node& map, const char* key, const std::string& path, bool required) {
+  // The getters below read what the schema check has already typed: a
+  // missing, null or mistyped value is std::nullopt (the schema check has
+  // said what is wrong with it).
+  static YAML::Node Child(const YAML::Node& map, const char* key) {
+    if (!map.IsDefined() || !map.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
     YAML::Node n = map[key];
-    std::string p = Join(path, key);
-    if (!n.IsDefined() || n.IsNull()) {
-      if (required) Error(map, p, "is required");
-      return std::nullopt;
-    }
-    if (!n.IsScalar()) {
-      Error(n, p, "must be a string");
-      return std::nullopt;
-    }
+    return n;
+  }
+  static std::optional<std::string> Str(const YAML::Node& map, const char* key) {
+    YAML::Node n = Child(map, key);
+    if (!Has(n) || !n.IsScalar() || YamlType(n) != "string") return std::nullopt;
     return n.Scalar();
   }
-
-  std::optional<int64_t> Int(const YAML::Node& map, const char* key, const std::string& path) {
-    YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return std::nullopt;
-    std::string p = Join(path, key);
-    if (!n.IsScalar()) {
-      Error(n, p, "must be an integer");
-      return std::nullopt;
-    }
-    const std::string& s = n.Scalar();
-    char* end = nullptr;
+  static std::optional<int64_t> Integer(const YAML::Node& map, const char* key) {
+    YAML::Node n = Child(map, key);
+    if (!Has(n) || !n.IsScalar() || YamlType(n) != "integer") return std::nullopt;
+    std::string text = n.Scalar();
+    text.erase(std::remove(text.begin(), text.end(), '_'), text.end());
     errno = 0;
-    long long v = std::strtoll(s.c_str(), &end, 10);
-    if (s.empty() || *end != '\0' || errno == ERANGE || v < INT32_MIN || v > INT32_MAX) {
-      Error(n, p, "must be an integer, not \"" + s + "\"");
-      return std::nullopt;
-    }
+    char* end = nullptr;
+    long long v = std::strtoll(text.c_str(), &end, 0);
+    if (errno == ERANGE || v < INT32_MIN || v > INT32_MAX) return std::nullopt;
     return v;
   }
-
-  std::optional<bool> Bool(const YAML::Node& map, const char* key, const std::string& path) {
-    YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return std::nullopt;
-    std::string p = Join(path, key);
-    if (n.IsScalar() && (n.Scalar() == "true" || n.Scalar() == "false")) return n.Scalar() == "true";
-    Error(n, p, "must be true or false");
-    return std::nullopt;
+  static std::optional<bool> Boolean(const YAML::Node& map, const char* key) {
+    YAML::Node n = Child(map, key);
+    if (!Has(n) || !n.IsScalar() || YamlType(n) != "boolean") return std::nullopt;
+    static const std::set<std::string_view> kTrue = {"y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"};
+    return kTrue.count(n.Scalar()) > 0;
   }
-
-  std::map<std::string, std::string> StringMap(const YAML::Node& map, const char* key, const std::string& path) {
+  static std::optional<Quantity> Qty(const YAML::Node& map, const char* key) {
+    YAML::Node n = Child(map, key);
+    if (!Has(n) || !n.IsScalar()) return std::nullopt;
+    std::string type = YamlType(n);
+    if (type != "string" && type != "integer" && type != "number") return std::nullopt;
+    return Quantity{n.Scalar(), type != "string"};
+  }
+  static std::map<std::string, std::string> StringMap(const YAML::Node& map, const char* key) {
     std::map<std::string, std::string> out;
-    YAML::Node n = map[key];
-    if (!n.IsDefined() || n.IsNull()) return out;
-    std::string p = Join(path, key);
-    if (!n.IsMap()) {
-      Error(n, p, "must be a mapping of strings");
-      return out;
-    }
+    YAML::Node n = Child(map, key);
+    if (!Has(n) || !n.IsMap()) return out;
     for (auto it = n.begin(); it != n.end(); ++it) {
-      if (!it->first.IsScalar() || !(it->second.IsScalar() || it->second.IsNull())) {
-        Error(it->first, p, "must map strings to strings");
-        continue;
+      if (it->first.IsScalar() && it->second.IsScalar() && YamlType(it->second) == "string") {
+        out[it->first.Scalar()] = it->second.Scalar();
       }
-      out[it->first.Scalar()] = it->second.IsNull() ? "" : it->second.Scalar();
     }
     return out;
   }
 
   ObjectMeta Metadata(const YAML::Node& doc, const std::string& path, bool name_required) {
     ObjectMeta m;
-    YAML::Node n = doc["metadata"];
+    YAML::Node n = Child(doc, "metadata");
     std::string p = Join(path, "metadata");
-    if (!n.IsDefined() || n.IsNull()) {
-      if (name_required) Error(doc, p + ".name", "is required");
+    if (!Has(n) || !n.IsMap()) {
+      if (name_required && !Has(n)) Error(doc, p + ".name", "is required");
       return m;
     }
-    if (!CheckFields(n, p, kMetaFields)) return m;
-    if (auto name = String(n, "name", p, name_required)) {
+    if (auto name = Str(n, "name")) {
       m.name = *name;
       if (!IsDnsSubdomain(m.name)) {
         Error(n["name"], p + ".name",
               "\"" + m.name + "\" is not a valid name; use lowercase letters, digits, '-' and '.', at most 253 characters");
       }
+    } else if (name_required && !Has(Child(n, "name"))) {
+      Error(n, p + ".name", "is required");
     }
-    if (auto ns = String(n, "namespace", p, false); ns && !ns->empty()) m.namespace_ = *ns;
-    m.labels = StringMap(n, "labels", p);
-    m.annotations = StringMap(n, "annotations", p);
+    if (auto ns = Str(n, "namespace"); ns && !ns->empty()) m.namespace_ = *ns;
+    m.labels = StringMap(n, "labels");
+    m.annotations = StringMap(n, "annotations");
     return m;
   }
 
@@ -464,58 +396,66 @@ class Parser {
 
   VmSpec Spec(const YAML::Node& spec, const std::string& path, const std::string& api_version) {
     VmSpec vm;
-    if (!CheckFields(spec, path, kVmSpecFields)) return vm;
-    YAML::Node domain = spec["domain"];
+    if (!spec.IsMap()) return vm;
+    const bool v1 = api_version == "kubevirt.io/v1";
+    YAML::Node domain = Child(spec, "domain");
     std::string dp = path + ".domain";
-    if (!domain.IsDefined() || domain.IsNull()) {
-      Error(spec, dp, "is required");
-    } else if (CheckFields(domain, dp, kDomainFields)) {
-      Resources(domain, dp, vm);
-      if (YAML::Node cpu = domain["cpu"]; cpu.IsDefined() && !cpu.IsNull() && CheckFields(cpu, dp + ".cpu", kCpuFields)) {
-        if (auto cores = Int(cpu, "cores", dp + ".cpu")) {
-          if (*cores < 1 || *cores > 512) {
-            Error(cpu["cores"], dp + ".cpu.cores", "must be between 1 and 512");
-          } else {
-            vm.cores = static_cast<int>(*cores);
-          }
+    if (Has(domain) && domain.IsMap()) {
+      Memory(domain, dp, vm);
+      YAML::Node cpu = Child(domain, "cpu");
+      if (auto cores = Integer(cpu, "cores")) {
+        if (*cores < 1 || *cores > 512) {
+          Error(cpu["cores"], dp + ".cpu.cores", "must be between 1 and 512");
+        } else {
+          vm.cores = static_cast<int>(*cores);
+          vm.cores_given = true;
         }
       }
-      if (YAML::Node dev = domain["devices"]; dev.IsDefined() && !dev.IsNull()) {
-        if (CheckFields(dev, dp + ".devices", kDevicesFields)) Disks(dev["disks"], dp + ".devices.disks", vm);
-      }
+      Disks(Child(Child(domain, "devices"), "disks"), dp + ".devices.disks", v1, vm);
     }
-    Volumes(spec["volumes"], path + ".volumes", api_version, vm);
-    CrossCheck(spec, path, vm);
+    Volumes(Child(spec, "volumes"), path + ".volumes", api_version, vm);
+    CrossCheck(spec, path, v1, vm);
     return vm;
   }
 
-  void Resources(const YAML::Node& domain, const std::string& dp, VmSpec& vm) {
-    YAML::Node res = domain["resources"];
-    std::string rp = dp + ".resources";
-    std::string qp = rp + ".requests";
-    if (Has(res) && !CheckFields(res, rp, kResourcesFields)) return;
-    YAML::Node req = Has(res) ? res["requests"] : YAML::Node();
-    if (!Has(req)) {
-      Error(domain, qp + ".memory", "is required; give the VM's memory, e.g. 64M or 1Gi");
-      return;
-    }
-    if (!CheckFields(req, qp, kRequestsFields)) return;
-    if (auto mem = String(req, "memory", qp, false)) {
-      auto bytes = ParseQuantity(*mem, 1);
-      if (!bytes.ok()) {
-        Error(req["memory"], qp + ".memory", bytes.status().message());
-      } else if (*bytes == 0) {
-        Error(req["memory"], qp + ".memory", "must be more than zero");
-      } else if (*bytes < (1 << 20)) {
-        Error(req["memory"], qp + ".memory", "\"" + *mem + "\" is less than 1 MiB; did you mean " + *mem + "i or " + *mem + "M?");
-      } else {
-        vm.memory_bytes = *bytes;
-      }
+  // A memory size from a quantity; 0 after an error.
+  int64_t MemoryBytes(const YAML::Node& at, const std::string& path, const Quantity& q) {
+    auto bytes = ParseQuantity(q.text, 1);
+    if (!bytes.ok()) {
+      Error(at, path, bytes.status().message());
+    } else if (*bytes == 0) {
+      Error(at, path, "must be more than zero");
+    } else if (*bytes < (1 << 20)) {
+      Error(at, path, "\"" + q.text + "\" is less than 1 MiB; did you mean " + q.text + "i or " + q.text + "M?");
     } else {
-      Error(req, qp + ".memory", "is required; give the VM's memory, e.g. 64M or 1Gi");
+      return *bytes;
     }
-    if (auto cpu = String(req, "cpu", qp, false)) {
-      auto millis = ParseQuantity(*cpu, 1000);
+    return 0;
+  }
+
+  // requests.memory, or domain.memory.guest (which wins, as in KubeVirt).
+  void Memory(const YAML::Node& domain, const std::string& dp, VmSpec& vm) {
+    YAML::Node req = Child(Child(domain, "resources"), "requests");
+    std::string qp = dp + ".resources.requests";
+    YAML::Node guest_at = Child(Child(domain, "memory"), "guest");
+    if (auto guest = Qty(Child(domain, "memory"), "guest")) {
+      vm.guest_memory = *guest;
+      vm.memory_bytes = MemoryBytes(guest_at, dp + ".memory.guest", *guest);
+    }
+    if (auto mem = Qty(req, "memory")) {
+      vm.memory = *mem;
+      int64_t bytes = MemoryBytes(req["memory"], qp + ".memory", *mem);
+      if (vm.guest_memory.text.empty()) vm.memory_bytes = bytes;
+    } else if (vm.guest_memory.text.empty() && !Has(Child(req, "memory")) && !Has(guest_at)) {
+      Error(Has(req) ? req : domain, qp + ".memory",
+            instancetype_.empty()
+                ? "is required; give the VM's memory, e.g. 64M or 1Gi (or domain.memory.guest)"
+                : "is required: the VM's memory would come from instancetype " + instancetype_ +
+                      ", which lives in the cluster and regdisk cannot read; give domain.memory.guest");
+    }
+    if (auto cpu = Qty(req, "cpu")) {
+      vm.cpu = *cpu;
+      auto millis = ParseQuantity(cpu->text, 1000);
       if (!millis.ok()) {
         Error(req["cpu"], qp + ".cpu", millis.status().message());
       } else if (*millis == 0) {
@@ -524,49 +464,64 @@ class Parser {
         vm.cpu_millis = *millis;
       }
     }
+    if (Has(req) && req.IsMap()) {
+      for (auto it = req.begin(); it != req.end(); ++it) {
+        if (!it->first.IsScalar() || it->first.Scalar() == "memory" || it->first.Scalar() == "cpu") continue;
+        Warn(it->first, qp + "." + it->first.Scalar(), "is not a resource regdisk implements; it is ignored");
+      }
+    }
   }
 
-  // True when `list` is a usable list (absent counts as empty: false, silently).
-  bool CheckList(const YAML::Node& list, const std::string& path) {
-    if (!Has(list)) return false;
-    if (!list.IsSequence()) {
-      Error(list, path, "must be a list");
-      return false;
-    }
-    if (list.size() > kMaxListItems) {
-      Error(list, path, "has more than 256 entries");
-      return false;
-    }
-    return true;
-  }
-
-  void Disks(const YAML::Node& list, const std::string& path, VmSpec& vm) {
-    if (!CheckList(list, path)) return;
+  void Disks(const YAML::Node& list, const std::string& path, bool v1, VmSpec& vm) {
+    if (!Has(list) || !list.IsSequence() || list.size() > kMaxListItems) return;
     for (size_t i = 0; i < list.size(); ++i) {
       YAML::Node d = list[i];
       std::string p = path + "[" + std::to_string(i) + "]";
       Disk disk;
       marks_[p] = d;
-      if (!CheckFields(d, p, kDiskFields)) {
+      if (!d.IsMap()) {
         vm.disks.push_back(disk);
         continue;
       }
-      disk.name = String(d, "name", p, true).value_or("");
-      disk.volume_name = String(d, "volumeName", p, true).value_or("");
-      if (auto b = Int(d, "bootOrder", p)) {
+      disk.name = Str(d, "name").value_or("");
+      disk.volume_name = v1 ? disk.name : Str(d, "volumeName").value_or("");
+      if (auto b = Integer(d, "bootOrder")) {
         if (*b < 1) {
           Error(d["bootOrder"], p + ".bootOrder", "must be 1 or more");
         } else {
           disk.boot_order = static_cast<int>(*b);
         }
       }
-      YAML::Node target = d["disk"];
-      if (target.IsDefined() && !target.IsNull() && CheckFields(target, p + ".disk", kDiskTargetFields)) {
-        disk.dev = String(target, "dev", p + ".disk", false).value_or("");
-        disk.bus = String(target, "bus", p + ".disk", false).value_or("");
-        disk.read_only = Bool(target, "readOnly", p + ".disk").value_or(false);
-        if (!disk.bus.empty() && disk.bus != "virtio" && disk.bus != "sata" && disk.bus != "scsi") {
-          Error(target["bus"], p + ".disk.bus", "bus \"" + disk.bus + "\" is not supported; use virtio, sata or scsi");
+      std::vector<std::string> targets;
+      for (const char* t : {"disk", "cdrom", "lun", "floppy"}) {
+        if (Child(d, t).IsDefined()) targets.push_back(t);
+      }
+      if (targets.size() > 1) {
+        Error(d, p, "disk \"" + disk.name + "\" has " + targets[0] + " and " + targets[1] +
+                        "; a disk is exactly one of disk, cdrom or lun");
+      }
+      if (!targets.empty() && (targets[0] == "lun" || targets[0] == "floppy")) {
+        Error(Child(d, targets[0].c_str()), p + "." + targets[0],
+              "regdisk attaches registry disks as disk or cdrom, not " + targets[0] + "; use disk: {} or cdrom: {}");
+      }
+      if (!targets.empty() && targets[0] == "cdrom") disk.device = "cdrom";
+      YAML::Node target = Child(d, disk.device == "cdrom" ? "cdrom" : "disk");
+      std::string tp = p + "." + disk.device;
+      if (disk.device == "disk") disk.dev = Str(target, "dev").value_or("");
+      disk.bus = Str(target, "bus").value_or("");
+      std::optional<bool> ro = Boolean(target, "readonly");
+      if (!ro) ro = Boolean(target, "readOnly");
+      disk.read_only = ro.value_or(disk.device == "cdrom");  // a cdrom is read-only unless said otherwise
+      if (!disk.bus.empty() && disk.bus != "virtio" && disk.bus != "sata" && disk.bus != "scsi") {
+        Error(target["bus"], tp + ".bus", "bus \"" + disk.bus + "\" is not supported; use virtio, sata or scsi");
+      }
+      if (disk.device == "cdrom") {
+        if (disk.bus == "virtio") {
+          Error(target["bus"], tp + ".bus", "bus virtio is invalid for a cdrom (as in KubeVirt); use sata or scsi");
+        }
+        if (!disk.read_only) {
+          YAML::Node at = Child(target, "readonly").IsDefined() ? Child(target, "readonly") : Child(target, "readOnly");
+          Error(at, tp + ".readonly", "a cdrom in regdisk is read-only; leave readonly out, or use disk: for a writable disk");
         }
       }
       vm.disks.push_back(disk);
@@ -574,45 +529,84 @@ class Parser {
   }
 
   void Volumes(const YAML::Node& list, const std::string& path, const std::string& api_version, VmSpec& vm) {
-    if (!CheckList(list, path)) return;
+    if (!Has(list) || !list.IsSequence() || list.size() > kMaxListItems) return;
+    const bool v1 = api_version == "kubevirt.io/v1";
     for (size_t i = 0; i < list.size(); ++i) {
       YAML::Node v = list[i];
       std::string p = path + "[" + std::to_string(i) + "]";
       Volume vol;
       marks_[p] = v;
-      if (!CheckFields(v, p, kVolumeFields)) {
+      if (!v.IsMap()) {
         vm.volumes.push_back(vol);
         continue;
       }
-      vol.name = String(v, "name", p, true).value_or("");
+      vol.name = Str(v, "name").value_or("");
       std::vector<std::string> sources;
       for (auto it = v.begin(); it != v.end(); ++it) {
         if (it->first.IsScalar() && it->first.Scalar() != "name") sources.push_back(it->first.Scalar());
       }
       if (sources.empty()) {
-        Error(v, p, "volume \"" + vol.name + "\" has no source; give registryDisk: {image: ...}");
+        Error(v, p, "volume \"" + vol.name + "\" has no source; give " + (v1 ? "containerDisk" : "registryDisk") +
+                        ": {image: ...}");
       } else if (sources.size() > 1) {
         Error(v, p, "volume \"" + vol.name + "\" has " + std::to_string(sources.size()) + " sources (" + sources[0] +
                         ", " + sources[1] + "); a volume has exactly one");
       }
       for (const char* field : {"registryDisk", "containerDisk"}) {
-        YAML::Node src = v[field];
-        if (!src.IsDefined()) continue;
-        std::string sp = p + "." + field;
-        if (std::string(field) == "registryDisk" && api_version == "kubevirt.io/v1") {
-          Warn(src, sp, "is the kubevirt.io/v1alpha1 name; kubevirt.io/v1 calls it containerDisk");
+        YAML::Node src = Child(v, field);
+        if (!Has(src) || !src.IsMap()) continue;
+        vol.registry_disk = RegistryDisk(src, p + "." + field, field);
+      }
+      if (YAML::Node src = Child(v, "cloudInitNoCloud"); Has(src) && src.IsMap()) {
+        vol.cloud_init_no_cloud = CloudInit(src, p + ".cloudInitNoCloud");
+      }
+      if (YAML::Node src = Child(v, "emptyDisk"); Has(src) && src.IsMap()) {
+        EmptyDiskSource e;
+        if (auto c = Qty(src, "capacity")) {
+          e.capacity = *c;
+          auto bytes = ParseQuantity(c->text, 1);
+          if (!bytes.ok()) {
+            Error(src["capacity"], p + ".emptyDisk.capacity", bytes.status().message());
+          } else if (*bytes == 0) {
+            Error(src["capacity"], p + ".emptyDisk.capacity", "must be more than zero");
+          } else {
+            e.capacity_bytes = *bytes;
+          }
         }
-        vol.registry_disk = RegistryDisk(src, sp, field);
+        vol.empty_disk = e;
       }
       vm.volumes.push_back(vol);
     }
   }
 
+  CloudInitNoCloudSource CloudInit(const YAML::Node& src, const std::string& p) {
+    CloudInitNoCloudSource c;
+    c.user_data = Str(src, "userData").value_or("");
+    c.user_data_base64 = Str(src, "userDataBase64").value_or("");
+    c.network_data = Str(src, "networkData").value_or("");
+    c.network_data_base64 = Str(src, "networkDataBase64").value_or("");
+    const bool secret = Has(Child(src, "secretRef"));
+    int user = !c.user_data.empty() + !c.user_data_base64.empty() + secret;
+    if (user > 1) {
+      Error(src, p, "give only one of userData, userDataBase64 and secretRef");
+    } else if (src.size() == 0) {
+      Error(src, p, "is empty; give userData (or userDataBase64, or networkData)");
+    }
+    if (!c.network_data.empty() && !c.network_data_base64.empty()) {
+      Error(src, p, "give only one of networkData and networkDataBase64");
+    }
+    for (const char* field : {"userDataBase64", "networkDataBase64"}) {
+      if (auto b64 = Str(src, field); b64 && !b64->empty() && !registry::Base64Decode(*b64).ok()) {
+        Error(src[field], p + "." + field, "is not valid base64");
+      }
+    }
+    return c;
+  }
+
   RegistryDiskSource RegistryDisk(const YAML::Node& src, const std::string& p, const std::string& field) {
     RegistryDiskSource r;
     r.field = field;
-    if (!CheckFields(src, p, kRegistryDiskFields)) return r;
-    r.image = String(src, "image", p, true).value_or("");
+    r.image = Str(src, "image").value_or("");
     bool latest = false;
     if (!r.image.empty()) {
       auto ref = oci::Reference::Parse(r.image);
@@ -622,19 +616,14 @@ class Parser {
         latest = !ref->digest && ref->tag == "latest";
       }
     }
-    r.image_pull_secret = String(src, "imagePullSecret", p, false).value_or("");
+    r.image_pull_secret = Str(src, "imagePullSecret").value_or("");
     if (!r.image_pull_secret.empty()) {
       secret_refs_.push_back({src["imagePullSecret"], p + ".imagePullSecret", r.image_pull_secret, line_offset_});
     }
-    r.image_pull_policy = String(src, "imagePullPolicy", p, false).value_or("");
-    if (r.image_pull_policy.empty()) {
-      r.image_pull_policy = latest ? "Always" : "IfNotPresent";
-    } else if (r.image_pull_policy != "Always" && r.image_pull_policy != "IfNotPresent" &&
-               r.image_pull_policy != "Never") {
-      Error(src["imagePullPolicy"], p + ".imagePullPolicy",
-            "\"" + r.image_pull_policy + "\" is not a pull policy; use Always, IfNotPresent or Never");
-    }
-    r.path = String(src, "path", p, false).value_or("");
+    // The schema holds the policy to Always, IfNotPresent or Never.
+    r.image_pull_policy = Str(src, "imagePullPolicy").value_or("");
+    if (r.image_pull_policy.empty()) r.image_pull_policy = latest ? "Always" : "IfNotPresent";
+    r.path = Str(src, "path").value_or("");
     if (!r.path.empty()) {
       bool dotdot = false;
       size_t start = 0;
@@ -653,8 +642,10 @@ class Parser {
     return r;
   }
 
-  // Rules that relate disks and volumes; applies the dev defaults.
-  void CrossCheck(const YAML::Node& spec, const std::string& path, VmSpec& vm) {
+  // Rules that relate disks and volumes; applies KubeVirt's defaults: in
+  // v1 a volume without a disk gets one of its name, and buses default to
+  // sata (KubeVirt on amd64); in v1alpha1 disks default to virtio.
+  void CrossCheck(const YAML::Node& spec, const std::string& path, bool v1, VmSpec& vm) {
     std::string dpath = path + ".domain.devices.disks";
     std::map<std::string, size_t> volume_index;
     for (size_t i = 0; i < vm.volumes.size(); ++i) {
@@ -663,21 +654,47 @@ class Parser {
       std::string p = path + ".volumes[" + std::to_string(i) + "]";
       if (!volume_index.emplace(v.name, i).second) Error(marks_[p], p + ".name", "volume name \"" + v.name + "\" is used twice");
     }
+    if (v1) {
+      std::set<std::string> named;
+      for (const auto& d : vm.disks) named.insert(d.name);
+      for (size_t i = 0; i < vm.volumes.size(); ++i) {
+        const auto& v = vm.volumes[i];
+        if (v.name.empty() || named.count(v.name)) continue;
+        named.insert(v.name);
+        Disk d;
+        d.name = d.volume_name = v.name;
+        marks_[dpath + "[" + std::to_string(vm.disks.size()) + "]"] = marks_[path + ".volumes[" + std::to_string(i) + "]"];
+        vm.disks.push_back(d);
+      }
+    }
     std::map<std::string, size_t> disk_names, volume_users, devs;
     std::map<std::string, int> next_dev;  // per prefix
     for (size_t i = 0; i < vm.disks.size(); ++i) {
       auto& d = vm.disks[i];
       std::string p = dpath + "[" + std::to_string(i) + "]";
       const YAML::Node& at = marks_[p];
-      if (d.bus.empty()) d.bus = "virtio";
+      if (d.bus.empty()) d.bus = v1 || d.device == "cdrom" ? "sata" : "virtio";
+      if (d.device == "disk" && d.bus == "sata" && d.read_only) {
+        Error(at, p + ".disk.bus",
+              "sata hard disks cannot be read-only (QEMU's ide-hd refuses it, and so does KubeVirt); use cdrom: {bus: "
+              "sata} for a read-only SATA device, or bus virtio or scsi");
+      }
       if (!d.name.empty() && !disk_names.emplace(d.name, i).second) {
         Error(at, p + ".name", "disk name \"" + d.name + "\" is used twice");
       }
       if (!d.volume_name.empty()) {
+        const std::string field = v1 ? ".name" : ".volumeName";
         if (!volume_index.count(d.volume_name)) {
-          Error(at, p + ".volumeName", "volume \"" + d.volume_name + "\" not found");
+          std::string msg = "volume \"" + d.volume_name + "\" not found";
+          if (v1 && d.device == "cdrom") {
+            msg = "cdrom \"" + d.name + "\" has no volume of the same name; regdisk does not insert media into an "
+                  "empty cdrom later (hotplug), so add a volume named \"" + d.name + "\"";
+          } else if (v1) {
+            msg = "disk \"" + d.name + "\" has no volume of the same name; add a volume named \"" + d.name + "\"";
+          }
+          Error(at, p + field, msg);
         } else if (auto [it, fresh] = volume_users.emplace(d.volume_name, i); !fresh) {
-          Error(at, p + ".volumeName",
+          Error(at, p + field,
                 "volume \"" + d.volume_name + "\" is already used by disks[" + std::to_string(it->second) + "]; each volume backs one disk");
         }
       }
@@ -714,20 +731,19 @@ class Parser {
       d.dev = name;
     }
     if (vm.volumes.empty() && vm.disks.empty()) {
-      Error(spec, path + ".volumes", "the VM has no disks; add a volume with registryDisk and a disk that uses it");
+      Error(spec, path + ".volumes",
+            std::string("the VM has no disks; add a volume with ") + (v1 ? "containerDisk" : "registryDisk") +
+                " and a disk that uses it");
     }
-    bool any_boot = false;
     std::set<int> boot_orders;
     for (size_t i = 0; i < vm.disks.size(); ++i) {
       const auto& d = vm.disks[i];
       if (!d.boot_order) continue;
-      any_boot = true;
       std::string p = dpath + "[" + std::to_string(i) + "]";
       if (!boot_orders.insert(*d.boot_order).second) {
         Error(marks_[p], p + ".bootOrder", "boot order " + std::to_string(*d.boot_order) + " is given to two disks");
       }
     }
-    (void)any_boot;
   }
 
   static std::string DevSuffix(int n) {
@@ -750,93 +766,122 @@ class Parser {
   };
   std::vector<SecretRef> TakeSecretRefs() { return std::exchange(secret_refs_, {}); }
   void set_line_offset(int offset) { line_offset_ = offset; }
+  // The instancetype a v1 VirtualMachine names (for messages), or "".
+  void set_instancetype(std::string name) { instancetype_ = std::move(name); }
 
  private:
   int line_offset_ = 0;
+  std::string instancetype_;
   std::string file_;
   std::vector<Diagnostic>& out_;
   std::map<std::string, YAML::Node> marks_;
   std::vector<SecretRef> secret_refs_;
 };
 
-struct Parsed {
-  Object object;
-  std::vector<Parser::SecretRef> secret_refs;
-  YAML::Node doc;
-};
+const char kKindsHint[] =
+    "use VirtualMachineInstance, VirtualMachine or VirtualMachineInstanceReplicaSet (kubevirt.io/v1), VirtualMachine "
+    "or VirtualMachineReplicaSet (kubevirt.io/v1alpha1), or Secret (v1)";
+
+std::optional<Secret> ParseSecret(Parser& p, const YAML::Node& doc, const std::string& api) {
+  p.CheckSecretFields(doc);
+  if (api != "v1") p.Error(doc["apiVersion"], "apiVersion", "a Secret has apiVersion v1, not \"" + api + "\"");
+  p.SchemaCheck(*KubeVirtSchema::For("kubevirt.io/v1"), Parser::Child(doc, "metadata"), kObjectMeta, "metadata");
+  Secret s;
+  s.metadata = p.Metadata(doc, "", true);
+  s.type = Parser::Str(doc, "type").value_or("Opaque");
+  std::string raw;
+  if (YAML::Node data = doc["data"]; Has(data) && data.IsMap() && Has(data[".dockerconfigjson"]) &&
+                                     data[".dockerconfigjson"].IsScalar()) {
+    auto decoded = registry::Base64Decode(data[".dockerconfigjson"].Scalar());
+    if (!decoded.ok()) {
+      p.Error(data[".dockerconfigjson"], "data..dockerconfigjson", "is not valid base64");
+    } else {
+      raw = *decoded;
+    }
+  } else if (YAML::Node sd = doc["stringData"]; Has(sd) && sd.IsMap() && Has(sd[".dockerconfigjson"]) &&
+                                                sd[".dockerconfigjson"].IsScalar()) {
+    raw = sd[".dockerconfigjson"].Scalar();
+  }
+  if (s.type == "kubernetes.io/dockerconfigjson") {
+    json j = json::parse(raw, nullptr, false);
+    if (raw.empty()) {
+      p.Error(doc, "data", "a kubernetes.io/dockerconfigjson Secret needs data[.dockerconfigjson]");
+    } else if (!j.is_object() || !j.contains("auths")) {
+      p.Error(doc, "data..dockerconfigjson", "is not a Docker config JSON with \"auths\"");
+    }
+  }
+  s.docker_config_json = std::move(raw);
+  return s;
+}
+
+// The schema for a kind and apiVersion, or an error saying what to write.
+const KubeVirtSchema* SchemaFor(Parser& p, const YAML::Node& doc, const std::string& kind, const std::string& api,
+                                std::string& root) {
+  const KubeVirtSchema* schema = KubeVirtSchema::For(api);
+  if (!schema) {
+    p.Error(doc["apiVersion"], "apiVersion",
+            "apiVersion \"" + api + "\" is not supported; use kubevirt.io/v1 (or kubevirt.io/v1alpha1 for the seed's shape)");
+    return nullptr;
+  }
+  root = schema->RootOf(kind);
+  if (!root.empty()) return schema;
+  std::string hint = kKindsHint;
+  if (api == "kubevirt.io/v1" && kind == "VirtualMachineReplicaSet") {
+    hint = "kubevirt.io/v1 calls it VirtualMachineInstanceReplicaSet";
+  } else if (api == "kubevirt.io/v1alpha1" &&
+             (kind == "VirtualMachineInstance" || kind == "VirtualMachineInstanceReplicaSet")) {
+    hint = "use apiVersion kubevirt.io/v1 (kubevirt.io/v1alpha1 calls it " +
+           std::string(kind == "VirtualMachineInstance" ? "VirtualMachine" : "VirtualMachineReplicaSet") + ")";
+  }
+  p.Error(doc["kind"], "kind", "kind \"" + kind + "\" is not supported with apiVersion " + api + "; " + hint);
+  return nullptr;
+}
 
 std::optional<Object> ParseDocument(Parser& p, const YAML::Node& doc, std::vector<Parser::SecretRef>& refs) {
   if (!doc.IsMap()) {
     p.Error(doc, "", "the document is not a mapping; expected an object with apiVersion, kind, metadata and spec");
     return std::nullopt;
   }
-  auto kind = p.String(doc, "kind", "", true);
-  auto api = p.String(doc, "apiVersion", "", true);
+  std::optional<std::string> kind, api;
+  for (const char* field : {"kind", "apiVersion"}) {
+    YAML::Node n = doc[field];
+    std::optional<std::string>& out = std::string(field) == "kind" ? kind : api;
+    if (!Has(n)) {
+      p.Error(doc, field, "is required");
+    } else if (!n.IsScalar() || YamlType(n) != "string") {
+      p.Error(n, field, "must be a string");
+    } else {
+      out = n.Scalar();
+    }
+  }
   if (!kind || !api) return std::nullopt;
 
-  if (*kind == "Secret") {
-    p.CheckFields(doc, "", kSecretTopFields);
-    if (*api != "v1") p.Error(doc["apiVersion"], "apiVersion", "a Secret has apiVersion v1, not \"" + *api + "\"");
-    Secret s;
-    s.metadata = p.Metadata(doc, "", true);
-    s.type = p.String(doc, "type", "", false).value_or("Opaque");
-    std::string raw;
-    if (YAML::Node data = doc["data"]; Has(data) && data.IsMap() && Has(data[".dockerconfigjson"]) &&
-                                       data[".dockerconfigjson"].IsScalar()) {
-      auto decoded = registry::Base64Decode(data[".dockerconfigjson"].Scalar());
-      if (!decoded.ok()) {
-        p.Error(data[".dockerconfigjson"], "data..dockerconfigjson", "is not valid base64");
-      } else {
-        raw = *decoded;
-      }
-    } else if (YAML::Node sd = doc["stringData"]; Has(sd) && sd.IsMap() && Has(sd[".dockerconfigjson"]) &&
-                                                  sd[".dockerconfigjson"].IsScalar()) {
-      raw = sd[".dockerconfigjson"].Scalar();
-    }
-    if (s.type == "kubernetes.io/dockerconfigjson") {
-      json j = json::parse(raw, nullptr, false);
-      if (raw.empty()) {
-        p.Error(doc, "data", "a kubernetes.io/dockerconfigjson Secret needs data[.dockerconfigjson]");
-      } else if (!j.is_object() || !j.contains("auths")) {
-        p.Error(doc, "data..dockerconfigjson", "is not a Docker config JSON with \"auths\"");
-      }
-    }
-    s.docker_config_json = std::move(raw);
-    return s;
-  }
-
-  const bool v1alpha1 = *api == "kubevirt.io/v1alpha1";
-  const bool v1 = *api == "kubevirt.io/v1";
+  if (*kind == "Secret") return ParseSecret(p, doc, *api);
   if (*kind == "VirtualMachineInstanceMigration" || *kind == "VirtualMachineMigration" || *kind == "Migration") {
     p.Error(doc["kind"], "kind",
             "live migration is not possible for VMs on registry disks, which are ephemeral and node-local; stop the VM and "
             "start it on the other node instead");
     return std::nullopt;
   }
-  if (*kind != "VirtualMachine" && *kind != "VirtualMachineInstance" && *kind != "VirtualMachineReplicaSet" &&
-      *kind != "VirtualMachineInstanceReplicaSet") {
-    p.Error(doc["kind"], "kind",
-            "kind \"" + *kind + "\" is not supported; use VirtualMachine, VirtualMachineReplicaSet or Secret");
+  static const std::set<std::string_view> kOurs = {"VirtualMachine", "VirtualMachineInstance", "VirtualMachineReplicaSet",
+                                                   "VirtualMachineInstanceReplicaSet"};
+  if (!kOurs.count(*kind)) {
+    p.Error(doc["kind"], "kind", "kind \"" + *kind + "\" is not supported; " + kKindsHint);
     return std::nullopt;
   }
-  if (!v1alpha1 && !v1) {
-    p.Error(doc["apiVersion"], "apiVersion",
-            "apiVersion \"" + *api + "\" is not supported; use kubevirt.io/v1alpha1 (or kubevirt.io/v1)");
-    return std::nullopt;
-  }
-  p.CheckFields(doc, "", kTopFields);
+  std::string root;
+  const KubeVirtSchema* schema = SchemaFor(p, doc, *kind, *api, root);
+  if (!schema) return std::nullopt;
+  p.SchemaCheck(*schema, doc, root, "");
   YAML::Node spec = doc["spec"];
-  if (!spec.IsDefined() || spec.IsNull()) {
-    p.Error(doc, "spec", "is required");
-    return std::nullopt;
-  }
+  if (!Has(spec) || !spec.IsMap()) return std::nullopt;  // the schema check said why
 
-  if (*kind == "VirtualMachineReplicaSet" || *kind == "VirtualMachineInstanceReplicaSet") {
+  if (root == "v1.VirtualMachineInstanceReplicaSet") {
     VirtualMachineReplicaSet rs;
     rs.api_version = *api;
+    rs.kind = *kind;
     rs.metadata = p.Metadata(doc, "", true);
-    if (!p.CheckFields(spec, "spec", kReplicaSetSpecFields)) return rs;
-    if (auto r = p.Int(spec, "replicas", "spec")) {
+    if (auto r = Parser::Integer(spec, "replicas")) {
       if (*r < 0) {
         p.Error(spec["replicas"], "spec.replicas", "must not be negative");
       } else if (*r > 10000) {
@@ -845,20 +890,15 @@ std::optional<Object> ParseDocument(Parser& p, const YAML::Node& doc, std::vecto
         rs.replicas = static_cast<int>(*r);
       }
     }
-    rs.paused = p.Bool(spec, "paused", "spec").value_or(false);
-    if (YAML::Node sel = spec["selector"]; sel.IsDefined() && !sel.IsNull()) {
-      if (p.CheckFields(sel, "spec.selector", kSelectorFields)) rs.match_labels = p.StringMap(sel, "matchLabels", "spec.selector");
-    }
-    YAML::Node tmpl = spec["template"];
-    if (!tmpl.IsDefined() || tmpl.IsNull()) {
-      p.Error(spec, "spec.template", "is required");
-    } else if (p.CheckFields(tmpl, "spec.template", kTemplateFields)) {
+    rs.paused = Parser::Boolean(spec, "paused").value_or(false);
+    rs.match_labels = Parser::StringMap(Parser::Child(spec, "selector"), "matchLabels");
+    YAML::Node tmpl = Parser::Child(spec, "template");
+    if (Has(tmpl) && tmpl.IsMap()) {
       rs.template_metadata = p.Metadata(tmpl, "spec.template", false);
-      YAML::Node ts = tmpl["spec"];
-      if (!ts.IsDefined() || ts.IsNull()) {
-        p.Error(tmpl, "spec.template.spec", "is required");
-      } else {
+      if (YAML::Node ts = Parser::Child(tmpl, "spec"); Has(ts)) {
         rs.template_spec = p.Spec(ts, "spec.template.spec", *api);
+      } else {
+        p.Error(tmpl, "spec.template.spec", "is required");
       }
       for (const auto& [k, v] : rs.match_labels) {
         auto it = rs.template_metadata.labels.find(k);
@@ -876,17 +916,29 @@ std::optional<Object> ParseDocument(Parser& p, const YAML::Node& doc, std::vecto
   vm.api_version = *api;
   vm.kind = *kind;
   vm.metadata = p.Metadata(doc, "", true);
-  if (v1 && *kind == "VirtualMachine" && spec.IsMap() && Has(spec["template"])) {
+  if (root == "v1.VirtualMachine") {
     // kubevirt.io/v1 nests the instance under spec.template.
-    p.CheckFields(spec, "spec", kV1VmFields);
-    YAML::Node tmpl = spec["template"];
-    if (p.CheckFields(tmpl, "spec.template", kTemplateFields)) {
-      YAML::Node ts = tmpl["spec"];
-      if (!ts.IsDefined() || ts.IsNull()) {
-        p.Error(tmpl, "spec.template.spec", "is required");
-      } else {
+    vm.running = Parser::Boolean(spec, "running");
+    vm.run_strategy = Parser::Str(spec, "runStrategy").value_or("");
+    static const std::set<std::string_view> kStrategies = {"Always", "Halted", "Manual", "RerunOnFailure", "Once"};
+    if (vm.running && Has(spec["runStrategy"])) {
+      p.Error(spec["runStrategy"], "spec.runStrategy",
+              "running and runStrategy are mutually exclusive (as in KubeVirt); keep runStrategy and remove running");
+    } else if (Has(spec["runStrategy"]) && !kStrategies.count(vm.run_strategy)) {
+      p.Error(spec["runStrategy"], "spec.runStrategy",
+              "\"" + vm.run_strategy + "\" is not a run strategy; use Always, Halted, Manual, RerunOnFailure or Once");
+    }
+    if (!vm.running && vm.run_strategy.empty()) vm.run_strategy = "Halted";  // KubeVirt's default
+    YAML::Node tmpl = Parser::Child(spec, "template");
+    if (Has(tmpl) && tmpl.IsMap()) {
+      vm.template_metadata = p.Metadata(tmpl, "spec.template", false);
+      p.set_instancetype(Parser::Str(Parser::Child(spec, "instancetype"), "name").value_or(""));
+      if (YAML::Node ts = Parser::Child(tmpl, "spec"); Has(ts)) {
         vm.spec = p.Spec(ts, "spec.template.spec", *api);
+      } else {
+        p.Error(tmpl, "spec.template.spec", "is required");
       }
+      p.set_instancetype("");
     }
   } else {
     vm.spec = p.Spec(spec, "spec", *api);
@@ -896,6 +948,13 @@ std::optional<Object> ParseDocument(Parser& p, const YAML::Node& doc, std::vecto
 }
 
 }  // namespace
+
+std::string Volume::SourceField() const {
+  if (registry_disk) return registry_disk->field;
+  if (cloud_init_no_cloud) return "cloudInitNoCloud";
+  if (empty_disk) return "emptyDisk";
+  return "";
+}
 
 std::string Diagnostic::ToString() const {
   std::string s = file;
@@ -983,7 +1042,7 @@ std::string Describe(const Object& object) {
     kind = vm->kind;
     meta = &vm->metadata;
   } else if (auto* rs = std::get_if<VirtualMachineReplicaSet>(&object)) {
-    kind = "VirtualMachineReplicaSet";
+    kind = rs->kind;
     meta = &rs->metadata;
   } else {
     kind = "Secret";
@@ -1003,16 +1062,34 @@ json MetaJson(const ObjectMeta& m, bool with_namespace = true) {
   return j;
 }
 
-json SpecJson(const VmSpec& s) {
-  json requests = {{"memory", std::to_string(s.memory_bytes)}};
-  if (s.cpu_millis > 0) requests["cpu"] = std::to_string(s.cpu_millis) + "m";
+// A quantity as written: a string stays a string, a number a number.
+json QuantityJson(const Quantity& q) {
+  if (q.number) {
+    json n = json::parse(q.text, nullptr, false);
+    if (n.is_number()) return n;
+  }
+  return q.text;
+}
+
+json SpecJson(const VmSpec& s, bool v1alpha1) {
+  json domain = json::object();
+  json requests = json::object();
+  if (!s.memory.text.empty()) requests["memory"] = QuantityJson(s.memory);
+  if (!s.cpu.text.empty()) requests["cpu"] = QuantityJson(s.cpu);
+  if (!requests.empty()) domain["resources"] = {{"requests", requests}};
+  if (!s.guest_memory.text.empty()) domain["memory"] = {{"guest", QuantityJson(s.guest_memory)}};
+  domain["cpu"] = {{"cores", s.cores}};
   json disks = json::array();
   for (const auto& d : s.disks) {
-    json dj = {{"name", d.name}, {"volumeName", d.volume_name}, {"disk", {{"dev", d.dev}, {"bus", d.bus}}}};
-    if (d.read_only) dj["disk"]["readOnly"] = true;
+    json target = {{"bus", d.bus}};
+    if (v1alpha1 && d.device == "disk") target["dev"] = d.dev;
+    if (d.read_only) target[v1alpha1 ? "readOnly" : "readonly"] = true;
+    json dj = {{"name", d.name}, {d.device, target}};
+    if (v1alpha1) dj["volumeName"] = d.volume_name;
     if (d.boot_order) dj["bootOrder"] = *d.boot_order;
     disks.push_back(dj);
   }
+  domain["devices"] = {{"disks", disks}};
   json volumes = json::array();
   for (const auto& v : s.volumes) {
     json vj = {{"name", v.name}};
@@ -1022,29 +1099,102 @@ json SpecJson(const VmSpec& s) {
       if (!r.image_pull_secret.empty()) rj["imagePullSecret"] = r.image_pull_secret;
       if (!r.path.empty()) rj["path"] = r.path;
       vj[r.field] = rj;
+    } else if (v.cloud_init_no_cloud) {
+      const auto& c = *v.cloud_init_no_cloud;
+      json cj = json::object();
+      if (!c.user_data.empty()) cj["userData"] = c.user_data;
+      if (!c.user_data_base64.empty()) cj["userDataBase64"] = c.user_data_base64;
+      if (!c.network_data.empty()) cj["networkData"] = c.network_data;
+      if (!c.network_data_base64.empty()) cj["networkDataBase64"] = c.network_data_base64;
+      vj["cloudInitNoCloud"] = cj;
+    } else if (v.empty_disk) {
+      vj["emptyDisk"] = {{"capacity", QuantityJson(v.empty_disk->capacity)}};
     }
     volumes.push_back(vj);
   }
-  return {{"domain", {{"resources", {{"requests", requests}}}, {"cpu", {{"cores", s.cores}}}, {"devices", {{"disks", disks}}}}},
-          {"volumes", volumes}};
+  return {{"domain", domain}, {"volumes", volumes}};
+}
+
+void EmitYaml(YAML::Emitter& out, const json& j) {
+  if (j.is_object()) {
+    if (j.empty()) {
+      out << YAML::Flow << YAML::BeginMap << YAML::EndMap;
+      return;
+    }
+    out << YAML::BeginMap;
+    for (const auto& [k, v] : j.items()) {
+      out << YAML::Key << k << YAML::Value;
+      EmitYaml(out, v);
+    }
+    out << YAML::EndMap;
+  } else if (j.is_array()) {
+    if (j.empty()) {
+      out << YAML::Flow << YAML::BeginSeq << YAML::EndSeq;
+      return;
+    }
+    out << YAML::BeginSeq;
+    for (const auto& v : j) EmitYaml(out, v);
+    out << YAML::EndSeq;
+  } else if (j.is_string()) {
+    const std::string& s = j.get_ref<const std::string&>();
+    // A literal block (|) keeps exactly one final line break; anything else
+    // with line breaks is written double-quoted, with escapes.
+    const bool literal = s.size() > 1 && s.back() == '\n' && s[s.size() - 2] != '\n' && s[0] != ' ' &&
+                         s[0] != '\n' && s.find_first_of("\r\t") == std::string::npos;
+    if (literal) {
+      out << YAML::Literal << s;
+    } else if (s.find('\n') != std::string::npos) {
+      out << YAML::DoubleQuoted << s;
+    } else if (PlainScalarIsNotString(s)) {
+      out << YAML::DoubleQuoted << s;
+    } else {
+      out << s;
+    }
+  } else if (j.is_null()) {
+    out << YAML::Null;
+  } else {
+    out << j.dump();  // numbers and booleans
+  }
 }
 
 }  // namespace
 
 json ToJson(const Object& object) {
   if (auto* vm = std::get_if<VirtualMachine>(&object)) {
-    return {{"apiVersion", vm->api_version}, {"kind", vm->kind}, {"metadata", MetaJson(vm->metadata)}, {"spec", SpecJson(vm->spec)}};
+    const bool v1alpha1 = vm->api_version == "kubevirt.io/v1alpha1";
+    json out = {{"apiVersion", vm->api_version}, {"kind", vm->kind}, {"metadata", MetaJson(vm->metadata)}};
+    if (!vm->IsV1VirtualMachine()) {
+      out["spec"] = SpecJson(vm->spec, v1alpha1);
+      return out;
+    }
+    json spec = json::object();
+    if (vm->running) {
+      spec["running"] = *vm->running;
+    } else {
+      spec["runStrategy"] = vm->run_strategy;
+    }
+    spec["template"] = {{"metadata", MetaJson(vm->template_metadata, false)}, {"spec", SpecJson(vm->spec, false)}};
+    out["spec"] = spec;
+    return out;
   }
   if (auto* rs = std::get_if<VirtualMachineReplicaSet>(&object)) {
     json spec = {{"replicas", rs->replicas},
-                 {"template", {{"metadata", MetaJson(rs->template_metadata, false)}, {"spec", SpecJson(rs->template_spec)}}}};
+                 {"template",
+                  {{"metadata", MetaJson(rs->template_metadata, false)},
+                   {"spec", SpecJson(rs->template_spec, rs->api_version == "kubevirt.io/v1alpha1")}}}};
     if (!rs->match_labels.empty()) spec["selector"] = {{"matchLabels", rs->match_labels}};
     if (rs->paused) spec["paused"] = true;
-    return {{"apiVersion", rs->api_version}, {"kind", "VirtualMachineReplicaSet"}, {"metadata", MetaJson(rs->metadata)}, {"spec", spec}};
+    return {{"apiVersion", rs->api_version}, {"kind", rs->kind}, {"metadata", MetaJson(rs->metadata)}, {"spec", spec}};
   }
   const auto& s = std::get<Secret>(object);
   // The credentials themselves are never printed.
   return {{"apiVersion", "v1"}, {"kind", "Secret"}, {"metadata", MetaJson(s.metadata)}, {"type", s.type}};
+}
+
+std::string ToYaml(const json& value) {
+  YAML::Emitter out;
+  EmitYaml(out, value);
+  return std::string(out.c_str()) + "\n";
 }
 
 }  // namespace regdisk::spec

@@ -1,13 +1,20 @@
-// VM specs in KubeVirt's YAML: VirtualMachine (kubevirt.io/v1alpha1, and
-// kubevirt.io/v1 with containerDisk), VirtualMachineReplicaSet, and the
-// Secrets (kubernetes.io/dockerconfigjson) their imagePullSecret names.
+// VM specs in KubeVirt's YAML, read as KubeVirt reads them:
+//   kubevirt.io/v1alpha1  VirtualMachine (the seed's shape: disks name their
+//                         volume with volumeName), VirtualMachineReplicaSet;
+//   kubevirt.io/v1        VirtualMachineInstance, VirtualMachine (the
+//                         instance under spec.template, with running or
+//                         runStrategy), VirtualMachineInstanceReplicaSet;
+//                         a disk uses the volume of the same name;
+//   v1                    the Secrets (kubernetes.io/dockerconfigjson) an
+//                         imagePullSecret names.
 //
 //   auto parsed = ParseSpecs(text, "vm.yaml");
 //   for (const auto& d : parsed.diagnostics) std::cerr << d.ToString() << "\n";
 //   if (!parsed.ok()) return 1;
-//   for (const auto& doc : parsed.documents) ...
+//   for (const auto& doc : parsed.objects) ...
 //
-// Parsing applies the defaults written down in docs/vm-specs.md and
+// The field set and types come from KubeVirt's OpenAPI schema (spec/schema.h);
+// parsing applies the defaults written down in docs/vm-specs.md and
 // collects every error (with field path, and line and column for YAML)
 // instead of stopping at the first. The parser never throws and bounds the
 // work any input can cause.
@@ -45,6 +52,13 @@ struct ObjectMeta {
   std::map<std::string, std::string> annotations;
 };
 
+// A Kubernetes quantity as the spec wrote it ("64M", or 2 written as a
+// number), so that output keeps it as written.
+struct Quantity {
+  std::string text;
+  bool number = false;  // written as a YAML number, not a string
+};
+
 // registryDisk (v1alpha1) or containerDisk (v1): one VM disk in an image.
 struct RegistryDiskSource {
   std::string field = "registryDisk";  // how the spec spelt it
@@ -54,37 +68,73 @@ struct RegistryDiskSource {
   std::string path;               // inside the image; empty: discover under /disk
 };
 
+// cloudInitNoCloud: parsed and validated; regdisk run refuses it for now.
+struct CloudInitNoCloudSource {
+  std::string user_data;
+  std::string user_data_base64;
+  std::string network_data;
+  std::string network_data_base64;
+};
+
+// emptyDisk: parsed and validated; regdisk run refuses it for now.
+struct EmptyDiskSource {
+  Quantity capacity;
+  int64_t capacity_bytes = 0;
+};
+
+// A volume has exactly one source.
 struct Volume {
   std::string name;
   std::optional<RegistryDiskSource> registry_disk;
+  std::optional<CloudInitNoCloudSource> cloud_init_no_cloud;
+  std::optional<EmptyDiskSource> empty_disk;
+  // The source's field name: registryDisk, containerDisk, cloudInitNoCloud
+  // or emptyDisk.
+  std::string SourceField() const;
 };
 
 struct Disk {
   std::string name;
+  // The volume it uses: v1alpha1 volumeName; in v1 the disk's own name.
   std::string volume_name;
+  std::string device = "disk";  // disk | cdrom (read-only unless cdrom.readonly: false)
   std::string dev;  // defaulted: vda, vdb, ... for virtio; sda, ... otherwise
-  std::string bus;  // virtio (default) | sata | scsi
+  std::string bus;  // virtio | sata | scsi (defaulted, see docs/vm-specs.md)
   bool read_only = false;
   std::optional<int> boot_order;
 };
 
 struct VmSpec {
   int64_t memory_bytes = 0;
-  int64_t cpu_millis = 0;  // 0: not requested
+  Quantity memory;          // requests.memory as written (empty when not given)
+  Quantity guest_memory;    // domain.memory.guest as written (empty when not given)
+  int64_t cpu_millis = 0;   // 0: not requested
+  Quantity cpu;             // requests.cpu as written
   int cores = 1;
+  bool cores_given = false;
   std::vector<Disk> disks;
   std::vector<Volume> volumes;
 };
 
+// v1alpha1 VirtualMachine, v1 VirtualMachineInstance and v1 VirtualMachine:
+// one VM that regdisk runs. `spec` is the instance's spec (for a v1
+// VirtualMachine, spec.template.spec).
 struct VirtualMachine {
   std::string api_version;
   std::string kind = "VirtualMachine";
   ObjectMeta metadata;
   VmSpec spec;
+  // kubevirt.io/v1 VirtualMachine only.
+  ObjectMeta template_metadata;
+  std::optional<bool> running;
+  std::string run_strategy;  // Always | Halted | Manual | RerunOnFailure | Once; empty with running
+  bool IsV1VirtualMachine() const { return api_version == "kubevirt.io/v1" && kind == "VirtualMachine"; }
 };
 
+// v1alpha1 VirtualMachineReplicaSet and v1 VirtualMachineInstanceReplicaSet.
 struct VirtualMachineReplicaSet {
   std::string api_version;
+  std::string kind = "VirtualMachineReplicaSet";
   ObjectMeta metadata;
   int replicas = 1;
   std::map<std::string, std::string> match_labels;
@@ -114,7 +164,11 @@ ParseResult ParseSpecs(std::string_view text, std::string_view file_name);
 
 // "VirtualMachine default/testvm-ephemeral"
 std::string Describe(const Object& object);
-// The parsed object with defaults applied, in KubeVirt's field names.
+// The parsed object with defaults applied, in KubeVirt's field names for
+// its apiVersion; quantities as written.
 nlohmann::json ToJson(const Object& object);
+// JSON as YAML (block style, strings quoted where YAML would read them as
+// something else), as kubectl -o yaml prints objects.
+std::string ToYaml(const nlohmann::json& value);
 
 }  // namespace regdisk::spec

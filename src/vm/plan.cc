@@ -118,6 +118,11 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     for (const auto& v : vm.spec.volumes) {
       if (v.name == d.volume_name) vol = &v;
     }
+    if (vol && (vol->cloud_init_no_cloud || vol->empty_disk)) {
+      return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + " (" + vol->SourceField() +
+                                "), which regdisk validates but cannot run yet; remove that disk and volume from the "
+                                "spec to run the VM with regdisk");
+    }
     if (!vol || !vol->registry_disk) {
       return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + ", which is not a registry disk");
     }
@@ -126,6 +131,7 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     plan.disk_leases.push_back(std::move(lease));
     PlannedDisk pd;
     pd.name = d.name;
+    pd.device = d.device;
     pd.dev = d.dev;
     pd.bus = d.bus;
     pd.read_only = d.read_only;
@@ -174,6 +180,7 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
   bool any_boot = false;
   for (const auto& d : p.disks) any_boot |= d.boot_order.has_value();
   bool ahci = false, scsi = false;
+  int ahci_port = 0;  // an AHCI controller has 6 ports
   for (size_t i = 0; i < p.disks.size(); ++i) {
     const PlannedDisk& d = p.disks[i];
     const std::string n = std::to_string(i);
@@ -192,15 +199,16 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
     nlohmann::json dev = {{"drive", "disk" + n}, {"id", d.name}};
     if (d.boot_order) dev["bootindex"] = *d.boot_order;
     else if (!any_boot && i == 0) dev["bootindex"] = 1;
+    const bool cdrom = d.device == "cdrom";
     if (d.bus == "sata") {
       if (!ahci) a.insert(a.end(), {"-device", Json({{"driver", "ahci"}, {"id", "ahci0"}})});
       ahci = true;
-      dev["driver"] = "ide-hd";
-      dev["bus"] = "ahci0." + n;
+      dev["driver"] = cdrom ? "ide-cd" : "ide-hd";
+      dev["bus"] = "ahci0." + std::to_string(ahci_port++);
     } else if (d.bus == "scsi") {
       if (!scsi) a.insert(a.end(), {"-device", Json({{"driver", "virtio-scsi-pci"}, {"id", "scsi0"}})});
       scsi = true;
-      dev["driver"] = "scsi-hd";
+      dev["driver"] = cdrom ? "scsi-cd" : "scsi-hd";
       dev["bus"] = "scsi0.0";
     } else {
       dev["driver"] = "virtio-blk-pci";
@@ -290,7 +298,7 @@ Result<std::string> DomainXml(const VmPlan& p) {
   for (const auto& d : p.disks) any_boot |= d.boot_order.has_value();
   for (size_t i = 0; i < p.disks.size(); ++i) {
     const PlannedDisk& d = p.disks[i];
-    x.Open("disk").Attr("type", "file").Attr("device", "disk");
+    x.Open("disk").Attr("type", "file").Attr("device", d.device);
     x.Empty("driver", {{"name", "qemu"}, {"type", "qcow2"}});
     x.Empty("source", {{"file", d.overlay.string()}});
     x.Open("backingStore").Attr("type", "file");

@@ -24,9 +24,10 @@ namespace regdisk::vm {
 
 struct PlannedDisk {
   std::string name;
+  std::string device = "disk";  // disk | cdrom
   std::string dev;  // vda, sda, ...
-  std::string bus;  // virtio | sata | scsi
-  bool read_only = false;
+  std::string bus;  // virtio | sata | scsi (a cdrom: sata | scsi)
+  bool read_only = false;  // a cdrom always is
   std::optional<int> boot_order;
   std::filesystem::path backing;  // the store's read-only disk
   disk::Format backing_format = disk::Format::kRaw;
@@ -65,13 +66,16 @@ struct PlanOptions {
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets
 // are those of the same file (for imagePullSecret). Creates nothing under
-// run_dir.
+// run_dir. A disk on a volume regdisk parses but does not run yet
+// (cloudInitNoCloud, emptyDisk) is a FailedPrecondition naming it.
 Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const PlanOptions& options,
                       const std::filesystem::path& run_dir);
 
 // The QEMU command line: -nodefaults, -blockdev with explicit formats, the
 // store's disk opened read-only under a qcow2 overlay, serial to a file,
-// QMP on a unix socket, no network.
+// QMP on a unix socket, no network. Disks are virtio-blk, ide-hd on an AHCI
+// controller (sata) or scsi-hd on virtio-scsi; a cdrom is ide-cd (sata) or
+// scsi-cd, read-only, as KubeVirt attaches one.
 std::vector<std::string> QemuArgv(const VmPlan& plan);
 
 // The equivalent libvirt domain XML, written with libxml2 (every value
