@@ -87,7 +87,7 @@ TEST(RegistriesConfTest, BlockedRegistriesAreRefusedNamingTheFile) {
     auto s = c->PullSources("blocked.example.org", "vm/disk", digest);
     ASSERT_FALSE(s.ok());
     EXPECT_EQ(s.status().code(), Code::kPermissionDenied);
-    EXPECT_THAT(s.status().message(), HasSubstr("blocked.example.org/vm/disk is blocked by registries.conf (/etc/x/test.conf"));
+    EXPECT_THAT(s.status().message(), HasSubstr("\"blocked.example.org/vm/disk\" is blocked by registries.conf (/etc/x/test.conf"));
   }
   EXPECT_FALSE(c->PushTarget("blocked.example.org", "x").ok());
 }

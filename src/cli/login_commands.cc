@@ -4,6 +4,7 @@
 // the command line, and is checked against the registry before it is stored.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <iterator>
@@ -62,7 +63,10 @@ Status Login(const Globals& g, const LoginFlags& f) {
   if (f.get_login) {
     ASSIGN_OR_RETURN(auto c, registry::LookupCredentials(file_cfg, host, repo));
     if (!c) return NotFound("not logged in to " + key);
-    std::printf("%s\n", Printable(c->username, 200).c_str());
+    // A user name with control characters is shown escaped (and quoted).
+    const bool plain = std::all_of(c->username.begin(), c->username.end(),
+                                   [](char ch) { return static_cast<unsigned char>(ch) >= 0x20 && ch != 0x7f; });
+    std::printf("%s\n", plain ? c->username.c_str() : Printable(c->username, 200).c_str());
     return OkStatus();
   }
   const std::filesystem::path file = registry::AuthFileToWrite(file_cfg);

@@ -67,12 +67,11 @@ Result<std::string> LoginKey(std::string_view text) {
   const size_t slash = key.find('/');
   if (key.find('@') != std::string::npos ||
       (slash != std::string::npos && key.find(':', slash) != std::string::npos)) {
-    return InvalidArgument("\"" + Printable(key, 100) +
-                           "\" names a tag or digest; log in to a registry, a namespace or a repository, without one");
+    return InvalidArgument(Printable(key, 100) + " names a tag or digest; log in to a registry, a namespace or a repository, without one");
   }
   for (char c : key) {
     if (static_cast<unsigned char>(c) <= ' ' || c == '"' || c == '\\') {
-      return InvalidArgument("\"" + Printable(key, 100) + "\" is not a registry name");
+      return InvalidArgument(Printable(key, 100) + " is not a registry name");
     }
   }
   return key;

@@ -18,7 +18,8 @@ namespace {
 
 constexpr uint64_t kMaxConfBytes = 1 << 20;
 
-std::string Quoted(std::string_view s) { return "\"" + Printable(s, 200) + "\""; }
+// Printable quotes what it shows.
+std::string Quoted(std::string_view s) { return Printable(s, 200); }
 
 // A location or prefix as written: no URL scheme, no trailing '/'.
 Result<std::string> ParseLocation(const std::string& file, std::string_view what, std::string value) {
@@ -168,7 +169,7 @@ std::string Rewrite(const RegistryEntry& r, const Endpoint& e, const std::string
 }
 
 Status Blocked(const RegistryEntry& r, const std::string& name) {
-  return PermissionDenied("pulling or pushing " + Printable(name, 200) + " is blocked by registries.conf (" + r.file +
+  return PermissionDenied("pulling or pushing " + Quoted(name) + " is blocked by registries.conf (" + r.file +
                           ", [[registry]] prefix " + Quoted(r.prefix) + "); remove blocked = true there to allow it");
 }
 
@@ -397,8 +398,7 @@ Result<std::vector<std::string>> ResolveShortName(const RegistriesConf& conf, st
   const auto& search = *conf.unqualified_search_registries;
   if (search.empty()) {
     return InvalidArgument("short name " + Quoted(name) + " has no alias and no unqualified-search-registries are set (" +
-                           conf.search_registries_file + "); write the full name, such as registry.example.org/" +
-                           Printable(name, 100));
+                           conf.search_registries_file + "); write the full name, with the registry in front");
   }
   std::vector<std::string> out;
   for (const auto& reg : search) out.push_back(reg + "/" + std::string(name));
