@@ -29,7 +29,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   merged.MergeFrom(*conf);
   for (const auto& r : conf->registries) {
     for (bool digest : {false, true}) {
-      auto sources = merged.PullSources(r.prefix.rfind("*.", 0) == 0 ? "a" + r.prefix.substr(1) : r.prefix, "x/y", digest);
+      auto sources =
+          merged.PullSources(r.prefix.rfind("*.", 0) == 0 ? "a" + r.prefix.substr(1) : r.prefix, "x/y", digest);
       if (sources.ok() && (sources->empty() || sources->back().mirror)) {
         std::fprintf(stderr, "the origin is not the last source for %s\n", r.prefix.c_str());
         std::abort();

@@ -21,10 +21,13 @@ using json = nlohmann::json;
 
 class MirrorLoginTest : public TempDirTest {
  protected:
-  std::string Layout(const std::string& name, const std::string& tag) { return "oci:" + (tmp() / name).string() + ":" + tag; }
+  std::string Layout(const std::string& name, const std::string& tag) {
+    return "oci:" + (tmp() / name).string() + ":" + tag;
+  }
   // An environment with no credentials or registries.conf of the machine's.
   std::vector<std::string> Env(std::vector<std::string> more = {}) {
-    std::vector<std::string> env = {"HOME=" + P("home"), "XDG_RUNTIME_DIR=" + P("run"), "XDG_CONFIG_HOME=" + P("home/.config")};
+    std::vector<std::string> env = {"HOME=" + P("home"), "XDG_RUNTIME_DIR=" + P("run"),
+                                    "XDG_CONFIG_HOME=" + P("home/.config")};
     env.insert(env.end(), more.begin(), more.end());
     return env;
   }
@@ -63,8 +66,8 @@ TEST_F(MirrorLoginTest, PullThroughAMirrorAndByDigestWhenTheOriginIsDown) {
                                     {.proxy_remote_url = "http://" + (*origin)->host(), .access_log = true});
   ASSERT_OK(mirror);
   const std::string conf = P("registries.conf");
-  ASSERT_OK(WriteFileAtomic(conf, "[[registry]]\nlocation = \"" + (*origin)->host() + "\"\n\n[[registry.mirror]]\nlocation = \"" +
-                                      (*mirror)->host() + "\"\n"));
+  ASSERT_OK(WriteFileAtomic(conf, "[[registry]]\nlocation = \"" + (*origin)->host() +
+                                      "\"\n\n[[registry.mirror]]\nlocation = \"" + (*mirror)->host() + "\"\n"));
   const int origin_before = RegdiskRequests((*origin)->log(), "/v2/vm/disk/");
 
   // By tag, through the mirror: the mirror's log shows regdisk's requests,
@@ -109,20 +112,23 @@ TEST_F(MirrorLoginTest, BlockedAndBrokenConfigurations) {
   const std::string conf = P("registries.conf");
   ASSERT_OK(WriteFileAtomic(conf, "[[registry]]\nprefix = \"" + (*reg)->host() + "/secret\"\nlocation = \"" +
                                       (*reg)->host() + "/secret\"\nblocked = true\n"));
-  RunResult r = RunRegdisk({"--registries-conf", conf, "copy", Layout("src", "v1"), "docker://" + (*reg)->host() + "/secret/disk:v1"},
-                           {}, Env());
+  RunResult r = RunRegdisk(
+      {"--registries-conf", conf, "copy", Layout("src", "v1"), "docker://" + (*reg)->host() + "/secret/disk:v1"}, {},
+      Env());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("is blocked by registries.conf (" + conf));
   // Other repositories of the same registry are not.
-  r = RunRegdisk({"--registries-conf", conf, "copy", Layout("src", "v1"), "docker://" + (*reg)->host() + "/open/disk:v1"}, {},
-                 Env());
+  r = RunRegdisk(
+      {"--registries-conf", conf, "copy", Layout("src", "v1"), "docker://" + (*reg)->host() + "/open/disk:v1"}, {},
+      Env());
   EXPECT_EQ(r.exit_code, 0) << r.err;
 
   ASSERT_OK(WriteFileAtomic(conf, "[[registry]\nlocation = 1\n"));
   r = RunRegdisk({"--registries-conf", conf, "inspect", "docker://" + (*reg)->host() + "/open/disk:v1"}, {}, Env());
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr(conf + ":1:"));
-  r = RunRegdisk({"--registries-conf", P("missing.conf"), "inspect", "docker://" + (*reg)->host() + "/open/disk:v1"}, {}, Env());
+  r = RunRegdisk({"--registries-conf", P("missing.conf"), "inspect", "docker://" + (*reg)->host() + "/open/disk:v1"},
+                 {}, Env());
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_THAT(r.err, HasSubstr("missing.conf does not exist"));
 }
@@ -166,11 +172,13 @@ TEST_F(MirrorLoginTest, AnUnreachableRegistryPointsAtTheStoredCopy) {
   (*reg)->Stop();
   // ":latest" means imagePullPolicy Always: the pull fails at once, and the
   // error says what would have worked.
-  ASSERT_OK(WriteFileAtomic(P("vm.yaml"), "apiVersion: kubevirt.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: t\n"
-                                          "spec:\n  domain:\n    resources:\n      requests:\n        memory: 64M\n"
-                                          "    devices:\n      disks:\n      - name: d\n        volumeName: v\n"
-                                          "        disk:\n          dev: vda\n  volumes:\n  - name: v\n    registryDisk:\n"
-                                          "      image: " + image + "\n"));
+  ASSERT_OK(WriteFileAtomic(P("vm.yaml"),
+                            "apiVersion: kubevirt.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: t\n"
+                            "spec:\n  domain:\n    resources:\n      requests:\n        memory: 64M\n"
+                            "    devices:\n      disks:\n      - name: d\n        volumeName: v\n"
+                            "        disk:\n          dev: vda\n  volumes:\n  - name: v\n    registryDisk:\n"
+                            "      image: " +
+                                image + "\n"));
   r = RunRegdisk({"-v", "--root", P("root"), "run", "-f", P("vm.yaml"), "--timeout", "1"}, {}, Env());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("cannot reach registry " + (*reg)->host()));
@@ -188,8 +196,9 @@ TEST_F(MirrorLoginTest, LoginWritesWhatSkopeoReadsAndLogoutRemovesIt) {
   const std::string authfile = P("auth/dir/auth.json");
 
   // A wrong password is refused by the registry, and nothing is written.
-  RunResult r = RunRegdisk({"login", "--cert-dir", certs, "--authfile", authfile, "-u", "alice", "--password-stdin", host},
-                           "wrong-password-xyz\n", Env());
+  RunResult r =
+      RunRegdisk({"login", "--cert-dir", certs, "--authfile", authfile, "-u", "alice", "--password-stdin", host},
+                 "wrong-password-xyz\n", Env());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\""));
   EXPECT_THAT(r.err + r.out, Not(HasSubstr("wrong-password-xyz")));
@@ -208,10 +217,12 @@ TEST_F(MirrorLoginTest, LoginWritesWhatSkopeoReadsAndLogoutRemovesIt) {
   EXPECT_EQ(j["auths"][host]["auth"], registry::Base64Encode("alice:" + (*reg)->password()));
 
   // regdisk and skopeo use it.
-  r = RunRegdisk({"copy", Layout("src", "v1"), "docker://" + host + "/vm/disk:v1", "--cert-dir", certs, "--authfile", authfile},
-                 {}, Env());
+  r = RunRegdisk(
+      {"copy", Layout("src", "v1"), "docker://" + host + "/vm/disk:v1", "--cert-dir", certs, "--authfile", authfile},
+      {}, Env());
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  RunResult s = RunProgram({"skopeo", "inspect", "--cert-dir", certs, "--authfile", authfile, "docker://" + host + "/vm/disk:v1"});
+  RunResult s = RunProgram(
+      {"skopeo", "inspect", "--cert-dir", certs, "--authfile", authfile, "docker://" + host + "/vm/disk:v1"});
   ASSERT_EQ(s.exit_code, 0) << s.err;
   EXPECT_EQ(json::parse(s.out)["Digest"], img->manifest_digest.str());
   r = RunRegdisk({"login", "--get-login", "--authfile", authfile, host}, {}, Env());
@@ -224,14 +235,16 @@ TEST_F(MirrorLoginTest, LoginWritesWhatSkopeoReadsAndLogoutRemovesIt) {
   r = RunRegdisk({"logout", "--authfile", authfile, host}, {}, Env());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("not logged in to " + host));
-  r = RunRegdisk({"inspect", "docker://" + host + "/vm/disk:v1", "--cert-dir", certs, "--authfile", authfile}, {}, Env());
+  r = RunRegdisk({"inspect", "docker://" + host + "/vm/disk:v1", "--cert-dir", certs, "--authfile", authfile}, {},
+                 Env());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("requires a login; run regdisk login " + host));
 
   // What skopeo login writes (to REGISTRY_AUTH_FILE), regdisk reads.
   const std::string skopeo_file = P("skopeo-auth.json");
-  s = RunProgram({"skopeo", "login", "--cert-dir", certs, "--authfile", skopeo_file, "-u", "alice", "--password-stdin", host},
-                 (*reg)->password() + "\n");
+  s = RunProgram(
+      {"skopeo", "login", "--cert-dir", certs, "--authfile", skopeo_file, "-u", "alice", "--password-stdin", host},
+      (*reg)->password() + "\n");
   ASSERT_EQ(s.exit_code, 0) << s.err;
   r = RunRegdisk({"inspect", "docker://" + host + "/vm/disk:v1", "--cert-dir", certs}, {},
                  Env({"REGISTRY_AUTH_FILE=" + skopeo_file}));
@@ -269,15 +282,18 @@ TEST_F(MirrorLoginTest, TokenAuthRefusedPasswordAndNamespacedKeys) {
 
   // A namespaced entry wins over the registry's: the registry-wide one is
   // wrong, the one for vm/ is right.
-  ASSERT_OK(WriteFileAtomic(authfile, json{{"auths",
-                                            {{host, {{"auth", registry::Base64Encode("alice:wrong")}}},
-                                             {host + "/vm", {{"auth", registry::Base64Encode("alice:" + (*reg)->password())}}}}}}
-                                          .dump()));
+  ASSERT_OK(WriteFileAtomic(authfile,
+                            json{{"auths",
+                                  {{host, {{"auth", registry::Base64Encode("alice:wrong")}}},
+                                   {host + "/vm", {{"auth", registry::Base64Encode("alice:" + (*reg)->password())}}}}}}
+                                .dump()));
   r = RunRegdisk({"copy", Layout("src", "v1"), "docker://" + host + "/vm/disk:v1", "--authfile", authfile}, {}, Env());
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  r = RunRegdisk({"copy", Layout("src", "v1"), "docker://" + host + "/other/disk:v1", "--authfile", authfile}, {}, Env());
+  r = RunRegdisk({"copy", Layout("src", "v1"), "docker://" + host + "/other/disk:v1", "--authfile", authfile}, {},
+                 Env());
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\" (from auth file " + authfile + " (key " + host + ")"));
+  EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\" (from auth file " + authfile + " (key " +
+                               host + ")"));
 
   // login to a namespace writes a namespaced key.
   r = RunRegdisk({"login", "--authfile", P("ns.json"), "-u", "alice", "--password-stdin", host + "/team"},

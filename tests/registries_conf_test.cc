@@ -49,7 +49,8 @@ prefix = "*.corp.example"
 
 std::vector<std::string> Names(const std::vector<PullSource>& s) {
   std::vector<std::string> out;
-  for (const auto& p : s) out.push_back(p.registry + "/" + p.repository + (p.insecure ? " insecure" : "") + (p.mirror ? " mirror" : ""));
+  for (const auto& p : s)
+    out.push_back(p.registry + "/" + p.repository + (p.insecure ? " insecure" : "") + (p.mirror ? " mirror" : ""));
   return out;
 }
 
@@ -62,8 +63,9 @@ TEST(RegistriesConfTest, MirrorsInOrderByKindOfPullThenTheRewrittenOrigin) {
                                        "registry.internal:5000/mirrored/team/vm/disk insecure"));
   auto digest = c->PullSources("example.com", "team/vm/disk", true);
   ASSERT_TRUE(digest.ok());
-  EXPECT_THAT(Names(*digest), ElementsAre("mirror-a.local/ns/vm/disk mirror", "mirror-digests.local/vm/disk insecure mirror",
-                                          "registry.internal:5000/mirrored/team/vm/disk insecure"));
+  EXPECT_THAT(Names(*digest),
+              ElementsAre("mirror-a.local/ns/vm/disk mirror", "mirror-digests.local/vm/disk insecure mirror",
+                          "registry.internal:5000/mirrored/team/vm/disk insecure"));
   // Pushes go to the location, never to a mirror.
   auto push = c->PushTarget("example.com", "team/vm/disk");
   ASSERT_TRUE(push.ok());
@@ -87,7 +89,8 @@ TEST(RegistriesConfTest, BlockedRegistriesAreRefusedNamingTheFile) {
     auto s = c->PullSources("blocked.example.org", "vm/disk", digest);
     ASSERT_FALSE(s.ok());
     EXPECT_EQ(s.status().code(), Code::kPermissionDenied);
-    EXPECT_THAT(s.status().message(), HasSubstr("\"blocked.example.org/vm/disk\" is blocked by registries.conf (/etc/x/test.conf"));
+    EXPECT_THAT(s.status().message(),
+                HasSubstr("\"blocked.example.org/vm/disk\" is blocked by registries.conf (/etc/x/test.conf"));
   }
   EXPECT_FALSE(c->PushTarget("blocked.example.org", "x").ok());
 }
@@ -99,10 +102,12 @@ location = "origin.example"
 mirror-by-digest-only = true
 [[registry.mirror]]
 location = "m.example"
-)", "t.conf");
+)",
+                                 "t.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_THAT(Names(*c->PullSources("origin.example", "r", false)), ElementsAre("origin.example/r"));
-  EXPECT_THAT(Names(*c->PullSources("origin.example", "r", true)), ElementsAre("m.example/r mirror", "origin.example/r"));
+  EXPECT_THAT(Names(*c->PullSources("origin.example", "r", true)),
+              ElementsAre("m.example/r mirror", "origin.example/r"));
 }
 
 TEST(RegistriesConfTest, MalformedFilesAreOneLineErrorsNamingFileAndFix) {
@@ -148,7 +153,8 @@ unqualified-search-registries = ["one.example"]
 location = "one.example"
 [[registry.mirror]]
 location = "old-mirror.example"
-)").ok());
+)")
+                  .ok());
   ASSERT_TRUE(WriteFileAtomic(d / "20-late.conf", "[aliases]\n\"b\" = \"two.example/b-late\"\n").ok());
   ASSERT_TRUE(WriteFileAtomic(d / "10-early.conf", R"(
 unqualified-search-registries = ["two.example", "three.example"]
@@ -158,7 +164,8 @@ unqualified-search-registries = ["two.example", "three.example"]
 location = "one.example"
 [[registry.mirror]]
 location = "new-mirror.example"
-)").ok());
+)")
+                  .ok());
   ASSERT_TRUE(WriteFileAtomic(d / "ignored.txt", "not toml [[[").ok());
   RegistriesConfPaths paths;
   paths.file = main;
@@ -169,7 +176,8 @@ location = "new-mirror.example"
   EXPECT_THAT(*c->unqualified_search_registries, ElementsAre("two.example", "three.example"));
   EXPECT_EQ(c->aliases.at("a"), "one.example/a");
   EXPECT_EQ(c->aliases.at("b"), "two.example/b-late");
-  EXPECT_THAT(Names(*c->PullSources("one.example", "r", false)), ElementsAre("new-mirror.example/r mirror", "one.example/r"));
+  EXPECT_THAT(Names(*c->PullSources("one.example", "r", false)),
+              ElementsAre("new-mirror.example/r mirror", "one.example/r"));
 
   // An explicit file must exist; the standard ones may be missing.
   paths.file = tmp.path() / "nope.conf";
@@ -184,7 +192,8 @@ TEST(RegistriesConfTest, StandardPlaces) {
   std::map<std::string, std::string> env = {{"HOME", tmp.path().string()}};
   auto p = RegistriesConfPaths::Standard("", env);
   EXPECT_EQ(p.file, "/etc/containers/registries.conf");
-  EXPECT_THAT(p.dirs, ElementsAre("/etc/containers/registries.conf.d", tmp.path() / ".config/containers/registries.conf.d"));
+  EXPECT_THAT(p.dirs,
+              ElementsAre("/etc/containers/registries.conf.d", tmp.path() / ".config/containers/registries.conf.d"));
   ASSERT_TRUE(MakeDirs(tmp.path() / ".config/containers").ok());
   ASSERT_TRUE(WriteFileAtomic(tmp.path() / ".config/containers/registries.conf", "").ok());
   p = RegistriesConfPaths::Standard("", env);
@@ -215,8 +224,9 @@ TEST(ShortNameTest, AliasesSearchRegistriesAndModes) {
   EXPECT_THAT(amb.status().message(), HasSubstr("quay.io/vmdisks/disk:v1, docker.io/vmdisks/disk:v1"));
   // Permissive: every candidate, in order.
   c.short_name_mode = ShortNameMode::kPermissive;
-  EXPECT_THAT(ResolveShortName(c, "disk@sha256:" + std::string(64, 'a')).value(),
-              ElementsAre("quay.io/disk@sha256:" + std::string(64, 'a'), "docker.io/disk@sha256:" + std::string(64, 'a')));
+  EXPECT_THAT(
+      ResolveShortName(c, "disk@sha256:" + std::string(64, 'a')).value(),
+      ElementsAre("quay.io/disk@sha256:" + std::string(64, 'a'), "docker.io/disk@sha256:" + std::string(64, 'a')));
   // One search registry is not ambiguous, even when enforcing.
   c.short_name_mode = ShortNameMode::kEnforcing;
   c.unqualified_search_registries = std::vector<std::string>{"quay.io"};

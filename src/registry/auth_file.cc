@@ -65,9 +65,9 @@ Result<std::string> LoginKey(std::string_view text) {
   if (t.empty()) return InvalidArgument("login needs a registry, such as quay.io or 127.0.0.1:5000");
   const std::string key(t);
   const size_t slash = key.find('/');
-  if (key.find('@') != std::string::npos ||
-      (slash != std::string::npos && key.find(':', slash) != std::string::npos)) {
-    return InvalidArgument(Printable(key, 100) + " names a tag or digest; log in to a registry, a namespace or a repository, without one");
+  if (key.find('@') != std::string::npos || (slash != std::string::npos && key.find(':', slash) != std::string::npos)) {
+    return InvalidArgument(Printable(key, 100) +
+                           " names a tag or digest; log in to a registry, a namespace or a repository, without one");
   }
   for (char c : key) {
     if (static_cast<unsigned char>(c) <= ' ' || c == '"' || c == '\\') {

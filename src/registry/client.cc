@@ -224,7 +224,8 @@ struct RegistryClient::State {
     RETURN_IF_ERROR(LoadCreds(registry));
     if (challenge->scheme == "basic") {
       if (!creds) {
-        return Unauthenticated("registry " + registry + " requires a login; run regdisk login " + registry + ", or pass --creds USER or --authfile FILE");
+        return Unauthenticated("registry " + registry + " requires a login; run regdisk login " + registry +
+                               ", or pass --creds USER or --authfile FILE");
       }
       return OkStatus();
     }
@@ -285,7 +286,8 @@ struct RegistryClient::State {
     }
     if (resp->status == 401 || resp->status == 403) {
       if (creds) return Refused(registry);
-      return Unauthenticated("registry " + registry + " requires a login; run regdisk login " + registry + ", or pass --creds USER or --authfile FILE");
+      return Unauthenticated("registry " + registry + " requires a login; run regdisk login " + registry +
+                             ", or pass --creds USER or --authfile FILE");
     }
     if (resp->status != 200) {
       return Unavailable("the token service of " + registry + " answered HTTP " + std::to_string(resp->status));
@@ -461,8 +463,8 @@ Status StatusError(const std::string& what, const std::string& registry, const H
   std::string suffix = detail.empty() ? "" : " (" + detail + ")";
   switch (r.status) {
     case 401:
-      return Unauthenticated(what + ": registry " + registry + " requires a login; run regdisk login " + registry + ", or pass --creds USER or --authfile FILE" +
-                             suffix);
+      return Unauthenticated(what + ": registry " + registry + " requires a login; run regdisk login " + registry +
+                             ", or pass --creds USER or --authfile FILE" + suffix);
     case 403:
       return PermissionDenied(what + ": access denied by " + registry + suffix);
     case 404:

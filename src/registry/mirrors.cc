@@ -28,7 +28,9 @@ Status MirrorRouter::Pull(const std::string& repo, bool by_digest, const std::st
   if (by_digest) {
     if (auto it = tag_source_.find(repo); it != tag_source_.end()) {
       const PullSource& first = it->second;
-      std::erase_if(sources, [&](const PullSource& s) { return s.registry == first.registry && s.repository == first.repository; });
+      std::erase_if(sources, [&](const PullSource& s) {
+        return s.registry == first.registry && s.repository == first.repository;
+      });
       sources.insert(sources.begin(), first);
     }
   }

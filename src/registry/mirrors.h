@@ -61,7 +61,7 @@ class MirrorRouter {
   RegistryClient& ClientFor(const PullSource& source);
 
   std::string registry_;
-  std::unique_ptr<ClientOptions> options_;  // without registries
+  std::unique_ptr<ClientOptions> options_;                          // without registries
   std::map<std::string, std::unique_ptr<RegistryClient>> clients_;  // by "insecure|host"
   std::map<std::string, PullSource> tag_source_;                    // by repo
 };

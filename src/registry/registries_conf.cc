@@ -1,9 +1,9 @@
 #include "registry/registries_conf.h"
 
+#include <toml++/toml.h>
+
 #include <algorithm>
 #include <system_error>
-
-#include <toml++/toml.h>
 
 #include "oci/reference.h"
 #include "util/fs.h"
@@ -19,7 +19,9 @@ namespace {
 constexpr uint64_t kMaxConfBytes = 1 << 20;
 
 // Printable quotes what it shows.
-std::string Quoted(std::string_view s) { return Printable(s, 200); }
+std::string Quoted(std::string_view s) {
+  return Printable(s, 200);
+}
 
 // A location or prefix as written: no URL scheme, no trailing '/'.
 Result<std::string> ParseLocation(const std::string& file, std::string_view what, std::string value) {
@@ -102,7 +104,8 @@ Result<RegistryEntry> ParseRegistry(const std::string& file, const toml::table& 
       return InvalidArgument(file + ": pull-from-mirror belongs in a [[registry.mirror]] table, not in [[registry]]");
     } else if (key == "mirror") {
       auto arr = v.as_array();
-      if (!arr || !arr->is_array_of_tables()) return InvalidArgument(file + ": mirror must be written as [[registry.mirror]] tables");
+      if (!arr || !arr->is_array_of_tables())
+        return InvalidArgument(file + ": mirror must be written as [[registry.mirror]] tables");
       for (const auto& m : *arr) {
         ASSIGN_OR_RETURN(Endpoint e, ParseMirror(file, *m.as_table()));
         r.mirrors.push_back(std::move(e));
@@ -123,8 +126,9 @@ Result<RegistryEntry> ParseRegistry(const std::string& file, const toml::table& 
   }
   for (const auto& m : r.mirrors) {
     if (r.mirror_by_digest_only && m.pull_from_mirror != PullFromMirror::kAll) {
-      return InvalidArgument(file + ": [[registry]] " + Quoted(r.prefix) +
-                             " sets mirror-by-digest-only and a mirror sets pull-from-mirror; use only pull-from-mirror");
+      return InvalidArgument(
+          file + ": [[registry]] " + Quoted(r.prefix) +
+          " sets mirror-by-digest-only and a mirror sets pull-from-mirror; use only pull-from-mirror");
     }
   }
   return r;
@@ -181,8 +185,8 @@ Result<RegistriesConf> RegistriesConf::Parse(std::string_view text, const std::s
     root = toml::parse(text, file);
   } catch (const toml::parse_error& e) {
     return InvalidArgument(file + ":" + std::to_string(e.source().begin.line) + ":" +
-                           std::to_string(e.source().begin.column) + ": not valid TOML: " +
-                           Printable(std::string(e.description()), 200));
+                           std::to_string(e.source().begin.column) +
+                           ": not valid TOML: " + Printable(std::string(e.description()), 200));
   }
   RegistriesConf c;
   c.files.push_back(file);
@@ -213,7 +217,8 @@ Result<RegistriesConf> RegistriesConf::Parse(std::string_view text, const std::s
         const std::string alias(ak.str());
         ASSIGN_OR_RETURN(std::string target, GetString(file, "alias " + Quoted(alias), av));
         if (!IsShortName(alias)) {
-          return InvalidArgument(file + ": alias " + Quoted(alias) + " names a registry; an alias must be a short name");
+          return InvalidArgument(file + ": alias " + Quoted(alias) +
+                                 " names a registry; an alias must be a short name");
         }
         if (target.find("://") != std::string::npos || IsShortName(target) || !oci::Reference::Parse(target).ok()) {
           return InvalidArgument(file + ": alias " + Quoted(alias) + " = " + Quoted(target) +
@@ -223,14 +228,17 @@ Result<RegistriesConf> RegistriesConf::Parse(std::string_view text, const std::s
       }
     } else if (key == "registry") {
       auto arr = v.as_array();
-      if (!arr || !arr->is_array_of_tables()) return InvalidArgument(file + ": registry must be written as [[registry]] tables");
+      if (!arr || !arr->is_array_of_tables())
+        return InvalidArgument(file + ": registry must be written as [[registry]] tables");
       for (const auto& t : *arr) {
         ASSIGN_OR_RETURN(RegistryEntry r, ParseRegistry(file, *t.as_table()));
         c.registries.push_back(std::move(r));
       }
     } else if (key == "registries") {
-      return InvalidArgument(file + " is in the version 1 format ([registries.search] ...); regdisk reads version 2: "
-                             "write unqualified-search-registries and [[registry]] tables (containers-registries.conf(5))");
+      return InvalidArgument(
+          file +
+          " is in the version 1 format ([registries.search] ...); regdisk reads version 2: "
+          "write unqualified-search-registries and [[registry]] tables (containers-registries.conf(5))");
     } else {
       log::Debug("{}: key {} is not used by regdisk; ignored", file, Quoted(key));
     }
@@ -374,8 +382,7 @@ bool IsShortName(std::string_view name) {
   size_t slash = name.find('/');
   if (slash == std::string_view::npos) return true;
   std::string_view first = name.substr(0, slash);
-  return first.find('.') == std::string_view::npos && first.find(':') == std::string_view::npos &&
-         first != "localhost";
+  return first.find('.') == std::string_view::npos && first.find(':') == std::string_view::npos && first != "localhost";
 }
 
 Result<std::vector<std::string>> ResolveShortName(const RegistriesConf& conf, std::string_view name) {
@@ -383,7 +390,8 @@ Result<std::vector<std::string>> ResolveShortName(const RegistriesConf& conf, st
   size_t at = name.find('@');
   std::string_view path = name.substr(0, at);
   size_t colon = path.rfind(':');
-  if (colon != std::string_view::npos && path.find('/', colon) != std::string_view::npos) colon = std::string_view::npos;
+  if (colon != std::string_view::npos && path.find('/', colon) != std::string_view::npos)
+    colon = std::string_view::npos;
   size_t name_end = std::min(colon, at);
   const std::string bare(name.substr(0, name_end));
   const std::string suffix(name_end == std::string_view::npos ? std::string_view() : name.substr(name_end));
@@ -397,7 +405,8 @@ Result<std::vector<std::string>> ResolveShortName(const RegistriesConf& conf, st
   if (!conf.unqualified_search_registries) return std::vector<std::string>{"docker.io/" + std::string(name)};
   const auto& search = *conf.unqualified_search_registries;
   if (search.empty()) {
-    return InvalidArgument("short name " + Quoted(name) + " has no alias and no unqualified-search-registries are set (" +
+    return InvalidArgument("short name " + Quoted(name) +
+                           " has no alias and no unqualified-search-registries are set (" +
                            conf.search_registries_file + "); write the full name, with the registry in front");
   }
   std::vector<std::string> out;
@@ -405,8 +414,9 @@ Result<std::vector<std::string>> ResolveShortName(const RegistriesConf& conf, st
   if (out.size() > 1 && conf.EffectiveShortNameMode() == ShortNameMode::kEnforcing) {
     std::string list;
     for (const auto& c : out) list += (list.empty() ? "" : ", ") + c;
-    return InvalidArgument("short name " + Quoted(name) + " is ambiguous and short-name-mode is enforcing: it could be " +
-                           list + "; write the full name or add an alias in registries.conf");
+    return InvalidArgument("short name " + Quoted(name) +
+                           " is ambiguous and short-name-mode is enforcing: it could be " + list +
+                           "; write the full name or add an alias in registries.conf");
   }
   return out;
 }

@@ -97,14 +97,13 @@ struct RegistriesConf {
 };
 
 struct RegistriesConfPaths {
-  std::filesystem::path file;                  // the main file
-  std::vector<std::filesystem::path> dirs;     // drop-in directories, in order
-  bool file_must_exist = false;                // --registries-conf / $CONTAINERS_REGISTRIES_CONF
+  std::filesystem::path file;               // the main file
+  std::vector<std::filesystem::path> dirs;  // drop-in directories, in order
+  bool file_must_exist = false;             // --registries-conf / $CONTAINERS_REGISTRIES_CONF
 
   // The standard places. `explicit_file` is --registries-conf (may be
   // empty); `getenv` reads HOME and CONTAINERS_REGISTRIES_CONF.
-  static RegistriesConfPaths Standard(const std::string& explicit_file,
-                                      const std::map<std::string, std::string>& env);
+  static RegistriesConfPaths Standard(const std::string& explicit_file, const std::map<std::string, std::string>& env);
 };
 
 // Reads and merges every file of `paths`.
