@@ -1,8 +1,10 @@
 #include "registry/auth.h"
+#include "registry/auth_file.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "harness/harness.h"
 #include "registry/http.h"
@@ -12,6 +14,7 @@ namespace regdisk::registry {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 
 TEST(ChallengeTest, ParsesBearerAndBasic) {
@@ -93,9 +96,82 @@ TEST_F(CredentialsTest, SearchOrder) {
   env.erase("REGISTRY_AUTH_FILE");
   cfg.env = env;
   EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->username, "xdg");
+  // Without XDG_RUNTIME_DIR: /run/containers/$UID/auth.json, then
+  // ~/.config/containers/auth.json, then ~/.docker/config.json.
   env.erase("XDG_RUNTIME_DIR");
   cfg.env = env;
+  cfg.per_uid_root = dir_->path() / "per-uid";
   EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->username, "home");
+  Write("home/.config/containers/auth.json", auth("config"));
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->username, "config");
+  Write("per-uid/" + std::to_string(::getuid()) + "/auth.json", auth("peruid"));
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->username, "peruid");
+  EXPECT_EQ(AuthFileToWrite(cfg), dir_->path() / "per-uid" / std::to_string(::getuid()) / "auth.json");
+  // A file without an entry for the registry passes the search on.
+  EXPECT_EQ((*LookupCredentials(cfg, "other.example.org")), std::nullopt);
+  // XDG_CONFIG_HOME moves the second file.
+  env["XDG_CONFIG_HOME"] = (dir_->path() / "cfg").string();
+  cfg.env = env;
+  cfg.per_uid_root = dir_->path() / "none";
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->username, "home");
+  // $REGISTRY_AUTH_FILE alone is read when set, and must exist.
+  env["REGISTRY_AUTH_FILE"] = (dir_->path() / "missing.json").string();
+  cfg.env = env;
+  EXPECT_FALSE(LookupCredentials(cfg, "reg.example.org").ok());
+}
+
+TEST_F(CredentialsTest, TheMostSpecificNamespacedKeyWins) {
+  AuthConfig cfg;
+  cfg.env = std::map<std::string, std::string>{};
+  auto entry = [](const std::string& u) { return std::string(R"({"auth":")") + Base64Encode(u + ":pw") + R"("})"; };
+  cfg.authfile = Write("ns.json", R"({"auths":{"reg.example.org":)" + entry("host") + R"(,"reg.example.org/team":)" +
+                                      entry("team") + R"(,"reg.example.org/team/disk":)" + entry("disk") +
+                                      R"(,"https://index.docker.io/v1/":)" + entry("hub") + "}}");
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org", "team/disk"))->username, "disk");
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org", "team/disk2"))->username, "team");
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org", "team/sub/disk"))->username, "team");
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org", "teamwork/disk"))->username, "host");
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->username, "host");
+  EXPECT_EQ((*LookupCredentials(cfg, "docker.io", "library/fedora"))->username, "hub");
+  auto c = *LookupCredentials(cfg, "reg.example.org", "team/x");
+  EXPECT_THAT(c->source, HasSubstr("ns.json (key reg.example.org/team)"));
+}
+
+TEST_F(CredentialsTest, LoginFilesAreWrittenAtomicallyPrivateAndKeepOtherEntries) {
+  fs::path file = dir_->path() / "new/dir/auth.json";
+  ASSERT_TRUE(StoreCredentials(file, "reg.example.org/team", Credentials{"u", "p:w", ""}).ok());
+  struct stat st {};
+  ASSERT_EQ(::stat(file.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ASSERT_EQ(::stat(file.parent_path().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+  Write("keep.json", R"({"auths":{"https://old.example/v1/":{"auth":"eDp5"}},"credHelpers":{"a.example":"x"}})");
+  fs::path keep = dir_->path() / "keep.json";
+  ASSERT_TRUE(StoreCredentials(keep, "reg.example.org", Credentials{"u", "p", ""}).ok());
+  std::string text = ReadFileCapped(keep, 1 << 20).value();
+  EXPECT_THAT(text, HasSubstr("credHelpers"));
+  EXPECT_THAT(text, HasSubstr("https://old.example/v1/"));
+  AuthConfig cfg;
+  cfg.env = std::map<std::string, std::string>{};
+  cfg.authfile = keep;
+  EXPECT_EQ((*LookupCredentials(cfg, "reg.example.org"))->password, "p");
+  // Logout of old.example removes the URL-keyed entry too.
+  EXPECT_TRUE(RemoveCredentials(keep, "old.example").value());
+  EXPECT_FALSE(RemoveCredentials(keep, "old.example").value());
+  EXPECT_THAT(ReadFileCapped(keep, 1 << 20).value(), Not(HasSubstr("old.example")));
+  ASSERT_TRUE(RemoveAllCredentials(keep).ok());
+  EXPECT_EQ(LookupCredentials(cfg, "reg.example.org").value(), std::nullopt);
+  EXPECT_THAT(ReadFileCapped(keep, 1 << 20).value(), HasSubstr("credHelpers"));
+  // A broken file is not overwritten.
+  Write("broken.json", "{oops");
+  EXPECT_FALSE(StoreCredentials(dir_->path() / "broken.json", "r", Credentials{"u", "p", ""}).ok());
+  EXPECT_EQ(ReadFileCapped(dir_->path() / "broken.json", 100).value(), "{oops");
+
+  EXPECT_EQ(LoginKey("https://quay.io/").value(), "quay.io");
+  EXPECT_EQ(LoginKey("docker://127.0.0.1:5000/ns").value(), "127.0.0.1:5000/ns");
+  EXPECT_FALSE(LoginKey("quay.io/ns/disk:v1").ok());
+  EXPECT_FALSE(LoginKey("quay.io/ns@sha256:00").ok());
+  EXPECT_FALSE(LoginKey("").ok());
 }
 
 TEST_F(CredentialsTest, BrokenFilesAreErrorsThatNameTheFile) {

@@ -166,7 +166,7 @@ TEST_F(RegistryTest, TlsAndBasicAuth) {
   r = RunRegdisk({"-v", "copy", Layout("src", "v1"), remote, "--cert-dir", certs, "--creds", "alice:wrong-password-xyz"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, Not(HasSubstr("wrong-password-xyz")));
-  EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\"; check --creds or the auth file"));
+  EXPECT_THAT(r.err, HasSubstr("refused the credentials for user \"alice\" (from --creds)"));
   EXPECT_THAT(r.err, Not(HasSubstr("requires a login")));
 
   // Right credentials and CA.

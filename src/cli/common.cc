@@ -14,7 +14,10 @@
 
 #include <fmt/core.h>
 
+#include <map>
+
 #include "registry/auth.h"
+#include "registry/registries_conf.h"
 #include "spec/quantity.h"
 #include "util/text.h"
 
@@ -27,25 +30,40 @@ namespace {
 Result<registry::Credentials> ResolveCreds(const std::string& flag) {
   ASSIGN_OR_RETURN(registry::Credentials c, registry::ParseCredsFlag(flag));
   if (flag.find(':') != std::string::npos) return c;
+  c.password = ReadSecret("Password for " + Printable(c.username, 100) + ": ");
+  return c;
+}
+
+// The environment registries.conf's places depend on.
+std::map<std::string, std::string> RegistriesEnv() {
+  std::map<std::string, std::string> env;
+  for (const char* k : {"HOME", "CONTAINERS_REGISTRIES_CONF"}) {
+    if (const char* v = ::getenv(k)) env[k] = v;
+  }
+  return env;
+}
+
+}  // namespace
+
+std::string ReadSecret(const std::string& prompt) {
   bool tty = ::isatty(STDIN_FILENO) != 0;
   termios old{};
   if (tty) {
-    std::fprintf(stderr, "Password for %s: ", c.username.c_str());
+    std::fprintf(stderr, "%s", prompt.c_str());
     ::tcgetattr(STDIN_FILENO, &old);
     termios quiet = old;
     quiet.c_lflag &= ~static_cast<tcflag_t>(ECHO);
     ::tcsetattr(STDIN_FILENO, TCSANOW, &quiet);
   }
-  std::getline(std::cin, c.password);
+  std::string secret;
+  std::getline(std::cin, secret);
   if (tty) {
     ::tcsetattr(STDIN_FILENO, TCSANOW, &old);
     std::fprintf(stderr, "\n");
   }
-  if (!c.password.empty() && c.password.back() == '\r') c.password.pop_back();
-  return c;
+  if (!secret.empty() && secret.back() == '\r') secret.pop_back();
+  return secret;
 }
-
-}  // namespace
 
 Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
   registry::ClientOptions o;
@@ -64,6 +82,9 @@ Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
     ASSIGN_OR_RETURN(registry::Credentials c, ResolveCreds(g.creds));
     o.auth.explicit_creds = c;
   }
+  ASSIGN_OR_RETURN(registry::RegistriesConf conf,
+                   registry::LoadRegistriesConf(registry::RegistriesConfPaths::Standard(g.registries_conf, RegistriesEnv())));
+  if (!conf.files.empty()) o.registries = std::make_shared<const registry::RegistriesConf>(std::move(conf));
   // Test hooks: shorter timeouts and back-off, so fault tests stay quick.
   if (const char* s = ::getenv("REGDISK_STALL_TIMEOUT_SECONDS")) o.limits.stall_timeout = std::chrono::seconds(std::atoi(s));
   if (const char* s = ::getenv("REGDISK_BACKOFF_MS")) o.backoff_base = std::chrono::milliseconds(std::atoi(s));

@@ -22,6 +22,7 @@ struct Globals {
   std::string creds;
   std::string authfile;
   std::string cert_dir;
+  std::string registries_conf;  // --registries-conf
   std::string platform = "linux/amd64";
   std::string max_disk_size = "1Ti";  // a Kubernetes quantity
   bool verbose = false;
@@ -46,8 +47,21 @@ struct RunFlags {
   std::string accel = "auto";
 };
 
-// Registry options from the global flags (and the test-only environment).
+struct LoginFlags {
+  std::string registry;
+  std::string username;
+  bool password_stdin = false;
+  bool get_login = false;
+  bool all = false;  // logout
+};
+
+// Registry options from the global flags (and the test-only environment),
+// registries.conf included (--registries-conf, CONTAINERS_REGISTRIES_CONF or
+// the standard places).
 Result<registry::ClientOptions> MakeClientOptions(const Globals& g);
+// Reads a secret from stdin: after `prompt` on stderr and without echo when
+// stdin is a terminal; one line otherwise.
+std::string ReadSecret(const std::string& prompt);
 // Blocks SIGINT, SIGTERM and SIGHUP and cancels `token` when the first
 // arrives ("interrupted" or "terminated"), from a thread of its own; a
 // second one ends the process at once. Only for commands whose work checks
@@ -71,6 +85,10 @@ int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune
 int RunFsck(const Globals& g, bool repair);
 int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path);
 int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file);
+
+// Credentials (login_commands.cc).
+int RunLogin(const Globals& g, const LoginFlags& f);
+int RunLogout(const Globals& g, const LoginFlags& f);
 
 // VM commands (vm_commands.cc).
 int RunValidate(const std::string& file, const std::string& output);

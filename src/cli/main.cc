@@ -63,6 +63,8 @@ int Main(int argc, char** argv) {
   app.add_option("--creds", g.creds, "registry credentials USER[:PASS]; without PASS it is read from stdin");
   app.add_option("--authfile", g.authfile, "auth file (containers auth.json or docker config.json)");
   app.add_option("--cert-dir", g.cert_dir, "directory of CA certificates (*.crt) and client keys (*.cert/*.key)");
+  app.add_option("--registries-conf", g.registries_conf,
+                 "registries.conf to use instead of the standard ones (env CONTAINERS_REGISTRIES_CONF)");
   app.add_option("--platform", g.platform, "OS/ARCH[/VARIANT] to select from an index")->capture_default_str();
   app.add_option("--max-disk-size", g.max_disk_size,
                  "largest disk a pull accepts, file or virtual size (default 1Ti)");
@@ -142,6 +144,18 @@ int Main(int argc, char** argv) {
   validate->add_option("-o,--output", output, "text (default), json or yaml: the parsed objects with defaults, quantities as written");
   validate->fallthrough();
 
+  LoginFlags login_flags;
+  CLI::App* login = app.add_subcommand("login", "check credentials with a registry and store them in the auth file");
+  login->add_option("registry", login_flags.registry, "HOST[:PORT][/NAMESPACE]")->required();
+  login->add_option("-u,--username", login_flags.username, "user name (asked on a terminal when left out)");
+  login->add_flag("--password-stdin", login_flags.password_stdin, "read the password from stdin");
+  login->add_flag("--get-login", login_flags.get_login, "print the user name stored for the registry");
+  login->fallthrough();
+  CLI::App* logout = app.add_subcommand("logout", "remove a registry's credentials from the auth file");
+  logout->add_option("registry", login_flags.registry, "HOST[:PORT][/NAMESPACE]");
+  logout->add_flag("-a,--all", login_flags.all, "remove the credentials of every registry");
+  logout->fallthrough();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -175,6 +189,8 @@ int Main(int argc, char** argv) {
   if (*run) return RunRun(g, rf);
   if (*domxml) return RunDomxml(g, rf);
   if (*base) return RunBuild(g, base_flags, "");
+  if (*login) return RunLogin(g, login_flags);
+  if (*logout) return RunLogout(g, login_flags);
   return 2;
 }
 

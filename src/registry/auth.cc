@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdlib>
 
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 
 #include "registry/http.h"
@@ -28,14 +30,21 @@ std::string Env(const AuthConfig& cfg, const char* name) {
   return v ? v : "";
 }
 
-// "https://index.docker.io/v1/" and "host:5000" both name a registry; reduce
-// a key to host[:port] for matching.
-std::string NormaliseKey(std::string_view key) {
-  if (size_t p = key.find("://"); p != std::string_view::npos) key.remove_prefix(p + 3);
-  if (size_t s = key.find('/'); s != std::string_view::npos) key = key.substr(0, s);
-  std::string k(key);
-  if (k == "index.docker.io" || k == "registry-1.docker.io") k = "docker.io";
-  return k;
+// Registry host names that mean Docker Hub.
+std::string NormaliseRegistry(std::string_view host) {
+  std::string h(host);
+  if (h == "index.docker.io" || h == "registry-1.docker.io") h = "docker.io";
+  return h;
+}
+
+// A key written as a URL ("https://index.docker.io/v1/", "http://host:5000")
+// names a registry: reduce it to the host. Other keys are kept as written.
+std::string NormaliseUrlKey(std::string_view key) {
+  if (size_t p = key.find("://"); p != std::string_view::npos) {
+    key.remove_prefix(p + 3);
+    key = key.substr(0, key.find('/'));
+  }
+  return NormaliseRegistry(key);
 }
 
 Result<Credentials> FromHelper(const std::string& helper, std::string_view registry) {
@@ -73,55 +82,83 @@ Result<json> ReadAuthFile(const fs::path& path) {
   return j;
 }
 
-Result<std::optional<Credentials>> FromAuthJson(const json& j, const std::string& name, std::string_view registry);
+Result<std::optional<Credentials>> FromAuthJson(const json& j, const std::string& name, std::string_view registry,
+                                                std::string_view repository);
 
 // Reads one auth file; nullopt when it has nothing for the registry.
-Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::string_view registry, bool must_exist) {
+Result<std::optional<Credentials>> FromAuthFile(const fs::path& path, std::string_view registry,
+                                                std::string_view repository, bool must_exist) {
   std::error_code ec;
   if (!must_exist && !fs::exists(path, ec)) return std::optional<Credentials>();
   ASSIGN_OR_RETURN(json j, ReadAuthFile(path));
-  return FromAuthJson(j, "auth file " + path.string(), registry);
+  return FromAuthJson(j, "auth file " + path.string(), registry, repository);
 }
 
-// Credentials for a registry from an auth file's object; `name` says where
-// it came from, in messages.
-Result<std::optional<Credentials>> FromAuthJson(const json& j, const std::string& name, std::string_view registry) {
-  const std::string want = NormaliseKey(registry);
+// Decodes one "auths" entry; nullopt when it holds nothing.
+Result<std::optional<Credentials>> FromEntry(const json& entry, const std::string& name, const std::string& key) {
+  if (!entry.is_object()) return std::optional<Credentials>();
+  Credentials c;
+  if (auto a = entry.find("auth"); a != entry.end() && a->is_string() && !a->get<std::string>().empty()) {
+    auto decoded = Base64Decode(a->get<std::string>());
+    size_t colon = decoded.ok() ? decoded->find(':') : std::string::npos;
+    if (colon == std::string::npos) {
+      return InvalidArgument(name + " has a malformed \"auth\" entry for " + key +
+                             "; it must be base64 of user:password");
+    }
+    c.username = decoded->substr(0, colon);
+    c.password = decoded->substr(colon + 1);
+  } else {
+    c.username = entry.value("username", "");
+    c.password = entry.value("password", "");
+  }
+  if (auto t = entry.find("identitytoken"); t != entry.end() && t->is_string() && !t->get<std::string>().empty()) {
+    c.username = "<token>";
+    c.password = t->get<std::string>();
+  }
+  if (c.empty()) return std::optional<Credentials>();
+  c.source = name + " (key " + key + ")";
+  return std::optional<Credentials>(c);
+}
+
+// Credentials for registry/repository from an auth file's object; `name`
+// says where it came from, in messages.
+Result<std::optional<Credentials>> FromAuthJson(const json& j, const std::string& name, std::string_view registry,
+                                                std::string_view repository) {
+  const std::string host = NormaliseRegistry(registry);
   if (auto helpers = j.find("credHelpers"); helpers != j.end() && helpers->is_object()) {
     for (auto& [key, helper] : helpers->items()) {
-      if (NormaliseKey(key) == want && helper.is_string()) {
+      if (NormaliseUrlKey(key) == host && helper.is_string()) {
         ASSIGN_OR_RETURN(Credentials c, FromHelper(helper.get<std::string>(), registry));
+        c.source = "credential helper docker-credential-" + helper.get<std::string>();
         return std::optional<Credentials>(c);
       }
     }
   }
   if (auto auths = j.find("auths"); auths != j.end() && auths->is_object()) {
-    for (auto& [key, entry] : auths->items()) {
-      if (NormaliseKey(key) != want || !entry.is_object()) continue;
-      Credentials c;
-      if (auto a = entry.find("auth"); a != entry.end() && a->is_string() && !a->get<std::string>().empty()) {
-        auto decoded = Base64Decode(a->get<std::string>());
-        size_t colon = decoded.ok() ? decoded->find(':') : std::string::npos;
-        if (colon == std::string::npos) {
-          return InvalidArgument(name + " has a malformed \"auth\" entry for " + key +
-                                 "; it must be base64 of user:password");
-        }
-        c.username = decoded->substr(0, colon);
-        c.password = decoded->substr(colon + 1);
-      } else {
-        c.username = entry.value("username", "");
-        c.password = entry.value("password", "");
+    // The most specific key first: host/ns/repo, host/ns, host.
+    std::string key = host + (repository.empty() ? "" : "/" + std::string(repository));
+    for (;;) {
+      if (auto e = auths->find(key); e != auths->end()) {
+        ASSIGN_OR_RETURN(auto c, FromEntry(*e, name, key));
+        if (c) return c;
       }
-      if (auto t = entry.find("identitytoken"); t != entry.end() && t->is_string() && !t->get<std::string>().empty()) {
-        c.username = "<token>";
-        c.password = t->get<std::string>();
-      }
-      if (!c.empty()) return std::optional<Credentials>(c);
+      size_t slash = key.rfind('/');
+      if (slash == std::string::npos) break;
+      key.resize(slash);
+    }
+    // Then keys that name the registry another way (URLs, Docker Hub aliases).
+    for (auto& [k, entry] : auths->items()) {
+      if (k == host || NormaliseUrlKey(k) != host) continue;
+      ASSIGN_OR_RETURN(auto c, FromEntry(entry, name, k));
+      if (c) return c;
     }
   }
   if (auto store = j.find("credsStore"); store != j.end() && store->is_string() && !store->get<std::string>().empty()) {
     auto c = FromHelper(store->get<std::string>(), registry);
-    if (c.ok()) return std::optional<Credentials>(*c);
+    if (c.ok()) {
+      c->source = "credential store docker-credential-" + store->get<std::string>();
+      return std::optional<Credentials>(*c);
+    }
   }
   return std::optional<Credentials>();
 }
@@ -139,24 +176,55 @@ Result<Credentials> ParseCredsFlag(std::string_view value) {
   return c;
 }
 
-Result<std::optional<Credentials>> LookupCredentials(const AuthConfig& config, std::string_view registry) {
-  if (config.explicit_creds) return config.explicit_creds;
+AuthFileSearch AuthFilesToRead(const AuthConfig& config) {
+  AuthFileSearch s;
+  if (!config.authfile.empty()) {
+    s.files.push_back(config.authfile);
+    s.user_specified = true;
+    return s;
+  }
+  if (std::string f = Env(config, "REGISTRY_AUTH_FILE"); !f.empty()) {
+    s.files.push_back(f);
+    s.user_specified = true;
+    return s;
+  }
+  s.files.push_back(AuthFileToWrite(config));
+  const std::string home = Env(config, "HOME");
+  std::string xdg_config = Env(config, "XDG_CONFIG_HOME");
+  if (xdg_config.empty() && !home.empty()) xdg_config = home + "/.config";
+  if (!xdg_config.empty()) s.files.push_back(fs::path(xdg_config) / "containers/auth.json");
+  if (std::string d = Env(config, "DOCKER_CONFIG"); !d.empty()) {
+    s.files.push_back(fs::path(d) / "config.json");
+  } else if (!home.empty()) {
+    s.files.push_back(fs::path(home) / ".docker/config.json");
+  }
+  return s;
+}
+
+fs::path AuthFileToWrite(const AuthConfig& config) {
+  if (!config.authfile.empty()) return config.authfile;
+  if (std::string f = Env(config, "REGISTRY_AUTH_FILE"); !f.empty()) return f;
+  if (std::string xdg = Env(config, "XDG_RUNTIME_DIR"); !xdg.empty()) return fs::path(xdg) / "containers/auth.json";
+  return config.per_uid_root / std::to_string(::getuid()) / "auth.json";
+}
+
+Result<std::optional<Credentials>> LookupCredentials(const AuthConfig& config, std::string_view registry,
+                                                     std::string_view repository) {
+  if (config.explicit_creds) {
+    Credentials c = *config.explicit_creds;
+    if (c.source.empty()) c.source = "--creds";
+    return std::optional<Credentials>(c);
+  }
   if (config.authfile_json) {
     json j = ParseAuthJson(*config.authfile_json);
     if (j.is_null()) return InvalidArgument(config.authfile_name + " is not valid JSON; fix it");
-    return FromAuthJson(j, config.authfile_name, registry);
+    return FromAuthJson(j, config.authfile_name, registry, repository);
   }
-  if (!config.authfile.empty()) return FromAuthFile(config.authfile, registry, true);
-  if (std::string f = Env(config, "REGISTRY_AUTH_FILE"); !f.empty()) return FromAuthFile(f, registry, true);
-  if (std::string xdg = Env(config, "XDG_RUNTIME_DIR"); !xdg.empty()) {
-    ASSIGN_OR_RETURN(auto c, FromAuthFile(fs::path(xdg) / "containers/auth.json", registry, false));
+  AuthFileSearch search = AuthFilesToRead(config);
+  for (const auto& f : search.files) {
+    ASSIGN_OR_RETURN(auto c, FromAuthFile(f, registry, repository, search.user_specified));
     if (c) return c;
   }
-  std::string docker_config = Env(config, "DOCKER_CONFIG");
-  std::string home = Env(config, "HOME");
-  fs::path docker = !docker_config.empty() ? fs::path(docker_config) / "config.json"
-                                           : (home.empty() ? fs::path() : fs::path(home) / ".docker/config.json");
-  if (!docker.empty()) return FromAuthFile(docker, registry, false);
   return std::optional<Credentials>();
 }
 

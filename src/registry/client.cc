@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "registry/mirrors.h"
 #include "util/fs.h"
 #include "util/log.h"
 
@@ -145,8 +146,10 @@ struct RegistryClient::State {
 
   // Authentication state, learnt from the first 401.
   std::optional<Challenge> challenge;
-  bool creds_loaded = false;
-  std::optional<Credentials> creds;
+  // Credentials may differ per repository (namespaced auth.json keys).
+  std::string repo;  // the repository of the current request
+  std::map<std::string, std::optional<Credentials>> creds_by_repo;
+  std::optional<Credentials> creds;  // for `repo`, once loaded
   std::map<std::string, Token> tokens;  // by scope list
   int token_requests = 0;
   std::mt19937 rng{std::random_device{}()};
@@ -170,12 +173,22 @@ struct RegistryClient::State {
   }
 
   Status LoadCreds(const std::string& registry) {
-    if (creds_loaded) return OkStatus();
-    auto c = LookupCredentials(opt.auth, registry);
-    if (!c.ok()) return std::move(c).status().Annotate("reading credentials for " + registry);
-    creds = *c;
-    creds_loaded = true;
+    auto it = creds_by_repo.find(repo);
+    if (it == creds_by_repo.end()) {
+      auto c = LookupCredentials(opt.auth, registry, repo);
+      if (!c.ok()) return std::move(c).status().Annotate("reading credentials for " + registry);
+      if (*c) log::Debug("using credentials for {} from {}", registry, (*c)->source);
+      it = creds_by_repo.emplace(repo, *c).first;
+    }
+    creds = it->second;
     return OkStatus();
+  }
+
+  // The message for credentials the registry or its token service refused.
+  Status Refused(const std::string& registry) const {
+    return Unauthenticated("registry " + registry + " refused the credentials for user \"" + creds->username +
+                           "\" (from " + creds->source + "); check them, or log in again with regdisk login " +
+                           registry);
   }
 
   // Authorization header value for the given scopes, if any is known.
@@ -211,7 +224,8 @@ struct RegistryClient::State {
     RETURN_IF_ERROR(LoadCreds(registry));
     if (challenge->scheme == "basic") {
       if (!creds) {
-        return Unauthenticated("registry " + registry + " requires a login; pass --creds USER[:PASS] or --authfile FILE");
+        return Unauthenticated("registry " + registry + " requires a login; run regdisk login " + registry +
+                               ", or pass --creds USER or --authfile FILE");
       }
       return OkStatus();
     }
@@ -271,11 +285,9 @@ struct RegistryClient::State {
                              " refused the identity token from the auth file; log in again to renew it");
     }
     if (resp->status == 401 || resp->status == 403) {
-      if (creds) {
-        return Unauthenticated("registry " + registry + " refused the credentials for user \"" + creds->username +
-                               "\"; check --creds or the auth file");
-      }
-      return Unauthenticated("registry " + registry + " requires a login; pass --creds USER[:PASS] or --authfile FILE");
+      if (creds) return Refused(registry);
+      return Unauthenticated("registry " + registry + " requires a login; run regdisk login " + registry +
+                             ", or pass --creds USER or --authfile FILE");
     }
     if (resp->status != 200) {
       return Unavailable("the token service of " + registry + " answered HTTP " + std::to_string(resp->status));
@@ -308,11 +320,16 @@ RegistryClient::RegistryClient(std::string registry, ClientOptions options)
     tls = TlsOptions{};
   }
   s_->http = std::make_unique<HttpSession>(*tls, s_->opt.limits);
+  if (s_->opt.registries && !s_->opt.registries->registries.empty()) {
+    router_ = std::make_unique<MirrorRouter>(registry_, s_->opt);
+  }
 }
 
 RegistryClient::~RegistryClient() = default;
 
-int RegistryClient::token_requests() const { return s_->token_requests; }
+int RegistryClient::token_requests() const {
+  return s_->token_requests + (router_ ? router_->token_requests() : 0);
+}
 
 namespace {
 
@@ -331,8 +348,20 @@ struct Call {
 
 }  // namespace
 
+// The repository a request is about, from its first scope
+// ("repository:NAME:pull").
+static std::string RepoOfScopes(const std::vector<std::string>& scopes) {
+  if (scopes.empty() || scopes[0].rfind("repository:", 0) != 0) return {};
+  std::string r = scopes[0].substr(11);
+  return r.substr(0, r.rfind(':'));
+}
+
 static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& registry, const Call& call) {
   RETURN_IF_ERROR(s.init_status);
+  if (std::string repo = RepoOfScopes(call.scopes); repo != s.repo) {
+    s.repo = repo;
+    if (s.challenge) RETURN_IF_ERROR(s.LoadCreds(registry));
+  }
   std::string scope_key;
   for (const auto& sc : call.scopes) scope_key += sc + " ";
   int attempt = 0;
@@ -353,6 +382,8 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       std::string auth = s.AuthHeader(scope_key);
       if (!auth.empty()) req.headers.emplace_back("Authorization", auth);
     }
+    // One line per attempt (without the query, which may hold upload state).
+    log::Debug("{} {} (attempt {})", req.method, target.substr(0, target.find('?')), attempt + 1);
     TransportError te = TransportError::kNone;
     auto resp = s.http->Do(req, &te);
     if (!resp.ok()) {
@@ -379,6 +410,12 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
         return PermissionDenied("the registry " + registry + " refused the TLS client certificate " + cert +
                                 "; use one signed by a CA it trusts and not expired");
       }
+      if (te == TransportError::kConnect) {
+        // Nothing listens, or the name does not resolve: asking again will
+        // not change that, so fail at once and name the host.
+        return Unavailable("cannot reach registry " + registry + ": " + resp.status().message() +
+                           "; check the name and that the registry is running");
+      }
       if (te == TransportError::kAborted || !call.retry) return resp;
       if (++attempt >= s.opt.max_attempts) {
         return std::move(resp).status().Annotate("giving up after " + std::to_string(attempt) + " attempts");
@@ -398,8 +435,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       continue;
     }
     if (st == 401 && own_origin && s.challenge && s.challenge->scheme == "basic" && s.creds) {
-      return Unauthenticated("registry " + registry + " refused the credentials for user \"" + s.creds->username +
-                             "\"; check --creds or the auth file");
+      return s.Refused(registry);
     }
     if ((st == 301 || st == 302 || st == 303 || st == 307 || st == 308) && !resp->Header("location").empty()) {
       if (++redirects > kMaxRedirects) return Unavailable("too many redirects from " + registry);
@@ -427,8 +463,8 @@ Status StatusError(const std::string& what, const std::string& registry, const H
   std::string suffix = detail.empty() ? "" : " (" + detail + ")";
   switch (r.status) {
     case 401:
-      return Unauthenticated(what + ": registry " + registry + " requires a login; pass --creds USER[:PASS] or --authfile FILE" +
-                             suffix);
+      return Unauthenticated(what + ": registry " + registry + " requires a login; run regdisk login " + registry +
+                             ", or pass --creds USER or --authfile FILE" + suffix);
     case 403:
       return PermissionDenied(what + ": access denied by " + registry + suffix);
     case 404:
@@ -442,7 +478,32 @@ Status StatusError(const std::string& what, const std::string& registry, const H
 
 }  // namespace
 
+namespace {
+bool IsDigestRef(const std::string& ref) { return ref.find(':') != std::string::npos; }
+}  // namespace
+
+// Through the mirror router, when there is one: the same call on the client
+// of each source it picks.
+#define REGDISK_VIA_MIRRORS(T, repo, by_digest, what, CALL)                                              \
+  if (router_) {                                                                                         \
+    Result<T> routed_ = Internal("no source tried");                                                     \
+    Status routed_st_ = router_->Pull(repo, by_digest, what,                                              \
+                                      [&](RegistryClient& c, const std::string& r, const PullSource&) {  \
+                                        routed_ = c.CALL;                                                \
+                                        return routed_.status();                                         \
+                                      });                                                                \
+    if (!routed_st_.ok()) return routed_st_;                                                             \
+    return routed_;                                                                                      \
+  }
+#define REGDISK_VIA_PUSH_TARGET(repo, CALL)                 \
+  if (router_) {                                             \
+    ASSIGN_OR_RETURN(auto target_, router_->PushTarget(repo)); \
+    const std::string& r = target_.second;                   \
+    return target_.first->CALL;                              \
+  }
+
 Result<oci::RawManifest> RegistryClient::GetManifest(const std::string& repo, const std::string& ref) {
+  REGDISK_VIA_MIRRORS(oci::RawManifest, repo, IsDigestRef(ref), "manifest " + repo + ":" + ref, GetManifest(r, ref));
   const std::string what = "manifest " + repo + ":" + ref;
   Call c;
   c.req.url = "/v2/" + repo + "/manifests/" + ref;
@@ -485,6 +546,7 @@ Result<oci::RawManifest> RegistryClient::GetManifest(const std::string& repo, co
 }
 
 Result<oci::Digest> RegistryClient::ResolveManifest(const std::string& repo, const std::string& ref) {
+  REGDISK_VIA_MIRRORS(oci::Digest, repo, IsDigestRef(ref), "manifest " + repo + ":" + ref, ResolveManifest(r, ref));
   Call c;
   c.req.method = "HEAD";
   c.req.url = "/v2/" + repo + "/manifests/" + ref;
@@ -501,6 +563,7 @@ Result<oci::Digest> RegistryClient::ResolveManifest(const std::string& repo, con
 }
 
 Result<bool> RegistryClient::BlobExists(const std::string& repo, const oci::Digest& digest) {
+  REGDISK_VIA_PUSH_TARGET(repo, BlobExists(r, digest));
   Call c;
   c.req.method = "HEAD";
   c.req.url = "/v2/" + repo + "/blobs/" + digest.str();
@@ -513,6 +576,7 @@ Result<bool> RegistryClient::BlobExists(const std::string& repo, const oci::Dige
 
 Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink,
                                  uint64_t offset, oci::Hasher* resumed) {
+  if (router_) return router_->FetchBlob(repo, desc, sink, offset, resumed);
   const std::string what = "blob " + desc.digest.Short() + " of " + repo;
   oci::Hasher own(desc.digest.algorithm());
   oci::Hasher& hasher = resumed ? *resumed : own;
@@ -595,6 +659,12 @@ std::string WithDigest(const std::string& location, const oci::Digest& d) {
 
 Result<bool> RegistryClient::MountBlob(const std::string& repo, const oci::Descriptor& desc,
                                        const std::string& from_repo) {
+  if (router_) {
+    ASSIGN_OR_RETURN(auto from, router_->PushTarget(from_repo));
+    ASSIGN_OR_RETURN(auto to, router_->PushTarget(repo));
+    if (from.first != to.first) return false;  // the location moved it to another host
+    return to.first->MountBlob(to.second, desc, from.second);
+  }
   Call c;
   c.req.method = "POST";
   c.req.url = "/v2/" + repo + "/blobs/uploads/?mount=" + UrlEncode(desc.digest.str()) + "&from=" + UrlEncode(from_repo);
@@ -616,6 +686,7 @@ Result<bool> RegistryClient::MountBlob(const std::string& repo, const oci::Descr
 }
 
 Status RegistryClient::PushBlobBytes(const std::string& repo, const oci::Descriptor& desc, std::string_view bytes) {
+  REGDISK_VIA_PUSH_TARGET(repo, PushBlobBytes(r, desc, bytes));
   auto file = TempDir::Create("regdisk-blob");
   if (!file.ok()) return file.status();
   fs::path p = file->path() / "blob";
@@ -625,6 +696,7 @@ Status RegistryClient::PushBlobBytes(const std::string& repo, const oci::Descrip
 }
 
 Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& desc, int fd, uint64_t offset) {
+  REGDISK_VIA_PUSH_TARGET(repo, PushBlob(r, desc, fd, offset));
   const std::string what = "uploading blob " + desc.digest.Short() + " to " + repo;
   const uint64_t size = static_cast<uint64_t>(desc.size);
   const std::vector<std::string> scopes = {Scope(repo, true)};
@@ -692,6 +764,7 @@ Status RegistryClient::PushBlob(const std::string& repo, const oci::Descriptor& 
 
 Result<oci::Descriptor> RegistryClient::PushBlobStream(
     const std::string& repo, const std::function<Result<oci::Descriptor>(int fd)>& produce) {
+  REGDISK_VIA_PUSH_TARGET(repo, PushBlobStream(r, produce));
   const std::string what = "uploading a blob to " + repo;
   const std::vector<std::string> scopes = {Scope(repo, true)};
   Call start;
@@ -736,6 +809,7 @@ Result<oci::Descriptor> RegistryClient::PushBlobStream(
 }
 
 Status RegistryClient::PutManifest(const std::string& repo, const std::string& ref, const oci::RawManifest& m) {
+  REGDISK_VIA_PUSH_TARGET(repo, PutManifest(r, ref, m));
   Call c;
   c.req.method = "PUT";
   c.req.url = "/v2/" + repo + "/manifests/" + ref;
@@ -751,7 +825,17 @@ Status RegistryClient::PutManifest(const std::string& repo, const std::string& r
   return OkStatus();
 }
 
+Status RegistryClient::CheckLogin() {
+  Call c;
+  c.req.url = "/v2/";
+  ASSIGN_OR_RETURN(HttpResponse resp, Send(*s_, registry_, c));
+  if (resp.status == 200) return OkStatus();
+  if (resp.status == 401 && s_->creds) return s_->Refused(registry_);
+  return StatusError("checking the login", registry_, resp);
+}
+
 Result<std::vector<std::string>> RegistryClient::ListTags(const std::string& repo) {
+  REGDISK_VIA_MIRRORS(std::vector<std::string>, repo, false, "tags of " + repo, ListTags(r));
   std::vector<std::string> tags;
   std::string path = "/v2/" + repo + "/tags/list";
   for (int page = 0; page < 1000 && !path.empty(); ++page) {

@@ -28,6 +28,7 @@
 #include "oci/manifest.h"
 #include "registry/auth.h"
 #include "registry/http.h"
+#include "registry/registries_conf.h"
 #include "util/cancel.h"
 #include "util/status.h"
 
@@ -41,8 +42,13 @@ struct ClientOptions {
   // Where certs.d directories are searched (tests point these elsewhere).
   std::vector<std::filesystem::path> certs_d_roots = {"/etc/containers/certs.d", "/etc/docker/certs.d"};
   AuthConfig auth;
+  // registries.conf: mirrors, location rewriting, blocked and insecure
+  // registries (see mirrors.h). Null: talk to the registry named.
+  std::shared_ptr<const RegistriesConf> registries;
   HttpLimits limits;
-  int max_attempts = 6;  // per request, counting the first
+  // Per request, counting the first. Connection refused, a name that does
+  // not resolve and an untrusted certificate are never retried.
+  int max_attempts = 6;
   std::chrono::milliseconds backoff_base{250};
   std::chrono::milliseconds backoff_max{8000};
   std::chrono::milliseconds retry_after_max{60000};
@@ -57,6 +63,8 @@ struct ClientOptions {
 // Receives a blob's bytes in order; an error aborts the download.
 using BlobSink = std::function<Status(std::string_view chunk)>;
 
+class MirrorRouter;
+
 class RegistryClient {
  public:
   // registry: host[:port] as written in the reference ("docker.io" allowed).
@@ -65,6 +73,9 @@ class RegistryClient {
 
   const std::string& registry() const { return registry_; }
 
+  // With registries.conf entries (ClientOptions::registries), reads try the
+  // mirrors first and writes go to the registry's location (mirrors.h).
+  //
   // Fetches a manifest by tag or digest. When ref is a digest the bytes are
   // checked against it; otherwise against Docker-Content-Digest if sent.
   Result<oci::RawManifest> GetManifest(const std::string& repo, const std::string& ref);
@@ -101,6 +112,11 @@ class RegistryClient {
   // PUT a manifest under ref (a tag, or its own digest).
   Status PutManifest(const std::string& repo, const std::string& ref, const oci::RawManifest& manifest);
 
+  // GET /v2/ with the configured credentials: OK when the registry accepts
+  // them (or needs none); Unauthenticated naming the refusal otherwise.
+  // What `regdisk login` checks before it stores anything.
+  Status CheckLogin();
+
   // Lists tags (follows pagination).
   Result<std::vector<std::string>> ListTags(const std::string& repo);
 
@@ -112,6 +128,7 @@ class RegistryClient {
  private:
   std::unique_ptr<State> s_;
   std::string registry_;
+  std::unique_ptr<MirrorRouter> router_;  // when registries.conf has entries
 };
 
 }  // namespace regdisk::registry

@@ -73,7 +73,18 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
   po.cancel = o.cancel;
   log::Info("pulling {}", key);
   auto img = st.Pull(*source, key, po);
-  if (!img.ok()) return std::move(img).status().Annotate("pulling " + key);
+  if (!img.ok()) {
+    Status failed = std::move(img).status();
+    // The registry is unreachable but the store has the tag: say so.
+    if (failed.code() == Code::kUnavailable || failed.code() == Code::kDeadlineExceeded) {
+      auto have = st.Lookup(key);
+      if (have.ok() && *have) {
+        failed = Status(failed.code(), failed.message() + "; the node store has a copy of " + key +
+                                           ", which imagePullPolicy: IfNotPresent would use");
+      }
+    }
+    return failed.Annotate("pulling " + key);
+  }
   return img;
 }
 

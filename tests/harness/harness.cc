@@ -242,7 +242,8 @@ std::string TokenServer::realm() const { return "http://127.0.0.1:" + std::to_st
 
 // --- TestRegistry ----------------------------------------------------------------
 
-Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, TokenServer::Options token_options) {
+Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, TokenServer::Options token_options,
+                                                          Extra extra) {
   ASSIGN_OR_RETURN(TempDir dir, TempDir::Create("regdisk-registry"));
   std::unique_ptr<TestRegistry> reg(new TestRegistry(std::move(dir)));
   const fs::path d = reg->dir_.path();
@@ -286,10 +287,12 @@ Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, Tok
   }
   for (int attempt = 0; attempt < 5; ++attempt) {
     reg->port_ = FreePort();
-    std::string config = "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+    std::string config = "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: " +
+                         std::string(extra.access_log ? "false" : "true") + "\nstorage:\n  filesystem:\n"
                          "    rootdirectory: " + (d / "data").string() +
                          "\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:" + std::to_string(reg->port_) +
                          "\n  secret: regdisk-test-secret\n" + tls_yaml + auth_yaml;
+    if (!extra.proxy_remote_url.empty()) config += "proxy:\n  remoteurl: " + extra.proxy_remote_url + "\n";
     RETURN_IF_ERROR(WriteFileAtomic(d / "config.yml", config));
     Process::Options opt;
     opt.stdout_mode = Process::Stdio::kFile;
@@ -307,8 +310,11 @@ Result<std::unique_ptr<TestRegistry>> TestRegistry::Start(RegistryMode mode, Tok
   return Unavailable("docker-registry did not start: " + reg->log());
 }
 
-TestRegistry::~TestRegistry() {
+TestRegistry::~TestRegistry() { Stop(); }
+
+void TestRegistry::Stop() {
   if (proc_) proc_->Terminate(3s);
+  proc_.reset();
 }
 
 std::string TestRegistry::log() const {

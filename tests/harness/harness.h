@@ -111,11 +111,24 @@ class TokenServer {
 // (ca_dir() holds the CA and such a pair, client.cert and client.key).
 enum class RegistryMode { kPlain, kTlsBasic, kToken, kMutualTls };
 
+struct TestRegistryExtra {
+  // Non-empty: a pull-through cache (docker-registry's proxy mode) of the
+  // registry at this URL ("http://127.0.0.1:PORT").
+  std::string proxy_remote_url;
+  // Log one line per request (Apache combined format, with the user agent)
+  // to log().
+  bool access_log = false;
+};
+
 // Debian's docker-registry (Distribution v2) in a temp dir.
 class TestRegistry {
  public:
-  static Result<std::unique_ptr<TestRegistry>> Start(RegistryMode mode, TokenServer::Options token_options = {});
+  using Extra = TestRegistryExtra;
+  static Result<std::unique_ptr<TestRegistry>> Start(RegistryMode mode, TokenServer::Options token_options = {},
+                                                     Extra extra = {});
   ~TestRegistry();
+  // Stops the registry; its port then refuses connections.
+  void Stop();
 
   // "127.0.0.1:PORT"
   std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
