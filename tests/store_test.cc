@@ -131,9 +131,9 @@ TEST_F(StoreTest, PullsQcow2FromARegistryOnceAndDescribesIt) {
     EXPECT_LT(fs::file_size(e.path()), 4096u) << "a layer blob was kept: " << e.path();
   }
 
-  r = Regdisk({"inspect", "--disk", remote});
+  r = Regdisk({"images", "-o", "json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  json j = json::parse(r.out);
+  json j = json::parse(r.out)[0];
   EXPECT_EQ(j["digest"], digest);
   EXPECT_EQ(j["disk"]["path"], "/disk/fedora25.qcow2");
   EXPECT_EQ(j["disk"]["format"], "qcow2");
@@ -654,25 +654,25 @@ TEST_F(StoreTest, PullReportsProgressPerLayer) {
   ASSERT_OK(name);
   auto src = image::OpenSource(*name, {});
   ASSERT_OK(src);
-  struct Call {
-    size_t layer, layers;
-    uint64_t done, total;
-  };
-  std::vector<Call> calls;
+  using Kind = image::ProgressEvent::Kind;
+  std::vector<image::ProgressEvent> calls;
   store::PullOptions po;
-  po.on_progress = [&](size_t layer, size_t layers, uint64_t done, uint64_t total) {
-    calls.push_back({layer, layers, done, total});
-  };
+  po.on_progress = [&](const image::ProgressEvent& e) { calls.push_back(e); };
   ASSERT_OK(st->Pull(**src, name->String(), po));
-  ASSERT_GE(calls.size(), 3u);  // every 4 MiB of a 12 MiB layer, and its end
+  // Start, every 4 MiB of a 12 MiB layer, and done.
+  ASSERT_GE(calls.size(), 4u);
+  EXPECT_EQ(calls.front().kind, Kind::kStart);
+  EXPECT_EQ(calls.front().done, 0u);
+  EXPECT_EQ(calls.back().kind, Kind::kDone);
   for (size_t i = 0; i < calls.size(); ++i) {
-    EXPECT_EQ(calls[i].layer, 0u);
-    EXPECT_EQ(calls[i].layers, 1u);
-    if (i > 0) {
+    EXPECT_EQ(calls[i].blob, calls[0].blob);
+    if (i > 0 && i + 1 < calls.size()) {
+      EXPECT_EQ(calls[i].kind, Kind::kBytes);
       EXPECT_GT(calls[i].done, calls[i - 1].done);
     }
   }
   EXPECT_EQ(calls.back().done, calls.back().total);
+  EXPECT_EQ(calls.back().total, 0u + static_cast<uint64_t>(fs::file_size(tmp() / "layout" / "blobs" / "sha256" / calls[0].blob.hex())));
 }
 
 }  // namespace
