@@ -89,16 +89,29 @@ TEST_F(ImageCmdsTest, InspectHasSkopeosFieldsAndValues) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json sk = json::parse(s.out), rd = json::parse(r.out);
   // The same keys, in skopeo's order (Tag and Variant are omitted when empty
-  // by both), plus Disk.
+  // by both), plus Disk. Debian's skopeo 1.9 predates LayersData (1.10).
   std::vector<std::string> sk_keys, rd_keys;
-  for (auto& [k, v] : nlohmann::ordered_json::parse(s.out).items()) sk_keys.push_back(k);
-  for (auto& [k, v] : nlohmann::ordered_json::parse(r.out).items()) {
-    if (k != "Disk") rd_keys.push_back(k);
+  const auto sk_ordered = nlohmann::ordered_json::parse(s.out), rd_ordered = nlohmann::ordered_json::parse(r.out);
+  for (const auto& [k, v] : sk_ordered.items()) sk_keys.push_back(k);
+  for (const auto& [k, v] : rd_ordered.items()) {
+    if (k != "Disk" && (k != "LayersData" || sk.contains("LayersData"))) rd_keys.push_back(k);
   }
   EXPECT_EQ(rd_keys, sk_keys);
   for (const char* k : {"Name", "Digest", "RepoTags", "Created", "DockerVersion", "Labels", "Architecture", "Os", "Layers",
-                        "LayersData", "Env"}) {
+                        "Env"}) {
     EXPECT_EQ(rd[k], sk[k]) << k;
+  }
+  // LayersData as skopeo 1.10+ writes it, from the manifest.
+  const json manifest = json::parse(RunProgram({"skopeo", "inspect", "--tls-verify=false", "--raw", ref}).out);
+  ASSERT_EQ(rd["LayersData"].size(), manifest["layers"].size());
+  for (size_t i = 0; i < manifest["layers"].size(); ++i) {
+    const json& l = manifest["layers"][i];
+    EXPECT_EQ(rd["LayersData"][i],
+              json({{"MIMEType", l["mediaType"]}, {"Digest", l["digest"]}, {"Size", l["size"]},
+                    {"Annotations", l.contains("annotations") ? l["annotations"] : json(nullptr)}}));
+  }
+  if (sk.contains("LayersData")) {
+    EXPECT_EQ(rd["LayersData"], sk["LayersData"]);
   }
   EXPECT_EQ(rd["RepoTags"], json({"v1", "v2"}));
   EXPECT_EQ(rd["Labels"]["team"], "disks");
@@ -137,8 +150,11 @@ TEST_F(ImageCmdsTest, InspectHasSkopeosFieldsAndValues) {
     r = RunRegdisk({"inspect", "--format", format, ref});
     ASSERT_EQ(r.exit_code, 0) << format << ": " << r.err;
     EXPECT_EQ(r.out, want) << format;
-    if (format.find("Disk") == std::string::npos && format.find('\\') == std::string::npos) {
+    // skopeo 1.9's templates have no json function.
+    if (format.find("Disk") == std::string::npos && format.find('\\') == std::string::npos &&
+        format.find("json") == std::string::npos) {
       s = RunProgram({"skopeo", "inspect", "--tls-verify=false", "--format", format, ref});
+      ASSERT_EQ(s.exit_code, 0) << format << ": " << s.err;
       std::string sk_out = s.out;
       if (sk_out.empty() || sk_out.back() != '\n') sk_out += '\n';
       EXPECT_EQ(r.out, sk_out) << format << " (skopeo: " << s.err << ")";
