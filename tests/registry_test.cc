@@ -178,7 +178,7 @@ TEST_F(RegistryTest, TlsAndBasicAuth) {
   // Password on stdin rather than the command line.
   r = RunRegdisk({"inspect", remote, "--cert-dir", certs, "--creds", (*reg)->user()}, (*reg)->password() + "\n");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["digest"], img->manifest_digest.str());
+  EXPECT_EQ(json::parse(r.out)["Digest"], img->manifest_digest.str());
 
   // An auth file, as podman writes it.
   std::string authfile = (tmp() / "auth.json").string();
