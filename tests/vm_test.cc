@@ -192,9 +192,15 @@ TEST_F(VmTest, RmiKeepsADiskARunningVmUsesUntilItStops) {
   ASSERT_OK(p);
   ASSERT_TRUE(WaitFor(P("run.out"), "REGDISK-GUEST-DONE", 60s)) << ReadFileCapped(P("run.err"), 1 << 20).value_or("");
 
+  // Without --force, rmi refuses and removes nothing.
   RunResult r = RunRegdisk({"--root", root_, "rmi", image});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("is in use by a running VM; stop the VM first, or use --force"));
+  EXPECT_THAT(RunRegdisk({"--root", root_, "images"}).out, HasSubstr("fedora25"));
+  // With it, the name goes now and the disk once the VM stops.
+  r = RunRegdisk({"--root", root_, "rmi", "--force", image});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr("removed " + image));
+  EXPECT_THAT(r.out, HasSubstr("Untagged: " + image));
   EXPECT_THAT(r.err, HasSubstr("a running VM uses it"));
   EXPECT_FALSE(fs::is_empty(fs::path(root_) / "disks"));  // kept under the running VM
   EXPECT_THAT(RunRegdisk({"--root", root_, "images"}).out, Not(HasSubstr("fedora25")));
