@@ -445,9 +445,9 @@ class Bench:
         store = os.path.join(self.work, "store")
         for repo in ("bench/qcow2-gzip", "bench/qcow2-zstd"):
             shutil.rmtree(store, ignore_errors=True)
-            out = subprocess.run(self.rd("inspect", "--disk", f"docker://{self.reg.host}/{repo}:latest"),
-                                 capture_output=True, check=True)
-            stored = json.loads(out.stdout)["disk"]["file"]
+            subprocess.run(self.rd("pull", f"docker://{self.reg.host}/{repo}:latest"), capture_output=True, check=True)
+            out = subprocess.run(self.rd("images", "-o", "json"), capture_output=True, check=True)
+            stored = json.loads(out.stdout)[0]["disk"]["file"]
             subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", qcow2, stored], check=True)
 
     def micro(self):

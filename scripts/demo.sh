@@ -66,12 +66,13 @@ step "regdisk build hello.qcow2 -t $ref"
 step "regdisk pull $ref    (into the node store at $REGDISK_ROOT)"
 "$regdisk" pull "$ref"
 
-step "regdisk inspect --disk $ref"
-"$regdisk" inspect --disk "$ref" | tee "$work/disk.json"
-stored=$(sed -n 's/.*"file": "\(.*\)".*/\1/p' "$work/disk.json")
+step "regdisk inspect --disk $ref    (skopeo's fields, and the disk read from its header)"
+"$regdisk" inspect --disk "$ref"
 
 step "regdisk images"
 "$regdisk" images
+"$regdisk" images -o json > "$work/images.json"
+stored=$(sed -n 's/.*"file": "\(.*\)".*/\1/p' "$work/images.json")
 
 step "Checking the stored disk against the original with qemu-img compare"
 qemu-img compare -f qcow2 -F qcow2 "$work/hello.qcow2" "$stored"

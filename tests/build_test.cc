@@ -151,9 +151,12 @@ TEST_F(BuildTest, BuildPushPullRoundTripsManyDisks) {
     if (comp == "gzip" && i % 2 == 0) args = {"build", P(name), "-t", remote, "--format", "docker"};  // gzip implied
     RunResult r = Regdisk(args);
     ASSERT_EQ(r.exit_code, 0) << name << ": " << r.err;
-    r = Regdisk({"inspect", "--disk", remote});
+    r = Regdisk({"pull", remote});
     ASSERT_EQ(r.exit_code, 0) << name << ": " << r.err;
-    json j = json::parse(r.out);
+    json j;
+    for (const auto& img : json::parse(Regdisk({"images", "-o", "json"}).out)) {
+      if (img["name"] == remote) j = img;
+    }
     EXPECT_EQ(j["disk"]["format"], qcow2 ? "qcow2" : "raw") << name;
     EXPECT_EQ(j["disk"]["path"], "/disk/" + name);
     EXPECT_EQ(ReadFileCapped(j["disk"]["file"].get<std::string>(), 1 << 27).value(), ReadFileCapped(P(name), 1 << 27).value())
@@ -187,9 +190,9 @@ TEST_F(BuildTest, DockerfileWorkflowWithBuildah) {
 
   r = Regdisk({"pull", "docker://" + host + "/vmdisks/fedora25:latest"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = Regdisk({"inspect", "--disk", "docker://" + host + "/vmdisks/fedora25:latest"});
+  r = Regdisk({"images", "-o", "json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  json j = json::parse(r.out);
+  json j = json::parse(r.out)[0];
   EXPECT_EQ(j["disk"]["path"], "/disk/fedora25.qcow2");
   EXPECT_EQ(j["disk"]["format"], "qcow2");
   EXPECT_EQ(j["disk"]["virtualSize"], 48 << 20);
@@ -203,11 +206,11 @@ TEST_F(BuildTest, DockerfileWorkflowWithBuildah) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   r = Regdisk({"inspect", native});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["layers"].size(), 2u);
-  EXPECT_EQ(json::parse(r.out)["labels"]["io.regdisk.base"], "v1");
+  EXPECT_EQ(json::parse(r.out)["Layers"].size(), 2u);
+  EXPECT_EQ(json::parse(r.out)["Labels"]["io.regdisk.base"], "v1");
   r = Regdisk({"inspect", "--disk", native});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/fedora25.qcow2");
+  EXPECT_EQ(json::parse(r.out)["Disk"]["Path"], "/disk/fedora25.qcow2");
 }
 
 }  // namespace

@@ -117,7 +117,7 @@ class CrashTest : public TempDirTest {
   void ExpectRecovers(const fs::path& root, const std::string& what) {
     auto st = store::Store::Open(root);
     ASSERT_OK(st);
-    auto found = st->Lookup("disk:v1");
+    auto found = st->Lookup("disk:v1", oci::Platform{"linux", "amd64", ""});
     ASSERT_OK(found);
     if (found->has_value()) {
       // The failure came after the commit (syncing the name's directory):

@@ -49,7 +49,7 @@ TEST_F(InteropTest, RegdiskPullsWhatSkopeoPushed) {
   EXPECT_EQ(Trim(r.out), skopeo_digest);
   r = RunRegdisk({"inspect", Remote("vm/skopeo:v1")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["digest"], skopeo_digest);
+  EXPECT_EQ(json::parse(r.out)["Digest"], skopeo_digest);
 }
 
 TEST_F(InteropTest, SkopeoReadsWhatRegdiskPushed) {
@@ -101,7 +101,7 @@ TEST_F(InteropTest, SkopeoAndUmociReadRegdisksLayout) {
   std::string skopeo_digest = Trim(r.out);
   r = RunRegdisk({"inspect", theirs});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["digest"], skopeo_digest);
+  EXPECT_EQ(json::parse(r.out)["Digest"], skopeo_digest);
   r = RunRegdisk({"copy", theirs, Remote("vm/from-skopeo-layout:v1")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(Trim(r.out), skopeo_digest);

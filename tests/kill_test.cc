@@ -67,9 +67,11 @@ TEST_F(KillTest, PullsKilledAnywhereLeaveAWholeStoreAndResume) {
   for (const auto& e : fs::directory_iterator(fs::path(root) / "ingest")) {
     partials += e.path().filename().string() + ": " + std::to_string(fs::file_size(e.path())) + " bytes\n";
   }
-  RunResult r = RunRegdisk({"--root", root, "-v", "inspect", "--disk", ref});
+  RunResult r = RunRegdisk({"--root", root, "-v", "pull", ref});
   ASSERT_EQ(r.exit_code, 0) << r.err << "partial downloads before it:\n" << partials;
-  EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 64 << 20).value_or(""), disk);
+  r = RunRegdisk({"--root", root, "images", "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(json::parse(r.out)[0]["disk"]["file"].get<std::string>(), 64 << 20).value_or(""), disk);
   ExpectStoreWhole(root, "at the end");
   EXPECT_TRUE(fs::is_empty(fs::path(root) / "tmp"));
   EXPECT_TRUE(fs::is_empty(fs::path(root) / "ingest"));

@@ -55,11 +55,11 @@ TEST_F(RegistryTest, PlainRoundTripKeepsDigests) {
   RunResult inspect = RunRegdisk({"inspect", remote});
   ASSERT_EQ(inspect.exit_code, 0) << inspect.err;
   json j = json::parse(inspect.out);
-  EXPECT_EQ(j["digest"], img->manifest_digest.str());
-  EXPECT_EQ(j["mediaType"], "application/vnd.oci.image.manifest.v1+json");
-  EXPECT_EQ(j["layers"][0]["digest"], img->layers[0].digest.str());
-  EXPECT_EQ(j["labels"]["org.example.test"], "v1");
-  EXPECT_EQ(j["architecture"], "amd64");
+  EXPECT_EQ(j["Digest"], img->manifest_digest.str());
+  EXPECT_EQ(j["LayersData"][0]["MIMEType"], img->layers[0].media_type);
+  EXPECT_EQ(j["Layers"][0], img->layers[0].digest.str());
+  EXPECT_EQ(j["Labels"]["org.example.test"], "v1");
+  EXPECT_EQ(j["Architecture"], "amd64");
 
   RunResult pull = RunRegdisk({"copy", remote, Layout("back", "fedora25")});
   ASSERT_EQ(pull.exit_code, 0) << pull.err;
@@ -178,7 +178,7 @@ TEST_F(RegistryTest, TlsAndBasicAuth) {
   // Password on stdin rather than the command line.
   r = RunRegdisk({"inspect", remote, "--cert-dir", certs, "--creds", (*reg)->user()}, (*reg)->password() + "\n");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["digest"], img->manifest_digest.str());
+  EXPECT_EQ(json::parse(r.out)["Digest"], img->manifest_digest.str());
 
   // An auth file, as podman writes it.
   std::string authfile = (tmp() / "auth.json").string();
@@ -383,8 +383,9 @@ TEST_F(RegistryTest, IndexIsPushedAfterItsChildren) {
   r = RunRegdisk({"--platform", "linux/arm64", "inspect", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json j = json::parse(r.out);
-  EXPECT_EQ(j["digest"], arm->manifest_digest.str());
-  EXPECT_EQ(j["index"]["digest"], id.digest.str());
+  EXPECT_EQ(j["Digest"], id.digest.str());  // as skopeo: the digest the name points at
+  EXPECT_EQ(j["Architecture"], "arm64");
+  EXPECT_EQ(j["Layers"][0], arm->layers[0].digest.str());
   r = RunRegdisk({"--platform", "linux/riscv64", "inspect", remote});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("no variant for platform linux/riscv64 (it offers: linux/amd64, linux/arm64)"));

@@ -57,6 +57,23 @@ class StoreTest : public TempDirTest {
     EXPECT_TRUE(img.ok());
     return img.ok() ? img->manifest_digest.str() : "";
   }
+  // Pulls, and answers with the stored image as images -o json describes it
+  // (name, digest, disk: path, format, virtualSize, size, file) in out. The
+  // arguments are those of the "inspect --disk" that once did both.
+  RunResult PullDescribe(std::vector<std::string> args) {
+    auto at = std::find(args.begin(), args.end(), "inspect");
+    *at = "pull";
+    args.erase(at + 1);  // --disk
+    RunResult r = Regdisk(args);
+    if (r.exit_code != 0) return r;
+    const std::string name = image::ImageName::Parse(args.back()).value().String();
+    RunResult list = Regdisk({"images", "-o", "json"});
+    r.out.clear();
+    for (const auto& img : json::parse(list.out)) {
+      if (img["name"] == name) r.out = img.dump();
+    }
+    return r;
+  }
   // The store holds no image, no blob, no staging and no partial download.
   void ExpectStoreEmpty() {
     for (const char* sub : {"disks", "blobs/sha256", "tmp", "ingest"}) {
@@ -131,9 +148,9 @@ TEST_F(StoreTest, PullsQcow2FromARegistryOnceAndDescribesIt) {
     EXPECT_LT(fs::file_size(e.path()), 4096u) << "a layer blob was kept: " << e.path();
   }
 
-  r = Regdisk({"inspect", "--disk", remote});
+  r = Regdisk({"images", "-o", "json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  json j = json::parse(r.out);
+  json j = json::parse(r.out)[0];
   EXPECT_EQ(j["digest"], digest);
   EXPECT_EQ(j["disk"]["path"], "/disk/fedora25.qcow2");
   EXPECT_EQ(j["disk"]["format"], "qcow2");
@@ -152,7 +169,7 @@ TEST_F(StoreTest, PullsQcow2FromARegistryOnceAndDescribesIt) {
 
   r = Regdisk({"images"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr(remote));
+  EXPECT_THAT(r.out, HasSubstr((*reg)->host() + "/vmdisks/fedora25  latest"));
   EXPECT_THAT(r.out, HasSubstr("qcow2"));
   r = Regdisk({"images", "-o", "json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -168,7 +185,7 @@ TEST_F(StoreTest, LayerCompressionsAndSparseRawDisks) {
   for (const char* c : {"gzip", "zstd", ""}) {
     std::string tag = std::string("raw-") + (*c ? c : "none");
     PushDiskImage(tag, {{"disk.img", raw}}, c);
-    RunResult r = Regdisk({"inspect", "--disk", Layout(tag)});
+    RunResult r = PullDescribe({"inspect", "--disk", Layout(tag)});
     ASSERT_EQ(r.exit_code, 0) << c << ": " << r.err;
     json j = json::parse(r.out);
     EXPECT_EQ(j["disk"]["format"], "raw");
@@ -190,32 +207,32 @@ TEST_F(StoreTest, WhiteoutsAndDiskAsAFile) {
                            "gzip");
   // .wh.b.qcow2 deletes b: a is left.
   PushLayers("whiteout", {l1, MakeTar({{"disk/.wh.b.qcow2", Type::kFile, ""}}, "gzip")}, "gzip");
-  RunResult r = Regdisk({"inspect", "--disk", Layout("whiteout")});
+  RunResult r = PullDescribe({"inspect", "--disk", Layout("whiteout")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/a.qcow2");
   // An opaque directory hides everything below it: only c is left.
   PushLayers("opaque", {l1, MakeTar({{"disk/.wh..wh..opq", Type::kFile, ""}, {"disk/c.qcow2", Type::kFile, c}}, "gzip")},
              "gzip");
-  r = Regdisk({"inspect", "--disk", Layout("opaque")});
+  r = PullDescribe({"inspect", "--disk", Layout("opaque")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/c.qcow2");
   EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 3 << 20);
   // Without --path two disks are an error that lists them; with it, fine.
   PushLayers("two", {l1}, "gzip");
-  r = Regdisk({"inspect", "--disk", Layout("two")});
+  r = PullDescribe({"inspect", "--disk", Layout("two")});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("holds 2 files under /disk (\"/disk/a.qcow2\", \"/disk/b.qcow2\"); name one with --path"));
-  r = Regdisk({"inspect", "--disk", "--path", "/disk/b.qcow2", Layout("two")});
+  r = PullDescribe({"inspect", "--disk", "--path", "/disk/b.qcow2", Layout("two")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 2 << 20);
   // The same image's other disk is a disk of its own, not the one pulled before.
-  r = Regdisk({"inspect", "--disk", "--path", "/disk/a.qcow2", Layout("two")});
+  r = PullDescribe({"inspect", "--disk", "--path", "/disk/a.qcow2", Layout("two")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk/a.qcow2");
   EXPECT_EQ(json::parse(r.out)["disk"]["virtualSize"], 1 << 20);
   // /disk itself as a file (ADD disk.qcow2 /disk onto a base without /disk).
   PushLayers("file", {MakeTar({{"disk", Type::kFile, a}}, "gzip")}, "gzip");
-  r = Regdisk({"inspect", "--disk", Layout("file")});
+  r = PullDescribe({"inspect", "--disk", Layout("file")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out)["disk"]["path"], "/disk");
 }
@@ -337,7 +354,7 @@ TEST_F(StoreTest, GzipLayersWithSeveralMembersAndBrokenStreams) {
   // pigz-style: the tar stream split across two concatenated gzip members.
   std::string two = gz(tar.substr(0, 70001)) + gz(tar.substr(70001));
   PushLayers("members", {two}, "gzip");
-  RunResult r = Regdisk({"inspect", "--disk", Layout("members")});
+  RunResult r = PullDescribe({"inspect", "--disk", Layout("members")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
   // Truncated and corrupted gzip streams are refused cleanly (in a store of
@@ -385,7 +402,7 @@ TEST_F(StoreTest, InterruptedDownloadResumesFromTheIngestFile) {
     resumed = true;
   }
   EXPECT_TRUE(resumed);
-  r = Regdisk({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
+  r = PullDescribe({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
   // A partial file with the wrong bytes is detected, and the blob fetched
@@ -393,7 +410,7 @@ TEST_F(StoreTest, InterruptedDownloadResumesFromTheIngestFile) {
   root_ = (tmp() / "root2").string();
   ASSERT_OK(MakeDirs(fs::path(root_) / "ingest"));
   ASSERT_OK(WriteFileAtomic(fs::path(root_) / "ingest" / ("sha256-" + layer.digest.hex()), std::string(half, 'x'), 0600));
-  r = Regdisk({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
+  r = PullDescribe({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/resume:v1"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("did not verify; fetching it again from the start"));
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
@@ -417,7 +434,7 @@ TEST_F(StoreTest, AStreamedLayerSurvivesCutsAndAWrongDigestLeavesNothing) {
   cut.cut_after = 1 << 20;
   cut.times = 2;
   (*proxy)->AddRule(cut);
-  RunResult r = Regdisk({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/cut:v1"});
+  RunResult r = PullDescribe({"inspect", "--disk", "docker://" + (*proxy)->host() + "/vm/cut:v1"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
   std::vector<std::string> ranges;
@@ -458,7 +475,7 @@ TEST_F(StoreTest, APullKilledMidLayerResumesWhereItStopped) {
   EXPECT_TRUE(pull->Wait(std::chrono::seconds(10)).has_value());
   EXPECT_FALSE(fs::is_empty(fs::path(root_) / "tmp")) << "the killed pull's staging should be there";
 
-  RunResult r = Regdisk({"inspect", "--disk", remote});
+  RunResult r = PullDescribe({"inspect", "--disk", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
   auto seen = proxy->seen();
@@ -499,7 +516,7 @@ TEST_F(StoreTest, FsckFindsEachKindOfDamageAndRepairRemovesIt) {
   PushDiskImage("d", {{"d.img", RandomBytes(1 << 20, 53)}});
   std::map<std::string, json> disk;
   for (const char* t : {"a", "b", "c", "d"}) {
-    RunResult r = Regdisk({"inspect", "--disk", Layout(t)});
+    RunResult r = PullDescribe({"inspect", "--disk", Layout(t)});
     ASSERT_EQ(r.exit_code, 0) << r.err;
     disk[t] = json::parse(r.out);
   }
@@ -570,7 +587,7 @@ TEST_F(StoreTest, AKillAfterTheWholeLayerArrivedResumesWithoutAskingForMore) {
   ASSERT_OK(MakeDirs(fs::path(root_) / "ingest"));
   ASSERT_OK(WriteFileAtomic(fs::path(root_) / "ingest" / ("sha256-" + layer.hex()),
                             ReadFileCapped(tmp() / "layout/blobs/sha256" / layer.hex(), 1 << 24).value()));
-  RunResult r = Regdisk({"-v", "inspect", "--disk", remote});
+  RunResult r = PullDescribe({"-v", "inspect", "--disk", remote});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("resuming layer " + layer.Short()));
   EXPECT_EQ(ReadFileCapped(json::parse(r.out)["disk"]["file"].get<std::string>(), 1 << 24).value(), disk);
@@ -639,7 +656,7 @@ TEST_F(StoreTest, RmiAndPruneRemoveWhatNoNameRefersTo) {
   json images = json::parse(Regdisk({"images", "-o", "json"}).out);
   ASSERT_EQ(images.size(), 1u);
   EXPECT_EQ(images[0]["name"], Layout("b"));
-  r = Regdisk({"inspect", "--disk", Layout("b")});
+  r = PullDescribe({"inspect", "--disk", Layout("b")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   // Nothing left to prune; pulling a again works.
   EXPECT_THAT(Regdisk({"prune"}).out, HasSubstr("0 disks, 0 blobs"));
@@ -654,25 +671,25 @@ TEST_F(StoreTest, PullReportsProgressPerLayer) {
   ASSERT_OK(name);
   auto src = image::OpenSource(*name, {});
   ASSERT_OK(src);
-  struct Call {
-    size_t layer, layers;
-    uint64_t done, total;
-  };
-  std::vector<Call> calls;
+  using Kind = image::ProgressEvent::Kind;
+  std::vector<image::ProgressEvent> calls;
   store::PullOptions po;
-  po.on_progress = [&](size_t layer, size_t layers, uint64_t done, uint64_t total) {
-    calls.push_back({layer, layers, done, total});
-  };
+  po.on_progress = [&](const image::ProgressEvent& e) { calls.push_back(e); };
   ASSERT_OK(st->Pull(**src, name->String(), po));
-  ASSERT_GE(calls.size(), 3u);  // every 4 MiB of a 12 MiB layer, and its end
+  // Start, every 4 MiB of a 12 MiB layer, and done.
+  ASSERT_GE(calls.size(), 4u);
+  EXPECT_EQ(calls.front().kind, Kind::kStart);
+  EXPECT_EQ(calls.front().done, 0u);
+  EXPECT_EQ(calls.back().kind, Kind::kDone);
   for (size_t i = 0; i < calls.size(); ++i) {
-    EXPECT_EQ(calls[i].layer, 0u);
-    EXPECT_EQ(calls[i].layers, 1u);
-    if (i > 0) {
+    EXPECT_EQ(calls[i].blob, calls[0].blob);
+    if (i > 0 && i + 1 < calls.size()) {
+      EXPECT_EQ(calls[i].kind, Kind::kBytes);
       EXPECT_GT(calls[i].done, calls[i - 1].done);
     }
   }
   EXPECT_EQ(calls.back().done, calls.back().total);
+  EXPECT_EQ(calls.back().total, 0u + static_cast<uint64_t>(fs::file_size(tmp() / "layout" / "blobs" / "sha256" / calls[0].blob.hex())));
 }
 
 }  // namespace

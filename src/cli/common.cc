@@ -124,33 +124,65 @@ int Fail(const Status& st) {
   return st.code() == Code::kInvalidArgument ? 2 : 1;
 }
 
-// A progress line on stderr for pulls, redrawn in place, when stderr is a
-// terminal (logs and pipes get none).
-std::function<void(size_t, size_t, uint64_t, uint64_t)> TerminalProgress() {
-  if (!::isatty(STDERR_FILENO)) return {};
+std::string ProgressSize(uint64_t bytes) {
+  static const char* const kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  if (bytes < 1024) return std::to_string(bytes) + "B";
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  return fmt::format("{:.1f}{}", v, kUnits[u]);
+}
+
+image::ProgressFn TerminalProgress(bool quiet) {
+  if (quiet) return {};
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
   struct State {
     std::chrono::steady_clock::time_point start, shown;
     uint64_t start_bytes = 0;
-    size_t layer = SIZE_MAX;
   };
   auto st = std::make_shared<State>();
-  return [st](size_t layer, size_t layers, uint64_t done, uint64_t total) {
+  return [st, tty](const image::ProgressEvent& e) {
+    using Kind = image::ProgressEvent::Kind;
+    const std::string id = e.blob.hex().substr(0, 12);
     const auto now = std::chrono::steady_clock::now();
-    const bool last = done >= total;
-    if (layer != st->layer) {  // the rate counts from a layer's first report
-      st->layer = layer;
-      st->start = st->shown = now;
-      st->start_bytes = done;
-      if (!last) return;
+    switch (e.kind) {
+      case Kind::kSkipped:
+        std::fprintf(stderr, "Copying blob %s skipped: already exists\n", id.c_str());
+        return;
+      case Kind::kDone:
+        std::fprintf(stderr, "%sCopying blob %s done %s\n", tty ? "\r\033[K" : "", id.c_str(),
+                     ProgressSize(e.total).c_str());
+        return;
+      case Kind::kFailed:  // the error follows on a line of its own
+        if (tty) std::fputs("\r\033[K", stderr);
+        return;
+      case Kind::kStart:
+        st->start = now;
+        st->start_bytes = e.done;
+        break;
+      case Kind::kBytes:
+        if (now - st->shown < std::chrono::milliseconds(200)) return;
+        break;
     }
-    if (!last && now - st->shown < std::chrono::milliseconds(200)) return;
+    if (!tty) return;
     st->shown = now;
+    constexpr int kWidth = 30;
+    const int filled = e.total == 0 ? kWidth : static_cast<int>(std::min<uint64_t>(e.done, e.total) * kWidth / e.total);
+    std::string bar(static_cast<size_t>(filled), '=');
+    if (filled < kWidth) bar += '>' + std::string(static_cast<size_t>(kWidth - filled - 1), '-');
     const double secs = std::chrono::duration<double>(now - st->start).count();
     std::string rate;
-    if (secs > 0.05) rate = fmt::format(" ({:.0f} MiB/s)", static_cast<double>(done - st->start_bytes) / (1 << 20) / secs);
-    std::fprintf(stderr, "\rlayer %zu/%zu: %.1f of %.1f MiB%s%s", layer + 1, layers,
-                 static_cast<double>(done) / (1 << 20), static_cast<double>(total) / (1 << 20), rate.c_str(),
-                 last ? "\n" : "   ");
+    if (secs > 0.05) {
+      std::string r = ProgressSize(static_cast<uint64_t>(static_cast<double>(e.done - st->start_bytes) / secs));
+      const size_t dot = r.find('.');
+      if (dot != std::string::npos) r.erase(dot, 2);  // "355.2MiB" -> "355MiB"
+      rate = " " + r + "/s";
+    }
+    std::fprintf(stderr, "\r\033[KCopying blob %s [%s] %s / %s%s", id.c_str(), bar.c_str(), ProgressSize(e.done).c_str(),
+                 ProgressSize(e.total).c_str(), rate.c_str());
   };
 }
 

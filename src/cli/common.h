@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "image/progress.h"
 #include "registry/client.h"
 #include "store/unpack.h"
 #include "util/cancel.h"
@@ -26,6 +27,7 @@ struct Globals {
   std::string platform = "linux/amd64";
   std::string max_disk_size = "1Ti";  // a Kubernetes quantity
   bool verbose = false;
+  bool quiet = false;  // -q: no progress output
   // Cancelled by SIGINT, SIGTERM or SIGHUP (see CancelOnSignals).
   std::shared_ptr<CancelToken> cancel = std::make_shared<CancelToken>();
 };
@@ -74,16 +76,44 @@ Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g);
 // bounded); returns 2 for bad input, 130 for an operation cancelled by a
 // signal, else 1.
 int Fail(const Status& st);
-// A pull progress reporter for stderr when it is a terminal, else empty.
-std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> TerminalProgress();
+// Blob progress on stderr for pull, copy and run, as podman shows it: on a
+// terminal a bar redrawn in place ("Copying blob 9a8e8a62dd02 [====>---]
+// 76.0MiB / 300.0MiB 355MiB/s"), otherwise one line per finished blob
+// ("Copying blob 9a8e8a62dd02 done 300.0MiB", "... skipped: already
+// exists"). Empty when quiet.
+image::ProgressFn TerminalProgress(bool quiet);
+// Sizes as podman's progress shows them: "300.0MiB", "512B".
+std::string ProgressSize(uint64_t bytes);
 
 // Image commands (image_commands.cc).
 int RunCopy(const Globals& g, const std::string& from, const std::string& to, bool all);
 int RunPull(const Globals& g, const std::string& ref, const std::string& path);
-int RunImages(const Globals& g, const std::string& output);
-int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune);
+struct ImagesFlags {
+  std::string output = "text";  // text | json
+  std::string format;           // Go template, one line per image
+  bool quiet = false;           // -q: IDs only
+  bool digests = false;         // a DIGEST column
+  bool no_heading = false;
+};
+struct RmiFlags {
+  std::vector<std::string> images;  // names or ID prefixes
+  bool all = false;
+  bool force = false;
+};
+struct InspectFlags {
+  std::string image;
+  bool raw = false;     // the manifest bytes as stored
+  bool config = false;  // the config blob
+  bool disk = false;    // the Disk object from the disk's header (ranged reads)
+  bool no_tags = false;
+  std::string format;   // Go template
+  std::string path;     // the disk's path inside the image
+};
+int RunImages(const Globals& g, const ImagesFlags& f);
+int RunRmi(const Globals& g, const RmiFlags& f);
+int RunPrune(const Globals& g);
 int RunFsck(const Globals& g, bool repair);
-int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path);
+int RunInspect(const Globals& g, const InspectFlags& f);
 int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file);
 
 // Credentials (login_commands.cc).

@@ -1,13 +1,21 @@
 // copy, pull, images, rmi, prune, inspect, build and base.
+#include <time.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <set>
 
+#include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
 #include "cli/common.h"
+#include "cli/go_template.h"
 #include "image/build.h"
 #include "image/copy.h"
 #include "image/transport.h"
+#include "store/peek.h"
 #include "store/store.h"
 #include "util/log.h"
 #include "util/text.h"
@@ -15,6 +23,7 @@
 namespace regdisk::cli {
 
 using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;
 
 int RunCopy(const Globals& g, const std::string& from, const std::string& to, bool all) {
   auto opts = MakeClientOptions(g);
@@ -42,6 +51,7 @@ int RunCopy(const Globals& g, const std::string& from, const std::string& to, bo
   image::CopyOptions copts;
   copts.platform = *platform;
   copts.all = all;
+  copts.on_progress = TerminalProgress(g.quiet);
   auto r = image::Copy(**src, **dst, copts);
   if (!r.ok()) {
     discard();
@@ -54,7 +64,7 @@ int RunCopy(const Globals& g, const std::string& from, const std::string& to, bo
 
 namespace {
 
-// Pulls `ref` into the node store under --root; used by pull and inspect --disk.
+// Pulls `ref` into the node store under --root.
 Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref, const std::string& path) {
   ASSIGN_OR_RETURN(registry::ClientOptions opts, MakeClientOptions(g));
   ASSIGN_OR_RETURN(oci::Platform platform, oci::Platform::Parse(g.platform));
@@ -64,12 +74,139 @@ Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref,
   store::PullOptions po;
   po.platform = platform;
   po.path = path;
-  po.on_progress = TerminalProgress();
+  po.on_progress = TerminalProgress(g.quiet);
   ASSIGN_OR_RETURN(po.limits, MakeDiskLimits(g));
   po.cancel = g.cancel;
   auto img = st.Pull(*src, name.String(), po);
   if (!img.ok()) return std::move(img).status().Annotate("pulling " + name.String());
   return img;
+}
+
+// Prints JSON as skopeo and podman do (four spaces).
+void PrintJson(const ojson& j) { std::printf("%s\n", j.dump(4).c_str()); }
+
+// Runs a --format template over each value, one line each.
+int PrintTemplate(const std::string& format, const std::vector<ojson>& values) {
+  auto t = GoTemplate::Parse(format);
+  if (!t.ok()) return Fail(t.status());
+  std::string out;
+  for (const auto& v : values) {
+    auto line = t->Execute(v);
+    if (!line.ok()) return Fail(line.status());
+    out += *line;
+    if (out.empty() || out.back() != '\n') out += '\n';
+  }
+  std::fputs(out.c_str(), stdout);
+  return 0;
+}
+
+// --- images -------------------------------------------------------------------
+
+// "2 hours ago", as podman (docker/go-units HumanDuration) writes it.
+std::string HumanAgo(int64_t seconds) {
+  if (seconds < 1) return "Less than a second ago";
+  if (seconds == 1) return "1 second ago";
+  if (seconds < 60) return fmt::format("{} seconds ago", seconds);
+  const int64_t minutes = seconds / 60;
+  if (minutes == 1) return "About a minute ago";
+  if (minutes < 60) return fmt::format("{} minutes ago", minutes);
+  const int64_t hours = (seconds + 1800) / 3600;
+  if (hours == 1) return "About an hour ago";
+  if (hours < 48) return fmt::format("{} hours ago", hours);
+  if (hours < 24 * 7 * 2) return fmt::format("{} days ago", hours / 24);
+  if (hours < 24 * 30 * 2) return fmt::format("{} weeks ago", hours / 24 / 7);
+  if (hours < 24 * 365 * 2) return fmt::format("{} months ago", hours / 24 / 30);
+  return fmt::format("{} years ago", seconds / 3600 / 24 / 365);
+}
+
+// Seconds since the epoch of an RFC 3339 time ("2024-05-01T10:00:00.5Z",
+// "...+02:00"); nullopt when it is not one.
+std::optional<int64_t> ParseRfc3339(const std::string& s) {
+  struct tm tm {};
+  const char* rest = ::strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+  if (rest == nullptr) return std::nullopt;
+  if (*rest == '.') {
+    ++rest;
+    while (*rest >= '0' && *rest <= '9') ++rest;
+  }
+  int64_t offset = 0;
+  if (*rest == '+' || *rest == '-') {
+    int h = 0, m = 0;
+    if (std::sscanf(rest + 1, "%2d:%2d", &h, &m) != 2) return std::nullopt;
+    offset = (*rest == '+' ? 1 : -1) * (h * 3600 + m * 60);
+  } else if (*rest != 'Z' && *rest != 'z') {
+    return std::nullopt;
+  }
+  return static_cast<int64_t>(::timegm(&tm)) - offset;
+}
+
+// Sizes as podman's images prints them: SI units, three significant
+// digits ("1.23 GB", "626 MB", "512 B").
+std::string HumanSize(uint64_t bytes) {
+  static const char* const kUnits[] = {"B", "kB", "MB", "GB", "TB", "PB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1000 && u < 5) {
+    v /= 1000;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g %s", v, kUnits[u]);
+  return buf;
+}
+
+// The image ID podman shows: the config digest (the manifest digest for an
+// image whose config is not in the store), 12 hex digits.
+std::string FullId(const store::StoredImage& img) {
+  return (img.config_digest ? *img.config_digest : img.manifest_digest).str();
+}
+std::string ShortId(const store::StoredImage& img) {
+  return (img.config_digest ? *img.config_digest : img.manifest_digest).hex().substr(0, 12);
+}
+
+// REPOSITORY and TAG of a stored name: "127.0.0.1:5000/vm/f25" and
+// "latest"; "<none>" when pulled by digest only.
+std::pair<std::string, std::string> RepoAndTag(const std::string& name) {
+  auto n = image::ImageName::Parse(name);
+  if (!n.ok()) return {name, "<none>"};
+  if (n->transport == image::ImageName::Transport::kOciLayout) {
+    return {"oci:" + n->dir.string(), n->tag.empty() ? "<none>" : n->tag};
+  }
+  return {n->ref.registry + "/" + n->ref.repository, n->ref.tag.empty() ? "<none>" : n->ref.tag};
+}
+
+ojson ImageRow(const store::StoredImage& img, int64_t now) {
+  auto [repo, tag] = RepoAndTag(img.name);
+  auto created = ParseRfc3339(img.created);
+  return {{"Repository", repo},
+          {"Tag", tag},
+          {"ID", ShortId(img)},
+          {"Digest", img.manifest_digest.str()},
+          {"Created", created ? HumanAgo(now - *created) : "unknown"},
+          {"CreatedAt", img.created},
+          {"Size", HumanSize(img.disk.file_size)},
+          {"VirtualSize", HumanSize(img.disk.virtual_size)},
+          {"Format", std::string(disk::FormatName(img.disk.format))},
+          {"Platform", img.platform},
+          {"Name", img.name},
+          {"DiskPath", img.disk_path}};
+}
+
+// Columns padded to their widest cell, two spaces apart (podman's tabwriter).
+void PrintTable(const std::vector<std::vector<std::string>>& rows, bool heading) {
+  if (rows.empty()) return;
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& r : rows) {
+    for (size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
+  }
+  for (size_t k = heading ? 0 : 1; k < rows.size(); ++k) {
+    std::string line;
+    for (size_t i = 0; i < rows[k].size(); ++i) {
+      line += rows[k][i];
+      if (i + 1 < rows[k].size()) line += std::string(width[i] - rows[k][i].size() + 2, ' ');
+    }
+    std::printf("%s\n", line.c_str());
+  }
 }
 
 }  // namespace
@@ -83,46 +220,160 @@ int RunPull(const Globals& g, const std::string& ref, const std::string& path) {
   return 0;
 }
 
-int RunImages(const Globals& g, const std::string& output) {
-  auto st = store::Store::Open(g.root);
-  if (!st.ok()) return Fail(st.status());
-  auto list = st->List();
+int RunImages(const Globals& g, const ImagesFlags& f) {
+  if (f.output != "text" && f.output != "json") return Fail(InvalidArgument("-o takes text or json, not \"" + f.output + "\""));
+  if (f.output == "json" && (!f.format.empty() || f.quiet)) {
+    return Fail(InvalidArgument("-o json cannot be combined with --format or -q; choose one"));
+  }
+  std::optional<GoTemplate> tmpl;
+  if (!f.format.empty()) {
+    auto t = GoTemplate::Parse(f.format);
+    if (!t.ok()) return Fail(t.status());
+    tmpl = std::move(*t);
+  }
+  // Reading only: a store that is not there is an empty one, and stays absent.
+  const store::Store st = store::Store::OpenForReading(g.root);
+  auto list = st.List();
   if (!list.ok()) return Fail(list.status());
-  if (output == "json") {
+  if (f.output == "json") {
     json out = json::array();
     for (const auto& img : *list) out.push_back(img.ToJson());
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
-  if (output != "text") return Fail(InvalidArgument("-o takes text or json, not \"" + output + "\""));
-  std::printf("%-60s %-19s %-6s %14s %14s\n", "IMAGE", "DIGEST", "FORMAT", "VIRTUAL SIZE", "SIZE");
-  for (const auto& img : *list) {
-    std::printf("%-60s %-19s %-6s %14llu %14llu\n", img.name.c_str(), img.manifest_digest.Short().c_str(),
-                std::string(disk::FormatName(img.disk.format)).c_str(),
-                static_cast<unsigned long long>(img.disk.virtual_size), static_cast<unsigned long long>(img.disk.file_size));
+  const int64_t now = static_cast<int64_t>(::time(nullptr));
+  if (f.quiet) {
+    std::set<std::string> seen;
+    for (const auto& img : *list) {
+      if (seen.insert(ShortId(img)).second) std::printf("%s\n", ShortId(img).c_str());
+    }
+    return 0;
   }
+  if (tmpl) {
+    std::string out;
+    for (const auto& img : *list) {
+      auto line = tmpl->Execute(ImageRow(img, now));
+      if (!line.ok()) return Fail(line.status());
+      out += *line;
+      if (out.empty() || out.back() != '\n') out += '\n';
+    }
+    std::fputs(out.c_str(), stdout);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::string> head = {"REPOSITORY", "TAG"};
+  if (f.digests) head.push_back("DIGEST");
+  for (const char* h : {"IMAGE ID", "CREATED", "SIZE", "FORMAT", "VIRTUAL SIZE"}) head.push_back(h);
+  rows.push_back(head);
+  for (const auto& img : *list) {
+    ojson r = ImageRow(img, now);
+    std::vector<std::string> row = {PrintableLine(r["Repository"].get<std::string>(), 200),
+                                    PrintableLine(r["Tag"].get<std::string>(), 128)};
+    if (f.digests) row.push_back(r["Digest"]);
+    for (const char* k : {"ID", "Created", "Size", "Format", "VirtualSize"}) row.push_back(r[k]);
+    rows.push_back(std::move(row));
+  }
+  PrintTable(rows, !f.no_heading);
   return 0;
 }
 
-// rmi (names given) and prune (none).
-int RunRemove(const Globals& g, const std::vector<std::string>& refs, bool prune) {
-  auto st = store::Store::Open(g.root);
-  if (!st.ok()) return Fail(st.status());
-  std::vector<std::string> names;
-  for (const auto& ref : refs) {
-    auto name = image::ImageName::Parse(ref);
-    if (!name.ok()) return Fail(name.status());
-    names.push_back(name->String());
+namespace {
+
+// What one rmi argument names: the images of that name (every platform),
+// or those whose ID (config digest) starts with it. An ID prefix that fits
+// several images is refused, listing them.
+Result<std::vector<store::StoredImage>> Match(const std::string& arg, const std::vector<store::StoredImage>& all) {
+  std::vector<store::StoredImage> out;
+  if (auto name = image::ImageName::Parse(arg); name.ok()) {
+    for (const auto& img : all) {
+      if (img.name == name->String()) out.push_back(img);
+    }
+    if (!out.empty()) return out;
   }
-  auto r = prune ? st->Prune() : st->Remove(names);
-  if (!r.ok()) return Fail(r.status());
-  for (const auto& n : names) std::printf("removed %s\n", n.c_str());
-  for (const auto& d : r->disks_in_use) {
+  std::string prefix = arg.rfind("sha256:", 0) == 0 ? arg.substr(7) : arg;
+  const bool hex = !prefix.empty() && prefix.size() <= 64 &&
+                   prefix.find_first_not_of("0123456789abcdef") == std::string::npos;
+  if (hex) {
+    std::map<std::string, std::vector<std::string>> ids;  // full ID -> names
+    for (const auto& img : all) {
+      const std::string id = FullId(img).substr(7);
+      if (id.compare(0, prefix.size(), prefix) != 0) continue;
+      out.push_back(img);
+      ids[id].push_back(img.name);
+    }
+    if (ids.size() > 1) {
+      std::string list;
+      for (const auto& [id, names] : ids) {
+        list += (list.empty() ? "" : ", ") + id.substr(0, 12) + " (" + Printable(names[0], 100) + ")";
+      }
+      return InvalidArgument("the ID prefix " + prefix + " matches " + std::to_string(ids.size()) + " images: " + list +
+                             "; give more of the ID or a name");
+    }
+    if (!out.empty()) return out;
+  }
+  return NotFound("the node store has no image named or with the ID " + Printable(arg, 200) +
+                  "; regdisk images lists them");
+}
+
+void PrintGc(const store::GcResult& r) {
+  for (const auto& d : r.disks_in_use) {
     std::fprintf(stderr, "regdisk: kept disk %s: a running VM uses it (regdisk prune removes it once the VM stops)\n",
                  d.c_str());
   }
-  std::printf("freed %.1f MiB: %d disks, %d blobs\n", static_cast<double>(r->bytes_freed) / (1 << 20), r->disks_removed,
-              r->blobs_removed);
+  std::printf("freed %.1f MiB: %d disks, %d blobs\n", static_cast<double>(r.bytes_freed) / (1 << 20), r.disks_removed,
+              r.blobs_removed);
+}
+
+}  // namespace
+
+int RunRmi(const Globals& g, const RmiFlags& f) {
+  if (f.all == !f.images.empty()) {
+    return Fail(InvalidArgument(f.all ? "rmi --all takes no image names" : "rmi needs image names or IDs, or --all"));
+  }
+  std::error_code ec;
+  if (!std::filesystem::exists(g.root, ec)) {  // nothing to remove; create nothing
+    if (f.all) return 0;
+    return Fail(NotFound("the node store has no image named or with the ID " + Printable(f.images[0], 200) +
+                         " (there is no node store at " + g.root + ")"));
+  }
+  auto st = store::Store::Open(g.root);
+  if (!st.ok()) return Fail(st.status());
+  auto all = st->List();
+  if (!all.ok()) return Fail(all.status());
+  std::vector<store::StoredImage> targets;
+  std::set<std::pair<std::string, std::string>> seen;  // name, platform
+  auto add = [&](const store::StoredImage& img) {
+    if (seen.insert({img.name, img.platform}).second) targets.push_back(img);
+  };
+  if (f.all) {
+    for (const auto& img : *all) add(img);
+  }
+  for (const auto& arg : f.images) {
+    auto m = Match(arg, *all);
+    if (!m.ok()) return Fail(m.status());
+    for (const auto& img : *m) add(img);
+  }
+  auto r = st->RemoveImages(targets, f.force);
+  if (!r.ok()) return Fail(r.status());
+  for (const auto& img : targets) {
+    std::printf("Untagged: %s%s\n", PrintableLine(img.name).c_str(),
+                img.platform.empty() ? "" : (" (" + img.platform + ")").c_str());
+  }
+  PrintGc(*r);
+  return 0;
+}
+
+int RunPrune(const Globals& g) {
+  std::error_code ec;
+  if (!std::filesystem::exists(g.root, ec)) {
+    PrintGc({});
+    return 0;
+  }
+  auto st = store::Store::Open(g.root);
+  if (!st.ok()) return Fail(st.status());
+  auto r = st->Prune();
+  if (!r.ok()) return Fail(r.status());
+  PrintGc(*r);
   return 0;
 }
 
@@ -151,30 +402,88 @@ int RunFsck(const Globals& g, bool repair) {
   return left == 0 ? 0 : 1;
 }
 
-int RunInspect(const Globals& g, const std::string& ref, bool raw, bool disk, const std::string& path) {
-  if (disk) {
-    auto img = PullToStore(g, ref, path);
-    if (!img.ok()) return Fail(img.status());
-    std::printf("%s\n", img->ToJson().dump(2).c_str());
-    return 0;
+namespace {
+
+// The Disk object of inspect: from the disk's header (--disk: ranged reads
+// of the layer) or, without --disk, from the labels regdisk build sets.
+Result<std::optional<ojson>> DiskObject(image::ImageSource& src, const image::Inspection& in, const InspectFlags& f) {
+  if (f.disk) {
+    ASSIGN_OR_RETURN(store::PeekedDisk d, store::PeekDisk(src, in.image, f.path));
+    ojson out = {{"Path", d.image_path},
+                 {"Format", std::string(disk::FormatName(d.info.format))},
+                 {"VirtualSize", d.info.virtual_size},
+                 {"Size", d.info.file_size},
+                 {"Layer", d.layer.str()},
+                 {"From", "header"}};
+    if (d.info.format == disk::Format::kQcow2) out["Qcow2Version"] = d.info.qcow2_version;
+    return std::optional<ojson>(out);
+  }
+  const ojson& labels = in.skopeo["Labels"];
+  if (!labels.is_object() || !labels.contains("io.regdisk.disk.path")) return std::optional<ojson>();
+  auto label = [&](const char* k) { return labels.contains(k) && labels[k].is_string() ? labels[k].get<std::string>() : ""; };
+  ojson out = {{"Path", label("io.regdisk.disk.path")}, {"Format", label("io.regdisk.disk.format")}};
+  const std::string vs = label("io.regdisk.disk.virtual-size");
+  if (!vs.empty() && vs.find_first_not_of("0123456789") == std::string::npos && vs.size() < 20) {
+    out["VirtualSize"] = std::stoull(vs);
+  }
+  out["From"] = "labels";
+  return std::optional<ojson>(out);
+}
+
+}  // namespace
+
+int RunInspect(const Globals& g, const InspectFlags& f) {
+  if (f.raw && (f.disk || !f.format.empty())) {
+    return Fail(InvalidArgument("--raw prints the manifest (or with --config the config) as stored; it takes no --disk or --format"));
+  }
+  if (f.config && f.disk) return Fail(InvalidArgument("--config prints the config blob; it takes no --disk"));
+  if (!f.path.empty() && !f.disk) return Fail(InvalidArgument("--path names the disk for --disk; add --disk"));
+  std::optional<GoTemplate> tmpl;
+  if (!f.format.empty()) {
+    auto t = GoTemplate::Parse(f.format);
+    if (!t.ok()) return Fail(t.status());
+    tmpl = std::move(*t);
   }
   auto opts = MakeClientOptions(g);
   if (!opts.ok()) return Fail(opts.status());
   auto platform = oci::Platform::Parse(g.platform);
   if (!platform.ok()) return Fail(platform.status());
-  auto name = image::ImageName::Parse(ref);
+  auto name = image::ImageName::Parse(f.image);
   if (!name.ok()) return Fail(name.status());
   auto src = image::OpenSource(*name, *opts);
   if (!src.ok()) return Fail(src.status());
-  if (raw) {
+  const std::string what = "inspecting " + name->String();
+  if (f.raw && !f.config) {
     auto m = (*src)->GetManifest();
-    if (!m.ok()) return Fail(m.status().Annotate("inspecting " + name->String()));
+    if (!m.ok()) return Fail(m.status().Annotate(what));
     std::fwrite(m->bytes.data(), 1, m->bytes.size(), stdout);
     return 0;
   }
-  auto j = image::Inspect(**src, *platform);
-  if (!j.ok()) return Fail(j.status().Annotate("inspecting " + name->String()));
-  std::printf("%s\n", j->dump(2).c_str());
+  if (f.config) {
+    auto img = image::ResolveImage(**src, *platform);
+    if (!img.ok()) return Fail(img.status().Annotate(what));
+    auto config = image::FetchConfig(**src, *img->manifest.config);
+    if (!config.ok()) return Fail(config.status().Annotate(what));
+    if (f.raw) {
+      std::fwrite(config->data(), 1, config->size(), stdout);
+      return 0;
+    }
+    ojson j = ojson::parse(*config, nullptr, false);
+    if (j.is_discarded()) return Fail(DataLoss(what + ": the config blob is not JSON"));
+    if (tmpl) return PrintTemplate(f.format, {j});
+    PrintJson(j);
+    return 0;
+  }
+  image::InspectOptions io;
+  io.platform = *platform;
+  io.tags = !f.no_tags;
+  auto in = image::Inspect(**src, io);
+  if (!in.ok()) return Fail(in.status().Annotate(what));
+  auto disk = DiskObject(**src, *in, f);
+  if (!disk.ok()) return Fail(disk.status().Annotate(what));
+  if (*disk) in->skopeo["Disk"] = **disk;
+  if (tmpl) return PrintTemplate(f.format, {in->skopeo});
+  PrintJson(in->skopeo);
   return 0;
 }
 

@@ -70,22 +70,26 @@ int Main(int argc, char** argv) {
                  "largest disk a pull accepts, file or virtual size (default 1Ti)");
   app.add_flag("-v,--verbose", g.verbose, "log what happens");
 
-  std::string from, to, ref;
-  bool all = false, raw = false;
+  std::string from, to;
+  bool all = false;
   CLI::App* copy = app.add_subcommand("copy", "copy an image between registries and OCI layouts");
   copy->add_option("source", from, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
   copy->add_option("destination", to, "docker://HOST/REPO[:TAG] or oci:DIR[:TAG]")->required();
   copy->add_flag("--all,-a", all, "copy every image of an index, not only --platform's");
   copy->fallthrough();
 
-  CLI::App* inspect = app.add_subcommand("inspect", "print an image's digest, media type, config and layers as JSON");
-  inspect->add_option("image", ref, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
-  inspect->add_flag("--raw", raw, "print the manifest bytes as stored");
-  bool disk = false;
-  std::string disk_path;
-  inspect->add_flag("--disk", disk, "pull into the node store and describe the VM disk (path, format, sizes)");
-  inspect->add_option("--path", disk_path, "the disk's path inside the image, when /disk holds several files");
+  InspectFlags inspect_flags;
+  CLI::App* inspect = app.add_subcommand("inspect", "describe an image as skopeo inspect does, plus its Disk (JSON)");
+  inspect->add_option("image", inspect_flags.image, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
+  inspect->add_flag("--raw", inspect_flags.raw, "print the manifest bytes as stored (with --config: the config's)");
+  inspect->add_flag("--config", inspect_flags.config, "print the image's config blob");
+  inspect->add_flag("--disk", inspect_flags.disk,
+                    "read the disk's header (ranged reads of its layer, nothing stored) for the Disk object");
+  inspect->add_flag("--no-tags", inspect_flags.no_tags, "do not list the repository's tags (RepoTags stays [])");
+  inspect->add_option("-f,--format", inspect_flags.format, "a Go template: {{.Digest}}, {{json .Labels}}, ...");
+  inspect->add_option("--path", inspect_flags.path, "with --disk: the disk's path inside the image, when /disk holds several files");
   inspect->fallthrough();
+  std::string disk_path;
 
   std::string pull_ref;
   CLI::App* pull = app.add_subcommand("pull", "pull a registry disk into the node store (--root) and validate it");
@@ -93,14 +97,21 @@ int Main(int argc, char** argv) {
   pull->add_option("--path", disk_path, "the disk's path inside the image, when /disk holds several files");
   pull->fallthrough();
 
-  std::string images_output = "text";
-  CLI::App* images = app.add_subcommand("images", "list the registry disks in the node store");
-  images->add_option("-o,--output", images_output, "text (default) or json");
+  ImagesFlags images_flags;
+  CLI::App* images = app.add_subcommand("images", "list the registry disks in the node store (creates nothing)");
+  images->add_option("-o,--output", images_flags.output, "text (default) or json");
+  images->add_option("--format", images_flags.format, "a Go template per image: {{.Repository}}:{{.Tag}} {{.ID}}, ...");
+  images->add_flag("-q,--quiet", images_flags.quiet, "print image IDs only");
+  images->add_flag("--digests", images_flags.digests, "add a DIGEST column (the manifest digest)");
+  images->add_flag("-n,--noheading", images_flags.no_heading, "leave out the heading line");
   images->fallthrough();
 
-  std::vector<std::string> rmi_refs;
-  CLI::App* rmi = app.add_subcommand("rmi", "remove registry disks from the node store (a disk in use stays until its VMs stop)");
-  rmi->add_option("image", rmi_refs, "names as regdisk images lists them")->required();
+  RmiFlags rmi_flags;
+  CLI::App* rmi = app.add_subcommand("rmi", "remove images from the node store by name or ID prefix");
+  rmi->add_option("image", rmi_flags.images, "names or IDs (a unique prefix) as regdisk images lists them");
+  rmi->add_flag("-a,--all", rmi_flags.all, "remove every image");
+  rmi->add_flag("-f,--force", rmi_flags.force,
+                "remove names even when a running VM uses the disk (the disk stays until its VMs stop)");
   rmi->fallthrough();
   CLI::App* prune = app.add_subcommand("prune", "delete from the node store what no name refers to and no VM uses");
   prune->fallthrough();
@@ -127,7 +138,7 @@ int Main(int argc, char** argv) {
   run->add_option("--qemu", rf.qemu, "the QEMU binary (default: qemu-system-x86_64 on PATH)");
   run->add_option("--accel", rf.accel, "auto (default: KVM when usable, else TCG), kvm or tcg");
   run->fallthrough();
-  CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML equivalent to a VM spec");
+  CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML of a VM spec, offline (no pulls)");
   domxml->add_option("-f,--filename", rf.file, "the VM spec")->required();
   domxml->add_option("--qemu", rf.qemu, "the QEMU binary to name as emulator");
   domxml->add_option("--accel", rf.accel, "auto, kvm or tcg");
@@ -178,11 +189,11 @@ int Main(int argc, char** argv) {
   }
 
   if (*copy) return RunCopy(g, from, to, all);
-  if (*inspect) return RunInspect(g, ref, raw, disk, disk_path);
+  if (*inspect) return RunInspect(g, inspect_flags);
   if (*pull) return RunPull(g, pull_ref, disk_path);
-  if (*images) return RunImages(g, images_output);
-  if (*rmi) return RunRemove(g, rmi_refs, false);
-  if (*prune) return RunRemove(g, {}, true);
+  if (*images) return RunImages(g, images_flags);
+  if (*rmi) return RunRmi(g, rmi_flags);
+  if (*prune) return RunPrune(g);
   if (*fsck) return RunFsck(g, repair);
   if (*validate) return RunValidate(spec_file, output);
   if (*build) return RunBuild(g, bf, disk_file);

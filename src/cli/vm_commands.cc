@@ -11,6 +11,7 @@
 #include "cli/common.h"
 #include "spec/spec.h"
 #include "util/fs.h"
+#include "util/text.h"
 #include "vm/plan.h"
 #include "vm/runner.h"
 
@@ -47,7 +48,7 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
   p.accel = f.accel;
   ASSIGN_OR_RETURN(p.client, MakeClientOptions(g));
   ASSIGN_OR_RETURN(p.platform, oci::Platform::Parse(g.platform));
-  p.on_progress = TerminalProgress();
+  p.on_progress = TerminalProgress(g.quiet);
   ASSIGN_OR_RETURN(p.disk_limits, MakeDiskLimits(g));
   return p;
 }
@@ -71,11 +72,15 @@ int RunRun(const Globals& g, const RunFlags& f) {
   return 0;
 }
 
+// Offline: reads the spec and the store, pulls nothing and writes nothing;
+// the disks a run would have to pull are named on stderr.
 int RunDomxml(const Globals& g, const RunFlags& f) {
   auto loaded = LoadOneVm(f.file);
   if (!loaded.ok()) return Fail(loaded.status());
   auto po = MakePlanOptions(g, f);
   if (!po.ok()) return Fail(po.status());
+  po->offline = true;
+  po->on_progress = {};
   const auto& vmspec = loaded->first;
   auto plan = vm::PlanVm(vmspec, loaded->second, *po,
                          std::filesystem::path(g.root) / "run" / (vmspec.metadata.namespace_ + "_" + vmspec.metadata.name));
@@ -83,6 +88,15 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
   auto xml = vm::DomainXml(*plan);
   if (!xml.ok()) return Fail(xml.status().Annotate("writing the domain XML of VM " + vmspec.metadata.name));
   std::fputs(xml->c_str(), stdout);
+  size_t m = 0;
+  for (const auto& d : plan->disks) {
+    if (d.in_store || m >= plan->missing.size()) continue;
+    std::fprintf(stderr,
+                 "regdisk: disk %s: %s is not in the node store; regdisk run (or regdisk pull) would pull it, to %s "
+                 "(the XML assumes qcow2 until then)\n",
+                 PrintableLine(d.name).c_str(), PrintableLine(plan->missing[m++]).c_str(),
+                 PrintableLine(d.stable.string()).c_str());
+  }
   return 0;
 }
 

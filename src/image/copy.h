@@ -12,8 +12,9 @@
 #include <cstdint>
 #include <string>
 
-#include <nlohmann/json_fwd.hpp>
+#include <nlohmann/json.hpp>
 
+#include "image/progress.h"
 #include "image/transport.h"
 #include "oci/manifest.h"
 #include "util/status.h"
@@ -24,6 +25,8 @@ struct CopyOptions {
   oci::Platform platform{"linux", "amd64", ""};
   // Copy every image of an index, not just the one for `platform`.
   bool all = false;
+  // Per-blob progress (configs and layers); may be empty.
+  ProgressFn on_progress;
 };
 
 struct CopyResult {
@@ -49,8 +52,21 @@ Result<ResolvedImage> ResolveImage(ImageSource& src, const oci::Platform& platfo
 // descriptor claims more than 4 MiB.
 Result<std::string> FetchConfig(ImageSource& src, const oci::Descriptor& config);
 
-// A JSON summary: name, digest, mediaType, config, layers, os, architecture,
-// created, labels (from the config blob), and the index when there was one.
-Result<nlohmann::json> Inspect(ImageSource& src, const oci::Platform& platform);
+// What `skopeo inspect` prints, field for field: Name, Tag (never set, as
+// skopeo 1.9+), Digest (of the manifest the name points at: the index for a
+// multi-platform image), RepoTags (the registry's tags list; [] for a layout
+// or with tags = false), Created, DockerVersion, Labels, Architecture,
+// Variant (only when set), Os, Layers, LayersData, Env; null where the
+// config has nothing, as skopeo prints Go's nil.
+struct InspectOptions {
+  oci::Platform platform{"linux", "amd64", ""};
+  bool tags = true;
+};
+struct Inspection {
+  ResolvedImage image;     // the platform's manifest (and the index read)
+  std::string config;      // the config blob, verified
+  nlohmann::ordered_json skopeo;
+};
+Result<Inspection> Inspect(ImageSource& src, const InspectOptions& options);
 
 }  // namespace regdisk::image

@@ -158,6 +158,8 @@ class DockerSource : public ImageSource {
   DockerSource(oci::Reference ref, const registry::ClientOptions& opt) : ref_(std::move(ref)), client_(ref_.registry, opt) {}
   std::string Name() const override { return "docker://" + ref_.String(); }
   const oci::Reference* RegistryRef() const override { return &ref_; }
+  Result<std::vector<std::string>> RepoTags() override { return client_.ListTags(ref_.repository); }
+  std::string RepoName() const override { return ref_.registry + "/" + ref_.repository; }
 
   Result<oci::RawManifest> GetManifest() override { return client_.GetManifest(ref_.repository, ref_.ManifestRef()); }
   Result<oci::RawManifest> GetManifestByDigest(const oci::Descriptor& desc) override {

@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "oci/manifest.h"
 #include "oci/reference.h"
@@ -52,6 +53,12 @@ class ImageSource {
   virtual std::optional<std::filesystem::path> LocalBlobPath(const oci::Descriptor&) { return std::nullopt; }
   // For registries: the registry and repository (for cross-repo mounts).
   virtual const oci::Reference* RegistryRef() const { return nullptr; }
+  // The repository's tags (the registry's tags list API); none for an OCI
+  // layout, as skopeo reports.
+  virtual Result<std::vector<std::string>> RepoTags() { return std::vector<std::string>{}; }
+  // The repository as skopeo names it ("127.0.0.1:5000/vmdisks/fedora25");
+  // empty for an OCI layout.
+  virtual std::string RepoName() const { return ""; }
 };
 
 class ImageDestination {

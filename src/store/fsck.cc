@@ -138,35 +138,46 @@ Result<std::vector<Problem>> Store::Check(bool repair) {
   ASSIGN_OR_RETURN(FileLock refs_lock, FileLock::Acquire(root_ / "locks" / "refs"));
   ASSIGN_OR_RETURN(json refs, ReadRefs());
   bool refs_changed = false;
-  for (auto it = refs.begin(); it != refs.end();) {
-    std::string wrong;
-    if (!it->is_string()) {
-      wrong = "is not a digest";
-    } else {
-      const std::string v = it->get<std::string>();
-      const size_t hash = v.find('#');
-      auto d = oci::Digest::Parse(v.substr(0, hash));
-      const std::string dir = d.ok() ? DiskDir(*d, hash == std::string::npos ? "" : v.substr(hash + 1)).filename().string() : "";
-      if (!d.ok()) {
-        wrong = "is not a digest";
-      } else if (broken.count(dir)) {
-        wrong = "points to the broken disk " + dir;
-      } else if (!fs::exists(root_ / "disks" / dir, ec)) {
-        wrong = "points to the disk " + dir + ", which is missing";
-      }
-    }
-    if (wrong.empty()) {
-      ++it;
-      continue;
-    }
-    Problem p{"name " + Printable(it.key(), 200) + " " + wrong, false};
-    if (repair) {
-      it = refs.erase(it);
-      refs_changed = p.repaired = true;
-    } else {
-      ++it;
-    }
+  // What is wrong with one value ("sha256:…[#path]"), or "".
+  auto check = [&](const json& value) -> std::string {
+    if (!value.is_string()) return "is not a digest";
+    const std::string v = value.get<std::string>();
+    const size_t hash = v.find('#');
+    auto d = oci::Digest::Parse(v.substr(0, hash));
+    if (!d.ok()) return "is not a digest";
+    const std::string dir = DiskDir(*d, hash == std::string::npos ? "" : v.substr(hash + 1)).filename().string();
+    if (broken.count(dir)) return "points to the broken disk " + dir;
+    if (!fs::exists(root_ / "disks" / dir, ec)) return "points to the disk " + dir + ", which is missing";
+    return "";
+  };
+  auto report = [&](const std::string& what) {
+    Problem p{what, repair};
+    refs_changed |= repair;
     out.push_back(std::move(p));
+    return repair;  // erase it
+  };
+  for (auto it = refs.begin(); it != refs.end();) {
+    bool erase = false;
+    if (it->is_object()) {  // name -> platform -> digest
+      for (auto p = it->begin(); p != it->end();) {
+        std::string wrong = check(*p);
+        if (!wrong.empty() && report("name " + Printable(it.key(), 200) + " (" + Printable(p.key(), 40) + ") " + wrong)) {
+          p = it->erase(p);
+        } else {
+          ++p;
+        }
+      }
+      erase = it->empty() && repair;
+    } else {  // the form before platforms were recorded
+      std::string wrong = check(*it);
+      erase = !wrong.empty() && report("name " + Printable(it.key(), 200) + " " + wrong);
+    }
+    if (erase) {
+      it = refs.erase(it);
+      refs_changed = true;
+    } else {
+      ++it;
+    }
   }
   if (refs_changed) RETURN_IF_ERROR(WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600));
   return out;

@@ -8,6 +8,7 @@
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <set>
 #include <thread>
@@ -53,7 +54,10 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 
 json StoredImage::ToJson() const {
   return {{"name", name},
+          {"platform", platform},
           {"digest", manifest_digest.str()},
+          {"id", config_digest ? config_digest->str() : manifest_digest.str()},
+          {"created", created},
           {"disk",
            {{"path", disk_path},
             {"format", std::string(disk::FormatName(disk.format))},
@@ -92,7 +96,7 @@ Status Store::KeepBlob(const oci::Digest& digest, std::string_view bytes, std::v
 }
 
 Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree,
-                          const std::string& label, bool* resumed, const std::function<void(uint64_t done)>& progress,
+                          const std::string& label, bool* resumed, const image::ProgressFn& progress,
                           const CancelToken* cancel) {
   const std::string key = desc.digest.algorithm() + "-" + desc.digest.hex();
   // One writer per ingest, across processes.
@@ -115,13 +119,15 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
   // rest, appending it to the ingest file (so a killed pull resumes) and
   // hashing it; FetchBlobFrom fails at the end if the digest is wrong.
   BlockPipe pipe;
-  uint64_t done = have, reported = 0;
+  uint64_t done = have, reported = have;
+  const uint64_t total = static_cast<uint64_t>(desc.size);
   auto report = [&](bool last) {
-    if (progress && (last || done - reported >= kProgressStep)) {
-      progress(done);
+    if (progress && !last && done - reported >= kProgressStep) {
+      progress({image::ProgressEvent::Kind::kBytes, desc.digest, done, total});
       reported = done;
     }
   };
+  if (progress) progress({image::ProgressEvent::Kind::kStart, desc.digest, have, total});
   auto produce = [&]() -> Status {
     oci::Hasher hasher(desc.digest.algorithm());
     std::string buf(1 << 20, '\0');
@@ -146,7 +152,6 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
       report(false);
       return pipe.Write(chunk);
     });
-    if (fetched.ok()) report(true);
     return fetched;
   };
   std::thread producer([&] { pipe.Finish(produce()); });
@@ -157,6 +162,10 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
   // Verified and applied: the disk now holds what matters. Wrong bytes:
   // never resume from them.
   if (applied.ok() || applied.code() == Code::kDataLoss) ::unlink(partial.c_str());
+  if (progress) {
+    progress({applied.ok() ? image::ProgressEvent::Kind::kDone : image::ProgressEvent::Kind::kFailed, desc.digest,
+              applied.ok() ? total : done, total});
+  }
   return applied;
 }
 
@@ -167,15 +176,23 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   const fs::path dir = DiskDir(manifest, options.path);
   ASSIGN_OR_RETURN(TempDir staging, TempDir::CreateFresh(root_ / "tmp" / (dir.filename().string() + ".staging")));
   DiskTree tree(staging.path(), options.limits);
+  // Each layer's "done" waits until the disk is verified and committed.
+  std::vector<image::ProgressEvent> done;
+  image::ProgressFn progress;
+  if (options.on_progress) {
+    progress = [&](const image::ProgressEvent& e) {
+      if (e.kind == image::ProgressEvent::Kind::kDone) {
+        done.push_back(e);
+      } else {
+        options.on_progress(e);
+      }
+    };
+  }
   for (size_t i = 0; i < layers.size(); ++i) {
     const auto& l = layers[i];
     std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
     log::Info("streaming {} ({} bytes)", label, l.size);
     const auto t0 = std::chrono::steady_clock::now();
-    std::function<void(uint64_t)> progress;
-    if (options.on_progress) {
-      progress = [&, i](uint64_t done) { options.on_progress(i, layers.size(), done, static_cast<uint64_t>(l.size)); };
-    }
     RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed, progress, options.cancel.get()));
     log::Info("{} streamed in {:.2f} s", label, Seconds(t0));
   }
@@ -213,7 +230,9 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   RETURN_IF_ERROR(WriteFileAtomic(image_dir / "meta.json", meta.dump(2) + "\n", 0444));
   ::chmod(image_dir.c_str(), 0555);
   RETURN_IF_ERROR(env->Rename(image_dir, dir).Annotate("committing the disk"));
-  return SyncDir(root_ / "disks");
+  RETURN_IF_ERROR(SyncDir(root_ / "disks"));
+  for (const auto& e : done) options.on_progress(e);
+  return OkStatus();
 }
 
 void Store::RemovePartials(const std::vector<oci::Descriptor>& layers) {
@@ -221,8 +240,8 @@ void Store::RemovePartials(const std::vector<oci::Descriptor>& layers) {
   for (const auto& l : layers) fs::remove(root_ / "ingest" / (l.digest.algorithm() + "-" + l.digest.hex()), ec);
 }
 
-Result<StoredImage> Store::Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const {
-  const fs::path dir = DiskDir(manifest, path);
+Result<StoredImage> Store::Load(const Ref& ref) const {
+  const fs::path dir = DiskDir(ref.manifest, ref.path);
   ASSIGN_OR_RETURN(std::string text, ReadFileCapped(dir / "meta.json", kMaxMetaBytes));
   json m = json::parse(text, nullptr, false);
   if (!m.is_object() || !m.contains("file") || !m["file"].is_string()) {
@@ -230,15 +249,77 @@ Result<StoredImage> Store::Load(const oci::Digest& manifest, const std::string& 
                     " and pull again");
   }
   StoredImage img;
-  img.name = name;
-  img.manifest_digest = manifest;
+  img.name = ref.name;
+  img.platform = ref.platform;
+  img.manifest_digest = ref.manifest;
   img.disk_path = m.value("path", "");
   img.disk_file = dir / m["file"].get<std::string>();
   img.disk.format = m.value("format", "raw") == "qcow2" ? disk::Format::kQcow2 : disk::Format::kRaw;
   img.disk.virtual_size = m.value("virtualSize", uint64_t{0});
   img.disk.file_size = m.value("size", uint64_t{0});
   img.disk.qcow2_version = m.value("qcow2Version", 0);
+  struct stat st;
+  if (::stat((dir / "meta.json").c_str(), &st) == 0) img.stored_at = st.st_mtim.tv_sec;
+  // The config (the image ID and its creation time), from the stored blobs.
+  if (auto mt = ReadFileCapped(BlobPath(ref.manifest), 4 << 20); mt.ok()) {
+    if (auto manifest = oci::Manifest::Parse(*mt); manifest.ok() && manifest->config) {
+      img.config_digest = manifest->config->digest;
+      if (auto ct = ReadFileCapped(BlobPath(manifest->config->digest), 4 << 20); ct.ok()) {
+        json c = json::parse(*ct, nullptr, false);
+        if (c.is_object() && c.contains("created") && c["created"].is_string()) img.created = c["created"].get<std::string>();
+      }
+    }
+  }
   return img;
+}
+
+std::string Store::Ref::DiskKey() const { return manifest.str() + (path.empty() ? "" : "#" + path); }
+
+std::string Store::StoredPlatform(const oci::Digest& manifest) const {
+  auto mt = ReadFileCapped(BlobPath(manifest), 4 << 20);
+  if (!mt.ok()) return "";
+  auto m = oci::Manifest::Parse(*mt);
+  if (!m.ok() || !m->config) return "";
+  auto ct = ReadFileCapped(BlobPath(m->config->digest), 4 << 20);
+  if (!ct.ok()) return "";
+  json c = json::parse(*ct, nullptr, false);
+  if (!c.is_object()) return "";
+  oci::Platform p{c.value("os", ""), c.value("architecture", ""), c.value("variant", "")};
+  if (p.os.empty() || p.architecture.empty()) return "";
+  return p.String();
+}
+
+Result<std::vector<Store::Ref>> Store::ReadRefList() const {
+  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  std::vector<Ref> out;
+  auto add = [&](const std::string& name, const std::string& platform, const json& value) {
+    if (!value.is_string()) return;
+    const std::string v = value.get<std::string>();
+    const size_t hash = v.find('#');
+    auto d = oci::Digest::Parse(v.substr(0, hash));
+    if (!d.ok()) return;
+    Ref r{name, platform, *d, hash == std::string::npos ? "" : v.substr(hash + 1)};
+    // The form before platforms were recorded: the stored config says.
+    if (r.platform.empty()) r.platform = StoredPlatform(r.manifest);
+    out.push_back(std::move(r));
+  };
+  for (auto& [name, value] : refs.items()) {
+    if (value.is_object()) {
+      for (auto& [platform, v] : value.items()) add(name, platform == "unknown" ? "" : platform, v);
+    } else {
+      add(name, "", value);
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const Ref& a, const Ref& b) {
+    return a.name != b.name ? a.name < b.name : a.platform < b.platform;
+  });
+  return out;
+}
+
+Status Store::WriteRefList(const std::vector<Ref>& refs) {
+  json out = json::object();
+  for (const auto& r : refs) out[r.name][r.platform.empty() ? "unknown" : r.platform] = r.DiskKey();
+  return WriteFileAtomic(root_ / "refs.json", out.dump(2) + "\n", 0600);
 }
 
 Result<json> Store::ReadRefs() const {
@@ -251,33 +332,37 @@ Result<json> Store::ReadRefs() const {
   return j;
 }
 
-Status Store::SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path) {
+Status Store::SetRef(const std::string& name, const std::string& platform, const oci::Digest& manifest,
+                     const std::string& path) {
   ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
-  ASSIGN_OR_RETURN(json refs, ReadRefs());
-  refs[name] = manifest.str() + (path.empty() ? "" : "#" + path);
-  return WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600);
+  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
+  std::erase_if(refs, [&](const Ref& r) { return r.name == name && r.platform == platform; });
+  refs.push_back(Ref{name, platform, manifest, path});
+  return WriteRefList(refs);
 }
 
-Result<std::optional<StoredImage>> Store::Lookup(const std::string& name) const {
-  ASSIGN_OR_RETURN(json refs, ReadRefs());
-  auto it = refs.find(name);
-  if (it == refs.end() || !it->is_string()) return std::optional<StoredImage>();
-  const std::string value = it->get<std::string>();
-  const size_t hash = value.find('#');
-  const std::string path = hash == std::string::npos ? "" : value.substr(hash + 1);
-  ASSIGN_OR_RETURN(oci::Digest d, oci::Digest::Parse(value.substr(0, hash)));
-  std::error_code ec;
-  if (!fs::exists(DiskDir(d, path), ec)) return std::optional<StoredImage>();
-  ASSIGN_OR_RETURN(StoredImage img, Load(d, path, name));
-  return std::optional<StoredImage>(std::move(img));
+Result<std::optional<StoredImage>> Store::Lookup(const std::string& name, const oci::Platform& platform) const {
+  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
+  for (const auto& r : refs) {
+    if (r.name != name) continue;
+    auto p = oci::Platform::Parse(r.platform);
+    if (!p.ok() || !p->Matches(platform)) continue;
+    std::error_code ec;
+    if (!fs::exists(DiskDir(r.manifest, r.path), ec)) continue;
+    ASSIGN_OR_RETURN(StoredImage img, Load(r));
+    return std::optional<StoredImage>(std::move(img));
+  }
+  return std::optional<StoredImage>();
 }
 
 Result<std::vector<StoredImage>> Store::List() const {
-  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
   std::vector<StoredImage> out;
-  for (auto& [name, value] : refs.items()) {
-    ASSIGN_OR_RETURN(std::optional<StoredImage> img, Lookup(name));
-    if (img) out.push_back(std::move(*img));
+  for (const auto& r : refs) {
+    std::error_code ec;
+    if (!fs::exists(DiskDir(r.manifest, r.path), ec)) continue;
+    ASSIGN_OR_RETURN(StoredImage img, Load(r));
+    out.push_back(std::move(img));
   }
   return out;
 }
@@ -324,8 +409,55 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
       }
     }
   }
-  RETURN_IF_ERROR(SetRef(name, digest, options.path));
-  return Load(digest, options.path, name);
+  // The image's own platform, as its config states it (what a later
+  // lookup for a platform matches against).
+  std::string platform = StoredPlatform(digest);
+  if (platform.empty()) platform = options.platform.String();
+  if (auto p = oci::Platform::Parse(platform); p.ok() && !p->Matches(options.platform)) {
+    log::Warn("{} is for {}, not {}; it is stored as {}", Printable(name), platform, options.platform.String(), platform);
+  }
+  RETURN_IF_ERROR(SetRef(name, platform, digest, options.path));
+  ASSIGN_OR_RETURN(StoredImage stored, Load(Ref{name, platform, digest, options.path}));
+  RETURN_IF_ERROR(SetStableLink(name, options.platform, stored.disk_file));
+  return stored;
+}
+
+namespace {
+
+std::string NameHash(const std::string& name) { return oci::Digest::Sha256Of(name).hex().substr(0, 32); }
+
+}  // namespace
+
+fs::path Store::StablePath(const std::string& name, const oci::Platform& platform) const {
+  std::string p = platform.os + "-" + platform.architecture + (platform.variant.empty() ? "" : "-" + platform.variant);
+  return root_ / "by-name" / (NameHash(name) + "-" + p);
+}
+
+Status Store::SetStableLink(const std::string& name, const oci::Platform& platform, const fs::path& disk_file) {
+  const fs::path link = StablePath(name, platform);
+  RETURN_IF_ERROR(MakeDirs(link.parent_path()));
+  const fs::path target = fs::path("..") / "disks" / disk_file.parent_path().filename() / disk_file.filename();
+  const fs::path tmp = link.string() + ".new";
+  ::unlink(tmp.c_str());
+  if (::symlink(target.c_str(), tmp.c_str()) != 0) return ErrnoStatus("linking " + link.string());
+  RETURN_IF_ERROR(Env::Default()->Rename(tmp, link).Annotate("linking " + link.string()));
+  return OkStatus();
+}
+
+void Store::DropStaleLinks(const std::vector<Ref>& refs) {
+  std::set<std::string> wanted;  // "<name hash> <disk dir>"
+  for (const auto& r : refs) wanted.insert(NameHash(r.name) + " " + DiskDir(r.manifest, r.path).filename().string());
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root_ / "by-name", ec)) {
+    const std::string file = e.path().filename().string();
+    const fs::path target = fs::read_symlink(e.path(), ec);
+    const std::string dir = ec ? "" : target.parent_path().filename().string();
+    if (!ec && file.size() > 32 && wanted.count(file.substr(0, 32) + " " + dir) &&
+        fs::exists(root_ / "disks" / dir, ec)) {
+      continue;
+    }
+    ::unlink(e.path().c_str());
+  }
 }
 
 fs::path Store::UseLockPath(const fs::path& disk_dir) const {
@@ -346,15 +478,66 @@ Result<FileLock> Store::Use(const StoredImage& img) const {
 }
 
 Result<GcResult> Store::Remove(const std::vector<std::string>& names) {
+  std::vector<StoredImage> images;
+  {
+    ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
+    for (const auto& n : names) {
+      bool found = false;
+      for (const auto& r : refs) {
+        if (r.name != n) continue;
+        found = true;
+        StoredImage img;
+        img.name = r.name;
+        img.platform = r.platform;
+        img.manifest_digest = r.manifest;
+        images.push_back(std::move(img));
+      }
+      if (!found) return NotFound("the node store has no image named " + Printable(n) + "; regdisk images lists them");
+    }
+  }
+  return RemoveImages(images, true);
+}
+
+Result<GcResult> Store::RemoveImages(const std::vector<StoredImage>& images, bool force) {
   ASSIGN_OR_RETURN(FileLock exclusive, FileLock::Acquire(root_ / "locks" / "store"));
   {
     ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
-    ASSIGN_OR_RETURN(json refs, ReadRefs());
-    for (const auto& n : names) {
-      if (!refs.contains(n)) return NotFound("the node store has no image named " + n + "; regdisk images lists them");
+    ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
+    auto is_target = [&](const Ref& r) {
+      for (const auto& img : images) {
+        if (img.name == r.name && img.platform == r.platform) return true;
+      }
+      return false;
+    };
+    for (const auto& img : images) {
+      bool found = std::any_of(refs.begin(), refs.end(),
+                               [&](const Ref& r) { return r.name == img.name && r.platform == img.platform; });
+      if (!found) return NotFound("the node store has no image named " + Printable(img.name) + "; regdisk images lists them");
     }
-    for (const auto& n : names) refs.erase(n);
-    RETURN_IF_ERROR(WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600));
+    std::vector<Ref> kept;
+    std::set<std::string> kept_dirs, dropped_dirs;
+    for (const auto& r : refs) {
+      const std::string dir = DiskDir(r.manifest, r.path).filename().string();
+      if (is_target(r)) {
+        dropped_dirs.insert(dir);
+      } else {
+        kept.push_back(r);
+        kept_dirs.insert(dir);
+      }
+    }
+    if (!force) {
+      // A disk that loses its last name while a VM runs on it.
+      for (const auto& dir : dropped_dirs) {
+        if (kept_dirs.count(dir)) continue;
+        ASSIGN_OR_RETURN(std::optional<FileLock> unused, FileLock::TryAcquire(UseLockPath(root_ / "disks" / dir)));
+        if (!unused) {
+          return FailedPrecondition("the disk " + dir + " is in use by a running VM; stop the VM first, or use --force "
+                                    "to remove the name now (the disk stays until its VMs stop, then regdisk prune "
+                                    "removes it)");
+        }
+      }
+    }
+    RETURN_IF_ERROR(WriteRefList(kept));
   }
   return CollectLocked();
 }
@@ -384,15 +567,9 @@ uint64_t UsedBytes(const fs::path& p) {
 Result<GcResult> Store::CollectLocked() {
   GcResult r;
   std::error_code ec;
-  ASSIGN_OR_RETURN(json refs, ReadRefs());
+  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
   std::set<std::string> named;  // disk directory names some name refers to
-  for (auto& [name, value] : refs.items()) {
-    if (!value.is_string()) continue;
-    const std::string v = value.get<std::string>();
-    const size_t hash = v.find('#');
-    auto d = oci::Digest::Parse(v.substr(0, hash));
-    if (d.ok()) named.insert(DiskDir(*d, hash == std::string::npos ? "" : v.substr(hash + 1)).filename().string());
-  }
+  for (const auto& ref : refs) named.insert(DiskDir(ref.manifest, ref.path).filename().string());
 
   // Disks: kept when named or in use; the blobs describing kept disks stay.
   std::set<std::string> keep_blobs;
@@ -433,6 +610,7 @@ Result<GcResult> Store::CollectLocked() {
     log::Info("removed disk {} ({} bytes)", name, bytes);
   }
   RETURN_IF_ERROR(SyncDir(root_ / "disks"));
+  DropStaleLinks(refs);
 
   for (const auto& e : fs::directory_iterator(root_ / "blobs" / "sha256", ec)) {
     if (keep_blobs.count(e.path().filename().string())) continue;

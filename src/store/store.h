@@ -8,7 +8,18 @@
 //                               when a --path was given, a hash of that path):
 //                                 <file>       the disk, read-only
 //                                 meta.json    what it is (see StoredImage)
-//   ROOT/refs.json              image name -> manifest digest [#path]
+//   ROOT/refs.json              image name -> platform -> manifest digest
+//                               [#path]: {"docker://h/r:t": {"linux/amd64":
+//                               "sha256:…"}}. A store written before
+//                               platforms were recorded maps names to
+//                               digests directly; such a name is read with
+//                               the platform its stored config states, and
+//                               rewritten in the new form on the next change
+//   ROOT/by-name/<h>-<platform> a link to the disk a name (hashed: h) was
+//                               last pulled as for --platform, replaced by
+//                               each pull and removed with the name; what
+//                               domxml names, so a libvirt domain outlives
+//                               a new pull of its tag
 //   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system;
 //                               a pull stages in tmp/<disk dir>.staging, so
 //                               the next pull of that image (under the same
@@ -46,6 +57,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "disk/format.h"
+#include "image/progress.h"
 #include "image/transport.h"
 #include "oci/manifest.h"
 #include "store/unpack.h"
@@ -57,7 +69,11 @@ namespace regdisk::store {
 
 struct StoredImage {
   std::string name;             // what it was pulled as ("docker://...")
+  std::string platform;         // the image's own, "linux/amd64" ("" when unknown)
   oci::Digest manifest_digest;
+  std::optional<oci::Digest> config_digest;  // the image ID, as podman shows it
+  std::string created;          // the config's "created" (RFC 3339), may be empty
+  int64_t stored_at = 0;        // when the disk was committed (seconds since the epoch)
   std::string disk_path;        // inside the image: "/disk/fedora25.qcow2"
   std::filesystem::path disk_file;  // in the store
   disk::DiskInfo disk;
@@ -68,11 +84,11 @@ struct StoredImage {
 struct PullOptions {
   oci::Platform platform{"linux", "amd64", ""};
   std::string path;  // the disk's path inside the image; empty: discover
-  // Called from the downloading thread as a layer's bytes arrive (at most
-  // every few MiB, and once at the end of each layer): layer index from 0,
-  // layer count, bytes of this layer so far (a resumed prefix included),
-  // and its size.
-  std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
+  // Per-layer progress (image/progress.h), called from the downloading
+  // thread: kStart (done: a resumed prefix), kBytes every few MiB, kDone
+  // once the layer is verified and applied. Layers already in the store
+  // (the image is there) report nothing.
+  image::ProgressFn on_progress;
   // Caps on what a layer may make the store write; max_file_bytes is also
   // the largest virtual size a disk may declare.
   DiskTree::Limits limits;
@@ -99,16 +115,26 @@ class Store {
  public:
   // Opens ROOT, creating its directories (mode 0700) when missing.
   static Result<Store> Open(const std::filesystem::path& root);
+  // Opens ROOT for reading only (images, inspect, domxml): creates
+  // nothing; a store that does not exist reads as empty. Pull, Remove,
+  // Prune and Check need Open.
+  static Store OpenForReading(const std::filesystem::path& root) { return Store(root); }
 
   const std::filesystem::path& root() const { return root_; }
 
   // Pulls `src` (named `name` in refs.json) and materialises its disk.
   Result<StoredImage> Pull(image::ImageSource& src, const std::string& name, const PullOptions& options);
 
-  // The image a name was last pulled as; nullopt when unknown.
-  Result<std::optional<StoredImage>> Lookup(const std::string& name) const;
-  // Every named image, sorted by name.
+  // The image a name was last pulled as for `platform` (an image whose
+  // platform matches it: os and architecture, and variant when `platform`
+  // names one); nullopt when unknown or its disk is gone.
+  Result<std::optional<StoredImage>> Lookup(const std::string& name, const oci::Platform& platform) const;
+  // Every named image, sorted by name, then platform.
   Result<std::vector<StoredImage>> List() const;
+
+  // The stable path of the disk `name` was pulled as for `platform` (see
+  // by-name/ above); it exists only once such a pull happened.
+  std::filesystem::path StablePath(const std::string& name, const oci::Platform& platform) const;
 
   // Held (shared) by whoever looks a disk up to use it, until it holds the
   // disk's Use lock; Remove and Prune wait for it.
@@ -117,9 +143,15 @@ class Store {
   // disk is gone.
   Result<FileLock> Use(const StoredImage& img) const;
 
-  // Drops the names (as `images` lists them) and then prunes. Unknown names
-  // fail before anything is removed.
+  // Drops the names (as `images` lists them; every platform of each) and
+  // then prunes. Unknown names fail (NotFound) before anything is removed.
   Result<GcResult> Remove(const std::vector<std::string>& names);
+  // Drops these images' names (name and platform, as List gives them) and
+  // then prunes. Without `force`, an image whose disk a running VM uses and
+  // no other name keeps is refused (FailedPrecondition) before anything is
+  // removed; with it, its name goes now and its disk once its VMs stop
+  // (the next rmi or prune), reported in disks_in_use.
+  Result<GcResult> RemoveImages(const std::vector<StoredImage>& images, bool force);
   // Deletes disks no name refers to (unless a VM uses them), blobs of no
   // kept disk, staging left by killed pulls and partial downloads.
   Result<GcResult> Prune();
@@ -134,7 +166,14 @@ class Store {
 
  private:
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
-  Result<StoredImage> Load(const oci::Digest& manifest, const std::string& path, const std::string& name) const;
+  // One name of refs.json for one platform.
+  struct Ref {
+    std::string name, platform;
+    oci::Digest manifest;
+    std::string path;
+    std::string DiskKey() const;  // "digest#path" as refs.json stores it
+  };
+  Result<StoredImage> Load(const Ref& ref) const;
   // Stores a small verified blob (a manifest, a config) unless it is there,
   // adding its path to *stored_now when this call stored it.
   Status KeepBlob(const oci::Digest& digest, std::string_view bytes, std::vector<std::filesystem::path>* stored_now);
@@ -143,15 +182,25 @@ class Store {
   Status Materialise(image::ImageSource& src, const std::vector<oci::Descriptor>& layers, const oci::Digest& manifest,
                      const PullOptions& options, bool* resumed);
   Status StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree, const std::string& label,
-                     bool* resumed, const std::function<void(uint64_t done)>& progress, const CancelToken* cancel);
+                     bool* resumed, const image::ProgressFn& progress, const CancelToken* cancel);
   void RemovePartials(const std::vector<oci::Descriptor>& layers);
   Result<GcResult> CollectLocked();  // with the store lock held exclusively
   // Check's parts (store/fsck.cc).
   std::optional<std::string> CheckDisk(const std::filesystem::path& dir) const;
   void CheckBlobs(bool repair, std::vector<Problem>* out);
   std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;
-  Status SetRef(const std::string& name, const oci::Digest& manifest, const std::string& path);
+  // refs.json in either form; entries that are not digests are skipped
+  // (fsck reports them).
+  Result<std::vector<Ref>> ReadRefList() const;
+  Status WriteRefList(const std::vector<Ref>& refs);  // with locks/refs held
+  // The platform of a stored manifest's config ("" when unknown).
+  std::string StoredPlatform(const oci::Digest& manifest) const;
+  Status SetRef(const std::string& name, const std::string& platform, const oci::Digest& manifest, const std::string& path);
   Result<nlohmann::json> ReadRefs() const;
+  // Points StablePath(name, platform) at `disk_file` (replaced atomically).
+  Status SetStableLink(const std::string& name, const oci::Platform& platform, const std::filesystem::path& disk_file);
+  // Removes links whose name no longer refers to the disk they point to.
+  void DropStaleLinks(const std::vector<Ref>& refs);
   std::filesystem::path BlobPath(const oci::Digest& d) const;
   // One directory per image digest and requested disk path (empty: the
   // disk found under /disk), so one image can serve several of its disks.

@@ -468,4 +468,70 @@ Result<DiskTree::File> DiskTree::FindDisk(const std::string& path) const {
                          "); name one with --path");
 }
 
+Result<std::optional<DiskHead>> ReadDiskHead(ByteSource& src, std::string_view media_type, const std::string& label,
+                                             const std::string& path, size_t head_bytes) {
+  ASSIGN_OR_RETURN(Compression comp, FromMediaType(media_type, label));
+  ASSIGN_OR_RETURN(auto first, src.Next());
+  if (first.empty()) return InvalidArgument(label + " is empty; the image is malformed");
+  RETURN_IF_ERROR(CheckMagic(first, comp, label));
+  LayerInput input(src, first);
+  std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
+  archive_read_support_format_tar(a.get());
+  archive_read_support_filter_none(a.get());
+  std::unique_ptr<IsalGzipReader> gzip;
+  int opened;
+  if (comp == Compression::kGzip) {
+    gzip = std::make_unique<IsalGzipReader>(input);
+    opened = archive_read_open(a.get(), gzip.get(), nullptr, IsalGzipReader::Read, nullptr);
+  } else {
+    if (comp == Compression::kZstd) archive_read_support_filter_zstd(a.get());
+    opened = archive_read_open(a.get(), &input, nullptr, LayerInput::Read, nullptr);
+  }
+  if (opened != ARCHIVE_OK) {
+    if (!input.error().ok()) return input.error();
+    return InvalidArgument(label + " is not a readable tar archive: " + ArchiveError(a.get()));
+  }
+  const std::string wanted = path.empty() ? "" : path.substr(path.find_first_not_of('/') == std::string::npos
+                                                                  ? path.size()
+                                                                  : path.find_first_not_of('/'));
+  archive_entry* e = nullptr;
+  for (;;) {
+    int r = archive_read_next_header(a.get(), &e);
+    if (r == ARCHIVE_EOF) return std::optional<DiskHead>();
+    if (r < ARCHIVE_WARN) {
+      if (!input.error().ok()) return input.error();
+      return InvalidArgument(label + " is not a valid tar archive: " + ArchiveError(a.get()));
+    }
+    ASSIGN_OR_RETURN(std::string p, CleanPath(archive_entry_pathname(e), label));
+    if (!UnderDisk(p)) continue;
+    const mode_t type = archive_entry_filetype(e);
+    if (archive_entry_hardlink(e) != nullptr || type == AE_IFLNK) {
+      return InvalidArgument(label + " has a link at " + Printable("/" + p) + "; links under /disk are refused");
+    }
+    if (type != AE_IFREG && type != AE_IFDIR) {
+      return InvalidArgument(label + " has a device, FIFO or socket at " + Printable("/" + p) +
+                             "; only regular files belong under /disk");
+    }
+    if (type != AE_IFREG || (!wanted.empty() && p != wanted)) continue;
+    const size_t base = p.rfind('/') == std::string::npos ? 0 : p.rfind('/') + 1;
+    if (p.compare(base, 4, ".wh.") == 0) continue;
+    DiskHead h;
+    h.image_path = "/" + p;
+    h.size = static_cast<uint64_t>(std::max<la_int64_t>(archive_entry_size(e), 0));
+    h.head.resize(static_cast<size_t>(std::min<uint64_t>(h.size, head_bytes)));
+    size_t got = 0;
+    while (got < h.head.size()) {
+      la_ssize_t n = archive_read_data(a.get(), h.head.data() + got, h.head.size() - got);
+      if (n < 0) {
+        if (!input.error().ok()) return input.error();
+        return InvalidArgument(label + " ends inside " + Printable(h.image_path) + ": " + ArchiveError(a.get()));
+      }
+      if (n == 0) break;
+      got += static_cast<size_t>(n);
+    }
+    h.head.resize(got);
+    return std::optional<DiskHead>(std::move(h));
+  }
+}
+
 }  // namespace regdisk::store

@@ -20,6 +20,7 @@
 
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -78,5 +79,21 @@ class DiskTree {
   int layer_ = 0;
   int next_file_ = 0;
 };
+
+// The front of a disk file in one layer, for describing a disk without
+// pulling it (inspect --disk): reads the layer only as far as the first
+// regular file under /disk (or the file at `path`, "/disk/x.qcow2"), and
+// then only that file's first `head_bytes`. Nothing is written anywhere.
+// The bytes are not verified (the layer is not read to its end, so its
+// digest cannot be checked); a pull verifies them. nullopt when the layer
+// holds no such file. Entries are checked as a pull checks them (no
+// absolute or ".." paths; no links or devices under /disk).
+struct DiskHead {
+  std::string image_path;  // "/disk/fedora25.qcow2"
+  uint64_t size = 0;       // the file's size in the tar
+  std::string head;        // its first bytes (up to head_bytes)
+};
+Result<std::optional<DiskHead>> ReadDiskHead(ByteSource& src, std::string_view media_type, const std::string& label,
+                                             const std::string& path, size_t head_bytes);
 
 }  // namespace regdisk::store

@@ -46,9 +46,10 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
                                          const PlanOptions& o, store::Store& st) {
   ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(src.image));
   const std::string key = name.String();
-  if (src.image_pull_policy != "Always") {
-    ASSIGN_OR_RETURN(std::optional<store::StoredImage> have, st.Lookup(key));
+  if (src.image_pull_policy != "Always" || o.offline) {
+    ASSIGN_OR_RETURN(std::optional<store::StoredImage> have, st.Lookup(key, o.platform));
     if (have && (src.path.empty() || have->disk_path == src.path)) return *have;
+    if (o.offline) return NotFound(key);  // PlanVm lists it as missing
     if (src.image_pull_policy == "Never") {
       return FailedPrecondition("image " + src.image + " is not in the node store and its imagePullPolicy is Never; run "
                                 "regdisk pull " + key + " first");
@@ -122,8 +123,17 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
                                          plan.name, plan.memory_bytes >> 20, available >> 20));
   }
 
-  ASSIGN_OR_RETURN(store::Store st, store::Store::Open(o.root));
-  ASSIGN_OR_RETURN(FileLock sharing, st.Share());  // no prune between a lookup and its Use
+  std::optional<store::Store> opened;
+  std::optional<FileLock> sharing;
+  if (o.offline) {
+    opened.emplace(store::Store::OpenForReading(o.root));
+  } else {
+    ASSIGN_OR_RETURN(store::Store s, store::Store::Open(o.root));
+    opened.emplace(std::move(s));
+    ASSIGN_OR_RETURN(FileLock lock, opened->Share());  // no prune between a lookup and its Use
+    sharing.emplace(std::move(lock));
+  }
+  store::Store& st = *opened;
   for (const auto& d : vm.spec.disks) {
     const spec::Volume* vol = nullptr;
     for (const auto& v : vm.spec.volumes) {
@@ -137,10 +147,28 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     if (!vol || !vol->registry_disk) {
       return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + ", which is not a registry disk");
     }
-    ASSIGN_OR_RETURN(store::StoredImage img, ResolveVolume(*vol->registry_disk, secrets, o, st));
-    ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
-    plan.disk_leases.push_back(std::move(lease));
+    auto resolved = ResolveVolume(*vol->registry_disk, secrets, o, st);
     PlannedDisk pd;
+    ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(vol->registry_disk->image));
+    pd.stable = st.StablePath(name.String(), o.platform);
+    store::StoredImage img;
+    if (o.offline && !resolved.ok() && resolved.status().code() == Code::kNotFound) {
+      plan.missing.push_back(name.String());
+      pd.in_store = false;
+      img.disk_file = pd.stable;
+      img.disk.format = disk::Format::kQcow2;
+    } else {
+      if (!resolved.ok()) return std::move(resolved).status();
+      img = std::move(*resolved);
+      if (!o.offline) {
+        ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
+        plan.disk_leases.push_back(std::move(lease));
+      }
+      // A store written before stable paths (or a pull for another
+      // --platform) has no link for this name: name the disk itself.
+      std::error_code ec;
+      if (!fs::exists(pd.stable, ec)) pd.stable = img.disk_file;
+    }
     pd.name = d.name;
     pd.device = d.device;
     pd.dev = d.dev;
@@ -302,6 +330,7 @@ Result<std::string> DomainXml(const VmPlan& p) {
   x.Open("memory").Attr("unit", "KiB").Text(std::to_string((p.memory_bytes + 1023) / 1024)).Close();
   x.Element("vcpu", std::to_string(p.cores));
   x.Open("os").Open("type").Attr("arch", "x86_64").Attr("machine", "pc").Text("hvm").Close().Close();
+  x.Open("features").Open("acpi").Close().Close();
   x.Element("on_poweroff", "destroy").Element("on_reboot", "restart").Element("on_crash", "destroy");
   x.Open("devices");
   x.Element("emulator", p.qemu.string());
@@ -309,15 +338,18 @@ Result<std::string> DomainXml(const VmPlan& p) {
   for (const auto& d : p.disks) any_boot |= d.boot_order.has_value();
   for (size_t i = 0; i < p.disks.size(); ++i) {
     const PlannedDisk& d = p.disks[i];
+    // The store's read-only disk; libvirt's transient overlay takes the
+    // writes and is discarded when the VM stops (shared backing: any
+    // number of VMs use one stored disk).
     x.Open("disk").Attr("type", "file").Attr("device", d.device);
-    x.Empty("driver", {{"name", "qemu"}, {"type", "qcow2"}});
-    x.Empty("source", {{"file", d.overlay.string()}});
-    x.Open("backingStore").Attr("type", "file");
-    x.Empty("format", {{"type", std::string(disk::FormatName(d.backing_format))}});
-    x.Empty("source", {{"file", d.backing.string()}});
-    x.Close();
+    x.Empty("driver", {{"name", "qemu"}, {"type", std::string(disk::FormatName(d.backing_format))}});
+    x.Empty("source", {{"file", (d.stable.empty() ? d.backing : d.stable).string()}});
     x.Empty("target", {{"dev", d.dev}, {"bus", d.bus}});
-    if (d.read_only) x.Open("readonly").Close();
+    if (d.read_only) {
+      x.Open("readonly").Close();
+    } else {
+      x.Empty("transient", {{"shareBacking", "yes"}});
+    }
     if (d.boot_order) x.Empty("boot", {{"order", std::to_string(*d.boot_order)}});
     else if (!any_boot && i == 0) x.Empty("boot", {{"order", "1"}});
     x.Close();

@@ -33,6 +33,11 @@ struct PlannedDisk {
   disk::Format backing_format = disk::Format::kRaw;
   uint64_t virtual_size = 0;
   std::filesystem::path overlay;  // qcow2, per VM, mode 0600
+  // The store's stable name for this image and platform (a link to the
+  // disk that Store::Pull keeps current); domxml names it, so a libvirt
+  // domain stays valid when the image is pulled again.
+  std::filesystem::path stable;
+  bool in_store = true;  // false: offline, and the disk has not been pulled
 };
 
 struct VmPlan {
@@ -50,6 +55,8 @@ struct VmPlan {
   // The VM's claims on its disks in the node store (Store::Use): held for
   // as long as the plan lives, so rmi and prune keep those disks.
   std::vector<FileLock> disk_leases;
+  // Offline plans: the images that are not in the store (a pull would be needed).
+  std::vector<std::string> missing;
 };
 
 struct PlanOptions {
@@ -59,9 +66,13 @@ struct PlanOptions {
   registry::ClientOptions client;  // for pulls
   oci::Platform platform{"linux", "amd64", ""};
   // Pull progress (see store::PullOptions); may be empty.
-  std::function<void(size_t layer, size_t layers, uint64_t done, uint64_t total)> on_progress;
+  image::ProgressFn on_progress;
   store::DiskTree::Limits disk_limits;  // for pulls
   std::shared_ptr<const CancelToken> cancel;  // ends a pull early
+  // domxml: read the store only (no pulls, no locks, nothing created);
+  // a disk not in the store is planned at its stable path with the format
+  // assumed qcow2 and listed in VmPlan::missing.
+  bool offline = false;
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets
@@ -79,7 +90,11 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
 std::vector<std::string> QemuArgv(const VmPlan& plan);
 
 // The equivalent libvirt domain XML, written with libxml2 (every value
-// escaped); a value XML cannot carry is an error.
+// escaped); a value XML cannot carry is an error. Each disk is the store's
+// read-only disk at its stable path as a <transient shareBacking='yes'/>
+// disk: libvirt puts a per-VM overlay over it and discards it when the VM
+// stops, as regdisk run does. ACPI is on (so a shutdown request reaches
+// the guest).
 Result<std::string> DomainXml(const VmPlan& plan);
 
 }  // namespace regdisk::vm
