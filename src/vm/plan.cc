@@ -78,7 +78,7 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
     Status failed = std::move(img).status();
     // The registry is unreachable but the store has the tag: say so.
     if (failed.code() == Code::kUnavailable || failed.code() == Code::kDeadlineExceeded) {
-      auto have = st.Lookup(key);
+      auto have = st.Lookup(key, o.platform);
       if (have.ok() && *have) {
         failed = Status(failed.code(), failed.message() + "; the node store has a copy of " + key +
                                            ", which imagePullPolicy: IfNotPresent would use");
