@@ -56,8 +56,11 @@ TEST_F(BuildTest, ReproducibleWithSourceDateEpochAndReadableBySkopeoAndUmoci) {
   json j = json::parse(r.out);
   EXPECT_EQ(j["Digest"], Trim(a.out));
   EXPECT_EQ(j["Created"], "2023-11-14T22:13:20Z");
-  ASSERT_EQ(j["LayersData"].size(), 1u);
-  EXPECT_EQ(j["LayersData"][0]["MIMEType"], "application/vnd.oci.image.layer.v1.tar+gzip") << "gzip is the default";
+  RunResult raw = RunProgram({"skopeo", "inspect", "--raw", layout});
+  ASSERT_EQ(raw.exit_code, 0) << raw.err;
+  json manifest = json::parse(raw.out);
+  ASSERT_EQ(manifest["layers"].size(), 1u);
+  EXPECT_EQ(manifest["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip") << "gzip is the default";
   EXPECT_EQ(j["Labels"]["team"], "vm");
   EXPECT_EQ(j["Labels"]["io.regdisk.disk.path"], "/disk/fedora25.qcow2");
   EXPECT_EQ(j["Labels"]["io.regdisk.disk.format"], "qcow2");

@@ -43,8 +43,8 @@ void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
   cmd->add_option("--format", f.format, "oci (default) or docker (schema 2, gzip layers)")->check(OneOf({"oci", "docker"}));
   // One value per flag, so `--label a=b disk.qcow2` leaves the disk alone.
   cmd->add_option("--label", f.labels, "KEY=VALUE label on the image (repeat the flag for more)")
-      ->type_size(1)
       ->expected(1)
+      ->allow_extra_args(false)  // a vector option otherwise takes every word up to the next flag
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->fallthrough();
 }
