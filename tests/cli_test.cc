@@ -247,7 +247,8 @@ TEST_F(CliTest, ZshAndFishScriptsParse) {
   }
   // Descriptions with quotes and brackets are escaped for each shell.
   const std::string zsh = RunRegdisk({"completion", "zsh"}).out;
-  EXPECT_THAT(zsh, HasSubstr("OS/ARCH\\[/VARIANT\\]"));
+  EXPECT_THAT(zsh, HasSubstr("'--platform[OS/ARCH\\[/VARIANT\\] to select from an index]:PLATFORM:_files'"));
+  EXPECT_THAT(zsh, HasSubstr("'fsck:verify the node store: blobs"));
   EXPECT_THAT(zsh, HasSubstr("'\\''"));  // an apostrophe inside a single-quoted word
   const std::string fish = RunRegdisk({"completion", "fish"}).out;
   EXPECT_THAT(fish, HasSubstr("complete -c regdisk -n '__fish_seen_subcommand_from build' -l compression -x -a 'gzip zstd none'"));

@@ -155,14 +155,15 @@ std::string BashScript(const CLI::App& app) {
 
 // --- zsh ---------------------------------------------------------------------
 
-// Text inside a single-quoted zsh word, and inside an _arguments [...]
-// description.
-std::string ZshQuote(const std::string& text) {
+// Text inside a single-quoted zsh word; `brackets` for an _arguments
+// [description], where [ ] and \ need a backslash. (A _describe
+// description takes everything after its first colon as it is.)
+std::string ZshQuote(const std::string& text, bool brackets = false) {
   std::string out;
   for (char c : text) {
     if (c == '\'') {
       out += "'\\''";
-    } else if (c == '[' || c == ']' || c == ':') {
+    } else if (brackets && (c == '[' || c == ']' || c == '\\')) {
       out += '\\';
       out += c;
     } else {
@@ -181,7 +182,7 @@ std::string ZshSpecs(const std::vector<Arg>& flags, const std::string& indent) {
     for (const auto& n : f.names) {
       std::string name = n;
       if (f.optional_value) name += "=-";  // --tls-verify[=VALUE]
-      s += indent + "'" + exclusive + name + "[" + ZshQuote(f.description) + "]" + action + "' \\\n";
+      s += indent + "'" + exclusive + name + "[" + ZshQuote(f.description, true) + "]" + action + "' \\\n";
     }
   }
   return s;
