@@ -5,7 +5,7 @@
 
 (./dev.sh bench builds regdisk and calls this.) It generates a disk, makes
 registry disks of it with buildah (gzip, the Dockerfile workflow) and with
-`regdisk build` (zstd), pushes them to a docker-registry on 127.0.0.1, and
+`regdisk build --compression zstd`, pushes them to a docker-registry on 127.0.0.1, and
 then alternates, run after run:
 
   floor        curl fetches the disk layer blob to /dev/null
@@ -289,10 +289,10 @@ class Bench:
         self.push_base()
         log("making the images the pulls read")
         self.build_buildah(qcow2, "bench/qcow2-gzip")
-        self.build_regdisk(qcow2, "bench/qcow2-zstd")
+        self.build_regdisk(qcow2, "bench/qcow2-zstd", "--compression", "zstd")
         if self.a.raw:
             self.build_buildah(raw, "bench/raw-gzip")
-            self.build_regdisk(raw, "bench/raw-zstd")
+            self.build_regdisk(raw, "bench/raw-zstd", "--compression", "zstd")
 
     def pull_regdisk(self, repo):
         store = os.path.join(self.work, "store")

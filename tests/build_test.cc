@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sys/stat.h>
+#include <ctime>
 
 #include "harness/harness.h"
 
@@ -38,20 +39,28 @@ class BuildTest : public TempDirTest {
   std::string root_;
 };
 
-TEST_F(BuildTest, ReproducibleAndReadableBySkopeoAndUmoci) {
+// Default options (gzip), so this also shows that umoci reads a default image.
+TEST_F(BuildTest, ReproducibleWithSourceDateEpochAndReadableBySkopeoAndUmoci) {
   Qcow2("fedora25.qcow2", "32M");
   std::string layout = "oci:" + P("layout") + ":v1";
-  RunResult a = Regdisk({"build", P("fedora25.qcow2"), "-t", layout, "--compression", "gzip", "--label", "team=vm"});
+  const std::vector<std::string> epoch = {"SOURCE_DATE_EPOCH=1700000000"};
+  RunResult a = RunRegdisk({"--root", root_, "build", P("fedora25.qcow2"), "-t", layout, "--label", "team=vm"}, {}, epoch);
   ASSERT_EQ(a.exit_code, 0) << a.err;
-  RunResult b = Regdisk({"build", P("fedora25.qcow2"), "-t", "oci:" + P("other") + ":v1", "--compression", "gzip",
-                         "--label", "team=vm"});
+  RunResult b = RunRegdisk({"--root", root_, "build", P("fedora25.qcow2"), "-t", "oci:" + P("other") + ":v1", "--label",
+                            "team=vm"}, {}, epoch);
   ASSERT_EQ(b.exit_code, 0) << b.err;
-  EXPECT_EQ(a.out, b.out) << "the same disk and options must give the same digest";
+  EXPECT_EQ(a.out, b.out) << "the same disk, options and SOURCE_DATE_EPOCH must give the same digest";
 
   RunResult r = RunProgram({"skopeo", "inspect", layout});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json j = json::parse(r.out);
   EXPECT_EQ(j["Digest"], Trim(a.out));
+  EXPECT_EQ(j["Created"], "2023-11-14T22:13:20Z");
+  RunResult raw = RunProgram({"skopeo", "inspect", "--raw", layout});
+  ASSERT_EQ(raw.exit_code, 0) << raw.err;
+  json manifest = json::parse(raw.out);
+  ASSERT_EQ(manifest["layers"].size(), 1u);
+  EXPECT_EQ(manifest["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip") << "gzip is the default";
   EXPECT_EQ(j["Labels"]["team"], "vm");
   EXPECT_EQ(j["Labels"]["io.regdisk.disk.path"], "/disk/fedora25.qcow2");
   EXPECT_EQ(j["Labels"]["io.regdisk.disk.format"], "qcow2");
@@ -70,6 +79,57 @@ TEST_F(BuildTest, ReproducibleAndReadableBySkopeoAndUmoci) {
   EXPECT_EQ(st.st_mode & 0777, 0555u);
   EXPECT_EQ(ReadFileCapped(P("bundle/rootfs/disk/fedora25.qcow2"), 1 << 26).value(),
             ReadFileCapped(P("fedora25.qcow2"), 1 << 26).value());
+}
+
+// What `created` says: the build time, unless SOURCE_DATE_EPOCH pins it.
+// The layer itself never depends on the time.
+TEST_F(BuildTest, CreatedIsTheBuildTimeUnlessSourceDateEpochIsSet) {
+  Qcow2("disk.qcow2", "4M");
+  auto build = [&](const std::string& dir) {
+    return RunProgram({"/usr/bin/env", "-u", "SOURCE_DATE_EPOCH", REGDISK_BIN, "build", P("disk.qcow2"), "-t",
+                       "oci:" + P(dir) + ":v1"});
+  };
+  auto inspect = [&](const std::string& dir) {
+    RunResult r = RunProgram({"skopeo", "inspect", "oci:" + P(dir) + ":v1"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return json::parse(r.out, nullptr, false);
+  };
+  const time_t before = ::time(nullptr);
+  ASSERT_EQ(build("a").exit_code, 0);
+  ASSERT_EQ(build("b").exit_code, 0);
+  const time_t after = ::time(nullptr);
+  json a = inspect("a"), b = inspect("b");
+  for (const json* j : {&a, &b}) {
+    tm t{};
+    const std::string created = (*j)["Created"].get<std::string>();
+    ASSERT_NE(::strptime(created.c_str(), "%Y-%m-%dT%H:%M:%SZ", &t), nullptr) << created;
+    const time_t when = ::timegm(&t);
+    EXPECT_GE(when, before) << created;
+    EXPECT_LE(when, after) << created;
+  }
+  EXPECT_EQ(a["Layers"], b["Layers"]) << "the same disk must give the same layer whatever the time";
+
+  RunResult bad = RunRegdisk({"build", P("disk.qcow2"), "-t", "oci:" + P("c") + ":v1"}, {}, {"SOURCE_DATE_EPOCH=yesterday"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.err, HasSubstr("SOURCE_DATE_EPOCH must be seconds since 1970"));
+  EXPECT_FALSE(fs::exists(P("c")));
+}
+
+// --label takes exactly one value per flag: the disk after it stays the disk.
+TEST_F(BuildTest, LabelNeverEatsThePositionalDisk) {
+  Qcow2("disk.qcow2", "4M");
+  const std::string layout = "oci:" + P("layout") + ":v1";
+  RunResult r = Regdisk({"build", "--label", "a=b", P("disk.qcow2"), "-t", layout, "--label", "c=d=e"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = RunProgram({"skopeo", "inspect", layout});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json j = json::parse(r.out);
+  EXPECT_EQ(j["Labels"]["a"], "b");
+  EXPECT_EQ(j["Labels"]["c"], "d=e");
+  EXPECT_EQ(j["Labels"]["io.regdisk.disk.path"], "/disk/disk.qcow2");
+  r = Regdisk({"build", "--label", "a=b", P("disk.qcow2")});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--tag is required"));
 }
 
 TEST_F(BuildTest, TempFilesAKilledBuildLeftInALayoutAreRemovedByTheNext) {
@@ -111,7 +171,7 @@ TEST_F(BuildTest, RefusesBadInputAndWritesNothing) {
       {{"build", P("missing.qcow2"), "-t", out}, "missing.qcow2"},
       {{"build", P("ok.qcow2"), "-t", out, "--name", "../x"}, "is not a plain file name"},
       {{"build", P("ok.qcow2"), "-t", out, "--format", "docker", "--compression", "zstd"}, "gzip layers only"},
-      {{"build", P("ok.qcow2"), "-t", out, "--compression", "lz4"}, "--compression takes zstd, gzip or none"},
+      {{"build", P("ok.qcow2"), "-t", out, "--compression", "lz4"}, "--compression takes gzip, zstd or none"},
       {{"build", P("ok.qcow2"), "-t", out, "--label", "novalue"}, "is not of the form KEY=VALUE"},
       {{"build", tmp().string(), "-t", out}, "is not a regular file"},
   };

@@ -79,7 +79,9 @@ TEST_F(KillTest, PullsKilledAnywhereLeaveAWholeStoreAndResume) {
 
 TEST_F(KillTest, BuildsKilledAnywhereLeaveALayoutOthersCanRead) {
   ASSERT_OK(WriteFileAtomic(P("disk.raw"), RandomBytes(24 << 20, 62)));
-  RunResult reference = RunRegdisk({"build", P("disk.raw"), "-t", "oci:" + P("reference") + ":v1"});
+  // A fixed creation time, so that two whole builds give the same digest.
+  const std::vector<std::string> epoch = {"SOURCE_DATE_EPOCH=1700000000"};
+  RunResult reference = RunRegdisk({"build", P("disk.raw"), "-t", "oci:" + P("reference") + ":v1"}, {}, epoch);
   ASSERT_EQ(reference.exit_code, 0) << reference.err;
   const std::string layout = "oci:" + P("layout") + ":v1";
   for (int i = 0; i < 8; ++i) {
@@ -95,7 +97,7 @@ TEST_F(KillTest, BuildsKilledAnywhereLeaveALayoutOthersCanRead) {
       }
     }
   }
-  RunResult r = RunRegdisk({"build", P("disk.raw"), "-t", layout});
+  RunResult r = RunRegdisk({"build", P("disk.raw"), "-t", layout}, {}, epoch);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, reference.out) << "the same disk must give the same digest";
   EXPECT_EQ(RunProgram({"umoci", "gc", "--layout", P("layout")}).exit_code, 0);

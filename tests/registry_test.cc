@@ -100,8 +100,8 @@ TEST_F(RegistryTest, FilesThatAreNotRegularFilesAndEmptyOrNegativeFlags) {
       {{"--authfile", fifo, "inspect", "docker://127.0.0.1:1/a/b:c"}, fifo + " is not a regular file (a FIFO)"},
       {{"--authfile", "/dev/zero", "inspect", "docker://127.0.0.1:1/a/b:c"}, "/dev/zero is not a regular file (a device"},
       {{"--root", "", "images"}, "--root needs a directory (it is empty)"},
-      {{"run", "-f", fifo, "--timeout", "-1"}, "--timeout takes seconds, 0 or more (0: no limit), not -1"},
-      {{"run", "-f", fifo, "--grace", "-5"}, "--grace takes seconds, 0 or more, not -5"},
+      {{"run", "-f", fifo, "--timeout", "-1"}, "--timeout takes a duration such as 30s, 5m, 1h30m or 500ms (a bare number is seconds), not \"-1\""},
+      {{"run", "-f", fifo, "--grace", "-5"}, "--grace takes a duration such as 30s"},
   };
   for (const auto& c : cases) {
     RunResult r = RunRegdisk(c.args);

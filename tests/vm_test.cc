@@ -462,5 +462,46 @@ TEST_F(VmTest, HostileDiskNamesAndRootPathsAreDataNotSyntax) {
   ExpectNothingLeft();
 }
 
+// Ctrl-C during run: the first SIGINT says on stderr that the VM is being
+// shut down, with the grace time; the guest (which ignores ACPI) is killed
+// after --grace; exit 130. With a long grace, a second SIGINT stops it at
+// once. Waits for lines in files, never for time.
+TEST_F(VmTest, CtrlCShutsTheVmDownAndASecondOneStopsItAtOnce) {
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  const std::string spec = Spec("vm.yaml");
+  for (bool twice : {false, true}) {
+    const std::string out = P(twice ? "twice.out" : "once.out");
+    Process::Options opt;
+    opt.stdout_mode = Process::Stdio::kFile;
+    opt.stdout_file = out;
+    opt.stderr_mode = Process::Stdio::kFile;
+    opt.stderr_file = out + ".err";
+    // -q: no informational lines (such as the TCG notice), but the stop notice stays.
+    auto p = Process::Spawn({REGDISK_BIN, "-q", "--root", root_, "run", "-f", spec, "--grace", twice ? "1h" : "1s"}, opt);
+    ASSERT_OK(p);
+    ASSERT_TRUE(WaitFor(out, "REGDISK-GUEST-DONE", 60s)) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
+    ::kill(p->pid(), SIGINT);
+    ASSERT_TRUE(WaitFor(out + ".err", "press Ctrl-C again", 30s)) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
+    if (twice) ::kill(p->pid(), SIGINT);
+    auto code = p->Wait(60s);  // with --grace 1h, only the second Ctrl-C ends it in time
+    ASSERT_TRUE(code.has_value()) << "regdisk did not stop after Ctrl-C";
+    EXPECT_EQ(*code, 130);
+    const std::string err = ReadFileCapped(out + ".err", 1 << 20).value_or("");
+    EXPECT_THAT(err, HasSubstr(std::string("regdisk: interrupted: shutting the VM down: ACPI powerdown, then killed if it "
+                                           "is still running after ") + (twice ? "1h" : "1s") + " (--grace)"));
+    EXPECT_EQ(err.find("error"), std::string::npos) << err;
+    EXPECT_EQ(err.find("notice"), std::string::npos) << err;
+    if (twice) {
+      EXPECT_THAT(err, HasSubstr("regdisk: interrupted again: stopping at once"));
+    }
+    bool qemu_gone = false;
+    for (int i = 0; i < 200 && !qemu_gone; ++i, std::this_thread::sleep_for(50ms)) {
+      qemu_gone = RunProgram({"pgrep", "-f", root_ + "/run"}).exit_code != 0;
+    }
+    EXPECT_TRUE(qemu_gone) << "QEMU outlived regdisk";
+    if (!twice) ExpectNothingLeft();
+  }
+}
+
 }  // namespace
 }  // namespace regdisk::testing

@@ -5,11 +5,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <thread>
 
 #include <fmt/core.h>
@@ -19,6 +22,7 @@
 #include "registry/auth.h"
 #include "registry/registries_conf.h"
 #include "spec/quantity.h"
+#include "util/log.h"
 #include "util/text.h"
 
 namespace regdisk::cli {
@@ -93,6 +97,31 @@ Result<registry::ClientOptions> MakeClientOptions(const Globals& g) {
   return o;
 }
 
+namespace {
+
+std::mutex g_notice_mu;
+std::string g_stop_notice;  // guarded by g_notice_mu
+std::atomic<int> g_stop_signal{0};
+
+void WriteStderr(const std::string& line) {
+  std::string_view rest = line;
+  while (!rest.empty()) {
+    ssize_t n = ::write(STDERR_FILENO, rest.data(), rest.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    rest.remove_prefix(static_cast<size_t>(n));
+  }
+}
+
+}  // namespace
+
+void SetStopNotice(std::string notice) {
+  std::lock_guard<std::mutex> lock(g_notice_mu);
+  g_stop_notice = std::move(notice);
+}
+
+int StopSignal() { return g_stop_signal.load(); }
+
 void CancelOnSignals(std::shared_ptr<CancelToken> token) {
   sigset_t set;
   sigemptyset(&set);
@@ -102,10 +131,32 @@ void CancelOnSignals(std::shared_ptr<CancelToken> token) {
     for (;;) {
       int sig = 0;
       if (sigwait(&set, &sig) != 0) continue;
-      if (token->cancelled()) ::_exit(128 + sig);  // a second signal: stop now
-      token->Cancel(sig == SIGINT ? "interrupted" : "terminated");
+      const char* name = sig == SIGINT ? "interrupted" : sig == SIGTERM ? "terminated" : "hung up";
+      if (token->cancelled()) {  // a second signal: stop now
+        WriteStderr(std::string("regdisk: ") + name + " again: stopping at once\n");
+        ::_exit(128 + sig);
+      }
+      std::string notice;
+      {
+        std::lock_guard<std::mutex> lock(g_notice_mu);
+        notice = g_stop_notice;
+      }
+      if (!notice.empty()) WriteStderr(std::string("regdisk: ") + name + ": " + notice + "\n");
+      g_stop_signal = sig;
+      token->Cancel(name);
     }
   }).detach();
+}
+
+std::string FormatDuration(std::chrono::milliseconds d) {
+  int64_t ms = d.count();
+  if (ms == 0) return "0s";
+  std::string out;
+  if (ms >= 3600000) out += std::to_string(ms / 3600000) + "h", ms %= 3600000;
+  if (ms >= 60000) out += std::to_string(ms / 60000) + "m", ms %= 60000;
+  if (ms >= 1000) out += std::to_string(ms / 1000) + "s", ms %= 1000;
+  if (ms > 0) out += std::to_string(ms) + "ms";
+  return out;
 }
 
 Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g) {

@@ -3,6 +3,7 @@
 // into library calls and returns the process's exit code.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -26,8 +27,9 @@ struct Globals {
   std::string registries_conf;  // --registries-conf
   std::string platform = "linux/amd64";
   std::string max_disk_size = "1Ti";  // a Kubernetes quantity
-  bool verbose = false;
-  bool quiet = false;  // -q: no progress output
+  bool verbose = false;        // -v: --log-level debug
+  std::string log_level = "warn";
+  bool quiet = false;          // -q: no progress, no informational lines
   // Cancelled by SIGINT, SIGTERM or SIGHUP (see CancelOnSignals).
   std::shared_ptr<CancelToken> cancel = std::make_shared<CancelToken>();
 };
@@ -36,15 +38,15 @@ struct BuildFlags {
   std::string tag;
   std::string base;
   std::string name;
-  std::string compression;  // empty: zstd, or gzip with --format docker
+  std::string compression = "gzip";
   std::string format = "oci";
   std::vector<std::string> labels;
 };
 
 struct RunFlags {
   std::string file;
-  int timeout = 0;
-  int grace = 10;
+  std::chrono::milliseconds timeout{0};  // 0: no limit
+  std::chrono::milliseconds grace{10000};
   std::string qemu;
   std::string accel = "auto";
 };
@@ -70,6 +72,13 @@ std::string ReadSecret(const std::string& prompt);
 // the token (the others keep the default: a signal ends them). Call before
 // any other thread starts, so that all inherit the mask.
 void CancelOnSignals(std::shared_ptr<CancelToken> token);
+// The line (without "regdisk: ") CancelOnSignals prints on stderr when the
+// first signal arrives, saying what stopping means now; none by default.
+void SetStopNotice(std::string notice);
+// The signal that cancelled the token of CancelOnSignals; 0 before one.
+int StopSignal();
+// "10s", "1m30s", "250ms": a duration as --grace and --timeout take them.
+std::string FormatDuration(std::chrono::milliseconds d);
 // What a pull may write, from --max-disk-size.
 Result<store::DiskTree::Limits> MakeDiskLimits(const Globals& g);
 // Prints "regdisk: error: MESSAGE" (control characters escaped, length
@@ -119,6 +128,11 @@ int RunBuild(const Globals& g, const BuildFlags& f, const std::string& disk_file
 // Credentials (login_commands.cc).
 int RunLogin(const Globals& g, const LoginFlags& f);
 int RunLogout(const Globals& g, const LoginFlags& f);
+// version and --version (version_command.cc): regdisk's version, the API
+// versions it speaks and QEMU's; output is text or json.
+int RunVersion(const std::string& output);
+// regdisk's own version, from the CMake project.
+const char* Version();
 
 // VM commands (vm_commands.cc).
 int RunValidate(const std::string& file, const std::string& output);

@@ -4,6 +4,8 @@
 // Run* function (cli/image_commands.cc, cli/vm_commands.cc).
 #include <signal.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -11,6 +13,9 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/common.h"
+#include "cli/docgen.h"
+#include "cli/flags.h"
+#include "cli/usage.h"
 #include "util/log.h"
 #include "util/process.h"
 
@@ -34,10 +39,34 @@ void ScrubCredsFromArgv(int argc, char** argv) {
 
 // The flags build and base share: how the image is made.
 void AddImageFlags(CLI::App* cmd, BuildFlags& f) {
-  cmd->add_option("--compression", f.compression, "zstd (default; gzip with --format docker), gzip or none");
-  cmd->add_option("--format", f.format, "oci (default) or docker (schema 2, gzip layers)");
-  cmd->add_option("--label", f.labels, "KEY=VALUE label on the image (repeatable)");
+  cmd->add_option("--compression", f.compression, "layer compression: gzip (default), zstd or none")
+      ->check(OneOf({"gzip", "zstd", "none"}));
+  cmd->add_option("--format", f.format, "oci (default) or docker (schema 2, gzip layers)")->check(OneOf({"oci", "docker"}));
+  // One value per flag, so `--label a=b disk.qcow2` leaves the disk alone.
+  cmd->add_option("--label", f.labels, "KEY=VALUE label on the image (repeat the flag for more)")
+      ->expected(1)
+      ->allow_extra_args(false)  // a vector option otherwise takes every word up to the next flag
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->fallthrough();
+}
+
+// --timeout and --grace: a duration (cli/flags.h), checked while parsing.
+CLI::Option* AddDuration(CLI::App* cmd, const std::string& name, std::chrono::milliseconds& out,
+                         const std::string& description) {
+  return cmd->add_option_function<std::string>(
+      name,
+      [name, &out](const std::string& text) {
+        auto d = ParseDuration(name, text);
+        if (!d.ok()) throw CLI::ValidationError(d.status().message());
+        out = *d;
+      },
+      description);
+}
+
+// What `regdisk run` says on stderr when a signal arrives.
+std::string RunStopNotice(const RunFlags& f) {
+  return "shutting the VM down: ACPI powerdown, then killed if it is still running after " + FormatDuration(f.grace) +
+         " (--grace); press Ctrl-C again to stop it at once";
 }
 
 int Main(int argc, char** argv) {
@@ -51,8 +80,10 @@ int Main(int argc, char** argv) {
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&stop_signals, sig);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   CLI::App app{"regdisk: store virtual machine disks in container image registries and boot VMs from them"};
-  app.require_subcommand(1);
-  app.set_version_flag("--version", "regdisk 0.1.0");
+  app.name("regdisk");
+  app.require_subcommand(0, 1);
+  bool show_version = false;
+  app.add_flag("--version", show_version, "print regdisk's version, the API versions it speaks and QEMU's, as regdisk version does");
   if (const char* root = ::getenv("REGDISK_ROOT")) g.root = root;
   if (g.root.empty()) g.root = "/var/lib/regdisk";
   app.add_option("--root", g.root, "node store directory (env REGDISK_ROOT)")->capture_default_str();
@@ -68,7 +99,10 @@ int Main(int argc, char** argv) {
   app.add_option("--platform", g.platform, "OS/ARCH[/VARIANT] to select from an index")->capture_default_str();
   app.add_option("--max-disk-size", g.max_disk_size,
                  "largest disk a pull accepts, file or virtual size (default 1Ti)");
-  app.add_flag("-v,--verbose", g.verbose, "log what happens");
+  app.add_option("--log-level", g.log_level, "what to log on stderr: error, warn (default), info or debug")
+      ->check(OneOf({"error", "warn", "info", "debug"}));
+  app.add_flag("-v,--verbose", g.verbose, "log what happens (--log-level debug)");
+  app.add_flag("-q,--quiet", g.quiet, "no progress display and no informational lines");
 
   std::string from, to;
   bool all = false;
@@ -133,15 +167,15 @@ int Main(int argc, char** argv) {
   RunFlags rf;
   CLI::App* run = app.add_subcommand("run", "run a VM from a spec on ephemeral registry disks, console on stdout");
   run->add_option("-f,--filename", rf.file, "the VM spec (one VirtualMachine, and the Secrets it names)")->required();
-  run->add_option("--timeout", rf.timeout, "stop the VM after this many seconds (default: run until it powers off)");
-  run->add_option("--grace", rf.grace, "seconds between ACPI powerdown and kill when stopping (default 10)");
+  AddDuration(run, "--timeout", rf.timeout, "stop the VM after this long, such as 90s, 10m or 1h (default: run until it powers off)");
+  AddDuration(run, "--grace", rf.grace, "time from ACPI powerdown to kill when stopping (default 10s)");
   run->add_option("--qemu", rf.qemu, "the QEMU binary (default: qemu-system-x86_64 on PATH)");
-  run->add_option("--accel", rf.accel, "auto (default: KVM when usable, else TCG), kvm or tcg");
+  run->add_option("--accel", rf.accel, "auto (default: KVM when usable, else TCG), kvm or tcg")->check(OneOf({"auto", "kvm", "tcg"}));
   run->fallthrough();
   CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML of a VM spec, offline (no pulls)");
   domxml->add_option("-f,--filename", rf.file, "the VM spec")->required();
   domxml->add_option("--qemu", rf.qemu, "the QEMU binary to name as emulator");
-  domxml->add_option("--accel", rf.accel, "auto, kvm or tcg");
+  domxml->add_option("--accel", rf.accel, "auto, kvm or tcg")->check(OneOf({"auto", "kvm", "tcg"}));
   domxml->fallthrough();
 
   BuildFlags base_flags;
@@ -167,22 +201,45 @@ int Main(int argc, char** argv) {
   logout->add_flag("-a,--all", login_flags.all, "remove the credentials of every registry");
   logout->fallthrough();
 
+  std::string version_output = "text";
+  CLI::App* version = app.add_subcommand("version", "print regdisk's version, the OCI and KubeVirt API versions it speaks, and QEMU's");
+  version->add_option("-o,--output", version_output, "text (default) or json")->check(OneOf({"text", "json"}));
+  version->fallthrough();
+
+  std::string shell;
+  CLI::App* completion = app.add_subcommand("completion", "print the shell completion script for bash, zsh or fish");
+  completion->add_option("shell", shell, "the shell: bash, zsh or fish")->required()->check(OneOf({"bash", "zsh", "fish"}));
+  completion->fallthrough();
+
+  // Hidden (no group): the build writes the man pages and completion files
+  // that cmake --install installs with it.
+  std::string docs_dir;
+  CLI::App* gendocs = app.add_subcommand("generate-docs", "write man pages and completion scripts into a directory");
+  gendocs->group("");
+  gendocs->add_option("dir", docs_dir, "the directory")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return ReportParseError(app, e);
   }
   ScrubCredsFromArgv(argc, argv);
+  if (show_version) return RunVersion("text");
+  if (app.get_subcommands().empty()) {
+    return Fail(InvalidArgument("regdisk needs a command, such as regdisk pull IMAGE; regdisk --help lists them"));
+  }
   if (g.root.empty()) {
     return Fail(InvalidArgument("--root needs a directory (it is empty); leave it out for /var/lib/regdisk"));
   }
   // "--tls-verify" alone means true.
   if (app.get_option("--tls-verify")->count() > 0 && g.tls_verify.empty()) g.tls_verify = "true";
-  log::SetLevel(g.verbose ? log::Level::kDebug : log::Level::kWarn);
+  log::SetLevel(g.verbose ? log::Level::kDebug : *log::ParseLevel(g.log_level));
+  log::SetQuiet(g.quiet);
 
   // Commands whose long work checks the cancellation token; before any
   // thread starts.
   if (*copy || *inspect || *pull || *run) {
+    if (*run) SetStopNotice(RunStopNotice(rf));
     CancelOnSignals(g.cancel);
   } else {
     pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);  // the default: a signal ends the command
@@ -202,6 +259,15 @@ int Main(int argc, char** argv) {
   if (*base) return RunBuild(g, base_flags, "");
   if (*login) return RunLogin(g, login_flags);
   if (*logout) return RunLogout(g, login_flags);
+  if (*version) return RunVersion(version_output);
+  if (*completion) {
+    std::fputs(CompletionScript(app, shell).c_str(), stdout);
+    return 0;
+  }
+  if (*gendocs) {
+    Status st = WriteDocs(app, docs_dir, Version());
+    return st.ok() ? 0 : Fail(st.Annotate("writing the documentation"));
+  }
   return 2;
 }
 

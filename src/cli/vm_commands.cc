@@ -1,4 +1,6 @@
 // validate, run and domxml.
+#include <signal.h>
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -55,21 +57,22 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
 
 }  // namespace
 
+// Exit code 130 after Ctrl-C (the VM shut down as asked); 0 when the guest
+// powered off, at --timeout, or after SIGTERM/SIGHUP (an orderly stop, as
+// service managers expect).
 int RunRun(const Globals& g, const RunFlags& f) {
-  if (f.timeout < 0) return Fail(InvalidArgument("--timeout takes seconds, 0 or more (0: no limit), not " + std::to_string(f.timeout)));
-  if (f.grace < 0) return Fail(InvalidArgument("--grace takes seconds, 0 or more, not " + std::to_string(f.grace)));
   auto loaded = LoadOneVm(f.file);
   if (!loaded.ok()) return Fail(loaded.status());
   auto plan = MakePlanOptions(g, f);
   if (!plan.ok()) return Fail(plan.status());
   vm::RunOptions ro;
   ro.plan = *plan;
-  ro.timeout = std::chrono::seconds(f.timeout);
-  ro.grace = std::chrono::seconds(f.grace);
+  ro.timeout = f.timeout;
+  ro.grace = f.grace;
   ro.stop = g.cancel;
   Status st = vm::RunVm(loaded->first, loaded->second, ro);
   if (!st.ok()) return Fail(st.Annotate("running VM " + loaded->first.metadata.name));
-  return 0;
+  return StopSignal() == SIGINT ? 130 : 0;
 }
 
 // Offline: reads the spec and the store, pulls nothing and writes nothing;

@@ -8,8 +8,12 @@
 #include <isa-l/igzip_lib.h>
 #include <zstd.h>
 
+#include <cctype>
+#include <cerrno>
 #include <cstdlib>
+#include <ctime>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -17,6 +21,7 @@
 #include "image/copy.h"
 #include "util/fs.h"
 #include "util/log.h"
+#include "util/text.h"
 
 namespace regdisk::image {
 
@@ -29,9 +34,20 @@ constexpr int kQemuUid = 107;  // the qemu user, as KubeVirt's disks have it
 constexpr size_t kReadChunk = 1 << 20;
 constexpr int kZstdWorkers = 2;
 
-int64_t Epoch() {
+// $SOURCE_DATE_EPOCH (reproducible-builds.org): seconds since 1970, or
+// nullopt when unset. A value that is not a plain non-negative integer is
+// an error rather than silently a different time.
+Result<std::optional<int64_t>> SourceDateEpoch() {
   const char* e = ::getenv("SOURCE_DATE_EPOCH");
-  return e && *e ? std::strtoll(e, nullptr, 10) : 0;
+  if (e == nullptr || *e == '\0') return std::optional<int64_t>();
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(e, &end, 10);
+  if (*end != '\0' || errno != 0 || v < 0 || !std::isdigit(static_cast<unsigned char>(*e))) {
+    return InvalidArgument("SOURCE_DATE_EPOCH must be seconds since 1970 (such as 1700000000), not " +
+                           Printable(e, 40) + "; unset it to use the build time");
+  }
+  return std::optional<int64_t>(v);
 }
 
 std::string Rfc3339(int64_t t) {
@@ -67,7 +83,7 @@ class Compressor {
       // given worker count); libzstd without threads ignores this.
       ZSTD_CCtx_setParameter(c->zs_, ZSTD_c_nbWorkers, kZstdWorkers);
     } else if (kind != "none") {
-      return InvalidArgument("--compression takes zstd, gzip or none, not \"" + kind + "\"");
+      return InvalidArgument("--compression takes gzip, zstd or none, not \"" + kind + "\"");
     }
     return c;
   }
@@ -217,7 +233,7 @@ Status CheckOptions(const BuildOptions& o) {
     return InvalidArgument("--format takes oci or docker, not \"" + o.format + "\"");
   }
   if (o.compression != "zstd" && o.compression != "gzip" && o.compression != "none") {
-    return InvalidArgument("--compression takes zstd, gzip or none, not \"" + o.compression + "\"");
+    return InvalidArgument("--compression takes gzip, zstd or none, not \"" + o.compression + "\"");
   }
   if (o.format == "docker" && o.compression != "gzip") {
     return InvalidArgument("Docker schema 2 images carry gzip layers only; pass --compression gzip with --format docker");
@@ -231,7 +247,12 @@ Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const Image
                              const BuildOptions& o, const registry::ClientOptions& copts,
                              std::map<std::string, std::string> labels) {
   RETURN_IF_ERROR(CheckOptions(o));
-  const int64_t mtime = Epoch();
+  // File times in the layer are SOURCE_DATE_EPOCH or 0, so the same disk
+  // always gives the same layer; the image's creation time is the build
+  // time unless SOURCE_DATE_EPOCH pins it (then the whole image repeats).
+  ASSIGN_OR_RETURN(std::optional<int64_t> epoch, SourceDateEpoch());
+  const int64_t mtime = epoch.value_or(0);
+  const int64_t created = epoch ? *epoch : static_cast<int64_t>(::time(nullptr));
   ASSIGN_OR_RETURN(std::unique_ptr<ImageDestination> dst, OpenDestination(dest_name, copts));
 
   json config = {{"architecture", o.platform.architecture},
@@ -279,9 +300,9 @@ Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const Image
   }));
   layers.push_back(ld);
 
-  config["created"] = Rfc3339(mtime);
+  config["created"] = Rfc3339(created);
   config["rootfs"]["diff_ids"].push_back(layer.diff_id.str());
-  config["history"].push_back({{"created", Rfc3339(mtime)}, {"created_by", "regdisk build"}});
+  config["history"].push_back({{"created", Rfc3339(created)}, {"created_by", "regdisk build"}});
   json& cfg_labels = config["config"]["Labels"];
   if (!cfg_labels.is_object()) cfg_labels = json::object();
   for (const auto& [k, v] : labels) cfg_labels[k] = v;

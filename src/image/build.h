@@ -1,14 +1,22 @@
 // Making registry disks without a container engine.
 //
-//   BuildOptions o;                  // zstd, OCI media types, no base
+//   BuildOptions o;                  // gzip, OCI media types, no base
 //   ASSIGN_OR_RETURN(BuildResult r, BuildDiskImage("fedora25.qcow2", dest, o, client_options));
 //
 // The disk is validated first (disk/format.h), then streamed once: read ->
 // tar (libarchive, pax) -> compress (zlib or zstd) -> destination, hashing
 // the uncompressed stream (diff_id) and the compressed one (digest) on the
 // way. Nothing is held whole in memory and no temp copy is made: a registry
-// receives the layer as one streamed upload. Timestamps are fixed (0, or
-// $SOURCE_DATE_EPOCH), so the same disk and options give the same digest.
+// receives the layer as one streamed upload.
+//
+// Times: file times in the layer are fixed (0, or $SOURCE_DATE_EPOCH), so
+// the same disk and options always give the same layer digest. The image's
+// `created` is the build time, unless $SOURCE_DATE_EPOCH is set: then it
+// is that time and the same disk and options give the same manifest digest.
+// A SOURCE_DATE_EPOCH that is not a number of seconds is InvalidArgument.
+//
+// gzip is the default compression, as buildah and skopeo write, so every
+// tool reads a default image (umoci and Docker before 23 do not read zstd).
 #pragma once
 
 #include <filesystem>
@@ -26,7 +34,7 @@ namespace regdisk::image {
 
 struct BuildOptions {
   std::string name;                  // file name under /disk; default: the disk's own
-  std::string compression = "zstd";  // zstd | gzip | none
+  std::string compression = "gzip";  // gzip | zstd | none
   std::string format = "oci";        // oci | docker (schema 2)
   std::map<std::string, std::string> labels;
   std::optional<ImageName> base;     // default: no base, a single-layer image

@@ -154,7 +154,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   }
   if (!planned.ok()) return std::move(planned).status();
   VmPlan plan = std::move(*planned);
-  if (plan.accel == "tcg" && o.plan.accel == "auto") {
+  if (plan.accel == "tcg" && o.plan.accel == "auto" && !log::Quiet()) {
     std::fprintf(stderr, "regdisk: notice: /dev/kvm is not usable here; running %s under TCG emulation, which is slower\n",
                  plan.name.c_str());
   }

@@ -24,8 +24,8 @@ namespace regdisk::vm {
 
 struct RunOptions {
   PlanOptions plan;
-  std::chrono::seconds timeout{0};  // 0: no limit
-  std::chrono::seconds grace{10};   // from powerdown to kill
+  std::chrono::milliseconds timeout{0};      // 0: no limit
+  std::chrono::milliseconds grace{10000};    // from powerdown to kill
   // Stops the VM when cancelled (ACPI powerdown, then kill after `grace`);
   // cancelled during the pull, it ends the pull and RunVm returns OK.
   std::shared_ptr<const CancelToken> stop;
