@@ -88,7 +88,7 @@ TEST_F(MirrorLoginTest, PullThroughAMirrorAndByDigestWhenTheOriginIsDown) {
   // The same configuration through the environment variable.
   r = RunRegdisk({"inspect", by_digest}, {}, Env({"CONTAINERS_REGISTRIES_CONF=" + conf}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(json::parse(r.out)["digest"], img->manifest_digest.str());
+  EXPECT_EQ(json::parse(r.out)["Digest"], img->manifest_digest.str());
 
   // Without the mirror, the origin being down fails at once, naming it.
   r = RunRegdisk({"-v", "inspect", by_digest}, {}, Env());
