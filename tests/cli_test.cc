@@ -8,6 +8,7 @@
 
 #include "cli/flags.h"
 #include "harness/harness.h"
+#include "util/text.h"
 
 namespace regdisk::testing {
 namespace {
@@ -54,7 +55,7 @@ TEST(NearestTest, PicksTheClosestWord) {
   EXPECT_EQ(cli::Nearest("imgaes", commands), "images");
   EXPECT_EQ(cli::Nearest("logn", commands), "login");
   EXPECT_EQ(cli::Nearest("insp", commands), "inspect");
-  EXPECT_EQ(cli::EditDistance("kitten", "sitting"), 3u);
+  EXPECT_EQ(EditDistance("kitten", "sitting"), 3u);
   EXPECT_EQ(cli::Nearest("x", {}), "");
 }
 

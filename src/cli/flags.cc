@@ -61,20 +61,6 @@ Result<std::chrono::milliseconds> ParseDuration(std::string_view flag, std::stri
   return std::chrono::milliseconds(static_cast<int64_t>(std::llround(total)));
 }
 
-size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
 
 std::string Nearest(std::string_view word, const std::vector<std::string>& candidates) {
   std::string best;

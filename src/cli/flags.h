@@ -21,9 +21,6 @@ namespace regdisk::cli {
 // units and values over 10 years are refused with a message naming `flag`.
 Result<std::chrono::milliseconds> ParseDuration(std::string_view flag, std::string_view text);
 
-// Levenshtein distance (insertions, deletions, substitutions; bytes).
-size_t EditDistance(std::string_view a, std::string_view b);
-
 // The candidate closest to `word` by edit distance (a candidate that
 // starts with `word` counts as one edit away; ties go to the first); empty
 // only when there are no candidates.

@@ -24,6 +24,7 @@
 #include "spec/quantity.h"
 #include "spec/schema.h"
 #include "spec/spec.h"
+#include "util/text.h"
 
 namespace regdisk::spec {
 
@@ -47,19 +48,6 @@ const char kObjectMeta[] = "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta";
 // invalid node for a missing key, on which everything but IsDefined throws.
 bool Has(const YAML::Node& n) { return n.IsDefined() && !n.IsNull(); }
 
-size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      size_t sub = prev[j - 1] + (std::tolower(a[i - 1]) == std::tolower(b[j - 1]) ? 0 : 1);
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
-    }
-    std::swap(prev, cur);
-  }
-  return prev[b.size()];
-}
 
 bool IsValidUtf8(std::string_view s) {
   for (size_t i = 0; i < s.size();) {
@@ -300,7 +288,7 @@ class Parser {
       std::string best;
       size_t best_d = 1000;
       for (auto candidate : kSecretTopFields) {
-        if (size_t d = EditDistance(key, candidate); d < best_d) {
+        if (size_t d = EditDistance(key, candidate, true); d < best_d) {
           best_d = d;
           best = std::string(candidate);
         }

@@ -8,6 +8,8 @@
 #include <set>
 #include <vector>
 
+#include "util/text.h"
+
 namespace regdisk::spec {
 
 namespace internal {
@@ -96,22 +98,6 @@ std::string UnknownHint(const std::string& def, const std::string& key, const st
   return "";
 }
 
-size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      size_t sub = prev[j - 1] + (std::tolower(static_cast<unsigned char>(a[i - 1])) ==
-                                          std::tolower(static_cast<unsigned char>(b[j - 1]))
-                                      ? 0
-                                      : 1);
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
-    }
-    std::swap(prev, cur);
-  }
-  return prev[b.size()];
-}
 
 std::string Join(const std::string& path, const std::string& key) { return path.empty() ? key : path + "." + key; }
 
@@ -400,7 +386,7 @@ void SchemaChecker::WalkObject(const YAML::Node& node, const json& s, const std:
     size_t best_d = SIZE_MAX;
     if (props != s.end() && props->is_object()) {
       for (const auto& [candidate, _] : props->items()) {
-        size_t d = EditDistance(key, candidate);
+        size_t d = EditDistance(key, candidate, true);
         if (d < best_d) {
           best_d = d;
           best = candidate;

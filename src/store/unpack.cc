@@ -173,6 +173,34 @@ struct ArchiveCloser {
   void operator()(archive* a) const { archive_read_free(a); }
 };
 
+// libarchive reading a layer's tar stream from `input`: gzip inflated by
+// isa-l, zstd by libarchive, plain as it is. libarchive keeps pointers into
+// this object and `input`, so neither may move while it lives.
+class LayerArchive {
+ public:
+  LayerArchive(LayerInput& input, Compression comp) : a_(archive_read_new()) {
+    archive_read_support_format_tar(a_.get());
+    archive_read_support_filter_none(a_.get());
+    if (comp == Compression::kGzip) {
+      gzip_ = std::make_unique<IsalGzipReader>(input);
+      opened_ = archive_read_open(a_.get(), gzip_.get(), nullptr, IsalGzipReader::Read, nullptr);
+    } else {
+      if (comp == Compression::kZstd) archive_read_support_filter_zstd(a_.get());
+      opened_ = archive_read_open(a_.get(), &input, nullptr, LayerInput::Read, nullptr);
+    }
+  }
+  LayerArchive(const LayerArchive&) = delete;
+  LayerArchive& operator=(const LayerArchive&) = delete;
+
+  bool opened() const { return opened_ == ARCHIVE_OK; }
+  archive* get() const { return a_.get(); }
+
+ private:
+  std::unique_ptr<archive, ArchiveCloser> a_;
+  std::unique_ptr<IsalGzipReader> gzip_;
+  int opened_ = ARCHIVE_FATAL;
+};
+
 // "./disk/x" -> "disk/x"; refuses absolute and ".." paths.
 Result<std::string> CleanPath(const char* raw, const std::string& label) {
   std::string p = raw ? raw : "";
@@ -294,19 +322,8 @@ Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const 
   ASSIGN_OR_RETURN(auto first, src.Next());
   RETURN_IF_ERROR(CheckMagic(first, comp, label));
   LayerInput input(src, first);
-  std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
-  archive_read_support_format_tar(a.get());
-  archive_read_support_filter_none(a.get());
-  std::unique_ptr<IsalGzipReader> gzip;
-  int opened;
-  if (comp == Compression::kGzip) {
-    gzip = std::make_unique<IsalGzipReader>(input);
-    opened = archive_read_open(a.get(), gzip.get(), nullptr, IsalGzipReader::Read, nullptr);
-  } else {
-    if (comp == Compression::kZstd) archive_read_support_filter_zstd(a.get());
-    opened = archive_read_open(a.get(), &input, nullptr, LayerInput::Read, nullptr);
-  }
-  Status st = opened == ARCHIVE_OK
+  LayerArchive a(input, comp);
+  Status st = a.opened()
                   ? ReadEntries(a.get(), label)
                   : InvalidArgument(label + " is not a readable tar archive: " + ArchiveError(a.get()));
   if (!input.error().ok()) return input.error();  // the source failed: say so, not "bad tar"
@@ -475,19 +492,8 @@ Result<std::optional<DiskHead>> ReadDiskHead(ByteSource& src, std::string_view m
   if (first.empty()) return InvalidArgument(label + " is empty; the image is malformed");
   RETURN_IF_ERROR(CheckMagic(first, comp, label));
   LayerInput input(src, first);
-  std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
-  archive_read_support_format_tar(a.get());
-  archive_read_support_filter_none(a.get());
-  std::unique_ptr<IsalGzipReader> gzip;
-  int opened;
-  if (comp == Compression::kGzip) {
-    gzip = std::make_unique<IsalGzipReader>(input);
-    opened = archive_read_open(a.get(), gzip.get(), nullptr, IsalGzipReader::Read, nullptr);
-  } else {
-    if (comp == Compression::kZstd) archive_read_support_filter_zstd(a.get());
-    opened = archive_read_open(a.get(), &input, nullptr, LayerInput::Read, nullptr);
-  }
-  if (opened != ARCHIVE_OK) {
+  LayerArchive a(input, comp);
+  if (!a.opened()) {
     if (!input.error().ok()) return input.error();
     return InvalidArgument(label + " is not a readable tar archive: " + ArchiveError(a.get()));
   }

@@ -1,7 +1,10 @@
 #include "util/text.h"
 
 #include <cstdint>
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
+#include <vector>
 
 namespace regdisk {
 
@@ -60,5 +63,25 @@ std::string Escape(std::string_view s, size_t max_bytes, bool quote) {
 std::string Printable(std::string_view s, size_t max_bytes) { return Escape(s, max_bytes, true); }
 
 std::string PrintableLine(std::string_view s, size_t max_bytes) { return Escape(s, max_bytes, false); }
+
+size_t EditDistance(std::string_view a, std::string_view b, bool ignore_case) {
+  auto same = [ignore_case](char x, char y) {
+    if (!ignore_case) return x == y;
+    return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
+  };
+  // One row of the table, updated in place; `diag` is the cell up-left.
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (same(a[i - 1], b[j - 1]) ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
 
 }  // namespace regdisk

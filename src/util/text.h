@@ -21,4 +21,9 @@ std::string Printable(std::string_view s, size_t max_bytes = 160);
 // the quotes, cut to `max_bytes`.
 std::string PrintableLine(std::string_view s, size_t max_bytes = 2000);
 
+// Levenshtein distance between two byte strings (insertions, deletions and
+// substitutions each count one), for "did you mean" suggestions; ASCII
+// letters compare without case when `ignore_case`.
+size_t EditDistance(std::string_view a, std::string_view b, bool ignore_case = false);
+
 }  // namespace regdisk
