@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <set>
 #include <thread>
@@ -437,8 +438,10 @@ Status Store::SetStableLink(const std::string& name, const oci::Platform& platfo
   const fs::path link = StablePath(name, platform);
   RETURN_IF_ERROR(MakeDirs(link.parent_path()));
   const fs::path target = fs::path("..") / "disks" / disk_file.parent_path().filename() / disk_file.filename();
-  const fs::path tmp = link.string() + ".new";
-  ::unlink(tmp.c_str());
+  // A temp name of this pull's own: pulls of one name run side by side
+  // (under the shared store lock), and each renames its link into place.
+  static std::atomic<uint64_t> serial{0};
+  const fs::path tmp = link.string() + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
   if (::symlink(target.c_str(), tmp.c_str()) != 0) return ErrnoStatus("linking " + link.string());
   RETURN_IF_ERROR(Env::Default()->Rename(tmp, link).Annotate("linking " + link.string()));
   return OkStatus();
@@ -450,6 +453,12 @@ void Store::DropStaleLinks(const std::vector<Ref>& refs) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(root_ / "by-name", ec)) {
     const std::string file = e.path().filename().string();
+    // Under the exclusive store lock no pull is linking: a temp link is a
+    // leftover of a killed one.
+    if (file.find(".tmp-") != std::string::npos) {
+      ::unlink(e.path().c_str());
+      continue;
+    }
     const fs::path target = fs::read_symlink(e.path(), ec);
     const std::string dir = ec ? "" : target.parent_path().filename().string();
     if (!ec && file.size() > 32 && wanted.count(file.substr(0, 32) + " " + dir) &&

@@ -199,7 +199,8 @@ class Store {
   Result<nlohmann::json> ReadRefs() const;
   // Points StablePath(name, platform) at `disk_file` (replaced atomically).
   Status SetStableLink(const std::string& name, const oci::Platform& platform, const std::filesystem::path& disk_file);
-  // Removes links whose name no longer refers to the disk they point to.
+  // Removes links whose name no longer refers to the disk they point to,
+  // and temp links a killed pull left. Only with the exclusive store lock.
   void DropStaleLinks(const std::vector<Ref>& refs);
   std::filesystem::path BlobPath(const oci::Digest& d) const;
   // One directory per image digest and requested disk path (empty: the
