@@ -34,6 +34,15 @@ const std::map<std::string, std::string> kRefused = {
     // An old OpenShift template's VM: fields KubeVirt does not define
     // (osinfoname, lower-case terminationgraceperiodseconds), memory "1g".
     {"user-guide/user_workloads-templates-8.yaml", "metadata.osinfoname: unknown field \"osinfoname\""},
+    // Networks other than the pod network, and bindings regdisk has no
+    // backend for.
+    {"kubevirt/vmi-multus-multiple-net.yaml", "network \"ptp\" is not a pod network"},
+    {"kubevirt/vmi-multus-ptp.yaml", "network \"ptp\" is not a pod network"},
+    {"kubevirt/vmi-sriov.yaml", "not sriov; use masquerade"},
+    {"user-guide/network-net_binding_plugins-macvtap-4.yaml", "not the network binding plugin macvtap"},
+    {"user-guide/network-net_binding_plugins-passt-3.yaml", "not the network binding plugin passt"},
+    {"user-guide/network-net_binding_plugins-slirp-1.yaml", "not the network binding plugin slirp"},
+    {"user-guide/network-network_binding_plugins-1.yaml", "not the network binding plugin"},
 };
 
 std::vector<fs::path> VendoredExamples() {

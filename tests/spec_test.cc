@@ -647,6 +647,120 @@ TEST(SpecV1Test, FieldsComeFromKubeVirtsSchema) {
   for (const char* s : {"64M", "1Gi", "hello", "1.2.3", "v1", "yes please"}) EXPECT_FALSE(PlainScalarIsNotString(s)) << s;
 }
 
+// Interfaces and networks as KubeVirt writes them; with neither, KubeVirt's
+// default pod interface.
+TEST(SpecNetworkTest, InterfacesNetworksAndTheDefault) {
+  ParseResult plain = ParseSpecs(kV1Vmi, "vmi.yaml");
+  ASSERT_TRUE(plain.ok());
+  const auto& dflt = std::get<VirtualMachine>(plain.objects[0]).spec;
+  ASSERT_EQ(dflt.interfaces.size(), 1u);
+  EXPECT_EQ(dflt.interfaces[0].name, "default");
+  EXPECT_EQ(dflt.interfaces[0].binding, "masquerade");
+  EXPECT_EQ(dflt.interfaces[0].model, "virtio");
+  ASSERT_EQ(dflt.networks.size(), 1u);
+  EXPECT_EQ(dflt.networks[0].vm_network_cidr, "10.0.2.0/24");
+
+  std::string none = Replace(kV1Vmi, "    devices:\n", "    devices:\n      autoattachPodInterface: false\n");
+  ParseResult r0 = ParseSpecs(none, "vmi.yaml");
+  ASSERT_TRUE(r0.ok()) << ::testing::PrintToString(Errors(r0));
+  EXPECT_TRUE(std::get<VirtualMachine>(r0.objects[0]).spec.interfaces.empty());
+  EXPECT_EQ(ToJson(r0.objects[0])["spec"]["domain"]["devices"]["autoattachPodInterface"], false);
+
+  std::string web = Replace(Replace(kV1Vmi, "    devices:\n", R"(    devices:
+      interfaces:
+      - name: pod
+        masquerade: {}
+        macAddress: "02:00:00:aa:bb:cc"
+        ports:
+        - {name: http, port: 80}
+        - {port: 53, protocol: UDP}
+)"), "  volumes:\n", "  networks:\n  - name: pod\n    pod: {vmNetworkCIDR: 10.11.12.0/24}\n  volumes:\n");
+  ParseResult r = ParseSpecs(web, "vmi.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  EXPECT_THAT(Warnings(r), ::testing::IsEmpty());
+  const auto& s = std::get<VirtualMachine>(r.objects[0]).spec;
+  ASSERT_EQ(s.interfaces.size(), 1u);
+  EXPECT_EQ(s.interfaces[0].mac_address, "02:00:00:aa:bb:cc");
+  ASSERT_EQ(s.interfaces[0].ports.size(), 2u);
+  EXPECT_EQ(s.interfaces[0].ports[0].port, 80);
+  EXPECT_EQ(s.interfaces[0].ports[0].protocol, "TCP");
+  EXPECT_EQ(s.interfaces[0].ports[1].protocol, "UDP");
+  EXPECT_EQ(s.networks[0].vm_network_cidr, "10.11.12.0/24");
+  json j = ToJson(r.objects[0]);
+  EXPECT_EQ(j["spec"]["domain"]["devices"]["interfaces"][0]["ports"][0],
+            json({{"name", "http"}, {"port", 80}, {"protocol", "TCP"}}));
+  EXPECT_EQ(j["spec"]["networks"][0]["pod"]["vmNetworkCIDR"], "10.11.12.0/24");
+
+  struct Case {
+    std::string name, doc, expected;
+  };
+  std::vector<Case> cases = {
+      {"port out of range", Replace(web, "port: 80}", "port: 70000}"),
+       "spec.domain.devices.interfaces[0].ports[0].port: must be between 1 and 65535"},
+      {"protocol", Replace(web, "protocol: UDP", "protocol: SCTP"),
+       "spec.domain.devices.interfaces[0].ports[1].protocol: \"SCTP\" is not a protocol regdisk publishes; use TCP or UDP"},
+      {"duplicate port", Replace(web, "{port: 53, protocol: UDP}", "{port: 80}"),
+       "spec.domain.devices.interfaces[0].ports[1]: port 80/TCP is listed twice"},
+      {"multicast MAC", Replace(web, "02:00:00:aa:bb:cc", "01:00:5e:00:00:01"),
+       "spec.domain.devices.interfaces[0].macAddress: \"01:00:5e:00:00:01\" is not a unicast MAC address"},
+      {"model", Replace(web, "masquerade: {}", "masquerade: {}\n        model: virtio-transitional"),
+       "spec.domain.devices.interfaces[0].model: model \"virtio-transitional\" is not supported"},
+      {"sriov", Replace(web, "masquerade: {}", "sriov: {}"),
+       "spec.domain.devices.interfaces[0].sriov: regdisk connects interfaces with masquerade (user-mode networking, "
+       "no root needed) or bridge, not sriov; use masquerade: {}"},
+      {"CIDR", Replace(web, "10.11.12.0/24", "10.11.12.0/30"),
+       "spec.networks[0].pod.vmNetworkCIDR: \"10.11.12.0/30\" is too small for a VM network"},
+      {"CIDR syntax", Replace(web, "10.11.12.0/24", "10.11.12/24"),
+       "spec.networks[0].pod.vmNetworkCIDR: \"10.11.12/24\" is not an IPv4 network"},
+      {"interface without network", Replace(web, "  - name: pod\n    pod:", "  - name: other\n    pod:"),
+       "spec.domain.devices.interfaces[0].name: interface \"pod\" has no network of the same name; add one to "
+       "spec.networks (pod: {})"},
+      {"multus", Replace(web, "    pod: {vmNetworkCIDR: 10.11.12.0/24}", "    multus: {networkName: ptp}"),
+       "spec.networks[0]: network \"pod\" is not a pod network"},
+  };
+  for (const auto& c : cases) {
+    ParseResult bad = ParseSpecs(c.doc, "vmi.yaml");
+    EXPECT_FALSE(bad.ok()) << c.name;
+    std::string all;
+    for (const auto& e : Errors(bad)) all += e + "\n";
+    EXPECT_THAT(all, HasSubstr(c.expected)) << c.name;
+  }
+}
+
+// cloud-init user data and network data from a Secret of the same file.
+TEST(SpecNetworkTest, CloudInitFromSecrets) {
+  std::string doc = Replace(kV1Vmi, "      userData: |\n        #cloud-config\n        password: fedora\n",
+                            "      secretRef: {name: ci}\n      networkDataSecretRef: {name: ci}\n") +
+                    R"(---
+apiVersion: v1
+kind: Secret
+metadata: {name: ci}
+type: Opaque
+data:
+  userdata: I2Nsb3VkLWNvbmZpZwpwYXNzd29yZDogczNjcjN0Cg==
+stringData:
+  networkData: "version: 2\n"
+)";
+  ParseResult r = ParseSpecs(doc, "vmi.yaml");
+  ASSERT_TRUE(r.ok()) << ::testing::PrintToString(Errors(r));
+  const auto& ci = *std::get<VirtualMachine>(r.objects[0]).spec.volumes[1].cloud_init_no_cloud;
+  EXPECT_EQ(ci.user_data_secret, "ci");
+  EXPECT_EQ(ci.network_data_secret, "ci");
+  const auto& secret = std::get<Secret>(r.objects[1]);
+  ASSERT_NE(CloudInitSecretData(secret, true), nullptr);
+  EXPECT_EQ(*CloudInitSecretData(secret, true), "#cloud-config\npassword: s3cr3t\n");
+  EXPECT_EQ(*CloudInitSecretData(secret, false), "version: 2\n");
+  // Printed objects name the Secret, never its data.
+  EXPECT_EQ(ToJson(r.objects[0])["spec"]["volumes"][1]["cloudInitNoCloud"]["secretRef"]["name"], "ci");
+  EXPECT_THAT(ToJson(r.objects[1]).dump(), ::testing::Not(HasSubstr("s3cr3t")));
+
+  ParseResult missing = ParseSpecs(Replace(doc, "name: ci}\n      networkData", "name: nope}\n      networkData"), "vmi.yaml");
+  EXPECT_THAT(::testing::PrintToString(Errors(missing)),
+              HasSubstr("spec.volumes[1].cloudInitNoCloud.secretRef.name: Secret \\\"nope\\\" is not in this file"));
+  ParseResult nokey = ParseSpecs(Replace(doc, "  userdata: ", "  other: "), "vmi.yaml");
+  EXPECT_THAT(::testing::PrintToString(Errors(nokey)), HasSubstr("has no key userdata (or userData)"));
+}
+
 TEST(SpecV1Test, YamlOutputQuotesWhatYamlWouldMisread) {
   json j = {{"a", "yes"}, {"b", "12"}, {"c", "64M"}, {"d", 12}, {"e", true}, {"f", "two\nlines\n"}, {"g", json::array()}};
   std::string y = ToYaml(j);

@@ -12,8 +12,10 @@
 #include <climits>
 #include <cstdint>
 #include <sstream>
+#include <tuple>
 
 #include <algorithm>
+#include <array>
 #include <set>
 
 #include <fmt/core.h>
@@ -24,6 +26,7 @@
 #include "spec/quantity.h"
 #include "spec/schema.h"
 #include "spec/spec.h"
+#include "util/ipv4.h"
 #include "util/text.h"
 
 namespace regdisk::spec {
@@ -399,11 +402,184 @@ class Parser {
           vm.cores_given = true;
         }
       }
-      Disks(Child(Child(domain, "devices"), "disks"), dp + ".devices.disks", v1, vm);
+      YAML::Node devices = Child(domain, "devices");
+      Disks(Child(devices, "disks"), dp + ".devices.disks", v1, vm);
+      Interfaces(Child(devices, "interfaces"), dp + ".devices.interfaces", vm);
+      vm.autoattach_pod_interface = Boolean(devices, "autoattachPodInterface").value_or(true);
     }
     Volumes(Child(spec, "volumes"), path + ".volumes", api_version, vm);
+    Networks(Child(spec, "networks"), path + ".networks", vm);
     CrossCheck(spec, path, v1, vm);
+    NetworkCheck(spec, path, vm);
     return vm;
+  }
+
+  void Interfaces(const YAML::Node& list, const std::string& path, VmSpec& vm) {
+    if (!Has(list) || !list.IsSequence() || list.size() > kMaxListItems) return;
+    static const std::set<std::string_view> kModels = {"virtio", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet"};
+    for (size_t i = 0; i < list.size(); ++i) {
+      YAML::Node n = list[i];
+      std::string p = path + "[" + std::to_string(i) + "]";
+      marks_[p] = n;
+      Interface iface;
+      if (!n.IsMap()) continue;
+      iface.name = Str(n, "name").value_or("");
+      std::vector<std::string> bindings;
+      for (auto it = n.begin(); it != n.end(); ++it) {
+        if (!it->first.IsScalar()) continue;
+        const std::string& k = it->first.Scalar();
+        if (k == "masquerade" || k == "bridge" || k == "slirp" || k == "sriov" || k == "macvtap" || k == "passt" ||
+            k == "passtBinding" || k == "binding") {
+          bindings.push_back(k);
+        }
+      }
+      if (bindings.size() > 1) {
+        Error(n, p, "interface \"" + iface.name + "\" has " + bindings[0] + " and " + bindings[1] +
+                        "; an interface has one binding");
+      } else if (bindings.size() == 1 && bindings[0] != "masquerade" && bindings[0] != "bridge") {
+        std::string what = bindings[0];
+        if (what == "binding") what = "the network binding plugin " + Str(n["binding"], "name").value_or("");
+        Error(n[bindings[0]], p + "." + bindings[0],
+              "regdisk connects interfaces with masquerade (user-mode networking, no root needed) or bridge, not " +
+                  what + "; use masquerade: {}");
+      } else if (bindings.size() == 1) {
+        iface.binding = bindings[0];
+      }
+      iface.model = Str(n, "model").value_or("virtio");
+      if (!kModels.count(iface.model)) {
+        Error(n["model"], p + ".model",
+              "model \"" + iface.model + "\" is not supported; use virtio (the default), e1000, e1000e, rtl8139, ne2k_pci or pcnet");
+      }
+      iface.mac_address = Str(n, "macAddress").value_or("");
+      if (!iface.mac_address.empty() && !ValidMac(iface.mac_address)) {
+        Error(n["macAddress"], p + ".macAddress",
+              "\"" + iface.mac_address + "\" is not a unicast MAC address; write six hex pairs, e.g. 02:00:00:00:00:01");
+      }
+      YAML::Node ports = Child(n, "ports");
+      std::set<std::pair<int, std::string>> seen;
+      if (Has(ports) && ports.IsSequence() && ports.size() <= kMaxListItems) {
+        for (size_t j = 0; j < ports.size(); ++j) {
+          YAML::Node pn = ports[j];
+          std::string pp = p + ".ports[" + std::to_string(j) + "]";
+          if (!pn.IsMap()) continue;
+          Port port;
+          port.name = Str(pn, "name").value_or("");
+          port.protocol = Str(pn, "protocol").value_or("TCP");
+          if (auto num = Integer(pn, "port")) {
+            if (*num < 1 || *num > 65535) {
+              Error(pn["port"], pp + ".port", "must be between 1 and 65535");
+            } else {
+              port.port = static_cast<int>(*num);
+            }
+          }
+          if (port.protocol != "TCP" && port.protocol != "UDP") {
+            Error(pn["protocol"], pp + ".protocol", "\"" + port.protocol + "\" is not a protocol regdisk publishes; use TCP or UDP");
+          }
+          if (port.port && !seen.emplace(port.port, port.protocol).second) {
+            Error(pn, pp, "port " + std::to_string(port.port) + "/" + port.protocol + " is listed twice");
+          }
+          iface.ports.push_back(port);
+        }
+      }
+      vm.interfaces.push_back(iface);
+    }
+  }
+
+  static bool ValidMac(std::string_view mac) {
+    if (mac.size() != 17) return false;
+    for (size_t i = 0; i < mac.size(); ++i) {
+      char c = mac[i];
+      if (i % 3 == 2) {
+        if (c != ':' && c != '-') return false;
+      } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
+        return false;
+      }
+    }
+    int first = std::stoi(std::string(mac.substr(0, 2)), nullptr, 16);
+    return (first & 1) == 0 && mac != "00:00:00:00:00:00";
+  }
+
+  void Networks(const YAML::Node& list, const std::string& path, VmSpec& vm) {
+    if (!Has(list) || !list.IsSequence() || list.size() > kMaxListItems) return;
+    for (size_t i = 0; i < list.size(); ++i) {
+      YAML::Node n = list[i];
+      std::string p = path + "[" + std::to_string(i) + "]";
+      marks_[p] = n;
+      if (!n.IsMap()) continue;
+      Network net;
+      net.name = Str(n, "name").value_or("");
+      net.pod = Has(Child(n, "pod"));
+      if (Has(Child(n, "multus")) || Has(Child(n, "resourceClaim"))) {
+        Error(n, p, "network \"" + net.name + "\" is not a pod network; regdisk gives a VM only the pod network "
+                    "(user-mode networking, or a host bridge with regdisk run --network bridge=NAME)");
+      } else if (!Has(Child(n, "pod"))) {
+        Error(n, p, "network \"" + net.name + "\" has no source; give pod: {}");
+      }
+      YAML::Node pod = Child(n, "pod");
+      if (auto cidr = Str(pod, "vmNetworkCIDR")) {
+        if (auto why = CidrProblem(*cidr)) {
+          Error(pod["vmNetworkCIDR"], p + ".pod.vmNetworkCIDR", *why);
+        } else {
+          net.vm_network_cidr = *cidr;
+        }
+      }
+      vm.networks.push_back(net);
+    }
+  }
+
+  // Why an IPv4 CIDR cannot be the VM's network, or nothing.
+  static std::optional<std::string> CidrProblem(const std::string& cidr) {
+    auto parsed = ParseIpv4Cidr(cidr);
+    if (!parsed.ok()) return parsed.status().message();
+    return std::nullopt;
+  }
+
+  // Interfaces and networks pair up by name, as in KubeVirt; KubeVirt's
+  // default pod interface is added when neither is given.
+  void NetworkCheck(const YAML::Node& spec, const std::string& path, VmSpec& vm) {
+    const std::string ipath = path + ".domain.devices.interfaces";
+    const std::string npath = path + ".networks";
+    if (vm.interfaces.empty() && vm.networks.empty()) {
+      if (vm.autoattach_pod_interface) {
+        Interface iface;
+        iface.name = "default";
+        vm.interfaces.push_back(iface);
+        Network net;
+        net.name = "default";
+        net.pod = true;
+        vm.networks.push_back(net);
+      }
+      return;
+    }
+    std::map<std::string, size_t> nets, ifaces;
+    int pods = 0;
+    for (size_t i = 0; i < vm.networks.size(); ++i) {
+      std::string p = npath + "[" + std::to_string(i) + "]";
+      if (!vm.networks[i].name.empty() && !nets.emplace(vm.networks[i].name, i).second) {
+        Error(marks_[p], p + ".name", "network name \"" + vm.networks[i].name + "\" is used twice");
+      }
+      if (vm.networks[i].pod && ++pods == 2) Error(marks_[p], p, "a VM has at most one pod network (as in KubeVirt)");
+    }
+    for (size_t i = 0; i < vm.interfaces.size(); ++i) {
+      const Interface& iface = vm.interfaces[i];
+      std::string p = ipath + "[" + std::to_string(i) + "]";
+      if (iface.name.empty()) continue;
+      if (!ifaces.emplace(iface.name, i).second) {
+        Error(marks_[p], p + ".name", "interface name \"" + iface.name + "\" is used twice");
+      } else if (!nets.count(iface.name)) {
+        Error(marks_[p], p + ".name",
+              "interface \"" + iface.name + "\" has no network of the same name; add one to spec.networks (pod: {})");
+      }
+    }
+    for (size_t i = 0; i < vm.networks.size(); ++i) {
+      std::string p = npath + "[" + std::to_string(i) + "]";
+      if (!vm.networks[i].name.empty() && !ifaces.count(vm.networks[i].name)) {
+        Error(marks_[p], p + ".name",
+              "network \"" + vm.networks[i].name + "\" has no interface of the same name; add one to "
+              "spec.domain.devices.interfaces (masquerade: {})");
+      }
+    }
+    (void)spec;
   }
 
   // A memory size from a quantity; 0 after an error.
@@ -573,6 +749,18 @@ class Parser {
     c.user_data_base64 = Str(src, "userDataBase64").value_or("");
     c.network_data = Str(src, "networkData").value_or("");
     c.network_data_base64 = Str(src, "networkDataBase64").value_or("");
+    c.user_data_secret = Str(Child(src, "secretRef"), "name").value_or("");
+    c.network_data_secret = Str(Child(src, "networkDataSecretRef"), "name").value_or("");
+    for (const auto& [field, name, purpose] : {std::tuple{"secretRef", c.user_data_secret, SecretPurpose::kUserData},
+                                               std::tuple{"networkDataSecretRef", c.network_data_secret,
+                                                          SecretPurpose::kNetworkData}}) {
+      if (!Has(Child(src, field))) continue;
+      if (name.empty()) {
+        Error(src[field], p + "." + field + ".name", "is required: the name of a Secret in this file");
+      } else {
+        secret_refs_.push_back({src[field], p + "." + field, name, line_offset_, purpose});
+      }
+    }
     const bool secret = Has(Child(src, "secretRef"));
     int user = !c.user_data.empty() + !c.user_data_base64.empty() + secret;
     if (user > 1) {
@@ -580,8 +768,9 @@ class Parser {
     } else if (src.size() == 0) {
       Error(src, p, "is empty; give userData (or userDataBase64, or networkData)");
     }
-    if (!c.network_data.empty() && !c.network_data_base64.empty()) {
-      Error(src, p, "give only one of networkData and networkDataBase64");
+    int network = !c.network_data.empty() + !c.network_data_base64.empty() + Has(Child(src, "networkDataSecretRef"));
+    if (network > 1) {
+      Error(src, p, "give only one of networkData, networkDataBase64 and networkDataSecretRef");
     }
     for (const char* field : {"userDataBase64", "networkDataBase64"}) {
       if (auto b64 = Str(src, field); b64 && !b64->empty() && !registry::Base64Decode(*b64).ok()) {
@@ -746,11 +935,13 @@ class Parser {
     return s;
   }
 
+  enum class SecretPurpose { kImagePull, kUserData, kNetworkData };
   struct SecretRef {
     YAML::Node at;
     std::string path;
     std::string name;
     int line_offset = 0;  // of the document the reference is in
+    SecretPurpose purpose = SecretPurpose::kImagePull;
   };
   std::vector<SecretRef> TakeSecretRefs() { return std::exchange(secret_refs_, {}); }
   void set_line_offset(int offset) { line_offset_ = offset; }
@@ -777,19 +968,33 @@ std::optional<Secret> ParseSecret(Parser& p, const YAML::Node& doc, const std::s
   Secret s;
   s.metadata = p.Metadata(doc, "", true);
   s.type = Parser::Str(doc, "type").value_or("Opaque");
-  std::string raw;
-  if (YAML::Node data = doc["data"]; Has(data) && data.IsMap() && Has(data[".dockerconfigjson"]) &&
-                                     data[".dockerconfigjson"].IsScalar()) {
-    auto decoded = registry::Base64Decode(data[".dockerconfigjson"].Scalar());
-    if (!decoded.ok()) {
-      p.Error(data[".dockerconfigjson"], "data..dockerconfigjson", "is not valid base64");
-    } else {
-      raw = *decoded;
+  // data is base64, stringData plain text; stringData wins, as the API
+  // server merges them.
+  if (YAML::Node data = doc["data"]; Has(data) && data.IsMap()) {
+    for (auto it = data.begin(); it != data.end(); ++it) {
+      if (!it->first.IsScalar() || !it->second.IsScalar()) {
+        p.Error(it->first, "data", "values of data must be base64 strings");
+        continue;
+      }
+      auto decoded = registry::Base64Decode(it->second.Scalar());
+      if (!decoded.ok()) {
+        p.Error(it->second, "data." + it->first.Scalar(), "is not valid base64");
+      } else {
+        s.data[it->first.Scalar()] = std::move(*decoded);
+      }
     }
-  } else if (YAML::Node sd = doc["stringData"]; Has(sd) && sd.IsMap() && Has(sd[".dockerconfigjson"]) &&
-                                                sd[".dockerconfigjson"].IsScalar()) {
-    raw = sd[".dockerconfigjson"].Scalar();
   }
+  if (YAML::Node sd = doc["stringData"]; Has(sd) && sd.IsMap()) {
+    for (auto it = sd.begin(); it != sd.end(); ++it) {
+      if (!it->first.IsScalar() || !it->second.IsScalar()) {
+        p.Error(it->first, "stringData", "values of stringData must be strings");
+        continue;
+      }
+      s.data[it->first.Scalar()] = it->second.Scalar();
+    }
+  }
+  std::string raw;
+  if (auto it = s.data.find(".dockerconfigjson"); it != s.data.end()) raw = it->second;
   if (s.type == "kubernetes.io/dockerconfigjson") {
     json j = json::parse(raw, nullptr, false);
     if (raw.empty()) {
@@ -937,6 +1142,13 @@ std::optional<Object> ParseDocument(Parser& p, const YAML::Node& doc, std::vecto
 
 }  // namespace
 
+const std::string* CloudInitSecretData(const Secret& secret, bool user_data) {
+  for (const char* key : user_data ? std::array{"userdata", "userData"} : std::array{"networkdata", "networkData"}) {
+    if (auto it = secret.data.find(key); it != secret.data.end()) return &it->second;
+  }
+  return nullptr;
+}
+
 std::string Volume::SourceField() const {
   if (registry_disk) return registry_disk->field;
   if (cloud_init_no_cloud) return "cloudInitNoCloud";
@@ -1013,6 +1225,20 @@ ParseResult ParseSpecs(std::string_view text, std::string_view file_name) {
     for (const auto& o : result.objects) {
       if (auto* s = std::get_if<Secret>(&o); s && s->metadata.name == ref.name) found = s;
     }
+    if (ref.purpose != Parser::SecretPurpose::kImagePull) {
+      const bool user = ref.purpose == Parser::SecretPurpose::kUserData;
+      const char* key = user ? "userdata" : "networkdata";
+      if (!found) {
+        p.Error(ref.at, ref.path + ".name",
+                "Secret \"" + ref.name + "\" is not in this file; add it, with the " + (user ? "user" : "network") +
+                    " data under data." + key);
+      } else if (!CloudInitSecretData(*found, user)) {
+        p.Error(ref.at, ref.path + ".name",
+                "Secret \"" + ref.name + "\" has no key " + key + " (or " + (user ? "userData" : "networkData") +
+                    "); put the " + (user ? "user" : "network") + " data there");
+      }
+      continue;
+    }
     if (!found) {
       p.Error(ref.at, ref.path, "Secret \"" + ref.name + "\" is not in this file; add it (type kubernetes.io/dockerconfigjson)");
     } else if (found->type != "kubernetes.io/dockerconfigjson") {
@@ -1077,7 +1303,25 @@ json SpecJson(const VmSpec& s, bool v1alpha1) {
     if (d.boot_order) dj["bootOrder"] = *d.boot_order;
     disks.push_back(dj);
   }
-  domain["devices"] = {{"disks", disks}};
+  json devices = {{"disks", disks}};
+  json interfaces = json::array();
+  for (const auto& i : s.interfaces) {
+    json ij = {{"name", i.name}, {i.binding, json::object()}, {"model", i.model}};
+    if (!i.mac_address.empty()) ij["macAddress"] = i.mac_address;
+    if (!i.ports.empty()) {
+      json ports = json::array();
+      for (const auto& p : i.ports) {
+        json pj = {{"port", p.port}, {"protocol", p.protocol}};
+        if (!p.name.empty()) pj["name"] = p.name;
+        ports.push_back(pj);
+      }
+      ij["ports"] = ports;
+    }
+    interfaces.push_back(ij);
+  }
+  if (!interfaces.empty()) devices["interfaces"] = interfaces;
+  if (!s.autoattach_pod_interface) devices["autoattachPodInterface"] = false;
+  domain["devices"] = devices;
   json volumes = json::array();
   for (const auto& v : s.volumes) {
     json vj = {{"name", v.name}};
@@ -1094,13 +1338,22 @@ json SpecJson(const VmSpec& s, bool v1alpha1) {
       if (!c.user_data_base64.empty()) cj["userDataBase64"] = c.user_data_base64;
       if (!c.network_data.empty()) cj["networkData"] = c.network_data;
       if (!c.network_data_base64.empty()) cj["networkDataBase64"] = c.network_data_base64;
+      if (!c.user_data_secret.empty()) cj["secretRef"] = {{"name", c.user_data_secret}};
+      if (!c.network_data_secret.empty()) cj["networkDataSecretRef"] = {{"name", c.network_data_secret}};
       vj["cloudInitNoCloud"] = cj;
     } else if (v.empty_disk) {
       vj["emptyDisk"] = {{"capacity", QuantityJson(v.empty_disk->capacity)}};
     }
     volumes.push_back(vj);
   }
-  return {{"domain", domain}, {"volumes", volumes}};
+  json out = {{"domain", domain}};
+  if (!s.networks.empty()) {
+    json networks = json::array();
+    for (const auto& n : s.networks) networks.push_back({{"name", n.name}, {"pod", {{"vmNetworkCIDR", n.vm_network_cidr}}}});
+    out["networks"] = networks;
+  }
+  out["volumes"] = volumes;
+  return out;
 }
 
 void EmitYaml(YAML::Emitter& out, const json& j) {

@@ -61,6 +61,14 @@ const std::set<std::string_view> kImplemented = {
     "v1.CloudInitNoCloudSource.userData", "v1.CloudInitNoCloudSource.userDataBase64",
     "v1.CloudInitNoCloudSource.networkData", "v1.CloudInitNoCloudSource.networkDataBase64",
     "v1.EmptyDiskSource.capacity",
+    "v1.CloudInitNoCloudSource.secretRef", "v1.CloudInitNoCloudSource.networkDataSecretRef",
+    "k8s.io.api.core.v1.LocalObjectReference.name",
+    // Networking.
+    "v1.Devices.interfaces", "v1.Devices.autoattachPodInterface",
+    "v1.Interface.name", "v1.Interface.masquerade", "v1.Interface.bridge", "v1.Interface.model",
+    "v1.Interface.macAddress", "v1.Interface.ports",
+    "v1.Port.name", "v1.Port.port", "v1.Port.protocol",
+    "v1.VirtualMachineInstanceSpec.networks", "v1.Network.name", "v1.Network.pod", "v1.PodNetwork.vmNetworkCIDR",
 };
 
 const char kNoMigration[] =

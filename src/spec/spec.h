@@ -68,12 +68,17 @@ struct RegistryDiskSource {
   std::string path;               // inside the image; empty: discover under /disk
 };
 
-// cloudInitNoCloud: parsed and validated; regdisk run refuses it for now.
+// cloudInitNoCloud: the VM's NoCloud seed. At most one user-data source
+// and one network-data source; a secretRef names a Secret (of the same
+// file) whose data holds the key userdata or userData (networkdata or
+// networkData).
 struct CloudInitNoCloudSource {
   std::string user_data;
   std::string user_data_base64;
+  std::string user_data_secret;  // secretRef.name
   std::string network_data;
   std::string network_data_base64;
+  std::string network_data_secret;  // networkDataSecretRef.name
 };
 
 // emptyDisk: parsed and validated; regdisk run refuses it for now.
@@ -104,6 +109,30 @@ struct Disk {
   std::optional<int> boot_order;
 };
 
+// A port the guest serves: published on the host by regdisk run.
+struct Port {
+  std::string name;  // optional
+  int port = 0;      // 1-65535
+  std::string protocol = "TCP";  // TCP | UDP
+};
+
+// domain.devices.interfaces[]: a NIC on the network of the same name.
+struct Interface {
+  std::string name;
+  std::string binding = "masquerade";  // masquerade | bridge
+  std::string model = "virtio";  // virtio | e1000 | e1000e | rtl8139
+  std::string mac_address;       // empty: derived from namespace, VM and interface name
+  std::vector<Port> ports;
+};
+
+// spec.networks[]: regdisk has one network, the pod network (QEMU's
+// user-mode network per VM, or a host bridge with run --network bridge=).
+struct Network {
+  std::string name;
+  bool pod = false;  // a pod network (the only kind regdisk accepts)
+  std::string vm_network_cidr = "10.0.2.0/24";  // pod.vmNetworkCIDR
+};
+
 struct VmSpec {
   int64_t memory_bytes = 0;
   Quantity memory;          // requests.memory as written (empty when not given)
@@ -114,6 +143,12 @@ struct VmSpec {
   bool cores_given = false;
   std::vector<Disk> disks;
   std::vector<Volume> volumes;
+  // With no interfaces and no networks, and autoattachPodInterface not
+  // false, the parser adds KubeVirt's default: interface "default"
+  // (masquerade) on pod network "default".
+  std::vector<Interface> interfaces;
+  std::vector<Network> networks;
+  bool autoattach_pod_interface = true;
 };
 
 // v1alpha1 VirtualMachine, v1 VirtualMachineInstance and v1 VirtualMachine:
@@ -147,7 +182,15 @@ struct Secret {
   ObjectMeta metadata;
   std::string type;
   std::string docker_config_json;  // decoded .dockerconfigjson
+  // Every key of data (decoded) and stringData (which wins), as the API
+  // server merges them.
+  std::map<std::string, std::string> data;
 };
+
+// What a cloudInitNoCloud secretRef (user_data) or networkDataSecretRef
+// reads from a Secret: the key userdata or userData (networkdata or
+// networkData); nullptr when it has neither.
+const std::string* CloudInitSecretData(const Secret& secret, bool user_data);
 
 using Object = std::variant<VirtualMachine, VirtualMachineReplicaSet, Secret>;
 
