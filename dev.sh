@@ -22,10 +22,11 @@ cd "$(dirname "$0")"
 PACKAGES=(
   cmake ninja-build g++ pkg-config binutils
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev libyaml-cpp-dev libtomlplusplus-dev
-  libarchive-dev libzstd-dev libisal-dev libxml2-dev
+  libarchive-dev libzstd-dev libisal-dev libxml2-dev libisofs-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps
+  genisoimage python3-yaml  # isoinfo and PyYAML read the cloud-init seeds back in tests
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
 )
 # Only for ./dev.sh bench: the plot of the ratios.
