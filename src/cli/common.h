@@ -49,6 +49,9 @@ struct RunFlags {
   std::chrono::milliseconds grace{10000};
   std::string qemu;
   std::string accel = "auto";
+  std::vector<std::string> publish;  // --publish
+  std::string network;               // --network bridge=NAME
+  std::string vnc;                   // --vnc
 };
 
 struct LoginFlags {
@@ -138,5 +141,6 @@ const char* Version();
 int RunValidate(const std::string& file, const std::string& output);
 int RunRun(const Globals& g, const RunFlags& f);
 int RunDomxml(const Globals& g, const RunFlags& f);
+int RunPort(const Globals& g, const std::string& vm, const std::string& namespace_);
 
 }  // namespace regdisk::cli

@@ -171,12 +171,25 @@ int Main(int argc, char** argv) {
   AddDuration(run, "--grace", rf.grace, "time from ACPI powerdown to kill when stopping (default 10s)");
   run->add_option("--qemu", rf.qemu, "the QEMU binary (default: qemu-system-x86_64 on PATH)");
   run->add_option("--accel", rf.accel, "auto (default: KVM when usable, else TCG), kvm or tcg")->check(OneOf({"auto", "kvm", "tcg"}));
+  run->add_option("-p,--publish", rf.publish,
+                  "publish a guest port on the host: [[IP:][HOSTPORT]:]PORT[/tcp|udp] (repeatable; declared ports get a "
+                  "free loopback port by default)");
+  run->add_option("--network", rf.network, "bridge=NAME: put the VM's interface on a host bridge with a tap (root)");
+  run->add_option("--vnc", rf.vnc, "a VNC display for the guest's screen, such as 127.0.0.1:0");
   run->fallthrough();
   CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML of a VM spec, offline (no pulls)");
   domxml->add_option("-f,--filename", rf.file, "the VM spec")->required();
   domxml->add_option("--qemu", rf.qemu, "the QEMU binary to name as emulator");
   domxml->add_option("--accel", rf.accel, "auto, kvm or tcg")->check(OneOf({"auto", "kvm", "tcg"}));
+  domxml->add_option("--network", rf.network, "bridge=NAME: the interface on a host bridge");
+  domxml->add_option("--vnc", rf.vnc, "a VNC display, such as 127.0.0.1:0");
   domxml->fallthrough();
+
+  std::string port_vm, port_namespace = "default";
+  CLI::App* port = app.add_subcommand("port", "list a running VM's published ports, as podman port does");
+  port->add_option("vm", port_vm, "the VM's metadata.name (default: every running VM)");
+  port->add_option("-n,--namespace", port_namespace, "the VM's namespace (default: default)");
+  port->fallthrough();
 
   BuildFlags base_flags;
   CLI::App* base = app.add_subcommand("base", "publish the base image for the Dockerfile workflow (FROM it, ADD disk /disk)");
@@ -256,6 +269,7 @@ int Main(int argc, char** argv) {
   if (*build) return RunBuild(g, bf, disk_file);
   if (*run) return RunRun(g, rf);
   if (*domxml) return RunDomxml(g, rf);
+  if (*port) return RunPort(g, port_vm, port_namespace);
   if (*base) return RunBuild(g, base_flags, "");
   if (*login) return RunLogin(g, login_flags);
   if (*logout) return RunLogout(g, login_flags);

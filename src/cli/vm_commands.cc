@@ -1,5 +1,9 @@
 // validate, run and domxml.
 #include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <tuple>
 
 #include <chrono>
 #include <cstdio>
@@ -52,6 +56,18 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
   ASSIGN_OR_RETURN(p.platform, oci::Platform::Parse(g.platform));
   p.on_progress = TerminalProgress(g.quiet);
   ASSIGN_OR_RETURN(p.disk_limits, MakeDiskLimits(g));
+  for (const auto& text : f.publish) {
+    ASSIGN_OR_RETURN(vm::PublishedPort port, vm::ParsePublish(text));
+    p.publish.push_back(port);
+  }
+  if (!f.network.empty()) {
+    if (f.network.rfind("bridge=", 0) != 0 || f.network.size() == 7) {
+      return InvalidArgument("--network takes bridge=NAME (a host bridge), not " + Printable(f.network, 60) +
+                             "; leave it out for user-mode networking");
+    }
+    p.bridge = f.network.substr(7);
+  }
+  p.vnc = f.vnc;
   return p;
 }
 
@@ -67,6 +83,9 @@ int RunRun(const Globals& g, const RunFlags& f) {
   if (!plan.ok()) return Fail(plan.status());
   vm::RunOptions ro;
   ro.plan = *plan;
+  // A terminal on stdin is the guest's console keyboard.
+  if (::isatty(STDIN_FILENO)) ro.console_input = STDIN_FILENO;
+  if (g.quiet) ro.notices = nullptr;
   ro.timeout = f.timeout;
   ro.grace = f.grace;
   ro.stop = g.cancel;
@@ -99,6 +118,37 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
                  "(the XML assumes qcow2 until then)\n",
                  PrintableLine(d.name).c_str(), PrintableLine(plan->missing[m++]).c_str(),
                  PrintableLine(d.stable.string()).c_str());
+  }
+  for (const auto& d : plan->disks) {
+    if (!d.seed) continue;
+    std::fprintf(stderr,
+                 "regdisk: disk %s: the cloud-init seed (ISO 9660, label cidata) is written by regdisk run when the VM "
+                 "starts; the XML names it at %s\n",
+                 PrintableLine(d.name).c_str(), PrintableLine(d.backing.string()).c_str());
+  }
+  return 0;
+}
+
+// port [VM]: "80/tcp -> 127.0.0.1:34567" per published port of the VM, or
+// of every running VM (each line prefixed with its name); exit 1 when the
+// VM is not running.
+int RunPort(const Globals& g, const std::string& name, const std::string& namespace_) {
+  std::vector<vm::RunningVm> running = vm::ListRunningVms(g.root);
+  std::sort(running.begin(), running.end(), [](const auto& a, const auto& b) {
+    return std::tie(a.namespace_, a.name) < std::tie(b.namespace_, b.name);
+  });
+  bool found = false;
+  for (const auto& r : running) {
+    if (!name.empty() && (r.name != name || r.namespace_ != namespace_)) continue;
+    found = true;
+    for (const auto& p : r.ports) {
+      std::string who = name.empty() ? PrintableLine(r.namespace_ + "/" + r.name) + "\t" : "";
+      std::printf("%s%s\n", who.c_str(), PrintableLine(p.String()).c_str());
+    }
+  }
+  if (!name.empty() && !found) {
+    return Fail(NotFound("VM " + namespace_ + "/" + PrintableLine(name, 80) +
+                         " is not running on this node (under --root " + g.root + "); start it with regdisk run"));
   }
   return 0;
 }

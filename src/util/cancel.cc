@@ -1,6 +1,17 @@
 #include "util/cancel.h"
 
+#include <cstdint>
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 namespace regdisk {
+
+CancelToken::CancelToken() : event_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+CancelToken::~CancelToken() {
+  if (event_fd_ >= 0) ::close(event_fd_);
+}
 
 void CancelToken::Cancel(std::string reason) {
   {
@@ -10,6 +21,10 @@ void CancelToken::Cancel(std::string reason) {
     cancelled_.store(true, std::memory_order_release);
   }
   cv_.notify_all();
+  if (event_fd_ >= 0) {
+    uint64_t one = 1;
+    (void)!::write(event_fd_, &one, sizeof one);
+  }
 }
 
 Status CancelToken::status() const {

@@ -24,14 +24,24 @@ namespace regdisk {
 
 class CancelToken {
  public:
+  CancelToken();
+  ~CancelToken();
+  CancelToken(const CancelToken&) = delete;
+  CancelToken& operator=(const CancelToken&) = delete;
+
   void Cancel(std::string reason);
   bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
   // OK, or Cancelled with the reason.
   Status status() const;
   // Waits `d`, or less when cancelled meanwhile; returns status().
   Status SleepFor(std::chrono::milliseconds d) const;
+  // A descriptor that becomes readable (POLLIN) once the token is
+  // cancelled, for loops that poll() other descriptors too; -1 if the
+  // kernel gave none (then such loops must also check cancelled()).
+  int poll_fd() const { return event_fd_; }
 
  private:
+  int event_fd_ = -1;  // an eventfd, written once by Cancel
   std::atomic<bool> cancelled_{false};
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;

@@ -1,7 +1,13 @@
 #include "vm/plan.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <ctime>
 
 #include <fstream>
 
@@ -10,6 +16,8 @@
 #include <nlohmann/json.hpp>
 
 #include "image/transport.h"
+#include "oci/digest.h"
+#include "registry/http.h"
 #include "util/fs.h"
 #include "util/log.h"
 #include "util/text.h"
@@ -89,7 +97,200 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
   return img;
 }
 
+// The instance id cloud-init keys its once-per-instance work on: fresh for
+// every run, as KubeVirt gives every VMI a new UID.
+std::string NewInstanceId() {
+  auto uuid = ReadFileCapped("/proc/sys/kernel/random/uuid", 64);
+  std::string id = uuid.ok() ? *uuid : "";
+  while (!id.empty() && (id.back() == '\n' || id.back() == ' ')) id.pop_back();
+  return id.empty() ? oci::Digest::Sha256Of(std::to_string(::getpid()) + std::to_string(::time(nullptr))).hex().substr(0, 32)
+                    : id;
+}
+
+// The seed's contents from the spec: inline, base64 or a Secret of the file.
+Result<NoCloudSeed> SeedFor(const spec::VirtualMachine& vm, const spec::CloudInitNoCloudSource& src,
+                            const std::vector<spec::Secret>& secrets) {
+  auto from_secret = [&](const std::string& name, bool user) -> Result<std::string> {
+    for (const auto& s : secrets) {
+      if (s.metadata.name != name) continue;
+      if (const std::string* v = spec::CloudInitSecretData(s, user)) return *v;
+    }
+    return FailedPrecondition(std::string("the cloud-init ") + (user ? "user" : "network") + " data of VM " +
+                              vm.metadata.name + " names Secret " + name + ", which is not in the file or has no " +
+                              (user ? "userdata" : "networkdata") + " key; add it to the file");
+  };
+  NoCloudSeed seed;
+  seed.instance_id = NewInstanceId();
+  seed.local_hostname = vm.metadata.name;
+  if (!src.user_data.empty()) {
+    seed.user_data = src.user_data;
+  } else if (!src.user_data_base64.empty()) {
+    ASSIGN_OR_RETURN(seed.user_data, registry::Base64Decode(src.user_data_base64));
+  } else if (!src.user_data_secret.empty()) {
+    ASSIGN_OR_RETURN(seed.user_data, from_secret(src.user_data_secret, true));
+  }
+  if (!src.network_data.empty()) {
+    seed.network_config = src.network_data;
+  } else if (!src.network_data_base64.empty()) {
+    ASSIGN_OR_RETURN(seed.network_config, registry::Base64Decode(src.network_data_base64));
+  } else if (!src.network_data_secret.empty()) {
+    ASSIGN_OR_RETURN(seed.network_config, from_secret(src.network_data_secret, false));
+  }
+  return seed;
+}
+
+// A free TCP or UDP port on `ip`, as the kernel picks one for a bind to
+// port 0. Another program could take it before QEMU binds it; QEMU then
+// fails to start, saying so.
+Result<int> FreePort(const std::string& ip, const std::string& protocol) {
+  UniqueFd fd(::socket(AF_INET, (protocol == "udp" ? SOCK_DGRAM : SOCK_STREAM) | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return ErrnoStatus("opening a socket to find a free port");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  if (::inet_pton(AF_INET, ip.c_str(), &a.sin_addr) != 1) return InvalidArgument("\"" + ip + "\" is not an IPv4 address");
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    return ErrnoStatus("finding a free " + protocol + " port on " + ip);
+  }
+  socklen_t len = sizeof a;
+  if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0) return ErrnoStatus("getsockname");
+  return static_cast<int>(ntohs(a.sin_port));
+}
+
+bool BridgeExists(const std::string& name) {
+  std::error_code ec;
+  return name.find('/') == std::string::npos && fs::is_directory(fs::path("/sys/class/net") / name / "bridge", ec);
+}
+
+// The spec's interfaces, with --publish and --network bridge= applied.
+Result<std::vector<PlannedNic>> PlanNics(const spec::VirtualMachine& vm, const PlanOptions& o) {
+  std::vector<PlannedNic> nics;
+  std::vector<PublishedPort> extra = o.publish;
+  if (vm.spec.interfaces.empty() && !extra.empty()) {
+    return FailedPrecondition("--publish needs a network interface, and VM " + vm.metadata.name +
+                              " has none (autoattachPodInterface: false); remove --publish or give the VM an interface");
+  }
+  if (!o.bridge.empty()) {
+    if (!BridgeExists(o.bridge)) {
+      return NotFound("--network bridge=" + o.bridge + ": there is no bridge " + Printable(o.bridge, 40) +
+                      " on this host; create it (ip link add NAME type bridge) or leave --network out");
+    }
+    if (::geteuid() != 0 || ::access("/dev/net/tun", R_OK | W_OK) != 0) {
+      return PermissionDenied("--network bridge=" + o.bridge +
+                              " needs root and /dev/net/tun (regdisk makes a tap on the bridge); run as root, or leave "
+                              "--network out for user-mode networking");
+    }
+    if (!extra.empty()) {
+      return InvalidArgument("--publish applies to user-mode networking; with --network bridge= the guest is on the "
+                             "bridge's network, reach it at its own address");
+    }
+  }
+  for (size_t i = 0; i < vm.spec.interfaces.size(); ++i) {
+    const spec::Interface& iface = vm.spec.interfaces[i];
+    PlannedNic nic;
+    nic.name = iface.name;
+    nic.model = iface.model;
+    nic.mac = iface.mac_address.empty() ? StableMac(vm.metadata.namespace_, vm.metadata.name, iface.name)
+                                        : iface.mac_address;
+    std::replace(nic.mac.begin(), nic.mac.end(), '-', ':');
+    for (const auto& n : vm.spec.networks) {
+      if (n.name != iface.name) continue;
+      ASSIGN_OR_RETURN(nic.network, ParseIpv4Cidr(n.vm_network_cidr));
+    }
+    if (!o.bridge.empty()) {
+      nic.bridge = o.bridge;
+      nics.push_back(std::move(nic));
+      continue;
+    }
+    for (const auto& port : iface.ports) {
+      PublishedPort pp;
+      pp.name = port.name;
+      pp.protocol = port.protocol == "UDP" ? "udp" : "tcp";
+      pp.guest_port = port.port;
+      // A --publish of this port says where it goes.
+      for (auto it = extra.begin(); it != extra.end(); ++it) {
+        if (it->guest_port == pp.guest_port && it->protocol == pp.protocol) {
+          pp.host_ip = it->host_ip;
+          pp.host_port = it->host_port;
+          extra.erase(it);
+          break;
+        }
+      }
+      nic.ports.push_back(pp);
+    }
+    if (i == 0) {  // ports the spec does not declare go to the first NIC
+      for (auto& pp : extra) nic.ports.push_back(pp);
+      extra.clear();
+    }
+    if (!o.offline) {
+      for (auto& pp : nic.ports) {
+        if (pp.host_port != 0) continue;
+        ASSIGN_OR_RETURN(pp.host_port, FreePort(pp.host_ip, pp.protocol));
+      }
+    }
+    nics.push_back(std::move(nic));
+  }
+  return nics;
+}
+
 }  // namespace
+
+std::string PublishedPort::String() const {
+  return std::to_string(guest_port) + "/" + protocol + " -> " + host_ip + ":" + std::to_string(host_port);
+}
+
+Result<PublishedPort> ParsePublish(std::string_view text) {
+  const std::string shown = Printable(text, 80);
+  auto usage = [&] {
+    return InvalidArgument("--publish " + shown + " is not [[IP:][HOSTPORT]:]PORT[/tcp|udp]; e.g. 8080:80 or 127.0.0.1:8080:80/tcp");
+  };
+  PublishedPort p;
+  std::string_view rest = text;
+  if (size_t slash = rest.rfind('/'); slash != std::string_view::npos) {
+    std::string proto(rest.substr(slash + 1));
+    std::transform(proto.begin(), proto.end(), proto.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (proto != "tcp" && proto != "udp") return usage();
+    p.protocol = proto;
+    rest = rest.substr(0, slash);
+  } else {
+    p.protocol = "tcp";
+  }
+  std::vector<std::string_view> parts;
+  for (size_t start = 0;;) {
+    size_t colon = rest.find(':', start);
+    parts.push_back(rest.substr(start, colon == std::string_view::npos ? std::string_view::npos : colon - start));
+    if (colon == std::string_view::npos) break;
+    start = colon + 1;
+  }
+  if (parts.size() > 3) return usage();
+  auto number = [](std::string_view v, int& out, bool zero_ok) {
+    if (v.empty() || v.size() > 5 || !std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      return false;
+    }
+    out = std::stoi(std::string(v));
+    return out <= 65535 && (zero_ok || out > 0);
+  };
+  if (!number(parts.back(), p.guest_port, false)) return usage();
+  if (parts.size() >= 2 && !parts[parts.size() - 2].empty() && !number(parts[parts.size() - 2], p.host_port, true)) {
+    return usage();
+  }
+  if (parts.size() == 3) {
+    in_addr a{};
+    std::string ip(parts[0]);
+    if (ip.empty()) ip = "127.0.0.1";
+    if (::inet_pton(AF_INET, ip.c_str(), &a) != 1) {
+      return InvalidArgument("--publish " + shown + ": " + Printable(ip, 40) + " is not an IPv4 address of this host");
+    }
+    p.host_ip = ip;
+  }
+  return p;
+}
+
+std::string StableMac(const std::string& namespace_, const std::string& vm, const std::string& interface) {
+  std::string hex = oci::Digest::Sha256Of("regdisk-mac\n" + namespace_ + "\n" + vm + "\n" + interface).hex();
+  // 02: locally administered, unicast.
+  return "02:" + hex.substr(0, 2) + ":" + hex.substr(2, 2) + ":" + hex.substr(4, 2) + ":" + hex.substr(6, 2) + ":" +
+         hex.substr(8, 2);
+}
 
 Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const PlanOptions& o,
                       const fs::path& run_dir) {
@@ -100,7 +301,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
   plan.cores = vm.spec.cores;
   plan.run_dir = run_dir;
   plan.qmp_socket = run_dir / "qmp.sock";
-  plan.console_log = run_dir / "console.log";
+  plan.console_socket = run_dir / "console.sock";
+  plan.vnc = o.vnc;
   plan.log_file = fs::path(o.root) / "logs" / (vm.metadata.namespace_ + "_" + vm.metadata.name + ".log");
 
   plan.qemu = o.qemu.empty() ? FindExecutable("qemu-system-x86_64") : o.qemu;
@@ -115,6 +317,17 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     return InvalidArgument("--accel takes auto, kvm or tcg, not \"" + o.accel + "\"");
   }
   plan.accel = o.accel == "auto" ? (kvm ? "kvm" : "tcg") : o.accel;
+  if (!o.vnc.empty()) {
+    size_t colon = o.vnc.rfind(':');
+    std::string host = colon == std::string::npos ? "" : o.vnc.substr(0, colon);
+    std::string display = colon == std::string::npos ? "" : o.vnc.substr(colon + 1);
+    in_addr a{};
+    if (::inet_pton(AF_INET, host.c_str(), &a) != 1 || display.empty() || display.size() > 2 ||
+        !std::all_of(display.begin(), display.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      return InvalidArgument("--vnc takes IPV4ADDRESS:DISPLAY (display 0-99, port 5900+display), such as 127.0.0.1:0, not " +
+                             Printable(o.vnc, 60));
+    }
+  }
 
   uint64_t available = HostMemoryAvailable();
   if (available > 0 && static_cast<uint64_t>(plan.memory_bytes) > available) {
@@ -139,10 +352,26 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     for (const auto& v : vm.spec.volumes) {
       if (v.name == d.volume_name) vol = &v;
     }
-    if (vol && (vol->cloud_init_no_cloud || vol->empty_disk)) {
+    if (vol && vol->empty_disk) {
       return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + " (" + vol->SourceField() +
                                 "), which regdisk validates but cannot run yet; remove that disk and volume from the "
                                 "spec to run the VM with regdisk");
+    }
+    if (vol && vol->cloud_init_no_cloud) {
+      ASSIGN_OR_RETURN(NoCloudSeed seed, SeedFor(vm, *vol->cloud_init_no_cloud, secrets));
+      PlannedDisk pd;
+      pd.name = d.name;
+      pd.device = d.device;
+      pd.dev = d.dev;
+      pd.bus = d.bus;
+      pd.read_only = d.read_only;
+      pd.boot_order = d.boot_order;
+      pd.backing = run_dir / (d.name + ".cidata.iso");
+      pd.stable = pd.backing;
+      pd.backing_format = disk::Format::kRaw;
+      pd.seed = std::move(seed);
+      plan.disks.push_back(std::move(pd));
+      continue;
     }
     if (!vol || !vol->registry_disk) {
       return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + ", which is not a registry disk");
@@ -181,6 +410,7 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     pd.overlay = run_dir / (d.name + ".qcow2");
     plan.disks.push_back(std::move(pd));
   }
+  ASSIGN_OR_RETURN(plan.nics, PlanNics(vm, o));
   return plan;
 }
 
@@ -210,12 +440,55 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
                                 "-machine", "pc", "-accel", p.accel,
                                 "-m", std::to_string((p.memory_bytes + (1 << 20) - 1) >> 20) + "M",
                                 "-smp", std::to_string(p.cores),
-                                "-display", "none",
-                                "-chardev", "file,id=serial0,path=" + OptValue(p.console_log.string()),
+                                // The console: a socket regdisk (or a later
+                                // attach) connects to, and everything the guest
+                                // writes in the VM's log, by QEMU itself. QEMU
+                                // waits for the first connection before it starts
+                                // the guest, so no early line is missed.
+                                "-chardev", "socket,id=serial0,path=" + OptValue(p.console_socket.string()) +
+                                                ",server=on,wait=on,logfile=" + OptValue(p.log_file.string()) +
+                                                ",logappend=on",
                                 "-serial", "chardev:serial0",
                                 "-chardev", "socket,id=qmp,path=" + OptValue(p.qmp_socket.string()) + ",server=on,wait=off",
-                                "-mon", "chardev=qmp,mode=control",
-                                "-nic", "none"};
+                                "-mon", "chardev=qmp,mode=control"};
+  if (p.vnc.empty()) {
+    a.insert(a.end(), {"-display", "none"});
+  } else {
+    a.insert(a.end(), {"-display", "none", "-vnc", OptValue(p.vnc), "-device", "VGA"});
+  }
+  if (p.nics.empty()) a.insert(a.end(), {"-nic", "none"});
+  for (size_t i = 0; i < p.nics.size(); ++i) {
+    const PlannedNic& nic = p.nics[i];
+    const std::string id = "net" + std::to_string(i);
+    nlohmann::json netdev = {{"id", id}};
+    if (!nic.bridge.empty()) {
+      // The runner opens the tap on the bridge and QEMU inherits it.
+      netdev["type"] = "tap";
+      netdev["fd"] = std::to_string(nic.tap_fd);
+    } else {
+      const Ipv4Network& n = nic.network;
+      netdev["type"] = "user";
+      netdev["net"] = n.String();
+      netdev["host"] = Ipv4String(n.Host(1));
+      netdev["dhcpstart"] = Ipv4String(n.Host(2));
+      netdev["dns"] = Ipv4String(n.Host(3));
+      netdev["hostname"] = p.name;
+      netdev["ipv6"] = false;
+      nlohmann::json fwd = nlohmann::json::array();
+      for (const auto& port : nic.ports) {
+        fwd.push_back({{"str", port.protocol + ":" + port.host_ip + ":" + std::to_string(port.host_port) + "-" +
+                                   nic.GuestAddress() + ":" + std::to_string(port.guest_port)}});
+      }
+      if (!fwd.empty()) netdev["hostfwd"] = fwd;
+    }
+    static const std::map<std::string, std::string> kDevices = {{"virtio", "virtio-net-pci"}, {"e1000", "e1000"},
+                                                                {"e1000e", "e1000e"}, {"rtl8139", "rtl8139"},
+                                                                {"ne2k_pci", "ne2k_pci"}, {"pcnet", "pcnet"}};
+    auto dev = kDevices.find(nic.model);
+    a.insert(a.end(), {"-netdev", Json(netdev), "-device",
+                       Json({{"driver", dev == kDevices.end() ? "virtio-net-pci" : dev->second}, {"netdev", id},
+                             {"mac", nic.mac}, {"id", "nic-" + nic.name}})});
+  }
   bool any_boot = false;
   for (const auto& d : p.disks) any_boot |= d.boot_order.has_value();
   bool ahci = false, scsi = false;
@@ -223,18 +496,27 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
   for (size_t i = 0; i < p.disks.size(); ++i) {
     const PlannedDisk& d = p.disks[i];
     const std::string n = std::to_string(i);
-    // The store's disk, read-only, with its format given (never probed)...
-    a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "base-file" + n},
-                                          {"filename", d.backing.string()}, {"read-only", true}}),
-                       "-blockdev", Json({{"driver", std::string(disk::FormatName(d.backing_format))},
-                                          {"node-name", "base" + n}, {"file", "base-file" + n}, {"read-only", true}})});
-    // ...under this VM's own qcow2 overlay.
-    nlohmann::json overlay = {{"driver", "qcow2"}, {"node-name", "disk" + n}, {"file", "overlay-file" + n},
-                              {"backing", "base" + n}};
-    if (d.read_only) overlay["read-only"] = true;
-    a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "overlay-file" + n},
-                                          {"filename", d.overlay.string()}}),
-                       "-blockdev", Json(overlay)});
+    if (d.seed) {
+      // The VM's own cloud-init seed: raw, no overlay (it is removed with the VM).
+      nlohmann::json seed = {{"driver", "raw"}, {"node-name", "disk" + n}, {"file", "seed-file" + n}};
+      if (d.read_only) seed["read-only"] = true;
+      a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "seed-file" + n},
+                                            {"filename", d.backing.string()}, {"read-only", d.read_only}}),
+                         "-blockdev", Json(seed)});
+    } else {
+      // The store's disk, read-only, with its format given (never probed)...
+      a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "base-file" + n},
+                                            {"filename", d.backing.string()}, {"read-only", true}}),
+                         "-blockdev", Json({{"driver", std::string(disk::FormatName(d.backing_format))},
+                                            {"node-name", "base" + n}, {"file", "base-file" + n}, {"read-only", true}})});
+      // ...under this VM's own qcow2 overlay.
+      nlohmann::json overlay = {{"driver", "qcow2"}, {"node-name", "disk" + n}, {"file", "overlay-file" + n},
+                                {"backing", "base" + n}};
+      if (d.read_only) overlay["read-only"] = true;
+      a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "overlay-file" + n},
+                                            {"filename", d.overlay.string()}}),
+                         "-blockdev", Json(overlay)});
+    }
     nlohmann::json dev = {{"drive", "disk" + n}, {"id", d.name}};
     if (d.boot_order) dev["bootindex"] = *d.boot_order;
     else if (!any_boot && i == 0) dev["bootindex"] = 1;
@@ -347,12 +629,30 @@ Result<std::string> DomainXml(const VmPlan& p) {
     x.Empty("target", {{"dev", d.dev}, {"bus", d.bus}});
     if (d.read_only) {
       x.Open("readonly").Close();
-    } else {
+    } else if (!d.seed) {  // a seed is the VM's own file
       x.Empty("transient", {{"shareBacking", "yes"}});
     }
     if (d.boot_order) x.Empty("boot", {{"order", std::to_string(*d.boot_order)}});
     else if (!any_boot && i == 0) x.Empty("boot", {{"order", "1"}});
     x.Close();
+  }
+  for (const auto& nic : p.nics) {
+    x.Open("interface").Attr("type", nic.bridge.empty() ? "user" : "bridge");
+    if (!nic.bridge.empty()) x.Empty("source", {{"bridge", nic.bridge}});
+    x.Empty("mac", {{"address", nic.mac}});
+    x.Empty("model", {{"type", nic.model}});
+    if (nic.bridge.empty()) {
+      x.Empty("ip", {{"family", "ipv4"}, {"address", Ipv4String(nic.network.network)},
+                     {"prefix", std::to_string(nic.network.prefix)}});
+    }
+    x.Close();
+  }
+  if (!p.vnc.empty()) {
+    size_t colon = p.vnc.rfind(':');
+    int display = colon == std::string::npos ? 0 : std::atoi(p.vnc.c_str() + colon + 1);
+    x.Empty("graphics", {{"type", "vnc"}, {"port", std::to_string(5900 + display)},
+                         {"listen", colon == std::string::npos ? p.vnc : p.vnc.substr(0, colon)}});
+    x.Open("video").Empty("model", {{"type", "vga"}}).Close();
   }
   x.Open("serial").Attr("type", "file").Empty("source", {{"path", p.log_file.string()}});
   x.Empty("target", {{"port", "0"}}).Close();

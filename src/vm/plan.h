@@ -18,12 +18,18 @@
 #include "spec/spec.h"
 #include "store/store.h"
 #include "util/fs.h"
+#include "util/ipv4.h"
 #include "util/status.h"
+#include "vm/cloudinit.h"
 
 namespace regdisk::vm {
 
 struct PlannedDisk {
   std::string name;
+  // A cloudInitNoCloud disk: the VM's own seed image (raw ISO 9660), made
+  // by the runner in run_dir from these contents; no store disk, no
+  // overlay. The contents may hold secrets: never logged.
+  std::optional<NoCloudSeed> seed;
   std::string device = "disk";  // disk | cdrom
   std::string dev;  // vda, sda, ...
   std::string bus;  // virtio | sata | scsi (a cdrom: sata | scsi)
@@ -40,6 +46,31 @@ struct PlannedDisk {
   bool in_store = true;  // false: offline, and the disk has not been pulled
 };
 
+// A host port forwarded to the guest.
+struct PublishedPort {
+  std::string name;      // the spec's port name, or empty
+  std::string protocol;  // tcp | udp
+  int guest_port = 0;
+  std::string host_ip = "127.0.0.1";
+  int host_port = 0;     // 0 in offline plans: chosen when the VM runs
+  std::string String() const;  // "80/tcp -> 127.0.0.1:34567", as podman port prints it
+};
+
+// A NIC and its backend: QEMU's user-mode network of its own (no root, no
+// host configuration; the guest gets address .2 of the network by DHCP,
+// the gateway is .1 and DNS .3, as KubeVirt's masquerade binding lays it
+// out), or a tap on a host bridge.
+struct PlannedNic {
+  std::string name;
+  std::string model;  // the spec's: virtio, e1000, ...
+  std::string mac;    // aa:bb:cc:dd:ee:ff
+  std::string bridge;  // a host bridge (run --network bridge=NAME); empty: user-mode
+  int tap_fd = -1;     // bridge: the tap the runner opened (QEMU inherits it)
+  Ipv4Network network;  // user-mode only
+  std::vector<PublishedPort> ports;  // user-mode only
+  std::string GuestAddress() const { return Ipv4String(network.Host(2)); }
+};
+
 struct VmPlan {
   std::string name;       // metadata.name
   std::string namespace_;
@@ -49,9 +80,11 @@ struct VmPlan {
   std::filesystem::path qemu;
   std::filesystem::path run_dir;      // overlays and sockets
   std::filesystem::path qmp_socket;
-  std::filesystem::path console_log;  // QEMU's serial output, in run_dir
-  std::filesystem::path log_file;     // ROOT/logs/NS_NAME.log: regdisk copies the console here
+  std::filesystem::path console_socket;  // the serial console (run_dir/console.sock)
+  std::filesystem::path log_file;  // ROOT/logs/NS_NAME.log: QEMU logs the console here
   std::vector<PlannedDisk> disks;
+  std::vector<PlannedNic> nics;
+  std::string vnc;  // QEMU -vnc display ("127.0.0.1:0"); empty: none
   // The VM's claims on its disks in the node store (Store::Use): held for
   // as long as the plan lives, so rmi and prune keep those disks.
   std::vector<FileLock> disk_leases;
@@ -69,6 +102,11 @@ struct PlanOptions {
   image::ProgressFn on_progress;
   store::DiskTree::Limits disk_limits;  // for pulls
   std::shared_ptr<const CancelToken> cancel;  // ends a pull early
+  // Ports to publish beyond (or instead of the automatic host port of) the
+  // ones the spec declares: --publish [[IP:][HOSTPORT]:]PORT[/PROTO].
+  std::vector<PublishedPort> publish;
+  std::string bridge;  // --network bridge=NAME
+  std::string vnc;     // --vnc ADDRESS:DISPLAY
   // domxml: read the store only (no pulls, no locks, nothing created);
   // a disk not in the store is planned at its stable path with the format
   // assumed qcow2 and listed in VmPlan::missing.
@@ -76,15 +114,27 @@ struct PlanOptions {
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets
-// are those of the same file (for imagePullSecret). Creates nothing under
-// run_dir. A disk on a volume regdisk parses but does not run yet
-// (cloudInitNoCloud, emptyDisk) is a FailedPrecondition naming it.
+// are those of the same file (imagePullSecret, cloud-init secretRef).
+// Creates nothing under run_dir. Every declared port without a --publish of
+// its own gets a free loopback port (not in offline plans). A disk on an
+// emptyDisk volume is a FailedPrecondition naming it.
 Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const PlanOptions& options,
                       const std::filesystem::path& run_dir);
 
+// Parses one --publish value: [[IP:][HOSTPORT]:]PORT[/tcp|udp] (podman's
+// form); HOSTPORT 0 or absent: a free port chosen at run time.
+Result<PublishedPort> ParsePublish(std::string_view text);
+
+// The MAC regdisk gives an interface without macAddress: locally
+// administered, unicast, and the same for the same namespace, VM and
+// interface names (so a VM keeps its MAC across runs, and replicas, whose
+// names differ, get different ones).
+std::string StableMac(const std::string& namespace_, const std::string& vm, const std::string& interface);
+
 // The QEMU command line: -nodefaults, -blockdev with explicit formats, the
-// store's disk opened read-only under a qcow2 overlay, serial to a file,
-// QMP on a unix socket, no network. Disks are virtio-blk, ide-hd on an AHCI
+// store's disk opened read-only under a qcow2 overlay, the serial console on
+// a unix socket (logged to console_log by QEMU itself), QMP on a unix
+// socket, the NICs as planned. Disks are virtio-blk, ide-hd on an AHCI
 // controller (sata) or scsi-hd on virtio-scsi; a cdrom is ide-cd (sata) or
 // scsi-cd, read-only, as KubeVirt attaches one.
 std::vector<std::string> QemuArgv(const VmPlan& plan);

@@ -1,7 +1,10 @@
 #include "vm/runner.h"
 
 #include <fcntl.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -9,12 +12,18 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <thread>
 
+#include <linux/sockios.h>
+#include <nlohmann/json.hpp>
+
 #include "disk/overlay.h"
+#include "oci/digest.h"
+#include "vm/cloudinit.h"
 #include "util/env.h"
 #include "util/fs.h"
 #include "util/log.h"
@@ -55,33 +64,166 @@ Result<RunDir> CreateRunDir(const fs::path& root, const std::string& name) {
   return RunDir{std::move(d), std::move(fd)};
 }
 
-// Copies what QEMU appended to its console file since the last call to
-// `out` and to the VM's log file.
-class ConsoleTail {
+// The guest's serial console: the socket QEMU serves, with what arrives
+// copied to `out`, and keystrokes from `input` (a terminal in raw mode while
+// attached) sent to the guest. Ctrl-] is never sent: it asks to detach.
+class Console {
  public:
-  ConsoleTail(fs::path path, std::FILE* out, UniqueFd log) : path_(std::move(path)), out_(out), log_(std::move(log)) {}
-  void Drain() {
-    if (!fd_.valid()) {
-      auto fd = OpenFile(path_, O_RDONLY);
-      if (!fd.ok()) return;
-      fd_ = std::move(*fd);
+  static constexpr char kDetach = 0x1d;  // Ctrl-]
+
+  Console(std::FILE* out, int input) : out_(out), input_(input) {}
+  ~Console() { RestoreTerminal(); }
+  Console(const Console&) = delete;
+  Console& operator=(const Console&) = delete;
+
+  // Connects to QEMU's console socket, waiting for QEMU to create it (QEMU
+  // waits for this connection before it starts the guest). Gives up when
+  // QEMU exits.
+  Status Connect(const fs::path& path, Process& qemu) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (path.string().size() >= sizeof addr.sun_path) return InvalidArgument("the console socket path is too long");
+    std::strcpy(addr.sun_path, path.c_str());
+    for (;;) {
+      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      if (!fd.valid()) return ErrnoStatus("opening a console socket");
+      if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+        sock_ = std::move(fd);
+        return OkStatus();
+      }
+      if (errno != ENOENT && errno != ECONNREFUSED) return ErrnoStatus("connecting to the console of the VM");
+      if (qemu.Poll()) return OkStatus();  // QEMU ended before it served the console; the caller reports why
+      std::this_thread::sleep_for(10ms);
     }
+  }
+
+  // Raw mode on the input terminal, until RestoreTerminal or destruction.
+  void MakeRaw() {
+    if (input_ < 0 || !::isatty(input_) || ::tcgetattr(input_, &saved_) != 0) return;
+    termios raw = saved_;
+    ::cfmakeraw(&raw);
+    if (::tcsetattr(input_, TCSANOW, &raw) == 0) raw_ = true;
+  }
+  void RestoreTerminal() {
+    if (raw_) ::tcsetattr(input_, TCSANOW, &saved_);
+    raw_ = false;
+  }
+
+  int socket_fd() const { return sock_.get(); }
+  int input_fd() const { return input_; }
+
+  // Copies what the guest wrote; false once QEMU closed the console.
+  bool Drain() {
+    if (!sock_.valid()) return false;
     char buf[65536];
     for (;;) {
-      ssize_t n = ::read(fd_.get(), buf, sizeof buf);
-      if (n <= 0) break;
-      std::fwrite(buf, 1, static_cast<size_t>(n), out_);
-      if (log_.valid()) (void)WriteAll(log_.get(), std::string_view(buf, static_cast<size_t>(n)));
+      ssize_t n = ::recv(sock_.get(), buf, sizeof buf, MSG_DONTWAIT);
+      if (n > 0) {
+        std::fwrite(buf, 1, static_cast<size_t>(n), out_);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      std::fflush(out_);
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
+      sock_.reset();  // EOF or error: QEMU is going away
+      return false;
     }
-    std::fflush(out_);
+  }
+
+  // Sends what the user typed; false when the user typed Ctrl-] (or the
+  // input ended).
+  bool Forward() {
+    char buf[4096];
+    ssize_t n = ::read(input_, buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return true;
+    if (n <= 0) {
+      input_ = -1;  // end of input: keep running, stop reading
+      return true;
+    }
+    std::string_view typed(buf, static_cast<size_t>(n));
+    size_t detach = typed.find(kDetach);
+    if (sock_.valid()) (void)WriteAll(sock_.get(), typed.substr(0, detach));
+    return detach == std::string_view::npos;
   }
 
  private:
-  fs::path path_;
   std::FILE* out_;
-  UniqueFd log_;
-  UniqueFd fd_;
+  int input_;
+  UniqueFd sock_;
+  termios saved_{};
+  bool raw_ = false;
 };
+
+// The VM's log of earlier runs moves to .1 (and .1 to .2, .2 to .3): QEMU
+// starts a fresh one, and the last three runs stay readable.
+void RotateLogs(const fs::path& log) {
+  std::error_code ec;
+  if (!fs::exists(log, ec)) return;
+  for (int i = 2; i >= 1; --i) {
+    fs::path from = log.string() + "." + std::to_string(i);
+    if (fs::exists(from, ec)) fs::rename(from, log.string() + "." + std::to_string(i + 1), ec);
+  }
+  fs::rename(log, log.string() + ".1", ec);
+}
+
+// Holds the VM's name on this node: one run per namespace and name. The
+// lock file names the regdisk that holds it, for the error of the next one.
+Result<FileLock> ClaimName(const fs::path& root, const std::string& ns, const std::string& name) {
+  RETURN_IF_ERROR(MakeDirs(root / "locks" / "vms"));
+  const fs::path path = root / "locks" / "vms" / (ns + "_" + name);
+  ASSIGN_OR_RETURN(std::optional<FileLock> lock, FileLock::TryAcquire(path));
+  if (!lock) {
+    auto holder = ReadFileCapped(path, 64);
+    std::string pid = holder.ok() && !holder->empty() ? " (regdisk pid " + *holder + ")" : "";
+    return AlreadyExists("VM " + ns + "/" + name + " is already running on this node" + pid +
+                         "; stop it first, or give this one another metadata.name");
+  }
+  if (::ftruncate(lock->fd(), 0) == 0) (void)WriteAll(lock->fd(), std::to_string(::getpid()));
+  return std::move(*lock);
+}
+
+// A tap on a host bridge for one NIC, gone when the last descriptor closes
+// (QEMU inherits it).
+Result<UniqueFd> OpenTapOnBridge(const PlannedNic& nic, const std::string& ns, const std::string& vm) {
+  UniqueFd tap(::open("/dev/net/tun", O_RDWR | O_CLOEXEC));
+  if (!tap.valid()) return ErrnoStatus("opening /dev/net/tun for a tap on bridge " + nic.bridge);
+  const std::string name = "rd" + oci::Digest::Sha256Of(ns + "/" + vm + "/" + nic.name).hex().substr(0, 10);
+  ifreq ifr{};
+  ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+  std::strncpy(ifr.ifr_name, name.c_str(), IFNAMSIZ - 1);
+  if (::ioctl(tap.get(), TUNSETIFF, &ifr) != 0) return ErrnoStatus("creating tap " + name);
+  UniqueFd ctl(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!ctl.valid()) return ErrnoStatus("opening a socket to configure " + name);
+  ifreq idx{};
+  std::strncpy(idx.ifr_name, name.c_str(), IFNAMSIZ - 1);
+  if (::ioctl(ctl.get(), SIOCGIFINDEX, &idx) != 0) return ErrnoStatus("finding tap " + name);
+  ifreq br{};
+  std::strncpy(br.ifr_name, nic.bridge.c_str(), IFNAMSIZ - 1);
+  br.ifr_ifindex = idx.ifr_ifindex;
+  if (::ioctl(ctl.get(), SIOCBRADDIF, &br) != 0) return ErrnoStatus("adding tap " + name + " to bridge " + nic.bridge);
+  ifreq up{};
+  std::strncpy(up.ifr_name, name.c_str(), IFNAMSIZ - 1);
+  if (::ioctl(ctl.get(), SIOCGIFFLAGS, &up) != 0) return ErrnoStatus("reading the flags of tap " + name);
+  up.ifr_flags |= IFF_UP;
+  if (::ioctl(ctl.get(), SIOCSIFFLAGS, &up) != 0) return ErrnoStatus("bringing tap " + name + " up");
+  return tap;
+}
+
+// run_dir/vm.json: what ListRunningVms and regdisk port read.
+Status WriteRunInfo(const VmPlan& plan, int qemu_pid) {
+  nlohmann::json ports = nlohmann::json::array();
+  std::string ip;
+  for (const auto& nic : plan.nics) {
+    if (nic.bridge.empty() && ip.empty()) ip = nic.GuestAddress();
+    for (const auto& p : nic.ports) {
+      ports.push_back({{"name", p.name}, {"protocol", p.protocol}, {"port", p.guest_port}, {"hostIP", p.host_ip},
+                       {"hostPort", p.host_port}});
+    }
+  }
+  nlohmann::json info = {{"namespace", plan.namespace_}, {"name", plan.name}, {"qemuPid", qemu_pid},
+                         {"ip", ip}, {"ports", ports}};
+  return WriteFileAtomic(plan.run_dir / "vm.json", info.dump(), 0600);
+}
 
 // Asks the guest to power off through QMP (ACPI powerdown).
 Status QmpPowerdown(const fs::path& socket_path) {
@@ -140,8 +282,39 @@ void CleanStaleRuns(const fs::path& root) {
   }
 }
 
+std::vector<RunningVm> ListRunningVms(const fs::path& root) {
+  std::vector<RunningVm> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root / "run", ec)) {
+    UniqueFd fd(::open(e.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd.valid() || ::flock(fd.get(), LOCK_SH | LOCK_NB) == 0) continue;  // not locked: nobody runs it
+    auto text = ReadFileCapped(e.path() / "vm.json", 1 << 20);
+    if (!text.ok()) continue;  // still starting
+    nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+    if (!j.is_object()) continue;
+    RunningVm vm;
+    vm.namespace_ = j.value("namespace", "");
+    vm.name = j.value("name", "");
+    vm.qemu_pid = j.value("qemuPid", 0);
+    vm.ip = j.value("ip", "");
+    vm.run_dir = e.path();
+    for (const auto& p : j.value("ports", nlohmann::json::array())) {
+      PublishedPort pp;
+      pp.name = p.value("name", "");
+      pp.protocol = p.value("protocol", "tcp");
+      pp.guest_port = p.value("port", 0);
+      pp.host_ip = p.value("hostIP", "");
+      pp.host_port = p.value("hostPort", 0);
+      vm.ports.push_back(pp);
+    }
+    out.push_back(std::move(vm));
+  }
+  return out;
+}
+
 Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& secrets, const RunOptions& o) {
   CleanStaleRuns(o.plan.root);
+  ASSIGN_OR_RETURN(FileLock name_claim, ClaimName(o.plan.root, vm.metadata.namespace_, vm.metadata.name));
   ASSIGN_OR_RETURN(RunDir rundir, CreateRunDir(o.plan.root, vm.metadata.namespace_ + "_" + vm.metadata.name));
   const TempDir& run = rundir.dir;
   ::chmod(run.path().c_str(), 0700);
@@ -159,43 +332,88 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
                  plan.name.c_str());
   }
 
-  // One overlay per disk: a qcow2 header naming the store's disk, with its
-  // format given explicitly. Creating it does not read the disk.
+  // One overlay per store disk: a qcow2 header naming the store's disk, with
+  // its format given explicitly. Creating it does not read the disk. A
+  // cloud-init disk is the VM's own seed, readable by its owner only.
   for (const auto& d : plan.disks) {
+    if (d.seed) {
+      RETURN_IF_ERROR(WriteNoCloudSeed(d.backing, *d.seed).Annotate("writing the cloud-init seed for disk " + d.name));
+      continue;
+    }
     const auto t0 = Clock::now();
     RETURN_IF_ERROR(disk::CreateOverlay(d.overlay, d.backing, d.backing_format, d.virtual_size)
                         .Annotate("creating the ephemeral disk for " + d.name));
     log::Info("ephemeral disk for {} created in {:.2f} ms", d.name,
               std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   }
-  // The VM's log holds the console of its latest run (runs of the same name
-  // at the same time append to it together).
+  std::vector<UniqueFd> taps;
+  for (auto& nic : plan.nics) {
+    if (nic.bridge.empty()) continue;
+    ASSIGN_OR_RETURN(UniqueFd tap, OpenTapOnBridge(nic, plan.namespace_, plan.name));
+    nic.tap_fd = tap.get();
+    taps.push_back(std::move(tap));
+  }
   RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
-  ASSIGN_OR_RETURN(UniqueFd log_fd, OpenFile(plan.log_file, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0600));
+  RotateLogs(plan.log_file);
 
   Process::Options popt;
   popt.stdout_mode = Process::Stdio::kFile;
   popt.stdout_file = run.path() / "qemu.log";
   popt.stderr_mode = Process::Stdio::kFile;
   popt.stderr_file = run.path() / "qemu.log";
-  // QEMU holds the disks' use locks itself, so rmi keeps them for as long
-  // as it runs, and dies with this process however it dies.
+  // QEMU holds the disks' use locks and the VM's name itself, so rmi keeps
+  // the disks for as long as it runs, and dies with this process however
+  // it dies.
   for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
   popt.inherit_fds.push_back(rundir.lock.get());  // the run directory stays QEMU's while it lives
+  popt.inherit_fds.push_back(name_claim.fd());
+  for (const auto& tap : taps) popt.inherit_fds.push_back(tap.get());
   popt.die_with_parent = true;
   ASSIGN_OR_RETURN(Process qemu, Env::Default()->Spawn(QemuArgv(plan), popt));
+  taps.clear();  // QEMU has them now
   RETURN_IF_ERROR(WriteFileAtomic(run.path() / "qemu.pid", std::to_string(qemu.pid()), 0600));
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, qemu.pid(), 0)));
   log::Info("VM {} started (QEMU pid {})", plan.name, qemu.pid());
+  RETURN_IF_ERROR(WriteRunInfo(plan, qemu.pid()));
 
-  ConsoleTail console(plan.console_log, o.console, std::move(log_fd));
+  Console console(o.console, o.console_input);
+  RETURN_IF_ERROR(console.Connect(plan.console_socket, qemu));
+  if (o.notices) {
+    for (const auto& nic : plan.nics) {
+      for (const auto& p : nic.ports) {
+        std::fprintf(o.notices, "regdisk: VM %s: %s%s\n", plan.name.c_str(), p.String().c_str(),
+                     p.name.empty() ? "" : (" (" + p.name + ")").c_str());
+      }
+    }
+    if (o.console_input >= 0 && ::isatty(o.console_input)) {
+      std::fprintf(o.notices, "regdisk: console of VM %s attached; Ctrl-] stops the VM\n", plan.name.c_str());
+    }
+    std::fflush(o.notices);
+  }
+  console.MakeRaw();
+
   Env* env = Env::Default();
   const auto start = env->Now();
   std::string why;
+  const int cancel_fd = o.stop ? o.stop->poll_fd() : -1;
   for (;;) {
-    pollfd fds[1] = {{pidfd.get(), POLLIN, 0}};
-    ::poll(fds, pidfd.valid() ? 1 : 0, 50);
-    console.Drain();
+    // Wakes on the guest's output, a keystroke, QEMU's exit or a stop; the
+    // timeout only bounds the wait when a deadline or a token without a
+    // descriptor needs checking.
+    pollfd fds[4] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), POLLIN, 0}, {cancel_fd, POLLIN, 0},
+                     {console.input_fd(), POLLIN, 0}};
+    int wait_ms = -1;
+    if (o.timeout.count() > 0) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(o.timeout - (env->Now() - start)).count();
+      wait_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 60000));
+    }
+    if (!pidfd.valid() || (o.stop && cancel_fd < 0)) wait_ms = wait_ms < 0 ? 100 : std::min(wait_ms, 100);
+    ::poll(fds, 4, wait_ms);  // a negative fd is ignored
+    if (fds[1].revents) console.Drain();
+    if (fds[3].revents && !console.Forward()) {
+      why = "detached from the console (Ctrl-])";
+      break;
+    }
     if (qemu.Poll()) break;  // the guest powered off, or QEMU failed
     if (o.stop && o.stop->cancelled()) {
       why = o.stop->status().message();
@@ -206,14 +424,20 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
       break;
     }
   }
+  console.RestoreTerminal();
   if (!qemu.Poll()) {
     log::Info("stopping VM {} ({})", plan.name, why);
+    if (o.notices && why.rfind("detached", 0) == 0) {
+      std::fprintf(o.notices, "\nregdisk: %s; stopping VM %s\n", why.c_str(), plan.name.c_str());
+    }
     Status st = QmpPowerdown(plan.qmp_socket);
     if (!st.ok()) log::Debug("QMP powerdown: {}", st.message());
     auto deadline = Clock::now() + o.grace;
     while (!qemu.Poll() && Clock::now() < deadline) {
-      console.Drain();
-      std::this_thread::sleep_for(50ms);
+      pollfd fds[2] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), POLLIN, 0}};
+      ::poll(fds, 2, static_cast<int>(std::clamp<int64_t>(
+                         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count(), 0, 100)));
+      if (fds[1].revents) console.Drain();
     }
     qemu.Terminate(1s);
   }
