@@ -1,0 +1,63 @@
+// The parts of VM networking that need no QEMU: --publish values, stable
+// MACs and VM network CIDRs.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "harness/harness.h"
+#include "util/ipv4.h"
+#include "vm/plan.h"
+
+namespace regdisk::vm {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(PublishTest, PodmanForms) {
+  struct Case {
+    const char* text;
+    const char* ip;
+    int host, guest;
+    const char* proto;
+  };
+  for (const Case& c : {Case{"80", "127.0.0.1", 0, 80, "tcp"}, Case{"8080:80", "127.0.0.1", 8080, 80, "tcp"},
+                        Case{"0.0.0.0:8080:80/udp", "0.0.0.0", 8080, 80, "udp"}, Case{"::22", "127.0.0.1", 0, 22, "tcp"},
+                        Case{"127.0.0.1::443/TCP", "127.0.0.1", 0, 443, "tcp"}}) {
+    auto p = ParsePublish(c.text);
+    ASSERT_TRUE(p.ok()) << c.text << ": " << p.status().ToString();
+    EXPECT_EQ(p->host_ip, c.ip) << c.text;
+    EXPECT_EQ(p->host_port, c.host) << c.text;
+    EXPECT_EQ(p->guest_port, c.guest) << c.text;
+    EXPECT_EQ(p->protocol, c.proto) << c.text;
+  }
+  for (const char* bad : {"", "http", "80/sctp", "70000", "1:2:3:4", "host:80:80", "8080:0", "-1:80"}) {
+    auto p = ParsePublish(bad);
+    EXPECT_FALSE(p.ok()) << bad;
+    EXPECT_THAT(p.status().message(), HasSubstr("--publish")) << bad;
+  }
+  PublishedPort shown = *ParsePublish("127.0.0.1:8080:80");
+  EXPECT_EQ(shown.String(), "80/tcp -> 127.0.0.1:8080");
+}
+
+TEST(StableMacTest, LocallyAdministeredUnicastAndStable) {
+  std::string a = StableMac("default", "web-a", "default");
+  EXPECT_EQ(a, StableMac("default", "web-a", "default"));
+  EXPECT_NE(a, StableMac("default", "web-b", "default"));
+  EXPECT_NE(a, StableMac("other", "web-a", "default"));
+  EXPECT_NE(a, StableMac("default", "web-a", "second"));
+  ASSERT_EQ(a.size(), 17u);
+  EXPECT_EQ(a.substr(0, 3), "02:");
+}
+
+TEST(Ipv4Test, Cidrs) {
+  auto n = ParseIpv4Cidr("10.0.2.7/24");
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(n->String(), "10.0.2.0/24");
+  EXPECT_EQ(Ipv4String(n->Host(2)), "10.0.2.2");
+  EXPECT_TRUE(ParseIpv4Cidr("192.168.0.0/16").ok());
+  for (const char* bad : {"10.0.2.0", "10.0.2.0/33", "10.0.2.0/29", "10.0.2/24", "10.0.2.0/", "10.0.2.0/2x", "::1/64"}) {
+    EXPECT_FALSE(ParseIpv4Cidr(bad).ok()) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace regdisk::vm
