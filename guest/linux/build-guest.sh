@@ -25,7 +25,7 @@ meta_pkg=linux-image-cloud-amd64
 # dependencies come along). ahci and e1000 are not in the cloud kernel at all;
 # a module that is built in needs nothing.
 required_modules=(virtio_pci virtio_net virtio_blk virtio_scsi sd_mod sr_mod ata_piix isofs vfat
-                  nls_cp437 nls_iso8859_1 nls_utf8 button evdev)
+                  nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 button evdev)
 optional_modules=(ahci e1000)
 
 die() { echo "build-guest.sh: $*" >&2; exit 1; }
