@@ -27,6 +27,8 @@ PACKAGES=(
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
+  # The Linux test guest (guest/linux/build-guest.sh) and its cloud-init seeds.
+  dosfstools mtools syslinux syslinux-common cpio xz-utils gzip genisoimage
 )
 # Only for ./dev.sh bench: the plot of the ratios.
 BENCH_PACKAGES=(python3-matplotlib)
