@@ -19,7 +19,9 @@ out=$1
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${REGDISK_TEST_CACHE:-${HOME:?HOME is not set: set REGDISK_TEST_CACHE}/.cache/regdisk}
 inputs=("$here/build-guest.sh" "$here/init" "$here/udhcpc.script")
-meta_pkg=linux-image-cloud-amd64
+# The kernel's meta package. Debian's generic linux-image-amd64 (a 70 MB
+# download) also has AHCI and e1000, which the cloud kernel lacks.
+meta_pkg=${REGDISK_GUEST_KERNEL:-linux-image-cloud-amd64}
 
 # Modules the guest loads when the kernel has them as modules (their
 # dependencies come along). ahci and e1000 are not in the cloud kernel at all;
@@ -51,7 +53,8 @@ src_hash=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
 # remembered; when the lists change, apt is asked again.
 lists_stamp=$({ stat -c '%n %s %Y' /var/lib/apt/lists/*_Packages* /etc/apt/preferences \
                   /etc/apt/preferences.d/* 2>/dev/null || true; } | sha256sum | cut -c1-16)
-memo="$cache/linux-guest-memo-$src_hash-$lists_stamp"
+memo_hash=$(printf '%s %s %s\n' "$meta_pkg" "$src_hash" "$lists_stamp" | sha256sum | cut -c1-16)
+memo="$cache/linux-guest-memo-$memo_hash"
 if [ -f "$memo" ]; then
   key=$(cat "$memo")
   if [ -f "$cache/linux-guest-$key/linux-guest.raw" ]; then
