@@ -82,14 +82,13 @@ class Guest {
         "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "256",
         "-no-reboot",
         // Read-only: the guest never writes its disk, and tests may share it.
-        "-drive", std::string("file=") + kImage + ",format=raw,if=virtio,readonly=on",
-        "-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:" + std::to_string(g->http_port_) + "-:80",
-        "-device", "virtio-net-pci,netdev=n0",
+        "-drive", std::string("file=") + kImage + ",format=raw,if=virtio,readonly=on", "-netdev",
+        "user,id=n0,hostfwd=tcp:127.0.0.1:" + std::to_string(g->http_port_) + "-:80", "-device",
+        "virtio-net-pci,netdev=n0",
         // wait=on: QEMU starts the VM once the test is connected, so the
         // console loses nothing.
-        "-chardev", "socket,id=console,path=" + (dir / "console.sock").string() + ",server=on,wait=on",
-        "-serial", "chardev:console",
-        "-qmp", "unix:" + (dir / "qmp.sock").string() + ",server=on,wait=off"};
+        "-chardev", "socket,id=console,path=" + (dir / "console.sock").string() + ",server=on,wait=on", "-serial",
+        "chardev:console", "-qmp", "unix:" + (dir / "qmp.sock").string() + ",server=on,wait=off"};
     argv.insert(argv.end(), devices.begin(), devices.end());
     Process::Options opt;
     opt.stderr_mode = Process::Stdio::kFile;
@@ -186,8 +185,8 @@ class LinuxGuestTest : public TempDirTest {
     EXPECT_TRUE(WriteFileAtomic(d / "user-data", user_data).ok());
     EXPECT_TRUE(WriteFileAtomic(d / "meta-data", meta_data).ok());
     std::string iso = P(name + ".iso");
-    RunResult r = RunProgram({"genisoimage", "-quiet", "-o", iso, "-V", "cidata", "-J", "-r", (d / "user-data").string(),
-                              (d / "meta-data").string()});
+    RunResult r = RunProgram({"genisoimage", "-quiet", "-o", iso, "-V", "cidata", "-J", "-r",
+                              (d / "user-data").string(), (d / "meta-data").string()});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return iso;
   }

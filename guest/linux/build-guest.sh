@@ -17,7 +17,12 @@ if [ $# -ne 1 ]; then
 fi
 out=$1
 here=$(cd "$(dirname "$0")" && pwd)
-cache=${REGDISK_TEST_CACHE:-${HOME:?HOME is not set: set REGDISK_TEST_CACHE}/.cache/regdisk}
+# Without HOME (some CI environments), the cache is kept beside the output.
+if [ -n "${HOME:-}" ]; then
+  cache=${REGDISK_TEST_CACHE:-$HOME/.cache/regdisk}
+else
+  cache=${REGDISK_TEST_CACHE:-$out/.cache}
+fi
 inputs=("$here/build-guest.sh" "$here/init" "$here/udhcpc.script")
 # The kernel's meta package. Debian's generic linux-image-amd64 (a 70 MB
 # download) also has AHCI and e1000, which the cloud kernel lacks.
