@@ -76,7 +76,9 @@ kernel_pkg=$(awk -v p="$meta_pkg" '/^Package:/ {pkg = $2} pkg == p && /^Depends:
 [ -n "$kernel_pkg" ] || die "$meta_pkg depends on no linux-image-* package"
 kernel_ver=$(apt-cache policy "$kernel_pkg" | awk '/Candidate:/ {print $2; exit}')
 busybox_ver=$(awk '/^Package:/ {pkg = $2} pkg == "busybox-static" && /^Version:/ {print $2; exit}' <<<"$show")
-[ -n "$kernel_ver" ] && [ "$kernel_ver" != "(none)" ] || die "no candidate version of $kernel_pkg"
+if [ -z "$kernel_ver" ] || [ "$kernel_ver" = "(none)" ]; then
+  die "no candidate version of $kernel_pkg"
+fi
 [ -n "$busybox_ver" ] || die "no candidate version of busybox-static"
 versions="$kernel_pkg=$kernel_ver busybox-static=$busybox_ver"
 key=$(printf '%s %s\n' "$versions" "$src_hash" | sha256sum | cut -c1-16)
