@@ -28,6 +28,8 @@ PACKAGES=(
   qemu-utils qemu-system-x86 libvirt-clients procps
   genisoimage python3-yaml  # isoinfo and PyYAML read the cloud-init seeds back in tests
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
+  # The Linux test guest (guest/linux/build-guest.sh) and its cloud-init seeds.
+  dosfstools mtools syslinux syslinux-common cpio xz-utils gzip genisoimage
 )
 # Only for ./dev.sh bench: the plot of the ratios.
 BENCH_PACKAGES=(python3-matplotlib)
