@@ -1,0 +1,290 @@
+// VMs people can use, end to end: the Linux test guest (guest/linux) pushed
+// to a real registry as a registry disk and run by `regdisk run` under TCG,
+// with cloud-init NoCloud seeds, published ports (curl from the host), and
+// a console driven through a pseudo-terminal. The deadlines are hang
+// guards only, never timing assertions.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <pty.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <regex>
+#include <thread>
+
+#include "harness/harness.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+constexpr auto kBootLimit = 240s;  // a hang guard for two TCG guests on a loaded machine
+
+// A v1 VMI of the Linux guest: port 80 declared, cloud-init on a virtio disk
+// (the guest's cloud kernel has no AHCI driver).
+std::string VmiSpec(const std::string& name, const std::string& image, const std::string& cloud_init) {
+  return "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: " + name +
+         "\nspec:\n"
+         "  domain:\n"
+         "    memory: {guest: 256Mi}\n"
+         "    devices:\n"
+         "      disks:\n"
+         "      - {name: containerdisk, disk: {bus: virtio}}\n"
+         "      - {name: cloudinitdisk, disk: {bus: virtio}}\n"
+         "      interfaces:\n"
+         "      - name: default\n"
+         "        masquerade: {}\n"
+         "        ports: [{name: http, port: 80}]\n"
+         "  networks:\n"
+         "  - {name: default, pod: {}}\n"
+         "  volumes:\n"
+         "  - {name: containerdisk, containerDisk: {image: \"" + image + "\"}}\n"
+         "  - name: cloudinitdisk\n"
+         "    cloudInitNoCloud:\n" + cloud_init;
+}
+
+class VmNetworkTest : public TempDirTest {
+ protected:
+  void SetUp() override {
+    TempDirTest::SetUp();
+    root_ = (tmp() / "root").string();
+    auto reg = TestRegistry::Start(RegistryMode::kPlain);
+    ASSERT_OK(reg);
+    reg_ = std::move(*reg);
+    image_ = reg_->host() + "/vmdisks/linux:v1";
+    RunResult b = RunRegdisk({"build", REGDISK_LINUX_GUEST_IMAGE, "-t", "docker://" + image_});
+    ASSERT_EQ(b.exit_code, 0) << b.err;
+  }
+
+  // `regdisk run` in the background, its stdout and stderr in files.
+  struct Running {
+    Process process;
+    fs::path out, err;
+  };
+  Running Start(const std::string& spec_file, std::vector<std::string> extra = {}) {
+    Process::Options opt;
+    fs::path out = tmp() / (fs::path(spec_file).stem().string() + ".out");
+    fs::path err = tmp() / (fs::path(spec_file).stem().string() + ".err");
+    opt.stdout_mode = Process::Stdio::kFile;
+    opt.stdout_file = out;
+    opt.stderr_mode = Process::Stdio::kFile;
+    opt.stderr_file = err;
+    std::vector<std::string> argv = {REGDISK_BIN, "--root", root_, "run", "-f", spec_file, "--grace", "5"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto p = Process::Spawn(argv, opt);
+    EXPECT_TRUE(p.ok()) << StatusText(p);
+    return Running{std::move(*p), out, err};
+  }
+
+  // Waits until `file` holds `marker` (or the process ended, or the hang
+  // guard ran out); returns the file's text.
+  static std::string WaitFor(Running& r, const fs::path& file, const std::string& marker) {
+    const auto deadline = Clock::now() + kBootLimit;
+    std::string text;
+    while (Clock::now() < deadline) {
+      text = ReadFileCapped(file, 16 << 20).value_or("");
+      if (text.find(marker) != std::string::npos || r.process.Poll()) break;
+      std::this_thread::sleep_for(200ms);
+    }
+    return text;
+  }
+
+  // SIGTERM, as a service manager stops it: ACPI powerdown, exit 0.
+  static RunResult Stop(Running& r) {
+    ::kill(r.process.pid(), SIGTERM);
+    RunResult res;
+    res.exit_code = r.process.Wait(120s).value_or(-1);
+    res.out = ReadFileCapped(r.out, 16 << 20).value_or("");
+    res.err = ReadFileCapped(r.err, 1 << 20).value_or("");
+    return res;
+  }
+
+  // "80/tcp -> 127.0.0.1:PORT" from regdisk port.
+  int PublishedPort(const std::string& vm) {
+    RunResult p = RunRegdisk({"--root", root_, "port", vm});
+    EXPECT_EQ(p.exit_code, 0) << p.err;
+    std::smatch m;
+    if (!std::regex_search(p.out, m, std::regex("80/tcp -> 127\\.0\\.0\\.1:([0-9]+)"))) {
+      ADD_FAILURE() << "no published port 80 for " << vm << " in: " << p.out;
+      return 0;
+    }
+    return std::stoi(m[1]);
+  }
+
+  static std::string Curl(int port, const std::string& path) {
+    RunResult r = RunProgram({"curl", "-sS", "--max-time", "60", "http://127.0.0.1:" + std::to_string(port) + path});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out;
+  }
+
+  // No run directory, seed, overlay or socket is left under the root.
+  void ExpectNothingLeft() {
+    std::error_code ec;
+    if (fs::exists(fs::path(root_) / "run", ec)) {
+      EXPECT_TRUE(fs::is_empty(fs::path(root_) / "run")) << "a run directory was left behind";
+    }
+    for (const auto& e : fs::recursive_directory_iterator(root_, ec)) {
+      std::string n = e.path().filename().string();
+      EXPECT_FALSE(n.ends_with(".iso") || n.ends_with(".sock")) << e.path();
+    }
+  }
+
+  std::string root_;
+  std::unique_ptr<TestRegistry> reg_;
+  std::string image_;
+};
+
+// Two replicas of one registry disk, each with its own user-data: each
+// prints its own, serves it on its own published port, and neither sees
+// the other's. One port is chosen by regdisk, the other by --publish.
+TEST_F(VmNetworkTest, TwoReplicasWithTheirOwnUserDataAndPorts) {
+  ASSERT_OK(WriteFileAtomic(tmp() / "a.yaml", VmiSpec("web-a", image_, "      userData: \"replica-A-7d1e\\n\"\n")));
+  ASSERT_OK(WriteFileAtomic(tmp() / "b.yaml", VmiSpec("web-b", image_, "      userData: \"replica-B-93fc\\n\"\n")));
+  const int fixed = FreePort();
+  Running a = Start(P("a.yaml"));
+  Running b = Start(P("b.yaml"), {"--publish", "127.0.0.1:" + std::to_string(fixed) + ":80"});
+  std::string out_a = WaitFor(a, a.out, "REGDISK-GUEST: http ready");
+  std::string out_b = WaitFor(b, b.out, "REGDISK-GUEST: http ready");
+  ASSERT_THAT(out_a, HasSubstr("REGDISK-GUEST: http ready")) << out_a << ReadFileCapped(a.err, 1 << 20).value_or("");
+  ASSERT_THAT(out_b, HasSubstr("REGDISK-GUEST: http ready")) << out_b << ReadFileCapped(b.err, 1 << 20).value_or("");
+  // Each console shows its own user-data, hostname and KubeVirt's
+  // masquerade address.
+  EXPECT_THAT(out_a, HasSubstr("REGDISK-GUEST: user-data begin\r\nreplica-A-7d1e\r\nREGDISK-GUEST: user-data end"));
+  EXPECT_THAT(out_a, HasSubstr("REGDISK-GUEST: hostname=web-a"));
+  EXPECT_THAT(out_a, HasSubstr("REGDISK-GUEST: ip=10.0.2.2/24 gw=10.0.2.1"));
+  EXPECT_THAT(out_a, Not(HasSubstr("replica-B")));
+  EXPECT_THAT(out_b, HasSubstr("replica-B-93fc"));
+  EXPECT_THAT(out_b, Not(HasSubstr("replica-A")));
+
+  // run said where the ports went; regdisk port says the same.
+  const int port_a = PublishedPort("web-a");
+  EXPECT_EQ(PublishedPort("web-b"), fixed);
+  EXPECT_THAT(ReadFileCapped(a.err, 1 << 20).value_or(""),
+              HasSubstr("regdisk: VM web-a: 80/tcp -> 127.0.0.1:" + std::to_string(port_a) + " (http)"));
+  std::string page_a = Curl(port_a, "/user-data");
+  std::string page_b = Curl(fixed, "/user-data");
+  EXPECT_EQ(page_a, "replica-A-7d1e\n");
+  EXPECT_EQ(page_b, "replica-B-93fc\n");
+  EXPECT_EQ(Curl(port_a, "/hostname"), "web-a\n");
+
+  // The seeds are the VMs' own: 0600, in their run directories.
+  int seeds = 0;
+  for (const auto& e : fs::recursive_directory_iterator(fs::path(root_) / "run")) {
+    if (e.path().extension() != ".iso") continue;
+    ++seeds;
+    struct stat st {};
+    ASSERT_EQ(::stat(e.path().c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << e.path();
+  }
+  EXPECT_EQ(seeds, 2);
+  // A second run of a running VM's name is refused, and leaves the first alone.
+  RunResult again = RunRegdisk({"--root", root_, "run", "-f", P("a.yaml"), "--timeout", "5s"});
+  EXPECT_EQ(again.exit_code, 1);
+  EXPECT_THAT(again.err, HasSubstr("VM default/web-a is already running on this node"));
+  EXPECT_EQ(Curl(port_a, "/hostname"), "web-a\n");
+
+  RunResult sa = Stop(a), sb = Stop(b);
+  EXPECT_EQ(sa.exit_code, 0) << sa.err;
+  EXPECT_EQ(sb.exit_code, 0) << sb.err;
+  EXPECT_THAT(sa.out, HasSubstr("REGDISK-GUEST: power button"));
+  ExpectNothingLeft();
+  // The console stays in the VM's log.
+  EXPECT_THAT(ReadFileCapped(fs::path(root_) / "logs/default_web-a.log", 16 << 20).value_or(""),
+              HasSubstr("replica-A-7d1e"));
+  RunResult gone = RunRegdisk({"--root", root_, "port", "web-a"});
+  EXPECT_EQ(gone.exit_code, 1);
+  EXPECT_THAT(gone.err, HasSubstr("VM default/web-a is not running on this node"));
+}
+
+// Data from a Secret reaches the guest's seed and nothing else: no argv,
+// no log, no other file under the root.
+TEST_F(VmNetworkTest, SecretDataOnlyInTheVmsOwnSeed) {
+  const std::string secret = "network-secret-5b8a0e";
+  std::string spec = VmiSpec("secretive", image_,
+                             "      userData: \"plain-user-data\\n\"\n      networkDataSecretRef: {name: netcfg}\n") +
+                     "---\napiVersion: v1\nkind: Secret\nmetadata: {name: netcfg}\ntype: Opaque\nstringData:\n"
+                     "  networkdata: \"" + secret + "\"\n";
+  ASSERT_OK(WriteFileAtomic(tmp() / "s.yaml", spec));
+  Running r = Start(P("s.yaml"), {"--log-level", "debug"});
+  std::string out = WaitFor(r, r.out, "REGDISK-GUEST: http ready");
+  ASSERT_THAT(out, HasSubstr("REGDISK-GUEST: http ready")) << out << ReadFileCapped(r.err, 1 << 20).value_or("");
+  // Every process's argv.
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    auto cmdline = ReadFileCapped(e.path() / "cmdline", 1 << 20);
+    if (cmdline.ok()) {
+      EXPECT_THAT(*cmdline, Not(HasSubstr(secret))) << e.path();
+    }
+  }
+  // Every file under the root but the seed, which holds it, 0600.
+  int seeds = 0;
+  for (const auto& e : fs::recursive_directory_iterator(root_, ec)) {
+    if (!e.is_regular_file()) continue;
+    std::string text = ReadFileCapped(e.path(), 64 << 20).value_or("");
+    if (e.path().extension() == ".iso") {
+      ++seeds;
+      EXPECT_THAT(text, HasSubstr(secret));
+      continue;
+    }
+    EXPECT_THAT(text, Not(HasSubstr(secret))) << e.path();
+  }
+  EXPECT_EQ(seeds, 1);
+  RunResult stopped = Stop(r);
+  EXPECT_EQ(stopped.exit_code, 0);
+  EXPECT_THAT(stopped.out + stopped.err, Not(HasSubstr(secret)));
+  ExpectNothingLeft();
+}
+
+// The console through a pseudo-terminal: the user types into the guest's
+// shell and reads the answer; Ctrl-] stops the VM.
+TEST_F(VmNetworkTest, ConsoleInputThroughATerminal) {
+  ASSERT_OK(WriteFileAtomic(tmp() / "c.yaml", VmiSpec("console", image_, "      userData: \"hello\\n\"\n")));
+  int master = -1;
+  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::execl(REGDISK_BIN, REGDISK_BIN, "--root", root_.c_str(), "run", "-f", P("c.yaml").c_str(), "--grace", "5",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  UniqueFd m(master);
+  std::string seen;
+  // Reads until `marker` appears after `from`, within the hang guard.
+  auto read_until = [&](const std::string& marker, size_t from) {
+    const auto deadline = Clock::now() + kBootLimit;
+    while (seen.find(marker, from) == std::string::npos && Clock::now() < deadline) {
+      pollfd p{m.get(), POLLIN, 0};
+      if (::poll(&p, 1, 500) <= 0) continue;
+      char buf[4096];
+      ssize_t n = ::read(m.get(), buf, sizeof buf);
+      if (n <= 0) break;
+      seen.append(buf, static_cast<size_t>(n));
+    }
+    return seen.find(marker, from) != std::string::npos;
+  };
+  ASSERT_TRUE(read_until("console of VM console attached; Ctrl-] stops the VM", 0)) << seen;
+  ASSERT_TRUE(read_until("guest# ", 0)) << seen;
+  size_t mark = seen.size();
+  ASSERT_EQ(::write(m.get(), "echo $((6*7))\r", 14), 14);
+  EXPECT_TRUE(read_until("42", mark)) << seen.substr(mark);
+  mark = seen.size();
+  ASSERT_EQ(::write(m.get(), "\x1d", 1), 1);
+  EXPECT_TRUE(read_until("detached from the console (Ctrl-]); stopping VM console", mark)) << seen.substr(mark);
+  read_until("\x01never\x01", mark);  // drain until regdisk closes the terminal
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << seen;
+  ExpectNothingLeft();
+}
+
+}  // namespace
+}  // namespace regdisk::testing
