@@ -286,5 +286,53 @@ TEST_F(VmNetworkTest, ConsoleInputThroughATerminal) {
   ExpectNothingLeft();
 }
 
+// --network bridge=NAME: the VM's NIC is a tap on a host bridge, here in a
+// network namespace the test makes; the guest's DHCP requests reach the
+// bridge, and the tap goes with the VM.
+TEST_F(VmNetworkTest, BridgeInANetworkNamespace) {
+  if (::geteuid() != 0 || ::access("/dev/net/tun", R_OK | W_OK) != 0) {
+    GTEST_SKIP() << "needs root and /dev/net/tun to make a network namespace and a tap";
+  }
+  const std::string ns = "regdisk-test-" + std::to_string(::getpid());
+  ASSERT_EQ(RunProgram({"ip", "netns", "add", ns}).exit_code, 0);
+  struct Cleanup {
+    std::string ns;
+    ~Cleanup() { RunProgram({"ip", "netns", "del", ns}); }
+  } cleanup{ns};
+  for (std::vector<std::string> cmd : {std::vector<std::string>{"link", "add", "br0", "type", "bridge"},
+                                       std::vector<std::string>{"link", "set", "br0", "up"}}) {
+    cmd.insert(cmd.begin(), {"ip", "-n", ns});
+    RunResult r = RunProgram(cmd);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  // Outside the namespace there is no such bridge: a clear refusal.
+  ASSERT_OK(WriteFileAtomic(tmp() / "br.yaml", VmiSpec("bridged", image_, "      userData: \"bridged\\n\"\n")));
+  RunResult missing = RunRegdisk({"--root", root_, "run", "-f", P("br.yaml"), "--network", "bridge=regdisk-nobr0"});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("there is no bridge \"regdisk-nobr0\" on this host"));
+
+  Process::Options opt;
+  opt.stdout_mode = Process::Stdio::kFile;
+  opt.stdout_file = tmp() / "br.out";
+  opt.stderr_mode = Process::Stdio::kFile;
+  opt.stderr_file = tmp() / "br.err";
+  auto p = Process::Spawn({"ip", "netns", "exec", ns, REGDISK_BIN, "--root", root_, "run", "-f", P("br.yaml"),
+                           "--grace", "5", "--network", "bridge=br0"},
+                          opt);
+  ASSERT_OK(p);
+  Running r{std::move(*p), tmp() / "br.out", tmp() / "br.err"};
+  std::string out = WaitFor(r, r.out, "udhcpc: broadcasting discover");
+  ASSERT_THAT(out, HasSubstr("udhcpc: broadcasting discover")) << out << ReadFileCapped(r.err, 1 << 20).value_or("");
+  RunResult ports = RunProgram({"ip", "-n", ns, "-o", "link", "show", "master", "br0"});
+  EXPECT_THAT(ports.out, ::testing::ContainsRegex("rd[0-9a-f]{10}"));
+  // The guest's broadcasts arrived on the bridge.
+  RunResult rx = RunProgram({"ip", "netns", "exec", ns, "cat", "/sys/class/net/br0/statistics/rx_packets"});
+  EXPECT_GT(std::atoi(rx.out.c_str()), 0) << rx.out << rx.err;
+  RunResult stopped = Stop(r);
+  EXPECT_EQ(stopped.exit_code, 0) << stopped.err;
+  EXPECT_THAT(RunProgram({"ip", "-n", ns, "-o", "link", "show", "master", "br0"}).out, Not(HasSubstr("rd")));
+  ExpectNothingLeft();
+}
+
 }  // namespace
 }  // namespace regdisk::testing

@@ -3,7 +3,12 @@
 // it prints sector 1, then overwrites it.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+
+#include <cstring>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -184,6 +189,50 @@ TEST_F(VmTest, SigtermDuringBootAndRunLeavesNothing) {
     EXPECT_EQ(*code, 0) << ReadFileCapped(out + ".err", 1 << 20).value_or("");
     ExpectNothingLeft();
   }
+}
+
+// --vnc gives the guest a screen: a VNC server answers on 5900+display.
+TEST_F(VmTest, VncServesTheScreen) {
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  RunResult bad = RunRegdisk({"--root", root_, "run", "-f", spec, "--vnc", "localhost"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_THAT(bad.err, HasSubstr("--vnc takes IPV4ADDRESS:DISPLAY"));
+  // A display whose port is free now.
+  int display = -1;
+  for (int d = 40; d < 100 && display < 0; ++d) {
+    UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(5900 + d));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) display = d;
+  }
+  ASSERT_GE(display, 0);
+  Process::Options opt;
+  opt.stdout_mode = Process::Stdio::kFile;
+  opt.stdout_file = P("vnc.out");
+  opt.stderr_mode = Process::Stdio::kFile;
+  opt.stderr_file = P("vnc.err");
+  auto p = Process::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", spec, "--grace", "1", "--vnc",
+                           "127.0.0.1:" + std::to_string(display)}, opt);
+  ASSERT_OK(p);
+  ASSERT_TRUE(WaitFor(P("vnc.out"), "REGDISK-GUEST-DONE", 60s)) << ReadFileCapped(P("vnc.err"), 1 << 20).value_or("");
+  // The RFB greeting: "RFB 003.008\n".
+  UniqueFd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(5900 + display));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(c.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+  char greeting[12] = {};
+  timeval tv{30, 0};
+  ::setsockopt(c.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ASSERT_EQ(::recv(c.get(), greeting, sizeof greeting, MSG_WAITALL), 12);
+  EXPECT_EQ(std::string(greeting, 4), "RFB ");
+  ::kill(p->pid(), SIGTERM);
+  EXPECT_EQ(p->Wait(30s).value_or(-1), 0);
+  ExpectNothingLeft();
 }
 
 TEST_F(VmTest, RmiKeepsADiskARunningVmUsesUntilItStops) {
@@ -424,6 +473,14 @@ TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
     RunResult v = RunProgram({"virt-xml-validate", P("domain.xml"), "domain"});
     EXPECT_EQ(v.exit_code, 0) << e.path() << ":\n" << r.out << v.out << v.err;
     EXPECT_THAT(r.out, HasSubstr("<acpi/>"));
+    // Every VM has KubeVirt's default pod interface unless it says otherwise.
+    EXPECT_THAT(r.out, HasSubstr("<interface type=\"user\">"));
+    EXPECT_THAT(r.out, HasSubstr("<model type=\"virtio\"/>"));
+    if (e.path().filename() == "vm-web.yaml") {
+      // The cloud-init seed is a raw disk of its own, not a transient one.
+      EXPECT_THAT(r.out, ::testing::ContainsRegex("<driver name=\"qemu\" type=\"raw\"/>\\s*<source file=\"[^\"]*/cloudinitdisk\\.cidata\\.iso\"/>"));
+      EXPECT_THAT(r.err, HasSubstr("the cloud-init seed (ISO 9660, label cidata) is written by regdisk run"));
+    }
     if (e.path().filename() == "vm-two-disks.yaml") {
       // The read-only SATA device is a cdrom, as KubeVirt attaches one.
       EXPECT_THAT(r.out, HasSubstr("<disk type=\"file\" device=\"cdrom\">"));
