@@ -272,6 +272,11 @@ Result<WriteOptsPtr> MakeWriteOpts() {
   IsoWriteOpts* o = opts.get();
   for (int r : {iso_write_opts_set_iso_level(o, 3), iso_write_opts_set_rockridge(o, 1),
                 iso_write_opts_set_joliet(o, 1),
+                // The label as given: "cidata", not the d-characters "CIDATA".
+                iso_write_opts_set_relaxed_vol_atts(o, 1),
+                // Joliet names exactly "user-data", without the ".;1" that
+                // ECMA-119 names carry.
+                iso_write_opts_set_omit_version_numbers(o, 2), iso_write_opts_set_no_force_dots(o, 2),
                 // Modes, owners and every timestamp fixed, so equal seeds give equal bytes.
                 iso_write_opts_set_replace_mode(o, 2, 2, 2, 2), iso_write_opts_set_default_dir_mode(o, kDirMode),
                 iso_write_opts_set_default_file_mode(o, kFileMode), iso_write_opts_set_default_uid(o, 0),
