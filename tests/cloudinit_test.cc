@@ -241,6 +241,36 @@ TEST_F(CloudInitTest, AnExistingFileIsNeverTouched) {
   EXPECT_THAT(Entries(tmp()), UnorderedElementsAre("seed.iso", "link.iso"));
 }
 
+// A file that appears at the path while the seed is being written (after
+// the first check) is kept too: the seed is linked, never renamed, into place.
+class CreateAtSyncEnv : public EnvWrapper {
+ public:
+  CreateAtSyncEnv(Env* target, fs::path path) : EnvWrapper(target), path_(std::move(path)) {}
+  Status Sync(int fd) override {
+    if (!created_) {
+      created_ = true;
+      RETURN_IF_ERROR(WriteFileAtomic(path_, "raced", 0644));
+    }
+    return EnvWrapper::Sync(fd);
+  }
+
+ private:
+  fs::path path_;
+  bool created_ = false;
+};
+
+TEST_F(CloudInitTest, AFileThatAppearsMeanwhileIsKept) {
+  const fs::path iso = tmp() / "seed.iso";
+  {
+    CreateAtSyncEnv env(Env::Default(), iso);
+    ScopedDefaultEnv use(&env);
+    EXPECT_EQ(WriteNoCloudSeed(iso, {.instance_id = "u", .local_hostname = "h", .user_data = "d"}).code(),
+              Code::kAlreadyExists);
+  }
+  EXPECT_EQ(Slurp(iso), "raced");
+  EXPECT_THAT(Entries(tmp()), UnorderedElementsAre("seed.iso"));
+}
+
 TEST_F(CloudInitTest, MissingDirectoryIsAnError) {
   Status st = WriteNoCloudSeed(tmp() / "no-such-dir" / "seed.iso", {.instance_id = "u", .local_hostname = "h"});
   EXPECT_FALSE(st.ok());
