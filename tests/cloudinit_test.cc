@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -83,12 +84,11 @@ class IsoInfo {
 // Each YAML text as PyYAML's safe_load (what cloud-init calls) reads it, as
 // JSON; one python3 for all of them.
 json PyYamlLoad(const std::vector<std::string>& texts) {
-  auto r = testing::RunProgram(
-      {"python3", "-c",
-       "import json, sys, yaml\n"
-       "texts = json.loads(sys.stdin.buffer.read().decode('utf-8'))\n"
-       "print(json.dumps([yaml.safe_load(t) for t in texts]))\n"},
-      json(texts).dump());
+  auto r = testing::RunProgram({"python3", "-c",
+                                "import json, sys, yaml\n"
+                                "texts = json.loads(sys.stdin.buffer.read().decode('utf-8'))\n"
+                                "print(json.dumps([yaml.safe_load(t) for t in texts]))\n"},
+                               json(texts).dump());
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.exit_code == 0 ? json::parse(r.out) : json::array();
 }
@@ -190,7 +190,9 @@ TEST_F(CloudInitTest, SixteenMibIsTheLimit) {
   EXPECT_THAT(st.message(), Not(HasSubstr("\n")));
   EXPECT_THAT(st.message(), Not(HasSubstr("aaaa")));
 
-  NoCloudSeed net{.instance_id = "u", .local_hostname = "h", .user_data = "",
+  NoCloudSeed net{.instance_id = "u",
+                  .local_hostname = "h",
+                  .user_data = "",
                   .network_config = std::string(kMaxNoCloudFileBytes + 1, 'n')};
   st = WriteNoCloudSeed(tmp() / "net.iso", net);
   EXPECT_EQ(st.code(), Code::kInvalidArgument);
@@ -340,8 +342,8 @@ TEST_F(CloudInitTest, BadMetaDataValuesAreRefused) {
       {{.instance_id = "", .local_hostname = "h"}, "instance-id is empty"},
       {{.instance_id = "u", .local_hostname = ""}, "local-hostname is empty"},
       {{.instance_id = "u", .local_hostname = "bad\xff"}, "local-hostname \"bad\\xff\" is not valid UTF-8"},
-      {{.instance_id = "\xc0\xaf", .local_hostname = "h"}, "not valid UTF-8"},        // overlong '/'
-      {{.instance_id = "\xed\xa0\x80", .local_hostname = "h"}, "not valid UTF-8"},    // a surrogate
+      {{.instance_id = "\xc0\xaf", .local_hostname = "h"}, "not valid UTF-8"},      // overlong '/'
+      {{.instance_id = "\xed\xa0\x80", .local_hostname = "h"}, "not valid UTF-8"},  // a surrogate
       {{.instance_id = std::string(kMaxNoCloudMetaValueBytes + 1, 'u'), .local_hostname = "h"}, "4097 bytes"},
   };
   for (const Case& c : cases) {
@@ -434,9 +436,11 @@ TEST_F(CloudInitTest, UserDataNeverReachesOutputOrErrors) {
   ::testing::internal::CaptureStderr();
   ::testing::internal::CaptureStdout();
   Status ok = WriteNoCloudSeed(tmp() / "seed.iso", {.instance_id = "u", .local_hostname = "h", .user_data = secret});
-  Status exists = WriteNoCloudSeed(tmp() / "seed.iso", {.instance_id = "u", .local_hostname = "h", .user_data = secret});
-  Status big = WriteNoCloudSeed(tmp() / "big.iso", {.instance_id = "u", .local_hostname = "h",
-                                                    .user_data = secret + std::string(kMaxNoCloudFileBytes, ' ')});
+  Status exists =
+      WriteNoCloudSeed(tmp() / "seed.iso", {.instance_id = "u", .local_hostname = "h", .user_data = secret});
+  Status big = WriteNoCloudSeed(
+      tmp() / "big.iso",
+      {.instance_id = "u", .local_hostname = "h", .user_data = secret + std::string(kMaxNoCloudFileBytes, ' ')});
   const std::string err = ::testing::internal::GetCapturedStderr();
   const std::string out = ::testing::internal::GetCapturedStdout();
   ASSERT_OK(ok);
