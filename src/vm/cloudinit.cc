@@ -4,10 +4,10 @@
 // only when libburn is not used.
 #define LIBISOFS_WITHOUT_LIBBURN
 #include <libisofs.h>
-
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
@@ -107,12 +107,23 @@ std::string YamlQuoted(std::string_view s) {
     uint32_t cp = NextCodePoint(s, &i);
     if (cp == kInvalid) cp = 0xFFFD;
     switch (cp) {
-      case '"': out += "\\\""; continue;
-      case '\\': out += "\\\\"; continue;
-      case '\n': out += "\\n"; continue;
-      case '\t': out += "\\t"; continue;
-      case '\r': out += "\\r"; continue;
-      default: break;
+      case '"':
+        out += "\\\"";
+        continue;
+      case '\\':
+        out += "\\\\";
+        continue;
+      case '\n':
+        out += "\\n";
+        continue;
+      case '\t':
+        out += "\\t";
+        continue;
+      case '\r':
+        out += "\\r";
+        continue;
+      default:
+        break;
     }
     if (cp >= 0x20 && cp < 0x7F) {
       out.push_back(static_cast<char>(cp));
@@ -132,8 +143,9 @@ std::string YamlQuoted(std::string_view s) {
 }
 
 Status CheckMetaValue(std::string_view key, std::string_view value) {
-  if (value.empty()) return InvalidArgument("cloud-init meta-data " + std::string(key) + " is empty; give the VM a " +
-                                            (key == "instance-id" ? "UID" : "name"));
+  if (value.empty())
+    return InvalidArgument("cloud-init meta-data " + std::string(key) + " is empty; give the VM a " +
+                           (key == "instance-id" ? "UID" : "name"));
   if (value.size() > kMaxNoCloudMetaValueBytes) {
     return InvalidArgument("cloud-init meta-data " + std::string(key) + " is " + std::to_string(value.size()) +
                            " bytes, more than the limit of " + std::to_string(kMaxNoCloudMetaValueBytes));
@@ -189,8 +201,8 @@ using BurnSourcePtr = std::unique_ptr<burn_source, BurnSourceFree>;
 
 Status IsoError(std::string_view what, int code) {
   const char* text = iso_error_to_msg(code);
-  return Internal("making the cloud-init seed: " + std::string(what) + ": libisofs: " +
-                  (text != nullptr ? text : "error " + std::to_string(code)));
+  return Internal("making the cloud-init seed: " + std::string(what) +
+                  ": libisofs: " + (text != nullptr ? text : "error " + std::to_string(code)));
 }
 
 // libisofs is initialised once per process and never finished: iso_finish()
@@ -203,8 +215,9 @@ Status InitLibisofs() {
     result = iso_init_with_flag(1);
     // Nothing on stderr: failures come back as return codes and become a
     // Status here.
-    if (result >= 0) iso_set_msgs_severities(const_cast<char*>("NEVER"), const_cast<char*>("NEVER"),
-                                              const_cast<char*>("libisofs"));
+    if (result >= 0) {
+      iso_set_msgs_severities(const_cast<char*>("NEVER"), const_cast<char*>("NEVER"), const_cast<char*>("libisofs"));
+    }
   });
   if (result < 0) return IsoError("initialising", result);
   return OkStatus();
@@ -215,6 +228,16 @@ Status InitLibisofs() {
 std::mutex& LibisofsMutex() {
   static std::mutex mu;
   return mu;
+}
+
+// The node's own attributes, as the write options also force them.
+void SetFixedAttributes(IsoNode* node, mode_t mode) {
+  iso_node_set_permissions(node, mode);
+  iso_node_set_uid(node, 0);
+  iso_node_set_gid(node, 0);
+  iso_node_set_mtime(node, kTimestamp);
+  iso_node_set_atime(node, kTimestamp);
+  iso_node_set_ctime(node, kTimestamp);
 }
 
 Status AddFile(IsoDir* root, const char* name, std::string_view content) {
@@ -234,13 +257,7 @@ Status AddFile(IsoDir* root, const char* name, std::string_view content) {
   rc = iso_tree_add_new_file(root, name, stream.get(), &file);
   if (rc < 0) return IsoError(name, rc);
   stream.release();  // the file holds the reference now
-  IsoNode* node = reinterpret_cast<IsoNode*>(file);
-  iso_node_set_permissions(node, kFileMode);
-  iso_node_set_uid(node, 0);
-  iso_node_set_gid(node, 0);
-  iso_node_set_mtime(node, kTimestamp);
-  iso_node_set_atime(node, kTimestamp);
-  iso_node_set_ctime(node, kTimestamp);
+  SetFixedAttributes(reinterpret_cast<IsoNode*>(file), kFileMode);
   return OkStatus();
 }
 
@@ -251,13 +268,7 @@ Result<ImagePtr> BuildImage(const NoCloudSeed& seed) {
   ImagePtr image(raw);
   iso_image_set_volume_id(image.get(), kVolumeId);
   IsoDir* root = iso_image_get_root(image.get());
-  IsoNode* root_node = reinterpret_cast<IsoNode*>(root);
-  iso_node_set_permissions(root_node, kDirMode);
-  iso_node_set_uid(root_node, 0);
-  iso_node_set_gid(root_node, 0);
-  iso_node_set_mtime(root_node, kTimestamp);
-  iso_node_set_atime(root_node, kTimestamp);
-  iso_node_set_ctime(root_node, kTimestamp);
+  SetFixedAttributes(reinterpret_cast<IsoNode*>(root), kDirMode);
   RETURN_IF_ERROR(AddFile(root, "user-data", seed.user_data));
   RETURN_IF_ERROR(AddFile(root, "meta-data", NoCloudMetaData(seed)));
   if (seed.network_config) RETURN_IF_ERROR(AddFile(root, "network-config", *seed.network_config));
@@ -270,8 +281,12 @@ Result<WriteOptsPtr> MakeWriteOpts() {
   if (rc < 0) return IsoError("creating write options", rc);
   WriteOptsPtr opts(raw);
   IsoWriteOpts* o = opts.get();
-  for (int r : {iso_write_opts_set_iso_level(o, 3), iso_write_opts_set_rockridge(o, 1),
-                iso_write_opts_set_joliet(o, 1),
+  for (int r : {iso_write_opts_set_iso_level(o, 3), iso_write_opts_set_rockridge(o, 1), iso_write_opts_set_joliet(o, 1),
+                // The label as given: "cidata", not the d-characters "CIDATA".
+                iso_write_opts_set_relaxed_vol_atts(o, 1),
+                // Joliet names exactly "user-data", without the ".;1" that
+                // ECMA-119 names carry.
+                iso_write_opts_set_omit_version_numbers(o, 2), iso_write_opts_set_no_force_dots(o, 2),
                 // Modes, owners and every timestamp fixed, so equal seeds give equal bytes.
                 iso_write_opts_set_replace_mode(o, 2, 2, 2, 2), iso_write_opts_set_default_dir_mode(o, kDirMode),
                 iso_write_opts_set_default_file_mode(o, kFileMode), iso_write_opts_set_default_uid(o, 0),
@@ -340,8 +355,7 @@ Status WriteAndLink(const fs::path& path, const NoCloudSeed& seed) {
 }  // namespace
 
 std::string NoCloudMetaData(const NoCloudSeed& seed) {
-  return "instance-id: " + YamlQuoted(seed.instance_id) + "\nlocal-hostname: " + YamlQuoted(seed.local_hostname) +
-         "\n";
+  return "instance-id: " + YamlQuoted(seed.instance_id) + "\nlocal-hostname: " + YamlQuoted(seed.local_hostname) + "\n";
 }
 
 Status WriteNoCloudSeed(const fs::path& path, const NoCloudSeed& seed) {

@@ -29,8 +29,11 @@
 namespace regdisk::vm {
 
 // The most user-data or network-config a seed takes (16 MiB each).
-// KubeVirt's own API admits much less inline; this bound only keeps a
-// hostile or mistaken input from filling the run directory.
+// KubeVirt's admission webhook caps inline userData(Base64) and
+// networkData(Base64) at 2048 bytes each and does not count what comes from
+// a Secret (secretRef, networkDataSecretRef); that check belongs to the spec
+// validator. This bound is for everything else: it keeps a hostile or
+// mistaken Secret from filling the run directory.
 inline constexpr size_t kMaxNoCloudFileBytes = size_t{16} << 20;
 // The most instance-id or local-hostname takes (they are a UID and a name).
 inline constexpr size_t kMaxNoCloudMetaValueBytes = 4096;
@@ -46,7 +49,9 @@ struct NoCloudSeed {
 // name in the same directory (mode 0600, O_EXCL), written, fsynced and then
 // linked to `path`, which must not exist: an existing file is never
 // touched (kAlreadyExists). On any failure nothing is left at `path` nor
-// under the temp name.
+// under the temp name; a process killed meanwhile can leave only the temp
+// file, PATH.tmp-XXXXXX (PendingFile::RemoveStale, or removing the run
+// directory, takes it away).
 //
 // Refused with kInvalidArgument, before anything is written:
 //   - user_data or network_config larger than kMaxNoCloudFileBytes;
