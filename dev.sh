@@ -25,11 +25,11 @@ PACKAGES=(
   libarchive-dev libzstd-dev libisal-dev libxml2-dev libisofs-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
-  qemu-utils qemu-system-x86 libvirt-clients procps
+  qemu-utils qemu-system-x86 libvirt-clients procps iproute2
   genisoimage python3-yaml  # isoinfo and PyYAML read the cloud-init seeds back in tests
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
   # The Linux test guest (guest/linux/build-guest.sh) and its cloud-init seeds.
-  dosfstools mtools syslinux syslinux-common cpio xz-utils gzip genisoimage
+  dosfstools mtools syslinux syslinux-common cpio xz-utils gzip
 )
 # Only for ./dev.sh bench: the plot of the ratios.
 BENCH_PACKAGES=(python3-matplotlib)
