@@ -105,6 +105,55 @@ TEST_F(MirrorLoginTest, PullThroughAMirrorAndByDigestWhenTheOriginIsDown) {
   EXPECT_THAT(r.err, HasSubstr("cannot reach registry " + (*origin)->host()));
 }
 
+// Short names, as podman resolves them: an alias, else each
+// unqualified-search registry in order; the store records the name that
+// pulled, and a VM spec's short name finds it there.
+TEST_F(MirrorLoginTest, ShortNamesResolveThroughAliasesAndSearchRegistries) {
+  auto first = TestRegistry::Start(RegistryMode::kPlain, {}, {.access_log = true});
+  auto second = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(first);
+  ASSERT_OK(second);
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(100000, 11)}});
+  ASSERT_OK(img);
+  RunResult r = RunRegdisk({"copy", Layout("src", "v1"), "docker://" + (*second)->host() + "/vmdisks/tiny:v1"}, {}, Env());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string conf = P("registries.conf");
+  ASSERT_OK(WriteFileAtomic(conf, "unqualified-search-registries = [\"" + (*first)->host() + "\", \"" +
+                                      (*second)->host() + "\"]\nshort-name-mode = \"permissive\"\n[aliases]\n\"tiny\" = \"" +
+                                      (*second)->host() + "/vmdisks/tiny\"\n"));
+  const std::string root = P("root");
+  // The first search registry has no such image; the second has.
+  r = RunRegdisk({"--root", root, "--registries-conf", conf, "pull", "vmdisks/tiny:v1"}, {}, Env());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_GT(RegdiskRequests((*first)->log(), "/v2/vmdisks/tiny/manifests/v1"), 0) << "the first registry was not tried";
+  RunResult images = RunRegdisk({"--root", root, "images", "--format", "{{.Repository}}:{{.Tag}}"}, {}, Env());
+  EXPECT_EQ(images.out, (*second)->host() + "/vmdisks/tiny:v1\n");
+  // An alias goes straight to its target.
+  r = RunRegdisk({"--root", P("root2"), "--registries-conf", conf, "pull", "tiny:v1"}, {}, Env());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // A VM spec's short name finds the stored disk (domxml reads the store only).
+  ASSERT_OK(WriteFileAtomic(P("vm.yaml"),
+                            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {name: s}\nspec:\n"
+                            "  domain: {memory: {guest: 64Mi}, devices: {}}\n  volumes:\n"
+                            "  - {name: root, containerDisk: {image: \"vmdisks/tiny:v1\"}}\n"));
+  r = RunRegdisk({"--root", root, "--registries-conf", conf, "domxml", "-f", P("vm.yaml")}, {}, Env());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, Not(HasSubstr("is not in the node store")));
+  // Nowhere to be found: every candidate's error, on one line.
+  r = RunRegdisk({"--root", root, "--registries-conf", conf, "pull", "vmdisks/none:v1"}, {}, Env());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("short name \"vmdisks/none:v1\" matched no image in the unqualified-search registries"));
+  EXPECT_THAT(r.err, HasSubstr((*first)->host() + "/vmdisks/none:v1"));
+  EXPECT_THAT(r.err, HasSubstr((*second)->host() + "/vmdisks/none:v1"));
+  EXPECT_EQ(CountLines(r.err, "\n"), 1) << r.err;
+  // Enforcing mode with two candidates: an error naming both, no pull.
+  ASSERT_OK(WriteFileAtomic(conf, "unqualified-search-registries = [\"" + (*first)->host() + "\", \"" +
+                                      (*second)->host() + "\"]\nshort-name-mode = \"enforcing\"\n"));
+  r = RunRegdisk({"--root", P("root3"), "--registries-conf", conf, "pull", "vmdisks/tiny:v1"}, {}, Env());
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("is ambiguous and short-name-mode is enforcing"));
+}
+
 TEST_F(MirrorLoginTest, BlockedAndBrokenConfigurations) {
   auto reg = TestRegistry::Start(RegistryMode::kPlain);
   ASSERT_OK(reg);

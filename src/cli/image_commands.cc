@@ -68,18 +68,34 @@ namespace {
 Result<store::StoredImage> PullToStore(const Globals& g, const std::string& ref, const std::string& path) {
   ASSIGN_OR_RETURN(registry::ClientOptions opts, MakeClientOptions(g));
   ASSIGN_OR_RETURN(oci::Platform platform, oci::Platform::Parse(g.platform));
-  ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(ref));
+  ASSIGN_OR_RETURN(std::vector<image::ImageName> candidates, image::CandidateNames(ref, opts.registries.get()));
   ASSIGN_OR_RETURN(store::Store st, store::Store::Open(g.root));
-  ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> src, image::OpenSource(name, opts));
   store::PullOptions po;
   po.platform = platform;
   po.path = path;
   po.on_progress = TerminalProgress(g.quiet);
   ASSIGN_OR_RETURN(po.limits, MakeDiskLimits(g));
   po.cancel = g.cancel;
-  auto img = st.Pull(*src, name.String(), po);
-  if (!img.ok()) return std::move(img).status().Annotate("pulling " + name.String());
-  return img;
+  // A short name's candidates in order, as podman tries them: the first
+  // that pulls is the name the store records.
+  std::string tried;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const image::ImageName& name = candidates[i];
+    if (candidates.size() > 1) log::Info("short name {}: trying {}", ref, name.String());
+    auto img = [&]() -> Result<store::StoredImage> {
+      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> src, image::OpenSource(name, opts));
+      return st.Pull(*src, name.String(), po);
+    }();
+    if (img.ok()) return img;
+    Status failed = std::move(img).status().Annotate("pulling " + name.String());
+    if (candidates.size() == 1 || failed.code() == Code::kCancelled) return failed;
+    tried += (tried.empty() ? "" : "; ") + failed.message();
+    if (i + 1 == candidates.size()) {
+      return Status(failed.code(), "short name " + Printable(ref, 200) + " matched no image in the unqualified-search "
+                                   "registries: " + tried);
+    }
+  }
+  return Internal("no candidate names for " + Printable(ref, 200));
 }
 
 // Prints JSON as skopeo and podman do (four spaces).

@@ -43,6 +43,23 @@ Result<ImageName> ImageName::Parse(std::string_view text) {
   return n;
 }
 
+Result<std::vector<ImageName>> CandidateNames(std::string_view text, const registry::RegistriesConf* conf) {
+  const bool explicit_transport = text.find("://") != std::string_view::npos || text.rfind("oci:", 0) == 0;
+  if (explicit_transport || !conf || !registry::IsShortName(text)) {
+    ASSIGN_OR_RETURN(ImageName n, ImageName::Parse(text));
+    return std::vector<ImageName>{n};
+  }
+  ASSIGN_OR_RETURN(ImageName checked, ImageName::Parse(text));  // the short name itself must be well formed
+  (void)checked;
+  ASSIGN_OR_RETURN(std::vector<std::string> qualified, registry::ResolveShortName(*conf, text));
+  std::vector<ImageName> out;
+  for (const auto& q : qualified) {
+    ASSIGN_OR_RETURN(ImageName n, ImageName::Parse(q));
+    out.push_back(std::move(n));
+  }
+  return out;
+}
+
 std::string ImageName::String() const {
   if (transport == Transport::kOciLayout) return "oci:" + dir.string() + (tag.empty() ? "" : ":" + tag);
   return "docker://" + ref.String();

@@ -81,6 +81,16 @@ class ImageDestination {
 };
 
 Result<std::unique_ptr<ImageSource>> OpenSource(const ImageName& name, const registry::ClientOptions& options);
+
+// The images a name given to pull or in a VM spec may mean, in the order to
+// try them, as podman resolves short names: an oci: layout, a docker://
+// name, or a name whose first component is a registry host is just itself;
+// a short name ("fedora:40", "vmdisks/disk@sha256:...") becomes its alias
+// from registries.conf, else one name per unqualified-search registry, else
+// (no registries.conf sets a search list) Docker Hub's (docker.io/library/).
+// Enforcing short-name-mode with several candidates is an error listing
+// them. `conf` may be null (no registries.conf).
+Result<std::vector<ImageName>> CandidateNames(std::string_view text, const registry::RegistriesConf* conf);
 Result<std::unique_ptr<ImageDestination>> OpenDestination(const ImageName& name,
                                                           const registry::ClientOptions& options);
 

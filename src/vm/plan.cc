@@ -49,18 +49,27 @@ bool KvmUsable() {
 }
 
 // Resolves one registry disk volume to a disk in the node store, pulling as
-// its policy says.
-Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, const std::vector<spec::Secret>& secrets,
-                                         const PlanOptions& o, store::Store& st) {
-  ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(src.image));
-  const std::string key = name.String();
+// its policy says; a short name tries its candidates (registries.conf) in
+// order. `key` is the name the store knows the disk by; with offline plans
+// and a disk not in the store, NotFound and the first candidate's name.
+struct ResolvedVolume {
+  std::string key;
+  store::StoredImage image;
+};
+
+Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const std::vector<spec::Secret>& secrets,
+                                     const PlanOptions& o, store::Store& st, std::string& first_key) {
+  ASSIGN_OR_RETURN(std::vector<image::ImageName> candidates, image::CandidateNames(src.image, o.client.registries.get()));
+  first_key = candidates.front().String();
   if (src.image_pull_policy != "Always" || o.offline) {
-    ASSIGN_OR_RETURN(std::optional<store::StoredImage> have, st.Lookup(key, o.platform));
-    if (have && (src.path.empty() || have->disk_path == src.path)) return *have;
-    if (o.offline) return NotFound(key);  // PlanVm lists it as missing
+    for (const auto& name : candidates) {
+      ASSIGN_OR_RETURN(std::optional<store::StoredImage> have, st.Lookup(name.String(), o.platform));
+      if (have && (src.path.empty() || have->disk_path == src.path)) return ResolvedVolume{name.String(), *have};
+    }
+    if (o.offline) return NotFound(first_key);  // PlanVm lists it as missing
     if (src.image_pull_policy == "Never") {
       return FailedPrecondition("image " + src.image + " is not in the node store and its imagePullPolicy is Never; run "
-                                "regdisk pull " + key + " first");
+                                "regdisk pull " + first_key + " first");
     }
   }
   registry::ClientOptions copts = o.client;
@@ -73,17 +82,23 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
       copts.auth.authfile_name = "the .dockerconfigjson of Secret " + s.metadata.name;
     }
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
   store::PullOptions po;
   po.platform = o.platform;
   po.path = src.path;
   po.on_progress = o.on_progress;
   po.limits = o.disk_limits;
   po.cancel = o.cancel;
-  log::Info("pulling {}", key);
-  auto img = st.Pull(*source, key, po);
-  if (!img.ok()) {
-    Status failed = std::move(img).status();
+  std::string tried;
+  Status failed;
+  for (const auto& name : candidates) {
+    const std::string key = name.String();
+    log::Info("pulling {}", key);
+    auto img = [&]() -> Result<store::StoredImage> {
+      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
+      return st.Pull(*source, key, po);
+    }();
+    if (img.ok()) return ResolvedVolume{key, std::move(*img)};
+    failed = std::move(img).status();
     // The registry is unreachable but the store has the tag: say so.
     if (failed.code() == Code::kUnavailable || failed.code() == Code::kDeadlineExceeded) {
       auto have = st.Lookup(key, o.platform);
@@ -92,9 +107,12 @@ Result<store::StoredImage> ResolveVolume(const spec::RegistryDiskSource& src, co
                                            ", which imagePullPolicy: IfNotPresent would use");
       }
     }
-    return failed.Annotate("pulling " + key);
+    failed = failed.Annotate("pulling " + key);
+    if (candidates.size() == 1 || failed.code() == Code::kCancelled) return failed;
+    tried += (tried.empty() ? "" : "; ") + failed.message();
   }
-  return img;
+  return Status(failed.code(), "short name " + Printable(src.image, 200) +
+                                   " matched no image in the unqualified-search registries: " + tried);
 }
 
 // The instance id cloud-init keys its once-per-instance work on: fresh for
@@ -376,19 +394,20 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     if (!vol || !vol->registry_disk) {
       return FailedPrecondition("disk " + d.name + " uses volume " + d.volume_name + ", which is not a registry disk");
     }
-    auto resolved = ResolveVolume(*vol->registry_disk, secrets, o, st);
+    std::string first_key;
+    auto resolved = ResolveVolume(*vol->registry_disk, secrets, o, st, first_key);
     PlannedDisk pd;
-    ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(vol->registry_disk->image));
-    pd.stable = st.StablePath(name.String(), o.platform);
     store::StoredImage img;
-    if (o.offline && !resolved.ok() && resolved.status().code() == Code::kNotFound) {
-      plan.missing.push_back(name.String());
+    if (o.offline && !resolved.ok() && resolved.status().code() == Code::kNotFound && !first_key.empty()) {
+      pd.stable = st.StablePath(first_key, o.platform);
+      plan.missing.push_back(first_key);
       pd.in_store = false;
       img.disk_file = pd.stable;
       img.disk.format = disk::Format::kQcow2;
     } else {
       if (!resolved.ok()) return std::move(resolved).status();
-      img = std::move(*resolved);
+      pd.stable = st.StablePath(resolved->key, o.platform);
+      img = std::move(resolved->image);
       if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));
