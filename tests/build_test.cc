@@ -15,6 +15,7 @@ namespace regdisk::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -121,6 +122,9 @@ TEST_F(BuildTest, LabelNeverEatsThePositionalDisk) {
   const std::string layout = "oci:" + P("layout") + ":v1";
   RunResult r = Regdisk({"build", "--label", "a=b", P("disk.qcow2"), "-t", layout, "--label", "c=d=e"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Progress as pulls show it (stderr is no terminal here: the final line only).
+  EXPECT_THAT(r.err, ::testing::ContainsRegex("Writing [^\n]*disk\\.qcow2 done [0-9.]+[KM]iB\n"));
+  EXPECT_THAT(Regdisk({"-q", "build", P("disk.qcow2"), "-t", "oci:" + P("quiet") + ":v1"}).err, Not(HasSubstr("Writing")));
   r = RunProgram({"skopeo", "inspect", layout});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   json j = json::parse(r.out);

@@ -197,14 +197,17 @@ image::ProgressFn TerminalProgress(bool quiet) {
   auto st = std::make_shared<State>();
   return [st, tty](const image::ProgressEvent& e) {
     using Kind = image::ProgressEvent::Kind;
-    const std::string id = e.blob.hex().substr(0, 12);
+    // A blob by its short digest; a disk being written into a new layer
+    // (build) by its label.
+    const std::string id = e.blob.empty() ? PrintableLine(e.label, 80) : e.blob.hex().substr(0, 12);
+    const char* verb = e.blob.empty() ? "Writing" : "Copying blob";
     const auto now = std::chrono::steady_clock::now();
     switch (e.kind) {
       case Kind::kSkipped:
-        std::fprintf(stderr, "Copying blob %s skipped: already exists\n", id.c_str());
+        std::fprintf(stderr, "%s %s skipped: already exists\n", verb, id.c_str());
         return;
       case Kind::kDone:
-        std::fprintf(stderr, "%sCopying blob %s done %s\n", tty ? "\r\033[K" : "", id.c_str(),
+        std::fprintf(stderr, "%s%s %s done %s\n", tty ? "\r\033[K" : "", verb, id.c_str(),
                      ProgressSize(e.total).c_str());
         return;
       case Kind::kFailed:  // the error follows on a line of its own
@@ -232,7 +235,7 @@ image::ProgressFn TerminalProgress(bool quiet) {
       if (dot != std::string::npos) r.erase(dot, 2);  // "355.2MiB" -> "355MiB"
       rate = " " + r + "/s";
     }
-    std::fprintf(stderr, "\r\033[KCopying blob %s [%s] %s / %s%s", id.c_str(), bar.c_str(), ProgressSize(e.done).c_str(),
+    std::fprintf(stderr, "\r\033[K%s %s [%s] %s / %s%s", verb, id.c_str(), bar.c_str(), ProgressSize(e.done).c_str(),
                  ProgressSize(e.total).c_str(), rate.c_str());
   };
 }

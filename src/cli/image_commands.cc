@@ -510,6 +510,7 @@ Result<image::BuildOptions> MakeBuildOptions(const Globals& g, const BuildFlags&
   o.name = f.name;
   o.compression = !f.compression.empty() ? f.compression : f.format == "docker" ? "gzip" : "zstd";
   o.format = f.format;
+  o.on_progress = TerminalProgress(g.quiet);
   ASSIGN_OR_RETURN(o.platform, oci::Platform::Parse(g.platform));
   for (const auto& l : f.labels) {
     size_t eq = l.find('=');

@@ -162,7 +162,7 @@ struct LayerBlob {
 };
 
 Result<LayerBlob> WriteLayer(const std::vector<LayerEntry>& entries, const std::string& compression,
-                             const std::string& media_type, int64_t mtime, int out_fd) {
+                             const std::string& media_type, int64_t mtime, int out_fd, const ProgressFn& progress) {
   ASSIGN_OR_RETURN(std::unique_ptr<Compressor> comp, Compressor::Create(compression, out_fd));
   std::unique_ptr<archive, ArchiveWriterFree> a(archive_write_new());
   archive_write_set_format_pax_restricted(a.get());
@@ -203,15 +203,28 @@ Result<LayerBlob> WriteLayer(const std::vector<LayerEntry>& entries, const std::
     if (e.fd < 0) continue;
     // Read the very file that was validated (pread: no reopen, no seek).
     ::posix_fadvise(e.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-    uint64_t left = e.size;
-    while (left > 0) {
-      ssize_t n = ::pread(e.fd, buf.data(), std::min<uint64_t>(buf.size(), left), static_cast<off_t>(e.size - left));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return ErrnoStatus("reading " + e.label);
-      if (n == 0) return DataLoss(e.label + " shrank while it was being read");
-      if (archive_write_data(a.get(), buf.data(), static_cast<size_t>(n)) < 0) return failed("writing the layer");
-      left -= static_cast<uint64_t>(n);
-    }
+    auto report = [&](ProgressEvent::Kind kind, uint64_t done) {
+      if (progress) progress({.kind = kind, .blob = {}, .done = done, .total = e.size, .label = e.label});
+    };
+    report(ProgressEvent::Kind::kStart, 0);
+    uint64_t left = e.size, reported = 0;
+    Status st = [&]() -> Status {
+      while (left > 0) {
+        ssize_t n = ::pread(e.fd, buf.data(), std::min<uint64_t>(buf.size(), left), static_cast<off_t>(e.size - left));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return ErrnoStatus("reading " + e.label);
+        if (n == 0) return DataLoss(e.label + " shrank while it was being read");
+        if (archive_write_data(a.get(), buf.data(), static_cast<size_t>(n)) < 0) return failed("writing the layer");
+        left -= static_cast<uint64_t>(n);
+        if (e.size - left - reported >= (uint64_t{4} << 20)) {
+          reported = e.size - left;
+          report(ProgressEvent::Kind::kBytes, reported);
+        }
+      }
+      return OkStatus();
+    }();
+    report(st.ok() ? ProgressEvent::Kind::kDone : ProgressEvent::Kind::kFailed, e.size - left);
+    RETURN_IF_ERROR(st);
   }
   if (archive_write_close(a.get()) != ARCHIVE_OK) return failed("finishing the layer");
   RETURN_IF_ERROR(comp->Finish());
@@ -295,7 +308,7 @@ Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const Image
   const std::string compression = o.format == "docker" ? "gzip" : o.compression;
   LayerBlob layer;
   ASSIGN_OR_RETURN(oci::Descriptor ld, dst->PutBlobStream([&](int fd) -> Result<oci::Descriptor> {
-    ASSIGN_OR_RETURN(layer, WriteLayer(entries, compression, media_type, mtime, fd));
+    ASSIGN_OR_RETURN(layer, WriteLayer(entries, compression, media_type, mtime, fd, o.on_progress));
     return layer.desc;
   }));
   layers.push_back(ld);

@@ -25,6 +25,7 @@
 #include <string>
 
 #include "disk/format.h"
+#include "image/progress.h"
 #include "image/transport.h"
 #include "oci/manifest.h"
 #include "registry/client.h"
@@ -39,6 +40,9 @@ struct BuildOptions {
   std::map<std::string, std::string> labels;
   std::optional<ImageName> base;     // default: no base, a single-layer image
   oci::Platform platform{"linux", "amd64", ""};
+  // The disk read into the layer: kStart, kBytes, kDone (or kFailed), with
+  // a label and no digest. May be empty.
+  ProgressFn on_progress;
 };
 
 struct BuildResult {

@@ -36,7 +36,7 @@ class ReportingSource : public ImageSource {
       done += chunk.size();
       if (done - shown >= (4u << 20)) {
         shown = done;
-        fn_({ProgressEvent::Kind::kBytes, d.digest, done, static_cast<uint64_t>(d.size)});
+        fn_({ProgressEvent::Kind::kBytes, d.digest, done, static_cast<uint64_t>(d.size), {}});
       }
       return sink(chunk);
     };
@@ -54,7 +54,7 @@ Status CopyBlobs(ImageSource& src, ImageDestination& dst, const oci::Manifest& m
   ReportingSource reporting(src, progress);
   ImageSource& from = progress ? static_cast<ImageSource&>(reporting) : src;
   auto report = [&](ProgressEvent::Kind kind, const oci::Descriptor& d, uint64_t done) {
-    if (progress) progress({kind, d.digest, done, static_cast<uint64_t>(d.size)});
+    if (progress) progress({kind, d.digest, done, static_cast<uint64_t>(d.size), {}});
   };
   for (const oci::Descriptor* d : blobs) {
     ASSIGN_OR_RETURN(bool present, dst.HasBlob(*d));

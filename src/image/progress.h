@@ -3,6 +3,9 @@
 //
 //   options.on_progress = [](const ProgressEvent& e) { ... };
 //
+// A build reports the disk it reads into a new layer the same way, with
+// `label` instead of a digest (the digest is known only at the end).
+//
 // For each blob: kStart (done = bytes already held, e.g. a resumed
 // partial download), kBytes as bytes arrive (at most every few MiB),
 // then kDone (done == total) or kFailed; or kSkipped alone when the
@@ -13,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "oci/digest.h"
 
@@ -21,9 +25,10 @@ namespace regdisk::image {
 struct ProgressEvent {
   enum class Kind { kStart, kBytes, kDone, kFailed, kSkipped };
   Kind kind = Kind::kBytes;
-  oci::Digest blob;
+  oci::Digest blob;   // empty while a blob is being made (build): see label
   uint64_t done = 0;
   uint64_t total = 0;
+  std::string label;  // with an empty blob: what is being written (the disk's file)
 };
 
 using ProgressFn = std::function<void(const ProgressEvent&)>;

@@ -124,11 +124,11 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
   const uint64_t total = static_cast<uint64_t>(desc.size);
   auto report = [&](bool last) {
     if (progress && !last && done - reported >= kProgressStep) {
-      progress({image::ProgressEvent::Kind::kBytes, desc.digest, done, total});
+      progress({image::ProgressEvent::Kind::kBytes, desc.digest, done, total, {}});
       reported = done;
     }
   };
-  if (progress) progress({image::ProgressEvent::Kind::kStart, desc.digest, have, total});
+  if (progress) progress({image::ProgressEvent::Kind::kStart, desc.digest, have, total, {}});
   auto produce = [&]() -> Status {
     oci::Hasher hasher(desc.digest.algorithm());
     std::string buf(1 << 20, '\0');
@@ -165,7 +165,7 @@ Status Store::StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, 
   if (applied.ok() || applied.code() == Code::kDataLoss) ::unlink(partial.c_str());
   if (progress) {
     progress({applied.ok() ? image::ProgressEvent::Kind::kDone : image::ProgressEvent::Kind::kFailed, desc.digest,
-              applied.ok() ? total : done, total});
+              applied.ok() ? total : done, total, {}});
   }
   return applied;
 }
