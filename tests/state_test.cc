@@ -707,7 +707,7 @@ TEST_F(StateTest, SurvivesKillNineMidWrite) {
           case 0: r = store.Create(kVmis, Obj(name, "default", {{"i", std::to_string(i)}})); break;
           case 1: {
             json o = store.Get(kVmis, "default", name).value_or(json());
-            o["spec"]["cpu"] = i;
+            o["spec"]["cpu"] = 1000 + i;  // never the created value: a no-op update writes nothing
             r = store.Update(kVmis, o);
             break;
           }
