@@ -22,7 +22,7 @@ cd "$(dirname "$0")"
 PACKAGES=(
   cmake ninja-build g++ pkg-config binutils
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev libyaml-cpp-dev libtomlplusplus-dev
-  libarchive-dev libzstd-dev libisal-dev libxml2-dev libisofs-dev
+  libarchive-dev libzstd-dev libisal-dev libxml2-dev libisofs-dev libsqlite3-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps iproute2
@@ -108,11 +108,12 @@ case "${1:-}" in
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
     if [ $# -eq 0 ]; then
-      # The threaded pull and the store again under ThreadSanitizer (a
-      # data race fails the test: TSan exits 66), then everything under ASan.
+      # The threaded pull, the store and the daemon's object store (writers
+      # and watchers) again under ThreadSanitizer (a data race fails the
+      # test: TSan exits 66), then everything under ASan.
       build build-tsan -DCMAKE_BUILD_TYPE=Debug -DREGDISK_TSAN=ON -DREGDISK_WERROR=ON -DREGDISK_BUILD_BENCH=OFF \
-        -- regdisk unit_tests store_tests crash_tests
-      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack)'
+        -- regdisk unit_tests store_tests crash_tests state_tests
+      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack|State)'
     fi
     exec ctest --test-dir build-test -j2 --output-on-failure "$@"
     ;;

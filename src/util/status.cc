@@ -21,6 +21,8 @@ std::string_view CodeName(Code code) {
     case Code::kUnimplemented: return "Unimplemented";
     case Code::kInternal: return "Internal";
     case Code::kCancelled: return "Cancelled";
+    case Code::kAborted: return "Aborted";
+    case Code::kOutOfRange: return "OutOfRange";
   }
   return "Unknown";
 }

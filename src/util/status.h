@@ -37,6 +37,11 @@ enum class Code {
   kUnimplemented,       // valid but unsupported (algorithm, media type)
   kInternal,            // a bug or an unexpected system failure
   kCancelled,           // the other side of a pipeline gave up
+  kAborted,             // a concurrency conflict: a precondition on the
+                        // current version (resourceVersion, uid) failed;
+                        // re-read and retry (HTTP 409 Conflict)
+  kOutOfRange,          // asked for history that is no longer kept, e.g.
+                        // a watch from a compacted resourceVersion (HTTP 410)
 };
 
 std::string_view CodeName(Code code);
@@ -76,6 +81,8 @@ inline Status NoSpace(std::string m) { return {Code::kNoSpace, std::move(m)}; }
 inline Status Unimplemented(std::string m) { return {Code::kUnimplemented, std::move(m)}; }
 inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
 inline Status Cancelled(std::string m) { return {Code::kCancelled, std::move(m)}; }
+inline Status Aborted(std::string m) { return {Code::kAborted, std::move(m)}; }
+inline Status OutOfRange(std::string m) { return {Code::kOutOfRange, std::move(m)}; }
 
 // The single place where errno becomes a Status: "what: strerror(errno)".
 Status ErrnoStatus(std::string_view what, int err = errno);
