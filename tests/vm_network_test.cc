@@ -238,6 +238,10 @@ TEST_F(VmNetworkTest, SecretDataOnlyInTheVmsOwnSeed) {
     EXPECT_THAT(text, Not(HasSubstr(secret))) << e.path();
   }
   EXPECT_EQ(seeds, 1);
+  // The console log is the owner's alone, as the seed is.
+  struct stat st{};
+  ASSERT_EQ(::stat((fs::path(root_) / "logs/default_secretive.log").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
   RunResult stopped = Stop(r);
   EXPECT_EQ(stopped.exit_code, 0);
   EXPECT_THAT(stopped.out + stopped.err, Not(HasSubstr(secret)));
