@@ -220,6 +220,8 @@ TEST(SpecTest, EachRuleHasItsMessage) {
   const std::string s = kSeed;
   const BadCase cases[] = {
       {"missing name", Replace(s, "  name: testvm-ephemeral\n", "  labels: {}\n"), "vm.yaml:2:3: metadata.name: is required"},
+      {"namespace escapes the root", Replace(s, "  name: testvm-ephemeral\n", "  name: testvm-ephemeral\n  namespace: ../../x\n"),
+       "vm.yaml:3:14: metadata.namespace: \"../../x\" is not a valid namespace; use lowercase letters, digits and '-', at most 63 characters"},
       {"missing kind", Replace(s, "kind: VirtualMachine\n", ""), "vm.yaml:1:1: kind: is required"},
       {"missing apiVersion", Replace(s, "apiVersion: kubevirt.io/v1alpha1\n", ""), "vm.yaml:1:1: apiVersion: is required"},
       {"unknown kind", Replace(s, "kind: VirtualMachine", "kind: Pod"),

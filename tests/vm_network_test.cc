@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -238,6 +239,10 @@ TEST_F(VmNetworkTest, SecretDataOnlyInTheVmsOwnSeed) {
     EXPECT_THAT(text, Not(HasSubstr(secret))) << e.path();
   }
   EXPECT_EQ(seeds, 1);
+  // The console log is the owner's alone, as the seed is.
+  struct stat st{};
+  ASSERT_EQ(::stat((fs::path(root_) / "logs/default_secretive.log").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
   RunResult stopped = Stop(r);
   EXPECT_EQ(stopped.exit_code, 0);
   EXPECT_THAT(stopped.out + stopped.err, Not(HasSubstr(secret)));
@@ -284,6 +289,108 @@ TEST_F(VmNetworkTest, ConsoleInputThroughATerminal) {
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << seen;
   ExpectNothingLeft();
+}
+
+// Reads `master` until the terminal closes (or the hang guard runs out).
+std::string ReadToEnd(int master) {
+  std::string seen;
+  const auto deadline = Clock::now() + kBootLimit;
+  while (Clock::now() < deadline) {
+    pollfd p{master, POLLIN, 0};
+    if (::poll(&p, 1, 500) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(master, buf, sizeof buf);
+    if (n <= 0) break;
+    seen.append(buf, static_cast<size_t>(n));
+  }
+  return seen;
+}
+
+// `regdisk run ... &` from an interactive shell: stdin is the terminal, but
+// regdisk is a background job. It must leave the terminal alone (raw mode
+// from the background stops it with SIGTTOU) and run with the console on
+// stdout only.
+TEST_F(VmNetworkTest, BackgroundRunLeavesTheTerminalAlone) {
+  ASSERT_OK(WriteFileAtomic(tmp() / "b.yaml", VmiSpec("bg", image_, "      userData: \"hello\\n\"\n")));
+  const std::string spec = P("b.yaml");
+  int master = -1;
+  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // This process leads the terminal's session, as a shell does; the job
+    // gets its own process group, not the terminal's foreground one.
+    pid_t job = ::fork();
+    if (job == 0) {
+      ::setpgid(0, 0);
+      ::execl(REGDISK_BIN, REGDISK_BIN, "--root", root_.c_str(), "run", "-f", spec.c_str(), "--timeout", "3s",
+              "--grace", "1", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::setpgid(job, job);
+    int st = 0;
+    if (::waitpid(job, &st, WUNTRACED) != job) ::_exit(125);
+    if (WIFSTOPPED(st)) {  // stopped by the terminal
+      ::kill(job, SIGKILL);
+      ::waitpid(job, &st, 0);
+      ::_exit(100);
+    }
+    ::_exit(WIFEXITED(st) ? WEXITSTATUS(st) : 126);
+  }
+  UniqueFd m(master);
+  std::string seen = ReadToEnd(m.get());
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_NE(WEXITSTATUS(status), 100) << "regdisk was stopped by the terminal\n" << seen;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << seen;
+  EXPECT_THAT(seen, Not(HasSubstr("console of VM bg attached")));
+  ExpectNothingLeft();
+}
+
+// A second SIGTERM ends regdisk at once, skipping the console's own
+// cleanup; the terminal still leaves raw mode.
+TEST_F(VmNetworkTest, SecondSignalRestoresTheTerminal) {
+  ASSERT_OK(WriteFileAtomic(tmp() / "t.yaml", VmiSpec("twice", image_, "      userData: \"hello\\n\"\n")));
+  int master = -1;
+  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::execl(REGDISK_BIN, REGDISK_BIN, "--root", root_.c_str(), "run", "-f", P("t.yaml").c_str(), "--grace", "60",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  UniqueFd m(master);
+  std::string seen;
+  const auto deadline = Clock::now() + kBootLimit;
+  while (seen.find("attached; Ctrl-]") == std::string::npos && Clock::now() < deadline) {
+    pollfd p{m.get(), POLLIN, 0};
+    if (::poll(&p, 1, 500) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(m.get(), buf, sizeof buf);
+    if (n <= 0) break;
+    seen.append(buf, static_cast<size_t>(n));
+  }
+  ASSERT_THAT(seen, HasSubstr("attached; Ctrl-]"));
+  termios t{};
+  ASSERT_EQ(::tcgetattr(m.get(), &t), 0);
+  EXPECT_FALSE(t.c_lflag & ICANON) << "the console is not in raw mode";
+  ::kill(pid, SIGTERM);
+  while (seen.find("terminated:") == std::string::npos && Clock::now() < deadline) {
+    pollfd p{m.get(), POLLIN, 0};
+    if (::poll(&p, 1, 500) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(m.get(), buf, sizeof buf);
+    if (n <= 0) break;
+    seen.append(buf, static_cast<size_t>(n));
+  }
+  ::kill(pid, SIGTERM);
+  seen += ReadToEnd(m.get());
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGTERM) << status << "\n" << seen;
+  ASSERT_EQ(::tcgetattr(m.get(), &t), 0);
+  EXPECT_TRUE(t.c_lflag & ICANON) << "the terminal was left in raw mode";
+  EXPECT_TRUE(t.c_lflag & ECHO) << "the terminal was left without echo";
 }
 
 // --network bridge=NAME: the VM's NIC is a tap on a host bridge, here in a

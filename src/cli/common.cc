@@ -13,6 +13,7 @@
 #include <iostream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <fmt/core.h>
@@ -127,12 +128,20 @@ void CancelOnSignals(std::shared_ptr<CancelToken> token) {
   sigemptyset(&set);
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, sig);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  std::thread([set, token = std::move(token)] {
+  // The terminal's settings as regdisk found them: `run` may have put it in
+  // raw mode, and exiting at once skips the code that restores it.
+  std::optional<termios> terminal;
+  if (termios t{}; ::isatty(STDIN_FILENO) && ::tcgetpgrp(STDIN_FILENO) == ::getpgrp() &&
+                   ::tcgetattr(STDIN_FILENO, &t) == 0) {
+    terminal = t;
+  }
+  std::thread([set, terminal, token = std::move(token)] {
     for (;;) {
       int sig = 0;
       if (sigwait(&set, &sig) != 0) continue;
       const char* name = sig == SIGINT ? "interrupted" : sig == SIGTERM ? "terminated" : "hung up";
       if (token->cancelled()) {  // a second signal: stop now
+        if (terminal && ::tcgetpgrp(STDIN_FILENO) == ::getpgrp()) ::tcsetattr(STDIN_FILENO, TCSANOW, &*terminal);
         WriteStderr(std::string("regdisk: ") + name + " again: stopping at once\n");
         ::_exit(128 + sig);
       }

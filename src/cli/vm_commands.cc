@@ -83,8 +83,10 @@ int RunRun(const Globals& g, const RunFlags& f) {
   if (!plan.ok()) return Fail(plan.status());
   vm::RunOptions ro;
   ro.plan = *plan;
-  // A terminal on stdin is the guest's console keyboard.
-  if (::isatty(STDIN_FILENO)) ro.console_input = STDIN_FILENO;
+  // A terminal on stdin is the guest's console keyboard, when regdisk is in
+  // its foreground: from the background, raw mode and reads would stop
+  // regdisk (SIGTTOU, SIGTTIN), so `regdisk run ... &` only prints the console.
+  if (::isatty(STDIN_FILENO) && ::tcgetpgrp(STDIN_FILENO) == ::getpgrp()) ro.console_input = STDIN_FILENO;
   if (g.quiet) ro.notices = nullptr;
   ro.timeout = f.timeout;
   ro.grace = f.grace;

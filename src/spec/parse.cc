@@ -372,7 +372,15 @@ class Parser {
     } else if (name_required && !Has(Child(n, "name"))) {
       Error(n, p + ".name", "is required");
     }
-    if (auto ns = Str(n, "namespace"); ns && !ns->empty()) m.namespace_ = *ns;
+    if (auto ns = Str(n, "namespace"); ns && !ns->empty()) {
+      // A DNS label, as Kubernetes requires: it names files on the node.
+      if (ns->size() > 63 || ns->find('.') != std::string::npos || !IsDnsSubdomain(*ns)) {
+        Error(n["namespace"], p + ".namespace",
+              "\"" + *ns + "\" is not a valid namespace; use lowercase letters, digits and '-', at most 63 characters");
+      } else {
+        m.namespace_ = *ns;
+      }
+    }
     m.labels = StringMap(n, "labels");
     m.annotations = StringMap(n, "annotations");
     return m;

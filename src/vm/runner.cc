@@ -355,6 +355,12 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   }
   RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
   RotateLogs(plan.log_file);
+  {
+    // QEMU appends the console to the log but would create it 0644; the
+    // console can show what the guest prints of its user-data.
+    ASSIGN_OR_RETURN(UniqueFd log_fd, OpenFile(plan.log_file, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0600));
+    if (::fchmod(log_fd.get(), 0600) != 0) return ErrnoStatus("making " + plan.log_file.string() + " private");
+  }
 
   Process::Options popt;
   popt.stdout_mode = Process::Stdio::kFile;
