@@ -391,12 +391,15 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
                      p.name.empty() ? "" : (" (" + p.name + ")").c_str());
       }
     }
-    if (o.console_input >= 0 && ::isatty(o.console_input)) {
-      std::fprintf(o.notices, "regdisk: console of VM %s attached; Ctrl-] stops the VM\n", plan.name.c_str());
-    }
     std::fflush(o.notices);
   }
+  // Raw before the attach notice, so whoever reads the notice finds the
+  // terminal raw (the notice ends its line itself: raw mode has no OPOST).
   console.MakeRaw();
+  if (o.notices && o.console_input >= 0 && ::isatty(o.console_input)) {
+    std::fprintf(o.notices, "regdisk: console of VM %s attached; Ctrl-] stops the VM\r\n", plan.name.c_str());
+    std::fflush(o.notices);
+  }
 
   Env* env = Env::Default();
   const auto start = env->Now();
