@@ -137,23 +137,26 @@ Result<NoCloudSeed> SeedFor(const spec::VirtualMachine& vm, const spec::CloudIni
                               vm.metadata.name + " names Secret " + name + ", which is not in the file or has no " +
                               (user ? "userdata" : "networkdata") + " key; add it to the file");
   };
+  // The one source the parser allowed: inline, base64 or a Secret; none.
+  auto pick = [&](const std::string& text, const std::string& base64, const std::string& secret,
+                  bool user) -> Result<std::optional<std::string>> {
+    if (!text.empty()) return std::optional<std::string>(text);
+    if (!base64.empty()) {
+      ASSIGN_OR_RETURN(std::string decoded, registry::Base64Decode(base64));
+      return std::optional<std::string>(std::move(decoded));
+    }
+    if (!secret.empty()) {
+      ASSIGN_OR_RETURN(std::string value, from_secret(secret, user));
+      return std::optional<std::string>(std::move(value));
+    }
+    return std::optional<std::string>();
+  };
   NoCloudSeed seed;
   seed.instance_id = NewInstanceId();
   seed.local_hostname = vm.metadata.name;
-  if (!src.user_data.empty()) {
-    seed.user_data = src.user_data;
-  } else if (!src.user_data_base64.empty()) {
-    ASSIGN_OR_RETURN(seed.user_data, registry::Base64Decode(src.user_data_base64));
-  } else if (!src.user_data_secret.empty()) {
-    ASSIGN_OR_RETURN(seed.user_data, from_secret(src.user_data_secret, true));
-  }
-  if (!src.network_data.empty()) {
-    seed.network_config = src.network_data;
-  } else if (!src.network_data_base64.empty()) {
-    ASSIGN_OR_RETURN(seed.network_config, registry::Base64Decode(src.network_data_base64));
-  } else if (!src.network_data_secret.empty()) {
-    ASSIGN_OR_RETURN(seed.network_config, from_secret(src.network_data_secret, false));
-  }
+  ASSIGN_OR_RETURN(std::optional<std::string> user, pick(src.user_data, src.user_data_base64, src.user_data_secret, true));
+  seed.user_data = user.value_or("");
+  ASSIGN_OR_RETURN(seed.network_config, pick(src.network_data, src.network_data_base64, src.network_data_secret, false));
   return seed;
 }
 
