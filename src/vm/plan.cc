@@ -161,9 +161,11 @@ Result<NoCloudSeed> SeedFor(const spec::VirtualMachine& vm, const spec::CloudIni
 }
 
 // A free TCP or UDP port on `ip`, as the kernel picks one for a bind to
-// port 0. Another program could take it before QEMU binds it; QEMU then
-// fails to start, saying so.
-Result<int> FreePort(const std::string& ip, const std::string& protocol) {
+// port 0, with the socket that holds it: the caller keeps every such socket
+// open until all of a VM's ports are chosen, so no two get the same one.
+// Another program could take a port before QEMU binds it; QEMU then fails
+// to start, saying so.
+Result<std::pair<int, UniqueFd>> FreePort(const std::string& ip, const std::string& protocol) {
   UniqueFd fd(::socket(AF_INET, (protocol == "udp" ? SOCK_DGRAM : SOCK_STREAM) | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return ErrnoStatus("opening a socket to find a free port");
   sockaddr_in a{};
@@ -174,7 +176,7 @@ Result<int> FreePort(const std::string& ip, const std::string& protocol) {
   }
   socklen_t len = sizeof a;
   if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0) return ErrnoStatus("getsockname");
-  return static_cast<int>(ntohs(a.sin_port));
+  return std::make_pair(static_cast<int>(ntohs(a.sin_port)), std::move(fd));
 }
 
 bool BridgeExists(const std::string& name) {
@@ -185,6 +187,7 @@ bool BridgeExists(const std::string& name) {
 // The spec's interfaces, with --publish and --network bridge= applied.
 Result<std::vector<PlannedNic>> PlanNics(const spec::VirtualMachine& vm, const PlanOptions& o) {
   std::vector<PlannedNic> nics;
+  std::vector<UniqueFd> probes;  // held until every port is chosen
   std::vector<PublishedPort> extra = o.publish;
   if (vm.spec.interfaces.empty() && !extra.empty()) {
     return FailedPrecondition("--publish needs a network interface, and VM " + vm.metadata.name +
@@ -245,7 +248,9 @@ Result<std::vector<PlannedNic>> PlanNics(const spec::VirtualMachine& vm, const P
     if (!o.offline) {
       for (auto& pp : nic.ports) {
         if (pp.host_port != 0) continue;
-        ASSIGN_OR_RETURN(pp.host_port, FreePort(pp.host_ip, pp.protocol));
+        ASSIGN_OR_RETURN(auto port, FreePort(pp.host_ip, pp.protocol));
+        pp.host_port = port.first;
+        probes.push_back(std::move(port.second));
       }
     }
     nics.push_back(std::move(nic));
