@@ -202,6 +202,15 @@ Process::~Process() {
   if (pid_ > 0 && !exit_code_) Terminate(std::chrono::milliseconds(0));
 }
 
+pid_t Process::Release() {
+  pid_t pid = pid_;
+  pid_ = -1;
+  in_.reset();
+  out_.reset();
+  err_.reset();
+  return pid;
+}
+
 std::optional<int> Process::Poll() {
   if (exit_code_ || pid_ <= 0) return exit_code_;
   int status;

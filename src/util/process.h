@@ -90,6 +90,11 @@ class Process {
   void Signal(int sig);
   // SIGTERM, wait up to grace, then SIGKILL; always reaps.
   int Terminate(std::chrono::milliseconds grace);
+  // Gives the child up: this object no longer kills or reaps it, and the
+  // caller owns what remains (reaping it, for one; a pidfd and waitid(2)
+  // do). Returns its pid. For children that must outlive this process,
+  // such as the daemon's QEMUs.
+  pid_t Release();
 
  private:
   Process() = default;

@@ -1,0 +1,44 @@
+// Between the object store's JSON (KubeVirt's shapes, as kubectl sends
+// them) and the controllers' plain values (src/controller/types.h). Pure:
+// no store, no clock.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "controller/replicaset.h"
+#include "controller/types.h"
+#include "controller/vm.h"
+#include "util/status.h"
+
+namespace regdisk::daemon {
+
+using json = nlohmann::json;
+
+// "2026-11-28T11:52:22Z" -> Unix seconds; nullopt for anything else.
+std::optional<int64_t> ParseTimestamp(const std::string& text);
+
+controller::ObservedVmi ObservedVmiFromJson(const json& vmi);
+
+// A VirtualMachineInstanceReplicaSet. InvalidArgument when the object
+// cannot be reconciled (no template, a selector with matchExpressions).
+Result<controller::ReplicaSetState> ReplicaSetFromJson(const json& rs, int64_t now_seconds);
+
+// A kubevirt.io/v1 VirtualMachine.
+Result<controller::VmState> VmFromJson(const json& vm);
+
+json OwnerReferenceJson(const controller::OwnerReference& ref);
+
+// The VMI a CreateVmi action asks for: the owner's spec.template (labels,
+// annotations and spec as the owner holds them) under the action's name,
+// namespace, labels and owner.
+json VmiFromTemplate(const json& owner, const controller::CreateVmi& action);
+
+// The owner's status with the controller's fields replaced (other fields
+// the object carries are kept).
+json ReplicaSetStatusJson(const controller::ReplicaSetStatus& status, json old_status);
+json VmStatusJson(const controller::VmStatus& status, json old_status);
+
+}  // namespace regdisk::daemon

@@ -1,0 +1,618 @@
+#include "daemon/node.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "controller/names.h"
+#include "controller/replicaset.h"
+#include "controller/vm.h"
+#include "daemon/convert.h"
+#include "daemon/instance.h"
+#include "daemon/resources.h"
+#include "spec/spec.h"
+#include "util/cancel.h"
+#include "util/log.h"
+
+namespace regdisk::daemon {
+
+namespace fs = std::filesystem;
+namespace c = controller;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A VMI's spec as the parser takes it: what a user wrote, without the
+// fields the API server and the daemon fill in.
+json UserView(const json& object, std::initializer_list<const char*> top_fields) {
+  json out = json::object();
+  for (const char* f : top_fields) {
+    if (object.contains(f)) out[f] = object[f];
+  }
+  json meta = json::object();
+  const json& m = object.contains("metadata") ? object["metadata"] : json::object();
+  for (const char* f : {"name", "namespace", "labels", "annotations"}) {
+    if (m.is_object() && m.contains(f)) meta[f] = m[f];
+  }
+  out["metadata"] = meta;
+  return out;
+}
+
+// Pull and plan failures that may pass by themselves: retried.
+bool MayPass(const Status& st) {
+  switch (st.code()) {
+    case Code::kUnavailable:
+    case Code::kDeadlineExceeded:
+    case Code::kNotFound:
+    case Code::kUnauthenticated:
+    case Code::kPermissionDenied:
+    case Code::kResourceExhausted:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string Hostname() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0) return "localhost";
+  return buf;
+}
+
+uint64_t RandomSeed() {
+  uint64_t seed = 0;
+  if (::getrandom(&seed, sizeof seed, 0) != sizeof seed) seed = static_cast<uint64_t>(::getpid()) * 2654435761u;
+  return seed;
+}
+
+}  // namespace
+
+struct Node::Impl {
+  NodeOptions o;
+  state::ObjectStore* store = nullptr;
+  c::RandomNameSource names{1};
+
+  // Loop thread only.
+  std::map<std::string, std::unique_ptr<Instance>> instances;  // by VMI uid
+  struct Backoff {
+    Clock::time_point next;
+    std::chrono::milliseconds delay{0};
+  };
+  std::map<std::string, Backoff> backoffs;
+  std::vector<std::unique_ptr<state::Subscription>> watches;
+
+  // Work in other threads, and what it hands back.
+  struct Start {
+    std::shared_ptr<CancelToken> cancel;
+    std::thread thread;
+  };
+  std::map<std::string, Start> starts;      // by VMI uid; loop thread only
+  std::map<std::string, std::thread> stops;  // by VMI uid; loop thread only
+  struct Done {
+    std::string uid;
+    bool is_stop = false;
+    Result<std::unique_ptr<Instance>> started = Internal("not started");
+  };
+  std::mutex mu;
+  std::deque<Done> done;  // guarded by mu
+  UniqueFd wake;          // eventfd: work finished
+
+  std::shared_ptr<CancelToken> quit = std::make_shared<CancelToken>();
+  std::thread loop;
+
+  int64_t Now() const { return o.now ? o.now() : static_cast<int64_t>(::time(nullptr)); }
+
+  void Wake() {
+    uint64_t one = 1;
+    (void)::write(wake.get(), &one, sizeof one);
+  }
+
+  void Post(Done d) {
+    {
+      std::lock_guard lock(mu);
+      done.push_back(std::move(d));
+    }
+    Wake();
+  }
+
+  // ---- the store ----
+
+  // Changes the status of the VMI `uid` (if it still exists) with `edit`,
+  // retrying on a conflict.
+  void EditVmiStatus(const std::string& ns, const std::string& name, const std::string& uid,
+                     const std::function<void(json& status)>& edit) {
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      auto vmi = store->Get(kVmiResource, ns, name);
+      if (!vmi.ok()) return;
+      if ((*vmi)["metadata"].value("uid", "") != uid) return;
+      json status = vmi->contains("status") && (*vmi)["status"].is_object() ? (*vmi)["status"] : json::object();
+      json before = status;
+      edit(status);
+      if (status == before) return;
+      (*vmi)["status"] = status;
+      auto st = store->UpdateStatus(kVmiResource, *vmi);
+      if (st.ok()) return;
+      if (st.status().code() != Code::kAborted) {
+        log::Warn("writing the status of VMI {}/{}: {}", ns, name, st.status().message());
+        return;
+      }
+    }
+  }
+
+  static void SetPhase(json& status, c::VmiPhase phase, int64_t now) {
+    const std::string name(c::PhaseName(phase));
+    if (status.value("phase", "") == name) return;
+    status["phase"] = name;
+    json& stamps = status["phaseTransitionTimestamps"];
+    if (!stamps.is_array()) stamps = json::array();
+    stamps.push_back({{"phase", name}, {"phaseTransitionTimestamp", state::FormatTimestamp(now)}});
+  }
+
+  static void SetCondition(json& status, const std::string& type, bool value, const std::string& reason,
+                           const std::string& message, int64_t now) {
+    json& conds = status["conditions"];
+    if (!conds.is_array()) conds = json::array();
+    const std::string v = value ? "True" : "False";
+    for (auto& cond : conds) {
+      if (cond.value("type", "") != type) continue;
+      if (cond.value("status", "") != v) cond["lastTransitionTime"] = state::FormatTimestamp(now);
+      cond["status"] = v;
+      if (reason.empty()) cond.erase("reason"); else cond["reason"] = reason;
+      if (message.empty()) cond.erase("message"); else cond["message"] = message;
+      return;
+    }
+    json cond = {{"type", type}, {"status", v}, {"lastProbeTime", nullptr},
+                 {"lastTransitionTime", state::FormatTimestamp(now)}};
+    if (!reason.empty()) cond["reason"] = reason;
+    if (!message.empty()) cond["message"] = message;
+    conds.push_back(std::move(cond));
+  }
+
+  void MarkFinal(const std::string& ns, const std::string& name, const std::string& uid, bool succeeded,
+                 const std::string& reason) {
+    const int64_t now = Now();
+    log::Info("VMI {}/{} {}: {}", ns, name, succeeded ? "succeeded" : "failed", reason);
+    EditVmiStatus(ns, name, uid, [&](json& status) {
+      if (status.value("phase", "") == "Succeeded" || status.value("phase", "") == "Failed") return;
+      SetPhase(status, succeeded ? c::VmiPhase::kSucceeded : c::VmiPhase::kFailed, now);
+      SetCondition(status, "Ready", false, succeeded ? "GuestPoweredOff" : "Failed", reason, now);
+      status["reason"] = succeeded ? "Succeeded" : "Failed";
+      status["message"] = reason;
+    });
+  }
+
+  // ---- starting and stopping VMs ----
+
+  void BeginStart(const json& vmi) {
+    const json& meta = vmi["metadata"];
+    const std::string ns = meta.value("namespace", "default"), name = meta.value("name", ""),
+                      uid = meta.value("uid", "");
+    // The VMI and its namespace's Secrets, as one multi-document file.
+    std::string text = UserView(vmi, {"apiVersion", "kind", "spec"}).dump();
+    auto secrets = store->List(kSecretResource, ns);
+    if (secrets.ok()) {
+      for (const auto& s : secrets->items) text += "\n---\n" + UserView(s, {"apiVersion", "kind", "type", "data", "stringData"}).dump();
+    }
+    auto cancel = std::make_shared<CancelToken>();
+    vm::PlanOptions plan = o.plan;
+    plan.root = o.root;
+    plan.cancel = cancel;
+    const int64_t now = Now();
+    EditVmiStatus(ns, name, uid, [&](json& status) {
+      SetPhase(status, c::VmiPhase::kScheduling, now);
+      status["nodeName"] = o.node_name;
+    });
+    log::Info("starting VMI {}/{}", ns, name);
+    std::thread t([this, ns, name, uid, text = std::move(text), plan = std::move(plan)]() mutable {
+      Done d{uid, false, RunStart(ns, name, uid, text, plan)};
+      Post(std::move(d));
+    });
+    starts[uid] = Start{cancel, std::move(t)};
+  }
+
+  // In a start thread: parse, pull and plan, then QEMU.
+  Result<std::unique_ptr<Instance>> RunStart(const std::string& ns, const std::string& name, const std::string& uid,
+                                             const std::string& text, const vm::PlanOptions& plan_options) {
+    spec::ParseResult parsed = spec::ParseSpecs(text, "VMI " + ns + "/" + name);
+    if (!parsed.ok()) {
+      std::string why;
+      for (const auto& d : parsed.diagnostics) {
+        if (d.severity == spec::Diagnostic::Severity::kError) why += (why.empty() ? "" : "; ") + d.ToString();
+      }
+      return InvalidArgument(why);
+    }
+    const spec::VirtualMachine* vm = nullptr;
+    std::vector<spec::Secret> secrets;
+    for (const auto& obj : parsed.objects) {
+      if (const auto* v = std::get_if<spec::VirtualMachine>(&obj)) vm = v;
+      if (const auto* s = std::get_if<spec::Secret>(&obj)) secrets.push_back(*s);
+    }
+    if (vm == nullptr) return InvalidArgument("not a VirtualMachineInstance");
+    const fs::path dir = InstanceDir(o.root, uid);
+    ASSIGN_OR_RETURN(vm::VmPlan plan, vm::PlanVm(*vm, secrets, plan_options, dir));
+    const int64_t now = Now();
+    EditVmiStatus(ns, name, uid, [&](json& status) { SetPhase(status, c::VmiPhase::kScheduled, now); });
+    RETURN_IF_ERROR(plan_options.cancel->status());
+    return Instance::Launch(std::move(plan), {uid, now});
+  }
+
+  void FinishStart(Done& d) {
+    auto it = starts.find(d.uid);
+    if (it == starts.end()) return;
+    it->second.thread.join();
+    const bool cancelled = it->second.cancel->cancelled();
+    starts.erase(it);
+    auto vmi = FindVmiByUid(d.uid);
+    if (d.started.ok()) {
+      std::unique_ptr<Instance> inst = std::move(*d.started);
+      backoffs.erase(d.uid);
+      const InstanceRecord& r = inst->record();
+      const int64_t now = Now();
+      EditVmiStatus(r.namespace_, r.name, r.uid, [&](json& status) {
+        SetPhase(status, c::VmiPhase::kRunning, now);
+        SetCondition(status, "Ready", true, "", "", now);
+        status["nodeName"] = o.node_name;
+        json ifaces = json::array();
+        if (!r.ip.empty()) ifaces.push_back({{"name", "default"}, {"ipAddress", r.ip}, {"ipAddresses", {r.ip}}});
+        status["interfaces"] = ifaces;
+        status.erase("reason");
+        status.erase("message");
+      });
+      instances[d.uid] = std::move(inst);
+      return;
+    }
+    const Status& st = d.started.status();
+    if (cancelled || st.code() == Code::kCancelled || !vmi) {
+      std::error_code ec;
+      fs::remove_all(InstanceDir(o.root, d.uid), ec);
+      return;
+    }
+    const json& meta = (*vmi)["metadata"];
+    const std::string ns = meta.value("namespace", "default"), name = meta.value("name", "");
+    if (MayPass(st)) {
+      Backoff& b = backoffs[d.uid];
+      b.delay = b.delay.count() == 0 ? o.pull_backoff : std::min(b.delay * 2, o.pull_backoff_max);
+      b.next = Clock::now() + b.delay;
+      log::Warn("VMI {}/{}: {} (retrying in {} s)", ns, name, st.message(), b.delay.count() / 1000.0);
+      const int64_t now = Now();
+      EditVmiStatus(ns, name, d.uid, [&](json& status) {
+        SetCondition(status, "Ready", false, "ErrImagePull", st.message(), now);
+      });
+      return;
+    }
+    MarkFinal(ns, name, d.uid, false, st.message());
+  }
+
+  void BeginStop(std::unique_ptr<Instance> inst, const std::string& why) {
+    const std::string uid = inst->record().uid;
+    log::Info("stopping VMI {}/{} ({})", inst->record().namespace_, inst->record().name, why);
+    std::thread t([this, uid, inst = std::move(inst)]() mutable {
+      inst->Stop(o.grace, quit.get());
+      inst->Remove();
+      Post(Done{uid, true, Internal("stopped")});
+    });
+    stops[uid] = std::move(t);
+  }
+
+  std::optional<json> FindVmiByUid(const std::string& uid) {
+    auto list = store->List(kVmiResource, "", {}, true);
+    if (!list.ok()) return std::nullopt;
+    for (auto& v : list->items) {
+      if (v["metadata"].value("uid", "") == uid) return std::move(v);
+    }
+    return std::nullopt;
+  }
+
+  // ---- one pass ----
+
+  void Pass() {
+    std::deque<Done> finished;
+    {
+      std::lock_guard lock(mu);
+      finished.swap(done);
+    }
+    for (auto& d : finished) {
+      if (d.is_stop) {
+        auto it = stops.find(d.uid);
+        if (it != stops.end()) {
+          it->second.join();
+          stops.erase(it);
+        }
+      } else {
+        FinishStart(d);
+      }
+    }
+
+    auto list = store->List(kVmiResource, "", {}, true);
+    if (!list.ok()) {
+      log::Warn("listing VMIs: {}", list.status().message());
+      return;
+    }
+    std::map<std::string, const json*> by_uid;
+    for (const auto& v : list->items) by_uid[v["metadata"].value("uid", "")] = &v;
+
+    for (auto it = instances.begin(); it != instances.end();) {
+      Instance& inst = *it->second;
+      const InstanceRecord& r = inst.record();
+      if (auto exit = inst.Poll()) {
+        MarkFinal(r.namespace_, r.name, r.uid, exit->succeeded, exit->reason);
+        inst.Remove();
+        it = instances.erase(it);
+        continue;
+      }
+      auto vmi = by_uid.find(it->first);
+      if (vmi == by_uid.end() || (*vmi->second)["metadata"].contains("deletionTimestamp")) {
+        auto owned = std::move(it->second);
+        it = instances.erase(it);
+        BeginStop(std::move(owned), vmi == by_uid.end() ? "its VMI was deleted" : "its VMI is being deleted");
+        continue;
+      }
+      ++it;
+    }
+    for (auto& [uid, start] : starts) {
+      if (!by_uid.count(uid)) start.cancel->Cancel("the VMI was deleted");
+    }
+    for (const auto& v : list->items) {
+      const json& meta = v["metadata"];
+      const std::string uid = meta.value("uid", "");
+      if (instances.count(uid) || starts.count(uid) || stops.count(uid) || meta.contains("deletionTimestamp")) continue;
+      c::ObservedVmi observed = ObservedVmiFromJson(v);
+      if (c::IsFinal(observed.phase)) continue;
+      if (observed.phase == c::VmiPhase::kRunning) {
+        MarkFinal(observed.namespace_, observed.name, uid, false, "its QEMU is gone (it ended while no daemon watched it)");
+        continue;
+      }
+      auto b = backoffs.find(uid);
+      if (b != backoffs.end() && Clock::now() < b->second.next) continue;
+      BeginStart(v);
+    }
+    for (auto b = backoffs.begin(); b != backoffs.end();) {
+      b = by_uid.count(b->first) ? std::next(b) : backoffs.erase(b);
+    }
+
+    std::vector<c::ObservedVmi> observed;
+    for (const auto& v : list->items) observed.push_back(ObservedVmiFromJson(v));
+    ReconcileReplicaSets(observed);
+    ReconcileVms(observed);
+  }
+
+  void ReconcileReplicaSets(const std::vector<c::ObservedVmi>& vmis) {
+    auto sets = store->List(kVmirsResource, "", {}, true);
+    if (!sets.ok()) return;
+    for (const auto& rs_json : sets->items) {
+      auto rs = ReplicaSetFromJson(rs_json, Now());
+      if (!rs.ok()) {
+        log::Warn("{}", rs.status().message());
+        continue;
+      }
+      std::vector<c::ObservedVmi> in_ns;
+      for (const auto& v : vmis) {
+        if (v.namespace_ == rs->namespace_) in_ns.push_back(v);
+      }
+      for (const auto& action : c::ReconcileReplicaSet(*rs, in_ns, names)) {
+        std::visit([&](const auto& a) { Apply(rs_json, a, true); }, action);
+      }
+    }
+  }
+
+  void ReconcileVms(const std::vector<c::ObservedVmi>& vmis) {
+    auto list = store->List(kVmResource, "", {}, true);
+    if (!list.ok()) return;
+    for (const auto& vm_json : list->items) {
+      auto vm = VmFromJson(vm_json);
+      if (!vm.ok()) {
+        log::Warn("{}", vm.status().message());
+        continue;
+      }
+      std::optional<c::ObservedVmi> vmi;
+      for (const auto& v : vmis) {
+        if (v.namespace_ == vm->namespace_ && v.name == vm->name) vmi = v;
+      }
+      for (const auto& action : c::ReconcileVm(*vm, vmi)) {
+        std::visit([&](const auto& a) { Apply(vm_json, a, false); }, action);
+      }
+    }
+  }
+
+  // ---- the controllers' actions, as store writes ----
+
+  void Warn(const Status& st, std::string_view what) {
+    if (!st.ok()) log::Warn("{}: {}", what, st.message());
+  }
+
+  void Apply(const json& owner, const c::CreateVmi& a, bool) {
+    Warn(store->Create(kVmiResource, VmiFromTemplate(owner, a)).status(), "creating VMI " + a.name);
+  }
+  void Apply(const json&, const c::DeleteVmi& a, bool) {
+    state::Preconditions pre;
+    pre.uid = a.uid;
+    log::Info("deleting VMI {}/{} ({})", a.namespace_, a.name, c::DeleteReasonName(a.reason));
+    auto st = store->Delete(kVmiResource, a.namespace_, a.name, pre);
+    if (!st.ok() && st.status().code() != Code::kNotFound) Warn(st.status(), "deleting VMI " + a.name);
+  }
+  void Apply(const json&, const c::AdoptVmi& a, bool) {
+    EditVmi(a.namespace_, a.name, a.uid, [&](json& vmi) {
+      json& refs = vmi["metadata"]["ownerReferences"];
+      if (!refs.is_array()) refs = json::array();
+      refs.push_back(OwnerReferenceJson(a.owner));
+    });
+  }
+  void Apply(const json&, const c::ReleaseVmi& a, bool) {
+    EditVmi(a.namespace_, a.name, a.uid, [&](json& vmi) {
+      json& refs = vmi["metadata"]["ownerReferences"];
+      if (!refs.is_array()) return;
+      json kept = json::array();
+      for (const auto& r : refs) {
+        if (!r.value("controller", false)) kept.push_back(r);
+      }
+      refs = kept;
+    });
+  }
+  void Apply(const json& owner, const c::UpdateReplicaSetStatus& a, bool) {
+    EditOwner(kVmirsResource, owner, [&](json& rs) { rs["status"] = ReplicaSetStatusJson(a.status, rs.value("status", json())); }, true);
+  }
+  void Apply(const json& owner, const c::UpdateVmStatus& a, bool) {
+    EditOwner(kVmResource, owner, [&](json& vm) { vm["status"] = VmStatusJson(a.status, vm.value("status", json())); }, true);
+  }
+  void Apply(const json& owner, const c::AddStateChangeRequest& a, bool) {
+    EditOwner(kVmResource, owner, [&](json& vm) {
+      json& reqs = vm["status"]["stateChangeRequests"];
+      if (!reqs.is_array()) reqs = json::array();
+      json r = {{"action", a.request.action == c::StateChangeRequest::Action::kStop ? "Stop" : "Start"}};
+      if (!a.request.uid.empty()) r["data"] = {{"uid", a.request.uid}};
+      reqs.push_back(r);
+    }, true);
+  }
+  void Apply(const json& owner, const c::RemoveFirstStateChangeRequest&, bool) {
+    EditOwner(kVmResource, owner, [&](json& vm) {
+      json& reqs = vm["status"]["stateChangeRequests"];
+      if (reqs.is_array() && !reqs.empty()) reqs.erase(reqs.begin());
+      if (reqs.is_array() && reqs.empty()) vm["status"].erase("stateChangeRequests");
+    }, true);
+  }
+  void Apply(const json& owner, const c::SetRunStrategy& a, bool) {
+    EditOwner(kVmResource, owner, [&](json& vm) {
+      vm["spec"].erase("running");
+      vm["spec"]["runStrategy"] = std::string(c::RunStrategyName(a.run_strategy));
+    }, false);
+  }
+
+  void EditVmi(const std::string& ns, const std::string& name, const std::string& uid,
+               const std::function<void(json&)>& edit) {
+    auto vmi = store->Get(kVmiResource, ns, name);
+    if (!vmi.ok() || (*vmi)["metadata"].value("uid", "") != uid) return;
+    edit(*vmi);
+    Warn(store->Update(kVmiResource, *vmi).status(), "updating VMI " + name);
+  }
+
+  // The owner as stored now (the action was computed from `owner`; a newer
+  // version is left for the next pass).
+  void EditOwner(const char* resource, const json& owner, const std::function<void(json&)>& edit, bool status) {
+    const json& meta = owner["metadata"];
+    auto current = store->Get(resource, meta.value("namespace", "default"), meta.value("name", ""));
+    if (!current.ok() || (*current)["metadata"].value("uid", "") != meta.value("uid", "")) return;
+    edit(*current);
+    auto st = status ? store->UpdateStatus(resource, *current) : store->Update(resource, *current);
+    if (!st.ok() && st.status().code() != Code::kAborted) Warn(st.status(), "updating " + meta.value("name", ""));
+  }
+
+  // ---- the loop ----
+
+  Status OpenWatches() {
+    watches.clear();
+    for (const char* r : {kVmiResource, kVmResource, kVmirsResource}) {
+      ASSIGN_OR_RETURN(int64_t rv, store->CurrentResourceVersion());
+      ASSIGN_OR_RETURN(auto w, store->Watch(r, "", {}, rv, true));
+      watches.push_back(std::move(w));
+    }
+    return OkStatus();
+  }
+
+  void Run() {
+    while (!quit->cancelled()) {
+      Pass();
+      std::vector<pollfd> fds;
+      fds.push_back({quit->poll_fd(), POLLIN, 0});
+      fds.push_back({wake.get(), POLLIN, 0});
+      for (const auto& w : watches) fds.push_back({w->poll_fd(), POLLIN, 0});
+      for (const auto& [uid, inst] : instances) fds.push_back({inst->exit_fd(), POLLIN, 0});
+      int timeout = static_cast<int>(o.resync.count());
+      if (!backoffs.empty()) {
+        auto soonest = std::min_element(backoffs.begin(), backoffs.end(), [](const auto& a, const auto& b) {
+                         return a.second.next < b.second.next;
+                       })->second.next;
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(soonest - Clock::now()).count();
+        timeout = static_cast<int>(std::clamp<int64_t>(left + 1, 0, timeout));
+      }
+      ::poll(fds.data(), fds.size(), timeout);
+      uint64_t n;
+      if (fds[1].revents) (void)::read(wake.get(), &n, sizeof n);
+      bool reopen = false;
+      for (const auto& w : watches) {
+        for (;;) {
+          auto ev = w->TryNext();
+          if (!ev.ok()) {
+            reopen = true;  // fell behind, or ended: a full pass covers what was missed
+            break;
+          }
+          if (!ev->has_value()) break;
+        }
+      }
+      if (reopen) {
+        auto st = OpenWatches();
+        if (!st.ok()) log::Warn("watching the store: {}", st.message());
+      }
+    }
+  }
+
+  void Adopt() {
+    for (const auto& dir : ListInstanceDirs(o.root)) {
+      auto inst = Instance::Adopt(dir);
+      if (!inst.ok()) {
+        log::Info("removing {}: {}", dir.string(), inst.status().message());
+        std::error_code ec;
+        fs::remove_all(dir, ec);
+        continue;
+      }
+      const InstanceRecord& r = (*inst)->record();
+      log::Info("adopted VMI {}/{} (QEMU pid {})", r.namespace_, r.name, r.pid);
+      instances[r.uid] = std::move(*inst);
+    }
+  }
+
+  void Shutdown() {
+    quit->Cancel("the daemon is stopping");
+    if (loop.joinable()) loop.join();
+    for (auto& [uid, s] : starts) s.cancel->Cancel("the daemon is stopping");
+    for (auto& [uid, s] : starts) s.thread.join();
+    for (auto& [uid, t] : stops) t.join();
+    starts.clear();
+    stops.clear();
+    std::lock_guard lock(mu);
+    done.clear();  // a QEMU a start launched meanwhile keeps running; the next daemon adopts it
+  }
+};
+
+Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
+  if (options.store == nullptr) return InvalidArgument("Node::Start needs an object store");
+  auto impl = std::make_unique<Impl>();
+  impl->o = std::move(options);
+  impl->store = impl->o.store;
+  if (impl->o.node_name.empty()) impl->o.node_name = Hostname();
+  impl->names = c::RandomNameSource(impl->o.name_seed ? impl->o.name_seed : RandomSeed());
+  impl->wake = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!impl->wake.valid()) return ErrnoStatus("creating an eventfd");
+  RETURN_IF_ERROR(MakeDirs(impl->o.root / "run"));
+  impl->Adopt();
+  RETURN_IF_ERROR(impl->OpenWatches());
+  Impl* raw = impl.get();
+  impl->loop = std::thread([raw] { raw->Run(); });
+  return std::unique_ptr<Node>(new Node(std::move(impl)));
+}
+
+Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Node::~Node() { impl_->Shutdown(); }
+
+void Node::StopAllVms() {
+  impl_->Shutdown();
+  std::vector<std::thread> stops;
+  for (auto& [uid, inst] : impl_->instances) {
+    Instance* raw = inst.get();
+    stops.emplace_back([this, raw] {
+      raw->Stop(impl_->o.grace);
+      raw->Remove();
+    });
+  }
+  for (auto& t : stops) t.join();
+  impl_->instances.clear();
+}
+
+}  // namespace regdisk::daemon

@@ -1,0 +1,286 @@
+// The node daemon's engine with real QEMU (the boot-sector guest, which
+// stays up) on a disk in a real registry: VirtualMachineInstances start
+// and stop as the object store says, replica sets heal and scale, and a
+// restarted daemon adopts the QEMUs the previous one left running.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <functional>
+#include <thread>
+
+#include "daemon/convert.h"
+#include "daemon/instance.h"
+#include "daemon/node.h"
+#include "daemon/resources.h"
+#include "harness/harness.h"
+#include "state/object_store.h"
+
+namespace regdisk::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using daemon::kVmiResource;
+using daemon::kVmirsResource;
+using daemon::kVmResource;
+
+TEST(DaemonConvertTest, TimestampsRoundTrip) {
+  EXPECT_EQ(daemon::ParseTimestamp("2026-11-28T11:52:22Z"), 1795866742);
+  EXPECT_EQ(state::FormatTimestamp(*daemon::ParseTimestamp("2026-11-28T11:52:22Z")), "2026-11-28T11:52:22Z");
+  EXPECT_FALSE(daemon::ParseTimestamp("2026-11-28 11:52:22"));
+  EXPECT_FALSE(daemon::ParseTimestamp("2026-11-28T11:52:22Zjunk"));
+}
+
+TEST(DaemonConvertTest, ObservedVmiReadsPhaseReadinessOwnerAndGeneration) {
+  json vmi = json::parse(R"({
+    "metadata": {"name": "web-x", "namespace": "ns1", "uid": "u1", "labels": {"app": "web"},
+                 "creationTimestamp": "2026-11-28T11:52:22Z",
+                 "annotations": {"regdisk.io/template-generation": "3"},
+                 "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceReplicaSet",
+                                      "name": "web", "uid": "rs1", "controller": true}]},
+    "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})");
+  controller::ObservedVmi o = daemon::ObservedVmiFromJson(vmi);
+  EXPECT_EQ(o.namespace_, "ns1");
+  EXPECT_EQ(o.phase, controller::VmiPhase::kRunning);
+  EXPECT_TRUE(o.ready);
+  ASSERT_TRUE(o.controller_ref);
+  EXPECT_EQ(o.controller_ref->uid, "rs1");
+  EXPECT_EQ(o.template_generation, 3);
+  EXPECT_EQ(o.created.seconds, 1795866742);
+  EXPECT_EQ(o.labels.at("app"), "web");
+  // No status yet: Pending; an unknown phase is Unknown, never Running.
+  EXPECT_EQ(daemon::ObservedVmiFromJson(json::parse(R"({"metadata": {"name": "a"}})")).phase,
+            controller::VmiPhase::kPending);
+  EXPECT_EQ(daemon::ObservedVmiFromJson(json::parse(R"({"metadata": {"name": "a"}, "status": {"phase": "Bogus"}})")).phase,
+            controller::VmiPhase::kUnknown);
+}
+
+TEST(DaemonConvertTest, NewVmisCarryTheTemplateOwnerAndGeneration) {
+  json rs = json::parse(R"({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceReplicaSet",
+    "metadata": {"name": "web", "namespace": "default", "uid": "rs1", "generation": 2},
+    "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+             "template": {"metadata": {"labels": {"app": "web"}, "annotations": {"note": "x"}},
+                          "spec": {"domain": {"devices": {}}}}}})");
+  auto state = daemon::ReplicaSetFromJson(rs, 100);
+  ASSERT_OK(state);
+  EXPECT_EQ(state->replicas, 2);
+  EXPECT_EQ(state->template_.generation, 2);
+  controller::CreateVmi create{"default", "web-abcde", state->template_, state->template_.labels,
+                               controller::OwnerRefFor(*state)};
+  json vmi = daemon::VmiFromTemplate(rs, create);
+  EXPECT_EQ(vmi["kind"], "VirtualMachineInstance");
+  EXPECT_EQ(vmi["metadata"]["name"], "web-abcde");
+  EXPECT_EQ(vmi["metadata"]["labels"]["app"], "web");
+  EXPECT_EQ(vmi["metadata"]["annotations"]["note"], "x");
+  EXPECT_EQ(vmi["metadata"]["annotations"]["regdisk.io/template-generation"], "2");
+  EXPECT_EQ(vmi["metadata"]["ownerReferences"][0]["uid"], "rs1");
+  EXPECT_EQ(vmi["metadata"]["ownerReferences"][0]["controller"], true);
+  EXPECT_EQ(vmi["spec"], rs["spec"]["template"]["spec"]);
+  // matchExpressions are not implemented: refused, not ignored.
+  rs["spec"]["selector"]["matchExpressions"] = json::array({{{"key", "a"}, {"operator", "Exists"}}});
+  EXPECT_FALSE(daemon::ReplicaSetFromJson(rs, 100).ok());
+}
+
+TEST(DaemonConvertTest, ProcessStartTicksNamesOneProcess) {
+  auto mine = daemon::ProcessStartTicks(::getpid());
+  ASSERT_TRUE(mine);
+  EXPECT_EQ(daemon::ProcessStartTicks(::getpid()), mine);
+  EXPECT_FALSE(daemon::ProcessStartTicks(0x3ffffff));
+}
+
+class DaemonTest : public TempDirTest {
+ protected:
+  void SetUp() override {
+    TempDirTest::SetUp();
+    root_ = tmp() / "root";
+    auto reg = TestRegistry::Start(RegistryMode::kPlain);
+    ASSERT_OK(reg);
+    reg_ = std::move(*reg);
+    // The boot-sector guest, told to stay up (it halts without powering off).
+    std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+    std::string sector1 = "PRISTINE-SECTOR-CONTENT";
+    sector1.resize(512, '\0');
+    raw += sector1 + "STAY-UP";
+    raw.resize(1 << 20, '\0');
+    ASSERT_OK(WriteFileAtomic(tmp() / "halt.raw", raw));
+    image_ = reg_->host() + "/vmdisks/halt:v1";
+    RunResult r = RunRegdisk({"build", P("halt.raw"), "-t", "docker://" + image_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_OK(MakeDirs(root_));
+    auto store = state::ObjectStore::Open(root_ / "state.db");
+    ASSERT_OK(store);
+    store_ = std::move(*store);
+  }
+  void TearDown() override {
+    if (node_) node_->StopAllVms();
+    node_.reset();
+    TempDirTest::TearDown();
+  }
+
+  void StartNode() {
+    daemon::NodeOptions o;
+    o.root = root_;
+    o.store = store_.get();
+    o.plan.accel = "auto";
+    o.node_name = "node1";
+    o.grace = 1s;
+    o.resync = 500ms;
+    o.name_seed = 42;
+    auto node = daemon::Node::Start(std::move(o));
+    ASSERT_OK(node);
+    node_ = std::move(*node);
+  }
+
+  json VmiTemplate() const {
+    return {{"metadata", {{"labels", {{"app", "web"}}}}},
+            {"spec",
+             {{"domain", {{"devices", {{"disks", {{{"name", "root"}, {"disk", {{"bus", "virtio"}}}}}}}},
+                          {"resources", {{"requests", {{"memory", "64M"}}}}}}},
+              {"volumes", {{{"name", "root"}, {"containerDisk", {{"image", image_}}}}}}}}};
+  }
+
+  void CreateReplicaSet(const std::string& name, int replicas) {
+    json rs = {{"apiVersion", "kubevirt.io/v1"},
+               {"kind", "VirtualMachineInstanceReplicaSet"},
+               {"metadata", {{"name", name}, {"namespace", "default"}}},
+               {"spec", {{"replicas", replicas}, {"selector", {{"matchLabels", {{"app", "web"}}}}}, {"template", VmiTemplate()}}}};
+    ASSERT_OK(store_->Create(kVmirsResource, rs));
+  }
+
+  std::vector<json> Vmis() {
+    auto list = store_->List(kVmiResource, "default");
+    EXPECT_TRUE(list.ok()) << StatusText(list.status());
+    return list.ok() ? list->items : std::vector<json>{};
+  }
+  std::vector<json> RunningVmis() {
+    std::vector<json> out;
+    for (auto& v : Vmis()) {
+      if (v.contains("status") && v["status"].value("phase", "") == "Running") out.push_back(v);
+    }
+    return out;
+  }
+  // Waits until `done` holds; a bounded wait, not a timing assertion
+  // (QEMU under TCG on a loaded machine may take a while).
+  bool Eventually(const std::function<bool()>& done, std::chrono::seconds limit = 120s) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < until) {
+      if (done()) return true;
+      std::this_thread::sleep_for(100ms);
+    }
+    return done();
+  }
+  static pid_t PidOf(const fs::path& root, const std::string& uid) {
+    auto text = ReadFileCapped(daemon::InstanceDir(root, uid) / "vm.json", 1 << 20);
+    if (!text.ok()) return 0;
+    return json::parse(*text).value("qemuPid", 0);
+  }
+  static bool Alive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
+  int QemusUnderRoot() {
+    RunResult r = RunProgram({"pgrep", "-f", (root_ / "run").string()});
+    int n = 0;
+    for (char ch : r.out) n += ch == '\n';
+    return n;
+  }
+
+  fs::path root_;
+  std::string image_;
+  std::unique_ptr<TestRegistry> reg_;
+  std::unique_ptr<state::ObjectStore> store_;
+  std::unique_ptr<daemon::Node> node_;
+};
+
+TEST_F(DaemonTest, ReplicaSetRunsHealsScalesAndSurvivesARestart) {
+  StartNode();
+  CreateReplicaSet("web", 2);
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2);
+  std::vector<json> running = RunningVmis();
+  for (const auto& v : running) {
+    EXPECT_EQ(v["status"]["nodeName"], "node1");
+    EXPECT_EQ(v["status"]["interfaces"][0]["ipAddress"], "10.0.2.2");
+    EXPECT_EQ(v["metadata"]["ownerReferences"][0]["name"], "web");
+    EXPECT_THAT(v["metadata"]["name"].get<std::string>(), ::testing::StartsWith("web-"));
+    EXPECT_TRUE(Alive(PidOf(root_, v["metadata"]["uid"])));
+  }
+
+  // Kill one VMI's QEMU: it is marked Failed, deleted, and replaced.
+  const std::string victim = running[0]["metadata"]["uid"];
+  const std::string survivor = running[1]["metadata"]["uid"];
+  ASSERT_EQ(::kill(PidOf(root_, victim), SIGKILL), 0);
+  ASSERT_TRUE(Eventually([&] {
+    auto now = RunningVmis();
+    return now.size() == 2 && now[0]["metadata"]["uid"] != victim && now[1]["metadata"]["uid"] != victim;
+  })) << json(Vmis()).dump(2);
+  EXPECT_FALSE(fs::exists(daemon::InstanceDir(root_, victim)));
+
+  // The daemon goes away (its QEMUs do not); a new one adopts them.
+  std::map<std::string, pid_t> pids;
+  for (const auto& v : RunningVmis()) pids[v["metadata"]["uid"]] = PidOf(root_, v["metadata"]["uid"]);
+  node_.reset();
+  for (const auto& [uid, pid] : pids) EXPECT_TRUE(Alive(pid)) << uid;
+  StartNode();
+  std::this_thread::sleep_for(1500ms);  // a few passes of the new daemon, which must change nothing
+  auto after = RunningVmis();
+  ASSERT_EQ(after.size(), 2u);
+  for (const auto& v : after) EXPECT_EQ(PidOf(root_, v["metadata"]["uid"]), pids[v["metadata"]["uid"]]);
+
+  // Scale down to 1, then delete the set and its VMIs: no QEMU and no run
+  // directory is left.
+  auto rs = store_->Get(kVmirsResource, "default", "web");
+  ASSERT_OK(rs);
+  (*rs)["spec"]["replicas"] = 1;
+  ASSERT_OK(store_->Update(kVmirsResource, *rs));
+  ASSERT_TRUE(Eventually([&] { return Vmis().size() == 1 && QemusUnderRoot() == 1; })) << json(Vmis()).dump(2);
+  ASSERT_OK(store_->Delete(kVmirsResource, "default", "web"));
+  for (const auto& v : Vmis()) ASSERT_OK(store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>()));
+  ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && daemon::ListInstanceDirs(root_).empty(); }));
+  EXPECT_TRUE(survivor.size() > 0);
+}
+
+TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {
+  StartNode();
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "solo"}, {"namespace", "default"}}}, {"spec", VmiTemplate()["spec"]}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  const std::string uid = RunningVmis()[0]["metadata"]["uid"];
+  const pid_t pid = PidOf(root_, uid);
+  node_.reset();
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  // This test process started QEMU, so it reaps it (init would, for a real
+  // daemon that died).
+  ::waitpid(pid, nullptr, 0);
+  StartNode();
+  ASSERT_TRUE(Eventually([&] {
+    auto v = store_->Get(kVmiResource, "default", "solo");
+    return v.ok() && (*v)["status"].value("phase", "") == "Failed";
+  }));
+  auto v = store_->Get(kVmiResource, "default", "solo");
+  ASSERT_OK(v);
+  EXPECT_THAT((*v)["status"]["message"].get<std::string>(), ::testing::HasSubstr("gone"));
+  EXPECT_FALSE(fs::exists(daemon::InstanceDir(root_, uid)));
+}
+
+TEST_F(DaemonTest, AnImageThatIsNotThereYetIsRetriedThenRuns) {
+  StartNode();
+  json spec = VmiTemplate()["spec"];
+  const std::string later = reg_->host() + "/vmdisks/later:v1";
+  spec["volumes"][0]["containerDisk"]["image"] = later;
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "later"}, {"namespace", "default"}}}, {"spec", spec}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_TRUE(Eventually([&] {
+    auto v = store_->Get(kVmiResource, "default", "later");
+    if (!v.ok() || !(*v)["status"].contains("conditions")) return false;
+    return (*v)["status"]["conditions"][0].value("reason", "") == "ErrImagePull";
+  })) << json(Vmis()).dump(2);
+  EXPECT_NE((*store_->Get(kVmiResource, "default", "later"))["status"].value("phase", ""), "Failed");
+  RunResult r = RunRegdisk({"copy", "docker://" + image_, "docker://" + later});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+}
+
+}  // namespace
+}  // namespace regdisk::testing
