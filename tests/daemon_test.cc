@@ -96,19 +96,13 @@ class DaemonTest : public TempDirTest {
   void SetUp() override {
     TempDirTest::SetUp();
     root_ = tmp() / "root";
-    auto reg = TestRegistry::Start(RegistryMode::kPlain);
+    TestRegistry::Extra extra;
+    extra.access_log = true;
+    auto reg = TestRegistry::Start(RegistryMode::kPlain, {}, extra);
     ASSERT_OK(reg);
     reg_ = std::move(*reg);
-    // The boot-sector guest, told to stay up (it halts without powering off).
-    std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
-    std::string sector1 = "PRISTINE-SECTOR-CONTENT";
-    sector1.resize(512, '\0');
-    raw += sector1 + "STAY-UP";
-    raw.resize(1 << 20, '\0');
-    ASSERT_OK(WriteFileAtomic(tmp() / "halt.raw", raw));
     image_ = reg_->host() + "/vmdisks/halt:v1";
-    RunResult r = RunRegdisk({"build", P("halt.raw"), "-t", "docker://" + image_});
-    ASSERT_EQ(r.exit_code, 0) << r.err;
+    PushGuest("v1");
     ASSERT_OK(MakeDirs(root_));
     auto store = state::ObjectStore::Open(root_ / "state.db");
     ASSERT_OK(store);
@@ -118,6 +112,36 @@ class DaemonTest : public TempDirTest {
     if (node_) node_->StopAllVms();
     node_.reset();
     TempDirTest::TearDown();
+  }
+
+  // The boot-sector guest, told to stay up (it halts without powering
+  // off), with `version` in its padding so each version is other bytes.
+  void PushGuest(const std::string& version) {
+    std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+    std::string sector1 = "PRISTINE-SECTOR-CONTENT";
+    sector1.resize(512, '\0');
+    raw += sector1 + "STAY-UP";
+    raw.resize(4096, '\0');
+    raw += version;
+    raw.resize(1 << 20, '\0');
+    ASSERT_OK(WriteFileAtomic(tmp() / "halt.raw", raw));
+    RunResult r = RunRegdisk({"build", P("halt.raw"), "-t", "docker://" + image_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  // How often the registry served each blob of the test image.
+  std::map<std::string, int> BlobGets() {
+    std::map<std::string, int> out;
+    std::string log = reg_->log();
+    const std::string what = "GET /v2/vmdisks/halt/blobs/";
+    for (size_t at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) {
+      out[log.substr(at + what.size(), 71)]++;
+    }
+    return out;
+  }
+  static std::string Annotation(const json& obj, const char* key) {
+    const json& meta = obj["metadata"];
+    if (!meta.contains("annotations") || !meta["annotations"].contains(key)) return "";
+    return meta["annotations"][key].get<std::string>();
   }
 
   void StartNode() {
@@ -214,6 +238,10 @@ TEST_F(DaemonTest, ReplicaSetRunsHealsScalesAndSurvivesARestart) {
     return now.size() == 2 && now[0]["metadata"]["uid"] != victim && now[1]["metadata"]["uid"] != victim;
   })) << json(Vmis()).dump(2);
   EXPECT_FALSE(fs::exists(daemon::InstanceDir(root_, victim)));
+  // Three VMs started from one image: each of its blobs left the registry once.
+  auto gets = BlobGets();
+  EXPECT_FALSE(gets.empty());
+  for (const auto& [digest, n] : gets) EXPECT_EQ(n, 1) << digest;
 
   // The daemon goes away (its QEMUs do not); a new one adopts them.
   std::map<std::string, pid_t> pids;
@@ -237,6 +265,33 @@ TEST_F(DaemonTest, ReplicaSetRunsHealsScalesAndSurvivesARestart) {
   for (const auto& v : Vmis()) ASSERT_OK(store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>()));
   ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && daemon::ListInstanceDirs(root_).empty(); }));
   EXPECT_TRUE(survivor.size() > 0);
+}
+
+TEST_F(DaemonTest, ReplicasRunThePinnedDigestWhenTheTagMoves) {
+  StartNode();
+  CreateReplicaSet("web", 1);
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  std::string pins;
+  ASSERT_TRUE(Eventually([&] {
+    auto rs = store_->Get(kVmirsResource, "default", "web");
+    pins = rs.ok() ? Annotation(*rs, daemon::kPinnedImagesAnnotation) : "";
+    return !pins.empty();
+  }));
+  const std::string first = Annotation(RunningVmis()[0], daemon::kImageDigestsAnnotation);
+  EXPECT_EQ(json::parse(pins), json::parse(first));
+  const std::string pinned = json::parse(pins)[image_];
+
+  PushGuest("v2");  // the tag moves to other bytes
+  RunResult moved = RunRegdisk({"inspect", "docker://" + image_, "--format", "{{.Digest}}"});
+  ASSERT_EQ(moved.exit_code, 0) << moved.err;
+  ASSERT_NE(moved.out.substr(0, pinned.size()), pinned);
+
+  auto rs = store_->Get(kVmirsResource, "default", "web");
+  ASSERT_OK(rs);
+  (*rs)["spec"]["replicas"] = 2;
+  ASSERT_OK(store_->Update(kVmirsResource, *rs));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2);
+  for (const auto& v : RunningVmis()) EXPECT_EQ(json::parse(Annotation(v, daemon::kImageDigestsAnnotation))[image_], pinned);
 }
 
 TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {

@@ -44,7 +44,7 @@ nlohmann::json RecordToJson(const InstanceRecord& r) {
   return {{"namespace", r.namespace_}, {"name", r.name}, {"uid", r.uid}, {"qemuPid", r.pid},
           {"qemuStartTicks", r.start_ticks}, {"startedAt", r.started_at}, {"qmpSocket", r.qmp_socket.string()},
           {"consoleSocket", r.console_socket.string()}, {"logFile", r.log_file.string()}, {"ip", r.ip},
-          {"ports", ports}};
+          {"ports", ports}, {"images", r.images}};
 }
 
 Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& run_dir) {
@@ -70,6 +70,10 @@ Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& r
       pp.host_ip = p.value("hostIP", "");
       pp.host_port = p.value("hostPort", 0);
       r.ports.push_back(pp);
+    }
+    const nlohmann::json images = j.value("images", nlohmann::json::object());
+    for (const auto& [image, digest] : images.items()) {
+      if (digest.is_string()) r.images[image] = digest.get<std::string>();
     }
     if (r.pid <= 1) return InvalidArgument("no QEMU pid");
     return r;
@@ -201,6 +205,9 @@ Result<std::unique_ptr<Instance>> Instance::Launch(vm::VmPlan plan, const Launch
   r.qmp_socket = plan.qmp_socket;
   r.console_socket = plan.console_socket;
   r.log_file = plan.log_file;
+  for (const auto& d : plan.disks) {
+    if (!d.image.empty() && d.manifest_digest) r.images[d.image] = d.manifest_digest->str();
+  }
   for (const auto& nic : plan.nics) {
     if (r.ip.empty()) r.ip = nic.GuestAddress();
     r.ports.insert(r.ports.end(), nic.ports.begin(), nic.ports.end());

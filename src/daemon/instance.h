@@ -31,6 +31,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -59,6 +60,9 @@ struct InstanceRecord {
   std::filesystem::path log_file;
   std::string ip;
   std::vector<vm::PublishedPort> ports;
+  // Each registry disk's image as the spec names it -> the manifest digest
+  // it runs ("sha256:...").
+  std::map<std::string, std::string> images;
 };
 
 struct InstanceExit {

@@ -86,6 +86,9 @@ struct Node::Impl {
     std::chrono::milliseconds delay{0};
   };
   std::map<std::string, Backoff> backoffs;
+  // By VMI uid: the images a start runs by their pinned digest ->
+  // the image as the spec names it.
+  std::map<std::string, std::map<std::string, std::string>> pinned;
   std::vector<std::unique_ptr<state::Subscription>> watches;
 
   // Work in other threads, and what it hands back.
@@ -190,10 +193,48 @@ struct Node::Impl {
 
   // ---- starting and stopping VMs ----
 
-  void BeginStart(const json& vmi) {
+  // The replica set that controls `vmi`, if any (and it still exists).
+  std::optional<json> OwningReplicaSet(const json& vmi) {
+    auto ref = ObservedVmiFromJson(vmi).controller_ref;
+    if (!ref || ref->kind != "VirtualMachineInstanceReplicaSet") return std::nullopt;
+    auto rs = store->Get(kVmirsResource, vmi["metadata"].value("namespace", "default"), ref->name);
+    if (!rs.ok() || (*rs)["metadata"].value("uid", "") != ref->uid) return std::nullopt;
+    return std::move(*rs);
+  }
+
+  static json PinsOf(const json& owner) {
+    const json& ann = owner["metadata"].contains("annotations") ? owner["metadata"]["annotations"] : json::object();
+    if (!ann.is_object() || !ann.contains(kPinnedImagesAnnotation) || !ann[kPinnedImagesAnnotation].is_string()) {
+      return json::object();
+    }
+    json pins = json::parse(ann[kPinnedImagesAnnotation].get<std::string>(), nullptr, false);
+    return pins.is_object() ? pins : json::object();
+  }
+
+  void BeginStart(json vmi) {
     const json& meta = vmi["metadata"];
     const std::string ns = meta.value("namespace", "default"), name = meta.value("name", ""),
                       uid = meta.value("uid", "");
+    // A replica's images: the digests its set pinned (a tag that moved
+    // since does not split the set).
+    if (auto rs = OwningReplicaSet(vmi)) {
+      json pins = PinsOf(*rs);
+      json& spec = vmi["spec"];
+      json empty = json::array();
+      json& volumes = spec.is_object() && spec.contains("volumes") && spec["volumes"].is_array() ? spec["volumes"] : empty;
+      for (auto& v : volumes) {
+        if (!v.is_object()) continue;
+        const char* source = v.contains("containerDisk") ? "containerDisk" : "registryDisk";
+        if (!v.contains(source) || !v[source].is_object()) continue;
+        json& disk = v[source];
+        if (!disk.contains("image") || !disk["image"].is_string()) continue;
+        const std::string image = disk["image"];
+        if (image.find('@') == std::string::npos && pins.contains(image) && pins[image].is_string()) {
+          disk["image"] = image + "@" + pins[image].get<std::string>();
+          pinned[uid][disk["image"]] = image;
+        }
+      }
+    }
     // The VMI and its namespace's Secrets, as one multi-document file.
     std::string text = UserView(vmi, {"apiVersion", "kind", "spec"}).dump();
     auto secrets = store->List(kSecretResource, ns);
@@ -265,9 +306,11 @@ struct Node::Impl {
         status.erase("reason");
         status.erase("message");
       });
+      RecordImages(*inst);
       instances[d.uid] = std::move(inst);
       return;
     }
+    pinned.erase(d.uid);
     const Status& st = d.started.status();
     if (cancelled || st.code() == Code::kCancelled || !vmi) {
       std::error_code ec;
@@ -288,6 +331,43 @@ struct Node::Impl {
       return;
     }
     MarkFinal(ns, name, d.uid, false, st.message());
+  }
+
+  // The digests a started VMI runs, on the VMI, and as its replica set's
+  // pins for the images that have none yet.
+  void RecordImages(const Instance& inst) {
+    const InstanceRecord& r = inst.record();
+    std::map<std::string, std::string> images;  // as the spec names them
+    const auto& renamed = pinned[r.uid];
+    for (const auto& [image, digest] : r.images) {
+      auto it = renamed.find(image);
+      images[it == renamed.end() ? image : it->second] = digest;
+    }
+    pinned.erase(r.uid);
+    if (images.empty()) return;
+    EditVmi(r.namespace_, r.name, r.uid, [&](json& vmi) {
+      vmi["metadata"]["annotations"][kImageDigestsAnnotation] = json(images).dump();
+    });
+    auto vmi = store->Get(kVmiResource, r.namespace_, r.name);
+    if (!vmi.ok()) return;
+    auto rs = OwningReplicaSet(*vmi);
+    if (!rs) return;
+    json pins = PinsOf(*rs);
+    bool added = false;
+    for (const auto& [image, digest] : images) {
+      if (image.find('@') != std::string::npos || pins.contains(image)) continue;
+      pins[image] = digest;
+      added = true;
+      log::Info("replica set {}/{}: {} pinned to {}", r.namespace_, (*rs)["metadata"].value("name", ""), image, digest);
+    }
+    if (!added) return;
+    EditOwner(kVmirsResource, *rs, [&](json& obj) {
+      json current = PinsOf(obj);
+      for (const auto& [image, digest] : pins.items()) {
+        if (!current.contains(image)) current[image] = digest;
+      }
+      obj["metadata"]["annotations"][kPinnedImagesAnnotation] = current.dump();
+    }, false);
   }
 
   void BeginStop(std::unique_ptr<Instance> inst, const std::string& why) {

@@ -13,5 +13,14 @@ inline constexpr char kSecretResource[] = "v1/secrets";
 // Annotations regdisk writes on the objects it creates.
 // On a VMI an owner made: the owner's metadata.generation at that time.
 inline constexpr char kTemplateGenerationAnnotation[] = "regdisk.io/template-generation";
+// On a VMI: {"image as the spec names it": "sha256:..."}, the manifests
+// its disks run.
+inline constexpr char kImageDigestsAnnotation[] = "regdisk.io/image-digests";
+// On a replica set: the same map, written when its first VMI with that
+// image started; every later replica runs the pinned digest even if the
+// tag has moved since, so all replicas run the same bytes. A template
+// that names another image gets a pin of its own; removing the
+// annotation re-resolves the tags.
+inline constexpr char kPinnedImagesAnnotation[] = "regdisk.io/pinned-images";
 
 }  // namespace regdisk::daemon

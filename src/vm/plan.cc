@@ -416,6 +416,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       if (!resolved.ok()) return std::move(resolved).status();
       pd.stable = st.StablePath(resolved->key, o.platform);
       img = std::move(resolved->image);
+      pd.image = vol->registry_disk->image;
+      pd.manifest_digest = img.manifest_digest;
       if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));

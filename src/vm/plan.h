@@ -44,6 +44,10 @@ struct PlannedDisk {
   // domain stays valid when the image is pulled again.
   std::filesystem::path stable;
   bool in_store = true;  // false: offline, and the disk has not been pulled
+  // The volume's image as the spec names it, and the manifest it resolved
+  // to (for a tag: what the tag named when it was pulled or looked up).
+  std::string image;
+  std::optional<oci::Digest> manifest_digest;
 };
 
 // A host port forwarded to the guest.
