@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <functional>
+#include <set>
 #include <thread>
 
 #include "daemon/convert.h"
@@ -23,6 +24,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
+using ::testing::HasSubstr;
 using daemon::kVmiResource;
 using daemon::kVmirsResource;
 using daemon::kVmResource;
@@ -242,6 +244,23 @@ TEST_F(DaemonTest, ReplicaSetRunsHealsScalesAndSurvivesARestart) {
   auto gets = BlobGets();
   EXPECT_FALSE(gets.empty());
   for (const auto& [digest, n] : gets) EXPECT_EQ(n, 1) << digest;
+
+  // Events for kubectl describe / get events, and the counters /metrics serves.
+  auto events = store_->List(daemon::kEventResource, "default");
+  ASSERT_OK(events);
+  std::multiset<std::string> reasons;
+  for (const auto& e : events->items) reasons.insert(e["involvedObject"]["kind"].get<std::string>() + "/" + e["reason"].get<std::string>());
+  EXPECT_EQ(reasons.count("VirtualMachineInstanceReplicaSet/SuccessfulCreate"), 3u) << json(events->items).dump(2);
+  EXPECT_EQ(reasons.count("VirtualMachineInstanceReplicaSet/SuccessfulDelete"), 1u);
+  EXPECT_EQ(reasons.count("VirtualMachineInstance/Started"), 3u);
+  EXPECT_EQ(reasons.count("VirtualMachineInstance/Failed"), 1u);
+  EXPECT_GE(reasons.count("VirtualMachineInstance/Pulled"), 1u);
+  const std::string metrics = node_->MetricsText();
+  EXPECT_THAT(metrics, HasSubstr("regdisk_vmis{phase=\"Running\"} 2\n"));
+  EXPECT_THAT(metrics, HasSubstr("regdisk_vmi_starts_total 3\n"));
+  EXPECT_THAT(metrics, HasSubstr("regdisk_vmi_exits_total{result=\"failed\"} 1\n"));
+  EXPECT_THAT(metrics, HasSubstr("regdisk_pulls_total{result=\"success\"} 3\n"));
+  EXPECT_THAT(metrics, ::testing::Not(HasSubstr("regdisk_pull_bytes_total 0\n")));
 
   // The daemon goes away (its QEMUs do not); a new one adopts them.
   std::map<std::string, pid_t> pids;

@@ -6,14 +6,17 @@
 #include <unistd.h>
 
 #include <deque>
+#include <fmt/format.h>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "controller/names.h"
 #include "controller/replicaset.h"
 #include "controller/vm.h"
 #include "daemon/convert.h"
+#include "daemon/events.h"
 #include "daemon/instance.h"
 #include "daemon/resources.h"
 #include "spec/spec.h"
@@ -102,10 +105,40 @@ struct Node::Impl {
     std::string uid;
     bool is_stop = false;
     Result<std::unique_ptr<Instance>> started = Internal("not started");
+    // A start's pull: bytes fetched from registries, and how long pulling
+    // and planning took.
+    uint64_t pulled_bytes = 0;
+    double plan_seconds = 0;
   };
   std::mutex mu;
   std::deque<Done> done;  // guarded by mu
   UniqueFd wake;          // eventfd: work finished
+
+  // Counters for /metrics; any thread.
+  struct Metrics {
+    std::mutex mu;
+    std::map<std::string, uint64_t> pulls;  // result -> count
+    uint64_t pull_bytes = 0;
+    double pull_seconds = 0;
+    uint64_t starts = 0;
+    std::map<std::string, uint64_t> exits;  // succeeded | failed -> count
+    void CountPull(bool ok, uint64_t bytes, double seconds) {
+      std::lock_guard lock(mu);
+      pulls[ok ? "success" : "error"]++;
+      pull_bytes += bytes;
+      pull_seconds += seconds;
+    }
+    void Count(uint64_t Metrics::*counter) {
+      std::lock_guard lock(mu);
+      ++(this->*counter);
+    }
+    void CountExit(bool succeeded) {
+      std::lock_guard lock(mu);
+      exits[succeeded ? "succeeded" : "failed"]++;
+    }
+  } metrics;
+  std::unique_ptr<EventRecorder> events;
+  Clock::time_point next_prune;  // loop thread only
 
   std::shared_ptr<CancelToken> quit = std::make_shared<CancelToken>();
   std::thread loop;
@@ -181,7 +214,18 @@ struct Node::Impl {
   void MarkFinal(const std::string& ns, const std::string& name, const std::string& uid, bool succeeded,
                  const std::string& reason) {
     const int64_t now = Now();
+    auto vmi = store->Get(kVmiResource, ns, name);
+    if (!vmi.ok() || (*vmi)["metadata"].value("uid", "") != uid) return;
+    if (c::IsFinal(ObservedVmiFromJson(*vmi).phase)) return;
     log::Info("VMI {}/{} {}: {}", ns, name, succeeded ? "succeeded" : "failed", reason);
+    metrics.CountExit(succeeded);
+    {
+      if (succeeded) {
+        events->Normal(*vmi, "Succeeded", reason);
+      } else {
+        events->Warning(*vmi, "Failed", reason);
+      }
+    }
     EditVmiStatus(ns, name, uid, [&](json& status) {
       if (status.value("phase", "") == "Succeeded" || status.value("phase", "") == "Failed") return;
       SetPhase(status, succeeded ? c::VmiPhase::kSucceeded : c::VmiPhase::kFailed, now);
@@ -252,7 +296,8 @@ struct Node::Impl {
     });
     log::Info("starting VMI {}/{}", ns, name);
     std::thread t([this, ns, name, uid, text = std::move(text), plan = std::move(plan)]() mutable {
-      Done d{uid, false, RunStart(ns, name, uid, text, plan)};
+      Done d{uid, false};
+      d.started = RunStart(ns, name, uid, text, plan, d);
       Post(std::move(d));
     });
     starts[uid] = Start{cancel, std::move(t)};
@@ -260,7 +305,7 @@ struct Node::Impl {
 
   // In a start thread: parse, pull and plan, then QEMU.
   Result<std::unique_ptr<Instance>> RunStart(const std::string& ns, const std::string& name, const std::string& uid,
-                                             const std::string& text, const vm::PlanOptions& plan_options) {
+                                             const std::string& text, vm::PlanOptions plan_options, Done& stats) {
     spec::ParseResult parsed = spec::ParseSpecs(text, "VMI " + ns + "/" + name);
     if (!parsed.ok()) {
       std::string why;
@@ -277,7 +322,20 @@ struct Node::Impl {
     }
     if (vm == nullptr) return InvalidArgument("not a VirtualMachineInstance");
     const fs::path dir = InstanceDir(o.root, uid);
-    ASSIGN_OR_RETURN(vm::VmPlan plan, vm::PlanVm(*vm, secrets, plan_options, dir));
+    // Bytes fetched: per blob, what it ended at minus what the store
+    // already held when it started (a resumed download).
+    std::map<std::string, uint64_t> held;
+    plan_options.on_progress = [&](const image::ProgressEvent& e) {
+      using K = image::ProgressEvent::Kind;
+      if (e.kind == K::kStart) held[e.blob.str()] = e.done;
+      if (e.kind == K::kDone) stats.pulled_bytes += e.total - std::min(e.total, held[e.blob.str()]);
+    };
+    const auto t0 = Clock::now();
+    auto planned = vm::PlanVm(*vm, secrets, plan_options, dir);
+    stats.plan_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    metrics.CountPull(planned.ok(), stats.pulled_bytes, stats.plan_seconds);
+    if (!planned.ok()) return std::move(planned).status();
+    vm::VmPlan plan = std::move(*planned);
     const int64_t now = Now();
     EditVmiStatus(ns, name, uid, [&](json& status) { SetPhase(status, c::VmiPhase::kScheduled, now); });
     RETURN_IF_ERROR(plan_options.cancel->status());
@@ -295,6 +353,16 @@ struct Node::Impl {
       std::unique_ptr<Instance> inst = std::move(*d.started);
       backoffs.erase(d.uid);
       const InstanceRecord& r = inst->record();
+      // Digests, events and counters first: whoever sees Running sees them.
+      RecordImages(*inst);
+      if (vmi) {
+        if (d.pulled_bytes > 0) {
+          events->Normal(*vmi, "Pulled", fmt::format("Pulled {} in {:.1f} s ({:.1f} MiB fetched)", ImagesOf(*inst),
+                                                     d.plan_seconds, d.pulled_bytes / 1048576.0));
+        }
+        events->Normal(*vmi, "Started", fmt::format("VirtualMachineInstance started (QEMU pid {})", r.pid));
+      }
+      metrics.Count(&Metrics::starts);
       const int64_t now = Now();
       EditVmiStatus(r.namespace_, r.name, r.uid, [&](json& status) {
         SetPhase(status, c::VmiPhase::kRunning, now);
@@ -306,7 +374,6 @@ struct Node::Impl {
         status.erase("reason");
         status.erase("message");
       });
-      RecordImages(*inst);
       instances[d.uid] = std::move(inst);
       return;
     }
@@ -324,13 +391,21 @@ struct Node::Impl {
       b.delay = b.delay.count() == 0 ? o.pull_backoff : std::min(b.delay * 2, o.pull_backoff_max);
       b.next = Clock::now() + b.delay;
       log::Warn("VMI {}/{}: {} (retrying in {} s)", ns, name, st.message(), b.delay.count() / 1000.0);
+      events->Warning(*vmi, "ErrImagePull", st.message());
       const int64_t now = Now();
       EditVmiStatus(ns, name, d.uid, [&](json& status) {
         SetCondition(status, "Ready", false, "ErrImagePull", st.message(), now);
       });
       return;
     }
+    events->Warning(*vmi, "FailedCreate", st.message());
     MarkFinal(ns, name, d.uid, false, st.message());
+  }
+
+  static std::string ImagesOf(const Instance& inst) {
+    std::string out;
+    for (const auto& [image, digest] : inst.record().images) out += (out.empty() ? "" : ", ") + image;
+    return out.empty() ? "the VM's images" : out;
   }
 
   // The digests a started VMI runs, on the VMI, and as its replica set's
@@ -418,11 +493,13 @@ struct Node::Impl {
     std::map<std::string, const json*> by_uid;
     for (const auto& v : list->items) by_uid[v["metadata"].value("uid", "")] = &v;
 
+    std::set<std::string> ended;  // in this pass: `list` still shows them as they were
     for (auto it = instances.begin(); it != instances.end();) {
       Instance& inst = *it->second;
       const InstanceRecord& r = inst.record();
       if (auto exit = inst.Poll()) {
         MarkFinal(r.namespace_, r.name, r.uid, exit->succeeded, exit->reason);
+        ended.insert(r.uid);
         inst.Remove();
         it = instances.erase(it);
         continue;
@@ -442,7 +519,10 @@ struct Node::Impl {
     for (const auto& v : list->items) {
       const json& meta = v["metadata"];
       const std::string uid = meta.value("uid", "");
-      if (instances.count(uid) || starts.count(uid) || stops.count(uid) || meta.contains("deletionTimestamp")) continue;
+      if (instances.count(uid) || starts.count(uid) || stops.count(uid) || ended.count(uid) ||
+          meta.contains("deletionTimestamp")) {
+        continue;
+      }
       c::ObservedVmi observed = ObservedVmiFromJson(v);
       if (c::IsFinal(observed.phase)) continue;
       if (observed.phase == c::VmiPhase::kRunning) {
@@ -455,6 +535,11 @@ struct Node::Impl {
     }
     for (auto b = backoffs.begin(); b != backoffs.end();) {
       b = by_uid.count(b->first) ? std::next(b) : backoffs.erase(b);
+    }
+
+    if (Clock::now() >= next_prune) {
+      events->Prune();
+      next_prune = Clock::now() + 60s;
     }
 
     std::vector<c::ObservedVmi> observed;
@@ -508,14 +593,24 @@ struct Node::Impl {
   }
 
   void Apply(const json& owner, const c::CreateVmi& a, bool) {
-    Warn(store->Create(kVmiResource, VmiFromTemplate(owner, a)).status(), "creating VMI " + a.name);
+    auto st = store->Create(kVmiResource, VmiFromTemplate(owner, a));
+    if (!st.ok()) {
+      Warn(st.status(), "creating VMI " + a.name);
+      events->Warning(owner, "FailedCreate", "creating VirtualMachineInstance " + a.name + ": " + st.status().message());
+      return;
+    }
+    events->Normal(owner, "SuccessfulCreate", "Created VirtualMachineInstance " + a.name);
   }
-  void Apply(const json&, const c::DeleteVmi& a, bool) {
+  void Apply(const json& owner, const c::DeleteVmi& a, bool) {
     state::Preconditions pre;
     pre.uid = a.uid;
     log::Info("deleting VMI {}/{} ({})", a.namespace_, a.name, c::DeleteReasonName(a.reason));
     auto st = store->Delete(kVmiResource, a.namespace_, a.name, pre);
     if (!st.ok() && st.status().code() != Code::kNotFound) Warn(st.status(), "deleting VMI " + a.name);
+    if (st.ok()) {
+      events->Normal(owner, "SuccessfulDelete", fmt::format("Deleted VirtualMachineInstance {} ({})", a.name,
+                                                            c::DeleteReasonName(a.reason)));
+    }
   }
   void Apply(const json&, const c::AdoptVmi& a, bool) {
     EditVmi(a.namespace_, a.name, a.uid, [&](json& vmi) {
@@ -670,6 +765,8 @@ Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
   impl->wake = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!impl->wake.valid()) return ErrnoStatus("creating an eventfd");
   RETURN_IF_ERROR(MakeDirs(impl->o.root / "run"));
+  Impl* self = impl.get();
+  impl->events = std::make_unique<EventRecorder>(impl->store, impl->o.node_name, [self] { return self->Now(); });
   impl->Adopt();
   RETURN_IF_ERROR(impl->OpenWatches());
   Impl* raw = impl.get();
@@ -680,6 +777,45 @@ Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
 Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Node::~Node() { impl_->Shutdown(); }
+
+std::string Node::MetricsText() {
+  std::map<std::string, int> phases;
+  for (auto p : {c::VmiPhase::kPending, c::VmiPhase::kScheduling, c::VmiPhase::kScheduled, c::VmiPhase::kRunning,
+                 c::VmiPhase::kSucceeded, c::VmiPhase::kFailed}) {
+    phases[std::string(c::PhaseName(p))] = 0;
+  }
+  if (auto list = impl_->store->List(kVmiResource, "", {}, true); list.ok()) {
+    for (const auto& v : list->items) {
+      const json& status = v.contains("status") ? v["status"] : json::object();
+      std::string phase = status.is_object() ? status.value("phase", "") : "";
+      phases[phase.empty() ? "Pending" : phase]++;
+    }
+  }
+  auto& m = impl_->metrics;
+  std::lock_guard lock(m.mu);
+  std::string out;
+  out += "# HELP regdisk_vmis VirtualMachineInstances in the store, by phase.\n# TYPE regdisk_vmis gauge\n";
+  for (const auto& [phase, n] : phases) out += fmt::format("regdisk_vmis{{phase=\"{}\"}} {}\n", phase, n);
+  out += "# HELP regdisk_pulls_total Disk pulls (with planning) for VMI starts, by result.\n"
+         "# TYPE regdisk_pulls_total counter\n";
+  for (const char* r : {"success", "error"}) {
+    out += fmt::format("regdisk_pulls_total{{result=\"{}\"}} {}\n", r, m.pulls.count(r) ? m.pulls.at(r) : 0);
+  }
+  out += fmt::format("# HELP regdisk_pull_bytes_total Bytes fetched from registries for VMI starts.\n"
+                     "# TYPE regdisk_pull_bytes_total counter\nregdisk_pull_bytes_total {}\n", m.pull_bytes);
+  out += fmt::format("# HELP regdisk_pull_duration_seconds Time spent pulling and planning VMI starts.\n"
+                     "# TYPE regdisk_pull_duration_seconds summary\nregdisk_pull_duration_seconds_sum {:.3f}\n"
+                     "regdisk_pull_duration_seconds_count {}\n",
+                     m.pull_seconds, (m.pulls.count("success") ? m.pulls.at("success") : 0) +
+                                         (m.pulls.count("error") ? m.pulls.at("error") : 0));
+  out += fmt::format("# HELP regdisk_vmi_starts_total QEMU processes started for VMIs.\n"
+                     "# TYPE regdisk_vmi_starts_total counter\nregdisk_vmi_starts_total {}\n", m.starts);
+  out += "# HELP regdisk_vmi_exits_total VMIs that ended, by result.\n# TYPE regdisk_vmi_exits_total counter\n";
+  for (const char* r : {"succeeded", "failed"}) {
+    out += fmt::format("regdisk_vmi_exits_total{{result=\"{}\"}} {}\n", r, m.exits.count(r) ? m.exits.at(r) : 0);
+  }
+  return out;
+}
 
 void Node::StopAllVms() {
   impl_->Shutdown();

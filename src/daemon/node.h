@@ -67,6 +67,11 @@ class Node {
   // Stops every VM this node runs (what `serve --stop-vms` does at exit).
   void StopAllVms();
 
+  // Prometheus text exposition (format 0.0.4) of the node's counters:
+  // VMIs by phase, pulls by result, bytes fetched, pull time, starts and
+  // exits. Thread-safe.
+  std::string MetricsText();
+
   struct Impl;
 
  private:

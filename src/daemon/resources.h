@@ -9,6 +9,7 @@ inline constexpr char kVmiResource[] = "kubevirt.io/v1/virtualmachineinstances";
 inline constexpr char kVmResource[] = "kubevirt.io/v1/virtualmachines";
 inline constexpr char kVmirsResource[] = "kubevirt.io/v1/virtualmachineinstancereplicasets";
 inline constexpr char kSecretResource[] = "v1/secrets";
+inline constexpr char kEventResource[] = "v1/events";
 
 // Annotations regdisk writes on the objects it creates.
 // On a VMI an owner made: the owner's metadata.generation at that time.
