@@ -313,6 +313,31 @@ TEST_F(DaemonTest, ReplicasRunThePinnedDigestWhenTheTagMoves) {
   for (const auto& v : RunningVmis()) EXPECT_EQ(json::parse(Annotation(v, daemon::kImageDigestsAnnotation))[image_], pinned);
 }
 
+TEST_F(DaemonTest, AVirtualMachineFollowsItsRunStrategy) {
+  StartNode();
+  json vm = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachine"},
+             {"metadata", {{"name", "db"}, {"namespace", "default"}}},
+             {"spec", {{"runStrategy", "Always"}, {"template", VmiTemplate()}}}};
+  ASSERT_OK(store_->Create(kVmResource, vm));
+  auto printable = [&] {
+    auto v = store_->Get(kVmResource, "default", "db");
+    return v.ok() && (*v).contains("status") ? (*v)["status"].value("printableStatus", "") : std::string();
+  };
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1 && printable() == "Running"; }))
+      << json(Vmis()).dump(2) << printable();
+  json vmi = RunningVmis()[0];
+  EXPECT_EQ(vmi["metadata"]["name"], "db");
+  EXPECT_EQ(vmi["metadata"]["ownerReferences"][0]["kind"], "VirtualMachine");
+
+  // Halted: the VMI and its QEMU go, the VM stays and says Stopped.
+  auto current = store_->Get(kVmResource, "default", "db");
+  ASSERT_OK(current);
+  (*current)["spec"]["runStrategy"] = "Halted";
+  ASSERT_OK(store_->Update(kVmResource, *current));
+  ASSERT_TRUE(Eventually([&] { return Vmis().empty() && QemusUnderRoot() == 0 && printable() == "Stopped"; }))
+      << json(Vmis()).dump(2) << printable();
+}
+
 TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {
   StartNode();
   json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
