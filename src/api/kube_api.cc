@@ -27,7 +27,11 @@ int64_t SystemNow() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-HttpResponse Reply(int code, const json& body) { return HttpResponse::Json(code, body.dump()); }
+// JSON text; bytes that are not UTF-8 (a URL may carry them into a
+// message) become U+FFFD instead of an exception.
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+HttpResponse Reply(int code, const json& body) { return HttpResponse::Json(code, Dump(body)); }
 HttpResponse Reply(const ApiError& e) { return Reply(e.code, e.ToJson()); }
 
 ApiError PathNotFound() {
@@ -67,11 +71,20 @@ std::string MediaType(const std::string& content_type) {
   return t;
 }
 
+// Deeper nesting is refused, so that no later recursive walk of a body
+// (dump, patch, validation) can exhaust the stack; KubeVirt's objects nest
+// about 15 levels.
+constexpr int kMaxBodyDepth = 100;
+
 Result<json> ParseBody(const HttpRequest& req) {
-  json body = json::parse(req.body, nullptr, false);
-  if (body.is_discarded()) {
-    return InvalidArgument("the request body is not valid JSON");
-  }
+  bool too_deep = false;
+  json::parser_callback_t check = [&too_deep](int depth, json::parse_event_t, json&) {
+    if (depth > kMaxBodyDepth) too_deep = true;
+    return !too_deep;
+  };
+  json body = json::parse(req.body, check, false);
+  if (too_deep) return InvalidArgument("the request body nests deeper than " + std::to_string(kMaxBodyDepth) + " levels");
+  if (body.is_discarded()) return InvalidArgument("the request body is not valid JSON");
   return body;
 }
 
@@ -143,7 +156,7 @@ void NormalizeSecret(json* object) {
 
 // One line of a watch stream.
 std::string EventLine(const std::string& type, const json& object) {
-  return json({{"type", type}, {"object", object}}).dump() + "\n";
+  return Dump(json({{"type", type}, {"object", object}})) + "\n";
 }
 
 // A watch's events as chunks, until the client hangs up, the server stops,
@@ -297,7 +310,7 @@ HttpResponse RequestHandler::Handle() {
   }
   HttpResponse resp = Resource(t);
   for (const auto& w : warnings_) {
-    resp.headers.emplace_back("Warning", "299 - " + json(w).dump());
+    resp.headers.emplace_back("Warning", "299 - " + Dump(json(w)));
   }
   return resp;
 }
@@ -310,7 +323,8 @@ HttpResponse RequestHandler::Discovery(const std::vector<std::string>& segs) {
   }();
   if (segs.size() == 1) return Reply(200, GroupList());
   if (segs.size() == 2) {
-    for (const auto& g : GroupList()["groups"]) {
+    const json groups = GroupList();
+    for (const auto& g : groups["groups"]) {
       if (g["name"] == segs[1]) {
         json group = g;
         group["kind"] = "APIGroup";
@@ -407,11 +421,11 @@ std::optional<ApiError> RequestHandler::Prepare(const Target& t, json* object, b
   if (!o.contains("apiVersion")) o["apiVersion"] = want_version;
   if (!o.contains("kind")) o["kind"] = t.r->kind;
   if (o["apiVersion"] != want_version) {
-    return ApiError::BadRequest("the API version in the data (" + o["apiVersion"].dump() +
+    return ApiError::BadRequest("the API version in the data (" + Dump(o["apiVersion"]) +
                                 ") does not match the expected API version (" + want_version + ")");
   }
   if (o["kind"] != t.r->kind) {
-    return ApiError::BadRequest("the kind in the data (" + o["kind"].dump() + ") does not match the expected kind (" +
+    return ApiError::BadRequest("the kind in the data (" + Dump(o["kind"]) + ") does not match the expected kind (" +
                                 t.r->kind + ")");
   }
   if (!o.contains("metadata") || !o["metadata"].is_object()) o["metadata"] = json::object();
@@ -436,7 +450,7 @@ std::optional<ApiError> RequestHandler::Prepare(const Target& t, json* object, b
                      {"causes", {{{"reason", "FieldValueRequired"}, {"message", "Required value: name or generateName is required"}, {"field", "metadata.name"}}}}}};
   }
   if (!create && meta["name"] != t.name) {
-    return ApiError::BadRequest("the name of the object (" + meta["name"].dump() +
+    return ApiError::BadRequest("the name of the object (" + Dump(meta["name"]) +
                                 ") does not match the name on the URL (" + t.name + ")");
   }
   // A status write keeps the stored spec (ObjectStore::UpdateStatus):

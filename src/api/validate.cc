@@ -68,7 +68,7 @@ json Checked(const json& object) {
 Validation ValidateObject(const Resource& r, json* object) {
   Validation v;
   if (r.kind == "Namespace") return v;
-  spec::ParseResult parsed = spec::ParseSpecs(Checked(*object).dump(), "request");
+  spec::ParseResult parsed = spec::ParseSpecs(Checked(*object).dump(-1, ' ', false, json::error_handler_t::replace), "request");
   for (const auto& d : parsed.diagnostics) {
     if (d.severity == spec::Diagnostic::Severity::kWarning) {
       v.warnings.push_back(d.path.empty() ? d.message : d.path + ": " + d.message);
