@@ -9,7 +9,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -277,6 +282,7 @@ TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
        "application/json", 404, "NotFound"},
       {"GET", std::string(kVmisPath) + "?labelSelector=a%20in%20(", "", "application/json", 400, "BadRequest"},
       {"DELETE", "/api/v1/namespaces/default", "", "application/json", 403, "Forbidden"},
+      {"POST", kVmisPath, std::string(5000, '[') + std::string(5000, ']'), "application/json", 400, "BadRequest"},
   };
   for (const auto& c : cases) {
     HttpResult r = Socket(c.method, c.path, c.body, c.content_type);
@@ -289,6 +295,55 @@ TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
   // The 422 names the field, as the API server's causes do.
   HttpResult invalid = Socket("POST", kVmisPath, VmiJson("bad", "", R"({"domain":{"memory":{"guest":"lots"}}})"));
   EXPECT_EQ(invalid.Json()["details"]["causes"][0]["field"], "spec.domain.memory.guest") << invalid.body;
+}
+
+// Connects to `socket` as user and group 65534 (nobody) from a child
+// process and sends one request: "connect: <errno name>", or the first
+// line of the answer.
+std::string AsNobody(const std::string& socket) {
+  int pipe_fds[2];
+  if (pipe2(pipe_fds, O_CLOEXEC) != 0) return "pipe failed";
+  pid_t pid = fork();
+  if (pid == 0) {
+    // Only async-signal-safe calls from here on.
+    auto say = [&](const char* s, size_t n) {
+      (void)!write(pipe_fds[1], s, n);
+      _exit(0);
+    };
+    if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) say("setuid failed", 13);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, socket.c_str(), socket.size());
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      if (errno == EACCES) say("connect: EACCES", 15);
+      say("connect: other", 14);
+    }
+    const char req[] = "GET /api HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    (void)!write(fd, req, sizeof req - 1);
+    char buf[64];
+    ssize_t n = read(fd, buf, sizeof buf);
+    say(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  }
+  close(pipe_fds[1]);
+  std::string out;
+  char buf[256];
+  for (ssize_t n; (n = read(pipe_fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  close(pipe_fds[0]);
+  waitpid(pid, nullptr, 0);
+  return out.substr(0, out.find('\r'));
+}
+
+TEST_F(ApiServerTest, TheSocketServesOnlyItsOwnerAndRoot) {
+  if (geteuid() != 0) GTEST_SKIP() << "connecting as another user needs root";
+  ASSERT_EQ(::chmod(tmp().c_str(), 0711), 0);  // others may reach the socket file, not list the directory
+  std::string refused = AsNobody(P("api.sock"));
+  if (refused == "setuid failed") GTEST_SKIP() << "this container cannot change user";
+  EXPECT_EQ(refused, "connect: EACCES");  // the socket is 0600
+  // With the file opened up by mistake, the peer check still refuses.
+  ASSERT_EQ(::chmod(P("api.sock").c_str(), 0666), 0);
+  EXPECT_EQ(AsNobody(P("api.sock")), "HTTP/1.1 403 Forbidden");
+  EXPECT_EQ(Socket("GET", "/api").code, 200);  // root is served
 }
 
 TEST_F(ApiServerTest, BodiesOverTheLimitAreRefusedAndTheServerKeepsAnswering) {
