@@ -143,4 +143,11 @@ int RunRun(const Globals& g, const RunFlags& f);
 int RunDomxml(const Globals& g, const RunFlags& f);
 int RunPort(const Globals& g, const std::string& vm, const std::string& namespace_);
 
+// The node daemon's API server (serve_command.cc).
+struct ServeFlags {
+  std::string socket = "/run/regdisk/regdisk.sock";  // --socket, env REGDISK_SOCKET; "" for none
+  std::string listen;  // --listen ADDR:PORT for TLS; "" for none
+};
+int RunServe(const Globals& g, const ServeFlags& f);
+
 }  // namespace regdisk::cli

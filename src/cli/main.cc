@@ -191,6 +191,15 @@ int Main(int argc, char** argv) {
   port->add_option("-n,--namespace", port_namespace, "the VM's namespace (default: default)");
   port->fallthrough();
 
+  ServeFlags serve_flags;
+  CLI::App* serve = app.add_subcommand("serve", "serve the node's Kubernetes-shaped API (kubectl) on a unix socket and TLS");
+  serve->add_option("--socket", serve_flags.socket, "the API's unix socket, owner only (env REGDISK_SOCKET)")
+      ->envname("REGDISK_SOCKET")
+      ->capture_default_str();
+  serve->add_option("--listen", serve_flags.listen,
+                    "also serve TLS on ADDR:PORT (port 0: any free one); writes ROOT/kubeconfig for kubectl");
+  serve->fallthrough();
+
   BuildFlags base_flags;
   CLI::App* base = app.add_subcommand("base", "publish the base image for the Dockerfile workflow (FROM it, ADD disk /disk)");
   base->add_option("-t,--tag", base_flags.tag, "where to put it: docker://HOST/REPO:TAG or oci:DIR:TAG")->required();
@@ -251,7 +260,7 @@ int Main(int argc, char** argv) {
 
   // Commands whose long work checks the cancellation token; before any
   // thread starts.
-  if (*copy || *inspect || *pull || *run) {
+  if (*copy || *inspect || *pull || *run || *serve) {
     if (*run) SetStopNotice(RunStopNotice(rf));
     CancelOnSignals(g.cancel);
   } else {
@@ -270,6 +279,7 @@ int Main(int argc, char** argv) {
   if (*run) return RunRun(g, rf);
   if (*domxml) return RunDomxml(g, rf);
   if (*port) return RunPort(g, port_vm, port_namespace);
+  if (*serve) return RunServe(g, serve_flags);
   if (*base) return RunBuild(g, base_flags, "");
   if (*login) return RunLogin(g, login_flags);
   if (*logout) return RunLogout(g, login_flags);

@@ -1,0 +1,677 @@
+// The node daemon's API (src/api): the real `regdisk serve` in a temp root,
+// driven by the real kubectl (v1.32) through the kubeconfig it writes, and
+// by libcurl over the unix socket and the TLS endpoint; then the request
+// handler in-process, for what a real server makes slow to reach (410 Gone
+// after pruned events, Table cells of a VMI with status).
+//
+// Nothing here needs QEMU: the API only stores objects; no controller runs.
+#include <curl/curl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "api/kube_api.h"
+#include "api/table.h"
+#include "harness/harness.h"
+#include "state/object_store.h"
+
+namespace regdisk::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+const char kKubectl[] = "/usr/bin/kubectl";
+
+struct HttpResult {
+  long code = 0;
+  std::string body;
+  std::string headers;
+  CURLcode curl = CURLE_OK;
+  json Json() const { return json::parse(body, nullptr, false); }
+};
+
+size_t Append(char* p, size_t size, size_t n, void* out) {
+  static_cast<std::string*>(out)->append(p, size * n);
+  return size * n;
+}
+
+struct CallOptions {
+  std::string method = "GET";
+  std::string path;
+  std::string body;
+  std::string content_type = "application/json";
+  std::string accept;
+  std::string unix_socket;  // or:
+  std::string https_base;   // "https://127.0.0.1:PORT"
+  std::string ca_file;
+  std::string token;
+  bool chunked = false;     // send the body without Content-Length
+  long timeout_seconds = 60;
+};
+
+struct ChunkedBody {
+  const std::string* body;
+  size_t offset = 0;
+};
+
+size_t ReadBody(char* buf, size_t size, size_t n, void* cls) {
+  auto* b = static_cast<ChunkedBody*>(cls);
+  size_t len = std::min(size * n, b->body->size() - b->offset);
+  std::memcpy(buf, b->body->data() + b->offset, len);
+  b->offset += len;
+  return len;
+}
+
+HttpResult Call(const CallOptions& o) {
+  HttpResult r;
+  CURL* c = curl_easy_init();
+  std::string url = (o.https_base.empty() ? "http://localhost" : o.https_base) + o.path;
+  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
+  if (!o.unix_socket.empty()) curl_easy_setopt(c, CURLOPT_UNIX_SOCKET_PATH, o.unix_socket.c_str());
+  if (!o.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, o.ca_file.c_str());
+  curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, o.method.c_str());
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, Append);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &r.body);
+  curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, Append);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &r.headers);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT, o.timeout_seconds);
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_slist* headers = nullptr;
+  headers = curl_slist_append(headers, ("Content-Type: " + o.content_type).c_str());
+  if (!o.accept.empty()) headers = curl_slist_append(headers, ("Accept: " + o.accept).c_str());
+  if (!o.token.empty()) headers = curl_slist_append(headers, ("Authorization: Bearer " + o.token).c_str());
+  ChunkedBody chunked{&o.body};
+  if (o.chunked) {
+    headers = curl_slist_append(headers, "Transfer-Encoding: chunked");
+    curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(c, CURLOPT_READFUNCTION, ReadBody);
+    curl_easy_setopt(c, CURLOPT_READDATA, &chunked);
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, o.method.c_str());
+  } else if (!o.body.empty()) {
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, o.body.data());
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(o.body.size()));
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  r.curl = curl_easy_perform(c);
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r.code);
+  curl_slist_free_all(headers);
+  curl_easy_cleanup(c);
+  return r;
+}
+
+std::string VmiJson(const std::string& name, const std::string& owner_uid = "", const std::string& extra_spec = "") {
+  json vmi = json::parse(R"({
+    "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+    "metadata": {"labels": {"app": "web"}},
+    "spec": {"domain": {"devices": {"disks": [{"name": "containerdisk"}]}, "memory": {"guest": "64Mi"}},
+             "volumes": [{"name": "containerdisk", "containerDisk": {"image": "example.com/disk:1"}}]}})");
+  vmi["metadata"]["name"] = name;
+  if (!owner_uid.empty()) {
+    vmi["metadata"]["ownerReferences"] = {{{"apiVersion", "kubevirt.io/v1"},
+                                           {"kind", "VirtualMachineInstanceReplicaSet"},
+                                           {"name", "web"},
+                                           {"uid", owner_uid},
+                                           {"controller", true},
+                                           {"blockOwnerDeletion", true}}};
+  }
+  if (!extra_spec.empty()) vmi["spec"].merge_patch(json::parse(extra_spec));
+  return vmi.dump();
+}
+
+const char kVmisPath[] = "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances";
+const char kVmirsPath[] = "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstancereplicasets";
+
+// `regdisk serve` in a temp root, with the socket and a TLS endpoint on an
+// ephemeral port.
+class ApiServerTest : public TempDirTest {
+ protected:
+  void SetUp() override {
+    TempDirTest::SetUp();
+    fs::create_directories(tmp() / "home");
+    StartServer();
+  }
+  void TearDown() override {
+    if (server_) server_->Terminate(std::chrono::seconds(10));
+  }
+
+  void StartServer() {
+    Process::Options opt;
+    opt.stderr_mode = Process::Stdio::kFile;
+    log_ = P("serve-" + std::to_string(++starts_) + ".log");
+    opt.stderr_file = log_;
+    auto p = Process::Spawn({REGDISK_BIN, "--root", P("root"), "serve", "--socket", P("api.sock"), "--listen",
+                             "127.0.0.1:0"},
+                            opt);
+    ASSERT_OK(p);
+    server_.emplace(std::move(*p));
+    // The port is on stderr (and in the kubeconfig) once it serves.
+    for (int i = 0; i < 600 && port_ == 0; ++i) {
+      std::string log = ReadFileCapped(log_, 1 << 20).value_or("");
+      size_t at = log.rfind("(port ");
+      if (at != std::string::npos && log.find(')', at) != std::string::npos) port_ = std::stoi(log.substr(at + 6));
+      if (port_ == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      ASSERT_FALSE(server_->Poll().has_value()) << log;
+    }
+    ASSERT_NE(port_, 0) << ReadFileCapped(log_, 1 << 20).value_or("");
+    token_ = ReadFileCapped(P("root/api/token"), 4096).value();
+    while (!token_.empty() && token_.back() == '\n') token_.pop_back();
+  }
+  int StopServer() {
+    int code = server_->Terminate(std::chrono::seconds(10));
+    server_.reset();
+    port_ = 0;
+    return code;
+  }
+
+  RunResult Kubectl(const std::vector<std::string>& args, std::string_view input = {}) {
+    std::vector<std::string> argv = {kKubectl, "--cache-dir", P("home/cache")};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return RunProgram(argv, input, {"KUBECONFIG=" + P("root/kubeconfig"), "HOME=" + P("home")},
+                      std::chrono::seconds(60));
+  }
+  bool HaveKubectl() const { return ::access(kKubectl, X_OK) == 0; }
+
+  HttpResult Socket(const std::string& method, const std::string& path, const std::string& body = "",
+                    const std::string& content_type = "application/json") {
+    CallOptions o;
+    o.method = method;
+    o.path = path;
+    o.body = body;
+    o.content_type = content_type;
+    o.unix_socket = P("api.sock");
+    return Call(o);
+  }
+  CallOptions Tls(const std::string& path) {
+    CallOptions o;
+    o.path = path;
+    o.https_base = "https://127.0.0.1:" + std::to_string(port_);
+    o.ca_file = P("root/api/tls.crt");
+    return o;
+  }
+
+  std::optional<Process> server_;
+  std::string log_;
+  int starts_ = 0;
+  int port_ = 0;
+  std::string token_;
+};
+
+mode_t Mode(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return st.st_mode & 07777;
+}
+
+TEST_F(ApiServerTest, SocketKubeconfigAndCredentialsAreOwnerOnlyAndSurviveARestart) {
+  EXPECT_EQ(Mode(P("api.sock")), 0600u);
+  EXPECT_EQ(Mode(P("root/kubeconfig")), 0600u);
+  EXPECT_EQ(Mode(P("root/api")), 0700u);
+  for (const char* f : {"root/api/token", "root/api/tls.key", "root/api/tls.crt"}) EXPECT_EQ(Mode(P(f)), 0600u) << f;
+  std::string kubeconfig = ReadFileCapped(P("root/kubeconfig"), 1 << 20).value();
+  EXPECT_THAT(kubeconfig, HasSubstr("server: https://127.0.0.1:" + std::to_string(port_) + "\n"));
+  EXPECT_THAT(kubeconfig, HasSubstr("token: " + token_ + "\n"));
+  EXPECT_THAT(ReadFileCapped(log_, 1 << 20).value(), Not(HasSubstr(token_)));
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("keep")).code, 201);
+
+  EXPECT_EQ(StopServer(), 0);
+  EXPECT_FALSE(fs::exists(P("api.sock")));  // removed on SIGTERM
+  const std::string old_token = token_;
+  StartServer();
+  EXPECT_EQ(token_, old_token);
+  HttpResult got = Socket("GET", std::string(kVmisPath) + "/keep");
+  EXPECT_EQ(got.code, 200) << got.body;
+  EXPECT_EQ(got.Json()["metadata"]["name"], "keep");
+  if (HaveKubectl()) {
+    RunResult r = Kubectl({"get", "vmi", "keep", "-o", "name"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, "virtualmachineinstance.kubevirt.io/keep\n");
+  }
+}
+
+TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
+  CallOptions o = Tls("/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances");
+  HttpResult none = Call(o);
+  EXPECT_EQ(none.code, 401) << none.body;
+  EXPECT_EQ(none.Json()["kind"], "Status");
+  EXPECT_EQ(none.Json()["reason"], "Unauthorized");
+  o.token = std::string(token_.size(), 'a');
+  EXPECT_EQ(Call(o).code, 401);
+  o.token = token_;
+  HttpResult ok = Call(o);
+  EXPECT_EQ(ok.code, 200) << ok.body;
+  EXPECT_EQ(ok.Json()["kind"], "VirtualMachineInstanceList");
+
+  struct Case {
+    std::string method, path, body, content_type;
+    long code;
+    std::string reason;
+  };
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("dup")).code, 201);
+  json stale = json::parse(VmiJson("dup"));
+  stale["metadata"]["resourceVersion"] = "1";
+  const std::string rv_stale = stale.dump();
+  std::vector<Case> cases = {
+      {"GET", "/apis/kubevirt.io/v1/namespaces/default/flyingsaucers", "", "application/json", 404, "NotFound"},
+      {"GET", "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances/nope", "", "application/json", 404, "NotFound"},
+      {"GET", "/no/such/path", "", "application/json", 404, "NotFound"},
+      {"PUT", kVmisPath, VmiJson("x"), "application/json", 405, "MethodNotAllowed"},
+      {"POST", kVmisPath, VmiJson("x"), "text/plain", 415, "UnsupportedMediaType"},
+      {"POST", kVmisPath, "{not json", "application/json", 400, "BadRequest"},
+      {"POST", kVmisPath, VmiJson("dup"), "application/json", 409, "AlreadyExists"},
+      {"PUT", std::string(kVmisPath) + "/dup", rv_stale, "application/json", 409, "Conflict"},
+      {"POST", kVmisPath, VmiJson("bad", "", R"({"domain":{"memory":{"guest":"lots"}}})"), "application/json", 422,
+       "Invalid"},
+      {"POST", "/api/v1/namespaces/elsewhere/secrets", R"({"apiVersion":"v1","kind":"Secret","metadata":{"name":"s"}})",
+       "application/json", 404, "NotFound"},
+      {"GET", std::string(kVmisPath) + "?labelSelector=a%20in%20(", "", "application/json", 400, "BadRequest"},
+      {"DELETE", "/api/v1/namespaces/default", "", "application/json", 403, "Forbidden"},
+      {"POST", kVmisPath, std::string(5000, '[') + std::string(5000, ']'), "application/json", 400, "BadRequest"},
+  };
+  for (const auto& c : cases) {
+    HttpResult r = Socket(c.method, c.path, c.body, c.content_type);
+    EXPECT_EQ(r.code, c.code) << c.method << " " << c.path << ": " << r.body;
+    json status = r.Json();
+    EXPECT_EQ(status["kind"], "Status") << c.method << " " << c.path << ": " << r.body;
+    EXPECT_EQ(status["reason"], c.reason) << c.method << " " << c.path << ": " << r.body;
+    EXPECT_EQ(status["code"], c.code) << c.path;
+  }
+  // The 422 names the field, as the API server's causes do.
+  HttpResult invalid = Socket("POST", kVmisPath, VmiJson("bad", "", R"({"domain":{"memory":{"guest":"lots"}}})"));
+  EXPECT_EQ(invalid.Json()["details"]["causes"][0]["field"], "spec.domain.memory.guest") << invalid.body;
+}
+
+// Connects to `socket` as user and group 65534 (nobody) from a child
+// process and sends one request: "connect: <errno name>", or the first
+// line of the answer.
+std::string AsNobody(const std::string& socket) {
+  int pipe_fds[2];
+  if (pipe2(pipe_fds, O_CLOEXEC) != 0) return "pipe failed";
+  pid_t pid = fork();
+  if (pid == 0) {
+    // Only async-signal-safe calls from here on.
+    auto say = [&](const char* s, size_t n) {
+      (void)!write(pipe_fds[1], s, n);
+      _exit(0);
+    };
+    if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) say("setuid failed", 13);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, socket.c_str(), socket.size());
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      if (errno == EACCES) say("connect: EACCES", 15);
+      say("connect: other", 14);
+    }
+    const char req[] = "GET /api HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    (void)!write(fd, req, sizeof req - 1);
+    char buf[64];
+    ssize_t n = read(fd, buf, sizeof buf);
+    say(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  }
+  close(pipe_fds[1]);
+  std::string out;
+  char buf[256];
+  for (ssize_t n; (n = read(pipe_fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  close(pipe_fds[0]);
+  waitpid(pid, nullptr, 0);
+  return out.substr(0, out.find('\r'));
+}
+
+TEST_F(ApiServerTest, TheSocketServesOnlyItsOwnerAndRoot) {
+  if (geteuid() != 0) GTEST_SKIP() << "connecting as another user needs root";
+  ASSERT_EQ(::chmod(tmp().c_str(), 0711), 0);  // others may reach the socket file, not list the directory
+  std::string refused = AsNobody(P("api.sock"));
+  if (refused == "setuid failed") GTEST_SKIP() << "this container cannot change user";
+  EXPECT_EQ(refused, "connect: EACCES");  // the socket is 0600
+  // With the file opened up by mistake, the peer check still refuses.
+  ASSERT_EQ(::chmod(P("api.sock").c_str(), 0666), 0);
+  EXPECT_EQ(AsNobody(P("api.sock")), "HTTP/1.1 403 Forbidden");
+  EXPECT_EQ(Socket("GET", "/api").code, 200);  // root is served
+}
+
+TEST_F(ApiServerTest, BodiesOverTheLimitAreRefusedAndTheServerKeepsAnswering) {
+  const std::string big(100 * 1024 * 1024, 'x');
+  CallOptions o;
+  o.method = "POST";
+  o.path = kVmisPath;
+  o.body = big;
+  o.unix_socket = P("api.sock");
+  HttpResult with_length = Call(o);
+  EXPECT_EQ(with_length.code, 413) << with_length.body;
+  EXPECT_EQ(with_length.Json()["reason"], "RequestEntityTooLarge");
+  // Without Content-Length the server reads up to the limit, then refuses.
+  o.chunked = true;
+  HttpResult chunked = Call(o);
+  EXPECT_EQ(chunked.code, 413) << chunked.body << " curl " << chunked.curl;
+  HttpResult health = Socket("GET", "/healthz");
+  EXPECT_EQ(health.code, 200);
+  EXPECT_EQ(health.body, "ok");
+  // A body just under the limit is read (and refused as JSON, not for size).
+  HttpResult under = Socket("POST", kVmisPath, std::string(3 * 1024 * 1024 - 10, ' '));
+  EXPECT_EQ(under.code, 400) << under.body;
+}
+
+TEST_F(ApiServerTest, AHundredConcurrentCreatesListsAndWatchesAreAllAnswered) {
+  std::atomic<int> answered{0}, created{0}, watched_events{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 100; ++i) {
+    threads.emplace_back([&, i] {
+      CallOptions o;
+      o.unix_socket = P("api.sock");
+      if (i % 5 == 0) {
+        // A watch that ends by itself after a second.
+        o.path = std::string(kVmisPath) + "?watch=true&timeoutSeconds=1";
+        HttpResult r = Call(o);
+        if (r.code == 200) {
+          ++answered;
+          for (char ch : r.body) watched_events += ch == '\n';
+        }
+      } else if (i % 2 == 0) {
+        o.method = "POST";
+        o.path = kVmisPath;
+        o.body = VmiJson("vmi-" + std::to_string(i));
+        HttpResult r = Call(o);
+        if (r.code == 201) ++created, ++answered;
+      } else {
+        o.path = std::string(kVmisPath) + "?labelSelector=app%3Dweb&limit=500";
+        HttpResult r = Call(o);
+        if (r.code == 200 && r.Json()["kind"] == "VirtualMachineInstanceList") ++answered;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(answered.load(), 100);
+  EXPECT_EQ(created.load(), 40);
+  HttpResult list = Socket("GET", kVmisPath);
+  EXPECT_EQ(list.Json()["items"].size(), 40u);
+  EXPECT_EQ(Socket("GET", "/readyz").code, 200);
+}
+
+TEST_F(ApiServerTest, WatchResumesFromAResourceVersionOneEventPerLine) {
+  HttpResult a = Socket("POST", kVmisPath, VmiJson("a"));
+  ASSERT_EQ(a.code, 201);
+  const std::string rv = a.Json()["metadata"]["resourceVersion"];
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("b")).code, 201);
+  ASSERT_EQ(Socket("DELETE", std::string(kVmisPath) + "/a").code, 200);
+  CallOptions o;
+  o.unix_socket = P("api.sock");
+  o.path = std::string(kVmisPath) + "?watch=1&timeoutSeconds=1&resourceVersion=" + rv;
+  HttpResult w = Call(o);
+  ASSERT_EQ(w.code, 200);
+  EXPECT_THAT(w.headers, HasSubstr("chunked"));
+  std::vector<json> events;
+  std::istringstream lines(w.body);
+  for (std::string line; std::getline(lines, line);) events.push_back(json::parse(line));
+  ASSERT_EQ(events.size(), 2u) << w.body;
+  EXPECT_EQ(events[0]["type"], "ADDED");
+  EXPECT_EQ(events[0]["object"]["metadata"]["name"], "b");
+  EXPECT_EQ(events[1]["type"], "DELETED");
+  EXPECT_EQ(events[1]["object"]["metadata"]["name"], "a");
+}
+
+// --- kubectl --------------------------------------------------------------
+
+class KubectlApiTest : public ApiServerTest {
+ protected:
+  void SetUp() override {
+    if (!HaveKubectl()) GTEST_SKIP() << kKubectl << " is not installed";
+    ApiServerTest::SetUp();
+  }
+  std::string Replicas() {
+    return Kubectl({"get", "vmirs", "web", "-o", "jsonpath={.spec.replicas}"}).out;
+  }
+};
+
+const char kReplicaSet[] = R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstanceReplicaSet
+metadata:
+  name: web
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+        memory:
+          guest: 64Mi
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: example.com/disk:1
+)";
+
+TEST_F(KubectlApiTest, ApplyGetScalePatchAndDeleteAReplicaSetWithItsVmis) {
+  ASSERT_OK(WriteFileAtomic(P("rs.yaml"), kReplicaSet));
+  RunResult apply = Kubectl({"apply", "-f", P("rs.yaml")});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  EXPECT_EQ(apply.out, "virtualmachineinstancereplicaset.kubevirt.io/web created\n");
+  // Applying again changes nothing.
+  RunResult again = Kubectl({"apply", "-f", P("rs.yaml")});
+  EXPECT_EQ(again.out, "virtualmachineinstancereplicaset.kubevirt.io/web unchanged\n") << again.err;
+
+  RunResult got = Kubectl({"get", "vmirs", "web", "-o", "json"});
+  ASSERT_EQ(got.exit_code, 0) << got.err;
+  json rs = json::parse(got.out);
+  EXPECT_EQ(rs["spec"]["replicas"], 3);
+  EXPECT_EQ(rs["metadata"]["generation"], 1);
+  EXPECT_EQ(rs["metadata"]["namespace"], "default");
+  EXPECT_FALSE(rs["metadata"]["uid"].get<std::string>().empty());
+  EXPECT_FALSE(rs["metadata"]["resourceVersion"].get<std::string>().empty());
+  EXPECT_TRUE(rs["metadata"].contains("creationTimestamp"));
+  const std::string uid = rs["metadata"]["uid"];
+
+  RunResult wide = Kubectl({"get", "vmirss", "-o", "wide"});
+  ASSERT_EQ(wide.exit_code, 0) << wide.err;
+  EXPECT_THAT(wide.out, HasSubstr("NAME   DESIRED   CURRENT   READY   AGE"));
+  EXPECT_THAT(wide.out, HasSubstr("web    3 "));
+
+  RunResult scale = Kubectl({"scale", "vmirs", "web", "--replicas", "5"});
+  EXPECT_EQ(scale.exit_code, 0) << scale.err;
+  EXPECT_EQ(Replicas(), "5");
+  EXPECT_EQ(Kubectl({"get", "vmirs", "web", "-o", "jsonpath={.metadata.generation}"}).out, "2");
+  EXPECT_EQ(Kubectl({"patch", "vmirs", "web", "--type", "merge", "-p", R"({"spec":{"replicas":2}})"}).exit_code, 0);
+  EXPECT_EQ(Replicas(), "2");
+  RunResult jp = Kubectl({"patch", "vmirs", "web", "--type", "json", "-p",
+                          R"([{"op":"replace","path":"/spec/replicas","value":4}])"});
+  EXPECT_EQ(jp.exit_code, 0) << jp.err;
+  EXPECT_EQ(Replicas(), "4");
+  // The scale subresource as the autoscaler sees it.
+  HttpResult s = Socket("GET", std::string(kVmirsPath) + "/web/scale");
+  EXPECT_EQ(s.Json()["kind"], "Scale");
+  EXPECT_EQ(s.Json()["spec"]["replicas"], 4);
+  EXPECT_EQ(s.Json()["status"]["selector"], "app=web");
+
+  // Two VMIs the set owns and one it does not.
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("web-abcde", uid)).code, 201);
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("web-fghij", uid)).code, 201);
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("standalone")).code, 201);
+  RunResult vmis = Kubectl({"get", "vmis", "-o", "wide"});
+  EXPECT_THAT(vmis.out, HasSubstr("NAME         AGE   PHASE   IP    NODENAME   READY   LIVE-MIGRATABLE   PAUSED"));
+  RunResult narrow = Kubectl({"get", "vmi"});
+  EXPECT_THAT(narrow.out, HasSubstr("NAME         AGE   PHASE   IP    NODENAME   READY\n"));
+  RunResult selected = Kubectl({"get", "vmis", "--field-selector", "metadata.name=standalone", "-o", "name"});
+  EXPECT_EQ(selected.out, "virtualmachineinstance.kubevirt.io/standalone\n") << selected.err;
+
+  RunResult del = Kubectl({"delete", "-f", P("rs.yaml")});
+  EXPECT_EQ(del.exit_code, 0) << del.err;
+  EXPECT_EQ(del.out, "virtualmachineinstancereplicaset.kubevirt.io \"web\" deleted\n");
+  EXPECT_EQ(Kubectl({"get", "vmis", "-o", "name"}).out, "virtualmachineinstance.kubevirt.io/standalone\n");
+  RunResult gone = Kubectl({"get", "vmirs", "web"});
+  EXPECT_NE(gone.exit_code, 0);
+  EXPECT_THAT(gone.err, HasSubstr("virtualmachineinstancereplicasets.kubevirt.io \"web\" not found"));
+}
+
+TEST_F(KubectlApiTest, UnknownFieldsGetTheStrictDecodingErrorAndValidateFlagsAreHonoured) {
+  std::string text = kReplicaSet;
+  text.replace(text.find("  replicas: 3\n"), 14, "  replicas: 3\n  replicaz: 4\n");
+  ASSERT_OK(WriteFileAtomic(P("typo.yaml"), text));
+  RunResult strict = Kubectl({"apply", "-f", P("typo.yaml")});
+  EXPECT_EQ(strict.exit_code, 1);
+  EXPECT_THAT(strict.err, HasSubstr("VirtualMachineInstanceReplicaSet in version \"v1\" cannot be handled as a "
+                                    "VirtualMachineInstanceReplicaSet: strict decoding error: unknown field "
+                                    "\"spec.replicaz\""));
+  EXPECT_NE(Kubectl({"get", "vmirs", "web"}).exit_code, 0);  // nothing stored
+
+  RunResult warn = Kubectl({"apply", "--validate=warn", "-f", P("typo.yaml")});
+  EXPECT_EQ(warn.exit_code, 0) << warn.err;
+  EXPECT_THAT(warn.err, HasSubstr("unknown field \"spec.replicaz\""));
+  EXPECT_EQ(Kubectl({"get", "vmirs", "web", "-o", "jsonpath={.spec.replicaz}"}).out, "");  // dropped
+  ASSERT_EQ(Kubectl({"delete", "vmirs", "web"}).exit_code, 0);
+  RunResult ignore = Kubectl({"create", "--validate=false", "-f", P("typo.yaml")});
+  EXPECT_EQ(ignore.exit_code, 0) << ignore.err;
+  EXPECT_THAT(ignore.err, Not(HasSubstr("replicaz")));
+
+  // KubeVirt's own rules: 422 with the field.
+  std::string bad = kReplicaSet;
+  bad.replace(bad.find("guest: 64Mi"), 11, "guest: lots");
+  ASSERT_OK(WriteFileAtomic(P("bad.yaml"), bad));
+  RunResult invalid = Kubectl({"apply", "-f", P("bad.yaml")});
+  EXPECT_EQ(invalid.exit_code, 1);
+  EXPECT_THAT(invalid.err, HasSubstr("is invalid: spec.template.spec.domain.memory.guest"));
+}
+
+TEST_F(KubectlApiTest, GetWatchPrintsChangesAsTheyHappen) {
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("first")).code, 201);
+  Process::Options opt;
+  opt.stdout_mode = Process::Stdio::kPipe;
+  opt.stderr_mode = Process::Stdio::kPipe;
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  env.push_back("KUBECONFIG=" + P("root/kubeconfig"));
+  env.push_back("HOME=" + P("home"));
+  opt.env = env;
+  auto watch = Process::Spawn({kKubectl, "--cache-dir", P("home/cache"), "get", "vmis", "-w"}, opt);
+  ASSERT_OK(watch);
+  std::string out;
+  auto read_until = [&](const std::string& want) {
+    for (int i = 0; i < 300 && out.find(want) == std::string::npos; ++i) {
+      pollfd pfd{watch->stdout_fd(), POLLIN, 0};
+      if (poll(&pfd, 1, 100) > 0) {
+        char buf[4096];
+        ssize_t n = read(watch->stdout_fd(), buf, sizeof buf);
+        if (n <= 0) break;
+        out.append(buf, static_cast<size_t>(n));
+      }
+    }
+    return out.find(want) != std::string::npos;
+  };
+  EXPECT_TRUE(read_until("first ")) << out;
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("second")).code, 201);
+  EXPECT_TRUE(read_until("second ")) << out;
+  watch->Terminate(std::chrono::seconds(5));
+  EXPECT_THAT(out, HasSubstr("NAME    AGE   PHASE   IP    NODENAME   READY\n"));
+  // One header: the watch's rows follow the list's.
+  EXPECT_EQ(out.rfind("NAME ", 0), 0u) << out;
+  EXPECT_EQ(out.find("\nNAME "), std::string::npos) << out;
+}
+
+// --- In-process ---------------------------------------------------------------
+
+class KubeApiTest : public TempDirTest {
+ protected:
+  void SetUp() override {
+    TempDirTest::SetUp();
+    state::ObjectStore::Options so;
+    so.event_max_count = 3;
+    so.sync_every_commit = false;
+    so.now = [] { return int64_t{1800000000}; };
+    store_ = state::ObjectStore::Open(tmp() / "state.db", so).value();
+    ASSERT_OK(api::KubeApi::EnsureDefaultNamespace(store_.get()));
+    api::KubeApi::Options o;
+    o.store = store_.get();
+    o.now = [] { return int64_t{1800000000 + 150}; };
+    api_.emplace(o);
+  }
+  api::HttpResponse Do(const std::string& method, const std::string& path, std::multimap<std::string, std::string> query = {},
+                       const std::string& body = "", const std::string& accept = "") {
+    api::HttpRequest req;
+    req.method = method;
+    req.path = path;
+    req.query = std::move(query);
+    req.body = body;
+    req.headers["content-type"] = "application/json";
+    if (!accept.empty()) req.headers["accept"] = accept;
+    req.stop = &stop_;
+    return api_->Handle(req);
+  }
+  std::unique_ptr<state::ObjectStore> store_;
+  std::optional<api::KubeApi> api_;
+  CancelToken stop_;
+};
+
+TEST_F(KubeApiTest, AWatchFromPrunedEventsGetsGoneAsAnErrorEvent) {
+  for (int i = 0; i < 6; ++i) ASSERT_EQ(Do("POST", kVmisPath, {}, VmiJson("v" + std::to_string(i))).status, 201);
+  api::HttpResponse w = Do("GET", kVmisPath, {{"watch", "true"}, {"resourceVersion", "2"}});
+  ASSERT_EQ(w.status, 200);
+  ASSERT_TRUE(w.stream);
+  std::string line = w.stream->Next().value();
+  json ev = json::parse(line);
+  EXPECT_EQ(ev["type"], "ERROR");
+  EXPECT_EQ(ev["object"]["code"], 410);
+  EXPECT_EQ(ev["object"]["reason"], "Expired");
+  EXPECT_EQ(w.stream->Next().value(), "");
+}
+
+TEST_F(KubeApiTest, TableCellsFollowKubeVirtsPrinterColumns) {
+  ASSERT_EQ(Do("POST", kVmisPath, {}, VmiJson("web-1")).status, 201);
+  json status = {{"apiVersion", "kubevirt.io/v1"},
+                 {"kind", "VirtualMachineInstance"},
+                 {"metadata", {{"name", "web-1"}, {"namespace", "default"}}},
+                 {"status",
+                  {{"phase", "Running"},
+                   {"nodeName", "node1"},
+                   {"interfaces", {{{"ipAddress", "10.0.2.15"}}}},
+                   {"conditions", {{{"type", "Ready"}, {"status", "True"}}, {{"type", "LiveMigratable"}, {"status", "False"}}}}}}};
+  api::HttpResponse put = Do("PUT", std::string(kVmisPath) + "/web-1/status", {}, status.dump());
+  ASSERT_EQ(put.status, 200) << put.body;
+  api::HttpResponse t = Do("GET", kVmisPath, {}, "", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json");
+  json table = json::parse(t.body);
+  ASSERT_EQ(table["kind"], "Table") << t.body;
+  std::vector<std::string> names;
+  for (const auto& c : table["columnDefinitions"]) names.push_back(c["name"]);
+  EXPECT_EQ(names, (std::vector<std::string>{"Name", "Age", "Phase", "IP", "NodeName", "Ready", "Live-Migratable", "Paused"}));
+  EXPECT_EQ(table["rows"][0]["cells"], json::parse(R"(["web-1","2m30s","Running","10.0.2.15","node1","True","False",null])"));
+  EXPECT_EQ(table["columnDefinitions"][6]["priority"], 1);
+  // Without the Table media type, a plain list.
+  EXPECT_EQ(json::parse(Do("GET", kVmisPath, {}, "", "application/json").body)["kind"], "VirtualMachineInstanceList");
+}
+
+TEST(HumanDurationTest, MatchesKubernetes) {
+  EXPECT_EQ(api::HumanDuration(0), "0s");
+  EXPECT_EQ(api::HumanDuration(119), "119s");
+  EXPECT_EQ(api::HumanDuration(150), "2m30s");
+  EXPECT_EQ(api::HumanDuration(600), "10m");
+  EXPECT_EQ(api::HumanDuration(3 * 3600 + 60), "3h1m");
+  EXPECT_EQ(api::HumanDuration(30 * 3600), "30h");
+  EXPECT_EQ(api::HumanDuration(3 * 86400 + 3600), "3d1h");
+  EXPECT_EQ(api::HumanDuration(100 * 86400), "100d");
+  EXPECT_EQ(api::HumanDuration(3 * 365 * 86400 + 86400), "3y1d");
+}
+
+}  // namespace
+}  // namespace regdisk::testing
