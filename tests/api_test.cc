@@ -18,6 +18,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
+#include <map>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -156,9 +158,10 @@ class ApiServerTest : public TempDirTest {
     opt.stderr_mode = Process::Stdio::kFile;
     log_ = P("serve-" + std::to_string(++starts_) + ".log");
     opt.stderr_file = log_;
-    auto p = Process::Spawn({REGDISK_BIN, "--root", P("root"), "serve", "--socket", P("api.sock"), "--listen",
-                             "127.0.0.1:0"},
-                            opt);
+    std::vector<std::string> argv = {REGDISK_BIN, "--root", P("root"), "serve", "--socket", P("api.sock"), "--listen",
+                                     "127.0.0.1:0"};
+    argv.insert(argv.end(), serve_args_.begin(), serve_args_.end());
+    auto p = Process::Spawn(argv, opt);
     ASSERT_OK(p);
     server_.emplace(std::move(*p));
     // The port is on stderr (and in the kubeconfig) once it serves.
@@ -173,6 +176,9 @@ class ApiServerTest : public TempDirTest {
     token_ = ReadFileCapped(P("root/api/token"), 4096).value();
     while (!token_.empty() && token_.back() == '\n') token_.pop_back();
   }
+  // These tests check the API alone: no VM runs (serve --api-only).
+  std::vector<std::string> serve_args_ = {"--api-only"};
+
   int StopServer() {
     int code = server_->Terminate(std::chrono::seconds(10));
     server_.reset();
@@ -671,6 +677,198 @@ TEST(HumanDurationTest, MatchesKubernetes) {
   EXPECT_EQ(api::HumanDuration(3 * 86400 + 3600), "3d1h");
   EXPECT_EQ(api::HumanDuration(100 * 86400), "100d");
   EXPECT_EQ(api::HumanDuration(3 * 365 * 86400 + 86400), "3y1d");
+}
+
+// The whole node, as the issue's user drives it: `regdisk serve` with its
+// engine, the real kubectl, QEMU (KVM or TCG) and a registry. The guest is
+// the boot sector (guest/hello.S) told to stay up.
+class NodeE2eTest : public ApiServerTest {
+ protected:
+  void SetUp() override {
+    if (!HaveKubectl()) GTEST_SKIP() << kKubectl << " is not installed";
+    TempDirTest::SetUp();
+    TestRegistry::Extra extra;
+    extra.access_log = true;
+    auto reg = TestRegistry::Start(RegistryMode::kPlain, {}, extra);
+    ASSERT_OK(reg);
+    reg_ = std::move(*reg);
+    std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+    std::string sector1 = "PRISTINE-SECTOR-CONTENT";
+    sector1.resize(512, '\0');
+    raw += sector1 + "STAY-UP";
+    raw.resize(1 << 20, '\0');
+    ASSERT_OK(WriteFileAtomic(tmp() / "halt.raw", raw));
+    image_ = reg_->host() + "/vmdisks/halt:v1";
+    RunResult built = RunRegdisk({"build", P("halt.raw"), "-t", "docker://" + image_});
+    ASSERT_EQ(built.exit_code, 0) << built.err;
+    serve_args_ = {};
+    fs::create_directories(tmp() / "home");
+    StartServer();
+  }
+  void TearDown() override {
+    if (server_) {
+      // The VMs outlive a daemon on purpose; a test stops them itself.
+      server_->Terminate(std::chrono::seconds(10));
+      server_.reset();
+    }
+    RunProgram({"pkill", "-KILL", "-f", P("root/run")});
+  }
+
+  // Waits until `done` holds: a bounded wait for QEMU under TCG on a busy
+  // machine, not a timing assertion.
+  bool Eventually(const std::function<bool()>& done, std::chrono::seconds limit = std::chrono::seconds(120)) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < until) {
+      if (done()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return done();
+  }
+  // name -> phase of every VMI, as kubectl shows them.
+  std::map<std::string, std::string> Phases() {
+    RunResult r = Kubectl({"get", "vmis", "-o", "json"});
+    std::map<std::string, std::string> out;
+    if (r.exit_code != 0) return out;
+    const json list = json::parse(r.out, nullptr, false);
+    if (!list.is_object() || !list.contains("items")) return out;
+    for (const auto& v : list["items"]) {
+      out[v["metadata"]["name"]] = v.contains("status") ? v["status"].value("phase", "") : "";
+    }
+    return out;
+  }
+  int Running() {
+    int n = 0;
+    for (const auto& [name, phase] : Phases()) n += phase == "Running";
+    return n;
+  }
+  // The QEMU pid of each running VMI, from its run directory.
+  std::map<std::string, int> Pids() {
+    std::map<std::string, int> out;
+    for (const auto& e : fs::directory_iterator(tmp() / "root" / "run")) {
+      auto text = ReadFileCapped(e.path() / "vm.json", 1 << 20);
+      if (!text.ok()) continue;
+      const json record = json::parse(*text);
+      out[record["name"]] = record["qemuPid"];
+    }
+    return out;
+  }
+  int Qemus() {
+    RunResult r = RunProgram({"pgrep", "-f", P("root/run")});
+    int n = 0;
+    for (char ch : r.out) n += ch == '\n';
+    return n;
+  }
+
+  std::unique_ptr<TestRegistry> reg_;
+  std::string image_;
+};
+
+TEST_F(NodeE2eTest, KubectlRunsAReplicaSetThatHealsScalesAndSurvivesAKilledDaemon) {
+  ASSERT_OK(WriteFileAtomic(P("rs.yaml"), R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstanceReplicaSet
+metadata:
+  name: web
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: root
+            disk:
+              bus: virtio
+        resources:
+          requests:
+            memory: 64M
+      volumes:
+      - name: root
+        containerDisk:
+          image: )" + image_ + "\n"));
+  RunResult apply = Kubectl({"apply", "-f", P("rs.yaml")});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  ASSERT_TRUE(Eventually([&] { return Running() == 3; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
+
+  // One pull for three VMs: each blob left the registry once.
+  std::map<std::string, int> gets;
+  const std::string log = reg_->log(), what = "GET /v2/vmdisks/halt/blobs/";
+  for (size_t at = log.find(what); at != std::string::npos; at = log.find(what, at + 1)) gets[log.substr(at + what.size(), 71)]++;
+  EXPECT_FALSE(gets.empty());
+  for (const auto& [digest, n] : gets) EXPECT_EQ(n, 1) << digest;
+  // Each console shows the guest's marker; kubectl prints KubeVirt's columns.
+  for (const auto& [name, phase] : Phases()) {
+    EXPECT_TRUE(Eventually([&] {
+      return ReadFileCapped(P("root/logs/default_" + name + ".log"), 1 << 20).value_or("").find("PRISTINE-SECTOR-CONTENT") !=
+             std::string::npos;
+    })) << name;
+  }
+  RunResult wide = Kubectl({"get", "vmis", "-o", "wide"});
+  EXPECT_THAT(wide.out, HasSubstr("Running"));
+  EXPECT_THAT(wide.out, HasSubstr("10.0.2.2"));
+
+  // Kill one VMI's QEMU: `kubectl get vmis -w` shows its replacement Running.
+  Process::Options wopt;
+  wopt.stdout_mode = Process::Stdio::kFile;
+  wopt.stdout_file = P("watch.out");
+  wopt.env = std::vector<std::string>{"KUBECONFIG=" + P("root/kubeconfig"), "HOME=" + P("home"), "PATH=/usr/bin:/bin"};
+  auto watch = Process::Spawn({kKubectl, "--cache-dir", P("home/cache"), "get", "vmis", "-w"}, wopt);
+  ASSERT_OK(watch);
+  std::map<std::string, int> before = Pids();
+  const std::string victim = before.begin()->first;
+  ASSERT_EQ(::kill(before.begin()->second, SIGKILL), 0);
+  std::string replacement;
+  ASSERT_TRUE(Eventually([&] {
+    auto phases = Phases();
+    if (phases.count(victim) || Running() != 3) return false;
+    for (const auto& [name, phase] : phases) {
+      if (!before.count(name)) replacement = name;
+    }
+    return !replacement.empty();
+  })) << Kubectl({"get", "vmis"}).out;
+  EXPECT_TRUE(Eventually([&] {
+    std::string w = ReadFileCapped(P("watch.out"), 1 << 20).value_or("");
+    size_t at = w.rfind(replacement);
+    return at != std::string::npos && w.find("Running", at) != std::string::npos;
+  })) << ReadFileCapped(P("watch.out"), 1 << 20).value_or("");
+  watch->Terminate(std::chrono::seconds(5));
+  RunResult events = Kubectl({"get", "events", "-o", "json"});
+  EXPECT_THAT(events.out, HasSubstr("SuccessfulCreate"));
+  EXPECT_THAT(events.out, HasSubstr("\"Failed\""));
+
+  // Scale down to 1 and up to 4.
+  ASSERT_EQ(Kubectl({"scale", "vmirs", "web", "--replicas", "1"}).exit_code, 0);
+  ASSERT_TRUE(Eventually([&] { return Phases().size() == 1 && Qemus() == 1; })) << Kubectl({"get", "vmis"}).out;
+  ASSERT_EQ(Kubectl({"scale", "vmirs", "web", "--replicas", "4"}).exit_code, 0);
+  ASSERT_TRUE(Eventually([&] { return Running() == 4; })) << Kubectl({"get", "vmis"}).out;
+
+  // kill -9 the daemon: the QEMUs run on; a new daemon adopts the same pids
+  // and kubectl shows no change.
+  std::map<std::string, int> pids = Pids();
+  ASSERT_EQ(pids.size(), 4u);
+  std::map<std::string, std::string> phases = Phases();
+  server_->Signal(SIGKILL);
+  server_->Wait(std::chrono::seconds(10));
+  server_.reset();
+  port_ = 0;
+  for (const auto& [name, pid] : pids) EXPECT_EQ(::kill(pid, 0), 0) << name;
+  StartServer();
+  std::this_thread::sleep_for(std::chrono::seconds(2));  // passes of the new daemon, which must change nothing
+  EXPECT_EQ(Phases(), phases);
+  EXPECT_EQ(Pids(), pids);
+  RunResult metrics = RunProgram({"curl", "-sk", "-H", "Authorization: Bearer " + token_,
+                                  "https://127.0.0.1:" + std::to_string(port_) + "/metrics"});
+  EXPECT_THAT(metrics.out, HasSubstr("regdisk_vmis{phase=\"Running\"} 4"));
+
+  // Delete the set: no QEMU, overlay, seed, socket or run directory remains.
+  ASSERT_EQ(Kubectl({"delete", "-f", P("rs.yaml")}).exit_code, 0);
+  ASSERT_TRUE(Eventually([&] { return Phases().empty() && Qemus() == 0 && fs::is_empty(tmp() / "root" / "run"); }))
+      << Kubectl({"get", "vmis"}).out;
 }
 
 }  // namespace

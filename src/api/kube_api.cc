@@ -258,6 +258,12 @@ HttpResponse RequestHandler::Handle() {
     return r;
   }
   if (req_.tls && !BearerMatches(req_.Header("authorization"), o_.token)) return Reply(ApiError::Unauthorized());
+  if (path == "/metrics" && o_.metrics) {
+    HttpResponse r;
+    r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    r.body = o_.metrics();
+    return r;
+  }
   std::vector<std::string> segs = Split(path);
   if (segs.empty()) return Reply(PathNotFound());
   if (segs[0] == "version" && segs.size() == 1) {

@@ -9,6 +9,7 @@
 // Served (see docs/architecture.md, "The API server"):
 //   discovery  /api /api/v1 /apis /apis/kubevirt.io[/v1|/v1alpha1] /version
 //              /healthz /readyz /livez /openapi/v2 /openapi/v3[/...]
+//   metrics    /metrics (Prometheus text, authenticated like the API)
 //   resources  api/resources.h: GET, LIST (labelSelector, fieldSelector),
 //              watch=true (one WatchEvent per line), POST, PUT, PATCH
 //              (merge, JSON and strategic merge patch, the last as a merge
@@ -43,6 +44,8 @@ class KubeApi {
     // A watch without timeoutSeconds ends after this long (the client
     // watches again), as the API server's minRequestTimeout does.
     int64_t default_watch_seconds = 1800;
+    // GET /metrics: Prometheus text from the daemon; 404 when unset.
+    std::function<std::string()> metrics;
   };
 
   explicit KubeApi(Options options);

@@ -18,6 +18,7 @@ const std::vector<Resource>& Resources() {
        {"vmrs", "vmrss"}, true, std::string(kV1alpha1VmrsKey), true, true},
       {"", "v1", "secrets", "secret", "Secret", {}, true, std::string(kSecretKey), false, false},
       {"", "v1", "namespaces", "namespace", "Namespace", {"ns"}, false, std::string(kNamespaceKey), false, false},
+      {"", "v1", "events", "event", "Event", {"ev"}, true, std::string(kEventKey), false, false},
   };
   return kResources;
 }

@@ -22,6 +22,7 @@ inline constexpr std::string_view kV1alpha1VmKey = "kubevirt.io/v1alpha1/virtual
 inline constexpr std::string_view kV1alpha1VmrsKey = "kubevirt.io/v1alpha1/virtualmachinereplicasets";
 inline constexpr std::string_view kSecretKey = "v1/secrets";
 inline constexpr std::string_view kNamespaceKey = "v1/namespaces";  // cluster-scoped: namespace ""
+inline constexpr std::string_view kEventKey = "v1/events";  // written by the daemon (daemon/events.h)
 
 struct Resource {
   std::string group;  // "" for the core group

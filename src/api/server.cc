@@ -28,6 +28,7 @@ Result<std::unique_ptr<Server>> Server::Start(Options options) {
   KubeApi::Options ao;
   ao.store = options.store;
   ao.token = creds.token;
+  ao.metrics = options.metrics;
   impl.api = std::make_unique<KubeApi>(std::move(ao));
   HttpServer::Options ho;
   ho.unix_socket = options.socket_path;

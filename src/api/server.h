@@ -17,6 +17,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -34,6 +35,8 @@ class Server {
     std::string socket_path;     // "" for no unix socket
     std::string listen;          // "" for no TLS endpoint; "ADDR:PORT"
     size_t max_body_bytes = 3 * 1024 * 1024;
+    // GET /metrics (Prometheus text); unset: not served.
+    std::function<std::string()> metrics;
   };
 
   static Result<std::unique_ptr<Server>> Start(Options options);

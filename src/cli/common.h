@@ -147,6 +147,11 @@ int RunPort(const Globals& g, const std::string& vm, const std::string& namespac
 struct ServeFlags {
   std::string socket = "/run/regdisk/regdisk.sock";  // --socket, env REGDISK_SOCKET; "" for none
   std::string listen;  // --listen ADDR:PORT for TLS; "" for none
+  std::string qemu;    // --qemu: the QEMU binary for the node's VMs
+  std::string accel = "auto";  // --accel auto|kvm|tcg
+  std::string node_name;       // --node-name: status.nodeName (default: the host name)
+  bool stop_vms = false;       // --stop-vms: stop every VM at exit (default: they keep running)
+  bool api_only = false;       // --api-only: serve the API and run no VM or controller
 };
 int RunServe(const Globals& g, const ServeFlags& f);
 

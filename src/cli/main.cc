@@ -198,6 +198,14 @@ int Main(int argc, char** argv) {
       ->capture_default_str();
   serve->add_option("--listen", serve_flags.listen,
                     "also serve TLS on ADDR:PORT (port 0: any free one); writes ROOT/kubeconfig for kubectl");
+  serve->add_option("--qemu", serve_flags.qemu, "the QEMU binary for the node's VMs (default: qemu-system-x86_64 on PATH)");
+  serve->add_option("--accel", serve_flags.accel, "auto (KVM when usable, else TCG), kvm or tcg")
+      ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
+  serve->add_option("--node-name", serve_flags.node_name, "the name VMIs report as status.nodeName (default: the host name)");
+  serve->add_flag("--stop-vms", serve_flags.stop_vms,
+                  "stop every VM when the daemon exits (default: VMs keep running and the next daemon adopts them)");
+  serve->add_flag("--api-only", serve_flags.api_only,
+                  "serve the API over the store and run no VM and no controller (to inspect or edit a node's state)");
   serve->fallthrough();
 
   BuildFlags base_flags;

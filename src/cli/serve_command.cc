@@ -8,6 +8,7 @@
 
 #include "api/server.h"
 #include "cli/common.h"
+#include "daemon/node.h"
 #include "state/object_store.h"
 #include "util/fs.h"
 #include "util/log.h"
@@ -29,6 +30,31 @@ int RunServe(const Globals& g, const ServeFlags& f) {
   options.root = root;
   options.socket_path = f.socket;
   options.listen = f.listen;
+  // The engine first: it adopts the VMs an earlier daemon left before the
+  // API takes requests.
+  daemon::NodeOptions node_options;
+  node_options.root = root;
+  node_options.store = store->get();
+  node_options.plan.qemu = f.qemu;
+  node_options.plan.accel = f.accel;
+  node_options.node_name = f.node_name;
+  Result<registry::ClientOptions> client = MakeClientOptions(g);
+  if (!client.ok()) return Fail(client.status());
+  node_options.plan.client = std::move(*client);
+  Result<oci::Platform> platform = oci::Platform::Parse(g.platform);
+  if (!platform.ok()) return Fail(platform.status());
+  node_options.plan.platform = *platform;
+  Result<store::DiskTree::Limits> limits = MakeDiskLimits(g);
+  if (!limits.ok()) return Fail(limits.status());
+  node_options.plan.disk_limits = *limits;
+  std::unique_ptr<daemon::Node> node;
+  if (!f.api_only) {
+    Result<std::unique_ptr<daemon::Node>> started = daemon::Node::Start(std::move(node_options));
+    if (!started.ok()) return Fail(started.status().Annotate("starting the node daemon"));
+    node = std::move(*started);
+    daemon::Node* engine = node.get();
+    options.metrics = [engine] { return engine->MetricsText(); };
+  }
   Result<std::unique_ptr<api::Server>> server = api::Server::Start(std::move(options));
   if (!server.ok()) return Fail(server.status().Annotate("starting the API server"));
   if (!g.quiet) {
@@ -44,6 +70,11 @@ int RunServe(const Globals& g, const ServeFlags& f) {
     poll(&pfd, pfd.fd >= 0 ? 1 : 0, 1000);
   }
   (*server)->Stop();
+  if (node && f.stop_vms) {
+    log::Info("stopping every VM (--stop-vms)");
+    node->StopAllVms();
+  }
+  node.reset();  // without --stop-vms the VMs keep running; the next daemon adopts them
   log::Info("API server stopped ({})", g.cancel->status().message());
   return 0;
 }

@@ -669,7 +669,7 @@ struct Node::Impl {
 
   // The owner as stored now (the action was computed from `owner`; a newer
   // version is left for the next pass).
-  void EditOwner(const char* resource, const json& owner, const std::function<void(json&)>& edit, bool status) {
+  void EditOwner(std::string_view resource, const json& owner, const std::function<void(json&)>& edit, bool status) {
     const json& meta = owner["metadata"];
     auto current = store->Get(resource, meta.value("namespace", "default"), meta.value("name", ""));
     if (!current.ok() || (*current)["metadata"].value("uid", "") != meta.value("uid", "")) return;
@@ -682,7 +682,7 @@ struct Node::Impl {
 
   Status OpenWatches() {
     watches.clear();
-    for (const char* r : {kVmiResource, kVmResource, kVmirsResource}) {
+    for (std::string_view r : {kVmiResource, kVmResource, kVmirsResource}) {
       ASSIGN_OR_RETURN(int64_t rv, store->CurrentResourceVersion());
       ASSIGN_OR_RETURN(auto w, store->Watch(r, "", {}, rv, true));
       watches.push_back(std::move(w));

@@ -1,15 +1,18 @@
-// The object store's keys for the resources the daemon reconciles. The
-// API server (src/api) stores objects under the same keys; one key per
-// kind, whatever version a client used.
+// The object store's keys for the resources the daemon reconciles: the API
+// server's (api/resources.h), under the daemon's names.
 #pragma once
+
+#include <string_view>
+
+#include "api/resources.h"
 
 namespace regdisk::daemon {
 
-inline constexpr char kVmiResource[] = "kubevirt.io/v1/virtualmachineinstances";
-inline constexpr char kVmResource[] = "kubevirt.io/v1/virtualmachines";
-inline constexpr char kVmirsResource[] = "kubevirt.io/v1/virtualmachineinstancereplicasets";
-inline constexpr char kSecretResource[] = "v1/secrets";
-inline constexpr char kEventResource[] = "v1/events";
+inline constexpr std::string_view kVmiResource = api::kVmiKey;
+inline constexpr std::string_view kVmResource = api::kVmKey;
+inline constexpr std::string_view kVmirsResource = api::kVmirsKey;
+inline constexpr std::string_view kSecretResource = api::kSecretKey;
+inline constexpr std::string_view kEventResource = api::kEventKey;
 
 // Annotations regdisk writes on the objects it creates.
 // On a VMI an owner made: the owner's metadata.generation at that time.
