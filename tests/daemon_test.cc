@@ -113,6 +113,7 @@ class DaemonTest : public TempDirTest {
   void TearDown() override {
     if (node_) node_->StopAllVms();
     node_.reset();
+    RunProgram({"pkill", "-KILL", "-f", (root_ / "run").string()});  // whatever a failed test left
     TempDirTest::TearDown();
   }
 
