@@ -339,6 +339,40 @@ TEST_F(DaemonTest, AVirtualMachineFollowsItsRunStrategy) {
       << json(Vmis()).dump(2) << printable();
 }
 
+// The seed's kinds: a v1alpha1 VirtualMachine runs as an instance, and a
+// v1alpha1 VirtualMachineReplicaSet makes v1alpha1 VirtualMachines.
+TEST_F(DaemonTest, TheSeedsV1alpha1KindsRunToo) {
+  StartNode();
+  json spec = {{"domain",
+                {{"resources", {{"requests", {{"memory", "64M"}}}}},
+                 {"devices", {{"disks", {{{"name", "registrydisk"}, {"volumeName", "registryvolume"}, {"disk", {{"dev", "vda"}}}}}}}}}},
+               {"volumes", {{{"name", "registryvolume"}, {"registryDisk", {{"image", image_}}}}}}};
+  json vm = {{"apiVersion", "kubevirt.io/v1alpha1"}, {"kind", "VirtualMachine"},
+             {"metadata", {{"name", "testvm-ephemeral"}, {"namespace", "default"}}}, {"spec", spec}};
+  ASSERT_OK(store_->Create(daemon::kV1alpha1VmResource, vm));
+  json rs = {{"apiVersion", "kubevirt.io/v1alpha1"}, {"kind", "VirtualMachineReplicaSet"},
+             {"metadata", {{"name", "seed"}, {"namespace", "default"}}},
+             {"spec", {{"replicas", 2}, {"selector", {{"matchLabels", {{"app", "seed"}}}}},
+                       {"template", {{"metadata", {{"labels", {{"app", "seed"}}}}}, {"spec", spec}}}}}};
+  ASSERT_OK(store_->Create(daemon::kV1alpha1VmrsResource, rs));
+  auto running = [&] {
+    auto list = store_->List(daemon::kV1alpha1VmResource, "default");
+    int n = 0;
+    for (const auto& v : list.ok() ? list->items : std::vector<json>{}) {
+      n += v.contains("status") && v["status"].value("phase", "") == "Running";
+    }
+    return n;
+  };
+  ASSERT_TRUE(Eventually([&] { return running() == 3; })) << json(store_->List(daemon::kV1alpha1VmResource, "default")->items).dump(2);
+  EXPECT_TRUE(Vmis().empty());  // nothing of the v1 generation was made
+  auto owned = store_->List(daemon::kV1alpha1VmResource, "default", {.label_selector = "app=seed"});
+  ASSERT_OK(owned);
+  ASSERT_EQ(owned->items.size(), 2u);
+  EXPECT_EQ(owned->items[0]["metadata"]["ownerReferences"][0]["kind"], "VirtualMachineReplicaSet");
+  EXPECT_EQ(owned->items[0]["apiVersion"], "kubevirt.io/v1alpha1");
+  EXPECT_EQ(QemusUnderRoot(), 3);
+}
+
 TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {
   StartNode();
   json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},

@@ -103,6 +103,16 @@ c::VmiTemplate TemplateOf(const json& owner_spec, int64_t generation) {
 
 }  // namespace
 
+bool IsV1alpha1(const json& object) { return StringField(object, "apiVersion") == "kubevirt.io/v1alpha1"; }
+
+std::string_view InstanceResourceOf(const json& object) {
+  return IsV1alpha1(object) ? kV1alpha1VmResource : kVmiResource;
+}
+
+std::string_view ReplicaSetResourceOf(const json& object) {
+  return IsV1alpha1(object) ? kV1alpha1VmrsResource : kVmirsResource;
+}
+
 std::optional<int64_t> ParseTimestamp(const std::string& text) {
   std::tm tm{};
   const char* end = ::strptime(text.c_str(), "%Y-%m-%dT%H:%M:%SZ", &tm);
@@ -213,7 +223,11 @@ json VmiFromTemplate(const json& owner, const c::CreateVmi& action) {
   annotations[kTemplateGenerationAnnotation] = std::to_string(action.template_.generation);
   meta["annotations"] = annotations;
   meta["ownerReferences"] = json::array({OwnerReferenceJson(action.owner)});
-  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"}, {"metadata", meta}};
+  // A v1alpha1 replica set makes v1alpha1 VirtualMachines (its template's
+  // spec is in that generation's shape).
+  json vmi = IsV1alpha1(owner)
+                 ? json{{"apiVersion", "kubevirt.io/v1alpha1"}, {"kind", "VirtualMachine"}, {"metadata", meta}}
+                 : json{{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"}, {"metadata", meta}};
   vmi["spec"] = Field(tmpl, "spec").is_object() ? tmpl["spec"] : json::object();
   return vmi;
 }

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "controller/replicaset.h"
 #include "controller/types.h"
@@ -16,6 +17,12 @@
 namespace regdisk::daemon {
 
 using json = nlohmann::json;
+
+// The store key of an instance (v1 VMI or v1alpha1 VirtualMachine) or a
+// replica set (v1 VMIRS or v1alpha1 VMRS), from its apiVersion.
+std::string_view InstanceResourceOf(const json& object);
+std::string_view ReplicaSetResourceOf(const json& object);
+bool IsV1alpha1(const json& object);
 
 // "2026-11-28T11:52:22Z" -> Unix seconds; nullopt for anything else.
 std::optional<int64_t> ParseTimestamp(const std::string& text);

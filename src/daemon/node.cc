@@ -160,20 +160,39 @@ struct Node::Impl {
 
   // ---- the store ----
 
+  // The instance (v1 VMI or v1alpha1 VirtualMachine) `ns`/`name` if its
+  // uid is still `uid`.
+  std::optional<json> GetInstance(const std::string& ns, const std::string& name, const std::string& uid) {
+    for (std::string_view key : kInstanceResources) {
+      auto vmi = store->Get(key, ns, name);
+      if (vmi.ok() && (*vmi)["metadata"].value("uid", "") == uid) return std::move(*vmi);
+    }
+    return std::nullopt;
+  }
+
+  // Every instance of both generations, in all namespaces.
+  Result<std::vector<json>> ListInstances() {
+    std::vector<json> out;
+    for (std::string_view key : kInstanceResources) {
+      ASSIGN_OR_RETURN(state::ObjectList list, store->List(key, "", {}, true));
+      for (auto& item : list.items) out.push_back(std::move(item));
+    }
+    return out;
+  }
+
   // Changes the status of the VMI `uid` (if it still exists) with `edit`,
   // retrying on a conflict.
   void EditVmiStatus(const std::string& ns, const std::string& name, const std::string& uid,
                      const std::function<void(json& status)>& edit) {
     for (int attempt = 0; attempt < 5; ++attempt) {
-      auto vmi = store->Get(kVmiResource, ns, name);
-      if (!vmi.ok()) return;
-      if ((*vmi)["metadata"].value("uid", "") != uid) return;
+      auto vmi = GetInstance(ns, name, uid);
+      if (!vmi) return;
       json status = vmi->contains("status") && (*vmi)["status"].is_object() ? (*vmi)["status"] : json::object();
       json before = status;
       edit(status);
       if (status == before) return;
       (*vmi)["status"] = status;
-      auto st = store->UpdateStatus(kVmiResource, *vmi);
+      auto st = store->UpdateStatus(InstanceResourceOf(*vmi), *vmi);
       if (st.ok()) return;
       if (st.status().code() != Code::kAborted) {
         log::Warn("writing the status of VMI {}/{}: {}", ns, name, st.status().message());
@@ -214,8 +233,8 @@ struct Node::Impl {
   void MarkFinal(const std::string& ns, const std::string& name, const std::string& uid, bool succeeded,
                  const std::string& reason) {
     const int64_t now = Now();
-    auto vmi = store->Get(kVmiResource, ns, name);
-    if (!vmi.ok() || (*vmi)["metadata"].value("uid", "") != uid) return;
+    auto vmi = GetInstance(ns, name, uid);
+    if (!vmi) return;
     if (c::IsFinal(ObservedVmiFromJson(*vmi).phase)) return;
     log::Info("VMI {}/{} {}: {}", ns, name, succeeded ? "succeeded" : "failed", reason);
     metrics.CountExit(succeeded);
@@ -240,8 +259,11 @@ struct Node::Impl {
   // The replica set that controls `vmi`, if any (and it still exists).
   std::optional<json> OwningReplicaSet(const json& vmi) {
     auto ref = ObservedVmiFromJson(vmi).controller_ref;
-    if (!ref || ref->kind != "VirtualMachineInstanceReplicaSet") return std::nullopt;
-    auto rs = store->Get(kVmirsResource, vmi["metadata"].value("namespace", "default"), ref->name);
+    if (!ref || (ref->kind != "VirtualMachineInstanceReplicaSet" && ref->kind != "VirtualMachineReplicaSet")) {
+      return std::nullopt;
+    }
+    const std::string_view key = ref->kind == "VirtualMachineReplicaSet" ? kV1alpha1VmrsResource : kVmirsResource;
+    auto rs = store->Get(key, vmi["metadata"].value("namespace", "default"), ref->name);
     if (!rs.ok() || (*rs)["metadata"].value("uid", "") != ref->uid) return std::nullopt;
     return std::move(*rs);
   }
@@ -423,8 +445,8 @@ struct Node::Impl {
     EditVmi(r.namespace_, r.name, r.uid, [&](json& vmi) {
       vmi["metadata"]["annotations"][kImageDigestsAnnotation] = json(images).dump();
     });
-    auto vmi = store->Get(kVmiResource, r.namespace_, r.name);
-    if (!vmi.ok()) return;
+    auto vmi = GetInstance(r.namespace_, r.name, r.uid);
+    if (!vmi) return;
     auto rs = OwningReplicaSet(*vmi);
     if (!rs) return;
     json pins = PinsOf(*rs);
@@ -436,7 +458,7 @@ struct Node::Impl {
       log::Info("replica set {}/{}: {} pinned to {}", r.namespace_, (*rs)["metadata"].value("name", ""), image, digest);
     }
     if (!added) return;
-    EditOwner(kVmirsResource, *rs, [&](json& obj) {
+    EditOwner(ReplicaSetResourceOf(*rs), *rs, [&](json& obj) {
       json current = PinsOf(obj);
       for (const auto& [image, digest] : pins.items()) {
         if (!current.contains(image)) current[image] = digest;
@@ -457,9 +479,9 @@ struct Node::Impl {
   }
 
   std::optional<json> FindVmiByUid(const std::string& uid) {
-    auto list = store->List(kVmiResource, "", {}, true);
+    auto list = ListInstances();
     if (!list.ok()) return std::nullopt;
-    for (auto& v : list->items) {
+    for (auto& v : *list) {
       if (v["metadata"].value("uid", "") == uid) return std::move(v);
     }
     return std::nullopt;
@@ -485,13 +507,13 @@ struct Node::Impl {
       }
     }
 
-    auto list = store->List(kVmiResource, "", {}, true);
+    auto list = ListInstances();
     if (!list.ok()) {
       log::Warn("listing VMIs: {}", list.status().message());
       return;
     }
     std::map<std::string, const json*> by_uid;
-    for (const auto& v : list->items) by_uid[v["metadata"].value("uid", "")] = &v;
+    for (const auto& v : *list) by_uid[v["metadata"].value("uid", "")] = &v;
 
     std::set<std::string> ended;  // in this pass: `list` still shows them as they were
     for (auto it = instances.begin(); it != instances.end();) {
@@ -516,7 +538,7 @@ struct Node::Impl {
     for (auto& [uid, start] : starts) {
       if (!by_uid.count(uid)) start.cancel->Cancel("the VMI was deleted");
     }
-    for (const auto& v : list->items) {
+    for (const auto& v : *list) {
       const json& meta = v["metadata"];
       const std::string uid = meta.value("uid", "");
       if (instances.count(uid) || starts.count(uid) || stops.count(uid) || ended.count(uid) ||
@@ -542,14 +564,16 @@ struct Node::Impl {
       next_prune = Clock::now() + 60s;
     }
 
-    std::vector<c::ObservedVmi> observed;
-    for (const auto& v : list->items) observed.push_back(ObservedVmiFromJson(v));
-    ReconcileReplicaSets(observed);
-    ReconcileVms(observed);
+    // Each generation's replica sets see only their own generation's instances.
+    std::vector<c::ObservedVmi> v1, v1alpha1;
+    for (const auto& v : *list) (IsV1alpha1(v) ? v1alpha1 : v1).push_back(ObservedVmiFromJson(v));
+    ReconcileReplicaSets(kVmirsResource, v1);
+    ReconcileReplicaSets(kV1alpha1VmrsResource, v1alpha1);
+    ReconcileVms(v1);
   }
 
-  void ReconcileReplicaSets(const std::vector<c::ObservedVmi>& vmis) {
-    auto sets = store->List(kVmirsResource, "", {}, true);
+  void ReconcileReplicaSets(std::string_view resource, const std::vector<c::ObservedVmi>& vmis) {
+    auto sets = store->List(resource, "", {}, true);
     if (!sets.ok()) return;
     for (const auto& rs_json : sets->items) {
       auto rs = ReplicaSetFromJson(rs_json, Now());
@@ -593,7 +617,7 @@ struct Node::Impl {
   }
 
   void Apply(const json& owner, const c::CreateVmi& a, bool) {
-    auto st = store->Create(kVmiResource, VmiFromTemplate(owner, a));
+    auto st = store->Create(IsV1alpha1(owner) ? kV1alpha1VmResource : kVmiResource, VmiFromTemplate(owner, a));
     if (!st.ok()) {
       Warn(st.status(), "creating VMI " + a.name);
       events->Warning(owner, "FailedCreate", "creating VirtualMachineInstance " + a.name + ": " + st.status().message());
@@ -605,7 +629,7 @@ struct Node::Impl {
     state::Preconditions pre;
     pre.uid = a.uid;
     log::Info("deleting VMI {}/{} ({})", a.namespace_, a.name, c::DeleteReasonName(a.reason));
-    auto st = store->Delete(kVmiResource, a.namespace_, a.name, pre);
+    auto st = store->Delete(IsV1alpha1(owner) ? kV1alpha1VmResource : kVmiResource, a.namespace_, a.name, pre);
     if (!st.ok() && st.status().code() != Code::kNotFound) Warn(st.status(), "deleting VMI " + a.name);
     if (st.ok()) {
       events->Normal(owner, "SuccessfulDelete", fmt::format("Deleted VirtualMachineInstance {} ({})", a.name,
@@ -631,7 +655,7 @@ struct Node::Impl {
     });
   }
   void Apply(const json& owner, const c::UpdateReplicaSetStatus& a, bool) {
-    EditOwner(kVmirsResource, owner, [&](json& rs) { rs["status"] = ReplicaSetStatusJson(a.status, rs.value("status", json())); }, true);
+    EditOwner(ReplicaSetResourceOf(owner), owner, [&](json& rs) { rs["status"] = ReplicaSetStatusJson(a.status, rs.value("status", json())); }, true);
   }
   void Apply(const json& owner, const c::UpdateVmStatus& a, bool) {
     EditOwner(kVmResource, owner, [&](json& vm) { vm["status"] = VmStatusJson(a.status, vm.value("status", json())); }, true);
@@ -661,10 +685,10 @@ struct Node::Impl {
 
   void EditVmi(const std::string& ns, const std::string& name, const std::string& uid,
                const std::function<void(json&)>& edit) {
-    auto vmi = store->Get(kVmiResource, ns, name);
-    if (!vmi.ok() || (*vmi)["metadata"].value("uid", "") != uid) return;
+    auto vmi = GetInstance(ns, name, uid);
+    if (!vmi) return;
     edit(*vmi);
-    Warn(store->Update(kVmiResource, *vmi).status(), "updating VMI " + name);
+    Warn(store->Update(InstanceResourceOf(*vmi), *vmi).status(), "updating VMI " + name);
   }
 
   // The owner as stored now (the action was computed from `owner`; a newer
@@ -682,7 +706,7 @@ struct Node::Impl {
 
   Status OpenWatches() {
     watches.clear();
-    for (std::string_view r : {kVmiResource, kVmResource, kVmirsResource}) {
+    for (std::string_view r : {kVmiResource, kVmResource, kVmirsResource, kV1alpha1VmResource, kV1alpha1VmrsResource}) {
       ASSIGN_OR_RETURN(int64_t rv, store->CurrentResourceVersion());
       ASSIGN_OR_RETURN(auto w, store->Watch(r, "", {}, rv, true));
       watches.push_back(std::move(w));
@@ -784,8 +808,8 @@ std::string Node::MetricsText() {
                  c::VmiPhase::kSucceeded, c::VmiPhase::kFailed}) {
     phases[std::string(c::PhaseName(p))] = 0;
   }
-  if (auto list = impl_->store->List(kVmiResource, "", {}, true); list.ok()) {
-    for (const auto& v : list->items) {
+  if (auto list = impl_->ListInstances(); list.ok()) {
+    for (const auto& v : *list) {
       const json& status = v.contains("status") ? v["status"] : json::object();
       std::string phase = status.is_object() ? status.value("phase", "") : "";
       phases[phase.empty() ? "Pending" : phase]++;

@@ -13,6 +13,13 @@ inline constexpr std::string_view kVmResource = api::kVmKey;
 inline constexpr std::string_view kVmirsResource = api::kVmirsKey;
 inline constexpr std::string_view kSecretResource = api::kSecretKey;
 inline constexpr std::string_view kEventResource = api::kEventKey;
+// The seed's kinds: a kubevirt.io/v1alpha1 VirtualMachine is what v1 calls
+// a VirtualMachineInstance, and its VirtualMachineReplicaSet a
+// VirtualMachineInstanceReplicaSet. The node runs both generations.
+inline constexpr std::string_view kV1alpha1VmResource = api::kV1alpha1VmKey;
+inline constexpr std::string_view kV1alpha1VmrsResource = api::kV1alpha1VmrsKey;
+inline constexpr std::string_view kInstanceResources[] = {kVmiResource, kV1alpha1VmResource};
+inline constexpr std::string_view kReplicaSetResources[] = {kVmirsResource, kV1alpha1VmrsResource};
 
 // Annotations regdisk writes on the objects it creates.
 // On a VMI an owner made: the owner's metadata.generation at that time.
