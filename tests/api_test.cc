@@ -517,6 +517,19 @@ TEST_F(KubectlApiTest, ApplyGetScalePatchAndDeleteAReplicaSetWithItsVmis) {
   RunResult selected = Kubectl({"get", "vmis", "--field-selector", "metadata.name=standalone", "-o", "name"});
   EXPECT_EQ(selected.out, "virtualmachineinstance.kubevirt.io/standalone\n") << selected.err;
 
+  // Server-side apply creates, then merges (no managedFields: a simplification).
+  std::string ssa = kReplicaSet;
+  ssa.replace(ssa.find("name: web\n"), 10, "name: web2\n");
+  ASSERT_OK(WriteFileAtomic(P("rs2.yaml"), ssa));
+  RunResult server_side = Kubectl({"apply", "--server-side", "-f", P("rs2.yaml")});
+  EXPECT_EQ(server_side.exit_code, 0) << server_side.err;
+  EXPECT_EQ(server_side.out, "virtualmachineinstancereplicaset.kubevirt.io/web2 serverside-applied\n");
+  ssa.replace(ssa.find("replicas: 3"), 11, "replicas: 6");
+  ASSERT_OK(WriteFileAtomic(P("rs2.yaml"), ssa));
+  EXPECT_EQ(Kubectl({"apply", "--server-side", "-f", P("rs2.yaml")}).exit_code, 0);
+  EXPECT_EQ(Kubectl({"get", "vmirs", "web2", "-o", "jsonpath={.spec.replicas}"}).out, "6");
+  ASSERT_EQ(Kubectl({"delete", "vmirs", "web2"}).exit_code, 0);
+
   RunResult del = Kubectl({"delete", "-f", P("rs.yaml")});
   EXPECT_EQ(del.exit_code, 0) << del.err;
   EXPECT_EQ(del.out, "virtualmachineinstancereplicaset.kubevirt.io \"web\" deleted\n");

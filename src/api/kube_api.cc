@@ -229,6 +229,7 @@ class RequestHandler {
   HttpResponse List(const Target& t);
   HttpResponse Watch(const Target& t);
   HttpResponse Create(const Target& t);
+  HttpResponse CreateObject(const Target& t, json object);
   HttpResponse Update(const Target& t);
   HttpResponse Patch(const Target& t);
   HttpResponse Delete(const Target& t);
@@ -494,15 +495,19 @@ HttpResponse RequestHandler::Create(const Target& t) {
   if (media != "application/json" && !media.empty()) return Reply(ApiError::UnsupportedMediaType(media));
   Result<json> body = ParseBody(req_);
   if (!body.ok()) return Reply(ApiError::BadRequest(body.status().message()));
+  return CreateObject(t, std::move(*body));
+}
+
+HttpResponse RequestHandler::CreateObject(const Target& t, json object) {
   if (t.r->namespaced) {
     Result<json> ns = o_.store->Get(kNamespaceKey, "", t.ns);
     if (!ns.ok()) return Reply(ApiError::FromStatus(ns.status(), *FindResource("", "v1", "namespaces"), t.ns));
   }
-  if (auto err = Prepare(t, &*body, true)) return Reply(*err);
-  if (t.r->kind == "Namespace") (*body)["status"] = {{"phase", "Active"}};
-  if (DryRun()) return Reply(201, *body);
-  const std::string name = (*body)["metadata"]["name"].get<std::string>();
-  Result<json> created = o_.store->Create(t.r->store_key, std::move(*body));
+  if (auto err = Prepare(t, &object, true)) return Reply(*err);
+  if (t.r->kind == "Namespace") object["status"] = {{"phase", "Active"}};
+  if (DryRun()) return Reply(201, object);
+  const std::string name = object["metadata"]["name"].get<std::string>();
+  Result<json> created = o_.store->Create(t.r->store_key, std::move(object));
   if (!created.ok()) return Reply(ApiError::FromStatus(created.status(), *t.r, name));
   return Reply(201, *created);
 }
@@ -550,11 +555,32 @@ HttpResponse RequestHandler::Patch(const Target& t) {
   std::string media = MediaType(req_.Header("content-type"));
   bool json_patch = media == "application/json-patch+json";
   bool strategic = media == "application/strategic-merge-patch+json";
-  if (!json_patch && !strategic && media != "application/merge-patch+json") {
+  bool apply = media == "application/apply-patch+yaml";
+  if (!json_patch && !strategic && !apply && media != "application/merge-patch+json") {
     return Reply(ApiError::UnsupportedMediaType(media));
   }
   Result<json> patch = ParseBody(req_);
-  if (!patch.ok()) return Reply(ApiError::BadRequest(patch.status().message()));
+  if (!patch.ok()) {
+    return Reply(ApiError::BadRequest(patch.status().message() + (apply ? " (server-side apply takes the object as JSON, "
+                                                                          "as kubectl sends it)"
+                                                                        : "")));
+  }
+  if (apply && t.sub.empty()) {
+    // Server-side apply, simplified: the applied configuration creates the
+    // object or is merged into it (managedFields are not tracked, so a
+    // field left out of the configuration is kept, and no conflicts are
+    // reported).
+    Result<json> current = o_.store->Get(t.r->store_key, t.ns, t.name);
+    if (!current.ok() && current.status().code() == Code::kNotFound) {
+      if (!patch->is_object()) return Reply(ApiError::BadRequest("an applied configuration is a JSON object"));
+      if (!patch->contains("metadata") || !(*patch)["metadata"].is_object()) (*patch)["metadata"] = json::object();
+      if ((*patch)["metadata"].value("name", t.name) != t.name) {
+        return Reply(ApiError::BadRequest("the name of the object does not match the name on the URL (" + t.name + ")"));
+      }
+      (*patch)["metadata"]["name"] = t.name;
+      return CreateObject(t, std::move(*patch));
+    }
+  }
   if (strategic) DropDirectives(&*patch);
   if (json_patch ? !patch->is_array() : !patch->is_object()) {
     return Reply(ApiError::BadRequest(json_patch ? "a JSON patch is an array of operations"
