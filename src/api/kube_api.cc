@@ -154,6 +154,16 @@ void NormalizeSecret(json* object) {
   object->erase("stringData");
 }
 
+// A write the store refused: a malformed name or label is 422 Invalid, as
+// from the API server's validation; the rest as ApiError::FromStatus.
+ApiError WriteError(const Status& st, const Resource& r, const std::string& name) {
+  if (st.code() != Code::kInvalidArgument) return ApiError::FromStatus(st, r, name);
+  std::string what = r.group.empty() ? r.kind : r.kind + "." + r.group;
+  return {422, "Invalid", what + " \"" + name + "\" is invalid: " + st.message(),
+          {{"name", name}, {"group", r.group}, {"kind", r.kind},
+           {"causes", {{{"reason", "FieldValueInvalid"}, {"message", st.message()}, {"field", "metadata"}}}}}};
+}
+
 // One line of a watch stream.
 std::string EventLine(const std::string& type, const json& object) {
   return Dump(json({{"type", type}, {"object", object}})) + "\n";
@@ -241,6 +251,7 @@ class RequestHandler {
   std::optional<ApiError> Prepare(const Target& t, json* object, bool create);
   Result<json> StoreUpdate(const Target& t, const json& object);
   void DeleteOwned(const std::string& ns, const std::string& uid);
+  void DeleteNamespaceContents(const std::string& ns);
   HttpResponse Output(int code, const Target& t, const json& object);
   int64_t Now() const { return o_.now ? o_.now() : SystemNow(); }
   bool DryRun() const { return req_.Query("dryRun") == "All"; }
@@ -508,7 +519,7 @@ HttpResponse RequestHandler::CreateObject(const Target& t, json object) {
   if (DryRun()) return Reply(201, object);
   const std::string name = object["metadata"]["name"].get<std::string>();
   Result<json> created = o_.store->Create(t.r->store_key, std::move(object));
-  if (!created.ok()) return Reply(ApiError::FromStatus(created.status(), *t.r, name));
+  if (!created.ok()) return Reply(WriteError(created.status(), *t.r, name));
   return Reply(201, *created);
 }
 
@@ -547,7 +558,7 @@ HttpResponse RequestHandler::Update(const Target& t) {
   if (auto err = Prepare(t, &*body, false)) return Reply(*err);
   if (DryRun()) return Output(200, t, *body);
   Result<json> updated = StoreUpdate(t, *body);
-  if (!updated.ok()) return Reply(ApiError::FromStatus(updated.status(), *t.r, t.name));
+  if (!updated.ok()) return Reply(WriteError(updated.status(), *t.r, t.name));
   return Output(200, t, *updated);
 }
 
@@ -614,7 +625,7 @@ HttpResponse RequestHandler::Patch(const Target& t) {
     Result<json> updated = StoreUpdate(t, patched);
     if (updated.ok()) return Output(200, t, *updated);
     if (updated.status().code() != Code::kAborted || pinned || attempt >= 4) {
-      return Reply(ApiError::FromStatus(updated.status(), *t.r, t.name));
+      return Reply(WriteError(updated.status(), *t.r, t.name));
     }
   }
 }
@@ -635,6 +646,20 @@ void RequestHandler::DeleteOwned(const std::string& ns, const std::string& uid) 
           break;
         }
       }
+    }
+  }
+}
+
+// A deleted namespace takes its objects with it (at once: there is no
+// Terminating phase).
+void RequestHandler::DeleteNamespaceContents(const std::string& ns) {
+  for (const auto& r : Resources()) {
+    if (!r.namespaced) continue;
+    Result<state::ObjectList> list = o_.store->List(r.store_key, ns);
+    if (!list.ok()) continue;
+    for (const auto& item : list->items) {
+      Status st = o_.store->Delete(r.store_key, ns, item["metadata"].value("name", "")).status();
+      if (!st.ok() && st.code() != Code::kNotFound) log::Warn("api: emptying namespace {}: {}", Printable(ns), st.ToString());
     }
   }
 }
@@ -667,6 +692,7 @@ HttpResponse RequestHandler::Delete(const Target& t) {
   std::string policy = options.value("propagationPolicy", "Background");
   if (options.contains("orphanDependents") && options["orphanDependents"] == true) policy = "Orphan";
   if (policy != "Orphan") DeleteOwned(t.ns, (*deleted)["metadata"].value("uid", ""));
+  if (t.r->kind == "Namespace") DeleteNamespaceContents(t.name);
   return Reply(200, *deleted);
 }
 
