@@ -289,6 +289,7 @@ TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
       {"GET", std::string(kVmisPath) + "?labelSelector=a%20in%20(", "", "application/json", 400, "BadRequest"},
       {"DELETE", "/api/v1/namespaces/default", "", "application/json", 403, "Forbidden"},
       {"POST", kVmisPath, std::string(5000, '[') + std::string(5000, ']'), "application/json", 400, "BadRequest"},
+      {"POST", kVmisPath, VmiJson("Not_A_DNS_Name"), "application/json", 422, "Invalid"},
   };
   for (const auto& c : cases) {
     HttpResult r = Socket(c.method, c.path, c.body, c.content_type);
@@ -350,6 +351,25 @@ TEST_F(ApiServerTest, TheSocketServesOnlyItsOwnerAndRoot) {
   ASSERT_EQ(::chmod(P("api.sock").c_str(), 0666), 0);
   EXPECT_EQ(AsNobody(P("api.sock")), "HTTP/1.1 403 Forbidden");
   EXPECT_EQ(Socket("GET", "/api").code, 200);  // root is served
+}
+
+TEST_F(ApiServerTest, NamespacesHoldObjectsAndTakeThemWhenDeleted) {
+  HttpResult ns = Socket("POST", "/api/v1/namespaces", R"({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"team"}})");
+  ASSERT_EQ(ns.code, 201) << ns.body;
+  EXPECT_EQ(ns.Json()["status"]["phase"], "Active");
+  const std::string secret =
+      R"({"apiVersion":"v1","kind":"Secret","metadata":{"name":"pull"},"type":"Opaque","stringData":{"userdata":"hi"}})";
+  HttpResult created = Socket("POST", "/api/v1/namespaces/team/secrets", secret);
+  ASSERT_EQ(created.code, 201) << created.body;
+  EXPECT_EQ(created.Json()["data"]["userdata"], "aGk=");  // stringData becomes data, as in Kubernetes
+  EXPECT_FALSE(created.Json().contains("stringData"));
+  ASSERT_EQ(Socket("POST", "/apis/kubevirt.io/v1/namespaces/team/virtualmachineinstances", VmiJson("a")).code, 201);
+  // Listed across namespaces, selected by namespace.
+  HttpResult all = Socket("GET", "/apis/kubevirt.io/v1/virtualmachineinstances?fieldSelector=metadata.namespace%3Dteam");
+  ASSERT_EQ(all.Json()["items"].size(), 1u) << all.body;
+  EXPECT_EQ(Socket("DELETE", "/api/v1/namespaces/team").code, 200);
+  EXPECT_EQ(Socket("GET", "/api/v1/namespaces/team/secrets/pull").code, 404);
+  EXPECT_EQ(Socket("GET", "/apis/kubevirt.io/v1/virtualmachineinstances").Json()["items"].size(), 0u);
 }
 
 TEST_F(ApiServerTest, BodiesOverTheLimitAreRefusedAndTheServerKeepsAnswering) {
@@ -522,6 +542,19 @@ TEST_F(KubectlApiTest, ApplyGetScalePatchAndDeleteAReplicaSetWithItsVmis) {
   EXPECT_THAT(narrow.out, HasSubstr("NAME         AGE   PHASE   IP    NODENAME   READY\n"));
   RunResult selected = Kubectl({"get", "vmis", "--field-selector", "metadata.name=standalone", "-o", "name"});
   EXPECT_EQ(selected.out, "virtualmachineinstance.kubevirt.io/standalone\n") << selected.err;
+
+  // Server-side apply creates, then merges (no managedFields: a simplification).
+  std::string ssa = kReplicaSet;
+  ssa.replace(ssa.find("name: web\n"), 10, "name: web2\n");
+  ASSERT_OK(WriteFileAtomic(P("rs2.yaml"), ssa));
+  RunResult server_side = Kubectl({"apply", "--server-side", "-f", P("rs2.yaml")});
+  EXPECT_EQ(server_side.exit_code, 0) << server_side.err;
+  EXPECT_EQ(server_side.out, "virtualmachineinstancereplicaset.kubevirt.io/web2 serverside-applied\n");
+  ssa.replace(ssa.find("replicas: 3"), 11, "replicas: 6");
+  ASSERT_OK(WriteFileAtomic(P("rs2.yaml"), ssa));
+  EXPECT_EQ(Kubectl({"apply", "--server-side", "-f", P("rs2.yaml")}).exit_code, 0);
+  EXPECT_EQ(Kubectl({"get", "vmirs", "web2", "-o", "jsonpath={.spec.replicas}"}).out, "6");
+  ASSERT_EQ(Kubectl({"delete", "vmirs", "web2"}).exit_code, 0);
 
   RunResult del = Kubectl({"delete", "-f", P("rs.yaml")});
   EXPECT_EQ(del.exit_code, 0) << del.err;

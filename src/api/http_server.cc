@@ -154,7 +154,13 @@ MHD_Result CollectQuery(void* cls, MHD_ValueKind, const char* key, const char* v
 ssize_t ReadStream(void* cls, uint64_t, char* buf, size_t max) {
   auto* s = static_cast<StreamState*>(cls);
   while (s->offset >= s->pending.size()) {
-    Result<std::string> next = s->stream->Next();
+    Result<std::string> next = std::string();
+    try {
+      next = s->stream->Next();
+    } catch (const std::exception& e) {  // never through libmicrohttpd's C frames
+      log::Warn("api: a stream failed: {}", e.what());
+      return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
     if (!next.ok()) return MHD_CONTENT_READER_END_WITH_ERROR;
     if (next->empty()) return MHD_CONTENT_READER_END_OF_STREAM;
     s->pending = std::move(*next);

@@ -154,6 +154,16 @@ void NormalizeSecret(json* object) {
   object->erase("stringData");
 }
 
+// A write the store refused: a malformed name or label is 422 Invalid, as
+// from the API server's validation; the rest as ApiError::FromStatus.
+ApiError WriteError(const Status& st, const Resource& r, const std::string& name) {
+  if (st.code() != Code::kInvalidArgument) return ApiError::FromStatus(st, r, name);
+  std::string what = r.group.empty() ? r.kind : r.kind + "." + r.group;
+  return {422, "Invalid", what + " \"" + name + "\" is invalid: " + st.message(),
+          {{"name", name}, {"group", r.group}, {"kind", r.kind},
+           {"causes", {{{"reason", "FieldValueInvalid"}, {"message", st.message()}, {"field", "metadata"}}}}}};
+}
+
 // One line of a watch stream.
 std::string EventLine(const std::string& type, const json& object) {
   return Dump(json({{"type", type}, {"object", object}})) + "\n";
@@ -229,6 +239,7 @@ class RequestHandler {
   HttpResponse List(const Target& t);
   HttpResponse Watch(const Target& t);
   HttpResponse Create(const Target& t);
+  HttpResponse CreateObject(const Target& t, json object);
   HttpResponse Update(const Target& t);
   HttpResponse Patch(const Target& t);
   HttpResponse Delete(const Target& t);
@@ -240,6 +251,7 @@ class RequestHandler {
   std::optional<ApiError> Prepare(const Target& t, json* object, bool create);
   Result<json> StoreUpdate(const Target& t, const json& object);
   void DeleteOwned(const std::string& ns, const std::string& uid);
+  void DeleteNamespaceContents(const std::string& ns);
   HttpResponse Output(int code, const Target& t, const json& object);
   int64_t Now() const { return o_.now ? o_.now() : SystemNow(); }
   bool DryRun() const { return req_.Query("dryRun") == "All"; }
@@ -500,16 +512,20 @@ HttpResponse RequestHandler::Create(const Target& t) {
   if (media != "application/json" && !media.empty()) return Reply(ApiError::UnsupportedMediaType(media));
   Result<json> body = ParseBody(req_);
   if (!body.ok()) return Reply(ApiError::BadRequest(body.status().message()));
+  return CreateObject(t, std::move(*body));
+}
+
+HttpResponse RequestHandler::CreateObject(const Target& t, json object) {
   if (t.r->namespaced) {
     Result<json> ns = o_.store->Get(kNamespaceKey, "", t.ns);
     if (!ns.ok()) return Reply(ApiError::FromStatus(ns.status(), *FindResource("", "v1", "namespaces"), t.ns));
   }
-  if (auto err = Prepare(t, &*body, true)) return Reply(*err);
-  if (t.r->kind == "Namespace") (*body)["status"] = {{"phase", "Active"}};
-  if (DryRun()) return Reply(201, *body);
-  const std::string name = (*body)["metadata"]["name"].get<std::string>();
-  Result<json> created = o_.store->Create(t.r->store_key, std::move(*body));
-  if (!created.ok()) return Reply(ApiError::FromStatus(created.status(), *t.r, name));
+  if (auto err = Prepare(t, &object, true)) return Reply(*err);
+  if (t.r->kind == "Namespace") object["status"] = {{"phase", "Active"}};
+  if (DryRun()) return Reply(201, object);
+  const std::string name = object["metadata"]["name"].get<std::string>();
+  Result<json> created = o_.store->Create(t.r->store_key, std::move(object));
+  if (!created.ok()) return Reply(WriteError(created.status(), *t.r, name));
   return Reply(201, *created);
 }
 
@@ -548,7 +564,7 @@ HttpResponse RequestHandler::Update(const Target& t) {
   if (auto err = Prepare(t, &*body, false)) return Reply(*err);
   if (DryRun()) return Output(200, t, *body);
   Result<json> updated = StoreUpdate(t, *body);
-  if (!updated.ok()) return Reply(ApiError::FromStatus(updated.status(), *t.r, t.name));
+  if (!updated.ok()) return Reply(WriteError(updated.status(), *t.r, t.name));
   return Output(200, t, *updated);
 }
 
@@ -556,11 +572,32 @@ HttpResponse RequestHandler::Patch(const Target& t) {
   std::string media = MediaType(req_.Header("content-type"));
   bool json_patch = media == "application/json-patch+json";
   bool strategic = media == "application/strategic-merge-patch+json";
-  if (!json_patch && !strategic && media != "application/merge-patch+json") {
+  bool apply = media == "application/apply-patch+yaml";
+  if (!json_patch && !strategic && !apply && media != "application/merge-patch+json") {
     return Reply(ApiError::UnsupportedMediaType(media));
   }
   Result<json> patch = ParseBody(req_);
-  if (!patch.ok()) return Reply(ApiError::BadRequest(patch.status().message()));
+  if (!patch.ok()) {
+    return Reply(ApiError::BadRequest(patch.status().message() + (apply ? " (server-side apply takes the object as JSON, "
+                                                                          "as kubectl sends it)"
+                                                                        : "")));
+  }
+  if (apply && t.sub.empty()) {
+    // Server-side apply, simplified: the applied configuration creates the
+    // object or is merged into it (managedFields are not tracked, so a
+    // field left out of the configuration is kept, and no conflicts are
+    // reported).
+    Result<json> current = o_.store->Get(t.r->store_key, t.ns, t.name);
+    if (!current.ok() && current.status().code() == Code::kNotFound) {
+      if (!patch->is_object()) return Reply(ApiError::BadRequest("an applied configuration is a JSON object"));
+      if (!patch->contains("metadata") || !(*patch)["metadata"].is_object()) (*patch)["metadata"] = json::object();
+      if ((*patch)["metadata"].value("name", t.name) != t.name) {
+        return Reply(ApiError::BadRequest("the name of the object does not match the name on the URL (" + t.name + ")"));
+      }
+      (*patch)["metadata"]["name"] = t.name;
+      return CreateObject(t, std::move(*patch));
+    }
+  }
   if (strategic) DropDirectives(&*patch);
   if (json_patch ? !patch->is_array() : !patch->is_object()) {
     return Reply(ApiError::BadRequest(json_patch ? "a JSON patch is an array of operations"
@@ -594,7 +631,7 @@ HttpResponse RequestHandler::Patch(const Target& t) {
     Result<json> updated = StoreUpdate(t, patched);
     if (updated.ok()) return Output(200, t, *updated);
     if (updated.status().code() != Code::kAborted || pinned || attempt >= 4) {
-      return Reply(ApiError::FromStatus(updated.status(), *t.r, t.name));
+      return Reply(WriteError(updated.status(), *t.r, t.name));
     }
   }
 }
@@ -615,6 +652,20 @@ void RequestHandler::DeleteOwned(const std::string& ns, const std::string& uid) 
           break;
         }
       }
+    }
+  }
+}
+
+// A deleted namespace takes its objects with it (at once: there is no
+// Terminating phase).
+void RequestHandler::DeleteNamespaceContents(const std::string& ns) {
+  for (const auto& r : Resources()) {
+    if (!r.namespaced) continue;
+    Result<state::ObjectList> list = o_.store->List(r.store_key, ns);
+    if (!list.ok()) continue;
+    for (const auto& item : list->items) {
+      Status st = o_.store->Delete(r.store_key, ns, item["metadata"].value("name", "")).status();
+      if (!st.ok() && st.code() != Code::kNotFound) log::Warn("api: emptying namespace {}: {}", Printable(ns), st.ToString());
     }
   }
 }
@@ -647,6 +698,7 @@ HttpResponse RequestHandler::Delete(const Target& t) {
   std::string policy = options.value("propagationPolicy", "Background");
   if (options.contains("orphanDependents") && options["orphanDependents"] == true) policy = "Orphan";
   if (policy != "Orphan") DeleteOwned(t.ns, (*deleted)["metadata"].value("uid", ""));
+  if (t.r->kind == "Namespace") DeleteNamespaceContents(t.name);
   return Reply(200, *deleted);
 }
 
