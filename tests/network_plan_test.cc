@@ -1,7 +1,11 @@
-// The parts of VM networking that need no QEMU: --publish values, stable
-// MACs and VM network CIDRs.
+// The parts of VM networking that need no running QEMU: --publish values,
+// stable MACs, VM network CIDRs, and what run refuses before a VM would
+// start (specs whose image is nowhere, so nothing is pulled).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <regex>
 
 #include "harness/harness.h"
 #include "util/ipv4.h"
@@ -11,6 +15,9 @@ namespace regdisk::vm {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::RunRegdisk;
+using testing::RunResult;
+using testing::TempDirTest;
 
 TEST(PublishTest, PodmanForms) {
   struct Case {
@@ -36,6 +43,43 @@ TEST(PublishTest, PodmanForms) {
   }
   PublishedPort shown = *ParsePublish("127.0.0.1:8080:80");
   EXPECT_EQ(shown.String(), "80/tcp -> 127.0.0.1:8080");
+}
+
+class PlanCliTest : public TempDirTest {};
+
+// Two ports that name one host port are refused before anything is pulled
+// (the spec's image is on a registry that does not exist), in one line.
+TEST_F(PlanCliTest, TwoPortsOnOneHostPortAreRefused) {
+  struct Case {
+    std::vector<std::string> publish;
+    std::string message;
+  };
+  const Case cases[] = {
+      {{"8080:80", "8080:81"}, "--publish: 80/tcp -> 127.0.0.1:8080 and 81/tcp -> 127.0.0.1:8080 use the same host port"},
+      {{"8080:80", "8080:80"}, "80/tcp -> 127.0.0.1:8080 and 80/tcp -> 127.0.0.1:8080 use the same host port"},
+      {{"0.0.0.0:8080:80", "127.0.0.1:8080:81"}, "80/tcp -> 0.0.0.0:8080 and 81/tcp -> 127.0.0.1:8080 use the same"},
+  };
+  std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm.yaml", 1 << 20).value();
+  spec = std::regex_replace(spec, std::regex("image: .*"), "image: 127.0.0.1:1/vmdisks/nowhere:v1");
+  ASSERT_OK(WriteFileAtomic(tmp() / "vm.yaml", spec));
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {"--root", P("root"), "run", "-f", P("vm.yaml"), "--accel", "tcg"};
+    for (const auto& p : c.publish) args.insert(args.end(), {"--publish", p});
+    RunResult r = RunRegdisk(args);
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.message));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  // Different protocols or addresses do not collide: those get as far as
+  // the pull.
+  for (auto publish : {std::vector<std::string>{"8080:80", "8080:80/udp"},
+                       std::vector<std::string>{"127.0.0.1:8080:80", "127.0.0.2:8080:81"}}) {
+    std::vector<std::string> args = {"--root", P("root"), "run", "-f", P("vm.yaml"), "--accel", "tcg"};
+    for (const auto& p : publish) args.insert(args.end(), {"--publish", p});
+    RunResult r = RunRegdisk(args);
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_THAT(r.err, HasSubstr("127.0.0.1:1"));
+  }
 }
 
 TEST(StableMacTest, LocallyAdministeredUnicastAndStable) {

@@ -417,6 +417,10 @@ TEST_F(VmNetworkTest, BridgeInANetworkNamespace) {
   RunResult missing = RunRegdisk({"--root", root_, "run", "-f", P("br.yaml"), "--network", "bridge=regdisk-nobr0"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_THAT(missing.err, HasSubstr("there is no bridge \"regdisk-nobr0\" on this host"));
+  // The registry is on the host's loopback, which the namespace does not
+  // share: the disk is pulled first.
+  RunResult pulled = RunRegdisk({"--root", root_, "pull", "docker://" + image_});
+  ASSERT_EQ(pulled.exit_code, 0) << pulled.err;
 
   Process::Options opt;
   opt.stdout_mode = Process::Stdio::kFile;

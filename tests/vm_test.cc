@@ -381,12 +381,24 @@ TEST_F(VmTest, FailuresAreOneClearSentence) {
   std::string unreachable = P("unreachable.yaml");
   ASSERT_OK(WriteFileAtomic(unreachable, std::regex_replace(ReadFileCapped(Spec("u.yaml", "vmdisks/x:v1"), 1 << 20).value(),
                                                             std::regex(reg_->host()), "127.0.0.1:1")));
+  // A host port another program holds, named by --publish.
+  UniqueFd busy(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(busy.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(busy.get(), 1), 0);
+  ASSERT_EQ(::getsockname(busy.get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string held = std::to_string(ntohs(addr.sin_port));
   const Case cases[] = {
       {{"--qemu", "/nonexistent/qemu"}, spec, "QEMU (qemu-system-x86_64) was not found"},
       {{}, huge, "asks for 943718400 MiB of memory but the host has only"},
       {{}, never, "is not in the node store and its imagePullPolicy is Never"},
       {{}, Spec("absent.yaml", "vmdisks/absent:v1"), "not found on " + reg_->host()},
       {{}, unreachable, "127.0.0.1:1"},
+      {{"--publish", held + ":80"}, spec,
+       "--publish: host port 127.0.0.1:" + held + "/tcp for guest port 80 cannot be used (binding it: Address already in use)"},
   };
   for (const auto& c : cases) {
     RunResult r = Run(c.spec, c.extra);
