@@ -138,6 +138,30 @@ TEST_F(VmTest, SeedSpecBootsAndWritesAreEphemeral) {
   EXPECT_EQ(Count(ReadFileCapped(log, 1 << 20).value(), "sector1: PRISTINE"), 1);
 }
 
+// A start that fails (here QEMU is /bin/false, which exits at once) keeps
+// the logs of the runs before as they were; the next run that starts
+// rotates them.
+TEST_F(VmTest, AFailedStartLeavesTheLogsAsTheyWere) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  const fs::path log = fs::path(root_) / "logs/default_testvm-ephemeral.log";
+  ASSERT_EQ(Run(spec).exit_code, 0);
+  const std::string before = ReadFileCapped(log, 1 << 20).value_or("");
+  ASSERT_THAT(before, HasSubstr("REGDISK-GUEST-POWEROFF"));
+  for (int i = 0; i < 4; ++i) {
+    RunResult failed = Run(spec, {"--qemu", "/bin/false"});
+    EXPECT_EQ(failed.exit_code, 1) << failed.err;
+    EXPECT_THAT(failed.err, HasSubstr("QEMU could not run VM testvm-ephemeral"));
+  }
+  EXPECT_EQ(ReadFileCapped(log, 1 << 20).value_or("(gone)"), before);
+  for (const char* suffix : {".0", ".1"}) EXPECT_FALSE(fs::exists(log.string() + suffix)) << suffix;
+  ExpectNothingLeft();
+  ASSERT_EQ(Run(spec).exit_code, 0);
+  EXPECT_THAT(ReadFileCapped(log, 1 << 20).value_or(""), HasSubstr("REGDISK-GUEST-POWEROFF"));
+  EXPECT_EQ(ReadFileCapped(log.string() + ".1", 1 << 20).value_or("(gone)"), before);
+  EXPECT_FALSE(fs::exists(log.string() + ".0"));
+}
+
 TEST_F(VmTest, RawDisksAndTwoVmsAtOnceShareOneStoredDisk) {
   Push("guest.raw", "vmdisks/raw:v1");
   std::string a = Spec("a.yaml", "vmdisks/raw:v1");

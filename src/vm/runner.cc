@@ -110,6 +110,8 @@ class Console {
   }
 
   int socket_fd() const { return sock_.get(); }
+  // Whether the guest has written anything to its console.
+  bool received() const { return received_; }
   int input_fd() const { return input_; }
 
   // Copies what the guest wrote; false once QEMU closed the console.
@@ -120,6 +122,7 @@ class Console {
       ssize_t n = ::recv(sock_.get(), buf, sizeof buf, MSG_DONTWAIT);
       if (n > 0) {
         std::fwrite(buf, 1, static_cast<size_t>(n), out_);
+        received_ = true;
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -152,19 +155,54 @@ class Console {
   UniqueFd sock_;
   termios saved_{};
   bool raw_ = false;
+  bool received_ = false;
 };
 
-// The VM's log of earlier runs moves to .1 (and .1 to .2, .2 to .3): QEMU
-// starts a fresh one, and the last three runs stay readable.
-void RotateLogs(const fs::path& log) {
-  std::error_code ec;
-  if (!fs::exists(log, ec)) return;
-  for (int i = 2; i >= 1; --i) {
-    fs::path from = log.string() + "." + std::to_string(i);
-    if (fs::exists(from, ec)) fs::rename(from, log.string() + "." + std::to_string(i + 1), ec);
+// The VM's console log across runs: NAME.log is the newest run's, and the
+// three runs before it are NAME.log.1 to .3. A new run's log displaces them
+// only once the run has started (the guest wrote to its console, or QEMU ran
+// until it ended or was stopped); a start that fails leaves them as they
+// were. While a run is starting, the log before it waits as NAME.log.0.
+class LogRotation {
+ public:
+  // Sets the current log aside for the new run, first settling what an
+  // interrupted regdisk left (a log with something in it counts as started).
+  explicit LogRotation(fs::path log) : log_(std::move(log)), aside_(log_.string() + ".0") {
+    std::error_code ec;
+    if (fs::exists(aside_, ec)) Settle(fs::file_size(log_, ec) > 0 && !ec);
+    if (fs::exists(log_, ec)) fs::rename(log_, aside_, ec);
+    pending_ = true;
   }
-  fs::rename(log, log.string() + ".1", ec);
-}
+  ~LogRotation() {
+    std::error_code ec;
+    if (pending_) Settle(fs::file_size(log_, ec) > 0 && !ec);
+  }
+  LogRotation(const LogRotation&) = delete;
+  LogRotation& operator=(const LogRotation&) = delete;
+
+  // started: the earlier logs move down one (.3 is dropped). Otherwise the
+  // new run's log is removed and the one before is the newest again.
+  void Settle(bool started) {
+    std::error_code ec;
+    pending_ = false;
+    if (!started) {
+      fs::remove(log_, ec);
+      if (fs::exists(aside_, ec)) fs::rename(aside_, log_, ec);
+      return;
+    }
+    if (!fs::exists(aside_, ec)) return;
+    for (int i = 2; i >= 1; --i) {
+      fs::path from = log_.string() + "." + std::to_string(i);
+      if (fs::exists(from, ec)) fs::rename(from, log_.string() + "." + std::to_string(i + 1), ec);
+    }
+    fs::rename(aside_, log_.string() + ".1", ec);
+  }
+  bool pending() const { return pending_; }
+
+ private:
+  fs::path log_, aside_;
+  bool pending_ = false;
+};
 
 // Holds the VM's name on this node: one run per namespace and name. The
 // lock file names the regdisk that holds it, for the error of the next one.
@@ -354,7 +392,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     taps.push_back(std::move(tap));
   }
   RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
-  RotateLogs(plan.log_file);
+  LogRotation logs(plan.log_file);
   {
     // QEMU appends the console to the log but would create it 0644; the
     // console can show what the guest prints of its user-data.
@@ -419,6 +457,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     if (!pidfd.valid() || (o.stop && cancel_fd < 0)) wait_ms = wait_ms < 0 ? 100 : std::min(wait_ms, 100);
     ::poll(fds, 4, wait_ms);  // a negative fd is ignored
     if (fds[1].revents) console.Drain();
+    if (logs.pending() && console.received()) logs.Settle(true);  // the guest runs
     if (fds[3].revents && !console.Forward()) {
       why = "detached from the console (Ctrl-])";
       break;
@@ -456,6 +495,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     std::string detail = LastLines(run.path() / "qemu.log");
     return Internal("QEMU could not run VM " + plan.name + (detail.empty() ? "" : ": " + detail));
   }
+  if (logs.pending()) logs.Settle(true);
   return OkStatus();
 }
 

@@ -5,7 +5,8 @@
 // the VM's cloud-init seeds (0600, in its run directory), publishes its
 // ports, starts QEMU, and connects to its serial console: what the guest
 // writes goes to `console` as it arrives (and, by QEMU, to the VM's log,
-// ROOT/logs/NS_NAME.log, whose previous runs rotate to .1, .2, .3); with
+// ROOT/logs/NS_NAME.log, whose previous runs rotate to .1, .2, .3 once the
+// guest runs; a start that fails leaves them as they were); with
 // `console_input`, keystrokes go to the guest. It stops when the guest
 // powers off, when `stop` is cancelled, when the user types Ctrl-] on the
 // console, or at the timeout: ACPI powerdown over QMP, then SIGKILL after
