@@ -1,6 +1,7 @@
 // The parts of VM networking that need no running QEMU: --publish values,
-// stable MACs, VM network CIDRs, and what run refuses before a VM would
-// start (specs whose image is nowhere, so nothing is pulled).
+// stable MACs, VM network CIDRs, and what run and domxml refuse or warn
+// about before a VM would start (specs whose image is nowhere, so nothing
+// is pulled).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -80,6 +81,21 @@ TEST_F(PlanCliTest, TwoPortsOnOneHostPortAreRefused) {
     EXPECT_EQ(r.exit_code, 1) << r.err;
     EXPECT_THAT(r.err, HasSubstr("127.0.0.1:1"));
   }
+}
+
+// VNC has no password: any --vnc address but loopback gets a warning.
+TEST_F(PlanCliTest, VncOffLoopbackIsWarnedAbout) {
+  std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm.yaml", 1 << 20).value();
+  spec = std::regex_replace(spec, std::regex("image: .*"), "image: 127.0.0.1:1/vmdisks/nowhere:v1");
+  ASSERT_OK(WriteFileAtomic(tmp() / "vm.yaml", spec));
+  RunResult open = RunRegdisk({"--root", P("root"), "domxml", "-f", P("vm.yaml"), "--vnc", "0.0.0.0:3"});
+  ASSERT_EQ(open.exit_code, 0) << open.err;
+  EXPECT_THAT(open.err, HasSubstr("regdisk: warning: --vnc 0.0.0.0:3: VNC has no password, and 0.0.0.0 is not a "
+                                  "loopback address: anyone who can reach port 5903 there"));
+  EXPECT_THAT(open.out, HasSubstr("listen=\"0.0.0.0\""));
+  RunResult local = RunRegdisk({"--root", P("root"), "domxml", "-f", P("vm.yaml"), "--vnc", "127.0.0.1:3"});
+  ASSERT_EQ(local.exit_code, 0) << local.err;
+  EXPECT_THAT(local.err, ::testing::Not(HasSubstr("warning")));
 }
 
 TEST(StableMacTest, LocallyAdministeredUnicastAndStable) {

@@ -392,6 +392,14 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       return InvalidArgument("--vnc takes IPV4ADDRESS:DISPLAY (display 0-99, port 5900+display), such as 127.0.0.1:0, not " +
                              Printable(o.vnc, 60));
     }
+    // VNC asks for no password: on any address but loopback, whoever
+    // reaches the port sees and drives the guest.
+    if ((ntohl(a.s_addr) >> 24) != 127) {
+      log::Warn("--vnc {}: VNC has no password, and {} is not a loopback address: anyone who can reach port {} there "
+                "sees and controls the guest's screen; use 127.0.0.1:{} (with an SSH tunnel for a remote viewer) "
+                "unless that network is trusted",
+                o.vnc, host, 5900 + std::stoi(display), display);
+    }
   }
 
   uint64_t available = HostMemoryAvailable();
