@@ -1,9 +1,10 @@
 // The parts of VM networking that need no running QEMU: --publish values,
-// stable MACs, VM network CIDRs, and what run and domxml refuse or warn
-// about before a VM would start (specs whose image is nowhere, so nothing
-// is pulled).
+// stable MACs, VM network CIDRs, and what run and domxml refuse, warn
+// about or write before a VM would start (specs whose image is nowhere, so
+// nothing is pulled).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <regex>
@@ -81,6 +82,32 @@ TEST_F(PlanCliTest, TwoPortsOnOneHostPortAreRefused) {
     EXPECT_EQ(r.exit_code, 1) << r.err;
     EXPECT_THAT(r.err, HasSubstr("127.0.0.1:1"));
   }
+}
+
+// domxml writes the cloud-init seed its XML names, so the domain can be
+// defined and started with virsh as it is: 0600, in a 0700 directory of
+// its own under the root, replaced by the next domxml.
+TEST_F(PlanCliTest, DomxmlWritesTheSeedItNames) {
+  std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm-web.yaml", 1 << 20).value();
+  spec = std::regex_replace(spec, std::regex("image: .*"), "image: 127.0.0.1:1/vmdisks/nowhere:v1");
+  ASSERT_OK(WriteFileAtomic(tmp() / "web.yaml", spec));
+  const std::filesystem::path seed = tmp() / "root/seeds/default_web/cloudinitdisk.cidata.iso";
+  for (int i = 0; i < 2; ++i) {
+    RunResult r = RunRegdisk({"--root", P("root"), "domxml", "-f", P("web.yaml")});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_THAT(r.out, HasSubstr("<source file=\"" + seed.string() + "\"/>"));
+    EXPECT_THAT(r.err, HasSubstr("disk cloudinitdisk: its cloud-init seed (ISO 9660, label cidata, holding the "
+                                 "user-data) is " + seed.string() + ", mode 0600"));
+    std::string iso = ReadFileCapped(seed, 1 << 20).value_or("");
+    EXPECT_EQ(iso.substr(0x8001, 5), "CD001");
+    EXPECT_THAT(iso, HasSubstr("password: change-me"));
+    struct stat st{};
+    ASSERT_EQ(::stat(seed.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
+    ASSERT_EQ(::stat(seed.parent_path().c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0700u);
+  }
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(seed.parent_path()), {}), 1) << "a temp file was left";
 }
 
 // VNC has no password: any --vnc address but loopback gets a warning.
