@@ -421,7 +421,7 @@ TEST_F(VmTest, FailuresAreOneClearSentence) {
       {{}, never, "is not in the node store and its imagePullPolicy is Never"},
       {{}, Spec("absent.yaml", "vmdisks/absent:v1"), "not found on " + reg_->host()},
       {{}, unreachable, "127.0.0.1:1"},
-      {{"--publish", held + ":80"}, spec,
+      {{"--publish", held + ":80", "-q"}, spec,  // -q: no pull progress
        "--publish: host port 127.0.0.1:" + held + "/tcp for guest port 80 cannot be used (binding it: Address already in use)"},
   };
   for (const auto& c : cases) {
