@@ -30,14 +30,11 @@ using namespace std::chrono_literals;
 
 const char* kSeedSpec = REGDISK_SOURCE_DIR "/examples/vm.yaml";
 
-class VmTest : public TempDirTest {
+class VmTest : public StoreAndRegistryTest {
  protected:
   void SetUp() override {
-    TempDirTest::SetUp();
-    root_ = (tmp() / "root").string();
-    auto reg = TestRegistry::Start(RegistryMode::kPlain);
-    ASSERT_OK(reg);
-    reg_ = std::move(*reg);
+    StoreAndRegistryTest::SetUp();
+    if (HasFatalFailure()) return;
     // The guest disks: boot sector, the sector it prints, and a sector
     // that says whether to power off at the end (guest) or stay up (halt).
     for (bool off : {true, false}) {
@@ -97,8 +94,6 @@ class VmTest : public TempDirTest {
     }
     return out;
   }
-  std::string root_;
-  std::unique_ptr<TestRegistry> reg_;
 };
 
 // Waits (up to `limit`) until `file` contains `marker`.
