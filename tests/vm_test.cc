@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 
 #include <cstring>
 
@@ -155,6 +156,34 @@ TEST_F(VmTest, AFailedStartLeavesTheLogsAsTheyWere) {
   EXPECT_THAT(ReadFileCapped(log, 1 << 20).value_or(""), HasSubstr("REGDISK-GUEST-POWEROFF"));
   EXPECT_EQ(ReadFileCapped(log.string() + ".1", 1 << 20).value_or("(gone)"), before);
   EXPECT_FALSE(fs::exists(log.string() + ".0"));
+}
+
+// A paste into a guest that does not read its console (the boot sector
+// never does) cannot block regdisk: input waits in a bounded buffer, the
+// rest is dropped, and Ctrl-] after 8 MiB of it still stops the VM.
+TEST_F(VmTest, APasteIntoAGuestThatDoesNotReadLeavesCtrlRightBracketWorking) {
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  auto s = PtySession::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", Spec("vm.yaml"), "--grace", "1"});
+  ASSERT_OK(s);
+  PtySession& term = **s;
+  ASSERT_TRUE(term.ReadUntil("attached; Ctrl-] stops the VM", 0, 120s)) << term.seen();
+  ASSERT_TRUE(term.ReadUntil("REGDISK-GUEST-DONE", 0, 120s)) << term.seen();  // the guest halts, reading nothing
+  const size_t mark = term.seen().size();
+  std::thread paste([&term] {
+    const std::string chunk(64 << 10, 'x');
+    for (int i = 0; i < 128; ++i) {
+      if (!term.Write(chunk, 90s).ok()) return;  // regdisk stopped reading: the test fails below
+    }
+    (void)term.Write("\x1d", 90s);
+  });
+  const bool stopped = term.ReadUntil("detached from the console (Ctrl-]); stopping VM", mark, 120s);
+  paste.join();
+  ASSERT_TRUE(stopped) << term.seen().substr(mark, 4096);
+  EXPECT_THAT(term.seen(), ::testing::ContainsRegex("did not read [0-9]+ bytes of console input, which were dropped"));
+  term.ReadToEnd(120s);
+  int status = term.Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << term.seen().substr(mark, 4096);
+  ExpectNothingLeft();
 }
 
 TEST_F(VmTest, RawDisksAndTwoVmsAtOnceShareOneStoredDisk) {

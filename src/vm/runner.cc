@@ -67,9 +67,14 @@ Result<RunDir> CreateRunDir(const fs::path& root, const std::string& name) {
 // The guest's serial console: the socket QEMU serves, with what arrives
 // copied to `out`, and keystrokes from `input` (a terminal in raw mode while
 // attached) sent to the guest. Ctrl-] is never sent: it asks to detach.
+// Nothing here blocks: QEMU takes input only as fast as the guest reads it,
+// so keystrokes wait in a bounded buffer, sent as the socket has room, and
+// what does not fit is dropped (input is still read, so Ctrl-] always
+// works, even after a paste into a guest that reads nothing).
 class Console {
  public:
   static constexpr char kDetach = 0x1d;  // Ctrl-]
+  static constexpr size_t kMaxPending = 64 << 10;
 
   Console(std::FILE* out, int input) : out_(out), input_(input) {}
   ~Console() { RestoreTerminal(); }
@@ -133,8 +138,8 @@ class Console {
     }
   }
 
-  // Sends what the user typed; false when the user typed Ctrl-] (or the
-  // input ended).
+  // Reads what the user typed and sends what the socket takes now; false
+  // when the user typed Ctrl-].
   bool Forward() {
     char buf[4096];
     ssize_t n = ::read(input_, buf, sizeof buf);
@@ -145,9 +150,33 @@ class Console {
     }
     std::string_view typed(buf, static_cast<size_t>(n));
     size_t detach = typed.find(kDetach);
-    if (sock_.valid()) (void)WriteAll(sock_.get(), typed.substr(0, detach));
+    std::string_view keys = typed.substr(0, detach);
+    size_t room = sock_.valid() ? kMaxPending - pending_.size() : 0;
+    pending_.append(keys.substr(0, room));
+    dropped_ += keys.size() - std::min(room, keys.size());
+    Flush();
     return detach == std::string_view::npos;
   }
+
+  // Sends as much of the waiting input as the socket takes without
+  // blocking.
+  void Flush() {
+    while (!pending_.empty() && sock_.valid()) {
+      ssize_t n = ::send(sock_.get(), pending_.data(), pending_.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n > 0) {
+        pending_.erase(0, static_cast<size_t>(n));
+      } else if (n < 0 && errno == EINTR) {
+        continue;
+      } else {
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) pending_.clear();  // QEMU is going away
+        return;
+      }
+    }
+  }
+  // Whether input waits for room in the socket (poll for POLLOUT).
+  bool pending() const { return !pending_.empty(); }
+  // Bytes of input dropped because the guest was not reading.
+  size_t dropped() const { return dropped_; }
 
  private:
   std::FILE* out_;
@@ -156,6 +185,8 @@ class Console {
   termios saved_{};
   bool raw_ = false;
   bool received_ = false;
+  std::string pending_;  // typed, not yet taken by the socket
+  size_t dropped_ = 0;
 };
 
 // The VM's console log across runs: NAME.log is the newest run's, and the
@@ -447,7 +478,8 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     // Wakes on the guest's output, a keystroke, QEMU's exit or a stop; the
     // timeout only bounds the wait when a deadline or a token without a
     // descriptor needs checking.
-    pollfd fds[4] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), POLLIN, 0}, {cancel_fd, POLLIN, 0},
+    const short console_events = static_cast<short>(POLLIN | (console.pending() ? POLLOUT : 0));
+    pollfd fds[4] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), console_events, 0}, {cancel_fd, POLLIN, 0},
                      {console.input_fd(), POLLIN, 0}};
     int wait_ms = -1;
     if (o.timeout.count() > 0) {
@@ -456,7 +488,8 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     }
     if (!pidfd.valid() || (o.stop && cancel_fd < 0)) wait_ms = wait_ms < 0 ? 100 : std::min(wait_ms, 100);
     ::poll(fds, 4, wait_ms);  // a negative fd is ignored
-    if (fds[1].revents) console.Drain();
+    if (fds[1].revents & POLLOUT) console.Flush();
+    if (fds[1].revents & ~POLLOUT) console.Drain();
     if (logs.pending() && console.received()) logs.Settle(true);  // the guest runs
     if (fds[3].revents && !console.Forward()) {
       why = "detached from the console (Ctrl-])";
@@ -473,6 +506,10 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     }
   }
   console.RestoreTerminal();
+  if (o.notices && console.dropped() > 0) {
+    std::fprintf(o.notices, "\nregdisk: VM %s did not read %zu bytes of console input, which were dropped\n",
+                 plan.name.c_str(), console.dropped());
+  }
   if (!qemu.Poll()) {
     log::Info("stopping VM {} ({})", plan.name, why);
     if (o.notices && why.rfind("detached", 0) == 0) {
@@ -485,7 +522,8 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
       pollfd fds[2] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), POLLIN, 0}};
       ::poll(fds, 2, static_cast<int>(std::clamp<int64_t>(
                          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count(), 0, 100)));
-      if (fds[1].revents) console.Drain();
+      if (fds[1].revents & POLLOUT) console.Flush();
+    if (fds[1].revents & ~POLLOUT) console.Drain();
     }
     qemu.Terminate(1s);
   }

@@ -38,7 +38,9 @@ struct RunOptions {
   std::FILE* console = stdout;
   // Keystrokes for the guest's console (the CLI passes stdin when it is a
   // terminal), or -1. A terminal is put in raw mode while attached (and
-  // restored on every way out); Ctrl-] (0x1d) stops the VM.
+  // restored on every way out); Ctrl-] (0x1d) stops the VM. Input the guest
+  // is not reading waits in a bounded buffer, and what does not fit is
+  // dropped: the console never blocks the loop that watches for Ctrl-].
   int console_input = -1;
   // Where the published ports and the attach hint are printed; may be null.
   std::FILE* notices = stderr;
