@@ -110,6 +110,35 @@ TEST_F(PlanCliTest, DomxmlWritesTheSeedItNames) {
   EXPECT_EQ(std::distance(std::filesystem::directory_iterator(seed.parent_path()), {}), 1) << "a temp file was left";
 }
 
+// A disk's name is data: one that is a path ("../../../escape") cannot put
+// the VM's files outside its run directory. The VM (a cloud-init disk only,
+// so nothing is pulled) runs until its timeout.
+TEST_F(PlanCliTest, DiskNamesThatArePathsStayInsideTheRunDirectory) {
+  const std::string spec = R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {name: t}
+spec:
+  domain:
+    memory: {guest: 64Mi}
+    devices:
+      disks:
+      - {name: "../../../escape", disk: {bus: virtio}}
+  volumes:
+  - name: "../../../escape"
+    cloudInitNoCloud: {userData: "hi"}
+)";
+  ASSERT_OK(WriteFileAtomic(tmp() / "t.yaml", spec));
+  RunResult r = RunRegdisk({"--root", P("root"), "run", "-f", P("t.yaml"), "--timeout", "1s", "--grace", "1",
+                            "--accel", "tcg"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(tmp())) {
+    EXPECT_EQ(e.path().string().find("escape"), std::string::npos) << e.path();
+  }
+  RunResult x = RunRegdisk({"--root", P("root"), "domxml", "-f", P("t.yaml")});
+  ASSERT_EQ(x.exit_code, 0) << x.err;
+  EXPECT_THAT(x.out, HasSubstr("<source file=\"" + P("root") + "/seeds/default_t/disk_0.cidata.iso\"/>"));
+}
+
 // VNC has no password: any --vnc address but loopback gets a warning.
 TEST_F(PlanCliTest, VncOffLoopbackIsWarnedAbout) {
   std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm.yaml", 1 << 20).value();

@@ -180,6 +180,18 @@ Result<std::pair<int, UniqueFd>> BindPort(const std::string& ip, int port, const
   return std::make_pair(static_cast<int>(ntohs(a.sin_port)), std::move(fd));
 }
 
+// The name of a disk's files in the run directory (its overlay, or its
+// seed): the spec's disk name when it is a DNS label, as KubeVirt's names
+// are, else "disk_" and its index (which no DNS label can be). A name is
+// data: "../x" or "a/b" must not put a file outside the run directory.
+std::string DiskFileStem(const std::string& name, size_t index) {
+  const bool label = !name.empty() && name.size() <= 63 && name.front() != '-' &&
+                     std::all_of(name.begin(), name.end(), [](char c) {
+                       return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-';
+                     });
+  return label ? name : "disk_" + std::to_string(index);
+}
+
 bool BridgeExists(const std::string& name) {
   std::error_code ec;
   return name.find('/') == std::string::npos && fs::is_directory(fs::path("/sys/class/net") / name / "bridge", ec);
@@ -423,7 +435,9 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     sharing.emplace(std::move(lock));
   }
   store::Store& st = *opened;
-  for (const auto& d : vm.spec.disks) {
+  for (size_t index = 0; index < vm.spec.disks.size(); ++index) {
+    const spec::Disk& d = vm.spec.disks[index];
+    const std::string stem = DiskFileStem(d.name, index);
     const spec::Volume* vol = nullptr;
     for (const auto& v : vm.spec.volumes) {
       if (v.name == d.volume_name) vol = &v;
@@ -442,7 +456,7 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       pd.bus = d.bus;
       pd.read_only = d.read_only;
       pd.boot_order = d.boot_order;
-      pd.backing = run_dir / (d.name + ".cidata.iso");
+      pd.backing = run_dir / (stem + ".cidata.iso");
       pd.stable = pd.backing;
       pd.backing_format = disk::Format::kRaw;
       pd.seed = std::move(seed);
@@ -484,7 +498,7 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     pd.backing = img.disk_file;
     pd.backing_format = img.disk.format;
     pd.virtual_size = img.disk.virtual_size;
-    pd.overlay = run_dir / (d.name + ".qcow2");
+    pd.overlay = run_dir / (stem + ".qcow2");
     plan.disks.push_back(std::move(pd));
   }
   // Chosen last, so the ports are free as close as can be to QEMU's start.
