@@ -23,15 +23,8 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using Type = TarEntry::Type;
 
-class ImageCmdsTest : public TempDirTest {
+class ImageCmdsTest : public StoreAndRegistryTest {
  protected:
-  void SetUp() override {
-    TempDirTest::SetUp();
-    root_ = (tmp() / "root").string();
-    auto reg = TestRegistry::Start(RegistryMode::kPlain);
-    ASSERT_OK(reg);
-    reg_ = std::move(*reg);
-  }
   RunResult Regdisk(std::vector<std::string> args) {
     args.insert(args.begin(), {"--root", root_});
     return RunRegdisk(args);
@@ -52,30 +45,12 @@ class ImageCmdsTest : public TempDirTest {
     auto amd = MakeTestImage(tmp() / "src", "amd", {{"disk/disk.img", std::string(4096, 'x')}}, "amd64");
     auto arm = MakeTestImage(tmp() / "src", "arm", {{"disk/disk.img", std::string(8192, 'a')}}, "arm64");
     EXPECT_TRUE(amd.ok() && arm.ok());
-    auto layout = image::OciLayout::Open(tmp() / "src");
-    EXPECT_TRUE(layout.ok());
-    json manifests = json::array();
-    for (auto [img, arch] : {std::pair{&*amd, "amd64"}, std::pair{&*arm, "arm64"}}) {
-      oci::Descriptor d = layout->Resolve(img->tag).value();
-      d.annotations.clear();
-      d.platform = oci::Platform{"linux", arch, ""};
-      manifests.push_back(d.ToJson());
-    }
-    std::string index = json{{"schemaVersion", 2}, {"mediaType", oci::media::kOciIndex}, {"manifests", manifests}}.dump();
-    oci::Descriptor id;
-    id.media_type = oci::media::kOciIndex;
-    id.digest = oci::Digest::Sha256Of(index);
-    id.size = static_cast<int64_t>(index.size());
-    EXPECT_TRUE(layout->WriteBlobBytes(id, index).ok());
-    EXPECT_TRUE(layout->AddToIndex(id, "multi").ok());
+    EXPECT_TRUE(MakeTestIndex(tmp() / "src", "multi", {{&*amd, "amd64"}, {&*arm, "arm64"}}).ok());
     RunResult r = RunRegdisk({"copy", "--all", "oci:" + P("src") + ":multi", ref});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return {arm->manifest_digest.str(), amd->manifest_digest.str()};
   }
   static int Lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
-
-  std::string root_;
-  std::unique_ptr<TestRegistry> reg_;
 };
 
 TEST_F(ImageCmdsTest, InspectHasSkopeosFieldsAndValues) {

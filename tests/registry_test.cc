@@ -355,22 +355,9 @@ TEST_F(RegistryTest, IndexIsPushedAfterItsChildren) {
   ASSERT_OK(amd);
   auto arm = MakeTestImage(tmp() / "src", "arm", {{"disk/disk.img", "arm64 disk"}}, "arm64");
   ASSERT_OK(arm);
-  auto layout = image::OciLayout::Open(tmp() / "src");
-  ASSERT_OK(layout);
-  json manifests = json::array();
-  for (auto [img, arch] : {std::pair{&*amd, "amd64"}, std::pair{&*arm, "arm64"}}) {
-    oci::Descriptor d = layout->Resolve(img->tag).value();
-    d.annotations.clear();
-    d.platform = oci::Platform{"linux", arch, ""};
-    manifests.push_back(d.ToJson());
-  }
-  std::string index = json{{"schemaVersion", 2}, {"mediaType", oci::media::kOciIndex}, {"manifests", manifests}}.dump();
-  oci::Descriptor id;
-  id.media_type = oci::media::kOciIndex;
-  id.digest = oci::Digest::Sha256Of(index);
-  id.size = static_cast<int64_t>(index.size());
-  ASSERT_OK(layout->WriteBlobBytes(id, index));
-  ASSERT_OK(layout->AddToIndex(id, "multi"));
+  auto index = MakeTestIndex(tmp() / "src", "multi", {{&*amd, "amd64"}, {&*arm, "arm64"}});
+  ASSERT_OK(index);
+  const oci::Descriptor& id = *index;
 
   std::string remote = "docker://" + (*reg)->host() + "/vm/multi:v1";
   RunResult r = RunRegdisk({"copy", "--all", Layout("src", "multi"), remote});

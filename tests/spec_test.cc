@@ -683,6 +683,7 @@ TEST(SpecNetworkTest, InterfacesNetworksAndTheDefault) {
   const auto& s = std::get<VirtualMachine>(r.objects[0]).spec;
   ASSERT_EQ(s.interfaces.size(), 1u);
   EXPECT_EQ(s.interfaces[0].mac_address, "02:00:00:aa:bb:cc");
+  EXPECT_TRUE(ParseSpecs(Replace(web, "02:00:00:aa:bb:cc", "52-54-00-AB-cd-01"), "vmi.yaml").ok());
   ASSERT_EQ(s.interfaces[0].ports.size(), 2u);
   EXPECT_EQ(s.interfaces[0].ports[0].port, 80);
   EXPECT_EQ(s.interfaces[0].ports[0].protocol, "TCP");
@@ -704,7 +705,18 @@ TEST(SpecNetworkTest, InterfacesNetworksAndTheDefault) {
       {"duplicate port", Replace(web, "{port: 53, protocol: UDP}", "{port: 80}"),
        "spec.domain.devices.interfaces[0].ports[1]: port 80/TCP is listed twice"},
       {"multicast MAC", Replace(web, "02:00:00:aa:bb:cc", "01:00:5e:00:00:01"),
-       "spec.domain.devices.interfaces[0].macAddress: \"01:00:5e:00:00:01\" is not a unicast MAC address"},
+       "spec.domain.devices.interfaces[0].macAddress: \"01:00:5e:00:00:01\" is a multicast MAC address (the lowest "
+       "bit of its first octet is set), which no NIC can have; give a unicast address"},
+      {"multicast MAC, dashes", Replace(web, "02:00:00:aa:bb:cc", "33-33-00-00-00-01"),
+       "\"33-33-00-00-00-01\" is a multicast MAC address"},
+      {"broadcast MAC", Replace(web, "02:00:00:aa:bb:cc", "FF:ff:ff:ff:ff:ff"),
+       "\"FF:ff:ff:ff:ff:ff\" is the broadcast MAC address, which no NIC can have"},
+      {"zero MAC", Replace(web, "02:00:00:aa:bb:cc", "00:00:00:00:00:00"),
+       "\"00:00:00:00:00:00\" is the all-zero MAC address, which no NIC can have"},
+      {"zero MAC, dashes", Replace(web, "02:00:00:aa:bb:cc", "00-00-00-00-00-00"),
+       "\"00-00-00-00-00-00\" is the all-zero MAC address"},
+      {"mixed separators", Replace(web, "02:00:00:aa:bb:cc", "02:00-00:aa:bb:cc"),
+       "\"02:00-00:aa:bb:cc\" is not a MAC address; give a unicast address (six hex pairs"},
       {"model", Replace(web, "masquerade: {}", "masquerade: {}\n        model: virtio-transitional"),
        "spec.domain.devices.interfaces[0].model: model \"virtio-transitional\" is not supported"},
       {"sriov", Replace(web, "masquerade: {}", "sriov: {}"),

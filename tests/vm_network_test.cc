@@ -5,8 +5,6 @@
 // guards only, never timing assertions.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <poll.h>
-#include <pty.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -53,14 +51,11 @@ std::string VmiSpec(const std::string& name, const std::string& image, const std
          "    cloudInitNoCloud:\n" + cloud_init;
 }
 
-class VmNetworkTest : public TempDirTest {
+class VmNetworkTest : public StoreAndRegistryTest {
  protected:
   void SetUp() override {
-    TempDirTest::SetUp();
-    root_ = (tmp() / "root").string();
-    auto reg = TestRegistry::Start(RegistryMode::kPlain);
-    ASSERT_OK(reg);
-    reg_ = std::move(*reg);
+    StoreAndRegistryTest::SetUp();
+    if (HasFatalFailure()) return;
     image_ = reg_->host() + "/vmdisks/linux:v1";
     RunResult b = RunRegdisk({"build", REGDISK_LINUX_GUEST_IMAGE, "-t", "docker://" + image_});
     ASSERT_EQ(b.exit_code, 0) << b.err;
@@ -139,8 +134,6 @@ class VmNetworkTest : public TempDirTest {
     }
   }
 
-  std::string root_;
-  std::unique_ptr<TestRegistry> reg_;
   std::string image_;
 };
 
@@ -253,57 +246,22 @@ TEST_F(VmNetworkTest, SecretDataOnlyInTheVmsOwnSeed) {
 // shell and reads the answer; Ctrl-] stops the VM.
 TEST_F(VmNetworkTest, ConsoleInputThroughATerminal) {
   ASSERT_OK(WriteFileAtomic(tmp() / "c.yaml", VmiSpec("console", image_, "      userData: \"hello\\n\"\n")));
-  int master = -1;
-  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::execl(REGDISK_BIN, REGDISK_BIN, "--root", root_.c_str(), "run", "-f", P("c.yaml").c_str(), "--grace", "5",
-            static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  UniqueFd m(master);
-  std::string seen;
-  // Reads until `marker` appears after `from`, within the hang guard.
-  auto read_until = [&](const std::string& marker, size_t from) {
-    const auto deadline = Clock::now() + kBootLimit;
-    while (seen.find(marker, from) == std::string::npos && Clock::now() < deadline) {
-      pollfd p{m.get(), POLLIN, 0};
-      if (::poll(&p, 1, 500) <= 0) continue;
-      char buf[4096];
-      ssize_t n = ::read(m.get(), buf, sizeof buf);
-      if (n <= 0) break;
-      seen.append(buf, static_cast<size_t>(n));
-    }
-    return seen.find(marker, from) != std::string::npos;
-  };
-  ASSERT_TRUE(read_until("console of VM console attached; Ctrl-] stops the VM", 0)) << seen;
-  ASSERT_TRUE(read_until("guest# ", 0)) << seen;
-  size_t mark = seen.size();
-  ASSERT_EQ(::write(m.get(), "echo $((6*7))\r", 14), 14);
-  EXPECT_TRUE(read_until("42", mark)) << seen.substr(mark);
-  mark = seen.size();
-  ASSERT_EQ(::write(m.get(), "\x1d", 1), 1);
-  EXPECT_TRUE(read_until("detached from the console (Ctrl-]); stopping VM console", mark)) << seen.substr(mark);
-  read_until("\x01never\x01", mark);  // drain until regdisk closes the terminal
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << seen;
+  auto s = PtySession::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", P("c.yaml"), "--grace", "5"});
+  ASSERT_OK(s);
+  PtySession& term = **s;
+  ASSERT_TRUE(term.ReadUntil("console of VM console attached; Ctrl-] stops the VM", 0, kBootLimit)) << term.seen();
+  ASSERT_TRUE(term.ReadUntil("guest# ", 0, kBootLimit)) << term.seen();
+  size_t mark = term.seen().size();
+  ASSERT_OK(term.Write("echo $((6*7))\r"));
+  EXPECT_TRUE(term.ReadUntil("42", mark, kBootLimit)) << term.seen().substr(mark);
+  mark = term.seen().size();
+  ASSERT_OK(term.Write("\x1d"));
+  EXPECT_TRUE(term.ReadUntil("detached from the console (Ctrl-]); stopping VM console", mark, kBootLimit))
+      << term.seen().substr(mark);
+  term.ReadToEnd(kBootLimit);  // until regdisk closes the terminal
+  int status = term.Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << term.seen();
   ExpectNothingLeft();
-}
-
-// Reads `master` until the terminal closes (or the hang guard runs out).
-std::string ReadToEnd(int master) {
-  std::string seen;
-  const auto deadline = Clock::now() + kBootLimit;
-  while (Clock::now() < deadline) {
-    pollfd p{master, POLLIN, 0};
-    if (::poll(&p, 1, 500) <= 0) continue;
-    char buf[4096];
-    ssize_t n = ::read(master, buf, sizeof buf);
-    if (n <= 0) break;
-    seen.append(buf, static_cast<size_t>(n));
-  }
-  return seen;
 }
 
 // `regdisk run ... &` from an interactive shell: stdin is the terminal, but
@@ -313,12 +271,9 @@ std::string ReadToEnd(int master) {
 TEST_F(VmNetworkTest, BackgroundRunLeavesTheTerminalAlone) {
   ASSERT_OK(WriteFileAtomic(tmp() / "b.yaml", VmiSpec("bg", image_, "      userData: \"hello\\n\"\n")));
   const std::string spec = P("b.yaml");
-  int master = -1;
-  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    // This process leads the terminal's session, as a shell does; the job
-    // gets its own process group, not the terminal's foreground one.
+  // The session's leader plays the shell: the job gets its own process
+  // group, not the terminal's foreground one.
+  auto s = PtySession::SpawnWith([&] {
     pid_t job = ::fork();
     if (job == 0) {
       ::setpgid(0, 0);
@@ -328,22 +283,22 @@ TEST_F(VmNetworkTest, BackgroundRunLeavesTheTerminalAlone) {
     }
     ::setpgid(job, job);
     int st = 0;
-    if (::waitpid(job, &st, WUNTRACED) != job) ::_exit(125);
+    if (::waitpid(job, &st, WUNTRACED) != job) return 125;
     if (WIFSTOPPED(st)) {  // stopped by the terminal
       ::kill(job, SIGKILL);
       ::waitpid(job, &st, 0);
-      ::_exit(100);
+      return 100;
     }
-    ::_exit(WIFEXITED(st) ? WEXITSTATUS(st) : 126);
-  }
-  UniqueFd m(master);
-  std::string seen = ReadToEnd(m.get());
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 126;
+  });
+  ASSERT_OK(s);
+  PtySession& term = **s;
+  term.ReadToEnd(kBootLimit);
+  int status = term.Wait();
   ASSERT_TRUE(WIFEXITED(status)) << status;
-  EXPECT_NE(WEXITSTATUS(status), 100) << "regdisk was stopped by the terminal\n" << seen;
-  EXPECT_EQ(WEXITSTATUS(status), 0) << seen;
-  EXPECT_THAT(seen, Not(HasSubstr("console of VM bg attached")));
+  EXPECT_NE(WEXITSTATUS(status), 100) << "regdisk was stopped by the terminal\n" << term.seen();
+  EXPECT_EQ(WEXITSTATUS(status), 0) << term.seen();
+  EXPECT_THAT(term.seen(), Not(HasSubstr("console of VM bg attached")));
   ExpectNothingLeft();
 }
 
@@ -351,44 +306,20 @@ TEST_F(VmNetworkTest, BackgroundRunLeavesTheTerminalAlone) {
 // cleanup; the terminal still leaves raw mode.
 TEST_F(VmNetworkTest, SecondSignalRestoresTheTerminal) {
   ASSERT_OK(WriteFileAtomic(tmp() / "t.yaml", VmiSpec("twice", image_, "      userData: \"hello\\n\"\n")));
-  int master = -1;
-  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::execl(REGDISK_BIN, REGDISK_BIN, "--root", root_.c_str(), "run", "-f", P("t.yaml").c_str(), "--grace", "60",
-            static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  UniqueFd m(master);
-  std::string seen;
-  const auto deadline = Clock::now() + kBootLimit;
-  while (seen.find("attached; Ctrl-]") == std::string::npos && Clock::now() < deadline) {
-    pollfd p{m.get(), POLLIN, 0};
-    if (::poll(&p, 1, 500) <= 0) continue;
-    char buf[4096];
-    ssize_t n = ::read(m.get(), buf, sizeof buf);
-    if (n <= 0) break;
-    seen.append(buf, static_cast<size_t>(n));
-  }
-  ASSERT_THAT(seen, HasSubstr("attached; Ctrl-]"));
+  auto s = PtySession::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", P("t.yaml"), "--grace", "60"});
+  ASSERT_OK(s);
+  PtySession& term = **s;
+  ASSERT_TRUE(term.ReadUntil("attached; Ctrl-]", 0, kBootLimit)) << term.seen();
   termios t{};
-  ASSERT_EQ(::tcgetattr(m.get(), &t), 0);
+  ASSERT_EQ(::tcgetattr(term.master(), &t), 0);
   EXPECT_FALSE(t.c_lflag & ICANON) << "the console is not in raw mode";
-  ::kill(pid, SIGTERM);
-  while (seen.find("terminated:") == std::string::npos && Clock::now() < deadline) {
-    pollfd p{m.get(), POLLIN, 0};
-    if (::poll(&p, 1, 500) <= 0) continue;
-    char buf[4096];
-    ssize_t n = ::read(m.get(), buf, sizeof buf);
-    if (n <= 0) break;
-    seen.append(buf, static_cast<size_t>(n));
-  }
-  ::kill(pid, SIGTERM);
-  seen += ReadToEnd(m.get());
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGTERM) << status << "\n" << seen;
-  ASSERT_EQ(::tcgetattr(m.get(), &t), 0);
+  ::kill(term.pid(), SIGTERM);
+  term.ReadUntil("terminated:", 0, kBootLimit);
+  ::kill(term.pid(), SIGTERM);
+  term.ReadToEnd(kBootLimit);
+  int status = term.Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGTERM) << status << "\n" << term.seen();
+  ASSERT_EQ(::tcgetattr(term.master(), &t), 0);
   EXPECT_TRUE(t.c_lflag & ICANON) << "the terminal was left in raw mode";
   EXPECT_TRUE(t.c_lflag & ECHO) << "the terminal was left without echo";
 }
@@ -417,6 +348,10 @@ TEST_F(VmNetworkTest, BridgeInANetworkNamespace) {
   RunResult missing = RunRegdisk({"--root", root_, "run", "-f", P("br.yaml"), "--network", "bridge=regdisk-nobr0"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_THAT(missing.err, HasSubstr("there is no bridge \"regdisk-nobr0\" on this host"));
+  // The registry is on the host's loopback, which the namespace does not
+  // share: the disk is pulled first.
+  RunResult pulled = RunRegdisk({"--root", root_, "pull", "docker://" + image_});
+  ASSERT_EQ(pulled.exit_code, 0) << pulled.err;
 
   Process::Options opt;
   opt.stdout_mode = Process::Stdio::kFile;

@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 
 #include <cstring>
 
@@ -30,14 +31,11 @@ using namespace std::chrono_literals;
 
 const char* kSeedSpec = REGDISK_SOURCE_DIR "/examples/vm.yaml";
 
-class VmTest : public TempDirTest {
+class VmTest : public StoreAndRegistryTest {
  protected:
   void SetUp() override {
-    TempDirTest::SetUp();
-    root_ = (tmp() / "root").string();
-    auto reg = TestRegistry::Start(RegistryMode::kPlain);
-    ASSERT_OK(reg);
-    reg_ = std::move(*reg);
+    StoreAndRegistryTest::SetUp();
+    if (HasFatalFailure()) return;
     // The guest disks: boot sector, the sector it prints, and a sector
     // that says whether to power off at the end (guest) or stay up (halt).
     for (bool off : {true, false}) {
@@ -97,8 +95,6 @@ class VmTest : public TempDirTest {
     }
     return out;
   }
-  std::string root_;
-  std::unique_ptr<TestRegistry> reg_;
 };
 
 // Waits (up to `limit`) until `file` contains `marker`.
@@ -136,6 +132,58 @@ TEST_F(VmTest, SeedSpecBootsAndWritesAreEphemeral) {
   EXPECT_THAT(ReadFileCapped(log, 1 << 20).value(), HasSubstr("PRISTINE-SECTOR-CONTENT"));
   EXPECT_THAT(ReadFileCapped(log.string() + ".1", 1 << 20).value_or(""), HasSubstr("PRISTINE-SECTOR-CONTENT"));
   EXPECT_EQ(Count(ReadFileCapped(log, 1 << 20).value(), "sector1: PRISTINE"), 1);
+}
+
+// A start that fails (here QEMU is /bin/false, which exits at once) keeps
+// the logs of the runs before as they were; the next run that starts
+// rotates them.
+TEST_F(VmTest, AFailedStartLeavesTheLogsAsTheyWere) {
+  Push("guest.qcow2", "vmdisks/fedora25:latest");
+  std::string spec = Spec("vm.yaml");
+  const fs::path log = fs::path(root_) / "logs/default_testvm-ephemeral.log";
+  ASSERT_EQ(Run(spec).exit_code, 0);
+  const std::string before = ReadFileCapped(log, 1 << 20).value_or("");
+  ASSERT_THAT(before, HasSubstr("REGDISK-GUEST-POWEROFF"));
+  for (int i = 0; i < 4; ++i) {
+    RunResult failed = Run(spec, {"--qemu", "/bin/false"});
+    EXPECT_EQ(failed.exit_code, 1) << failed.err;
+    EXPECT_THAT(failed.err, HasSubstr("QEMU could not run VM testvm-ephemeral"));
+  }
+  EXPECT_EQ(ReadFileCapped(log, 1 << 20).value_or("(gone)"), before);
+  for (const char* suffix : {".0", ".1"}) EXPECT_FALSE(fs::exists(log.string() + suffix)) << suffix;
+  ExpectNothingLeft();
+  ASSERT_EQ(Run(spec).exit_code, 0);
+  EXPECT_THAT(ReadFileCapped(log, 1 << 20).value_or(""), HasSubstr("REGDISK-GUEST-POWEROFF"));
+  EXPECT_EQ(ReadFileCapped(log.string() + ".1", 1 << 20).value_or("(gone)"), before);
+  EXPECT_FALSE(fs::exists(log.string() + ".0"));
+}
+
+// A paste into a guest that does not read its console (the boot sector
+// never does) cannot block regdisk: input waits in a bounded buffer, the
+// rest is dropped, and Ctrl-] after 8 MiB of it still stops the VM.
+TEST_F(VmTest, APasteIntoAGuestThatDoesNotReadLeavesCtrlRightBracketWorking) {
+  Push("halt.qcow2", "vmdisks/fedora25:latest");
+  auto s = PtySession::Spawn({REGDISK_BIN, "--root", root_, "run", "-f", Spec("vm.yaml"), "--grace", "1"});
+  ASSERT_OK(s);
+  PtySession& term = **s;
+  ASSERT_TRUE(term.ReadUntil("attached; Ctrl-] stops the VM", 0, 120s)) << term.seen();
+  ASSERT_TRUE(term.ReadUntil("REGDISK-GUEST-DONE", 0, 120s)) << term.seen();  // the guest halts, reading nothing
+  const size_t mark = term.seen().size();
+  std::thread paste([&term] {
+    const std::string chunk(64 << 10, 'x');
+    for (int i = 0; i < 128; ++i) {
+      if (!term.Write(chunk, 90s).ok()) return;  // regdisk stopped reading: the test fails below
+    }
+    (void)term.Write("\x1d", 90s);
+  });
+  const bool stopped = term.ReadUntil("detached from the console (Ctrl-]); stopping VM", mark, 120s);
+  paste.join();
+  ASSERT_TRUE(stopped) << term.seen().substr(mark, 4096);
+  EXPECT_THAT(term.seen(), ::testing::ContainsRegex("did not read [0-9]+ bytes of console input, which were dropped"));
+  term.ReadToEnd(120s);
+  int status = term.Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << term.seen().substr(mark, 4096);
+  ExpectNothingLeft();
 }
 
 TEST_F(VmTest, RawDisksAndTwoVmsAtOnceShareOneStoredDisk) {
@@ -381,12 +429,24 @@ TEST_F(VmTest, FailuresAreOneClearSentence) {
   std::string unreachable = P("unreachable.yaml");
   ASSERT_OK(WriteFileAtomic(unreachable, std::regex_replace(ReadFileCapped(Spec("u.yaml", "vmdisks/x:v1"), 1 << 20).value(),
                                                             std::regex(reg_->host()), "127.0.0.1:1")));
+  // A host port another program holds, named by --publish.
+  UniqueFd busy(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(busy.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(busy.get(), 1), 0);
+  ASSERT_EQ(::getsockname(busy.get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string held = std::to_string(ntohs(addr.sin_port));
   const Case cases[] = {
       {{"--qemu", "/nonexistent/qemu"}, spec, "QEMU (qemu-system-x86_64) was not found"},
       {{}, huge, "asks for 943718400 MiB of memory but the host has only"},
       {{}, never, "is not in the node store and its imagePullPolicy is Never"},
       {{}, Spec("absent.yaml", "vmdisks/absent:v1"), "not found on " + reg_->host()},
       {{}, unreachable, "127.0.0.1:1"},
+      {{"--publish", held + ":80", "-q"}, spec,  // -q: no pull progress
+       "--publish: host port 127.0.0.1:" + held + "/tcp for guest port 80 cannot be used (binding it: Address already in use)"},
   };
   for (const auto& c : cases) {
     RunResult r = Run(c.spec, c.extra);
@@ -481,7 +541,9 @@ TEST_F(VmTest, DomainXmlValidatesForEveryExample) {
     if (e.path().filename() == "vm-web.yaml") {
       // The cloud-init seed is a raw disk of its own, not a transient one.
       EXPECT_THAT(r.out, ::testing::ContainsRegex("<driver name=\"qemu\" type=\"raw\"/>\\s*<source file=\"[^\"]*/cloudinitdisk\\.cidata\\.iso\"/>"));
-      EXPECT_THAT(r.err, HasSubstr("the cloud-init seed (ISO 9660, label cidata) is written by regdisk run"));
+      // domxml wrote it there, so virsh can start the domain as it is.
+      EXPECT_THAT(r.err, HasSubstr("its cloud-init seed (ISO 9660, label cidata, holding the user-data) is " + root_ +
+                                   "/seeds/default_web/cloudinitdisk.cidata.iso, mode 0600"));
     }
     if (e.path().filename() == "vm-two-disks.yaml") {
       // The read-only SATA device is a cdrom, as KubeVirt attaches one.

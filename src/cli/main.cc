@@ -175,14 +175,18 @@ int Main(int argc, char** argv) {
                   "publish a guest port on the host: [[IP:][HOSTPORT]:]PORT[/tcp|udp] (repeatable; declared ports get a "
                   "free loopback port by default)");
   run->add_option("--network", rf.network, "bridge=NAME: put the VM's interface on a host bridge with a tap (root)");
-  run->add_option("--vnc", rf.vnc, "a VNC display for the guest's screen, such as 127.0.0.1:0");
+  run->add_option("--vnc", rf.vnc,
+                  "a VNC display for the guest's screen, IPV4ADDRESS:DISPLAY (port 5900+DISPLAY), such as 127.0.0.1:0; "
+                  "VNC has no password: keep it on 127.0.0.1 (regdisk warns about any other address)");
   run->fallthrough();
   CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML of a VM spec, offline (no pulls)");
   domxml->add_option("-f,--filename", rf.file, "the VM spec")->required();
   domxml->add_option("--qemu", rf.qemu, "the QEMU binary to name as emulator");
   domxml->add_option("--accel", rf.accel, "auto, kvm or tcg")->check(OneOf({"auto", "kvm", "tcg"}));
   domxml->add_option("--network", rf.network, "bridge=NAME: the interface on a host bridge");
-  domxml->add_option("--vnc", rf.vnc, "a VNC display, such as 127.0.0.1:0");
+  domxml->add_option("--vnc", rf.vnc,
+                     "a VNC display, IPV4ADDRESS:DISPLAY, such as 127.0.0.1:0 (no password: regdisk warns about any "
+                     "address but loopback)");
   domxml->fallthrough();
 
   std::string port_vm, port_namespace = "default";

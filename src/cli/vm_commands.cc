@@ -1,5 +1,6 @@
 // validate, run and domxml.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include "spec/spec.h"
 #include "util/fs.h"
 #include "util/text.h"
+#include "vm/cloudinit.h"
 #include "vm/plan.h"
 #include "vm/runner.h"
 
@@ -71,6 +73,35 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
   return p;
 }
 
+// A libvirt domain needs every file its XML names, so domxml writes each
+// cloud-init seed (the only files it writes) to ROOT/seeds/NS_NAME/, mode
+// 0600 in 0700 directories, replacing what an earlier domxml wrote there,
+// and points the plan's disk at it. Nothing else regdisk does reads or
+// removes that directory: the seed lives as long as the domain needs it.
+Status WriteDomainSeeds(const std::filesystem::path& root, vm::VmPlan& plan) {
+  namespace fs = std::filesystem;
+  const fs::path dir = root / "seeds" / (plan.namespace_ + "_" + plan.name);
+  for (auto& d : plan.disks) {
+    if (!d.seed) continue;
+    RETURN_IF_ERROR(MakeDirs(dir));
+    for (const fs::path& p : {dir.parent_path(), dir}) {
+      if (::chmod(p.c_str(), 0700) != 0) return ErrnoStatus("making " + p.string() + " private");
+    }
+    const fs::path path = dir / d.backing.filename();  // the name PlanVm gave it
+    const fs::path fresh = path.string() + ".new-" + std::to_string(::getpid());
+    std::error_code ec;
+    fs::remove(fresh, ec);
+    RETURN_IF_ERROR(vm::WriteNoCloudSeed(fresh, *d.seed).Annotate("writing the cloud-init seed of disk " + d.name));
+    if (::rename(fresh.c_str(), path.c_str()) != 0) {
+      Status st = ErrnoStatus("replacing " + path.string());
+      fs::remove(fresh, ec);
+      return st;
+    }
+    d.backing = d.stable = path;
+  }
+  return OkStatus();
+}
+
 }  // namespace
 
 // Exit code 130 after Ctrl-C (the VM shut down as asked); 0 when the guest
@@ -96,8 +127,9 @@ int RunRun(const Globals& g, const RunFlags& f) {
   return StopSignal() == SIGINT ? 130 : 0;
 }
 
-// Offline: reads the spec and the store, pulls nothing and writes nothing;
-// the disks a run would have to pull are named on stderr.
+// Offline: reads the spec and the store and pulls nothing; the disks a run
+// would have to pull are named on stderr. The only files it writes are the
+// VM's cloud-init seeds (WriteDomainSeeds), which the XML names.
 int RunDomxml(const Globals& g, const RunFlags& f) {
   auto loaded = LoadOneVm(f.file);
   if (!loaded.ok()) return Fail(loaded.status());
@@ -109,6 +141,8 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
   auto plan = vm::PlanVm(vmspec, loaded->second, *po,
                          std::filesystem::path(g.root) / "run" / (vmspec.metadata.namespace_ + "_" + vmspec.metadata.name));
   if (!plan.ok()) return Fail(plan.status().Annotate("planning VM " + vmspec.metadata.name));
+  Status seeds = WriteDomainSeeds(g.root, *plan);
+  if (!seeds.ok()) return Fail(seeds.Annotate("writing the domain of VM " + vmspec.metadata.name));
   auto xml = vm::DomainXml(*plan);
   if (!xml.ok()) return Fail(xml.status().Annotate("writing the domain XML of VM " + vmspec.metadata.name));
   std::fputs(xml->c_str(), stdout);
@@ -122,10 +156,10 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
                  PrintableLine(d.stable.string()).c_str());
   }
   for (const auto& d : plan->disks) {
-    if (!d.seed) continue;
+    if (!d.seed || g.quiet) continue;
     std::fprintf(stderr,
-                 "regdisk: disk %s: the cloud-init seed (ISO 9660, label cidata) is written by regdisk run when the VM "
-                 "starts; the XML names it at %s\n",
+                 "regdisk: disk %s: its cloud-init seed (ISO 9660, label cidata, holding the user-data) is %s, mode "
+                 "0600; remove it when you undefine the domain\n",
                  PrintableLine(d.name).c_str(), PrintableLine(d.backing.string()).c_str());
   }
   return 0;

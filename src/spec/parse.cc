@@ -459,9 +459,12 @@ class Parser {
               "model \"" + iface.model + "\" is not supported; use virtio (the default), e1000, e1000e, rtl8139, ne2k_pci or pcnet");
       }
       iface.mac_address = Str(n, "macAddress").value_or("");
-      if (!iface.mac_address.empty() && !ValidMac(iface.mac_address)) {
-        Error(n["macAddress"], p + ".macAddress",
-              "\"" + iface.mac_address + "\" is not a unicast MAC address; write six hex pairs, e.g. 02:00:00:00:00:01");
+      if (!iface.mac_address.empty()) {
+        if (std::string why = MacProblem(iface.mac_address); !why.empty()) {
+          Error(n["macAddress"], p + ".macAddress",
+                Printable(iface.mac_address, 40) + " " + why +
+                    "; give a unicast address (six hex pairs, first octet even), e.g. 02:00:00:00:00:01");
+        }
       }
       YAML::Node ports = Child(n, "ports");
       std::set<std::pair<int, std::string>> seen;
@@ -493,18 +496,25 @@ class Parser {
     }
   }
 
-  static bool ValidMac(std::string_view mac) {
-    if (mac.size() != 17) return false;
-    for (size_t i = 0; i < mac.size(); ++i) {
-      char c = mac[i];
-      if (i % 3 == 2) {
-        if (c != ':' && c != '-') return false;
-      } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
-        return false;
-      }
+  // Why `mac` cannot be a NIC's address, or empty when it can: six hex
+  // pairs with one separator (':' or '-') throughout, as KubeVirt parses it,
+  // and unicast and non-zero, as libvirt and QEMU need it.
+  static std::string MacProblem(std::string_view mac) {
+    bool form = mac.size() == 17 && (mac[2] == ':' || mac[2] == '-');
+    for (size_t i = 0; form && i < mac.size(); ++i) {
+      form = i % 3 == 2 ? mac[i] == mac[2] : std::isxdigit(static_cast<unsigned char>(mac[i])) != 0;
     }
-    int first = std::stoi(std::string(mac.substr(0, 2)), nullptr, 16);
-    return (first & 1) == 0 && mac != "00:00:00:00:00:00";
+    if (!form) return "is not a MAC address";
+    std::string digits;
+    for (size_t i = 0; i < mac.size(); ++i) {
+      if (i % 3 != 2) digits += static_cast<char>(std::tolower(static_cast<unsigned char>(mac[i])));
+    }
+    if (digits == std::string(12, '0')) return "is the all-zero MAC address, which no NIC can have";
+    if (digits == std::string(12, 'f')) return "is the broadcast MAC address, which no NIC can have";
+    if (std::stoi(digits.substr(0, 2), nullptr, 16) & 1) {
+      return "is a multicast MAC address (the lowest bit of its first octet is set), which no NIC can have";
+    }
+    return "";
   }
 
   void Networks(const YAML::Node& list, const std::string& path, VmSpec& vm) {

@@ -160,23 +160,36 @@ Result<NoCloudSeed> SeedFor(const spec::VirtualMachine& vm, const spec::CloudIni
   return seed;
 }
 
-// A free TCP or UDP port on `ip`, as the kernel picks one for a bind to
-// port 0, with the socket that holds it: the caller keeps every such socket
-// open until all of a VM's ports are chosen, so no two get the same one.
-// Another program could take a port before QEMU binds it; QEMU then fails
-// to start, saying so.
-Result<std::pair<int, UniqueFd>> FreePort(const std::string& ip, const std::string& protocol) {
+// Binds TCP or UDP `port` on `ip` (0: a free one, as the kernel picks it)
+// and returns the port with the socket that holds it: the caller keeps
+// every such socket open until all of a VM's ports are chosen, so no two
+// get the same one. Another program could take a port before QEMU binds
+// it; QEMU then fails to start, saying so.
+Result<std::pair<int, UniqueFd>> BindPort(const std::string& ip, int port, const std::string& protocol) {
   UniqueFd fd(::socket(AF_INET, (protocol == "udp" ? SOCK_DGRAM : SOCK_STREAM) | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return ErrnoStatus("opening a socket to find a free port");
   sockaddr_in a{};
   a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
   if (::inet_pton(AF_INET, ip.c_str(), &a.sin_addr) != 1) return InvalidArgument("\"" + ip + "\" is not an IPv4 address");
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    return ErrnoStatus("finding a free " + protocol + " port on " + ip);
+    return ErrnoStatus(port == 0 ? "finding a free " + protocol + " port on " + ip : "binding it");
   }
   socklen_t len = sizeof a;
   if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0) return ErrnoStatus("getsockname");
   return std::make_pair(static_cast<int>(ntohs(a.sin_port)), std::move(fd));
+}
+
+// The name of a disk's files in the run directory (its overlay, or its
+// seed): the spec's disk name when it is a DNS label, as KubeVirt's names
+// are, else "disk_" and its index (which no DNS label can be). A name is
+// data: "../x" or "a/b" must not put a file outside the run directory.
+std::string DiskFileStem(const std::string& name, size_t index) {
+  const bool label = !name.empty() && name.size() <= 63 && name.front() != '-' &&
+                     std::all_of(name.begin(), name.end(), [](char c) {
+                       return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-';
+                     });
+  return label ? name : "disk_" + std::to_string(index);
 }
 
 bool BridgeExists(const std::string& name) {
@@ -185,9 +198,10 @@ bool BridgeExists(const std::string& name) {
 }
 
 // The spec's interfaces, with --publish and --network bridge= applied.
+// Host ports are chosen later, by ChooseHostPorts. Two ports that name the
+// same host port are refused here.
 Result<std::vector<PlannedNic>> PlanNics(const spec::VirtualMachine& vm, const PlanOptions& o) {
   std::vector<PlannedNic> nics;
-  std::vector<UniqueFd> probes;  // held until every port is chosen
   std::vector<PublishedPort> extra = o.publish;
   if (vm.spec.interfaces.empty() && !extra.empty()) {
     return FailedPrecondition("--publish needs a network interface, and VM " + vm.metadata.name +
@@ -245,17 +259,54 @@ Result<std::vector<PlannedNic>> PlanNics(const spec::VirtualMachine& vm, const P
       for (auto& pp : extra) nic.ports.push_back(pp);
       extra.clear();
     }
-    if (!o.offline) {
-      for (auto& pp : nic.ports) {
-        if (pp.host_port != 0) continue;
-        ASSIGN_OR_RETURN(auto port, FreePort(pp.host_ip, pp.protocol));
-        pp.host_port = port.first;
-        probes.push_back(std::move(port.second));
-      }
-    }
     nics.push_back(std::move(nic));
   }
+  std::vector<const PublishedPort*> fixed;
+  for (const auto& nic : nics) {
+    for (const auto& pp : nic.ports) {
+      if (pp.host_port == 0) continue;
+      for (const PublishedPort* other : fixed) {
+        if (other->protocol == pp.protocol && other->host_port == pp.host_port &&
+            (other->host_ip == pp.host_ip || other->host_ip == "0.0.0.0" || pp.host_ip == "0.0.0.0")) {
+          return InvalidArgument("--publish: " + other->String() + " and " + pp.String() +
+                                 " use the same host port; give each its own HOSTPORT, or leave it out for a free one");
+        }
+      }
+      fixed.push_back(&pp);
+    }
+  }
   return nics;
+}
+
+// Gives every port without a host port a free one. The host ports that
+// --publish named are bound first and every probe stays bound until all
+// are chosen, so the kernel never hands out one of them, nor one port twice.
+// A named host port that another program holds is refused here rather than
+// by QEMU.
+Status ChooseHostPorts(std::vector<PlannedNic>& nics) {
+  std::vector<UniqueFd> probes;  // held until every port is chosen
+  for (auto& nic : nics) {
+    for (auto& pp : nic.ports) {
+      if (pp.host_port == 0) continue;
+      auto held = BindPort(pp.host_ip, pp.host_port, pp.protocol);
+      if (!held.ok()) {
+        return Status(held.status().code(), "--publish: host port " + pp.host_ip + ":" + std::to_string(pp.host_port) +
+                                                 "/" + pp.protocol + " for guest port " + std::to_string(pp.guest_port) +
+                                                 " cannot be used (" + held.status().message() +
+                                                 "); choose another HOSTPORT, or leave it out for a free one");
+      }
+      probes.push_back(std::move(held->second));
+    }
+  }
+  for (auto& nic : nics) {
+    for (auto& pp : nic.ports) {
+      if (pp.host_port != 0) continue;
+      ASSIGN_OR_RETURN(auto port, BindPort(pp.host_ip, 0, pp.protocol));
+      pp.host_port = port.first;
+      probes.push_back(std::move(port.second));
+    }
+  }
+  return OkStatus();
 }
 
 }  // namespace
@@ -353,6 +404,14 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       return InvalidArgument("--vnc takes IPV4ADDRESS:DISPLAY (display 0-99, port 5900+display), such as 127.0.0.1:0, not " +
                              Printable(o.vnc, 60));
     }
+    // VNC asks for no password: on any address but loopback, whoever
+    // reaches the port sees and drives the guest.
+    if ((ntohl(a.s_addr) >> 24) != 127) {
+      log::Warn("--vnc {}: VNC has no password, and {} is not a loopback address: anyone who can reach port {} there "
+                "sees and controls the guest's screen; use 127.0.0.1:{} (with an SSH tunnel for a remote viewer) "
+                "unless that network is trusted",
+                o.vnc, host, 5900 + std::stoi(display), display);
+    }
   }
 
   uint64_t available = HostMemoryAvailable();
@@ -361,6 +420,9 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
                                          "spec.domain.resources.requests.memory or free memory",
                                          plan.name, plan.memory_bytes >> 20, available >> 20));
   }
+
+  // Before any pull: a bad --publish is refused with nothing fetched.
+  ASSIGN_OR_RETURN(plan.nics, PlanNics(vm, o));
 
   std::optional<store::Store> opened;
   std::optional<FileLock> sharing;
@@ -373,7 +435,9 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     sharing.emplace(std::move(lock));
   }
   store::Store& st = *opened;
-  for (const auto& d : vm.spec.disks) {
+  for (size_t index = 0; index < vm.spec.disks.size(); ++index) {
+    const spec::Disk& d = vm.spec.disks[index];
+    const std::string stem = DiskFileStem(d.name, index);
     const spec::Volume* vol = nullptr;
     for (const auto& v : vm.spec.volumes) {
       if (v.name == d.volume_name) vol = &v;
@@ -392,7 +456,7 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       pd.bus = d.bus;
       pd.read_only = d.read_only;
       pd.boot_order = d.boot_order;
-      pd.backing = run_dir / (d.name + ".cidata.iso");
+      pd.backing = run_dir / (stem + ".cidata.iso");
       pd.stable = pd.backing;
       pd.backing_format = disk::Format::kRaw;
       pd.seed = std::move(seed);
@@ -436,10 +500,11 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
     pd.backing = img.disk_file;
     pd.backing_format = img.disk.format;
     pd.virtual_size = img.disk.virtual_size;
-    pd.overlay = run_dir / (d.name + ".qcow2");
+    pd.overlay = run_dir / (stem + ".qcow2");
     plan.disks.push_back(std::move(pd));
   }
-  ASSIGN_OR_RETURN(plan.nics, PlanNics(vm, o));
+  // Chosen last, so the ports are free as close as can be to QEMU's start.
+  if (!o.offline) RETURN_IF_ERROR(ChooseHostPorts(plan.nics));
   return plan;
 }
 

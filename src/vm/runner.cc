@@ -67,9 +67,14 @@ Result<RunDir> CreateRunDir(const fs::path& root, const std::string& name) {
 // The guest's serial console: the socket QEMU serves, with what arrives
 // copied to `out`, and keystrokes from `input` (a terminal in raw mode while
 // attached) sent to the guest. Ctrl-] is never sent: it asks to detach.
+// Nothing here blocks: QEMU takes input only as fast as the guest reads it,
+// so keystrokes wait in a bounded buffer, sent as the socket has room, and
+// what does not fit is dropped (input is still read, so Ctrl-] always
+// works, even after a paste into a guest that reads nothing).
 class Console {
  public:
   static constexpr char kDetach = 0x1d;  // Ctrl-]
+  static constexpr size_t kMaxPending = 64 << 10;
 
   Console(std::FILE* out, int input) : out_(out), input_(input) {}
   ~Console() { RestoreTerminal(); }
@@ -110,6 +115,8 @@ class Console {
   }
 
   int socket_fd() const { return sock_.get(); }
+  // Whether the guest has written anything to its console.
+  bool received() const { return received_; }
   int input_fd() const { return input_; }
 
   // Copies what the guest wrote; false once QEMU closed the console.
@@ -120,6 +127,7 @@ class Console {
       ssize_t n = ::recv(sock_.get(), buf, sizeof buf, MSG_DONTWAIT);
       if (n > 0) {
         std::fwrite(buf, 1, static_cast<size_t>(n), out_);
+        received_ = true;
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -130,8 +138,8 @@ class Console {
     }
   }
 
-  // Sends what the user typed; false when the user typed Ctrl-] (or the
-  // input ended).
+  // Reads what the user typed and sends what the socket takes now; false
+  // when the user typed Ctrl-].
   bool Forward() {
     char buf[4096];
     ssize_t n = ::read(input_, buf, sizeof buf);
@@ -142,9 +150,33 @@ class Console {
     }
     std::string_view typed(buf, static_cast<size_t>(n));
     size_t detach = typed.find(kDetach);
-    if (sock_.valid()) (void)WriteAll(sock_.get(), typed.substr(0, detach));
+    std::string_view keys = typed.substr(0, detach);
+    size_t room = sock_.valid() ? kMaxPending - pending_.size() : 0;
+    pending_.append(keys.substr(0, room));
+    dropped_ += keys.size() - std::min(room, keys.size());
+    Flush();
     return detach == std::string_view::npos;
   }
+
+  // Sends as much of the waiting input as the socket takes without
+  // blocking.
+  void Flush() {
+    while (!pending_.empty() && sock_.valid()) {
+      ssize_t n = ::send(sock_.get(), pending_.data(), pending_.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n > 0) {
+        pending_.erase(0, static_cast<size_t>(n));
+      } else if (n < 0 && errno == EINTR) {
+        continue;
+      } else {
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) pending_.clear();  // QEMU is going away
+        return;
+      }
+    }
+  }
+  // Whether input waits for room in the socket (poll for POLLOUT).
+  bool pending() const { return !pending_.empty(); }
+  // Bytes of input dropped because the guest was not reading.
+  size_t dropped() const { return dropped_; }
 
  private:
   std::FILE* out_;
@@ -152,19 +184,56 @@ class Console {
   UniqueFd sock_;
   termios saved_{};
   bool raw_ = false;
+  bool received_ = false;
+  std::string pending_;  // typed, not yet taken by the socket
+  size_t dropped_ = 0;
 };
 
-// The VM's log of earlier runs moves to .1 (and .1 to .2, .2 to .3): QEMU
-// starts a fresh one, and the last three runs stay readable.
-void RotateLogs(const fs::path& log) {
-  std::error_code ec;
-  if (!fs::exists(log, ec)) return;
-  for (int i = 2; i >= 1; --i) {
-    fs::path from = log.string() + "." + std::to_string(i);
-    if (fs::exists(from, ec)) fs::rename(from, log.string() + "." + std::to_string(i + 1), ec);
+// The VM's console log across runs: NAME.log is the newest run's, and the
+// three runs before it are NAME.log.1 to .3. A new run's log displaces them
+// only once the run has started (the guest wrote to its console, or QEMU ran
+// until it ended or was stopped); a start that fails leaves them as they
+// were. While a run is starting, the log before it waits as NAME.log.0.
+class LogRotation {
+ public:
+  // Sets the current log aside for the new run, first settling what an
+  // interrupted regdisk left (a log with something in it counts as started).
+  explicit LogRotation(fs::path log) : log_(std::move(log)), aside_(log_.string() + ".0") {
+    std::error_code ec;
+    if (fs::exists(aside_, ec)) Settle(fs::file_size(log_, ec) > 0 && !ec);
+    if (fs::exists(log_, ec)) fs::rename(log_, aside_, ec);
+    pending_ = true;
   }
-  fs::rename(log, log.string() + ".1", ec);
-}
+  ~LogRotation() {
+    std::error_code ec;
+    if (pending_) Settle(fs::file_size(log_, ec) > 0 && !ec);
+  }
+  LogRotation(const LogRotation&) = delete;
+  LogRotation& operator=(const LogRotation&) = delete;
+
+  // started: the earlier logs move down one (.3 is dropped). Otherwise the
+  // new run's log is removed and the one before is the newest again.
+  void Settle(bool started) {
+    std::error_code ec;
+    pending_ = false;
+    if (!started) {
+      fs::remove(log_, ec);
+      if (fs::exists(aside_, ec)) fs::rename(aside_, log_, ec);
+      return;
+    }
+    if (!fs::exists(aside_, ec)) return;
+    for (int i = 2; i >= 1; --i) {
+      fs::path from = log_.string() + "." + std::to_string(i);
+      if (fs::exists(from, ec)) fs::rename(from, log_.string() + "." + std::to_string(i + 1), ec);
+    }
+    fs::rename(aside_, log_.string() + ".1", ec);
+  }
+  bool pending() const { return pending_; }
+
+ private:
+  fs::path log_, aside_;
+  bool pending_ = false;
+};
 
 // Holds the VM's name on this node: one run per namespace and name. The
 // lock file names the regdisk that holds it, for the error of the next one.
@@ -354,7 +423,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     taps.push_back(std::move(tap));
   }
   RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
-  RotateLogs(plan.log_file);
+  LogRotation logs(plan.log_file);
   {
     // QEMU appends the console to the log but would create it 0644; the
     // console can show what the guest prints of its user-data.
@@ -409,7 +478,8 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     // Wakes on the guest's output, a keystroke, QEMU's exit or a stop; the
     // timeout only bounds the wait when a deadline or a token without a
     // descriptor needs checking.
-    pollfd fds[4] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), POLLIN, 0}, {cancel_fd, POLLIN, 0},
+    const short console_events = static_cast<short>(POLLIN | (console.pending() ? POLLOUT : 0));
+    pollfd fds[4] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), console_events, 0}, {cancel_fd, POLLIN, 0},
                      {console.input_fd(), POLLIN, 0}};
     int wait_ms = -1;
     if (o.timeout.count() > 0) {
@@ -418,7 +488,9 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     }
     if (!pidfd.valid() || (o.stop && cancel_fd < 0)) wait_ms = wait_ms < 0 ? 100 : std::min(wait_ms, 100);
     ::poll(fds, 4, wait_ms);  // a negative fd is ignored
-    if (fds[1].revents) console.Drain();
+    if (fds[1].revents & POLLOUT) console.Flush();
+    if (fds[1].revents & ~POLLOUT) console.Drain();
+    if (logs.pending() && console.received()) logs.Settle(true);  // the guest runs
     if (fds[3].revents && !console.Forward()) {
       why = "detached from the console (Ctrl-])";
       break;
@@ -434,6 +506,10 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     }
   }
   console.RestoreTerminal();
+  if (o.notices && console.dropped() > 0) {
+    std::fprintf(o.notices, "\nregdisk: VM %s did not read %zu bytes of console input, which were dropped\n",
+                 plan.name.c_str(), console.dropped());
+  }
   if (!qemu.Poll()) {
     log::Info("stopping VM {} ({})", plan.name, why);
     if (o.notices && why.rfind("detached", 0) == 0) {
@@ -446,7 +522,8 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
       pollfd fds[2] = {{pidfd.get(), POLLIN, 0}, {console.socket_fd(), POLLIN, 0}};
       ::poll(fds, 2, static_cast<int>(std::clamp<int64_t>(
                          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count(), 0, 100)));
-      if (fds[1].revents) console.Drain();
+      if (fds[1].revents & POLLOUT) console.Flush();
+    if (fds[1].revents & ~POLLOUT) console.Drain();
     }
     qemu.Terminate(1s);
   }
@@ -456,6 +533,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
     std::string detail = LastLines(run.path() / "qemu.log");
     return Internal("QEMU could not run VM " + plan.name + (detail.empty() ? "" : ": " + detail));
   }
+  if (logs.pending()) logs.Settle(true);
   return OkStatus();
 }
 

@@ -5,7 +5,8 @@
 // the VM's cloud-init seeds (0600, in its run directory), publishes its
 // ports, starts QEMU, and connects to its serial console: what the guest
 // writes goes to `console` as it arrives (and, by QEMU, to the VM's log,
-// ROOT/logs/NS_NAME.log, whose previous runs rotate to .1, .2, .3); with
+// ROOT/logs/NS_NAME.log, whose previous runs rotate to .1, .2, .3 once the
+// guest runs; a start that fails leaves them as they were); with
 // `console_input`, keystrokes go to the guest. It stops when the guest
 // powers off, when `stop` is cancelled, when the user types Ctrl-] on the
 // console, or at the timeout: ACPI powerdown over QMP, then SIGKILL after
@@ -37,7 +38,9 @@ struct RunOptions {
   std::FILE* console = stdout;
   // Keystrokes for the guest's console (the CLI passes stdin when it is a
   // terminal), or -1. A terminal is put in raw mode while attached (and
-  // restored on every way out); Ctrl-] (0x1d) stops the VM.
+  // restored on every way out); Ctrl-] (0x1d) stops the VM. Input the guest
+  // is not reading waits in a bounded buffer, and what does not fit is
+  // dropped: the console never blocks the loop that watches for Ctrl-].
   int console_input = -1;
   // Where the published ports and the attach hint are printed; may be null.
   std::FILE* notices = stderr;

@@ -9,7 +9,10 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <poll.h>
+#include <pty.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <httplib.h>
@@ -562,6 +565,20 @@ Result<TestImage> MakeTestImage(const fs::path& layout_dir, const std::string& t
   return MakeImageFromLayers(layout_dir, tag, {{std::string(oci::media::kOciLayerTar), layer}}, arch);
 }
 
+namespace {
+
+// Writes `bytes` as a blob of `media_type` into the layout.
+Result<oci::Descriptor> WriteTestBlob(image::OciLayout& layout, std::string_view media_type, const std::string& bytes) {
+  oci::Descriptor d;
+  d.media_type = std::string(media_type);
+  d.digest = oci::Digest::Sha256Of(bytes);
+  d.size = static_cast<int64_t>(bytes.size());
+  RETURN_IF_ERROR(layout.WriteBlobBytes(d, bytes));
+  return d;
+}
+
+}  // namespace
+
 Result<TestImage> MakeImageFromLayers(const fs::path& layout_dir, const std::string& tag,
                                       const std::vector<std::pair<std::string, std::string>>& layers,
                                       const std::string& arch) {
@@ -570,11 +587,7 @@ Result<TestImage> MakeImageFromLayers(const fs::path& layout_dir, const std::str
   json diff_ids = json::array();
   json layer_json = json::array();
   for (const auto& [media_type, bytes] : layers) {
-    oci::Descriptor ld;
-    ld.media_type = media_type;
-    ld.digest = oci::Digest::Sha256Of(bytes);
-    ld.size = static_cast<int64_t>(bytes.size());
-    RETURN_IF_ERROR(layout.WriteBlobBytes(ld, bytes));
+    ASSIGN_OR_RETURN(oci::Descriptor ld, WriteTestBlob(layout, media_type, bytes));
     diff_ids.push_back(ld.digest.str());  // (not the uncompressed digest; nothing here checks it)
     layer_json.push_back(ld.ToJson());
     out.layers.push_back(ld);
@@ -584,19 +597,9 @@ Result<TestImage> MakeImageFromLayers(const fs::path& layout_dir, const std::str
                  {"created", "1970-01-01T00:00:00Z"},
                  {"config", {{"Labels", {{"org.example.test", tag}}}}},
                  {"rootfs", {{"type", "layers"}, {"diff_ids", diff_ids}}}};
-  std::string cfg = config.dump();
-  oci::Descriptor cd;
-  cd.media_type = oci::media::kOciConfig;
-  cd.digest = oci::Digest::Sha256Of(cfg);
-  cd.size = static_cast<int64_t>(cfg.size());
-  RETURN_IF_ERROR(layout.WriteBlobBytes(cd, cfg));
+  ASSIGN_OR_RETURN(oci::Descriptor cd, WriteTestBlob(layout, oci::media::kOciConfig, config.dump()));
   json manifest = {{"schemaVersion", 2}, {"mediaType", oci::media::kOciManifest}, {"config", cd.ToJson()}, {"layers", layer_json}};
-  std::string mbytes = manifest.dump();
-  oci::Descriptor md;
-  md.media_type = oci::media::kOciManifest;
-  md.digest = oci::Digest::Sha256Of(mbytes);
-  md.size = static_cast<int64_t>(mbytes.size());
-  RETURN_IF_ERROR(layout.WriteBlobBytes(md, mbytes));
+  ASSIGN_OR_RETURN(oci::Descriptor md, WriteTestBlob(layout, oci::media::kOciManifest, manifest.dump()));
   RETURN_IF_ERROR(layout.AddToIndex(md, tag));
   out.manifest_digest = md.digest;
   return out;
@@ -657,6 +660,104 @@ std::string MakeTar(const std::vector<TarEntry>& entries, const std::string& com
   archive_write_close(a);
   archive_write_free(a);
   return out;
+}
+
+Result<oci::Descriptor> MakeTestIndex(const fs::path& layout_dir, const std::string& tag,
+                                      const std::vector<std::pair<const TestImage*, std::string>>& images) {
+  ASSIGN_OR_RETURN(image::OciLayout layout, image::OciLayout::Open(layout_dir));
+  json manifests = json::array();
+  for (const auto& [img, arch] : images) {
+    ASSIGN_OR_RETURN(oci::Descriptor d, layout.Resolve(img->tag));
+    d.annotations.clear();
+    d.platform = oci::Platform{"linux", arch, ""};
+    manifests.push_back(d.ToJson());
+  }
+  json index = {{"schemaVersion", 2}, {"mediaType", oci::media::kOciIndex}, {"manifests", manifests}};
+  ASSIGN_OR_RETURN(oci::Descriptor id, WriteTestBlob(layout, oci::media::kOciIndex, index.dump()));
+  RETURN_IF_ERROR(layout.AddToIndex(id, tag));
+  return id;
+}
+
+// --- PtySession -------------------------------------------------------------------
+
+Result<std::unique_ptr<PtySession>> PtySession::SpawnWith(const std::function<int()>& child) {
+  int master = -1;
+  pid_t pid = ::forkpty(&master, nullptr, nullptr, nullptr);
+  if (pid < 0) return ErrnoStatus("forkpty");
+  if (pid == 0) ::_exit(child());
+  // Non-blocking, so a write to a program that does not read cannot hang
+  // the test (reads and writes wait in poll()).
+  ::fcntl(master, F_SETFD, FD_CLOEXEC);
+  ::fcntl(master, F_SETFL, ::fcntl(master, F_GETFL) | O_NONBLOCK);
+  return std::unique_ptr<PtySession>(new PtySession(UniqueFd(master), pid));
+}
+
+Result<std::unique_ptr<PtySession>> PtySession::Spawn(const std::vector<std::string>& argv) {
+  // Built before the fork: the child only execs.
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  return SpawnWith([&args] {
+    ::execv(args[0], args.data());
+    return 127;
+  });
+}
+
+PtySession::~PtySession() {
+  if (!reaped_) {
+    ::kill(pid_, SIGKILL);
+    Wait();
+  }
+}
+
+bool PtySession::ReadUntil(const std::string& marker, size_t from, std::chrono::seconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (seen_.find(marker, from) == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+    pollfd p{master_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 500) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(master_.get(), buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) break;  // EIO: every holder of the terminal closed it
+    seen_.append(buf, static_cast<size_t>(n));
+  }
+  return seen_.find(marker, from) != std::string::npos;
+}
+
+void PtySession::ReadToEnd(std::chrono::seconds limit) { ReadUntil(std::string("\x01never\x01"), 0, limit); }
+
+Status PtySession::Write(std::string_view data, std::chrono::seconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!data.empty()) {
+    if (std::chrono::steady_clock::now() >= deadline) return DeadlineExceeded("the program is not reading its terminal");
+    pollfd p{master_.get(), POLLOUT, 0};
+    if (::poll(&p, 1, 500) <= 0) continue;
+    ssize_t n = ::write(master_.get(), data.data(), data.size());
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n <= 0) return ErrnoStatus("writing to the terminal");
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return OkStatus();
+}
+
+int PtySession::Wait() {
+  if (reaped_) return -1;
+  int status = 0;
+  pid_t r;
+  do {
+    r = ::waitpid(pid_, &status, 0);
+  } while (r < 0 && errno == EINTR);
+  reaped_ = true;
+  return r == pid_ ? status : -1;
+}
+
+
+void StoreAndRegistryTest::SetUp() {
+  TempDirTest::SetUp();
+  root_ = (tmp() / "root").string();
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  reg_ = std::move(*reg);
 }
 
 }  // namespace regdisk::testing

@@ -53,6 +53,18 @@ class TempDirTest : public ::testing::Test {
   std::optional<TempDir> tmp_;
 };
 
+class TestRegistry;
+
+// A TempDirTest with a node store to be, root_ (tmp()/root, not created),
+// and a plain registry, reg_, started for each test. Fixtures derive from
+// it and call StoreAndRegistryTest::SetUp() first.
+class StoreAndRegistryTest : public TempDirTest {
+ protected:
+  void SetUp() override;
+  std::string root_;
+  std::unique_ptr<TestRegistry> reg_;
+};
+
 // A free TCP port on 127.0.0.1 (bound and released; callers retry on a
 // lost race).
 int FreePort();
@@ -212,6 +224,11 @@ Result<TestImage> MakeTestImage(const std::filesystem::path& layout, const std::
                                 const std::map<std::string, std::string>& files, const std::string& arch = "amd64",
                                 int extra_random_bytes = 0);
 
+// An OCI index in `layout`, tagged `tag`, over images already there (each
+// given the platform linux/ARCH); returns the index's descriptor.
+Result<oci::Descriptor> MakeTestIndex(const std::filesystem::path& layout, const std::string& tag,
+                                      const std::vector<std::pair<const TestImage*, std::string>>& images);
+
 std::string RandomBytes(size_t n, uint32_t seed);
 
 // One entry of a hand-made tar layer; anything a hostile image could hold.
@@ -232,5 +249,50 @@ std::string LayerMediaType(const std::string& compression);
 Result<TestImage> MakeImageFromLayers(const std::filesystem::path& layout, const std::string& tag,
                                       const std::vector<std::pair<std::string, std::string>>& layers,
                                       const std::string& arch = "amd64");
+
+// --- A program on a terminal ---------------------------------------------------
+
+// A program whose stdin, stdout and stderr are a new pseudo-terminal, as a
+// shell starts one; the test holds the terminal's other side. Killed and
+// reaped when it goes away.
+//
+//   auto s = PtySession::Spawn({REGDISK_BIN, "run", "-f", spec});
+//   ASSERT_TRUE(s->ReadUntil("attached", 0, 60s)) << s->seen();
+//   s->Write("\x1d");
+//   int status = s->Wait();
+class PtySession {
+ public:
+  // Runs argv on the terminal.
+  static Result<std::unique_ptr<PtySession>> Spawn(const std::vector<std::string>& argv);
+  // Runs `child` in the forked child (which leads the terminal's session)
+  // and exits with what it returns; for tests that play the shell.
+  static Result<std::unique_ptr<PtySession>> SpawnWith(const std::function<int()>& child);
+  ~PtySession();
+  PtySession(const PtySession&) = delete;
+  PtySession& operator=(const PtySession&) = delete;
+
+  // Reads until `marker` appears in seen() at or after `from`, the terminal
+  // closes, or `limit` runs out (a hang guard); whether it appeared.
+  bool ReadUntil(const std::string& marker, size_t from, std::chrono::seconds limit);
+  // Reads until the terminal closes (or `limit` runs out).
+  void ReadToEnd(std::chrono::seconds limit);
+  // Writes all of `data` to the terminal; DeadlineExceeded when the
+  // program has not read it within `limit` (a hang guard: never blocks
+  // longer). May run on another thread than the reads.
+  Status Write(std::string_view data, std::chrono::seconds limit = std::chrono::seconds(60));
+  // Everything the program wrote to the terminal so far.
+  const std::string& seen() const { return seen_; }
+  int master() const { return master_.get(); }
+  pid_t pid() const { return pid_; }
+  // waitpid's status (once); -1 on error.
+  int Wait();
+
+ private:
+  PtySession(UniqueFd master, pid_t pid) : master_(std::move(master)), pid_(pid) {}
+  UniqueFd master_;
+  pid_t pid_;
+  bool reaped_ = false;
+  std::string seen_;
+};
 
 }  // namespace regdisk::testing
