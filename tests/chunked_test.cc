@@ -183,5 +183,196 @@ TEST_F(ChunkedTest, BadFlagsAreUsageErrors) {
 }
 
 
+// --- Pulls -------------------------------------------------------------------
+
+TEST_F(ChunkedTest, PullFromARegistryIsRangedVerifiedAndSparse) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain, {}, TestRegistry::Extra{.access_log = true});
+  ASSERT_OK(reg);
+  const std::string ref = "docker://" + (*reg)->host() + "/vm/chunked:v1";
+  RunResult r = RunRegdisk({"build", P("d.qcow2"), "-t", ref, "--layout", "chunked", "--chunk-size", "64K", "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Pull(ref);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const fs::path disk = StoredDisk();
+  ASSERT_FALSE(disk.empty());
+  EXPECT_EQ(ReadFileCapped(disk, 1 << 28).value(), raw_);
+  r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "qcow2", disk.string(), P("d.qcow2")});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  // Zero chunks are holes: the file holds about the data, not the disk.
+  struct stat st;
+  ASSERT_EQ(::stat(disk.c_str(), &st), 0);
+  EXPECT_LT(static_cast<uint64_t>(st.st_blocks) * 512, 1 * kMiB);
+  json meta = json::parse(ReadFileCapped(disk.parent_path() / "meta.json", 1 << 20).value());
+  EXPECT_EQ(meta["format"], "raw");
+  EXPECT_EQ(meta["path"], "/disk/d.raw");
+  // The layer came in ranged requests (the index, the header, the frames).
+  const std::string log = (*reg)->log();
+  int blob_gets = 0;
+  for (size_t at = log.find("GET /v2/vm/chunked/blobs/"); at != std::string::npos;
+       at = log.find("GET /v2/vm/chunked/blobs/", at + 1)) {
+    ++blob_gets;
+  }
+  EXPECT_GE(blob_gets, 3 + 1) << log;  // config, index, header, frames
+  // Pulling again does nothing.
+  r = Pull(ref);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST_F(ChunkedTest, PullFromALayoutGivesTheSameDisk) {
+  Build("d.qcow2", "q");
+  RunResult r = Pull("oci:" + P("q") + ":v1");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(StoredDisk(), 1 << 28).value(), raw_);
+}
+
+TEST_F(ChunkedTest, RangedReadsSurviveCutsRetriesAndServersThatIgnoreRange) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain);
+  ASSERT_OK(reg);
+  auto proxy = FaultProxy::Start((*reg)->port());
+  ASSERT_OK(proxy);
+  RunResult r = RunRegdisk({"build", P("d.raw"), "-t", "docker://" + (*reg)->host() + "/vm/faults:v1", "--layout",
+                            "chunked", "--chunk-size", "64K", "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  Build("d.raw", "same", {"--chunk-size", "64K"});
+  const std::string layer = Layer("same").digest.hex();
+  using Action = FaultProxy::Rule::Action;
+  (*proxy)->AddRule({.method = "GET", .path_contains = layer, .action = Action::kCutAfter, .cut_after = 100});
+  (*proxy)->AddRule({.method = "GET", .path_contains = layer, .action = Action::kStatus, .status = 503});
+  (*proxy)->AddRule({.method = "GET", .path_contains = layer, .action = Action::kIgnoreRange});
+  r = Pull("docker://" + (*proxy)->host() + "/vm/faults:v1");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(StoredDisk(), 1 << 28).value(), raw_);
+  int faulted = 0, ranged = 0, whole = 0;
+  for (const auto& s : (*proxy)->seen()) {
+    faulted += s.faulted;  // the cut and the 503 (a dropped Range is not marked)
+    ranged += s.path.find(layer) != std::string::npos && !s.range.empty();
+    whole += s.path.find(layer) != std::string::npos && s.body_bytes == static_cast<uint64_t>(Layer("same").size);
+  }
+  EXPECT_EQ(faulted, 2);
+  EXPECT_GE(ranged, 3);
+  EXPECT_EQ(whole, 1) << "the server that ignored Range sent the whole blob once";
+}
+
+// Rewrites the chunked image in oci:SRC:v1 into oci:DST:v1 after `frames`
+// changed the frames (offsets are then laid out again), `index` the encoded
+// index and `annotations` the layer's annotations: a layer that lies, with
+// digests that hold, as a hostile registry would serve it.
+struct Lies {
+  std::function<void(oci::ChunkIndex&, std::vector<std::string>&)> frames;
+  std::function<void(std::string&)> index;
+  std::function<void(std::map<std::string, std::string>&)> annotations;
+};
+
+void Rewrite(const fs::path& src, const fs::path& dst, const Lies& lies) {
+  auto in = image::OciLayout::Open(src).value();
+  json manifest = json::parse(in.ReadBlob(in.Resolve("v1").value(), 1 << 20).value());
+  oci::Descriptor layer = oci::Descriptor::FromJson(manifest["layers"][0]).value();
+  const std::string blob = in.ReadBlob(layer, 1 << 28).value();
+  auto loc = oci::ChunkIndexLocationOf(layer).value().value();
+  oci::ChunkIndex idx = oci::ParseChunkIndex(blob.substr(loc.offset, loc.length), loc, blob.size()).value();
+  const std::string head = blob.substr(0, idx.HeaderFrameLength());
+  std::vector<std::string> frames;
+  for (const auto& c : idx.chunks) frames.push_back(blob.substr(c.frame_offset, c.frame_length));
+  const uint64_t last = idx.chunks.back().frame_offset + idx.chunks.back().frame_length;
+  const std::string tail = blob.substr(last, loc.offset - last);
+  const std::string seek = blob.substr(loc.offset + loc.length);
+  if (lies.frames) lies.frames(idx, frames);
+  uint64_t at = head.size();
+  std::string out = head;
+  for (size_t k = 0; k < frames.size(); ++k) {
+    idx.chunks[k].frame_offset = at;
+    idx.chunks[k].frame_length = static_cast<uint32_t>(frames[k].size());
+    at += frames[k].size();
+    out += frames[k];
+  }
+  out += tail;
+  std::string index = oci::EncodeChunkIndex(idx);
+  if (lies.index) lies.index(index);
+  layer.annotations["io.regdisk.chunked.index.offset"] = std::to_string(out.size());
+  layer.annotations["io.regdisk.chunked.index.length"] = std::to_string(index.size());
+  layer.annotations["io.regdisk.chunked.index.digest"] = oci::Digest::Sha256Of(index).str();
+  out += index + seek;
+  layer.size = static_cast<int64_t>(out.size());
+  layer.digest = oci::Digest::Sha256Of(out);
+  if (lies.annotations) lies.annotations(layer.annotations);
+
+  auto dest = image::OciLayout::OpenOrCreate(dst).value();
+  ASSERT_OK(dest.WriteBlobBytes(layer, out));
+  oci::Descriptor config = oci::Descriptor::FromJson(manifest["config"]).value();
+  ASSERT_OK(dest.WriteBlobBytes(config, in.ReadBlob(config, 1 << 20).value()));
+  manifest["layers"][0] = layer.ToJson();
+  const std::string bytes = manifest.dump();
+  oci::Descriptor md;
+  md.media_type = std::string(oci::media::kOciManifest);
+  md.digest = oci::Digest::Sha256Of(bytes);
+  md.size = static_cast<int64_t>(bytes.size());
+  ASSERT_OK(dest.WriteBlobBytes(md, bytes));
+  ASSERT_OK(dest.AddToIndex(md, "v1"));
+}
+
+std::string Compressed(const std::string& data) {
+  std::string out(ZSTD_compressBound(data.size()), '\0');
+  out.resize(ZSTD_compress(out.data(), out.size(), data.data(), data.size(), 3));
+  return out;
+}
+
+void PutLe(std::string& b, size_t at, uint64_t v, size_t n) {
+  for (size_t i = 0; i < n; ++i) b[at + i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+TEST_F(ChunkedTest, HostileLayersAreRefusedAndLeaveNothing) {
+  Build("d.raw", "good");
+  const size_t entries = 8 + oci::chunked::kHeaderBytes;  // in the index frame
+  struct Case {
+    std::string name;
+    Lies lies;
+    std::string words;
+  };
+  const std::vector<Case> cases = {
+      {"wrong chunk hash",
+       {.frames = [](oci::ChunkIndex&, std::vector<std::string>& f) { f[3] = Compressed(RandomBytes(kMiB, 99)); }},
+       "chunk 3 of layer 1"},
+      {"data in a zero chunk",
+       {.frames = [](oci::ChunkIndex&, std::vector<std::string>& f) { f[1] = Compressed(RandomBytes(kMiB, 98)); }},
+       "marks it zero but it holds data"},
+      {"frame expanding past its chunk",
+       {.frames = [](oci::ChunkIndex&, std::vector<std::string>& f) { f[0] = Compressed(std::string(kMiB + 1, 'x')); }},
+       "declares 1048577 bytes for a chunk of 1048576"},
+      {"overlapping frames",
+       {.index = [&](std::string& b) { PutLe(b, entries + 2 * 48, Le(b, entries + 2 * 48, 8) - 1, 8); }},
+       "overlaps the frame before it"},
+      {"chunk count not matching the disk size",
+       {.index = [](std::string& b) { PutLe(b, 8 + 8, Le(b, 8 + 8, 8) + kMiB, 8); }},
+       "lists 6 chunks, but a disk of"},
+      {"frame past the index",
+       {.index = [&](std::string& b) { PutLe(b, entries + 5 * 48 + 8, 4000, 4); }},
+       "past the index"},
+      {"annotation outside the blob",
+       {.annotations = [](std::map<std::string, std::string>& a) { a["io.regdisk.chunked.index.offset"] = "99999999"; }},
+       "outside the blob"},
+      {"index not matching its annotated digest",
+       {.annotations =
+            [](std::map<std::string, std::string>& a) {
+              a["io.regdisk.chunked.index.digest"] = oci::Digest::Sha256Of("another index").str();
+            }},
+       "the chunk index failed verification"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE(cases[i].name);
+    const std::string dir = "hostile" + std::to_string(i);
+    Rewrite(P("good"), P(dir), cases[i].lies);
+    RunResult r = Pull("oci:" + P(dir) + ":v1");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_THAT(r.err, HasSubstr(cases[i].words));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    ExpectStoreEmpty();
+  }
+  // The untouched image pulls (the rewrite itself is faithful).
+  Rewrite(P("good"), P("faithful"), {});
+  RunResult r = Pull("oci:" + P("faithful") + ":v1");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileCapped(StoredDisk(), 1 << 28).value(), raw_);
+}
+
 }  // namespace
 }  // namespace regdisk::testing
