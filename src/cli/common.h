@@ -39,8 +39,11 @@ struct BuildFlags {
   std::string base;
   std::string name;
   std::string compression = "gzip";
+  bool compression_given = false;
   std::string format = "oci";
   std::vector<std::string> labels;
+  std::string layout = "stream";  // build only: stream | chunked
+  std::string chunk_size;         // build only, with --layout chunked
 };
 
 struct RunFlags {

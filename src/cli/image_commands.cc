@@ -13,6 +13,7 @@
 #include "cli/common.h"
 #include "cli/go_template.h"
 #include "image/build.h"
+#include "image/chunked_build.h"
 #include "image/copy.h"
 #include "image/transport.h"
 #include "store/peek.h"
@@ -510,6 +511,16 @@ Result<image::BuildOptions> MakeBuildOptions(const Globals& g, const BuildFlags&
   o.name = f.name;
   o.compression = !f.compression.empty() ? f.compression : f.format == "docker" ? "gzip" : "zstd";
   o.format = f.format;
+  o.layout = f.layout;
+  if (f.layout == "chunked") {
+    if (f.compression_given && f.compression != "zstd") {
+      return InvalidArgument("--layout chunked writes zstd; drop --compression " + f.compression);
+    }
+    o.compression = "zstd";
+    ASSIGN_OR_RETURN(o.chunk_size, image::ParseChunkSize(f.chunk_size.empty() ? "1M" : f.chunk_size));
+  } else if (!f.chunk_size.empty()) {
+    return InvalidArgument("--chunk-size needs --layout chunked");
+  }
   o.on_progress = TerminalProgress(g.quiet);
   ASSIGN_OR_RETURN(o.platform, oci::Platform::Parse(g.platform));
   for (const auto& l : f.labels) {

@@ -163,6 +163,10 @@ int Main(int argc, char** argv) {
   build->add_option("--base", bf.base, "an image to build on (default: none, a single-layer image)");
   build->add_option("--name", bf.name, "file name under /disk (default: the disk's own name)");
   AddImageFlags(build, bf);
+  build->add_option("--layout", bf.layout, "stream (default: one compressed stream) or chunked (raw disk, zstd frames "
+                    "per chunk, pulled in parallel; docs/chunked-format.md)")->check(OneOf({"stream", "chunked"}));
+  build->add_option("--chunk-size", bf.chunk_size, "chunk size with --layout chunked: a power of two, 64K..16M "
+                    "(default 1M)");
 
   RunFlags rf;
   CLI::App* run = app.add_subcommand("run", "run a VM from a spec on ephemeral registry disks, console on stdout");
@@ -287,6 +291,7 @@ int Main(int argc, char** argv) {
   if (*prune) return RunPrune(g);
   if (*fsck) return RunFsck(g, repair);
   if (*validate) return RunValidate(spec_file, output);
+  bf.compression_given = build->get_option("--compression")->count() > 0;
   if (*build) return RunBuild(g, bf, disk_file);
   if (*run) return RunRun(g, rf);
   if (*domxml) return RunDomxml(g, rf);

@@ -13,11 +13,14 @@
 #include <cstdlib>
 #include <ctime>
 #include <memory>
+#include <functional>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "image/chunked_build.h"
 #include "image/copy.h"
 #include "util/fs.h"
 #include "util/log.h"
@@ -248,15 +251,31 @@ Status CheckOptions(const BuildOptions& o) {
   if (o.compression != "zstd" && o.compression != "gzip" && o.compression != "none") {
     return InvalidArgument("--compression takes gzip, zstd or none, not \"" + o.compression + "\"");
   }
+  if (o.layout != "stream" && o.layout != "chunked") {
+    return InvalidArgument("--layout takes stream or chunked, not \"" + o.layout + "\"");
+  }
+  if (o.layout == "chunked" && (o.compression != "zstd" || o.format != "oci" || o.base)) {
+    return InvalidArgument("a chunked layer is zstd in an OCI image of one layer; drop --compression, --format and --base with --layout chunked");
+  }
   if (o.format == "docker" && o.compression != "gzip") {
     return InvalidArgument("Docker schema 2 images carry gzip layers only; pass --compression gzip with --format docker");
   }
   return OkStatus();
 }
 
+using LayerWriter = std::function<Result<LayerBlob>(int fd, int64_t mtime)>;
+
+// The single-stream layer of these entries, as the options say.
+LayerWriter StreamLayer(std::vector<LayerEntry> entries, const BuildOptions& o) {
+  return [entries = std::move(entries), &o](int fd, int64_t mtime) -> Result<LayerBlob> {
+    const std::string compression = o.format == "docker" ? "gzip" : o.compression;
+    return WriteLayer(entries, compression, LayerMediaType(o.format, o.compression), mtime, fd, o.on_progress);
+  };
+}
+
 // Assembles config and manifest around the new layer (after the base's
 // layers, when there is a base) and writes everything to dest.
-Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const ImageName& dest_name,
+Result<BuildResult> Assemble(const LayerWriter& write_layer, const ImageName& dest_name,
                              const BuildOptions& o, const registry::ClientOptions& copts,
                              std::map<std::string, std::string> labels) {
   RETURN_IF_ERROR(CheckOptions(o));
@@ -304,13 +323,12 @@ Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const Image
     }
     log::Info("base {}: {} layers", o.base->String(), layers.size());
   }
-  const std::string media_type = LayerMediaType(o.format, o.compression);
-  const std::string compression = o.format == "docker" ? "gzip" : o.compression;
   LayerBlob layer;
   ASSIGN_OR_RETURN(oci::Descriptor ld, dst->PutBlobStream([&](int fd) -> Result<oci::Descriptor> {
-    ASSIGN_OR_RETURN(layer, WriteLayer(entries, compression, media_type, mtime, fd, o.on_progress));
+    ASSIGN_OR_RETURN(layer, write_layer(fd, mtime));
     return layer.desc;
   }));
+  ld.annotations = layer.desc.annotations;
   layers.push_back(ld);
 
   config["created"] = Rfc3339(created);
@@ -349,7 +367,13 @@ Result<BuildResult> Assemble(const std::vector<LayerEntry>& entries, const Image
 
 Result<BuildResult> BuildDiskImage(const fs::path& disk_file, const ImageName& dest, const BuildOptions& options,
                                    const registry::ClientOptions& client_options) {
-  std::string name = options.name.empty() ? disk_file.filename().string() : options.name;
+  std::string name = options.name;
+  if (name.empty()) {
+    // A chunked layer holds the disk as raw: a qcow2's default name says so.
+    fs::path own = disk_file.filename();
+    if (options.layout == "chunked" && own.extension() == ".qcow2") own.replace_extension(".raw");
+    name = own.string();
+  }
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos) {
     return InvalidArgument("--name \"" + name + "\" is not a plain file name; give one such as fedora25.qcow2");
   }
@@ -361,12 +385,35 @@ Result<BuildResult> BuildDiskImage(const fs::path& disk_file, const ImageName& d
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   ASSIGN_OR_RETURN(disk::DiskInfo info, disk::InspectDisk(fd->get(), 0, size, disk_file.string()));
   const std::string path = "disk/" + name;
+  const bool chunked = options.layout == "chunked";
   std::map<std::string, std::string> labels = {
       {"io.regdisk.disk.path", "/" + path},
-      {"io.regdisk.disk.format", std::string(disk::FormatName(info.format))},
+      {"io.regdisk.disk.format", chunked ? "raw" : std::string(disk::FormatName(info.format))},
       {"io.regdisk.disk.virtual-size", std::to_string(info.virtual_size)},
   };
-  ASSIGN_OR_RETURN(BuildResult r, Assemble({{"disk", -1, 0, ""}, {path, fd->get(), size, disk_file.string()}}, dest, options, client_options, labels));
+  LayerWriter writer;
+  std::optional<RawDisk> raw;
+  if (chunked) {
+    RETURN_IF_ERROR(CheckOptions(options));
+    auto opened = OpenRawDisk(disk_file, fd->get(), info);
+    if (!opened.ok()) return std::move(opened).status();
+    raw.emplace(std::move(*opened));
+    writer = [&](int out, int64_t mtime) -> Result<LayerBlob> {
+      ChunkedLayerOptions co;
+      co.name = name;
+      co.chunk_size = options.chunk_size;
+      co.mtime = mtime;
+      co.threads = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
+      co.on_progress = options.on_progress;
+      co.label = disk_file.string();
+      ASSIGN_OR_RETURN(ChunkedLayer l, WriteChunkedLayer(raw->fd, raw->size, co, out));
+      log::Info("{} chunks of {} bytes, {} of them zero", l.chunks, options.chunk_size, l.zero_chunks);
+      return LayerBlob{l.desc, l.diff_id};
+    };
+  } else {
+    writer = StreamLayer({{"disk", -1, 0, ""}, {path, fd->get(), size, disk_file.string()}}, options);
+  }
+  ASSIGN_OR_RETURN(BuildResult r, Assemble(writer, dest, options, client_options, labels));
   // The disk must not have changed while it was streamed.
   struct stat after;
   if (::fstat(fd->get(), &after) != 0 || after.st_size != st.st_size || after.st_mtim.tv_sec != st.st_mtim.tv_sec ||
@@ -388,7 +435,8 @@ Result<BuildResult> BuildBaseImage(const ImageName& dest, const BuildOptions& op
        "Base image for registry disks: ADD a qcow2 or raw disk to /disk and push the result"},
       {"io.regdisk.base", "v1"},
   };
-  return Assemble({{"disk", -1, 0, ""}}, dest, o, client_options, labels);
+  o.layout = "stream";
+  return Assemble(StreamLayer({{"disk", -1, 0, ""}}, o), dest, o, client_options, labels);
 }
 
 }  // namespace regdisk::image

@@ -37,6 +37,11 @@ struct BuildOptions {
   std::string name;                  // file name under /disk; default: the disk's own
   std::string compression = "gzip";  // gzip | zstd | none
   std::string format = "oci";        // oci | docker (schema 2)
+  // stream: one tar in one compressed stream (any disk format); chunked: the
+  // disk as raw, one zstd frame per chunk_size bytes of it and a chunk
+  // index (docs/chunked-format.md; zstd, OCI media types, no --base).
+  std::string layout = "stream";
+  uint64_t chunk_size = 1 << 20;
   std::map<std::string, std::string> labels;
   std::optional<ImageName> base;     // default: no base, a single-layer image
   oci::Platform platform{"linux", "amd64", ""};

@@ -1,6 +1,7 @@
 #include "image/transport.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "image/layout.h"
@@ -107,6 +108,34 @@ Result<oci::RawManifest> ToRaw(std::string bytes, const oci::Descriptor& desc) {
   return m;
 }
 
+class FileRangeReader : public BlobRangeReader {
+ public:
+  explicit FileRangeReader(OciLayout layout) : layout_(std::move(layout)) {}
+  Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) override {
+    const fs::path path = layout_.BlobPath(desc.digest);
+    ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY));
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("reading " + path.string());
+    const uint64_t size = static_cast<uint64_t>(st.st_size);
+    if (size != static_cast<uint64_t>(desc.size) || offset > size || size - offset < length) {
+      return InvalidArgument("bytes " + std::to_string(offset) + "+" + std::to_string(length) + " of blob " +
+                             desc.digest.Short() + " lie outside its " + std::to_string(size) + " bytes");
+    }
+    std::string buf(static_cast<size_t>(std::min<uint64_t>(length, 1 << 20)), '\0');
+    for (uint64_t done = 0; done < length;) {
+      ssize_t n = ::pread(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), length - done), static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n < 0 ? ErrnoStatus("reading " + path.string()) : DataLoss(path.string() + " shrank");
+      RETURN_IF_ERROR(sink(std::string_view(buf.data(), static_cast<size_t>(n))));
+      done += static_cast<uint64_t>(n);
+    }
+    return OkStatus();
+  }
+
+ private:
+  OciLayout layout_;
+};
+
 class LayoutSource : public ImageSource {
  public:
   LayoutSource(OciLayout layout, std::string tag) : layout_(std::move(layout)), tag_(std::move(tag)) {}
@@ -127,6 +156,9 @@ class LayoutSource : public ImageSource {
   Status FetchBlobFrom(const oci::Descriptor& desc, uint64_t offset, oci::Hasher& hasher,
                        const registry::BlobSink& sink) override {
     return StreamFile(layout_.BlobPath(desc.digest), desc, sink, offset, hasher);
+  }
+  Result<std::unique_ptr<BlobRangeReader>> OpenRangeReader() override {
+    return std::unique_ptr<BlobRangeReader>(std::make_unique<FileRangeReader>(layout_));
   }
   std::optional<fs::path> LocalBlobPath(const oci::Descriptor& desc) override {
     if (!layout_.HasBlob(desc.digest)) return std::nullopt;
@@ -170,9 +202,26 @@ class LayoutDestination : public ImageDestination {
   std::string tag_;
 };
 
+class RegistryRangeReader : public BlobRangeReader {
+ public:
+  RegistryRangeReader(oci::Reference ref, const registry::ClientOptions& opt)
+      : ref_(std::move(ref)), client_(ref_.registry, opt) {}
+  Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) override {
+    return client_.FetchBlobRange(ref_.repository, desc, offset, length, sink);
+  }
+
+ private:
+  oci::Reference ref_;
+  registry::RegistryClient client_;
+};
+
 class DockerSource : public ImageSource {
  public:
-  DockerSource(oci::Reference ref, const registry::ClientOptions& opt) : ref_(std::move(ref)), client_(ref_.registry, opt) {}
+  DockerSource(oci::Reference ref, const registry::ClientOptions& opt)
+      : ref_(std::move(ref)), options_(opt), client_(ref_.registry, opt) {}
+  Result<std::unique_ptr<BlobRangeReader>> OpenRangeReader() override {
+    return std::unique_ptr<BlobRangeReader>(std::make_unique<RegistryRangeReader>(ref_, options_));
+  }
   std::string Name() const override { return "docker://" + ref_.String(); }
   const oci::Reference* RegistryRef() const override { return &ref_; }
   Result<std::vector<std::string>> RepoTags() override { return client_.ListTags(ref_.repository); }
@@ -192,6 +241,7 @@ class DockerSource : public ImageSource {
 
  private:
   oci::Reference ref_;
+  registry::ClientOptions options_;
   registry::RegistryClient client_;
 };
 

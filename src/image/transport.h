@@ -34,6 +34,15 @@ struct ImageName {
   std::string String() const;
 };
 
+// Reads byte ranges of a source's blobs, unverified (see
+// RegistryClient::FetchBlobRange): the caller checks what it reads. One
+// reader per thread; several readers of one source may run at once.
+class BlobRangeReader {
+ public:
+  virtual ~BlobRangeReader() = default;
+  virtual Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) = 0;
+};
+
 class ImageSource {
  public:
   virtual ~ImageSource() = default;
@@ -49,6 +58,10 @@ class ImageSource {
   // bytes; the rest goes to sink, and the whole is verified.
   virtual Status FetchBlobFrom(const oci::Descriptor& desc, uint64_t offset, oci::Hasher& hasher,
                                const registry::BlobSink& sink) = 0;
+  // A reader of blob ranges for one thread (its own registry connection).
+  virtual Result<std::unique_ptr<BlobRangeReader>> OpenRangeReader() {
+    return Unimplemented(Name() + " cannot read parts of blobs");
+  }
   // A blob that already lives in a local file, if this source has one.
   virtual std::optional<std::filesystem::path> LocalBlobPath(const oci::Descriptor&) { return std::nullopt; }
   // For registries: the registry and repository (for cross-repo mounts).

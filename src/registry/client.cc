@@ -635,6 +635,66 @@ Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor&
   return oci::VerifyBlob(what, desc.digest, size, received, hasher.Finish());
 }
 
+Status RegistryClient::FetchBlobRange(const std::string& repo, const oci::Descriptor& desc, uint64_t offset,
+                                      uint64_t length, const BlobSink& sink) {
+  const std::string what = "bytes " + std::to_string(offset) + "+" + std::to_string(length) + " of blob " +
+                           desc.digest.Short() + " of " + repo;
+  const uint64_t size = static_cast<uint64_t>(desc.size);
+  if (length == 0 || offset > size || size - offset < length) {
+    return InvalidArgument(what + " lie outside its " + std::to_string(size) + " bytes");
+  }
+  if (router_) {
+    return router_->Pull(repo, true, what, [&](RegistryClient& c, const std::string& r, const PullSource&) {
+      return c.FetchBlobRange(r, desc, offset, length, sink);
+    });
+  }
+  uint64_t received = 0;  // bytes handed to the sink
+  uint64_t skip = 0;      // bytes of a 200 answer before the range
+  bool whole = false;     // the current answer is the whole blob (200)
+  std::string error_body;
+  Call c;
+  c.req.url = "/v2/" + repo + "/blobs/" + desc.digest.str();
+  c.scopes = {Scope(repo, false)};
+  c.before_attempt = [&](HttpRequest& req) {
+    error_body.clear();
+    whole = false;
+    req.headers.emplace_back("Range", "bytes=" + std::to_string(offset + received) + "-" +
+                                          std::to_string(offset + length - 1));
+  };
+  c.req.on_body = [&](long status, std::string_view chunk) -> Status {
+    if (status != 200 && status != 206) {
+      if (error_body.size() < kMaxErrorBody) error_body.append(chunk.substr(0, kMaxErrorBody - error_body.size()));
+      return OkStatus();
+    }
+    if (status == 200 && !whole) {
+      whole = true;
+      skip = offset + received;
+    }
+    if (skip > 0) {
+      size_t drop = static_cast<size_t>(std::min<uint64_t>(skip, chunk.size()));
+      chunk.remove_prefix(drop);
+      skip -= drop;
+    }
+    chunk = chunk.substr(0, static_cast<size_t>(std::min<uint64_t>(chunk.size(), length - received)));
+    if (chunk.empty()) return OkStatus();
+    received += chunk.size();
+    return sink(chunk);
+  };
+  for (int round = 0;; ++round) {
+    auto resp = Send(*s_, registry_, c);
+    if (!resp.ok()) return std::move(resp).status().Annotate("fetching " + what);
+    if (resp->status != 200 && resp->status != 206) {
+      HttpResponse r = *resp;
+      r.body = error_body;
+      return StatusError("fetching " + what, registry_, r);
+    }
+    if (received == length) return OkStatus();
+    if (round + 1 >= s_->opt.max_attempts) break;
+  }
+  return DataLoss("fetching " + what + ": the registry sent " + std::to_string(received) + " of " +
+                  std::to_string(length) + " bytes");
+}
+
 Result<std::string> RegistryClient::FetchBlobToString(const std::string& repo, const oci::Descriptor& desc,
                                                       uint64_t max_bytes) {
   if (static_cast<uint64_t>(desc.size) > max_bytes) {

@@ -92,6 +92,14 @@ class RegistryClient {
   // fetched and handed to sink.
   Status FetchBlob(const std::string& repo, const oci::Descriptor& desc, const BlobSink& sink, uint64_t offset = 0,
                    oci::Hasher* resumed = nullptr);
+  // Reads `length` bytes of a blob from `offset` with an HTTP Range request,
+  // through the same authentication, redirects and retries as FetchBlob (a
+  // broken transfer continues from the byte it reached). The bytes are not
+  // verified (only a whole blob can be): the caller checks them against
+  // digests it trusts. A range outside desc.size is InvalidArgument; a
+  // registry that ignores Range (200) is read up to the range and dropped.
+  Status FetchBlobRange(const std::string& repo, const oci::Descriptor& desc, uint64_t offset, uint64_t length,
+                        const BlobSink& sink);
   // Small blobs (configs) into memory, verified; refuses more than max_bytes.
   Result<std::string> FetchBlobToString(const std::string& repo, const oci::Descriptor& desc, uint64_t max_bytes);
 

@@ -11,10 +11,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <set>
 #include <thread>
 
 #include "image/copy.h"
+#include "store/chunked_pull.h"
 #include "store/unpack.h"
 #include "util/byte_source.h"
 #include "util/env.h"
@@ -189,7 +191,35 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
       }
     };
   }
-  for (size_t i = 0; i < layers.size(); ++i) {
+  // A chunked layer alone in its image: ranged, parallel, verified per chunk
+  // (docs/chunked-format.md). Anything else streams layer by layer.
+  std::optional<oci::ChunkIndexLocation> chunked;
+  if (layers.size() == 1) {
+    ASSIGN_OR_RETURN(chunked, oci::ChunkIndexLocationOf(layers[0]));
+  }
+  DiskTree::File file;
+  if (chunked) {
+    ChunkedPullOptions co;
+    co.max_disk_bytes = options.limits.max_file_bytes;
+    co.label = "layer 1 (" + layers[0].digest.Short() + ")";
+    co.on_progress = progress;
+    co.cancel = options.cancel.get();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto d = PullChunkedLayer(src, layers[0], *chunked, staging.path(), co);
+    if (progress) {
+      progress({d.ok() ? image::ProgressEvent::Kind::kDone : image::ProgressEvent::Kind::kFailed, layers[0].digest,
+                static_cast<uint64_t>(layers[0].size), static_cast<uint64_t>(layers[0].size), {}});
+    }
+    if (!d.ok()) return std::move(d).status();
+    if (!options.path.empty() && options.path != d->image_path) {
+      return NotFound("the image holds " + Printable(d->image_path) + ", not " + Printable(options.path));
+    }
+    log::Info("{} pulled in {:.2f} s", co.label, Seconds(t0));
+    file.staged = d->file;
+    file.image_path = d->image_path;
+    file.size = d->size;
+  }
+  for (size_t i = 0; !chunked && i < layers.size(); ++i) {
     const auto& l = layers[i];
     std::string label = "layer " + std::to_string(i + 1) + " (" + l.digest.Short() + ")";
     log::Info("streaming {} ({} bytes)", label, l.size);
@@ -197,10 +227,16 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     RETURN_IF_ERROR(StreamLayer(src, l, tree, label, resumed, progress, options.cancel.get()));
     log::Info("{} streamed in {:.2f} s", label, Seconds(t0));
   }
-  ASSIGN_OR_RETURN(DiskTree::File file, tree.FindDisk(options.path));
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file.staged, O_RDONLY));
-  ASSIGN_OR_RETURN(disk::DiskInfo info, disk::InspectDisk(fd.get(), 0, file.size, file.image_path));
-  fd.reset();
+  disk::DiskInfo info;
+  if (chunked) {
+    // Raw by definition, whatever its first bytes look like: never probed.
+    info.format = disk::Format::kRaw;
+    info.virtual_size = info.file_size = file.size;
+  } else {
+    ASSIGN_OR_RETURN(file, tree.FindDisk(options.path));
+    ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file.staged, O_RDONLY));
+    ASSIGN_OR_RETURN(info, disk::InspectDisk(fd.get(), 0, file.size, file.image_path));
+  }
   if (info.virtual_size > options.limits.max_file_bytes) {
     return ResourceExhausted(fmt::format("{} declares a virtual size of {} bytes, over the maximum disk size of {} "
                                          "bytes; raise it with --max-disk-size if the image is trusted",
