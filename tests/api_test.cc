@@ -251,6 +251,14 @@ TEST_F(ApiServerTest, SocketKubeconfigAndCredentialsAreOwnerOnlyAndSurviveAResta
   }
 }
 
+TEST_F(ApiServerTest, ASecondServeOnTheSameRootIsRefused) {
+  RunResult second = RunRegdisk({"--root", P("root"), "serve", "--socket", P("second.sock"), "--api-only"});
+  EXPECT_EQ(second.exit_code, 1) << second.err;
+  EXPECT_THAT(second.err, HasSubstr("another regdisk serve (pid "));
+  EXPECT_THAT(second.err, HasSubstr("give this one another --root"));
+  EXPECT_FALSE(fs::exists(P("second.sock")));
+}
+
 TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
   CallOptions o = Tls("/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances");
   HttpResult none = Call(o);

@@ -2,6 +2,7 @@
 // (ROOT/state.db), on a unix socket and optionally TLS, until SIGTERM or
 // SIGINT. The API server itself is src/api/server.h.
 #include <poll.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -22,7 +23,16 @@ int RunServe(const Globals& g, const ServeFlags& f) {
   if (f.socket.empty() && f.listen.empty()) {
     return Fail(InvalidArgument("regdisk serve needs a --socket path or a --listen address"));
   }
-  if (Status st = MakeDirs(root); !st.ok()) return Fail(st.Annotate("creating the root " + root.string()));
+  if (Status st = MakeDirs(root / "locks"); !st.ok()) return Fail(st.Annotate("creating the root " + root.string()));
+  // One daemon per root: two would both run every VM.
+  Result<std::optional<FileLock>> serving = FileLock::TryAcquire(root / "locks" / "serve");
+  if (!serving.ok()) return Fail(serving.status());
+  if (!*serving) {
+    std::string pid = ReadFileCapped(root / "locks" / "serve", 64).value_or("");
+    return Fail(FailedPrecondition("another regdisk serve" + (pid.empty() ? "" : " (pid " + pid + ")") + " is using " +
+                                   root.string() + "; stop it first, or give this one another --root"));
+  }
+  if (::ftruncate((*serving)->fd(), 0) == 0) (void)WriteAll((*serving)->fd(), std::to_string(::getpid()));
   Result<std::unique_ptr<state::ObjectStore>> store = state::ObjectStore::Open(root / "state.db");
   if (!store.ok()) return Fail(store.status().Annotate("opening " + (root / "state.db").string()));
   api::Server::Options options;
