@@ -373,6 +373,27 @@ TEST_F(DaemonTest, TheSeedsV1alpha1KindsRunToo) {
   EXPECT_EQ(QemusUnderRoot(), 3);
 }
 
+// A daemon killed between starting QEMU and writing Running: the next one
+// adopts that QEMU and reports it, with the same pid.
+TEST_F(DaemonTest, AnAdoptedStartThatWasNeverReportedBecomesRunning) {
+  StartNode();
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "late"}, {"namespace", "default"}}}, {"spec", VmiTemplate()["spec"]}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  const std::string uid = RunningVmis()[0]["metadata"]["uid"];
+  const pid_t pid = PidOf(root_, uid);
+  node_.reset();
+  auto stored = store_->Get(kVmiResource, "default", "late");
+  ASSERT_OK(stored);
+  (*stored)["status"] = {{"phase", "Scheduled"}};
+  ASSERT_OK(store_->UpdateStatus(kVmiResource, *stored));
+  StartNode();
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  EXPECT_EQ(PidOf(root_, uid), pid);
+  EXPECT_EQ(RunningVmis()[0]["status"]["interfaces"][0]["ipAddress"], "10.0.2.2");
+}
+
 TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {
   StartNode();
   json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},

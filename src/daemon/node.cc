@@ -364,6 +364,22 @@ struct Node::Impl {
     return Instance::Launch(std::move(plan), {uid, now});
   }
 
+  // Running, Ready, with its address: once QEMU runs (also for a QEMU a
+  // killed daemon started but never reported).
+  void MarkRunning(const InstanceRecord& r) {
+    const int64_t now = Now();
+    EditVmiStatus(r.namespace_, r.name, r.uid, [&](json& status) {
+      SetPhase(status, c::VmiPhase::kRunning, now);
+      SetCondition(status, "Ready", true, "", "", now);
+      status["nodeName"] = o.node_name;
+      json ifaces = json::array();
+      if (!r.ip.empty()) ifaces.push_back({{"name", "default"}, {"ipAddress", r.ip}, {"ipAddresses", {r.ip}}});
+      status["interfaces"] = ifaces;
+      status.erase("reason");
+      status.erase("message");
+    });
+  }
+
   void FinishStart(Done& d) {
     auto it = starts.find(d.uid);
     if (it == starts.end()) return;
@@ -385,17 +401,7 @@ struct Node::Impl {
         events->Normal(*vmi, "Started", fmt::format("VirtualMachineInstance started (QEMU pid {})", r.pid));
       }
       metrics.Count(&Metrics::starts);
-      const int64_t now = Now();
-      EditVmiStatus(r.namespace_, r.name, r.uid, [&](json& status) {
-        SetPhase(status, c::VmiPhase::kRunning, now);
-        SetCondition(status, "Ready", true, "", "", now);
-        status["nodeName"] = o.node_name;
-        json ifaces = json::array();
-        if (!r.ip.empty()) ifaces.push_back({{"name", "default"}, {"ipAddress", r.ip}, {"ipAddresses", {r.ip}}});
-        status["interfaces"] = ifaces;
-        status.erase("reason");
-        status.erase("message");
-      });
+      MarkRunning(r);
       instances[d.uid] = std::move(inst);
       return;
     }
@@ -533,6 +539,15 @@ struct Node::Impl {
         BeginStop(std::move(owned), vmi == by_uid.end() ? "its VMI was deleted" : "its VMI is being deleted");
         continue;
       }
+      const c::VmiPhase phase = ObservedVmiFromJson(*vmi->second).phase;
+      if (c::IsFinal(phase)) {  // a final VMI never runs again
+        auto owned = std::move(it->second);
+        it = instances.erase(it);
+        BeginStop(std::move(owned), "its VMI is " + std::string(c::PhaseName(phase)));
+        continue;
+      }
+      // An adopted QEMU whose start the previous daemon did not report.
+      if (phase != c::VmiPhase::kRunning) MarkRunning(r);
       ++it;
     }
     for (auto& [uid, start] : starts) {
