@@ -30,6 +30,8 @@ PACKAGES=(
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
   # The Linux test guest (guest/linux/build-guest.sh) and its cloud-init seeds.
   dosfstools mtools syslinux syslinux-common cpio xz-utils gzip
+  # Lazy boot: the NBD server (nbdkit and its plugin API) and the client tools the tests use.
+  nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin
 )
 # Only for ./dev.sh bench: the plot of the ratios.
 BENCH_PACKAGES=(python3-matplotlib)

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "oci/chunk_index.h"
+#include "util/bytes.h"
 #include "util/process.h"
 #include "util/text.h"
 
@@ -34,13 +35,6 @@ constexpr uint64_t kProgressStep = 4 << 20;
 
 void PutLe32(std::string& out, uint64_t v) {
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-
-bool AllZero(const char* p, size_t n) {
-  // memcmp against the first 16 bytes, then the buffer against itself.
-  if (n < 16) return std::all_of(p, p + n, [](char c) { return c == 0; });
-  static const char kZeros[16] = {};
-  return std::memcmp(p, kZeros, 16) == 0 && std::memcmp(p, p + 16, n - 16) == 0;
 }
 
 struct ArchiveFree {

@@ -46,9 +46,4 @@ Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descrip
                                      const oci::ChunkIndexLocation& loc, const std::filesystem::path& staging,
                                      const ChunkedPullOptions& options);
 
-// Checks the header frame's decompressed bytes: a tar whose last header is
-// disk/NAME, a regular file of `disk_size` bytes, ending exactly where the
-// disk's data begins. Returns "/disk/NAME". (For tests and the pull.)
-Result<std::string> CheckTarHead(std::string_view head, uint64_t disk_size);
-
 }  // namespace regdisk::store

@@ -1,0 +1,102 @@
+// The pieces every reader of a chunked disk layer (docs/chunked-format.md)
+// shares, whether it pulls the whole disk, only the chunks a new version
+// changed, or the chunks a booting guest asks for: fetching byte ranges,
+// opening the layer (index and tar header, both verified), grouping wanted
+// chunks into few ranged reads, and turning one fetched frame into verified
+// chunk bytes.
+//
+//   ASSIGN_OR_RETURN(ChunkedLayerHead head, OpenChunkedLayer(*reader, layer, loc, max_disk_bytes, label));
+//   for (const ChunkBatch& b : CoalesceChunks(head.index, wanted, 8 << 20, 0)) {
+//     RETURN_IF_ERROR(ReadRange(*reader, layer, b.offset, b.length, &buf));
+//     for (size_t k = b.first; k < b.first + b.count; ++k) {
+//       RETURN_IF_ERROR(decoder.Decode(head.index, k, FrameOf(head.index, b, buf, k), &chunk, label));
+//       ... chunk holds exactly ChunkLength(k) verified bytes ...
+//     }
+//   }
+//
+// Everything read here comes from a registry and is refused unless it
+// matches the index, which was itself checked against the digest in the
+// layer's descriptor: InvalidArgument for a frame or header that lies,
+// DataLoss for bytes that do not hash to the index's value.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "image/transport.h"
+#include "oci/chunk_index.h"
+#include "oci/manifest.h"
+#include "util/status.h"
+
+struct ZSTD_DCtx_s;
+
+namespace regdisk::store {
+
+// Reads exactly [offset, offset + length) of the blob into *out.
+Status ReadRange(image::BlobRangeReader& r, const oci::Descriptor& blob, uint64_t offset, uint64_t length,
+                 std::string* out);
+
+struct ChunkedLayerHead {
+  oci::ChunkIndex index;
+  std::string image_path;  // "/disk/NAME", from the verified tar header
+};
+
+// Reads the index (verified against the descriptor's annotation) and the
+// tar header frame (checked by CheckTarHead). ResourceExhausted when the
+// disk is larger than max_disk_bytes.
+Result<ChunkedLayerHead> OpenChunkedLayer(image::BlobRangeReader& r, const oci::Descriptor& layer,
+                                          const oci::ChunkIndexLocation& loc, uint64_t max_disk_bytes,
+                                          const std::string& label);
+
+// Checks the header frame's decompressed bytes: a tar whose last header is
+// disk/NAME, a regular file of `disk_size` bytes, ending exactly where the
+// disk's data begins. Returns "/disk/NAME".
+Result<std::string> CheckTarHead(std::string_view head, uint64_t disk_size);
+
+// Chunks [first, first + count), whose frames are consecutive in the blob:
+// one ranged read of [offset, offset + length).
+struct ChunkBatch {
+  size_t first = 0, count = 0;
+  uint64_t offset = 0, length = 0;
+};
+
+// Groups `wanted` (chunk numbers, ascending, each < index.chunks.size())
+// into batches of at most max_bytes each (a single larger frame is a batch
+// of its own). Two wanted chunks share a batch when the frames between them
+// add at most max_gap_bytes: those chunks are fetched too, which costs
+// fewer requests for a few bytes more.
+std::vector<ChunkBatch> CoalesceChunks(const oci::ChunkIndex& index, const std::vector<size_t>& wanted,
+                                       uint64_t max_bytes, uint64_t max_gap_bytes);
+
+// All chunks, in order.
+std::vector<size_t> AllChunks(const oci::ChunkIndex& index);
+
+// Chunk k's frame within the bytes a batch fetched.
+std::string_view FrameOf(const oci::ChunkIndex& index, const ChunkBatch& batch, std::string_view fetched, size_t k);
+
+// Decompresses and verifies chunk frames; one per thread.
+class ChunkDecoder {
+ public:
+  ChunkDecoder();
+  ~ChunkDecoder();
+  ChunkDecoder(const ChunkDecoder&) = delete;
+  ChunkDecoder& operator=(const ChunkDecoder&) = delete;
+
+  // *out = chunk k's bytes (ChunkLength(k) of them), once the frame is
+  // exactly one zstd frame of that content size and the bytes hash to the
+  // index's value (or are all zero for a zero chunk). `label` names the
+  // layer in errors ("layer 1 (sha256:…)").
+  Status Decode(const oci::ChunkIndex& index, size_t k, std::string_view frame, std::string* out,
+                const std::string& label);
+
+  // One frame that must expand to exactly `want` bytes (the tar header).
+  Status DecompressExact(std::string_view frame, uint64_t want, std::string* out, const std::string& what);
+
+ private:
+  ZSTD_DCtx_s* dctx_;
+};
+
+}  // namespace regdisk::store
