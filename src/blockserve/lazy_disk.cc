@@ -54,7 +54,12 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
   ASSIGN_OR_RETURN(store::ChunkBitmap bitmap,
                    store::ChunkBitmap::Open(dir / "chunks.map", idx.chunks.size(), idx.chunk_shift, index_digest));
   const fs::path file = dir / "disk.raw";
-  // A fresh bitmap proves nothing about the file: start it empty too.
+  // A fresh bitmap proves nothing about the file: start it empty too. And
+  // bits prove nothing about a file that is gone or of another size.
+  std::error_code ec;
+  if (bitmap.Count() != 0 && (!fs::exists(file, ec) || fs::file_size(file, ec) != idx.disk_size)) {
+    for (uint64_t k = 0; k < bitmap.chunks(); ++k) bitmap.Clear(k);
+  }
   const bool fresh = bitmap.Count() == 0;
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file, O_RDWR | O_CREAT | (fresh ? O_TRUNC : 0), 0644));
   RETURN_IF_ERROR(Env::Default()->Truncate(fd.get(), idx.disk_size).Annotate(file.string()));

@@ -55,6 +55,7 @@ struct RunFlags {
   std::vector<std::string> publish;  // --publish
   std::string network;               // --network bridge=NAME
   std::string vnc;                   // --vnc
+  bool lazy = true;                  // --lazy / --no-lazy (run)
 };
 
 struct LoginFlags {

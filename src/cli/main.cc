@@ -182,6 +182,9 @@ int Main(int argc, char** argv) {
   run->add_option("--vnc", rf.vnc,
                   "a VNC display for the guest's screen, IPV4ADDRESS:DISPLAY (port 5900+DISPLAY), such as 127.0.0.1:0; "
                   "VNC has no password: keep it on 127.0.0.1 (regdisk warns about any other address)");
+  run->add_flag("--lazy,!--no-lazy", rf.lazy,
+                "boot a chunked image that is not in the store before it has arrived, from a verified on-demand "
+                "export, while it fills in the background (default); --no-lazy pulls every disk in full first");
   run->fallthrough();
   CLI::App* domxml = app.add_subcommand("domxml", "print the libvirt domain XML of a VM spec, offline (no pulls)");
   domxml->add_option("-f,--filename", rf.file, "the VM spec")->required();

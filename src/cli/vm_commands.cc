@@ -70,6 +70,7 @@ Result<vm::PlanOptions> MakePlanOptions(const Globals& g, const RunFlags& f) {
     p.bridge = f.network.substr(7);
   }
   p.vnc = f.vnc;
+  p.lazy = f.lazy;
   return p;
 }
 

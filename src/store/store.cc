@@ -205,7 +205,8 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     co.on_progress = progress;
     co.cancel = options.cancel.get();
     const auto t0 = std::chrono::steady_clock::now();
-    auto d = PullChunkedLayer(src, layers[0], *chunked, staging.path(), co);
+    auto d = options.chunked_puller ? options.chunked_puller(src, layers[0], *chunked, staging.path())
+                                    : PullChunkedLayer(src, layers[0], *chunked, staging.path(), co);
     if (progress) {
       progress({d.ok() ? image::ProgressEvent::Kind::kDone : image::ProgressEvent::Kind::kFailed, layers[0].digest,
                 static_cast<uint64_t>(layers[0].size), static_cast<uint64_t>(layers[0].size), {}});

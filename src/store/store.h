@@ -60,6 +60,7 @@
 #include "image/progress.h"
 #include "image/transport.h"
 #include "oci/manifest.h"
+#include "store/chunked_pull.h"
 #include "store/unpack.h"
 #include "util/cancel.h"
 #include "util/fs.h"
@@ -95,6 +96,14 @@ struct PullOptions {
   // Stops the pull between blocks when cancelled (partial downloads stay
   // for the next pull; the staging directory goes).
   std::shared_ptr<const CancelToken> cancel;
+  // Materialises a chunked layer in place of the parallel full pull (lazy
+  // boot: blockserve::LazyPull serves the disk while it fills). It gets the
+  // layer, where its index is, and the staging directory, and returns the
+  // verified raw disk in a file on the store's file system, which the
+  // store then commits as it commits any pull.
+  std::function<Result<ChunkedDisk>(image::ImageSource&, const oci::Descriptor&, const oci::ChunkIndexLocation&,
+                                    const std::filesystem::path&)>
+      chunked_puller;
 };
 
 // One thing fsck found wrong, in one line ("blob sha256:ab…: its content

@@ -55,6 +55,9 @@ bool KvmUsable() {
 struct ResolvedVolume {
   std::string key;
   store::StoredImage image;
+  std::shared_ptr<blockserve::LazyPull> lazy;  // served while it fills
+  std::filesystem::path nbd_socket;
+  std::string note;  // for VmPlan::notes
 };
 
 Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const std::vector<spec::Secret>& secrets,
@@ -64,7 +67,7 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
   if (src.image_pull_policy != "Always" || o.offline) {
     for (const auto& name : candidates) {
       ASSIGN_OR_RETURN(std::optional<store::StoredImage> have, st.Lookup(name.String(), o.platform));
-      if (have && (src.path.empty() || have->disk_path == src.path)) return ResolvedVolume{name.String(), *have};
+      if (have && (src.path.empty() || have->disk_path == src.path)) return ResolvedVolume{name.String(), *have, nullptr, {}, {}};
     }
     if (o.offline) return NotFound(first_key);  // PlanVm lists it as missing
     if (src.image_pull_policy == "Never") {
@@ -93,11 +96,44 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
   for (const auto& name : candidates) {
     const std::string key = name.String();
     log::Info("pulling {}", key);
+    if (o.lazy) {
+      auto served = [&]() -> Result<ResolvedVolume> {
+        ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
+        ASSIGN_OR_RETURN(std::unique_ptr<blockserve::LazyPull> pull,
+                         blockserve::LazyPull::Start(st, std::move(source), key, po, o.lazy_options));
+        ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready());
+        if (disk.stored) {
+          ResolvedVolume rv{key, std::move(*disk.stored), nullptr, {}, {}};
+          rv.note = Printable(key) + " is not a chunked image, so it was pulled in full before boot";
+          return rv;
+        }
+        if (!src.path.empty() && src.path != disk.image_path) {
+          return NotFound("the image holds " + Printable(disk.image_path) + ", not " + Printable(src.path));
+        }
+        ResolvedVolume rv;
+        rv.key = key;
+        rv.image.name = key;
+        rv.image.disk_path = disk.image_path;
+        rv.image.disk_file = disk.file;
+        rv.image.disk.format = disk::Format::kRaw;
+        rv.image.disk.virtual_size = rv.image.disk.file_size = disk.size;
+        rv.nbd_socket = disk.socket;
+        rv.note = Printable(key) + " is booting while it is pulled (lazy boot: chunks are fetched and verified as "
+                  "the guest reads them)";
+        rv.lazy = std::move(pull);
+        return rv;
+      }();
+      if (served.ok()) return served;
+      failed = std::move(served).status().Annotate("pulling " + key);
+      if (candidates.size() == 1 || failed.code() == Code::kCancelled) return failed;
+      tried += (tried.empty() ? "" : "; ") + failed.message();
+      continue;
+    }
     auto img = [&]() -> Result<store::StoredImage> {
       ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
       return st.Pull(*source, key, po);
     }();
-    if (img.ok()) return ResolvedVolume{key, std::move(*img)};
+    if (img.ok()) return ResolvedVolume{key, std::move(*img), nullptr, {}, {}};
     failed = std::move(img).status();
     // The registry is unreachable but the store has the tag: say so.
     if (failed.code() == Code::kUnavailable || failed.code() == Code::kDeadlineExceeded) {
@@ -482,7 +518,13 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       img = std::move(resolved->image);
       pd.image = vol->registry_disk->image;
       pd.manifest_digest = img.manifest_digest;
-      if (!o.offline) {
+      if (!resolved->note.empty()) plan.notes.push_back("disk " + d.name + ": " + resolved->note);
+      if (resolved->lazy) {
+        // Served while it fills: there is no store disk to lease yet.
+        pd.nbd_socket = resolved->nbd_socket;
+        pd.manifest_digest.reset();
+        plan.lazy_pulls.push_back(std::move(resolved->lazy));
+      } else if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));
       }
@@ -598,9 +640,15 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
                                             {"filename", d.backing.string()}, {"read-only", d.read_only}}),
                          "-blockdev", Json(seed)});
     } else {
-      // The store's disk, read-only, with its format given (never probed)...
-      a.insert(a.end(), {"-blockdev", Json({{"driver", "file"}, {"node-name", "base-file" + n},
-                                            {"filename", d.backing.string()}, {"read-only", true}}),
+      // The store's disk, read-only, with its format given (never probed)
+      // (or, while it is still being pulled, its NBD export)...
+      nlohmann::json base = {{"driver", "file"}, {"node-name", "base-file" + n},
+                             {"filename", d.backing.string()}, {"read-only", true}};
+      if (!d.nbd_socket.empty()) {
+        base = {{"driver", "nbd"}, {"node-name", "base-file" + n},
+                {"server", {{"type", "unix"}, {"path", d.nbd_socket.string()}}}, {"read-only", true}};
+      }
+      a.insert(a.end(), {"-blockdev", Json(base),
                          "-blockdev", Json({{"driver", std::string(disk::FormatName(d.backing_format))},
                                             {"node-name", "base" + n}, {"file", "base-file" + n}, {"read-only", true}})});
       // ...under this VM's own qcow2 overlay.

@@ -20,6 +20,7 @@
 #include "util/fs.h"
 #include "util/ipv4.h"
 #include "util/status.h"
+#include "blockserve/lazy_pull.h"
 #include "vm/cloudinit.h"
 
 namespace regdisk::vm {
@@ -36,6 +37,10 @@ struct PlannedDisk {
   bool read_only = false;  // a cdrom always is
   std::optional<int> boot_order;
   std::filesystem::path backing;  // the store's read-only disk
+  // A disk still being pulled (lazy boot): its NBD export, which QEMU reads
+  // as the backing node instead of `backing` (then the filling file, named
+  // in the overlay's header only).
+  std::filesystem::path nbd_socket;
   disk::Format backing_format = disk::Format::kRaw;
   uint64_t virtual_size = 0;
   std::filesystem::path overlay;  // qcow2, per VM, mode 0600
@@ -92,6 +97,12 @@ struct VmPlan {
   // The VM's claims on its disks in the node store (Store::Use): held for
   // as long as the plan lives, so rmi and prune keep those disks.
   std::vector<FileLock> disk_leases;
+  // Disks served while they fill (PlanOptions::lazy): each stops its fill
+  // and export when the plan goes, so the plan must outlive QEMU.
+  std::vector<std::shared_ptr<blockserve::LazyPull>> lazy_pulls;
+  // What the runner tells the user once, before the console: how each
+  // registry disk was pulled when that is not the usual (lazy boot).
+  std::vector<std::string> notes;
   // Offline plans: the images that are not in the store (a pull would be needed).
   std::vector<std::string> missing;
 };
@@ -115,6 +126,11 @@ struct PlanOptions {
   // a disk not in the store is planned at its stable path with the format
   // assumed qcow2 and listed in VmPlan::missing.
   bool offline = false;
+  // Lazy boot: a chunked image that is not in the store is served over NBD
+  // as soon as its index is verified, and fills in the background; other
+  // images are pulled in full first (and the plan logs so, once).
+  bool lazy = false;
+  blockserve::LazyPullOptions lazy_options;
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets

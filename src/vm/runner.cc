@@ -454,6 +454,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   Console console(o.console, o.console_input);
   RETURN_IF_ERROR(console.Connect(plan.console_socket, qemu));
   if (o.notices) {
+    for (const auto& note : plan.notes) std::fprintf(o.notices, "regdisk: VM %s: %s\n", plan.name.c_str(), note.c_str());
     for (const auto& nic : plan.nics) {
       for (const auto& p : nic.ports) {
         std::fprintf(o.notices, "regdisk: VM %s: %s%s\n", plan.name.c_str(), p.String().c_str(),

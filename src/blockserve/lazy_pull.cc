@@ -1,0 +1,133 @@
+#include "blockserve/lazy_pull.h"
+
+#include <fmt/core.h>
+
+#include "store/chunk_fetch.h"
+#include "util/log.h"
+#include "util/text.h"
+
+namespace regdisk::blockserve {
+
+namespace fs = std::filesystem;
+
+Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std::unique_ptr<image::ImageSource> source,
+                                                  std::string key, store::PullOptions options, LazyPullOptions lazy) {
+  auto p = std::unique_ptr<LazyPull>(new LazyPull());
+  p->store_ = store;
+  p->source_ = std::move(source);
+  p->options_ = std::move(lazy);
+  if (!options.cancel) options.cancel = p->cancel_;
+  options.chunked_puller = [raw = p.get()](image::ImageSource& src, const oci::Descriptor& layer,
+                                           const oci::ChunkIndexLocation& loc, const fs::path&) {
+    return raw->Serve(src, layer, loc);
+  };
+  p->thread_ = std::thread([raw = p.get(), key = std::move(key), options = std::move(options)] {
+    Result<store::StoredImage> r = raw->store_->Pull(*raw->source_, key, options);
+    std::lock_guard lock(raw->mu_);
+    if (!raw->ready_) {
+      // Never served: not chunked (pulled in full), or failed first.
+      if (r.ok()) {
+        Disk d;
+        d.stored = *r;
+        d.size = r->disk.virtual_size;
+        d.image_path = r->disk_path;
+        raw->ready_ = d;
+      } else {
+        raw->ready_ = r.status();
+      }
+    }
+    raw->result_ = std::move(r);
+    raw->cv_.notify_all();
+  });
+  return p;
+}
+
+Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::Descriptor& layer,
+                                           const oci::ChunkIndexLocation& loc) {
+  // Short enough for the unix sockets in its directory (108 bytes with the
+  // root); the bitmap inside is keyed by the full index digest.
+  const std::string hex = layer.digest.hex().substr(0, 24);
+  const fs::path root = store_->root();
+  const std::string label = "layer " + layer.digest.Short();
+  auto fail = [&](Status st) -> Status {
+    std::lock_guard lock(mu_);
+    if (!ready_) ready_ = st;
+    cv_.notify_all();
+    return st;
+  };
+  // One process serves a layer's filling disk at a time.
+  Result<FileLock> lock = FileLock::Acquire(root / "locks" / ("lazy-" + hex));
+  if (!lock.ok()) return fail(lock.status());
+  lock_ = std::move(*lock);
+  Result<std::unique_ptr<image::BlobRangeReader>> reader = src.OpenRangeReader();
+  if (!reader.ok()) return fail(reader.status());
+  Result<store::ChunkedLayerHead> head = store::OpenChunkedLayer(**reader, layer, loc, uint64_t{1} << 44, label);
+  if (!head.ok()) return fail(head.status());
+  LazyDiskOptions o = options_.disk_options;
+  o.label = label;
+  o.profile = root / "profiles" / hex;
+  if (Status st = MakeDirs(root / "profiles"); !st.ok()) return fail(st);
+  const std::string image_path = head->image_path;
+  const uint64_t size = head->index.disk_size;
+  Result<std::unique_ptr<LazyDisk>> disk =
+      LazyDisk::Open([&src] { return src.OpenRangeReader(); }, layer, std::move(*head), loc.digest,
+                     root / "lazy" / hex, std::move(o));
+  if (!disk.ok()) return fail(disk.status());
+  {
+    // Ready() starts the export, on its caller's thread: nbdkit dies with
+    // the thread that started it, and this one ends with the pull.
+    std::lock_guard guard(mu_);
+    disk_ = std::move(*disk);
+    Disk d;
+    d.file = disk_->file();
+    d.size = size;
+    d.image_path = image_path;
+    ready_ = d;
+    cv_.notify_all();
+  }
+  log::Info("{}: {} chunks, {} present; filling in the background", label, disk_->index().chunks.size(),
+            disk_->present());
+  disk_->StartFill();
+  RETURN_IF_ERROR(disk_->WaitComplete(cancel_.get()));
+  store::ChunkedDisk out;
+  out.file = disk_->file();
+  out.image_path = image_path;
+  out.size = size;
+  out.chunks = disk_->index().chunks.size();
+  out.requests = disk_->requests();
+  log::Info("{}: every chunk verified ({} requests); committing it to the store", label, disk_->requests());
+  return out;
+}
+
+Result<LazyPull::Disk> LazyPull::Ready() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return ready_.has_value(); });
+  if (!ready_->ok() || (*ready_)->stored) return *ready_;
+  if (!export_) {
+    ASSIGN_OR_RETURN(export_, Export::Start(*disk_, options_.export_options));
+    (*ready_)->socket = export_->socket();
+  }
+  return *ready_;
+}
+
+Result<store::StoredImage> LazyPull::Wait() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return result_.has_value(); });
+  return *result_;
+}
+
+LazyPull::~LazyPull() {
+  // The fill ends (Serve's wait returns Cancelled, so the pull fails and
+  // its thread ends); the export goes once the thread is joined, as no one
+  // else touches disk_ and export_ then.
+  cancel_->Cancel("the VM using the lazily-pulled disk stopped");
+  if (thread_.joinable()) thread_.join();
+  export_.reset();
+  const bool committed = result_.has_value() && result_->ok();
+  fs::path dir;
+  if (disk_) dir = disk_->dir();
+  disk_.reset();
+  if (committed && !dir.empty()) RemoveAll(dir);
+}
+
+}  // namespace regdisk::blockserve

@@ -1,0 +1,104 @@
+// Lazy boot's pull: a Store::Pull that, for a chunked image, serves the
+// disk over NBD as soon as its index and tar header are verified, fills it
+// in the background, and commits it to the store exactly as a full pull
+// would once the last chunk is verified. A VM boots from Ready()'s socket
+// while the pull goes on; later VMs find an ordinary store disk.
+//
+//   ASSIGN_OR_RETURN(auto pull, LazyPull::Start(store, std::move(source), key, pull_options, {}));
+//   ASSIGN_OR_RETURN(LazyPull::Disk disk, pull->Ready());
+//   if (disk.socket.empty()) { ... not chunked: disk.stored is the pulled disk ... }
+//   else { ... QEMU: driver=nbd, server.path=disk.socket, then raw ... }
+//   ...the VM runs...
+//   pull.reset();  // after QEMU is gone: stops the fill (it resumes next
+//                  // time from its bitmap) and the export
+//
+// Where things live, under the store root:
+//   lazy/<hex>/           (the layer digest's first 24 hex digits) the filling disk, its bitmap and sockets
+//                         (blockserve/lazy_disk.h, export.h); kept across
+//                         runs until the disk is committed and unused
+//   profiles/<hex>        the boot profile of that layer
+//   locks/lazy-<hex>      held by the one process serving it
+#pragma once
+
+#include <condition_variable>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "blockserve/export.h"
+#include "blockserve/lazy_disk.h"
+#include "image/transport.h"
+#include "store/store.h"
+#include "util/cancel.h"
+#include "util/fs.h"
+#include "util/status.h"
+
+namespace regdisk::blockserve {
+
+struct LazyPullOptions {
+  ExportOptions export_options;
+  LazyDiskOptions disk_options;  // label and profile are set by LazyPull
+};
+
+class LazyPull {
+ public:
+  // What a VM boots from.
+  struct Disk {
+    // Served while it fills: the NBD socket, the raw disk's size and its
+    // path inside the image. Empty socket: the image was not chunked and
+    // was pulled in full; `stored` is it.
+    std::filesystem::path socket;
+    std::filesystem::path file;  // the filling disk (a name for the overlay's header)
+    uint64_t size = 0;
+    std::string image_path;
+    std::optional<store::StoredImage> stored;
+  };
+
+  // Starts pulling `key` from `source` into `store` on a thread of its own.
+  // A layer that is not chunked (or an image of several layers) is pulled
+  // in full, and Ready() returns once it is in the store.
+  static Result<std::unique_ptr<LazyPull>> Start(const store::Store& store, std::unique_ptr<image::ImageSource> source,
+                                                 std::string key, store::PullOptions options, LazyPullOptions lazy);
+  // Stops the fill (a later LazyPull of the layer resumes from its bitmap)
+  // and the export: call it once no VM uses the export any more. A disk
+  // that was committed leaves nothing under lazy/.
+  ~LazyPull();
+  LazyPull(const LazyPull&) = delete;
+  LazyPull& operator=(const LazyPull&) = delete;
+
+  // Waits until the disk can be booted from, or the pull failed. The first
+  // call starts the export, tied to the calling thread (nbdkit dies with
+  // it): call it from the thread that runs the VM.
+  Result<Disk> Ready();
+  // Waits until the pull ended: the stored disk, or why not.
+  Result<store::StoredImage> Wait();
+  // The fill, for `images` and tests: nullptr until served.
+  const LazyDisk* disk() const { return disk_.get(); }
+  const Export* served() const { return export_.get(); }
+
+ private:
+  LazyPull() = default;
+  Result<store::ChunkedDisk> Serve(image::ImageSource& src, const oci::Descriptor& layer,
+                                   const oci::ChunkIndexLocation& loc);
+
+  std::optional<store::Store> store_;
+  std::unique_ptr<image::ImageSource> source_;
+  LazyPullOptions options_;
+  // Ends the fill (and the pull, unless the caller gave a token of its
+  // own) when the LazyPull goes.
+  std::shared_ptr<CancelToken> cancel_ = std::make_shared<CancelToken>();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<Result<Disk>> ready_;                      // guarded by mu_
+  std::optional<Result<store::StoredImage>> result_;       // guarded by mu_
+  std::optional<FileLock> lock_;
+  std::unique_ptr<LazyDisk> disk_;
+  std::unique_ptr<Export> export_;
+  std::thread thread_;
+};
+
+}  // namespace regdisk::blockserve
