@@ -4,8 +4,9 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <cctype>
 #include <cerrno>
-#include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 #include <curl/curl.h>
@@ -111,6 +112,22 @@ Status ApiClient::Unreachable(const std::string& reason) const {
 }
 
 Result<ApiClient::Response> ApiClient::Do(const Request& request) const { return Stream(request, nullptr); }
+
+Result<ApiClient::Response> ApiClient::Do(const std::string& method, const std::string& path) const {
+  Request r;
+  r.method = method;
+  r.path = path;
+  return Do(r);
+}
+
+ApiClient::Request ApiClient::WithBody(std::string method, std::string path, std::string body, std::string content_type) {
+  Request r;
+  r.method = std::move(method);
+  r.path = std::move(path);
+  r.body = std::move(body);
+  r.content_type = std::move(content_type);
+  return r;
+}
 
 Result<ApiClient::Response> ApiClient::Stream(const Request& request,
                                               const std::function<bool(std::string_view)>& sink) const {

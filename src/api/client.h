@@ -54,7 +54,10 @@ class ApiClient {
 
   // One request, the whole answer in memory.
   Result<Response> Do(const Request& request) const;
-  Result<Response> Do(const std::string& method, const std::string& path) const { return Do({method, path}); }
+  Result<Response> Do(const std::string& method, const std::string& path) const;
+  // A request with a body (POST, PUT, PATCH).
+  static Request WithBody(std::string method, std::string path, std::string body,
+                          std::string content_type = "application/json");
 
   // A request whose 2xx answer is streamed to `sink` as it arrives (watch,
   // log with follow); `sink` returns false to stop early (OK). An error

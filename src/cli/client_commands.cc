@@ -4,6 +4,7 @@
 // discovery documents, so the names, short names and plurals are the
 // server's; tables are the server's Table answers (printed as kubectl
 // prints them), so their columns are the same as kubectl's.
+#include <fcntl.h>
 #include <poll.h>
 #include <termios.h>
 #include <unistd.h>
@@ -26,7 +27,6 @@
 
 #include "api/client.h"
 #include "cli/common.h"
-#include "spec/spec.h"
 #include "util/fs.h"
 #include "util/text.h"
 #include "vm/runner.h"
@@ -239,7 +239,8 @@ json ThreeWayPatch(const json& original, const json& modified, const json& curre
 
 constexpr char kLastApplied[] = "kubectl.kubernetes.io/last-applied-configuration";
 
-// Prints rows as kubectl's tabwriter does: columns three spaces apart,
+// Prints rows as kubectl's tabwriter does (minimum width 6, padding 3):
+// each column as wide as its widest cell plus three spaces, at least six;
 // the last one unpadded.
 void PrintRows(const std::vector<std::vector<std::string>>& rows, std::vector<size_t>* widths) {
   for (const auto& row : rows) {
@@ -252,7 +253,7 @@ void PrintRows(const std::vector<std::vector<std::string>>& rows, std::vector<si
     std::string line;
     for (size_t i = 0; i < row.size(); ++i) {
       line += row[i];
-      if (i + 1 < row.size()) line += std::string((*widths)[i] - row[i].size() + 3, ' ');
+      if (i + 1 < row.size()) line += std::string(std::max<size_t>(6, (*widths)[i] + 3) - row[i].size(), ' ');
     }
     std::printf("%s\n", line.c_str());
   }
@@ -261,7 +262,7 @@ void PrintRows(const std::vector<std::vector<std::string>>& rows, std::vector<si
 
 std::string CellText(const json& cell) {
   if (cell.is_string()) return PrintableLine(cell.get<std::string>(), 200);
-  if (cell.is_null()) return "<none>";
+  if (cell.is_null()) return "";  // as kubectl prints a null cell
   if (cell.is_boolean()) return cell.get<bool>() ? "true" : "false";
   return cell.dump();
 }
@@ -280,6 +281,7 @@ std::vector<std::vector<std::string>> TableRows(const json& table, const std::ve
   std::vector<std::vector<std::string>> rows;
   if (!table.contains("rows") || !table["rows"].is_array()) return rows;
   for (const auto& row : table["rows"]) {
+    if (!row.is_object() || !row.contains("cells") || !row["cells"].is_array()) continue;
     std::vector<std::string> cells;
     for (size_t c : cols) cells.push_back(c < row["cells"].size() ? CellText(row["cells"][c]) : "");
     rows.push_back(std::move(cells));
@@ -297,6 +299,106 @@ std::vector<std::string> Header(const json& table, const std::vector<size_t>& co
   return h;
 }
 
+// --- YAML as kubectl -o yaml prints it (sigs.k8s.io/yaml over go-yaml):
+// keys sorted, two-space indent, sequences at their key's indent, strings
+// that would read as another type double-quoted, others that plain YAML
+// cannot carry single-quoted, multi-line strings as literal blocks.
+
+bool ReadsAsOtherType(const std::string& s) {
+  static const char* const kWords[] = {"true", "false", "yes", "no", "on", "off", "y", "n", "null", "~"};
+  const std::string l = Lower(s);
+  for (const char* w : kWords) {
+    if (l == w) return true;
+  }
+  if (json::parse(s, nullptr, false).is_number()) return true;
+  if (s.size() >= 8 && std::isdigit(static_cast<unsigned char>(s[0])) && s.find('-') == 4) return true;  // a date
+  if (s == "." || s == ".inf" || s == "-.inf" || s == ".nan") return true;
+  return false;
+}
+
+bool NeedsQuotes(const std::string& s) {
+  if (s.empty() || s.front() == ' ' || s.back() == ' ' || s.back() == ':') return true;
+  if (std::string("-?:,[]{}#&*!|>'\"%@`").find(s.front()) != std::string::npos) return true;
+  if (s.find(": ") != std::string::npos || s.find(" #") != std::string::npos) return true;
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == 0x7f) return true;
+  }
+  return false;
+}
+
+std::string YamlScalar(const json& v) {
+  if (v.is_null()) return "null";
+  if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+  if (!v.is_string()) return v.dump();
+  const std::string s = v.get<std::string>();
+  if (s.empty()) return "\"\"";
+  if (ReadsAsOtherType(s) || (NeedsQuotes(s) && s.find('\t') != std::string::npos)) return json(s).dump();
+  if (NeedsQuotes(s)) {
+    std::string out = "'";
+    for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+    return out + "'";
+  }
+  return s;
+}
+
+void EmitYaml(const json& v, int indent, std::string* out);
+
+// A value after "key:" or "- ": on the same line when it is a scalar.
+void EmitValue(const json& v, int indent, std::string* out) {
+  if (v.is_object() && !v.empty()) {
+    *out += "\n";
+    EmitYaml(v, indent + 2, out);
+  } else if (v.is_array() && !v.empty()) {
+    *out += "\n";
+    EmitYaml(v, indent, out);
+  } else if (v.is_object()) {
+    *out += " {}\n";
+  } else if (v.is_array()) {
+    *out += " []\n";
+  } else if (v.is_string() && v.get<std::string>().find('\n') != std::string::npos) {
+    const std::string s = v.get<std::string>();
+    *out += s.back() == '\n' ? " |\n" : " |-\n";
+    size_t pos = 0;
+    while (pos < s.size()) {
+      size_t nl = s.find('\n', pos);
+      std::string line = s.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+      *out += line.empty() ? "\n" : std::string(static_cast<size_t>(indent + 2), ' ') + line + "\n";
+      if (nl == std::string::npos) break;
+      pos = nl + 1;
+    }
+  } else {
+    *out += " " + YamlScalar(v) + "\n";
+  }
+}
+
+void EmitYaml(const json& v, int indent, std::string* out) {
+  const std::string pad(static_cast<size_t>(indent), ' ');
+  if (v.is_object()) {
+    for (const auto& [k, val] : v.items()) {
+      *out += pad + YamlScalar(json(k)) + ":";
+      EmitValue(val, indent, out);
+    }
+  } else if (v.is_array()) {
+    for (const auto& item : v) {
+      if (item.is_object() && !item.empty()) {
+        // The first key on the dash's line, the rest under it.
+        std::string sub;
+        EmitYaml(item, indent + 2, &sub);
+        *out += pad + "- " + sub.substr(static_cast<size_t>(indent + 2));
+      } else {
+        *out += pad + "-";
+        EmitValue(item, indent, out);
+      }
+    }
+  }
+}
+
+std::string ToKubectlYaml(const json& v) {
+  std::string out;
+  EmitYaml(v, 0, &out);
+  return out;
+}
+
 constexpr char kTableAccept[] = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
 
 // An object as -o json|yaml|name prints it.
@@ -304,7 +406,7 @@ void PrintObject(const Kind& k, const json& object, const std::string& output) {
   if (output == "name") {
     std::printf("%s/%s\n", k.object_prefix().c_str(), PrintableLine(NameOf(object)).c_str());
   } else if (output == "yaml") {
-    std::fputs(spec::ToYaml(object).c_str(), stdout);
+    std::fputs(ToKubectlYaml(object).c_str(), stdout);
   } else {
     std::printf("%s\n", object.dump(4, ' ', false, json::error_handler_t::replace).c_str());
   }
@@ -377,18 +479,21 @@ int RunApply(const Globals&, const ClientFlags& c, const std::string& file) {
       ns = object["metadata"].value("namespace", c.namespace_);
       object["metadata"]["namespace"] = ns;
     }
-    // The configuration as applied, for the next apply's patch.
+    // The configuration as applied, for the next apply's patch, in the
+    // bytes kubectl writes (annotations without this one, "{}" when none;
+    // keys sorted; a newline at the end), so either tool can apply next.
     json config = object;
-    if (config["metadata"].contains("annotations") && config["metadata"]["annotations"].is_object()) {
-      config["metadata"]["annotations"].erase(kLastApplied);
-      if (config["metadata"]["annotations"].empty()) config["metadata"].erase("annotations");
+    if (!config["metadata"].contains("annotations") || !config["metadata"]["annotations"].is_object()) {
+      config["metadata"]["annotations"] = json::object();
     }
+    config["metadata"]["annotations"].erase(kLastApplied);
+    object["metadata"]["annotations"] = config["metadata"]["annotations"];
     object["metadata"]["annotations"][kLastApplied] = config.dump() + "\n";
     auto current = api.Do("GET", k->Path(ns, name));
     if (!current.ok()) return Fail(current.status());
     const std::string who = k->object_prefix() + "/" + PrintableLine(name);
     if (current->code == 404) {
-      api::ApiClient::Request post{"POST", k->Path(ns), object.dump()};
+      api::ApiClient::Request post = api::ApiClient::WithBody("POST", k->Path(ns), object.dump());
       auto created = api.Do(post);
       if (!created.ok()) return Fail(created.status());
       if (!created->ok()) {
@@ -413,7 +518,8 @@ int RunApply(const Globals&, const ClientFlags& c, const std::string& file) {
       std::printf("%s unchanged\n", who.c_str());
       continue;
     }
-    api::ApiClient::Request req{"PATCH", k->Path(ns, name), patch.dump(), "application/merge-patch+json"};
+    api::ApiClient::Request req =
+        api::ApiClient::WithBody("PATCH", k->Path(ns, name), patch.dump(), "application/merge-patch+json");
     auto patched = api.Do(req);
     if (!patched.ok()) return Fail(patched.status());
     if (!patched->ok()) {
@@ -547,8 +653,9 @@ int RunScale(const Globals&, const ClientFlags& c, const std::string& kind, cons
   if (!kinds.ok()) return Fail(kinds.status());
   auto k = ResolveKind(*kinds, kind);
   if (!k.ok()) return Fail(k.status());
-  api::ApiClient::Request req{"PATCH", k->Path(c.namespace_, name) + "/scale",
-                              json({{"spec", {{"replicas", replicas}}}}).dump(), "application/merge-patch+json"};
+  api::ApiClient::Request req =
+      api::ApiClient::WithBody("PATCH", k->Path(c.namespace_, name) + "/scale",
+                               json({{"spec", {{"replicas", replicas}}}}).dump(), "application/merge-patch+json");
   auto r = api.Do(req);
   if (!r.ok()) return Fail(r.status());
   if (r->code == 404 && r->body.find("the server could not find the requested resource") != std::string::npos) {
@@ -622,6 +729,8 @@ int RunConsole(const Globals&, const ClientFlags& c, const std::string& vmi) {
   if (!u.ok()) return Fail(u.status());
   if (!u->upgraded) return Fail(u->response.Error());
   std::fprintf(stderr, "Successfully connected to %s console. The escape sequence is ^]\n", PrintableLine(vmi).c_str());
+  // libcurl left the socket non-blocking; this loop wants plain reads and writes.
+  if (int fl = ::fcntl(u->fd, F_GETFL); fl >= 0) ::fcntl(u->fd, F_SETFL, fl & ~O_NONBLOCK);
   RawTerminal raw;
   if (!u->early.empty()) WriteAllFd(STDOUT_FILENO, u->early.data(), u->early.size());
   char buf[16 * 1024];
@@ -633,11 +742,13 @@ int RunConsole(const Globals&, const ClientFlags& c, const std::string& vmi) {
     }
     if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
       ssize_t n = ::read(u->fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
       if (n <= 0) break;  // the daemon closed the console (the VMI stopped)
       WriteAllFd(STDOUT_FILENO, buf, static_cast<size_t>(n));
     }
     if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       ssize_t n = ::read(STDIN_FILENO, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
       if (n <= 0) break;  // end of input: detach
       const char* esc = static_cast<const char*>(std::memchr(buf, kEscape, static_cast<size_t>(n)));
       const size_t keep = esc ? static_cast<size_t>(esc - buf) : static_cast<size_t>(n);
@@ -674,10 +785,10 @@ int RunPortCommand(const Globals& g, const ClientFlags& c, const std::string& na
   if (!found) {
     api::ApiClient api(c.socket);
     auto r = api.Do("GET", SubresourcePath(c, name, "ports"));
-    if (!r.ok()) {
-      return Fail(NotFound("VM " + c.namespace_ + "/" + PrintableLine(name, 80) + " is not running under --root " +
-                           g.root + ", and " + r.status().message()));
-    }
+    const std::string local = "VM " + c.namespace_ + "/" + PrintableLine(name, 80) +
+                              " is not running on this node (under --root " + g.root + ")";
+    if (!r.ok()) return Fail(NotFound(local + ", and " + r.status().message()));
+    if (r->code == 404) return Fail(NotFound(local + ", nor is it a VMI of the daemon: " + r->Error().message()));
     if (!r->ok()) return Fail(r->Error());
     const json list = json::parse(r->body, nullptr, false);
     if (list.is_object() && list.contains("ports") && list["ports"].is_array()) {

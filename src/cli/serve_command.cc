@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
 #include "api/server.h"
 #include "cli/common.h"
 #include "daemon/instance.h"
