@@ -17,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <map>
@@ -948,6 +949,10 @@ TEST_F(ClientTest, ApplyGetScaleAndDeletePrintWhatKubectlPrints) {
   RunResult configured = Client({"apply", "-f", "-"}, changed);
   EXPECT_EQ(configured.out, "virtualmachineinstancereplicaset.kubevirt.io/web configured\n") << configured.err;
   EXPECT_EQ(Replicas(), "2");
+  // Several documents: each object on its own line.
+  RunResult two = Client({"apply", "-f", "-"}, "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  "
+                                               "userdata: x\n---\n" + changed);
+  EXPECT_EQ(two.out, "secret/creds created\nvirtualmachineinstancereplicaset.kubevirt.io/web unchanged\n") << two.err;
 
   ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("standalone")).code, 201);
   for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
@@ -972,6 +977,22 @@ TEST_F(ClientTest, ApplyGetScaleAndDeletePrintWhatKubectlPrints) {
   EXPECT_EQ(scale.exit_code, 0) << scale.err;
   EXPECT_EQ(scale.out, "virtualmachineinstancereplicaset.kubevirt.io/web scaled\n");
   EXPECT_EQ(Replicas(), "5");
+  // get -w: the list, then each change.
+  Process::Options wopt;
+  wopt.stdout_mode = Process::Stdio::kFile;
+  wopt.stdout_file = P("watch.out");
+  auto watch = Process::Spawn({REGDISK_BIN, "get", "vmirs", "-w", "-o", "name", "--socket", P("api.sock")}, wopt);
+  ASSERT_OK(watch);
+  auto lines = [&] {
+    std::string w = ReadFileCapped(P("watch.out"), 1 << 20).value_or("");
+    return std::count(w.begin(), w.end(), '\n');
+  };
+  for (int i = 0; i < 300 && lines() < 1; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(Client({"scale", "vmirs", "web", "--replicas", "6"}).exit_code, 0);
+  for (int i = 0; i < 300 && lines() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  watch->Terminate(std::chrono::seconds(5));
+  EXPECT_EQ(ReadFileCapped(P("watch.out"), 1 << 20).value_or(""),
+            "virtualmachineinstancereplicaset.kubevirt.io/web\nvirtualmachineinstancereplicaset.kubevirt.io/web\n");
 
   RunResult del = Client({"delete", "-f", P("rs.yaml")});
   EXPECT_EQ(del.exit_code, 0) << del.err;
