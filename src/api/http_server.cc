@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -75,10 +76,15 @@ struct Listener {
 
 // Per-request state, from the first call of the access handler to the
 // completion notice.
+struct UpgradeState;
+
 struct RequestState {
   std::string body;
   bool too_big = false;
   bool answered = false;
+  // An upgrade's handler until libmicrohttpd calls it (or drops the
+  // connection first): owned here, so neither case leaks it.
+  std::shared_ptr<UpgradeState> upgrade;
 };
 
 // A stream as libmicrohttpd's content reader sees it.
@@ -210,31 +216,31 @@ struct UpgradeState {
 // TLS it relays between the socketpair and the TLS session).
 void OnUpgrade(void* cls, MHD_Connection*, void*, const char* extra_in, size_t extra_in_size, MHD_socket sock,
                MHD_UpgradeResponseHandle* urh) {
+  // The thread takes what it needs: the state belongs to the request,
+  // which libmicrohttpd may finish before the thread does.
   auto* state = static_cast<UpgradeState*>(cls);
   std::string early(extra_in ? extra_in : "", extra_in ? extra_in_size : 0);
-  state->tracker->Begin();
-  std::thread([state, early = std::move(early), sock, urh] {
+  UpgradeTracker* tracker = state->tracker;
+  const CancelToken* stop = state->stop;
+  tracker->Begin();
+  std::thread([fn = std::move(state->fn), tracker, stop, early = std::move(early), sock, urh] {
     try {
-      state->fn(sock, early, *state->stop);
+      fn(sock, early, *stop);
     } catch (const std::exception& e) {
       log::Warn("api: an upgraded connection failed: {}", e.what());
     }
     MHD_upgrade_action(urh, MHD_UPGRADE_ACTION_CLOSE);
-    UpgradeTracker* tracker = state->tracker;
-    delete state;
     tracker->End();
   }).detach();
 }
 
-MHD_Result Queue(MHD_Connection* c, HttpResponse r, UpgradeTracker* tracker = nullptr, const CancelToken* stop = nullptr) {
+MHD_Result Queue(MHD_Connection* c, HttpResponse r, UpgradeTracker* tracker = nullptr, const CancelToken* stop = nullptr,
+                 RequestState* request = nullptr) {
   MHD_Response* resp = nullptr;
-  if (r.upgrade && tracker && stop) {
-    auto* state = new UpgradeState{std::move(r.upgrade), tracker, stop};
-    resp = MHD_create_response_for_upgrade(&OnUpgrade, state);
-    if (!resp) {
-      delete state;
-      return MHD_NO;
-    }
+  if (r.upgrade && tracker && stop && request) {
+    request->upgrade = std::make_shared<UpgradeState>(UpgradeState{std::move(r.upgrade), tracker, stop});
+    resp = MHD_create_response_for_upgrade(&OnUpgrade, request->upgrade.get());
+    if (!resp) return MHD_NO;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_UPGRADE, r.upgrade_protocol.c_str());
     MHD_Result ret = MHD_queue_response(c, MHD_HTTP_SWITCHING_PROTOCOLS, resp);
     MHD_destroy_response(resp);
@@ -351,7 +357,7 @@ MHD_Result HttpServer::Impl::Access(void* cls, MHD_Connection* c, const char* ur
     log::Warn("api: {} {}: {}", Printable(req.method), Printable(req.path), e.what());
     resp = HttpResponse::Json(500, StatusBody(500, "InternalError", "internal error"));
   }
-  return Queue(c, std::move(resp), &self->upgrades, &self->stop);
+  return Queue(c, std::move(resp), &self->upgrades, &self->stop, state);
 }
 
 Status HttpServer::Impl::StartListener(Listener* l, int fd) {
