@@ -332,7 +332,9 @@ std::string YamlScalar(const json& v) {
   if (!v.is_string()) return v.dump();
   const std::string s = v.get<std::string>();
   if (s.empty()) return "\"\"";
-  if (ReadsAsOtherType(s) || (NeedsQuotes(s) && s.find('\t') != std::string::npos)) return json(s).dump();
+  const bool control = std::any_of(s.begin(), s.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; });
+  // Double quotes escape control characters (a terminal never sees them raw).
+  if (ReadsAsOtherType(s) || control) return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
   if (NeedsQuotes(s)) {
     std::string out = "'";
     for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
@@ -355,7 +357,9 @@ void EmitValue(const json& v, int indent, std::string* out) {
     *out += " {}\n";
   } else if (v.is_array()) {
     *out += " []\n";
-  } else if (v.is_string() && v.get<std::string>().find('\n') != std::string::npos) {
+  } else if (v.is_string() && v.get<std::string>().find('\n') != std::string::npos &&
+             std::none_of(v.get_ref<const std::string&>().begin(), v.get_ref<const std::string&>().end(),
+                          [](unsigned char c) { return (c < 0x20 && c != '\n') || c == 0x7f; })) {
     const std::string s = v.get<std::string>();
     *out += s.back() == '\n' ? " |\n" : " |-\n";
     size_t pos = 0;
