@@ -17,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <map>
@@ -910,6 +911,236 @@ spec:
   ASSERT_EQ(Kubectl({"delete", "-f", P("rs.yaml")}).exit_code, 0);
   ASSERT_TRUE(Eventually([&] { return Phases().empty() && Qemus() == 0 && fs::is_empty(tmp() / "root" / "run"); }))
       << Kubectl({"get", "vmis"}).out;
+}
+
+
+// --- The client commands (regdisk apply/get/delete/scale/logs/console/port)
+// against the same server, their output held against kubectl's.
+
+class ClientTest : public KubectlApiTest {
+ protected:
+  RunResult Client(std::vector<std::string> args, std::string_view input = {}) {
+    args.insert(args.begin() + 1, {"--socket", P("api.sock")});
+    return RunRegdisk(args, input);
+  }
+  // Runs both until their output agrees, so that an AGE column that ticks
+  // over between the two calls does not count as a difference.
+  std::pair<RunResult, RunResult> Both(const std::vector<std::string>& args) {
+    std::pair<RunResult, RunResult> r;
+    for (int i = 0; i < 3; ++i) {
+      r = {Client(args), Kubectl(args)};
+      if (r.first.out == r.second.out) break;
+    }
+    return r;
+  }
+};
+
+TEST_F(ClientTest, ApplyGetScaleAndDeletePrintWhatKubectlPrints) {
+  ASSERT_OK(WriteFileAtomic(P("rs.yaml"), kReplicaSet));
+  RunResult apply = Client({"apply", "-f", P("rs.yaml")});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  EXPECT_EQ(apply.out, "virtualmachineinstancereplicaset.kubevirt.io/web created\n");
+  EXPECT_EQ(Client({"apply", "-f", P("rs.yaml")}).out, "virtualmachineinstancereplicaset.kubevirt.io/web unchanged\n");
+  // regdisk keeps kubectl's last-applied configuration: kubectl sees no change.
+  RunResult kubectl_again = Kubectl({"apply", "-f", P("rs.yaml")});
+  EXPECT_EQ(kubectl_again.out, "virtualmachineinstancereplicaset.kubevirt.io/web unchanged\n") << kubectl_again.err;
+  std::string changed = kReplicaSet;
+  changed.replace(changed.find("replicas: 3"), 11, "replicas: 2");
+  RunResult configured = Client({"apply", "-f", "-"}, changed);
+  EXPECT_EQ(configured.out, "virtualmachineinstancereplicaset.kubevirt.io/web configured\n") << configured.err;
+  EXPECT_EQ(Replicas(), "2");
+  // Several documents: each object on its own line.
+  RunResult two = Client({"apply", "-f", "-"}, "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  "
+                                               "userdata: x\n---\n" + changed);
+  EXPECT_EQ(two.out, "secret/creds created\nvirtualmachineinstancereplicaset.kubevirt.io/web unchanged\n") << two.err;
+
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("standalone")).code, 201);
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"get", "vmirs"}, {"get", "vmirss", "-o", "wide"}, {"get", "vmis"}, {"get", "vmi", "-o", "wide"},
+           {"get", "virtualmachineinstance", "standalone"}, {"get", "vmis", "-o", "name"},
+           {"get", "vmirs", "web", "-o", "name"}, {"get", "vmis", "-l", "app=web", "-o", "name"}}) {
+    auto [ours, theirs] = Both(args);
+    EXPECT_EQ(ours.exit_code, 0) << ours.err;
+    EXPECT_EQ(ours.out, theirs.out) << ::testing::PrintToString(args);
+  }
+  auto [ours_json, theirs_json] = Both({"get", "vmirs", "web", "-o", "json"});
+  EXPECT_EQ(json::parse(ours_json.out), json::parse(theirs_json.out));
+  auto [ours_list, theirs_list] = Both({"get", "vmis", "-o", "json"});
+  EXPECT_EQ(json::parse(ours_list.out)["items"], json::parse(theirs_list.out)["items"]);
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"get", "vmirs", "web", "-o", "yaml"}, {"get", "vmis", "-o", "yaml"}}) {
+    auto [ours, theirs] = Both(args);
+    EXPECT_EQ(ours.out, theirs.out) << ::testing::PrintToString(args);
+  }
+
+  RunResult scale = Client({"scale", "vmirs", "web", "--replicas", "5"});
+  EXPECT_EQ(scale.exit_code, 0) << scale.err;
+  EXPECT_EQ(scale.out, "virtualmachineinstancereplicaset.kubevirt.io/web scaled\n");
+  EXPECT_EQ(Replicas(), "5");
+  // get -w: the list, then each change.
+  Process::Options wopt;
+  wopt.stdout_mode = Process::Stdio::kFile;
+  wopt.stdout_file = P("watch.out");
+  auto watch = Process::Spawn({REGDISK_BIN, "get", "vmirs", "-w", "-o", "name", "--socket", P("api.sock")}, wopt);
+  ASSERT_OK(watch);
+  auto lines = [&] {
+    std::string w = ReadFileCapped(P("watch.out"), 1 << 20).value_or("");
+    return std::count(w.begin(), w.end(), '\n');
+  };
+  for (int i = 0; i < 300 && lines() < 1; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(Client({"scale", "vmirs", "web", "--replicas", "6"}).exit_code, 0);
+  for (int i = 0; i < 300 && lines() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  watch->Terminate(std::chrono::seconds(5));
+  EXPECT_EQ(ReadFileCapped(P("watch.out"), 1 << 20).value_or(""),
+            "virtualmachineinstancereplicaset.kubevirt.io/web\nvirtualmachineinstancereplicaset.kubevirt.io/web\n");
+
+  RunResult del = Client({"delete", "-f", P("rs.yaml")});
+  EXPECT_EQ(del.exit_code, 0) << del.err;
+  EXPECT_EQ(del.out, "virtualmachineinstancereplicaset.kubevirt.io \"web\" deleted\n");
+  RunResult del2 = Client({"delete", "vmi", "standalone"});
+  EXPECT_EQ(del2.out, "virtualmachineinstance.kubevirt.io \"standalone\" deleted\n") << del2.err;
+  RunResult none = Client({"get", "vmis"});
+  EXPECT_EQ(none.exit_code, 0);
+  EXPECT_EQ(none.out, "");
+  EXPECT_EQ(none.err, "No resources found in default namespace.\n");
+  RunResult gone = Client({"get", "vmirs", "web"});
+  EXPECT_EQ(gone.exit_code, 1);
+  EXPECT_EQ(gone.err,
+            "regdisk: error: Error from server (NotFound): virtualmachineinstancereplicasets.kubevirt.io \"web\" not "
+            "found\n");
+  // A VMI without a QEMU (serve --api-only) has no log and no console.
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("idle")).code, 201);
+  RunResult logs = Client({"logs", "idle"});
+  EXPECT_EQ(logs.exit_code, 1);
+  EXPECT_THAT(logs.err, HasSubstr("Error from server (BadRequest): VirtualMachineInstance \"idle\" has no console log yet"));
+  RunResult console = Client({"console", "idle"});
+  EXPECT_EQ(console.exit_code, 1);
+  EXPECT_THAT(console.err, HasSubstr("because phase is Pending instead of Running"));
+}
+
+TEST_F(ClientTest, AnUnreachableDaemonAndBadUsageAreOneLineErrors) {
+  RunResult missing = RunRegdisk({"get", "vmis", "--socket", P("nothing.sock")});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_EQ(missing.err, "regdisk: error: cannot reach the regdisk daemon at " + P("nothing.sock") +
+                             ": No such file or directory; start it with regdisk serve or set --socket/REGDISK_SOCKET\n");
+  RunResult env = RunRegdisk({"logs", "x"}, {}, {"REGDISK_SOCKET=" + P("nothing.sock")});
+  EXPECT_EQ(env.exit_code, 1);
+  EXPECT_THAT(env.err, HasSubstr("cannot reach the regdisk daemon at " + P("nothing.sock")));
+  // A socket file nobody listens on refuses.
+  {
+    UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strcpy(addr.sun_path, P("dead.sock").c_str());
+    ASSERT_EQ(::bind(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  }
+  RunResult refused = RunRegdisk({"apply", "-f", "-", "--socket", P("dead.sock")}, kReplicaSet);
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_THAT(refused.err, HasSubstr(": Connection refused; start it with regdisk serve"));
+
+  EXPECT_EQ(Client({"get"}).exit_code, 2);
+  EXPECT_EQ(Client({"scale", "vmirs", "web"}).exit_code, 2);
+  EXPECT_EQ(Client({"get", "vmis", "-o", "table"}).exit_code, 2);
+  RunResult kind = Client({"get", "pods"});
+  EXPECT_EQ(kind.exit_code, 2);
+  EXPECT_THAT(kind.err, HasSubstr("the server doesn't have a resource type \"pods\""));
+  RunResult file = Client({"apply", "-f", P("absent.yaml")});
+  EXPECT_EQ(file.exit_code, 2);
+  EXPECT_EQ(Client({"delete", "vmis"}).exit_code, 2);
+}
+
+// The client commands against a daemon that runs VMs: logs, console and
+// port go through the API (subresources.kubevirt.io/v1), not the run
+// directory; the client is given a --root of its own to prove it.
+class ClientNodeTest : public NodeE2eTest {
+ protected:
+  RunResult Client(std::vector<std::string> args, std::string_view input = {}) {
+    args.insert(args.begin(), {"--root", P("client-root")});
+    args.insert(args.begin() + 3, {"--socket", P("api.sock")});
+    return RunRegdisk(args, input);
+  }
+};
+
+TEST_F(ClientNodeTest, LogsConsoleAndPortOfARunningVmi) {
+  ASSERT_OK(WriteFileAtomic(P("vmi.yaml"), R"(apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  name: solo
+spec:
+  domain:
+    devices:
+      disks:
+      - name: root
+        disk:
+          bus: virtio
+      interfaces:
+      - name: default
+        masquerade: {}
+        ports:
+        - port: 80
+    resources:
+      requests:
+        memory: 64M
+  networks:
+  - name: default
+    pod: {}
+  volumes:
+  - name: root
+    containerDisk:
+      image: )" + image_ + "\n"));
+  RunResult apply = Client({"apply", "-f", P("vmi.yaml")});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  EXPECT_EQ(apply.out, "virtualmachineinstance.kubevirt.io/solo created\n");
+  ASSERT_TRUE(Eventually([&] { return Running() == 1; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
+  ASSERT_TRUE(Eventually([&] {
+    return Client({"logs", "solo"}).out.find("PRISTINE-SECTOR-CONTENT") != std::string::npos;
+  })) << Client({"logs", "solo"}).err;
+
+  // The published port: in the VMI's annotation, and from regdisk port.
+  json vmi = json::parse(Kubectl({"get", "vmi", "solo", "-o", "json"}).out);
+  json ports = json::parse(vmi["metadata"]["annotations"]["regdisk.io/published-ports"].get<std::string>());
+  ASSERT_EQ(ports.size(), 1u);
+  const std::string host = ports[0]["hostIP"].get<std::string>() + ":" + std::to_string(ports[0]["hostPort"].get<int>());
+  EXPECT_EQ(ports[0]["port"], 80);
+  RunResult port = Client({"port", "solo"});
+  EXPECT_EQ(port.exit_code, 0) << port.err;
+  EXPECT_EQ(port.out, "80/tcp -> " + host + "\n");
+  EXPECT_EQ(Client({"port", "solo", "80"}).out, host + "\n");
+  EXPECT_EQ(Client({"port", "solo", "81"}).exit_code, 1);
+  RunResult unknown = Client({"port", "nobody"});
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.err, HasSubstr("Error from server (NotFound): virtualmachineinstances.kubevirt.io \"nobody\" not found"));
+
+  // The table as kubectl prints it, with a Running VMI.
+  RunResult ours = Client({"get", "vmis", "-o", "wide"});
+  RunResult theirs = Kubectl({"get", "vmis", "-o", "wide"});
+  if (ours.out != theirs.out) ours = Client({"get", "vmis", "-o", "wide"});  // AGE ticked over
+  EXPECT_EQ(ours.out, theirs.out);
+
+  // The console: attached on a terminal, Ctrl-] detaches. (This guest
+  // only prints at boot and then halts, so no bytes come back.)
+  auto session = PtySession::Spawn({REGDISK_BIN, "--root", P("client-root"), "console", "solo", "--socket", P("api.sock")});
+  ASSERT_OK(session);
+  ASSERT_TRUE((*session)->ReadUntil("The escape sequence is ^]", 0, std::chrono::seconds(30))) << (*session)->seen();
+  ASSERT_OK((*session)->Write("hello\x1d"));
+  int status = (*session)->Wait();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << (*session)->seen();
+
+  // logs -f follows until the VMI is deleted.
+  Process::Options o;
+  o.stdout_mode = Process::Stdio::kFile;
+  o.stdout_file = P("follow.out");
+  auto follow = Process::Spawn({REGDISK_BIN, "logs", "-f", "solo", "--socket", P("api.sock")}, o);
+  ASSERT_OK(follow);
+  ASSERT_TRUE(Eventually([&] {
+    return ReadFileCapped(P("follow.out"), 1 << 20).value_or("").find("PRISTINE-SECTOR-CONTENT") != std::string::npos;
+  }));
+  EXPECT_FALSE(follow->Wait(std::chrono::milliseconds(500)).has_value());  // still following
+  RunResult del = Client({"delete", "vmi", "solo"});
+  EXPECT_EQ(del.out, "virtualmachineinstance.kubevirt.io \"solo\" deleted\n") << del.err;
+  std::optional<int> ended = follow->Wait(std::chrono::seconds(60));
+  ASSERT_TRUE(ended.has_value());
+  EXPECT_EQ(*ended, 0);
 }
 
 }  // namespace

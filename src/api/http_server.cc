@@ -10,8 +10,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <memory>
+#include <mutex>
+#include <thread>
 
 #include "util/fs.h"
 #include "util/log.h"
@@ -72,10 +76,15 @@ struct Listener {
 
 // Per-request state, from the first call of the access handler to the
 // completion notice.
+struct UpgradeState;
+
 struct RequestState {
   std::string body;
   bool too_big = false;
   bool answered = false;
+  // An upgrade's handler until libmicrohttpd calls it (or drops the
+  // connection first): owned here, so neither case leaks it.
+  std::shared_ptr<UpgradeState> upgrade;
 };
 
 // A stream as libmicrohttpd's content reader sees it.
@@ -174,8 +183,69 @@ ssize_t ReadStream(void* cls, uint64_t, char* buf, size_t max) {
 
 void FreeStream(void* cls) { delete static_cast<StreamState*>(cls); }
 
-MHD_Result Queue(MHD_Connection* c, HttpResponse r) {
+// The upgraded connections that are still open, so that Stop() can wait
+// for them: libmicrohttpd must not stop under one.
+struct UpgradeTracker {
+  std::mutex mu;
+  std::condition_variable cv;
+  int active = 0;  // guarded by mu
+
+  void Begin() {
+    std::lock_guard<std::mutex> lock(mu);
+    ++active;
+  }
+  void End() {
+    std::lock_guard<std::mutex> lock(mu);
+    --active;
+    cv.notify_all();
+  }
+  void WaitIdle() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return active == 0; });
+  }
+};
+
+struct UpgradeState {
+  std::function<void(int, const std::string&, const CancelToken&)> fn;
+  UpgradeTracker* tracker = nullptr;
+  const CancelToken* stop = nullptr;
+};
+
+// libmicrohttpd's upgrade callback: the 101 went out; the byte stream runs
+// on a thread of its own so that the connection's thread stays free (on
+// TLS it relays between the socketpair and the TLS session).
+void OnUpgrade(void* cls, MHD_Connection*, void*, const char* extra_in, size_t extra_in_size, MHD_socket sock,
+               MHD_UpgradeResponseHandle* urh) {
+  // The thread takes what it needs: the state belongs to the request,
+  // which libmicrohttpd may finish before the thread does.
+  auto* state = static_cast<UpgradeState*>(cls);
+  std::string early(extra_in ? extra_in : "", extra_in ? extra_in_size : 0);
+  UpgradeTracker* tracker = state->tracker;
+  const CancelToken* stop = state->stop;
+  tracker->Begin();
+  std::thread([fn = std::move(state->fn), tracker, stop, early = std::move(early), sock, urh] {
+    try {
+      fn(sock, early, *stop);
+    } catch (const std::exception& e) {
+      log::Warn("api: an upgraded connection failed: {}", e.what());
+    }
+    MHD_upgrade_action(urh, MHD_UPGRADE_ACTION_CLOSE);
+    tracker->End();
+  }).detach();
+}
+
+MHD_Result Queue(MHD_Connection* c, HttpResponse r, UpgradeTracker* tracker = nullptr, const CancelToken* stop = nullptr,
+                 RequestState* request = nullptr) {
   MHD_Response* resp = nullptr;
+  if (r.upgrade && tracker && stop && request) {
+    request->upgrade = std::make_shared<UpgradeState>(UpgradeState{std::move(r.upgrade), tracker, stop});
+    resp = MHD_create_response_for_upgrade(&OnUpgrade, request->upgrade.get());
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_UPGRADE, r.upgrade_protocol.c_str());
+    MHD_Result ret = MHD_queue_response(c, MHD_HTTP_SWITCHING_PROTOCOLS, resp);
+    MHD_destroy_response(resp);
+    return ret;
+  }
   if (r.stream) {
     auto* state = new StreamState{std::move(r.stream), "", 0};
     resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, ReadStream, state, FreeStream);
@@ -218,6 +288,7 @@ struct HttpServer::Impl {
   UniqueFd tcp_fd;
   Listener unix_listener;
   Listener tls_listener;
+  UpgradeTracker upgrades;
   bool stopped = false;
 
   static MHD_Result Access(void* cls, MHD_Connection* c, const char* url, const char* method, const char*,
@@ -286,12 +357,13 @@ MHD_Result HttpServer::Impl::Access(void* cls, MHD_Connection* c, const char* ur
     log::Warn("api: {} {}: {}", Printable(req.method), Printable(req.path), e.what());
     resp = HttpResponse::Json(500, StatusBody(500, "InternalError", "internal error"));
   }
-  return Queue(c, std::move(resp));
+  return Queue(c, std::move(resp), &self->upgrades, &self->stop, state);
 }
 
 Status HttpServer::Impl::StartListener(Listener* l, int fd) {
   l->impl = this;
-  unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL | MHD_USE_ITC;
+  unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL | MHD_USE_ITC |
+                   MHD_ALLOW_UPGRADE;
   std::vector<MHD_OptionItem> opts = {
       {MHD_OPTION_LISTEN_SOCKET, fd, nullptr},
       {MHD_OPTION_NOTIFY_COMPLETED, reinterpret_cast<intptr_t>(&Impl::Completed), nullptr},
@@ -340,6 +412,7 @@ void HttpServer::Stop() {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
   impl_->stop.Cancel("the API server is stopping");
+  impl_->upgrades.WaitIdle();  // each watches `stop`
   if (impl_->unix_listener.daemon) {
     MHD_stop_daemon(impl_->unix_listener.daemon);
     impl_->unix_listener.daemon = nullptr;

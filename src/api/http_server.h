@@ -21,8 +21,17 @@
 //
 // Threads: the handler runs on the connection's thread, concurrently with
 // other connections; a stream's Next() runs there too and may block.
-// Stop() (and the destructor) cancels `stop`, which streams must watch,
-// and joins every connection thread.
+// Stop() (and the destructor) cancels `stop`, which streams and upgraded
+// connections must watch, waits for every upgraded connection to end and
+// joins every connection thread.
+//
+// Upgrades: a response with `upgrade` set answers 101 Switching Protocols
+// (with the `Upgrade` header the handler names, e.g. "tcp" as Docker's
+// attach does) and then hands the raw connection to `upgrade`, on a thread
+// of its own: a byte stream in both directions, no framing. It returns
+// when either side is done, and the connection is closed. Only on the
+// unix socket (on TLS the socket would be libmicrohttpd's plaintext side
+// of a socketpair, which works the same way but is untested).
 #pragma once
 
 #include <cstdint>
@@ -68,6 +77,11 @@ struct HttpResponse {
   std::string body;
   std::vector<std::pair<std::string, std::string>> headers;
   std::unique_ptr<HttpStream> stream;  // when set, body is ignored
+  // When set: 101, then the raw connection (see "Upgrades" above). `fd` is
+  // the connection, `early` what the client sent after its request head,
+  // `stop` the server's token. status, body and stream are ignored.
+  std::function<void(int fd, const std::string& early, const CancelToken& stop)> upgrade;
+  std::string upgrade_protocol = "tcp";
 
   static HttpResponse Json(int status, std::string body);
 };

@@ -11,6 +11,7 @@
 #include "api/errors.h"
 #include "api/openapi.h"
 #include "api/resources.h"
+#include "api/subresources.h"
 #include "api/table.h"
 #include "api/validate.h"
 #include "registry/http.h"
@@ -311,6 +312,12 @@ HttpResponse RequestHandler::Handle() {
     plural = rest[0];
     rest.erase(rest.begin());
     t.all_namespaces = true;
+  }
+  if (group == kSubresourceGroup) {
+    if (version != "v1" || t.all_namespaces || plural != "virtualmachineinstances" || rest.size() != 2) {
+      return Reply(PathNotFound());
+    }
+    return HandleVmiSubresource(req_, o_.store, o_.vmi_runtime, t.ns, rest[0], rest[1]);
   }
   if (rest.size() > 2) return Reply(PathNotFound());
   if (!rest.empty()) t.name = rest[0];

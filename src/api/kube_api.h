@@ -17,6 +17,8 @@
 //              too unless propagationPolicy=Orphan), DELETE of a collection;
 //              /status; /scale (autoscaling/v1 Scale) for replica sets;
 //              Table output when the Accept header asks for it.
+//   subresources.kubevirt.io/v1: a VMI's console, log and ports
+//              (api/subresources.h).
 //   errors     metav1.Status with the HTTP code (api/errors.h).
 // Requests on the TLS endpoint need `Authorization: Bearer TOKEN` (401
 // otherwise; the health checks excepted); unix-socket peers were checked
@@ -30,6 +32,7 @@
 #include <string>
 
 #include "api/http_server.h"
+#include "api/subresources.h"
 #include "state/object_store.h"
 
 namespace regdisk::api {
@@ -46,6 +49,9 @@ class KubeApi {
     int64_t default_watch_seconds = 1800;
     // GET /metrics: Prometheus text from the daemon; 404 when unset.
     std::function<std::string()> metrics;
+    // Where a VMI's console and log are (api/subresources.h); unset: the
+    // console and log subresources answer 400.
+    VmiRuntimeFn vmi_runtime;
   };
 
   explicit KubeApi(Options options);

@@ -24,6 +24,13 @@ inline constexpr std::string_view kSecretKey = "v1/secrets";
 inline constexpr std::string_view kNamespaceKey = "v1/namespaces";  // cluster-scoped: namespace ""
 inline constexpr std::string_view kEventKey = "v1/events";  // written by the daemon (daemon/events.h)
 
+// On a running VMI: the host ports forwarded to the guest, a JSON array of
+// {"name","protocol","port","hostIP","hostPort"} as text. An annotation
+// because KubeVirt's status.interfaces[] (VirtualMachineInstanceNetwork-
+// Interface) has no field for them; written by the node, read by the
+// ports subresource (api/subresources.h).
+inline constexpr char kPublishedPortsAnnotation[] = "regdisk.io/published-ports";
+
 struct Resource {
   std::string group;  // "" for the core group
   std::string version;

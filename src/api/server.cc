@@ -29,6 +29,7 @@ Result<std::unique_ptr<Server>> Server::Start(Options options) {
   ao.store = options.store;
   ao.token = creds.token;
   ao.metrics = options.metrics;
+  ao.vmi_runtime = options.vmi_runtime;
   impl.api = std::make_unique<KubeApi>(std::move(ao));
   HttpServer::Options ho;
   ho.unix_socket = options.socket_path;

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "api/http_server.h"
+#include "api/subresources.h"
 #include "state/object_store.h"
 #include "util/status.h"
 
@@ -37,6 +38,9 @@ class Server {
     size_t max_body_bytes = 3 * 1024 * 1024;
     // GET /metrics (Prometheus text); unset: not served.
     std::function<std::string()> metrics;
+    // A VMI's console socket and log, for the console and log
+    // subresources (api/subresources.h); unset: they answer 400.
+    VmiRuntimeFn vmi_runtime;
   };
 
   static Result<std::unique_ptr<Server>> Start(Options options);

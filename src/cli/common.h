@@ -145,7 +145,6 @@ const char* Version();
 int RunValidate(const std::string& file, const std::string& output);
 int RunRun(const Globals& g, const RunFlags& f);
 int RunDomxml(const Globals& g, const RunFlags& f);
-int RunPort(const Globals& g, const std::string& vm, const std::string& namespace_);
 
 // The node daemon's API server (serve_command.cc).
 struct ServeFlags {
@@ -158,5 +157,32 @@ struct ServeFlags {
   bool api_only = false;       // --api-only: serve the API and run no VM or controller
 };
 int RunServe(const Globals& g, const ServeFlags& f);
+
+// Client commands (client_commands.cc): kubectl's and virtctl's verbs
+// against `regdisk serve` over its unix socket (api/client.h).
+struct ClientFlags {
+  std::string socket = "/run/regdisk/regdisk.sock";  // --socket, env REGDISK_SOCKET
+  std::string namespace_ = "default";                // -n, --namespace
+};
+struct GetFlags {
+  std::string kind;
+  std::vector<std::string> names;
+  std::string output;    // "" (a table), wide, json, yaml or name
+  std::string selector;  // -l
+  bool watch = false;    // -w
+};
+struct DeleteFlags {
+  std::vector<std::string> args;  // KIND NAME...
+  std::string file;               // -f
+};
+int RunApply(const Globals& g, const ClientFlags& c, const std::string& file);
+int RunGet(const Globals& g, const ClientFlags& c, const GetFlags& f);
+int RunDelete(const Globals& g, const ClientFlags& c, const DeleteFlags& f);
+int RunScale(const Globals& g, const ClientFlags& c, const std::string& kind, const std::string& name, int64_t replicas);
+int RunLogs(const Globals& g, const ClientFlags& c, const std::string& vmi, bool follow);
+int RunConsole(const Globals& g, const ClientFlags& c, const std::string& vmi);
+// port [VM [PORT]]: a foreground `regdisk run` VM under --root first, then
+// the daemon's VMI of that name; without VM, every foreground VM's ports.
+int RunPortCommand(const Globals& g, const ClientFlags& c, const std::string& vm, const std::string& port);
 
 }  // namespace regdisk::cli

@@ -196,11 +196,63 @@ int Main(int argc, char** argv) {
                      "address but loopback)");
   domxml->fallthrough();
 
-  std::string port_vm, port_namespace = "default";
-  CLI::App* port = app.add_subcommand("port", "list a running VM's published ports, as podman port does");
-  port->add_option("vm", port_vm, "the VM's metadata.name (default: every running VM)");
-  port->add_option("-n,--namespace", port_namespace, "the VM's namespace (default: default)");
-  port->fallthrough();
+  // The client commands: the daemon's API over its unix socket.
+  ClientFlags client;
+  auto add_client_flags = [&client](CLI::App* cmd) {
+    cmd->add_option("--socket", client.socket, "the daemon's unix socket (env REGDISK_SOCKET)")
+        ->envname("REGDISK_SOCKET")
+        ->capture_default_str();
+    cmd->add_option("-n,--namespace", client.namespace_, "the namespace (default: default)");
+    cmd->fallthrough();
+  };
+  std::string port_vm, port_port;
+  CLI::App* port = app.add_subcommand(
+      "port", "list a VM's published ports, as podman port does: a foreground regdisk run VM, else the daemon's VMI");
+  port->add_option("vm", port_vm, "the VM's metadata.name (default: every foreground VM under --root)");
+  port->add_option("port", port_port, "PORT[/tcp|udp]: print only the host address it is published on");
+  add_client_flags(port);
+
+  std::string apply_file;
+  CLI::App* apply = app.add_subcommand("apply", "create or update objects from YAML or JSON in the daemon, as kubectl apply");
+  apply->add_option("-f,--filename", apply_file, "the file (several documents allowed), or - for stdin")->required();
+  add_client_flags(apply);
+
+  GetFlags get_flags;
+  CLI::App* get = app.add_subcommand("get", "list or show objects of the daemon, as kubectl get (kubectl's columns)");
+  get->add_option("kind", get_flags.kind, "vmi, vm, vmirs, secret... (names, short names and plurals as kubectl)")
+      ->required();
+  get->add_option("names", get_flags.names, "the objects' names (default: all)");
+  get->add_option("-o,--output", get_flags.output, "wide, json, yaml or name (default: a table)")
+      ->check(OneOf({"wide", "json", "yaml", "name"}));
+  get->add_option("-l,--selector", get_flags.selector, "a label selector, such as app=web");
+  get->add_flag("-w,--watch", get_flags.watch, "after listing, print changes as they happen (until interrupted)");
+  add_client_flags(get);
+
+  DeleteFlags delete_flags;
+  CLI::App* del = app.add_subcommand("delete", "delete objects of the daemon by kind and name or by file, as kubectl delete");
+  del->add_option("args", delete_flags.args, "KIND NAME...");
+  del->add_option("-f,--filename", delete_flags.file, "delete the objects a file names (- for stdin)");
+  add_client_flags(del);
+
+  std::string scale_kind, scale_name;
+  int64_t scale_replicas = -1;
+  CLI::App* scale = app.add_subcommand("scale", "set a replica set's replicas, as kubectl scale");
+  scale->add_option("kind", scale_kind, "vmirs (or another kind with a scale subresource)")->required();
+  scale->add_option("name", scale_name, "the replica set")->required();
+  scale->add_option("--replicas", scale_replicas, "the number of VMIs to keep running")->required();
+  add_client_flags(scale);
+
+  std::string logs_vmi;
+  bool logs_follow = false;
+  CLI::App* logs = app.add_subcommand("logs", "print a daemon VMI's serial console log");
+  logs->add_option("vmi", logs_vmi, "the VirtualMachineInstance")->required();
+  logs->add_flag("-f,--follow", logs_follow, "keep printing what the guest writes until the VMI stops");
+  add_client_flags(logs);
+
+  std::string console_vmi;
+  CLI::App* console = app.add_subcommand("console", "attach to a daemon VMI's serial console (Ctrl-] detaches)");
+  console->add_option("vmi", console_vmi, "the VirtualMachineInstance")->required();
+  add_client_flags(console);
 
   ServeFlags serve_flags;
   CLI::App* serve = app.add_subcommand("serve", "serve the node's Kubernetes-shaped API (kubectl) on a unix socket and TLS");
@@ -298,7 +350,13 @@ int Main(int argc, char** argv) {
   if (*build) return RunBuild(g, bf, disk_file);
   if (*run) return RunRun(g, rf);
   if (*domxml) return RunDomxml(g, rf);
-  if (*port) return RunPort(g, port_vm, port_namespace);
+  if (*port) return RunPortCommand(g, client, port_vm, port_port);
+  if (*apply) return RunApply(g, client, apply_file);
+  if (*get) return RunGet(g, client, get_flags);
+  if (*del) return RunDelete(g, client, delete_flags);
+  if (*scale) return RunScale(g, client, scale_kind, scale_name, scale_replicas);
+  if (*logs) return RunLogs(g, client, logs_vmi, logs_follow);
+  if (*console) return RunConsole(g, client, console_vmi);
   if (*serve) return RunServe(g, serve_flags);
   if (*base) return RunBuild(g, base_flags, "");
   if (*login) return RunLogin(g, login_flags);

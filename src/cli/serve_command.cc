@@ -1,14 +1,19 @@
 // regdisk serve: the node daemon's API over the object store
 // (ROOT/state.db), on a unix socket and optionally TLS, until SIGTERM or
 // SIGINT. The API server itself is src/api/server.h.
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
 #include "api/server.h"
 #include "cli/common.h"
+#include "daemon/instance.h"
 #include "daemon/node.h"
 #include "state/object_store.h"
 #include "util/fs.h"
@@ -17,6 +22,30 @@
 namespace regdisk::cli {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+// Where a VMI's console and log are, for the API's subresources: its run
+// directory's record (vm.json, see daemon/instance.h) while its QEMU holds
+// the directory's lock; afterwards only the log, which outlives the run.
+api::VmiRuntime FindVmiRuntime(const fs::path& root, const std::string& ns, const std::string& name,
+                               const std::string& uid) {
+  api::VmiRuntime rt;
+  rt.log_file = root / "logs" / (ns + "_" + name + ".log");
+  if (uid.empty()) return rt;
+  const fs::path dir = daemon::InstanceDir(root, uid);
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd.valid() || ::flock(fd.get(), LOCK_SH | LOCK_NB) == 0) return rt;  // not locked: no QEMU
+  auto text = ReadFileCapped(dir / "vm.json", 1 << 20);
+  if (!text.ok()) return rt;  // still starting
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+  if (!j.is_object() || j.value("namespace", "") != ns || j.value("name", "") != name) return rt;
+  if (std::string log = j.value("logFile", ""); !log.empty()) rt.log_file = log;
+  rt.console_socket = j.value("consoleSocket", "");
+  return rt;
+}
+
+}  // namespace
 
 int RunServe(const Globals& g, const ServeFlags& f) {
   const fs::path root = g.root;
@@ -64,6 +93,9 @@ int RunServe(const Globals& g, const ServeFlags& f) {
     node = std::move(*started);
     daemon::Node* engine = node.get();
     options.metrics = [engine] { return engine->MetricsText(); };
+    options.vmi_runtime = [root](const std::string& ns, const std::string& name, const std::string& uid) {
+      return FindVmiRuntime(root, ns, name, uid);
+    };
   }
   Result<std::unique_ptr<api::Server>> server = api::Server::Start(std::move(options));
   if (!server.ok()) return Fail(server.status().Annotate("starting the API server"));

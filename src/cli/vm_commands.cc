@@ -166,30 +166,6 @@ int RunDomxml(const Globals& g, const RunFlags& f) {
   return 0;
 }
 
-// port [VM]: "80/tcp -> 127.0.0.1:34567" per published port of the VM, or
-// of every running VM (each line prefixed with its name); exit 1 when the
-// VM is not running.
-int RunPort(const Globals& g, const std::string& name, const std::string& namespace_) {
-  std::vector<vm::RunningVm> running = vm::ListRunningVms(g.root);
-  std::sort(running.begin(), running.end(), [](const auto& a, const auto& b) {
-    return std::tie(a.namespace_, a.name) < std::tie(b.namespace_, b.name);
-  });
-  bool found = false;
-  for (const auto& r : running) {
-    if (!name.empty() && (r.name != name || r.namespace_ != namespace_)) continue;
-    found = true;
-    for (const auto& p : r.ports) {
-      std::string who = name.empty() ? PrintableLine(r.namespace_ + "/" + r.name) + "\t" : "";
-      std::printf("%s%s\n", who.c_str(), PrintableLine(p.String()).c_str());
-    }
-  }
-  if (!name.empty() && !found) {
-    return Fail(NotFound("VM " + namespace_ + "/" + PrintableLine(name, 80) +
-                         " is not running on this node (under --root " + g.root + "); start it with regdisk run"));
-  }
-  return 0;
-}
-
 // validate -f FILE: every diagnostic on stderr; exit 1 on any error.
 int RunValidate(const std::string& file, const std::string& output) {
   if (output != "text" && output != "json" && output != "yaml") {

@@ -368,6 +368,18 @@ struct Node::Impl {
   // killed daemon started but never reported).
   void MarkRunning(const InstanceRecord& r) {
     const int64_t now = Now();
+    // Published ports: an annotation, as KubeVirt's interface status has
+    // no field for them (api/resources.h).
+    if (!r.ports.empty()) {
+      json ports = json::array();
+      for (const auto& p : r.ports) {
+        ports.push_back({{"name", p.name}, {"protocol", p.protocol}, {"port", p.guest_port}, {"hostIP", p.host_ip},
+                         {"hostPort", p.host_port}});
+      }
+      EditVmi(r.namespace_, r.name, r.uid, [&](json& vmi) {
+        vmi["metadata"]["annotations"][api::kPublishedPortsAnnotation] = ports.dump();
+      });
+    }
     EditVmiStatus(r.namespace_, r.name, r.uid, [&](json& status) {
       SetPhase(status, c::VmiPhase::kRunning, now);
       SetCondition(status, "Ready", true, "", "", now);
