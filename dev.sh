@@ -3,8 +3,8 @@
 #
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
-#   ./dev.sh test    install what is missing, run the pull and store tests
-#                    under ThreadSanitizer, then build with ASan/UBSan and run
+#   ./dev.sh test    install what is missing, run the pull, store and node
+#                    daemon tests under ThreadSanitizer, then build with ASan/UBSan and run
 #                    every test (extra arguments go to ctest, and skip the
 #                    TSan pass); deterministic: the fuzz targets replay their
 #                    corpus and a fixed-seed mutation run (ctest -L fuzz)
@@ -108,12 +108,13 @@ case "${1:-}" in
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
     if [ $# -eq 0 ]; then
-      # The threaded pull, the store and the daemon's object store (writers
-      # and watchers) again under ThreadSanitizer (a data race fails the
-      # test: TSan exits 66), then everything under ASan.
+      # The threaded pull, the store, the daemon's object store (writers
+      # and watchers) and the node daemon's engine (its workers, QEMUs and
+      # watches) again under ThreadSanitizer (a data race fails the test:
+      # TSan exits 66), then everything under ASan.
       build build-tsan -DCMAKE_BUILD_TYPE=Debug -DREGDISK_TSAN=ON -DREGDISK_WERROR=ON -DREGDISK_BUILD_BENCH=OFF \
-        -- regdisk unit_tests store_tests crash_tests state_tests
-      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack|State)'
+        -- regdisk unit_tests store_tests crash_tests state_tests daemon_tests
+      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack|State|Daemon)'
     fi
     exec ctest --test-dir build-test -j2 --output-on-failure "$@"
     ;;
