@@ -4,9 +4,9 @@
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
 #   ./dev.sh test    install what is missing, run the pull, store and node
-#                    daemon tests under ThreadSanitizer, then build with ASan/UBSan and run
-#                    every test (extra arguments go to ctest, and skip the
-#                    TSan pass); deterministic: the fuzz targets replay their
+#                    daemon tests under ThreadSanitizer, then build with
+#                    ASan/UBSan and run every test (extra arguments go to
+#                    ctest, and skip the TSan pass); deterministic: the fuzz targets replay their
 #                    corpus and a fixed-seed mutation run (ctest -L fuzz)
 #   ./dev.sh build   build build/src/regdisk (Release)
 #   ./dev.sh bench [ARGS]  build (Release) and run bench/run.py: regdisk against
@@ -27,6 +27,7 @@ PACKAGES=(
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps iproute2
   genisoimage python3-yaml  # isoinfo and PyYAML read the cloud-init seeds back in tests
+  zsh fish  # the completion scripts are loaded and run by the real shells in tests
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
   # The Linux test guest (guest/linux/build-guest.sh) and its cloud-init seeds.
   dosfstools mtools syslinux syslinux-common cpio xz-utils gzip
