@@ -570,8 +570,11 @@ Status DiskPeek::ReadLayer(ByteSource& src, std::string_view media_type, const s
       case LayerEntry::Kind::kIgnored:
         continue;
       case LayerEntry::Kind::kWhiteout:
+        gone.push_back(p);
+        continue;
       case LayerEntry::Kind::kOpaque:
         gone.push_back(p);
+        if (UnderDisk(p)) files.erase(p);  // the directory stays, as a directory (a pull does the same)
         continue;
       case LayerEntry::Kind::kDir:
         files.erase(p);
