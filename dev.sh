@@ -3,10 +3,10 @@
 #
 #   ./dev.sh demo    install what is missing, build, publish a tiny bootable
 #                    registry disk to a throwaway local registry and pull it
-#   ./dev.sh test    install what is missing, run the pull and store tests
-#                    under ThreadSanitizer, then build with ASan/UBSan and run
-#                    every test (extra arguments go to ctest, and skip the
-#                    TSan pass); deterministic: the fuzz targets replay their
+#   ./dev.sh test    install what is missing, run the pull, store and node
+#                    daemon tests under ThreadSanitizer, then build with
+#                    ASan/UBSan and run every test (extra arguments go to
+#                    ctest, and skip the TSan pass); deterministic: the fuzz targets replay their
 #                    corpus and a fixed-seed mutation run (ctest -L fuzz)
 #   ./dev.sh build   build build/src/regdisk (Release)
 #   ./dev.sh bench [ARGS]  build (Release) and run bench/run.py: regdisk against
@@ -27,6 +27,7 @@ PACKAGES=(
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps iproute2
   genisoimage python3-yaml  # isoinfo and PyYAML read the cloud-init seeds back in tests
+  zsh fish  # the completion scripts are loaded and run by the real shells in tests
   containerd python3 curl time isal zstd  # bench/run.py (smoke-tested in CI): the anchor and its tools
   # The Linux test guest (guest/linux/build-guest.sh) and its cloud-init seeds.
   dosfstools mtools syslinux syslinux-common cpio xz-utils gzip
@@ -110,12 +111,13 @@ case "${1:-}" in
     deps
     build build-test -DCMAKE_BUILD_TYPE=Debug -DREGDISK_SANITIZE=ON -DREGDISK_WERROR=ON
     if [ $# -eq 0 ]; then
-      # The threaded pull, the store and the daemon's object store (writers
-      # and watchers) again under ThreadSanitizer (a data race fails the
-      # test: TSan exits 66), then everything under ASan.
+      # The threaded pull, the store, the daemon's object store (writers
+      # and watchers) and the node daemon's engine (its workers, QEMUs and
+      # watches) again under ThreadSanitizer (a data race fails the test:
+      # TSan exits 66), then everything under ASan.
       build build-tsan -DCMAKE_BUILD_TYPE=Debug -DREGDISK_TSAN=ON -DREGDISK_WERROR=ON -DREGDISK_BUILD_BENCH=OFF \
-        -- regdisk unit_tests store_tests crash_tests state_tests
-      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack|State)'
+        -- regdisk unit_tests store_tests crash_tests state_tests daemon_tests
+      ctest --test-dir build-tsan -j2 --output-on-failure -R '^(BlockPipe|Store|Crash|Unpack|State|Daemon)'
     fi
     exec ctest --test-dir build-test -j2 --output-on-failure "$@"
     ;;

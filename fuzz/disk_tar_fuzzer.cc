@@ -2,9 +2,11 @@
 // uncompressed layer tar, are applied (twice, as layers 1 and 2, so that
 // whiteouts and replacements meet earlier entries) or refused without
 // crashing; nothing appears beside the staging directory, and a disk found
-// has the size of its staged file.
+// has the size of its staged file. The one-layer result is compared with
+// store::DiskPeek (inspect --disk's reader) on the same bytes: the same
+// disk (path, size, first bytes), the same absence, or an error for both.
 //
-// Uses only DiskTree's public API. The staging directory lives under
+// Uses only the public API of DiskTree and DiskPeek. The staging directory lives under
 // $TMPDIR and is emptied after each input.
 #include <algorithm>
 #include <cstddef>
@@ -73,6 +75,36 @@ void CheckDisk(const store::DiskTree& tree, const std::string& path, const fs::p
   if (rel.empty() || *rel.begin() == "..") Fail("disk staged at " + disk->staged.string() + ", outside the staging directory");
 }
 
+// DiskPeek over the one layer `data` agrees with `tree`, which applied it.
+void CheckPeek(const store::DiskTree& tree, std::span<const uint8_t> data, const std::string& path) {
+  constexpr size_t kHead = 4096;
+  auto disk = tree.FindDisk(path);
+  store::DiskPeek peek(path, kHead);
+  MemorySource src(data);
+  Status st = peek.ReadLayer(src, oci::media::kOciLayerTar, "layer 1", /*stop_at_disk=*/false);
+  const std::string what = "for path \"" + path + "\": ";
+  if (!disk.ok() && disk.status().code() != Code::kNotFound) {
+    if (st.ok() && peek.found()) Fail(what + "the pull refused (" + disk.status().message() + ") but the peek found " + peek.disk().image_path);
+    return;
+  }
+  if (!st.ok()) Fail(what + "the pull accepted the layer but the peek refused it: " + st.message());
+  if (!disk.ok()) {
+    if (peek.found()) Fail(what + "the pull found no disk but the peek found " + peek.disk().image_path);
+    return;
+  }
+  if (!peek.found()) Fail(what + "the pull found " + disk->image_path + " but the peek found nothing");
+  if (peek.disk().image_path != disk->image_path || peek.disk().size != disk->size) {
+    Fail(what + "the pull found " + disk->image_path + " (" + std::to_string(disk->size) + " bytes), the peek " +
+         peek.disk().image_path + " (" + std::to_string(peek.disk().size) + " bytes)");
+  }
+  std::string staged(std::min<uint64_t>(disk->size, kHead), '\0');
+  std::FILE* f = std::fopen(disk->staged.c_str(), "rb");
+  if (f == nullptr) Fail("cannot open " + disk->staged.string());
+  const size_t got = std::fread(staged.data(), 1, staged.size(), f);
+  std::fclose(f);
+  if (got != staged.size() || staged != peek.disk().head) Fail(what + "the peek's head differs from the staged disk");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -85,6 +117,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (!tree.ApplyLayer(src, oci::media::kOciLayerTar, label).ok()) break;
       CheckDisk(tree, "", staging);
       CheckDisk(tree, "/disk/disk.img", staging);
+      if (std::string(label) == "layer 1") {
+        CheckPeek(tree, {data, size}, "");
+        CheckPeek(tree, {data, size}, "/disk/disk.img");
+      }
     }
   }
   for (const auto& e : fs::directory_iterator(Root())) {

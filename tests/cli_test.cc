@@ -257,5 +257,66 @@ TEST_F(CliTest, ZshAndFishScriptsParse) {
   EXPECT_THAT(fish, HasSubstr("complete -c regdisk -n '__fish_seen_subcommand_from build' -l compression -x -a 'gzip zstd none'"));
 }
 
+// The zsh script loaded by zsh itself: compinit finds _regdisk on $fpath,
+// and a line typed on a pseudo-terminal (zsh's zpty module) is completed
+// with Tab. A compadd wrapper appends what would be offered, after zsh's
+// own matching against the word, to a file.
+TEST_F(CliTest, ZshCompletesCommandsFlagsAndValues) {
+  if (FindExecutable("zsh").empty()) GTEST_SKIP() << "zsh is not installed (./dev.sh deps installs it)";
+  const fs::path fn = tmp() / "functions";
+  ASSERT_OK(MakeDirs(fn));
+  ASSERT_OK(WriteFileAtomic(fn / "_regdisk", RunRegdisk({"completion", "zsh"}).out));
+  const fs::path driver = tmp() / "complete.zsh";
+  // complete.zsh FPATH-DIR OUT LINE. Each command waits for the prompt, as
+  // zsh drops what was typed ahead of compinit.
+  ASSERT_OK(WriteFileAtomic(driver, R"(zmodload zsh/zpty || exit 3
+fn=$1 out=$2 line=$3
+zpty z env TERM=dumb zsh -f -i || exit 3
+ready() { zpty -r z chunk '*<ready>*' || exit 4; }
+zpty -w z "PS1='<ready>'; fpath=(${(q)fn} \$fpath); autoload -Uz compinit; compinit -u -D"
+ready
+zpty -w z "compadd() { if (( \${@[(I)-[OAD]]} )); then builtin compadd \"\$@\"; return; fi; local -a m; builtin compadd -O m \"\$@\"; print -rl -- \$m >> ${(q)out}; builtin compadd \"\$@\"; }"
+ready
+zpty -w -n z "$line"$'\t'$'\C-u'"exit"$'\n'
+while zpty -r z chunk; do :; done
+)"));
+  int n = 0;
+  auto complete = [&](const std::string& line) {
+    const fs::path out = tmp() / ("offered-" + std::to_string(++n));
+    RunResult r = RunProgram({"zsh", "-f", driver.string(), fn.string(), out.string(), line});
+    EXPECT_EQ(r.exit_code, 0) << line << ": " << r.err;
+    auto offered = ReadFileCapped(out, 1 << 20);
+    return offered.ok() ? *offered : "(nothing offered)";
+  };
+  EXPECT_EQ(complete("regdisk pu"), "pull\n");
+  EXPECT_EQ(complete("regdisk ver"), "version\n");
+  EXPECT_EQ(complete("regdisk --log-level "), "error\nwarn\ninfo\ndebug\n");
+  EXPECT_EQ(complete("regdisk completion "), "bash\nzsh\nfish\n");
+  EXPECT_EQ(complete("regdisk build --compression "), "gzip\nzstd\nnone\n");
+  EXPECT_EQ(complete("regdisk run --gr"), "--grace\n");
+}
+
+// The fish script loaded by fish, asked what it completes (complete -C).
+TEST_F(CliTest, FishCompletesCommandsFlagsAndValues) {
+  if (FindExecutable("fish").empty()) GTEST_SKIP() << "fish is not installed (./dev.sh deps installs it)";
+  const fs::path script = tmp() / "regdisk.fish";
+  ASSERT_OK(WriteFileAtomic(script, RunRegdisk({"completion", "fish"}).out));
+  auto complete = [&](const std::string& line) {
+    // Candidates only (fish prints "candidate<TAB>description"), sorted by fish.
+    RunResult r = RunProgram({"fish", "--no-config", "-c",
+                              "source $argv[1]; complete -C $argv[2] | string match -r '^[^\\t]*'",
+                              script.string(), line});
+    EXPECT_EQ(r.exit_code, 0) << line << ": " << r.err;
+    EXPECT_EQ(r.err, "") << line;
+    return r.out;
+  };
+  EXPECT_EQ(complete("regdisk pu"), "pull\n");
+  EXPECT_EQ(complete("regdisk ver"), "version\n");
+  EXPECT_EQ(complete("regdisk --log-level "), "debug\nerror\ninfo\nwarn\n");
+  EXPECT_EQ(complete("regdisk completion "), "bash\nfish\nzsh\n");
+  EXPECT_EQ(complete("regdisk build --compression "), "gzip\nnone\nzstd\n");
+  EXPECT_EQ(complete("regdisk run --gr"), "--grace\n");
+}
+
 }  // namespace
 }  // namespace regdisk::testing

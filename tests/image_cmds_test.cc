@@ -184,6 +184,7 @@ TEST_F(ImageCmdsTest, InspectDiskReadsOnlyTheFrontOfTheLayerAndStoresNothing) {
   EXPECT_EQ(j["Disk"]["Size"], 24 << 20);
   EXPECT_EQ(j["Disk"]["VirtualSize"], 24 << 20);
   EXPECT_EQ(j["Disk"]["From"], "header");
+  EXPECT_EQ(j["Disk"]["Verified"], false) << "the read stopped at the disk's head, so the layer was not verified";
   uint64_t layer_bytes = 0;
   for (const auto& s : (*proxy)->seen()) {
     if (s.path.find(img->layers[0].digest.str()) != std::string::npos) layer_bytes += s.body_bytes;
@@ -201,6 +202,7 @@ TEST_F(ImageCmdsTest, InspectDiskReadsOnlyTheFrontOfTheLayerAndStoresNothing) {
   EXPECT_EQ(j["Disk"]["Format"], "qcow2");
   EXPECT_EQ(j["Disk"]["VirtualSize"], uint64_t{1} << 30);
   EXPECT_EQ(j["Disk"]["Qcow2Version"], 3);
+  EXPECT_EQ(j["Disk"]["Verified"], true) << "a small layer is read to its end and checked";
   EXPECT_FALSE(fs::exists(root_));
   // An image without a disk says so.
   auto plain = MakeTestImage(tmp() / "layout", "plain", {{"etc/hostname", "x"}});
@@ -208,6 +210,98 @@ TEST_F(ImageCmdsTest, InspectDiskReadsOnlyTheFrontOfTheLayerAndStoresNothing) {
   r = Regdisk({"inspect", "--disk", "oci:" + P("layout") + ":plain"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("no file under /disk"));
+  EXPECT_FALSE(fs::exists(root_));
+}
+
+// inspect --disk sees the disk a pull would: every layer applied from the
+// bottom up (the top wins; whiteouts, opaque directories and replacements
+// delete), the layers it reads checked against their digests. Raw disks
+// of different sizes tell which file was described.
+TEST_F(ImageCmdsTest, InspectDiskSeesTheLayersAsAPullDoes) {
+  const std::string a(4096, 'a'), b(8192, 'b');
+  const TarEntry dir{"disk", Type::kDir, "", "", 107, 107, 0555};
+  const std::string base = MakeTar({dir, {"disk/a.img", Type::kFile, a}, {"disk/b.img", Type::kFile, b}}, "gzip");
+  const std::string only_a = MakeTar({dir, {"disk/a.img", Type::kFile, a}}, "gzip");
+  int n = 0;
+  // An image of `layers` (bottom first; gzip unless a layer is given with
+  // its media type) in a layout of its own; returns its oci: name.
+  auto image = [&](const std::vector<std::pair<std::string, std::string>>& layers) {
+    const std::string tag = "t" + std::to_string(++n);
+    EXPECT_TRUE(MakeImageFromLayers(tmp() / "layout", tag, layers).ok());
+    return "oci:" + P("layout") + ":" + tag;
+  };
+  auto gz = [](const std::string& tar) { return std::make_pair(LayerMediaType("gzip"), tar); };
+  auto inspect = [&](const std::string& name, const std::string& path = "") {
+    std::vector<std::string> args = {"inspect", "--disk", name};
+    if (!path.empty()) args.insert(args.end(), {"--path", path});
+    return Regdisk(args);
+  };
+  auto described = [&](const RunResult& r, const std::string& path, uint64_t size) {
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    if (r.exit_code != 0) return;
+    json d = json::parse(r.out)["Disk"];
+    EXPECT_EQ(d["Path"], path);
+    EXPECT_EQ(d["VirtualSize"], size);
+    EXPECT_EQ(d["Verified"], true);
+  };
+  auto none = [&](const RunResult& r, const std::string& what) {
+    EXPECT_EQ(r.exit_code, 1) << r.out;
+    EXPECT_THAT(r.err, HasSubstr(what));
+  };
+
+  // A whiteout in the top layer deletes the lower disk: no disk at all.
+  const std::string wh = image({gz(only_a), gz(MakeTar({{"disk/.wh.a.img", Type::kFile, ""},
+                                                       {"etc/motd", Type::kFile, "hi"}}, "gzip"))});
+  none(inspect(wh), "no file under /disk");
+  // ... or one of two, which leaves the other.
+  const std::string wh_one = image({gz(base), gz(MakeTar({{"disk/.wh.a.img", Type::kFile, ""}}, "gzip"))});
+  described(inspect(wh_one), "/disk/b.img", 8192);
+  none(inspect(wh_one, "/disk/a.img"), "no file \"/disk/a.img\" under /disk");
+  // Whiting out /disk itself from the root.
+  none(inspect(image({gz(only_a), gz(MakeTar({{".wh.disk", Type::kFile, ""}}, "gzip"))})), "no file under /disk");
+  // An opaque /disk hides the lower files, not its own.
+  const std::string opq = image({gz(base), gz(MakeTar({{"disk/.wh..wh..opq", Type::kFile, ""},
+                                                      {"disk/c.img", Type::kFile, std::string(12288, 'c')}}, "gzip"))});
+  described(inspect(opq), "/disk/c.img", 12288);
+  none(inspect(opq, "/disk/a.img"), "no file \"/disk/a.img\" under /disk");
+  // A file at /disk replaces the directory and all below it.
+  const std::string as_file = image({gz(only_a), gz(MakeTar({{"disk", Type::kFile, b}}, "gzip"))});
+  described(inspect(as_file), "/disk", 8192);
+  none(inspect(as_file, "/disk/a.img"), "no file \"/disk/a.img\" under /disk");
+  // A directory replaces a lower file at its path: b is the only file left.
+  described(inspect(image({gz(base), gz(MakeTar({{"disk/a.img", Type::kDir, "", "", 0, 0, 0755}}, "gzip"))})),
+            "/disk/b.img", 8192);
+  // Within one layer a later entry replaces an earlier one.
+  described(inspect(image({gz(MakeTar({dir, {"disk/a.img", Type::kFile, a}, {"disk/a.img", Type::kFile, b}}, "gzip"))})),
+            "/disk/a.img", 8192);
+  // Two files under /disk that no upper layer hides: as the pull says it.
+  RunResult r = inspect(image({gz(base)}));
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_THAT(r.err, HasSubstr("holds 2 files under /disk (\"/disk/a.img\", \"/disk/b.img\"); name one with --path"));
+  // An upper layer with a link under /disk refuses the image, as a pull does.
+  r = inspect(image({gz(only_a), gz(MakeTar({{"disk/b.img", Type::kSymlink, "", "/etc/shadow"}}, "gzip"))}));
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_THAT(r.err, HasSubstr("symlink at \"/disk/b.img\""));
+
+  // Bytes that do not match the layer digest, in an upper layer (which
+  // decides what the disk is) and in the disk's own small layer: refused.
+  for (int tampered : {1, 0}) {
+    const std::string tag = "tampered" + std::to_string(tampered);  // blobs of their own in each round
+    auto img = MakeImageFromLayers(tmp() / "layout", tag,
+                                   {{LayerMediaType(""), MakeTar({dir, {"disk/a.img", Type::kFile, a}, {"x", Type::kFile, tag}}, "")},
+                                    {LayerMediaType(""), MakeTar({{"etc/motd", Type::kFile, "hello " + tag}}, "")}});
+    ASSERT_OK(img);
+    const fs::path blob = tmp() / "layout" / "blobs" / "sha256" / img->layers[tampered].digest.hex();
+    std::string bytes = ReadFileCapped(blob, 1 << 20).value();
+    const size_t at = bytes.find(tampered == 1 ? "hello" : std::string(16, 'a'));
+    ASSERT_NE(at, std::string::npos);
+    bytes[at] ^= 1;  // the tar stays readable; only the digest tells
+    fs::permissions(blob, fs::perms::owner_write, fs::perm_options::add);
+    ASSERT_OK(WriteFileAtomic(blob, bytes));
+    r = inspect("oci:" + P("layout") + ":" + tag);
+    EXPECT_EQ(r.exit_code, 1) << tag << ": " << r.out;
+    EXPECT_THAT(r.err, HasSubstr(img->layers[tampered].digest.hex().substr(0, 12))) << tag;
+  }
   EXPECT_FALSE(fs::exists(root_));
 }
 

@@ -431,6 +431,7 @@ Result<std::optional<ojson>> DiskObject(image::ImageSource& src, const image::In
                  {"VirtualSize", d.info.virtual_size},
                  {"Size", d.info.file_size},
                  {"Layer", d.layer.str()},
+                 {"Verified", d.verified},
                  {"From", "header"}};
     if (d.info.format == disk::Format::kQcow2) out["Qcow2Version"] = d.info.qcow2_version;
     return std::optional<ojson>(out);

@@ -15,11 +15,10 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-#include "disk/overlay.h"
 #include "util/env.h"
 #include "util/log.h"
 #include "util/process.h"
-#include "vm/cloudinit.h"
+#include "vm/launch.h"
 #include "vm/qmp.h"
 
 namespace regdisk::daemon {
@@ -36,15 +35,10 @@ constexpr char kRecordFile[] = "vm.json";
 UniqueFd OpenPidfd(pid_t pid) { return UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0))); }
 
 nlohmann::json RecordToJson(const InstanceRecord& r) {
-  nlohmann::json ports = nlohmann::json::array();
-  for (const auto& p : r.ports) {
-    ports.push_back({{"name", p.name}, {"protocol", p.protocol}, {"port", p.guest_port}, {"hostIP", p.host_ip},
-                     {"hostPort", p.host_port}});
-  }
   return {{"namespace", r.namespace_}, {"name", r.name}, {"uid", r.uid}, {"qemuPid", r.pid},
           {"qemuStartTicks", r.start_ticks}, {"startedAt", r.started_at}, {"qmpSocket", r.qmp_socket.string()},
           {"consoleSocket", r.console_socket.string()}, {"logFile", r.log_file.string()}, {"ip", r.ip},
-          {"ports", ports}, {"images", r.images}};
+          {"ports", vm::PortsToJson(r.ports)}, {"images", r.images}};
 }
 
 Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& run_dir) {
@@ -62,15 +56,7 @@ Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& r
     r.console_socket = j.at("consoleSocket").get<std::string>();
     r.log_file = j.at("logFile").get<std::string>();
     r.ip = j.value("ip", "");
-    for (const auto& p : j.value("ports", nlohmann::json::array())) {
-      vm::PublishedPort pp;
-      pp.name = p.value("name", "");
-      pp.protocol = p.value("protocol", "tcp");
-      pp.guest_port = p.value("port", 0);
-      pp.host_ip = p.value("hostIP", "");
-      pp.host_port = p.value("hostPort", 0);
-      r.ports.push_back(pp);
-    }
+    r.ports = vm::PortsFromJson(j.value("ports", nlohmann::json::array()));
     const nlohmann::json images = j.value("images", nlohmann::json::object());
     for (const auto& [image, digest] : images.items()) {
       if (digest.is_string()) r.images[image] = digest.get<std::string>();
@@ -80,35 +66,6 @@ Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& r
   } catch (const nlohmann::json::exception& e) {
     return InvalidArgument(e.what());
   }
-}
-
-// QEMU serves the console with wait=on: it starts the guest once a client
-// has connected. Connect once (and let go: QEMU keeps logging the console
-// to the VM's log without a client), giving up when QEMU exits.
-Status ReleaseConsole(const fs::path& path, Process& qemu) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.string().size() >= sizeof addr.sun_path) return InvalidArgument("the console socket path is too long");
-  std::strcpy(addr.sun_path, path.c_str());
-  const auto deadline = Clock::now() + 60s;
-  for (;;) {
-    UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    if (!fd.valid()) return ErrnoStatus("opening a console socket");
-    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return OkStatus();
-    if (errno != ENOENT && errno != ECONNREFUSED) return ErrnoStatus("connecting to the console of the VM");
-    if (qemu.Poll()) return OkStatus();  // the caller reports why QEMU ended
-    if (Clock::now() > deadline) return DeadlineExceeded("QEMU did not open the VM's console within 60 s");
-    std::this_thread::sleep_for(10ms);
-  }
-}
-
-std::string LastLine(const fs::path& p) {
-  auto t = ReadFileCapped(p, 1 << 20);
-  if (!t.ok()) return {};
-  std::string s = *t;
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-  size_t nl = s.rfind('\n');
-  return nl == std::string::npos ? s : s.substr(nl + 1);
 }
 
 }  // namespace
@@ -160,32 +117,16 @@ Result<std::unique_ptr<Instance>> Instance::Launch(vm::VmPlan plan, const Launch
   ASSIGN_OR_RETURN(UniqueFd dir_lock, OpenFile(dir, O_RDONLY | O_DIRECTORY));
   if (::flock(dir_lock.get(), LOCK_EX | LOCK_NB) != 0) return ErrnoStatus("locking " + dir.string());
 
-  for (const auto& d : plan.disks) {
-    if (d.seed) {
-      RETURN_IF_ERROR(vm::WriteNoCloudSeed(d.backing, *d.seed).Annotate("writing the cloud-init seed for disk " + d.name));
-      continue;
-    }
-    RETURN_IF_ERROR(disk::CreateOverlay(d.overlay, d.backing, d.backing_format, d.virtual_size)
-                        .Annotate("creating the ephemeral disk for " + d.name));
-  }
+  RETURN_IF_ERROR(vm::PrepareDisks(plan));
   for (const auto& nic : plan.nics) {
     if (!nic.bridge.empty()) return Unimplemented("the node daemon runs VMs on the pod network only (NIC " + nic.name + ")");
   }
   RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
-  {
-    // A new VMI of an old name starts a fresh log; QEMU would create it 0644.
-    ASSIGN_OR_RETURN(UniqueFd log_fd, OpenFile(plan.log_file, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0600));
-    if (::fchmod(log_fd.get(), 0600) != 0) return ErrnoStatus("making " + plan.log_file.string() + " private");
-  }
+  RETURN_IF_ERROR(vm::CreatePrivateLog(plan.log_file, /*truncate=*/true));  // a new VMI of an old name: a fresh log
 
-  Process::Options popt;
-  popt.stdout_mode = Process::Stdio::kFile;
-  popt.stdout_file = dir / "qemu.log";
-  popt.stderr_mode = Process::Stdio::kFile;
-  popt.stderr_file = dir / "qemu.log";
   // QEMU keeps the disks' leases and the run directory's lock for as long
   // as it lives, whatever happens to the daemon; no parent-death signal.
-  for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
+  Process::Options popt = vm::QemuProcessOptions(plan);
   popt.inherit_fds.push_back(dir_lock.get());
   ASSIGN_OR_RETURN(Process qemu, Env::Default()->Spawn(vm::QemuArgv(plan), popt));
   UniqueFd pidfd = OpenPidfd(qemu.pid());
@@ -213,9 +154,12 @@ Result<std::unique_ptr<Instance>> Instance::Launch(vm::VmPlan plan, const Launch
     r.ports.insert(r.ports.end(), nic.ports.begin(), nic.ports.end());
   }
   RETURN_IF_ERROR(WriteFileAtomic(dir / kRecordFile, RecordToJson(r).dump(), 0600));
-  RETURN_IF_ERROR(ReleaseConsole(plan.console_socket, qemu));
+  // QEMU starts the guest once a client has connected to the console:
+  // connect once and let go (QEMU keeps logging the console to the VM's
+  // log without a client).
+  RETURN_IF_ERROR(vm::ConnectConsole(plan.console_socket, qemu, 60s).status());
   if (auto code = qemu.Poll()) {
-    std::string detail = LastLine(dir / "qemu.log");
+    std::string detail = vm::QemuLogLastLine(dir);
     return Internal("QEMU could not run VM " + plan.name + (detail.empty() ? "" : ": " + detail));
   }
   qemu.Release();  // reaped through the pidfd (waitid) by Poll
@@ -256,7 +200,7 @@ std::optional<InstanceExit> Instance::Poll() {
     if (info.si_code == CLD_EXITED && info.si_status == 0) {
       exit_ = InstanceExit{true, "the guest powered off"};
     } else if (info.si_code == CLD_EXITED) {
-      std::string detail = LastLine(record_.run_dir / "qemu.log");
+      std::string detail = vm::QemuLogLastLine(record_.run_dir);
       exit_ = InstanceExit{false, "QEMU exited with status " + std::to_string(info.si_status) +
                                       (detail.empty() ? "" : ": " + detail)};
     } else {

@@ -16,6 +16,9 @@ namespace regdisk::store {
 namespace {
 
 constexpr size_t kHeadBytes = 64 << 10;
+// The disk's layer is read to its end, and so verified, when it is no
+// larger than this; a larger one only as far as the disk's head.
+constexpr int64_t kVerifiedLayerBytes = 4 << 20;
 
 // The disk's header checked by disk::InspectDisk, which reads from an fd: a
 // sparse memory file of the disk's size holding its first bytes (the
@@ -32,6 +35,7 @@ Result<disk::DiskInfo> InspectHead(const DiskHead& h) {
 
 Result<PeekedDisk> PeekDisk(image::ImageSource& src, const image::ResolvedImage& img, const std::string& path) {
   PeekedDisk out;
+  DiskPeek peek(path, kHeadBytes);
   const auto& layers = img.manifest.layers;
   for (size_t i = layers.size(); i-- > 0;) {
     const oci::Descriptor& l = layers[i];
@@ -44,16 +48,21 @@ Result<PeekedDisk> PeekDisk(image::ImageSource& src, const image::ResolvedImage&
         return pipe.Write(chunk);
       }));
     });
-    auto head = ReadDiskHead(pipe, l.media_type, label, path, kHeadBytes);
-    pipe.Cancel();  // drops the rest of the transfer
+    Status st = peek.ReadLayer(pipe, l.media_type, label, /*stop_at_disk=*/l.size > kVerifiedLayerBytes);
+    pipe.Cancel();  // drops the rest of the transfer, if any
     producer.join();
     out.bytes_read += received;
     log::Info("{}: read {} of {} bytes", label, received, l.size);
-    if (!head.ok()) return std::move(head).status();
-    if (!*head) continue;
-    out.image_path = (*head)->image_path;
+    RETURN_IF_ERROR(st);
+    if (!peek.found()) continue;
+    out.image_path = peek.disk().image_path;
     out.layer = l.digest;
-    ASSIGN_OR_RETURN(out.info, InspectHead(**head));
+    out.verified = peek.verified();
+    if (!out.verified) {
+      log::Info("{}: the disk's header was read without reading the layer to its end, so it is not checked against "
+                "the layer's digest (a pull checks it)", label);
+    }
+    ASSIGN_OR_RETURN(out.info, InspectHead(peek.disk()));
     return out;
   }
   if (!path.empty()) return NotFound("the image has no file " + Printable(path) + " under /disk");

@@ -231,6 +231,70 @@ std::string ArchiveError(archive* a) {
 
 bool UnderDisk(const std::string& p) { return p == "disk" || p.rfind("disk/", 0) == 0; }
 
+// A layer's tar entry as the layer rules read it: outside /disk only
+// whiteouts matter; under /disk only directories and regular files are
+// accepted (links, devices, FIFOs and sockets refuse the image).
+struct LayerEntry {
+  enum class Kind { kIgnored, kWhiteout, kOpaque, kDir, kFile };
+  Kind kind = Kind::kIgnored;
+  std::string path;  // cleaned: "disk/a.img"; a whiteout's target; an opaque directory ("" for the root)
+};
+
+Result<LayerEntry> ClassifyEntry(archive_entry* e, const std::string& label) {
+  ASSIGN_OR_RETURN(std::string path, CleanPath(archive_entry_pathname(e), label));
+  if (path.empty()) return LayerEntry{};
+  const size_t slash = path.rfind('/');
+  std::string dir = slash == std::string::npos ? "" : path.substr(0, slash);
+  std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (base == ".wh..wh..opq") return LayerEntry{LayerEntry::Kind::kOpaque, dir};
+  if (base.rfind(".wh.", 0) == 0) {
+    return LayerEntry{LayerEntry::Kind::kWhiteout, (dir.empty() ? "" : dir + "/") + base.substr(4)};
+  }
+  if (!UnderDisk(path)) return LayerEntry{};  // only /disk is materialised
+  const mode_t type = archive_entry_filetype(e);
+  if (const char* hardlink = archive_entry_hardlink(e)) {
+    return InvalidArgument(label + " has a hard link at " + Printable("/" + path) + " (to " + Printable(hardlink) +
+                           "); links under /disk are refused");
+  }
+  if (type == AE_IFLNK) {
+    const char* target = archive_entry_symlink(e);
+    return InvalidArgument(label + " has a symlink at " + Printable("/" + path) + " pointing to " +
+                           Printable(target ? target : "?") +
+                           "; links under /disk are refused, as they could expose host files to the VM");
+  }
+  if (type != AE_IFREG && type != AE_IFDIR) {
+    return InvalidArgument(label + " has a device, FIFO or socket at " + Printable("/" + path) +
+                           "; only regular files belong under /disk");
+  }
+  return LayerEntry{type == AE_IFDIR ? LayerEntry::Kind::kDir : LayerEntry::Kind::kFile, std::move(path)};
+}
+
+// "/disk/x" -> "disk/x".
+std::string StripLeadingSlashes(const std::string& p) {
+  const size_t i = p.find_first_not_of('/');
+  return i == std::string::npos ? "" : p.substr(i);
+}
+
+Status TooManyDiskEntries(const std::string& label, uint64_t limit) {
+  return ResourceExhausted(label + " puts more than " + std::to_string(limit) +
+                           " entries under /disk, the most regdisk accepts; a registry disk holds one disk file");
+}
+
+Status TooManyEntries(const std::string& label, uint64_t limit) {
+  return ResourceExhausted(label + " has more than " + std::to_string(limit) +
+                           " entries, the most regdisk reads in one layer; put the disk in an image of its own");
+}
+
+// The error for several candidate disks, naming a few.
+Status SeveralDisks(const std::vector<std::string>& paths) {
+  std::string list;
+  constexpr size_t kShown = 4;
+  for (size_t i = 0; i < paths.size() && i < kShown; ++i) list += (i ? ", " : "") + Printable("/" + paths[i], 80);
+  if (paths.size() > kShown) list += " and " + std::to_string(paths.size() - kShown) + " more";
+  return InvalidArgument("the image holds " + std::to_string(paths.size()) + " files under /disk (" + list +
+                         "); name one with --path");
+}
+
 bool AllZero(const char* p, size_t n) {
   static const char kZeros[kZeroBlock] = {};
   return n <= kZeroBlock && std::memcmp(p, kZeros, n) == 0;
@@ -334,71 +398,52 @@ Status DiskTree::ApplyLayer(ByteSource& src, std::string_view media_type, const 
 Status DiskTree::ReadEntries(archive* a, const std::string& label) {
   archive_entry* e = nullptr;
   std::set<std::string> whited_out;  // in this layer; "dir/" for an opaque dir
-  auto too_many = [&] {
-    return ResourceExhausted(label + " puts more than " + std::to_string(limits_.max_disk_entries) +
-                             " entries under /disk, the most regdisk accepts; a registry disk holds one disk file");
-  };
   for (uint64_t count = 1;; ++count) {
     int r = archive_read_next_header(a, &e);
     if (r == ARCHIVE_EOF) break;
     if (r < ARCHIVE_WARN) {
       return InvalidArgument(label + " is not a valid tar archive: " + ArchiveError(a));
     }
-    if (count > limits_.max_layer_entries) {
-      return ResourceExhausted(label + " has more than " + std::to_string(limits_.max_layer_entries) +
-                               " entries, the most regdisk reads in one layer; put the disk in an image of its own");
-    }
-    ASSIGN_OR_RETURN(std::string path, CleanPath(archive_entry_pathname(e), label));
-    if (path.empty()) continue;
-    const size_t slash = path.rfind('/');
-    std::string dir = slash == std::string::npos ? "" : path.substr(0, slash);
-    std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
-
-    // Whiteouts remove what lower layers put there. Once per path and
-    // layer: a repeat would remove nothing, only walk this layer's entries.
-    if (base == ".wh..wh..opq") {
-      if (!whited_out.insert(dir + "/").second) continue;
-      RemoveTree(dir, layer_);
-      // The directory itself stays; only its lower contents go.
-      if (!dir.empty() && UnderDisk(dir)) {
-        if (entries_.size() >= limits_.max_disk_entries && !entries_.count(dir)) return too_many();
-        entries_[dir] = Entry{true, {}, 0, layer_};
+    if (count > limits_.max_layer_entries) return TooManyEntries(label, limits_.max_layer_entries);
+    ASSIGN_OR_RETURN(LayerEntry entry, ClassifyEntry(e, label));
+    const std::string& path = entry.path;
+    switch (entry.kind) {
+      case LayerEntry::Kind::kIgnored:
+        break;
+      // Whiteouts remove what lower layers put there. Once per path and
+      // layer: a repeat would remove nothing, only walk this layer's entries.
+      case LayerEntry::Kind::kOpaque:
+        if (!whited_out.insert(path + "/").second) break;
+        RemoveTree(path, layer_);
+        // The directory itself stays; only its lower contents go.
+        if (!path.empty() && UnderDisk(path)) {
+          if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) {
+            return TooManyDiskEntries(label, limits_.max_disk_entries);
+          }
+          entries_[path] = Entry{true, {}, 0, layer_};
+        }
+        break;
+      case LayerEntry::Kind::kWhiteout:
+        if (whited_out.insert(path).second) RemoveTree(path, layer_);
+        break;
+      case LayerEntry::Kind::kDir: {
+        if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) {
+          return TooManyDiskEntries(label, limits_.max_disk_entries);
+        }
+        // A directory merges with a lower directory, but replaces a lower file.
+        auto lower = entries_.find(path);
+        if (lower != entries_.end() && !lower->second.is_dir) RemoveTree(path, layer_);
+        entries_[path] = Entry{true, {}, 0, layer_};
+        break;
       }
-      continue;
+      case LayerEntry::Kind::kFile:
+        if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) {
+          return TooManyDiskEntries(label, limits_.max_disk_entries);
+        }
+        RemoveTree(path, layer_ + 1);  // a file replaces whatever was there, even in this layer
+        RETURN_IF_ERROR(StageFile(a, e, path, label));
+        break;
     }
-    if (base.rfind(".wh.", 0) == 0) {
-      std::string target = (dir.empty() ? "" : dir + "/") + base.substr(4);
-      if (!whited_out.insert(target).second) continue;
-      RemoveTree(target, layer_);
-      continue;
-    }
-    if (!UnderDisk(path)) continue;  // only /disk is materialised
-    if (entries_.size() >= limits_.max_disk_entries && !entries_.count(path)) return too_many();
-
-    const mode_t type = archive_entry_filetype(e);
-    if (const char* hardlink = archive_entry_hardlink(e)) {
-      return InvalidArgument(label + " has a hard link at " + Printable("/" + path) + " (to " + Printable(hardlink) +
-                             "); links under /disk are refused");
-    }
-    if (type == AE_IFLNK) {
-      const char* target = archive_entry_symlink(e);
-      return InvalidArgument(label + " has a symlink at " + Printable("/" + path) + " pointing to " +
-                             Printable(target ? target : "?") +
-                             "; links under /disk are refused, as they could expose host files to the VM");
-    }
-    if (type != AE_IFREG && type != AE_IFDIR) {
-      return InvalidArgument(label + " has a device, FIFO or socket at " + Printable("/" + path) +
-                             "; only regular files belong under /disk");
-    }
-    if (type == AE_IFDIR) {
-      // A directory merges with a lower directory, but replaces a lower file.
-      auto lower = entries_.find(path);
-      if (lower != entries_.end() && !lower->second.is_dir) RemoveTree(path, layer_);
-      entries_[path] = Entry{true, {}, 0, layer_};
-      continue;
-    }
-    RemoveTree(path, layer_ + 1);  // a file replaces whatever was there, even in this layer
-    RETURN_IF_ERROR(StageFile(a, e, path, label));
   }
   return OkStatus();
 }
@@ -462,8 +507,7 @@ Status DiskTree::StageFile(archive* a, archive_entry* e, const std::string& path
 
 Result<DiskTree::File> DiskTree::FindDisk(const std::string& path) const {
   if (!path.empty()) {
-    std::string key = path.substr(path.find_first_not_of('/') == std::string::npos ? path.size() : path.find_first_not_of('/'));
-    auto it = entries_.find(key);
+    auto it = entries_.find(StripLeadingSlashes(path));
     if (it == entries_.end() || it->second.is_dir) {
       return NotFound("the image has no regular file at " + Printable(path));
     }
@@ -477,67 +521,118 @@ Result<DiskTree::File> DiskTree::FindDisk(const std::string& path) const {
   if (files.empty()) {
     return NotFound("the image holds no disk: there is no regular file under /disk; add one (ADD disk.qcow2 /disk)");
   }
-  std::string list;
-  constexpr size_t kShown = 4;
-  for (size_t i = 0; i < files.size() && i < kShown; ++i) list += (i ? ", " : "") + Printable("/" + files[i]->first, 80);
-  if (files.size() > kShown) list += " and " + std::to_string(files.size() - kShown) + " more";
-  return InvalidArgument("the image holds " + std::to_string(files.size()) + " files under /disk (" + list +
-                         "); name one with --path");
+  std::vector<std::string> paths;
+  for (const auto* f : files) paths.push_back(f->first);
+  return SeveralDisks(paths);
 }
 
-Result<std::optional<DiskHead>> ReadDiskHead(ByteSource& src, std::string_view media_type, const std::string& label,
-                                             const std::string& path, size_t head_bytes) {
+DiskPeek::DiskPeek(const std::string& path, size_t head_bytes)
+    : wanted_(StripLeadingSlashes(path)), head_bytes_(head_bytes) {}
+
+bool DiskPeek::Hidden(const std::string& p, bool is_file) const {
+  if (is_file && dirs_.count(p)) return true;
+  if (gone_.count("")) return true;  // an opaque root
+  for (size_t end = p.find('/');; end = p.find('/', end + 1)) {
+    if (gone_.count(p.substr(0, end))) return true;
+    if (end == std::string::npos) return false;
+  }
+}
+
+Status DiskPeek::ReadLayer(ByteSource& src, std::string_view media_type, const std::string& label, bool stop_at_disk) {
   ASSIGN_OR_RETURN(Compression comp, FromMediaType(media_type, label));
   ASSIGN_OR_RETURN(auto first, src.Next());
   if (first.empty()) return InvalidArgument(label + " is empty; the image is malformed");
   RETURN_IF_ERROR(CheckMagic(first, comp, label));
   LayerInput input(src, first);
   LayerArchive a(input, comp);
-  if (!a.opened()) {
-    if (!input.error().ok()) return input.error();
-    return InvalidArgument(label + " is not a readable tar archive: " + ArchiveError(a.get()));
-  }
-  const std::string wanted = path.empty() ? "" : path.substr(path.find_first_not_of('/') == std::string::npos
-                                                                  ? path.size()
-                                                                  : path.find_first_not_of('/'));
+  auto failed = [&](Status st) { return input.error().ok() ? st : input.error(); };  // the source's failure first
+  if (!a.opened()) return failed(InvalidArgument(label + " is not a readable tar archive: " + ArchiveError(a.get())));
+
+  // Files of this layer that no upper layer hides (and, with a path, at
+  // that path); the first one's head is kept (one is the disk, several an
+  // error). Within a layer, a later entry replaces an earlier one.
+  std::map<std::string, DiskHead> files;
+  std::vector<std::string> gone, dirs;  // this layer's effect on lower layers
+  uint64_t disk_entries = 0;
   archive_entry* e = nullptr;
-  for (;;) {
+  for (uint64_t count = 1;; ++count) {
     int r = archive_read_next_header(a.get(), &e);
-    if (r == ARCHIVE_EOF) return std::optional<DiskHead>();
-    if (r < ARCHIVE_WARN) {
-      if (!input.error().ok()) return input.error();
-      return InvalidArgument(label + " is not a valid tar archive: " + ArchiveError(a.get()));
+    if (r == ARCHIVE_EOF) break;
+    if (r < ARCHIVE_WARN) return failed(InvalidArgument(label + " is not a valid tar archive: " + ArchiveError(a.get())));
+    if (count > limits_.max_layer_entries) return TooManyEntries(label, limits_.max_layer_entries);
+    ASSIGN_OR_RETURN(LayerEntry entry, ClassifyEntry(e, label));
+    const std::string& p = entry.path;
+    if ((entry.kind == LayerEntry::Kind::kDir || entry.kind == LayerEntry::Kind::kFile) &&
+        ++disk_entries > limits_.max_disk_entries) {
+      return TooManyDiskEntries(label, limits_.max_disk_entries);
     }
-    ASSIGN_OR_RETURN(std::string p, CleanPath(archive_entry_pathname(e), label));
-    if (!UnderDisk(p)) continue;
-    const mode_t type = archive_entry_filetype(e);
-    if (archive_entry_hardlink(e) != nullptr || type == AE_IFLNK) {
-      return InvalidArgument(label + " has a link at " + Printable("/" + p) + "; links under /disk are refused");
+    switch (entry.kind) {
+      case LayerEntry::Kind::kIgnored:
+        continue;
+      case LayerEntry::Kind::kWhiteout:
+        gone.push_back(p);
+        continue;
+      case LayerEntry::Kind::kOpaque:
+        gone.push_back(p);
+        if (UnderDisk(p)) files.erase(p);  // the directory stays, as a directory (a pull does the same)
+        continue;
+      case LayerEntry::Kind::kDir:
+        files.erase(p);
+        dirs.push_back(p);
+        continue;
+      case LayerEntry::Kind::kFile:
+        break;
     }
-    if (type != AE_IFREG && type != AE_IFDIR) {
-      return InvalidArgument(label + " has a device, FIFO or socket at " + Printable("/" + p) +
-                             "; only regular files belong under /disk");
+    // A file replaces this layer's earlier entries at its path and below.
+    files.erase(p);
+    for (auto it = files.lower_bound(p + "/"); it != files.end() && it->first.compare(0, p.size() + 1, p + "/") == 0;) {
+      it = files.erase(it);
     }
-    if (type != AE_IFREG || (!wanted.empty() && p != wanted)) continue;
-    const size_t base = p.rfind('/') == std::string::npos ? 0 : p.rfind('/') + 1;
-    if (p.compare(base, 4, ".wh.") == 0) continue;
-    DiskHead h;
+    gone.push_back(p);
+    if ((!wanted_.empty() && p != wanted_) || Hidden(p, true)) continue;
+    DiskHead& h = files[p];
     h.image_path = "/" + p;
     h.size = static_cast<uint64_t>(std::max<la_int64_t>(archive_entry_size(e), 0));
-    h.head.resize(static_cast<size_t>(std::min<uint64_t>(h.size, head_bytes)));
+    if (files.size() > 1) continue;  // several files: an error at the end, no head needed
+    h.head.resize(static_cast<size_t>(std::min<uint64_t>(h.size, head_bytes_)));
     size_t got = 0;
     while (got < h.head.size()) {
       la_ssize_t n = archive_read_data(a.get(), h.head.data() + got, h.head.size() - got);
       if (n < 0) {
-        if (!input.error().ok()) return input.error();
-        return InvalidArgument(label + " ends inside " + Printable(h.image_path) + ": " + ArchiveError(a.get()));
+        return failed(InvalidArgument(label + " ends inside " + Printable(h.image_path) + ": " + ArchiveError(a.get())));
       }
       if (n == 0) break;
       got += static_cast<size_t>(n);
     }
     h.head.resize(got);
-    return std::optional<DiskHead>(std::move(h));
+    if (stop_at_disk) {  // the rest of the layer is neither read nor verified
+      disk_ = std::move(h);
+      verified_ = false;
+      return OkStatus();
+    }
   }
+  if (!input.error().ok()) return input.error();
+  RETURN_IF_ERROR(input.Drain());  // to the end: the source checks the digest
+  if (files.size() > 1) {
+    std::vector<std::string> paths;
+    for (const auto& kv : files) paths.push_back(kv.first);
+    return SeveralDisks(paths);
+  }
+  if (files.size() == 1) {
+    DiskHead& h = files.begin()->second;
+    if (h.head.size() < std::min<uint64_t>(h.size, head_bytes_)) {
+      // Another file took the head's place and was replaced later in the
+      // layer: only a hand-made tar does this.
+      return InvalidArgument(label + " lists files under /disk more than once; pull the image to use " +
+                             Printable(h.image_path));
+    }
+    disk_ = std::move(h);
+    verified_ = true;
+    return OkStatus();
+  }
+  gone_.insert(gone.begin(), gone.end());
+  dirs_.insert(dirs.begin(), dirs.end());
+  return OkStatus();
 }
 
 }  // namespace regdisk::store

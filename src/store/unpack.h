@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 
@@ -80,20 +81,68 @@ class DiskTree {
   int next_file_ = 0;
 };
 
-// The front of a disk file in one layer, for describing a disk without
-// pulling it (inspect --disk): reads the layer only as far as the first
-// regular file under /disk (or the file at `path`, "/disk/x.qcow2"), and
-// then only that file's first `head_bytes`. Nothing is written anywhere.
-// The bytes are not verified (the layer is not read to its end, so its
-// digest cannot be checked); a pull verifies them. nullopt when the layer
-// holds no such file. Entries are checked as a pull checks them (no
-// absolute or ".." paths; no links or devices under /disk).
+// Describing a disk without pulling it (inspect --disk): the layers are
+// read from the top one down, and each entry is read with the rules a pull
+// applies bottom-up (OCI image-spec layers): an upper layer wins, a
+// `.wh.NAME` entry deletes NAME and what is below it in lower layers, a
+// `.wh..wh..opq` entry empties its directory of lower layers' contents, a
+// file replaces a lower file or directory at its path (and everything
+// below it), a directory replaces a lower file. Entries are checked as a
+// pull checks them (no absolute or ".." paths; no links or devices under
+// /disk). Nothing is written anywhere.
+//
+//   DiskPeek peek("", 64 << 10);
+//   for (each layer, top first) {
+//     RETURN_IF_ERROR(peek.ReadLayer(layer_bytes, media_type, label, /*stop_at_disk=*/big));
+//     if (peek.found()) break;
+//   }
+//
+// The disk is the topmost file under /disk (or at `path`) that no upper
+// layer hides. Every layer above the disk's layer is read to its end, so
+// its digest is checked by the source (a streamed, verified download) and
+// a failure of the source is returned as it is. The disk's own layer is
+// read to its end too unless `stop_at_disk`: then reading stops after the
+// disk's first `head_bytes` (a big layer is not downloaded to describe
+// it), and those bytes are not verified (verified() is false); nor are the
+// entries after the disk in that layer seen.
+//
+// Layers below the disk's layer are not read (the topmost visible file is
+// the one a pull uses); a pull may still refuse the image for what they
+// hold (a hostile entry, or without `path` a second visible file under
+// /disk).
 struct DiskHead {
   std::string image_path;  // "/disk/fedora25.qcow2"
   uint64_t size = 0;       // the file's size in the tar
   std::string head;        // its first bytes (up to head_bytes)
 };
-Result<std::optional<DiskHead>> ReadDiskHead(ByteSource& src, std::string_view media_type, const std::string& label,
-                                             const std::string& path, size_t head_bytes);
+
+class DiskPeek {
+ public:
+  // `path`: "/disk/x.qcow2", or "" for the only file under /disk.
+  DiskPeek(const std::string& path, size_t head_bytes);
+
+  // Reads the next layer down (the top layer first). Errors: the layer is
+  // not a tar layer or is hostile; without `path`, it holds several files
+  // under /disk that no upper layer hides (as a pull says it).
+  Status ReadLayer(ByteSource& src, std::string_view media_type, const std::string& label, bool stop_at_disk);
+
+  bool found() const { return disk_.has_value(); }
+  const DiskHead& disk() const { return *disk_; }
+  // Every byte of the layers read, the disk's included, was checked
+  // against its layer's digest (false after a read stopped at the disk).
+  bool verified() const { return verified_; }
+
+ private:
+  // Whether a lower layer's entry at `p` is hidden by the layers read.
+  bool Hidden(const std::string& p, bool is_file) const;
+
+  std::string wanted_;  // "disk/x.qcow2", or ""
+  size_t head_bytes_;
+  DiskTree::Limits limits_;
+  std::set<std::string> gone_;  // whited out, opaque, or replaced by a file: it and all below
+  std::set<std::string> dirs_;  // a directory: hides a lower file at the same path
+  std::optional<DiskHead> disk_;
+  bool verified_ = false;
+};
 
 }  // namespace regdisk::store

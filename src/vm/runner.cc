@@ -21,9 +21,9 @@
 #include <linux/sockios.h>
 #include <nlohmann/json.hpp>
 
-#include "disk/overlay.h"
 #include "oci/digest.h"
-#include "vm/cloudinit.h"
+#include "vm/launch.h"
+#include "vm/qmp.h"
 #include "util/env.h"
 #include "util/fs.h"
 #include "util/log.h"
@@ -85,21 +85,10 @@ class Console {
   // waits for this connection before it starts the guest). Gives up when
   // QEMU exits.
   Status Connect(const fs::path& path, Process& qemu) {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    if (path.string().size() >= sizeof addr.sun_path) return InvalidArgument("the console socket path is too long");
-    std::strcpy(addr.sun_path, path.c_str());
-    for (;;) {
-      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-      if (!fd.valid()) return ErrnoStatus("opening a console socket");
-      if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-        sock_ = std::move(fd);
-        return OkStatus();
-      }
-      if (errno != ENOENT && errno != ECONNREFUSED) return ErrnoStatus("connecting to the console of the VM");
-      if (qemu.Poll()) return OkStatus();  // QEMU ended before it served the console; the caller reports why
-      std::this_thread::sleep_for(10ms);
-    }
+    // An invalid fd when QEMU ended before it served the console; the
+    // caller reports why.
+    ASSIGN_OR_RETURN(sock_, ConnectConsole(path, qemu, std::chrono::milliseconds(0)));
+    return OkStatus();
   }
 
   // Raw mode on the input terminal, until RestoreTerminal or destruction.
@@ -280,52 +269,21 @@ Result<UniqueFd> OpenTapOnBridge(const PlannedNic& nic, const std::string& ns, c
 
 // run_dir/vm.json: what ListRunningVms and regdisk port read.
 Status WriteRunInfo(const VmPlan& plan, int qemu_pid) {
-  nlohmann::json ports = nlohmann::json::array();
+  std::vector<PublishedPort> ports;
   std::string ip;
   for (const auto& nic : plan.nics) {
     if (nic.bridge.empty() && ip.empty()) ip = nic.GuestAddress();
-    for (const auto& p : nic.ports) {
-      ports.push_back({{"name", p.name}, {"protocol", p.protocol}, {"port", p.guest_port}, {"hostIP", p.host_ip},
-                       {"hostPort", p.host_port}});
-    }
+    ports.insert(ports.end(), nic.ports.begin(), nic.ports.end());
   }
   nlohmann::json info = {{"namespace", plan.namespace_}, {"name", plan.name}, {"qemuPid", qemu_pid},
-                         {"ip", ip}, {"ports", ports}};
+                         {"ip", ip}, {"ports", PortsToJson(ports)}};
   return WriteFileAtomic(plan.run_dir / "vm.json", info.dump(), 0600);
 }
 
 // Asks the guest to power off through QMP (ACPI powerdown).
 Status QmpPowerdown(const fs::path& socket_path) {
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) return ErrnoStatus("opening a QMP socket");
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (socket_path.string().size() >= sizeof addr.sun_path) return InvalidArgument("the QMP socket path is too long");
-  std::strcpy(addr.sun_path, socket_path.c_str());
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return ErrnoStatus("connecting to QMP");
-  timeval tv{2, 0};
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  auto read_line = [&]() -> std::string {
-    std::string line;
-    char c;
-    while (::recv(fd.get(), &c, 1, 0) == 1 && c != '\n') line.push_back(c);
-    return line;
-  };
-  read_line();  // the greeting
-  RETURN_IF_ERROR(WriteAll(fd.get(), "{\"execute\":\"qmp_capabilities\"}\n"));
-  read_line();
-  RETURN_IF_ERROR(WriteAll(fd.get(), "{\"execute\":\"system_powerdown\"}\n"));
-  read_line();
-  return OkStatus();
-}
-
-std::string LastLines(const fs::path& p) {
-  auto t = ReadFileCapped(p, 1 << 20);
-  if (!t.ok()) return {};
-  std::string s = *t;
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-  size_t nl = s.rfind('\n');
-  return nl == std::string::npos ? s : s.substr(nl + 1);
+  ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::Connect(socket_path, 2s));
+  return qmp.Execute("system_powerdown").status();
 }
 
 }  // namespace
@@ -367,15 +325,7 @@ std::vector<RunningVm> ListRunningVms(const fs::path& root) {
     vm.qemu_pid = j.value("qemuPid", 0);
     vm.ip = j.value("ip", "");
     vm.run_dir = e.path();
-    for (const auto& p : j.value("ports", nlohmann::json::array())) {
-      PublishedPort pp;
-      pp.name = p.value("name", "");
-      pp.protocol = p.value("protocol", "tcp");
-      pp.guest_port = p.value("port", 0);
-      pp.host_ip = p.value("hostIP", "");
-      pp.host_port = p.value("hostPort", 0);
-      vm.ports.push_back(pp);
-    }
+    vm.ports = PortsFromJson(j.value("ports", nlohmann::json::array()));
     out.push_back(std::move(vm));
   }
   return out;
@@ -401,20 +351,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
                  plan.name.c_str());
   }
 
-  // One overlay per store disk: a qcow2 header naming the store's disk, with
-  // its format given explicitly. Creating it does not read the disk. A
-  // cloud-init disk is the VM's own seed, readable by its owner only.
-  for (const auto& d : plan.disks) {
-    if (d.seed) {
-      RETURN_IF_ERROR(WriteNoCloudSeed(d.backing, *d.seed).Annotate("writing the cloud-init seed for disk " + d.name));
-      continue;
-    }
-    const auto t0 = Clock::now();
-    RETURN_IF_ERROR(disk::CreateOverlay(d.overlay, d.backing, d.backing_format, d.virtual_size)
-                        .Annotate("creating the ephemeral disk for " + d.name));
-    log::Info("ephemeral disk for {} created in {:.2f} ms", d.name,
-              std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-  }
+  RETURN_IF_ERROR(PrepareDisks(plan));
   std::vector<UniqueFd> taps;
   for (auto& nic : plan.nics) {
     if (nic.bridge.empty()) continue;
@@ -424,22 +361,12 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   }
   RETURN_IF_ERROR(MakeDirs(plan.log_file.parent_path()));
   LogRotation logs(plan.log_file);
-  {
-    // QEMU appends the console to the log but would create it 0644; the
-    // console can show what the guest prints of its user-data.
-    ASSIGN_OR_RETURN(UniqueFd log_fd, OpenFile(plan.log_file, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0600));
-    if (::fchmod(log_fd.get(), 0600) != 0) return ErrnoStatus("making " + plan.log_file.string() + " private");
-  }
+  RETURN_IF_ERROR(CreatePrivateLog(plan.log_file, /*truncate=*/false));  // QEMU appends the console to it
 
-  Process::Options popt;
-  popt.stdout_mode = Process::Stdio::kFile;
-  popt.stdout_file = run.path() / "qemu.log";
-  popt.stderr_mode = Process::Stdio::kFile;
-  popt.stderr_file = run.path() / "qemu.log";
   // QEMU holds the disks' use locks and the VM's name itself, so rmi keeps
   // the disks for as long as it runs, and dies with this process however
   // it dies.
-  for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
+  Process::Options popt = QemuProcessOptions(plan);
   popt.inherit_fds.push_back(rundir.lock.get());  // the run directory stays QEMU's while it lives
   popt.inherit_fds.push_back(name_claim.fd());
   for (const auto& tap : taps) popt.inherit_fds.push_back(tap.get());
@@ -531,7 +458,7 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   console.Drain();
   std::optional<int> code = qemu.Poll();
   if (why.empty() && code && *code != 0) {
-    std::string detail = LastLines(run.path() / "qemu.log");
+    std::string detail = QemuLogLastLine(run.path());
     return Internal("QEMU could not run VM " + plan.name + (detail.empty() ? "" : ": " + detail));
   }
   if (logs.pending()) logs.Settle(true);
