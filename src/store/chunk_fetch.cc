@@ -71,23 +71,30 @@ Status ChunkDecoder::DecompressExact(std::string_view frame, uint64_t want, std:
   return OkStatus();
 }
 
-Status ChunkDecoder::Decode(const oci::ChunkIndex& index, size_t k, std::string_view frame, std::string* out,
-                            const std::string& label) {
+Status VerifyChunk(const oci::ChunkIndex& index, size_t k, std::string_view bytes, const std::string& label) {
   const std::string what = fmt::format("chunk {} of {}", k, label);
-  RETURN_IF_ERROR(DecompressExact(frame, index.ChunkLength(k), out, what));
+  if (bytes.size() != index.ChunkLength(k)) {
+    return DataLoss(fmt::format("{} failed verification: {} bytes, not {}", what, bytes.size(), index.ChunkLength(k)));
+  }
   const oci::ChunkEntry& c = index.chunks[k];
   if (c.zero) {
-    if (!AllZero(out->data(), out->size())) {
+    if (!AllZero(bytes.data(), bytes.size())) {
       return DataLoss(what + " failed verification: the index marks it zero but it holds data");
     }
     return OkStatus();
   }
   std::array<uint8_t, 32> sum{};
-  EVP_Digest(out->data(), out->size(), sum.data(), nullptr, EVP_sha256(), nullptr);
+  EVP_Digest(bytes.data(), bytes.size(), sum.data(), nullptr, EVP_sha256(), nullptr);
   if (sum != c.sha256) {
     return DataLoss(what + " failed verification: expected sha256:" + Hex(c.sha256) + ", got sha256:" + Hex(sum));
   }
   return OkStatus();
+}
+
+Status ChunkDecoder::Decode(const oci::ChunkIndex& index, size_t k, std::string_view frame, std::string* out,
+                            const std::string& label) {
+  RETURN_IF_ERROR(DecompressExact(frame, index.ChunkLength(k), out, fmt::format("chunk {} of {}", k, label)));
+  return VerifyChunk(index, k, *out, label);
 }
 
 Result<std::string> CheckTarHead(std::string_view head, uint64_t disk_size) {

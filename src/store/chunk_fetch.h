@@ -77,6 +77,11 @@ std::vector<size_t> AllChunks(const oci::ChunkIndex& index);
 // Chunk k's frame within the bytes a batch fetched.
 std::string_view FrameOf(const oci::ChunkIndex& index, const ChunkBatch& batch, std::string_view fetched, size_t k);
 
+// OK when `bytes` are chunk k as the index describes it: its length, and
+// its SHA-256 (or all zero for a zero chunk); DataLoss naming the chunk
+// otherwise. For chunks read back from a local file as well as fetched.
+Status VerifyChunk(const oci::ChunkIndex& index, size_t k, std::string_view bytes, const std::string& label);
+
 // Decompresses and verifies chunk frames; one per thread.
 class ChunkDecoder {
  public:

@@ -34,6 +34,12 @@ namespace regdisk::testing {
     const auto& _s = (expr);                                   \
     ASSERT_TRUE(_s.ok()) << ::regdisk::testing::StatusText(_s); \
   } while (0)
+// Fails the test with the status message when not OK, and goes on.
+#define EXPECT_OK(expr)                                        \
+  do {                                                         \
+    const auto& _s = (expr);                                   \
+    EXPECT_TRUE(_s.ok()) << ::regdisk::testing::StatusText(_s); \
+  } while (0)
 
 template <typename T>
 std::string StatusText(const T& s) {

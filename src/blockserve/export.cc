@@ -1,0 +1,200 @@
+#include "blockserve/export.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/core.h>
+
+#include "blockserve/control_protocol.h"
+#include "util/log.h"
+
+namespace regdisk::blockserve {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::string_view kPluginName = "nbdkit-regdisk-plugin.so";
+
+Result<UniqueFd> Listen(const fs::path& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.native().size() >= sizeof addr.sun_path) {
+    return InvalidArgument("the socket path " + path.string() + " is too long for a unix socket; use a shorter --root");
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.native().size());
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return ErrnoStatus("socket");
+  ::unlink(path.c_str());
+  // Owner only from the first moment: bind under a umask that allows none
+  // of group and other.
+  const mode_t old = ::umask(0077);
+  const int rc = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  const int err = errno;
+  ::umask(old);
+  if (rc != 0) return ErrnoStatus("bind " + path.string(), err);
+  if (::listen(fd.get(), 64) != 0) return ErrnoStatus("listen " + path.string());
+  return fd;
+}
+
+bool ReadFull(int fd, void* buf, size_t n) {
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    const ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool CanConnect(const fs::path& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), std::min(path.native().size(), sizeof addr.sun_path - 1));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  return fd.valid() && ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ControlServer>> ControlServer::Start(LazyDisk& disk, const fs::path& socket, int workers) {
+  ASSIGN_OR_RETURN(UniqueFd listener, Listen(socket));
+  UniqueFd stop(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!stop.valid()) return ErrnoStatus("eventfd");
+  auto s = std::unique_ptr<ControlServer>(new ControlServer(disk, socket, std::move(listener), std::move(stop)));
+  for (int i = 0; i < std::max(1, workers); ++i) s->workers_.emplace_back([p = s.get()] { p->Serve(); });
+  return s;
+}
+
+ControlServer::ControlServer(LazyDisk& disk, fs::path socket, UniqueFd listener, UniqueFd stop)
+    : disk_(disk), socket_(std::move(socket)), listener_(std::move(listener)), stop_(std::move(stop)) {}
+
+ControlServer::~ControlServer() {
+  const uint64_t one = 1;
+  if (::write(stop_.get(), &one, sizeof one) < 0) log::Warn("control server: cannot signal its workers");
+  for (auto& t : workers_) t.join();
+  ::unlink(socket_.c_str());
+}
+
+void ControlServer::Serve() {
+  for (;;) {
+    pollfd p[2] = {{listener_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
+    if (::poll(p, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      log::Warn("control server {}: poll: {}", socket_.string(), std::strerror(errno));
+      return;
+    }
+    if (p[1].revents) return;
+    UniqueFd conn(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn.valid()) continue;  // another worker took it
+    Answer(conn.get());
+  }
+}
+
+void ControlServer::Answer(int fd) {
+  // The request is 16 bytes from a process on this machine; a peer that
+  // sends less within a few seconds is dropped.
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  unsigned char req[REGDISK_CONTROL_REQUEST_BYTES];
+  if (!ReadFull(fd, req, sizeof req)) return;
+  uint64_t offset = 0, length = 0;
+  std::memcpy(&offset, req, 8);
+  std::memcpy(&length, req + 8, 8);
+  ++requests_;
+  const Status st = disk_.Ensure(offset, length);
+  int32_t err = 0;
+  if (!st.ok()) {
+    err = EIO;
+    log::Warn("a guest read of {} bytes at {} fails: {}", length, offset, st.ToString());
+  }
+  unsigned char reply[REGDISK_CONTROL_REPLY_BYTES];
+  std::memcpy(reply, &err, 4);
+  ::send(fd, reply, sizeof reply, MSG_NOSIGNAL);
+}
+
+Result<fs::path> FindNbdkitPlugin() {
+  std::vector<fs::path> tried;
+  if (const char* env = std::getenv("REGDISK_NBDKIT_PLUGIN"); env && *env) {
+    if (fs::exists(env)) return fs::path(env);
+    return NotFound(std::string("REGDISK_NBDKIT_PLUGIN names ") + env + ", which does not exist");
+  }
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    tried = {exe.parent_path() / kPluginName, exe.parent_path().parent_path() / "lib" / "regdisk" / kPluginName};
+    for (const auto& p : tried) {
+      if (fs::exists(p)) return p;
+    }
+  }
+  std::string where;
+  for (const auto& p : tried) where += (where.empty() ? "" : ", ") + p.string();
+  return NotFound("regdisk's nbdkit plugin is not installed (looked in " + where +
+                  "); install it with regdisk or set REGDISK_NBDKIT_PLUGIN");
+}
+
+Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOptions& o) {
+  fs::path plugin = o.plugin;
+  if (plugin.empty()) {
+    ASSIGN_OR_RETURN(plugin, FindNbdkitPlugin());
+  }
+  const fs::path dir = disk.dir();
+  const fs::path control_path = dir / "control.sock", nbd_path = dir / "nbd.sock";
+  ASSIGN_OR_RETURN(std::unique_ptr<ControlServer> control, ControlServer::Start(disk, control_path, o.workers));
+  ::unlink(nbd_path.c_str());
+  Process::Options po;
+  po.stderr_mode = Process::Stdio::kFile;
+  po.stderr_file = dir / "nbdkit.log";
+  po.die_with_parent = true;
+  // Every path here is the store's own (digests), never a name from an image.
+  const std::vector<std::string> argv = {o.nbdkit,
+                                         "--foreground",
+                                         "--readonly",
+                                         "--unix",
+                                         nbd_path.string(),
+                                         "--threads",
+                                         "16",
+                                         plugin.string(),
+                                         "file=" + disk.file().string(),
+                                         "map=" + disk.bitmap_path().string(),
+                                         "control=" + control_path.string(),
+                                         "deadline=" + std::to_string(o.deadline.count())};
+  ASSIGN_OR_RETURN(Process nbdkit, Process::Spawn(argv, po));
+  const auto until = std::chrono::steady_clock::now() + o.start_timeout;
+  while (!CanConnect(nbd_path)) {
+    if (std::optional<int> code = nbdkit.Poll()) {
+      Result<std::string> log_text = ReadFileCapped(dir / "nbdkit.log", 4096);
+      return Unavailable(fmt::format("nbdkit exited with {} before serving {}: {}", *code, nbd_path.string(),
+                                     log_text.ok() ? *log_text : std::string("(no log)")));
+    }
+    if (std::chrono::steady_clock::now() > until) {
+      return DeadlineExceeded("nbdkit did not listen on " + nbd_path.string() + " in time; see " +
+                              (dir / "nbdkit.log").string());
+    }
+    ::usleep(10000);
+  }
+  ::chmod(nbd_path.c_str(), 0600);
+  return std::unique_ptr<Export>(new Export(nbd_path, std::move(control), std::move(nbdkit)));
+}
+
+Export::Export(fs::path socket, std::unique_ptr<ControlServer> control, Process nbdkit)
+    : socket_(std::move(socket)), control_(std::move(control)), nbdkit_(std::move(nbdkit)) {}
+
+Export::~Export() {
+  nbdkit_.Terminate(std::chrono::seconds(5));
+  ::unlink(socket_.c_str());
+  control_.reset();
+}
+
+std::string Export::uri() const { return "nbd+unix:///?socket=" + socket_.string(); }
+
+}  // namespace regdisk::blockserve

@@ -1,0 +1,95 @@
+// A block export of a LazyDisk: nbdkit, with regdisk's plugin
+// (nbdkit_plugin.c), serving the disk read-only over NBD on a unix socket,
+// and the control server that fetches the chunks the plugin asks for.
+// QEMU opens it as the read-only backing node of each VM's overlay
+// (`nbd+unix:///?socket=DIR/nbd.sock`, format raw); any number of VMs and
+// connections share one export.
+//
+//   ASSIGN_OR_RETURN(std::unique_ptr<Export> e, Export::Start(*disk, ExportOptions{}));
+//   ... qemu -drive ...backing=e->uri() ...
+//   e.reset();  // stops nbdkit and the control server
+//
+// The NBD protocol is nbdkit's; what regdisk adds is the plugin (serve a
+// chunk only once its bit is set) and the control server (fetch, verify,
+// set the bit: LazyDisk::Ensure). Files, in the disk's directory:
+//   nbd.sock      the NBD socket (0600)
+//   control.sock  the plugin's requests (0600, control_protocol.h)
+//   nbdkit.log    nbdkit's own messages (a chunk it could not serve...)
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "blockserve/lazy_disk.h"
+#include "util/fs.h"
+#include "util/process.h"
+#include "util/status.h"
+
+namespace regdisk::blockserve {
+
+struct ExportOptions {
+  // The plugin; FindNbdkitPlugin() when empty.
+  std::filesystem::path plugin;
+  std::string nbdkit = "nbdkit";
+  // Control requests served at once (guest reads of missing chunks).
+  int workers = 4;
+  // A guest read that cannot be served in this time fails with EIO.
+  std::chrono::seconds deadline{60};
+  // How long to wait for nbdkit to listen.
+  std::chrono::milliseconds start_timeout{10000};
+};
+
+// The control server alone: answers the plugin's requests for `disk` on
+// `socket` until destroyed. (Export runs one; a restarted owner can run
+// one for an nbdkit that outlived its predecessor.)
+class ControlServer {
+ public:
+  static Result<std::unique_ptr<ControlServer>> Start(LazyDisk& disk, const std::filesystem::path& socket,
+                                                      int workers);
+  ~ControlServer();
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+  uint64_t requests() const { return requests_.load(); }
+
+ private:
+  ControlServer(LazyDisk& disk, std::filesystem::path socket, UniqueFd listener, UniqueFd stop);
+  void Serve();
+  void Answer(int fd);
+
+  LazyDisk& disk_;
+  const std::filesystem::path socket_;
+  UniqueFd listener_, stop_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> requests_{0};
+};
+
+class Export {
+ public:
+  static Result<std::unique_ptr<Export>> Start(LazyDisk& disk, const ExportOptions& options);
+  ~Export();  // nbdkit is stopped first, then the control server
+  Export(const Export&) = delete;
+  Export& operator=(const Export&) = delete;
+
+  const std::filesystem::path& socket() const { return socket_; }
+  // The NBD URI QEMU and nbd tools take: nbd+unix:///?socket=PATH
+  std::string uri() const;
+  uint64_t control_requests() const { return control_->requests(); }
+
+ private:
+  Export(std::filesystem::path socket, std::unique_ptr<ControlServer> control, Process nbdkit);
+
+  std::filesystem::path socket_;
+  std::unique_ptr<ControlServer> control_;
+  Process nbdkit_;
+};
+
+// The plugin: $REGDISK_NBDKIT_PLUGIN, else nbdkit-regdisk-plugin.so next to
+// the running executable, else in ../lib/regdisk/ from it. NotFound (naming
+// the places looked) when none exists.
+Result<std::filesystem::path> FindNbdkitPlugin();
+
+}  // namespace regdisk::blockserve

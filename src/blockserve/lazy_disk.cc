@@ -1,0 +1,387 @@
+#include "blockserve/lazy_disk.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include <fmt/core.h>
+
+#include "util/env.h"
+#include "util/log.h"
+
+namespace regdisk::blockserve {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr size_t kMaxProfileEntries = 1 << 20;
+
+// A verification failure is the chunk's fault and is not retried within a
+// read; anything else (the network, the registry) may pass.
+bool Retryable(const Status& st) {
+  return st.code() != Code::kInvalidArgument && st.code() != Code::kCancelled &&
+         st.code() != Code::kOutOfRange && st.code() != Code::kNoSpace;
+}
+
+std::vector<size_t> ReadProfile(const fs::path& path, size_t chunks) {
+  std::vector<size_t> out;
+  Result<std::string> text = ReadFileCapped(path, 16 * kMaxProfileEntries);
+  if (!text.ok()) return out;
+  size_t pos = 0;
+  while (pos < text->size() && out.size() < kMaxProfileEntries) {
+    size_t end = text->find('\n', pos);
+    if (end == std::string::npos) end = text->size();
+    const std::string line = text->substr(pos, end - pos);
+    pos = end + 1;
+    char* stop = nullptr;
+    const unsigned long long k = std::strtoull(line.c_str(), &stop, 10);
+    if (line.empty() || *stop != '\0' || k >= chunks) continue;  // not ours: ignored
+    out.push_back(static_cast<size_t>(k));
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, const oci::Descriptor& layer,
+                                                 store::ChunkedLayerHead head, const oci::Digest& index_digest,
+                                                 const fs::path& dir, LazyDiskOptions options) {
+  RETURN_IF_ERROR(MakeDirs(dir));
+  const oci::ChunkIndex& idx = head.index;
+  ASSIGN_OR_RETURN(store::ChunkBitmap bitmap,
+                   store::ChunkBitmap::Open(dir / "chunks.map", idx.chunks.size(), idx.chunk_shift, index_digest));
+  const fs::path file = dir / "disk.raw";
+  // A fresh bitmap proves nothing about the file: start it empty too.
+  const bool fresh = bitmap.Count() == 0;
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file, O_RDWR | O_CREAT | (fresh ? O_TRUNC : 0), 0644));
+  RETURN_IF_ERROR(Env::Default()->Truncate(fd.get(), idx.disk_size).Annotate(file.string()));
+  auto disk = std::unique_ptr<LazyDisk>(new LazyDisk(std::move(readers), layer, std::move(head), std::move(bitmap),
+                                                     std::move(fd), dir, std::move(options)));
+  if (disk->bitmap_.from_previous_boot()) {
+    // The bits may have reached the disk before the bytes did: check each.
+    std::string buf;
+    RETURN_IF_ERROR(disk->bitmap_.Revalidate([&](uint64_t k) {
+      const oci::ChunkIndex& ix = disk->head_.index;
+      buf.resize(ix.ChunkLength(k));
+      return ::pread(disk->fd_.get(), buf.data(), buf.size(), static_cast<off_t>(k << ix.chunk_shift)) ==
+                 static_cast<ssize_t>(buf.size()) &&
+             store::VerifyChunk(ix, k, buf, disk->options_.label).ok();
+    }));
+  }
+  return disk;
+}
+
+LazyDisk::LazyDisk(RangeReaderFactory readers, const oci::Descriptor& layer, store::ChunkedLayerHead head,
+                   store::ChunkBitmap bitmap, UniqueFd fd, fs::path dir, LazyDiskOptions options)
+    : open_reader_(std::move(readers)),
+      layer_(layer),
+      head_(std::move(head)),
+      bitmap_(std::move(bitmap)),
+      fd_(std::move(fd)),
+      dir_(std::move(dir)),
+      options_(std::move(options)) {
+  const size_t n = head_.index.chunks.size();
+  profiled_.assign(n, false);
+  fill_order_ = ReadProfile(profile_path(), n);
+  fill_order_.reserve(fill_order_.size() + n);
+  for (size_t k = 0; k < n; ++k) fill_order_.push_back(k);
+}
+
+LazyDisk::~LazyDisk() {
+  Stop();
+  SaveProfile();
+}
+
+void LazyDisk::Emit(LazyEvent e) const {
+  if (e.kind == LazyEvent::Kind::kChunkRejected || e.kind == LazyEvent::Kind::kFetchFailed) {
+    log::Warn("{}", e.message);
+  }
+  if (options_.on_event) options_.on_event(e);
+}
+
+Status LazyDisk::Ensure(uint64_t offset, uint64_t length) {
+  const oci::ChunkIndex& idx = head_.index;
+  if (length == 0) return OkStatus();
+  if (offset >= idx.disk_size || length > idx.disk_size - offset) {
+    return OutOfRange(fmt::format("read of {} bytes at {} is outside the {}-byte disk of {}", length, offset,
+                                  idx.disk_size, options_.label));
+  }
+  const size_t first = offset >> idx.chunk_shift, last = (offset + length - 1) >> idx.chunk_shift;
+  const auto deadline = Clock::now() + options_.read_deadline;
+  {
+    std::lock_guard lock(mu_);
+    ++guest_reads_;
+    for (size_t k = first; k <= last && profile_.size() < kMaxProfileEntries; ++k) {
+      if (!profiled_[k]) {
+        profiled_[k] = true;
+        profile_.push_back(k);
+      }
+    }
+  }
+  struct Done {
+    LazyDisk* d;
+    ~Done() {
+      std::lock_guard lock(d->mu_);
+      --d->guest_reads_;
+      d->cv_.notify_all();
+    }
+  } done{this};
+
+  for (;;) {
+    std::vector<size_t> claim;
+    {
+      std::unique_lock lock(mu_);
+      bool waiting = false;
+      for (size_t k = first; k <= last; ++k) {
+        if (bitmap_.Test(k)) continue;
+        if (inflight_.count(k)) {
+          waiting = true;
+        } else {
+          claim.push_back(k);
+        }
+      }
+      if (!claim.empty()) {
+        // Read ahead: the missing chunks right after, which a booting
+        // guest is likely to want next.
+        uint64_t ahead = 0;
+        for (size_t k = last + 1; k < idx.chunks.size() && ahead < options_.readahead_bytes; ++k) {
+          ahead += idx.ChunkLength(k);
+          if (bitmap_.Test(k) || inflight_.count(k)) break;
+          claim.push_back(k);
+        }
+        inflight_.insert(claim.begin(), claim.end());
+      } else if (!waiting) {
+        return OkStatus();
+      } else {
+        // Someone else is fetching what we need: wait for them, then look
+        // again (they may have failed).
+        const bool woke = cv_.wait_until(lock, deadline, [&] {
+          for (size_t k = first; k <= last; ++k) {
+            if (inflight_.count(k)) return false;
+          }
+          return true;
+        });
+        if (!woke) {
+          return DeadlineExceeded(fmt::format("chunks {}..{} of {} did not arrive within {} s", first, last,
+                                              options_.label, options_.read_deadline.count() / 1000.0));
+        }
+        continue;
+      }
+    }
+    Status st = Fetch(claim, deadline);
+    if (st.ok()) continue;
+    // A failure of a read-ahead chunk is not this read's business.
+    bool have_all = true;
+    for (size_t k = first; k <= last; ++k) have_all = have_all && bitmap_.Test(k);
+    if (have_all) return OkStatus();
+    return st;
+  }
+}
+
+Status LazyDisk::Read(uint64_t offset, uint64_t length, char* out) {
+  RETURN_IF_ERROR(Ensure(offset, length));
+  uint64_t done = 0;
+  while (done < length) {
+    const ssize_t n = ::pread(fd_.get(), out + done, length - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return ErrnoStatus("reading " + file().string(), n == 0 ? EIO : errno);
+    done += static_cast<uint64_t>(n);
+  }
+  return OkStatus();
+}
+
+Result<std::unique_ptr<image::BlobRangeReader>> LazyDisk::TakeReader() {
+  {
+    std::lock_guard lock(mu_);
+    if (!idle_readers_.empty()) {
+      auto r = std::move(idle_readers_.back());
+      idle_readers_.pop_back();
+      return r;
+    }
+  }
+  return open_reader_();
+}
+
+void LazyDisk::GiveReader(std::unique_ptr<image::BlobRangeReader> r) {
+  std::lock_guard lock(mu_);
+  idle_readers_.push_back(std::move(r));
+}
+
+void LazyDisk::Release(const std::vector<size_t>& claimed) {
+  std::lock_guard lock(mu_);
+  for (size_t k : claimed) inflight_.erase(k);
+  cv_.notify_all();
+}
+
+Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point deadline) {
+  struct ReleaseOnExit {
+    LazyDisk* d;
+    const std::vector<size_t>& claimed;
+    ~ReleaseOnExit() { d->Release(claimed); }
+  } release{this, wanted};
+  std::vector<size_t> sorted = wanted;
+  std::sort(sorted.begin(), sorted.end());
+  Status result;
+  std::unique_ptr<image::BlobRangeReader> reader;
+  for (const store::ChunkBatch& batch :
+       store::CoalesceChunks(head_.index, sorted, options_.max_batch_bytes, options_.max_gap_bytes)) {
+    for (int attempt = 1;; ++attempt) {
+      Status st;
+      if (!reader) {
+        Result<std::unique_ptr<image::BlobRangeReader>> r = TakeReader();
+        st = r.status();
+        if (r.ok()) reader = std::move(*r);
+      }
+      if (reader) st = FetchBatch(*reader, batch);
+      if (st.ok()) break;
+      if (!Retryable(st)) {
+        if (result.ok()) result = st;
+        break;
+      }
+      reader.reset();  // a fresh connection for the next attempt
+      const auto now = Clock::now();
+      const std::string what = fmt::format("fetching chunks {}..{} of {} (attempt {}): {}", batch.first,
+                                           batch.first + batch.count - 1, options_.label, attempt, st.ToString());
+      Emit({LazyEvent::Kind::kFetchFailed, 0, 0, what});
+      if (now >= deadline) {
+        if (result.ok()) result = DeadlineExceeded(what);
+        break;
+      }
+      {
+        std::unique_lock lock(mu_);
+        const auto pause = std::min<Clock::duration>(std::chrono::milliseconds(500) * attempt, deadline - now);
+        cv_.wait_for(lock, pause, [&] { return stop_; });
+        if (stop_) return Cancelled("the lazy disk " + options_.label + " is shutting down");
+      }
+    }
+  }
+  if (reader) GiveReader(std::move(reader));
+  return result;
+}
+
+Status LazyDisk::FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch) {
+  std::string buf, chunk;
+  RETURN_IF_ERROR(store::ReadRange(r, layer_, batch.offset, batch.length, &buf));
+  ++requests_;
+  fetched_bytes_ += batch.length;
+  store::ChunkDecoder decoder;
+  const oci::ChunkIndex& idx = head_.index;
+  Status rejected;
+  for (size_t k = batch.first; k < batch.first + batch.count; ++k) {
+    if (bitmap_.Test(k)) continue;  // a gap chunk someone already has
+    if (Status st = decoder.Decode(idx, k, store::FrameOf(idx, batch, buf, k), &chunk, options_.label); !st.ok()) {
+      // Never written, never marked: the next read fetches it again.
+      Emit({LazyEvent::Kind::kChunkRejected, 0, 0, st.ToString()});
+      if (rejected.ok()) rejected = InvalidArgument(st.message());
+      continue;
+    }
+    if (!idx.chunks[k].zero) {
+      RETURN_IF_ERROR(PWriteAll(fd_.get(), chunk, uint64_t{k} << idx.chunk_shift)
+                          .Annotate(fmt::format("writing chunk {} of {}", k, options_.label)));
+    }
+    bitmap_.Set(k);
+  }
+  return rejected;
+}
+
+void LazyDisk::StartFill() {
+  std::lock_guard lock(mu_);
+  if (fill_.joinable() || stop_) return;
+  fill_ = std::thread([this] { FillLoop(); });
+}
+
+void LazyDisk::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+  if (fill_.joinable()) fill_.join();
+}
+
+std::vector<size_t> LazyDisk::NextFillBatch() {
+  std::vector<size_t> out;
+  uint64_t bytes = 0;
+  for (size_t i = fill_pos_; i < fill_order_.size() && bytes < options_.fill_batch_bytes; ++i) {
+    const size_t k = fill_order_[i];
+    if (bitmap_.Test(k)) {
+      if (i == fill_pos_) ++fill_pos_;
+      continue;
+    }
+    if (inflight_.count(k) || std::find(out.begin(), out.end(), k) != out.end()) continue;
+    out.push_back(k);
+    bytes += head_.index.chunks[k].frame_length;
+  }
+  inflight_.insert(out.begin(), out.end());
+  return out;
+}
+
+void LazyDisk::FillLoop() {
+  const uint64_t n = head_.index.chunks.size();
+  for (;;) {
+    std::vector<size_t> batch;
+    {
+      std::unique_lock lock(mu_);
+      // Guest reads first: the fill waits while any is in progress.
+      cv_.wait(lock, [&] { return stop_ || guest_reads_ == 0; });
+      if (stop_) break;
+      batch = NextFillBatch();
+      if (batch.empty()) {
+        if (bitmap_.Complete()) break;
+        // What is left is being fetched by guest reads: wait for them.
+        cv_.wait_for(lock, std::chrono::milliseconds(100));
+        continue;
+      }
+    }
+    if (Status st = Fetch(batch, Clock::now()); !st.ok()) {
+      if (st.code() == Code::kCancelled) break;
+      std::unique_lock lock(mu_);
+      cv_.wait_for(lock, options_.fill_retry, [&] { return stop_; });
+      continue;
+    }
+    Emit({LazyEvent::Kind::kFillProgress, bitmap_.Count(), n, {}});
+  }
+  bool complete = false;
+  {
+    std::lock_guard lock(mu_);
+    fill_done_ = true;
+    complete = bitmap_.Complete();
+    if (complete) {
+      if (Status st = bitmap_.Sync(); !st.ok()) fill_status_ = st;
+    } else {
+      fill_status_ = Cancelled("the background fill of " + options_.label + " stopped at " +
+                               std::to_string(bitmap_.Count()) + " of " + std::to_string(n) + " chunks");
+    }
+    cv_.notify_all();
+  }
+  if (complete) Emit({LazyEvent::Kind::kComplete, n, n, {}});
+}
+
+Status LazyDisk::WaitComplete(const CancelToken* cancel) {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    if (bitmap_.Complete() && (fill_done_ || !fill_.joinable())) return fill_status_;
+    if (fill_done_) return fill_status_.ok() ? Cancelled("the background fill stopped") : fill_status_;
+    if (cancel && cancel->cancelled()) return cancel->status();
+    cv_.wait_for(lock, std::chrono::milliseconds(100));
+  }
+}
+
+void LazyDisk::SaveProfile() {
+  std::vector<size_t> profile;
+  {
+    std::lock_guard lock(mu_);
+    profile = profile_;
+  }
+  if (profile.empty()) return;
+  std::string text;
+  for (size_t k : profile) text += std::to_string(k) + "\n";
+  if (Status st = WriteFileAtomic(profile_path(), text, 0644); !st.ok()) {
+    log::Warn("cannot record the boot profile of {}: {}", options_.label, st.ToString());
+  }
+}
+
+}  // namespace regdisk::blockserve

@@ -1,0 +1,252 @@
+// Lazy boot's block layer (src/blockserve): a chunked disk served while it
+// fills. LazyDisk alone (reads fetch exactly the chunks they touch, verified;
+// a corrupted frame is never served and heals on the next read; the fill
+// completes the disk; a reopened disk resumes from its bitmap), and the
+// export: nbdkit with regdisk's plugin, read by QEMU's own tools over NBD.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "blockserve/export.h"
+#include "blockserve/lazy_disk.h"
+#include "harness/harness.h"
+#include "image/layout.h"
+#include "image/transport.h"
+#include "store/chunk_fetch.h"
+#include "util/fs.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using blockserve::LazyDisk;
+using blockserve::LazyDiskOptions;
+
+constexpr uint64_t kKiB = 1024, kMiB = 1024 * 1024;
+
+class LazyTest : public TempDirTest {
+ protected:
+  void SetUp() override {
+    TempDirTest::SetUp();
+    // 4 MiB in 64 KiB chunks: random data, with a zero stretch in the middle.
+    raw_ = RandomBytes(4 * kMiB, 7);
+    std::fill(raw_.begin() + 1 * kMiB, raw_.begin() + 2 * kMiB, '\0');
+    ASSERT_OK(WriteFileAtomic(tmp() / "d.raw", raw_));
+    RunResult r = RunRegdisk({"build", P("d.raw"), "-t", "oci:" + P("img") + ":v1", "--layout", "chunked",
+                              "--chunk-size", "64K", "-q"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto layout = image::OciLayout::Open(P("img")).value();
+    const json manifest = json::parse(layout.ReadBlob(layout.Resolve("v1").value(), 1 << 20).value());
+    layer_ = oci::Descriptor::FromJson(manifest["layers"][0]).value();
+    loc_ = oci::ChunkIndexLocationOf(layer_).value().value();
+  }
+
+  std::unique_ptr<image::ImageSource> Source() {
+    return image::OpenSource(image::ImageName::Parse("oci:" + P("img") + ":v1").value(), {}).value();
+  }
+
+  // A LazyDisk over the layout in DIR (tmp()/lazy by default).
+  std::unique_ptr<LazyDisk> Open(LazyDiskOptions o = {}, const std::string& dir = "lazy") {
+    src_ = Source();
+    auto reader = src_->OpenRangeReader().value();
+    store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+    o.label = "test layer";
+    auto d = LazyDisk::Open([this] { return src_->OpenRangeReader(); }, layer_, std::move(head), loc_.digest,
+                            tmp() / dir, std::move(o));
+    EXPECT_OK(d.status());
+    return d.ok() ? std::move(*d) : nullptr;
+  }
+
+  fs::path BlobPath() { return tmp() / "img/blobs/sha256" / layer_.digest.hex(); }
+  // Flips one byte in the middle of chunk k's frame in the layout's blob.
+  void Corrupt(size_t k, const oci::ChunkIndex& idx) {
+    UniqueFd fd = OpenFile(BlobPath(), O_RDWR).value();
+    const uint64_t at = idx.chunks[k].frame_offset + idx.chunks[k].frame_length / 2;
+    char c;
+    ASSERT_EQ(::pread(fd.get(), &c, 1, at), 1);
+    c ^= 0x5a;
+    ASSERT_EQ(::pwrite(fd.get(), &c, 1, at), 1);
+  }
+
+  std::string raw_;
+  oci::Descriptor layer_;
+  oci::ChunkIndexLocation loc_;
+  std::unique_ptr<image::ImageSource> src_;
+};
+
+TEST_F(LazyTest, AReadFetchesOnlyTheChunksItTouchesPlusReadahead) {
+  LazyDiskOptions o;
+  o.readahead_bytes = 128 * kKiB;  // two chunks
+  auto d = Open(o);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->index().chunks.size(), 64u);
+  EXPECT_EQ(d->present(), 0u);
+  std::string buf(10000, '\0');
+  // Straddles chunks 2 and 3.
+  ASSERT_OK(d->Read(3 * 64 * kKiB - 5000, buf.size(), buf.data()));
+  EXPECT_EQ(buf, raw_.substr(3 * 64 * kKiB - 5000, buf.size()));
+  EXPECT_EQ(d->present(), 4u) << "chunks 2 and 3, and two read ahead";
+  EXPECT_EQ(d->requests(), 1u) << "adjacent frames in one request";
+  // Present chunks are served without a fetch.
+  ASSERT_OK(d->Read(4 * 64 * kKiB, 100, buf.data()));
+  EXPECT_EQ(d->requests(), 1u);
+  // Reads outside the disk are refused.
+  EXPECT_EQ(d->Ensure(4 * kMiB - 1, 2).code(), Code::kOutOfRange);
+}
+
+TEST_F(LazyTest, TheFillCompletesTheDiskAndAReopenedDiskResumes) {
+  {
+    auto d = Open();
+    ASSERT_NE(d, nullptr);
+    std::string buf(4096, '\0');
+    ASSERT_OK(d->Read(3 * kMiB, buf.size(), buf.data()));
+    d->Stop();  // killed before the fill: what is present stays
+  }
+  auto d = Open();
+  ASSERT_NE(d, nullptr);
+  const uint64_t before = d->present();
+  EXPECT_GT(before, 0u) << "the bitmap survived";
+  d->StartFill();
+  ASSERT_OK(d->WaitComplete(nullptr));
+  EXPECT_TRUE(d->complete());
+  EXPECT_EQ(ReadFileCapped(d->file(), 8 * kMiB).value(), raw_);
+  // Zero chunks are holes: the file holds less than the disk's size.
+  struct stat st {};
+  ASSERT_EQ(::stat(d->file().c_str(), &st), 0);
+  EXPECT_LE(static_cast<uint64_t>(st.st_blocks) * 512, 3 * kMiB + 64 * kKiB);
+  // The boot profile lists the chunk the read asked for, first.
+  d.reset();
+  std::string profile = ReadFileCapped(tmp() / "lazy/profile", 1 << 20).value_or("");
+  EXPECT_EQ(profile.substr(0, profile.find('\n')), "48") << profile;
+}
+
+TEST_F(LazyTest, TheFillFetchesTheProfiledChunksFirst) {
+  ASSERT_OK(WriteFileAtomic(tmp() / "profile", "60\n61\nnot a number\n999\n5\n"));
+  LazyDiskOptions o;
+  o.profile = tmp() / "profile";
+  o.fill_batch_bytes = 1;  // one chunk per request, so the order shows
+  std::vector<uint64_t> order;
+  std::vector<bool> seen(64, false);
+  LazyDisk* disk = nullptr;
+  o.on_event = [&](const blockserve::LazyEvent& e) {
+    if (e.kind != blockserve::LazyEvent::Kind::kFillProgress) return;
+    for (uint64_t k = 0; k < 64; ++k) {
+      if (!seen[k] && disk->has_chunk(k)) {
+        seen[k] = true;
+        order.push_back(k);
+      }
+    }
+  };
+  auto d = Open(o);
+  ASSERT_NE(d, nullptr);
+  disk = d.get();
+  d->StartFill();
+  ASSERT_OK(d->WaitComplete(nullptr));
+  d->Stop();
+  ASSERT_GE(order.size(), 4u);
+  EXPECT_EQ(std::vector<uint64_t>(order.begin(), order.begin() + 4), (std::vector<uint64_t>{60, 61, 5, 0}))
+      << "the profile's chunks (lines that name no chunk of this disk ignored), then disk order";
+}
+
+TEST_F(LazyTest, ACorruptedFrameIsNeverServedAndTheNextReadHealsIt) {
+  LazyDiskOptions o;
+  o.readahead_bytes = 0;
+  std::vector<std::string> rejected;
+  o.on_event = [&](const blockserve::LazyEvent& e) {
+    if (e.kind == blockserve::LazyEvent::Kind::kChunkRejected) rejected.push_back(e.message);
+  };
+  auto d = Open(o);
+  ASSERT_NE(d, nullptr);
+  const std::string pristine = ReadFileCapped(BlobPath(), 64 * kMiB).value();
+  Corrupt(40, d->index());
+  std::string buf(64 * kKiB, 'x');
+  Status st = d->Read(40 * 64 * kKiB, buf.size(), buf.data());
+  EXPECT_EQ(st.code(), Code::kInvalidArgument) << st.ToString();
+  EXPECT_THAT(st.ToString(), HasSubstr("chunk 40"));
+  EXPECT_EQ(buf, std::string(64 * kKiB, 'x')) << "not one byte reached the reader";
+  EXPECT_FALSE(d->has_chunk(40));
+  ASSERT_EQ(rejected.size(), 1u);
+  // Its neighbour in the same disk is fine.
+  ASSERT_OK(d->Read(41 * 64 * kKiB, 10, buf.data()));
+  // The registry serves the right bytes again: the next read fetches anew.
+  ASSERT_OK(WriteFileAtomic(BlobPath(), pristine));
+  ASSERT_OK(d->Read(40 * 64 * kKiB, buf.size(), buf.data()));
+  EXPECT_EQ(buf, raw_.substr(40 * 64 * kKiB, buf.size()));
+}
+
+TEST_F(LazyTest, ReadsFailAfterTheDeadlineWhenTheRegistryIsGone) {
+  auto reg = TestRegistry::Start(RegistryMode::kPlain).value();
+  RunResult r = RunRegdisk({"copy", "oci:" + P("img") + ":v1", "docker://" + reg->host() + "/lazy/d:v1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  registry::ClientOptions co;
+  co.max_attempts = 1;
+  src_ = image::OpenSource(image::ImageName::Parse("docker://" + reg->host() + "/lazy/d:v1").value(), co).value();
+  auto reader = src_->OpenRangeReader().value();
+  store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+  LazyDiskOptions o;
+  o.read_deadline = std::chrono::milliseconds(1500);
+  auto d = LazyDisk::Open([this] { return src_->OpenRangeReader(); }, layer_, std::move(head), loc_.digest,
+                          tmp() / "lazy", o)
+               .value();
+  std::string buf(100, '\0');
+  ASSERT_OK(d->Read(0, buf.size(), buf.data()));
+  reg->Stop();
+  Status st = d->Read(3 * kMiB, buf.size(), buf.data());
+  EXPECT_EQ(st.code(), Code::kDeadlineExceeded) << st.ToString();
+  EXPECT_TRUE(d->Read(0, buf.size(), buf.data()).ok()) << "what is present is still served";
+}
+
+// The export, read by QEMU's tools over NBD as a VM's backing node would be.
+class LazyExportTest : public LazyTest {
+ protected:
+  blockserve::ExportOptions Options() {
+    blockserve::ExportOptions e;
+    e.plugin = REGDISK_NBDKIT_PLUGIN;
+    e.deadline = std::chrono::seconds(5);
+    return e;
+  }
+};
+
+TEST_F(LazyExportTest, QemuReadsTheWholeDiskThroughTheExport) {
+  auto d = Open();
+  ASSERT_NE(d, nullptr);
+  auto e = blockserve::Export::Start(*d, Options());
+  ASSERT_OK(e.status());
+  RunResult r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", P("d.raw"), (*e)->uri()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_GT((*e)->control_requests(), 0u);
+  EXPECT_TRUE(d->complete()) << "compare read every byte";
+  // Read-only: a write through NBD is refused.
+  r = RunProgram({"qemu-io", "-f", "raw", "-c", "write 0 512", (*e)->uri()});
+  EXPECT_TRUE(r.exit_code != 0 || r.out.find("failed") != std::string::npos || r.err.find("read-only") != std::string::npos)
+      << r.out << r.err;
+  EXPECT_EQ(ReadFileCapped(d->file(), 8 * kMiB).value(), raw_) << "the disk is unchanged";
+  // Served from the file once present: no more control requests.
+  const uint64_t asked = (*e)->control_requests();
+  r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", P("d.raw"), (*e)->uri()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ((*e)->control_requests(), asked);
+}
+
+TEST_F(LazyExportTest, AGuestReadOfACorruptedChunkGetsEio) {
+  auto d = Open();
+  ASSERT_NE(d, nullptr);
+  Corrupt(10, d->index());
+  auto e = blockserve::Export::Start(*d, Options());
+  ASSERT_OK(e.status());
+  RunResult r = RunProgram({"qemu-io", "-r", "-f", "raw", "-c", "read -v 655360 512", (*e)->uri()});
+  EXPECT_THAT(r.out + r.err, HasSubstr("Input/output error"));
+  EXPECT_THAT(r.out + r.err, ::testing::Not(HasSubstr("00000000:"))) << "no byte of the chunk was shown";
+  r = RunProgram({"qemu-io", "-r", "-f", "raw", "-c", "read 0 512", (*e)->uri()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_THAT(r.out, HasSubstr("read 512/512 bytes"));
+}
+
+}  // namespace
+}  // namespace regdisk::testing
