@@ -14,7 +14,11 @@
 #include "harness/harness.h"
 #include "image/layout.h"
 #include "oci/chunk_index.h"
+#include "image/transport.h"
+#include "registry/client.h"
+#include "store/chunk_bitmap.h"
 #include "store/chunk_table.h"
+#include "store/store.h"
 #include "util/fs.h"
 
 namespace regdisk::testing {
@@ -240,6 +244,97 @@ TEST_F(DeltaTest, FsckRebuildsALostChunkTable) {
   EXPECT_EQ(TableDisks().size(), 1u);
   // And the rebuilt table serves a delta.
   EXPECT_EQ(PullCounting(Ref("delta", "v2"), b2.layer, &r), Expected(b2, kChanged)) << r.err;
+}
+
+// A source that passes everything through, counts the bytes read of one
+// blob by range, and fails (as a network would) every ranged read of it
+// after the first `allowed` ones.
+class FlakySource : public image::ImageSource {
+ public:
+  FlakySource(std::unique_ptr<image::ImageSource> inner, oci::Digest blob, int allowed)
+      : inner_(std::move(inner)), blob_(std::move(blob)), allowed_(allowed) {}
+  std::string Name() const override { return inner_->Name(); }
+  Result<oci::RawManifest> GetManifest() override { return inner_->GetManifest(); }
+  Result<oci::RawManifest> GetManifestByDigest(const oci::Descriptor& d) override { return inner_->GetManifestByDigest(d); }
+  Status FetchBlob(const oci::Descriptor& d, const registry::BlobSink& sink) override {
+    return inner_->FetchBlob(d, sink);
+  }
+  Status FetchBlobFrom(const oci::Descriptor& d, uint64_t offset, oci::Hasher& h, const registry::BlobSink& sink) override {
+    return inner_->FetchBlobFrom(d, offset, h, sink);
+  }
+  Result<std::unique_ptr<image::BlobRangeReader>> OpenRangeReader() override {
+    ASSIGN_OR_RETURN(std::unique_ptr<image::BlobRangeReader> r, inner_->OpenRangeReader());
+    return std::unique_ptr<image::BlobRangeReader>(new Reader(this, std::move(r)));
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  struct Reader : image::BlobRangeReader {
+    Reader(FlakySource* s, std::unique_ptr<image::BlobRangeReader> r) : src(s), inner(std::move(r)) {}
+    Status Read(const oci::Descriptor& d, uint64_t offset, uint64_t length, const registry::BlobSink& sink) override {
+      if (d.digest == src->blob_ && src->reads_.fetch_add(1) >= src->allowed_) {
+        return Unavailable("the connection was reset (injected)");
+      }
+      if (d.digest == src->blob_) src->bytes_ += length;
+      return inner->Read(d, offset, length, sink);
+    }
+    FlakySource* src;
+    std::unique_ptr<image::BlobRangeReader> inner;
+  };
+  std::unique_ptr<image::ImageSource> inner_;
+  oci::Digest blob_;
+  int allowed_;
+  std::atomic<int> reads_{0};
+  std::atomic<uint64_t> bytes_{0};
+};
+
+TEST_F(DeltaTest, APullCutOffMidwayResumesFromTheChunksItVerified) {
+  // 12 MiB: two reads of at most 8 MiB of frames.
+  std::string raw;
+  for (uint32_t k = 0; k < 192; ++k) raw += ChunkData(20000 + k);
+  ASSERT_TRUE(WriteFileAtomic(tmp() / "big.raw", raw).ok());
+  RunResult r = RunRegdisk({"build", P("big.raw"), "-t", "oci:" + P("big") + ":v1", "--layout", "chunked",
+                            "--chunk-size", "64K", "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto layout = image::OciLayout::Open(P("big")).value();
+  const json manifest = json::parse(layout.ReadBlob(layout.Resolve("v1").value(), 1 << 20).value());
+  const oci::Descriptor layer = oci::Descriptor::FromJson(manifest["layers"][0]).value();
+  const oci::ChunkIndexLocation loc = oci::ChunkIndexLocationOf(layer).value().value();
+  const std::string blob = layout.ReadBlob(layer, 1 << 28).value();
+  const oci::ChunkIndex idx = oci::ParseChunkIndex(blob.substr(loc.offset, loc.length), loc, blob.size()).value();
+
+  auto store = store::Store::Open(root_);
+  ASSERT_OK(store);
+  const std::string ref = "oci:" + P("big") + ":v1";
+  auto source = [&](int allowed) {
+    return std::make_unique<FlakySource>(
+        image::OpenSource(image::ImageName::Parse(ref).value(), registry::ClientOptions{}).value(), layer.digest,
+        allowed);
+  };
+  // The index, the tar header and one read of frames get through; the
+  // other read fails, and the pull with it.
+  auto cut = source(3);
+  auto failed = store->Pull(*cut, ref, store::PullOptions{});
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), Code::kUnavailable) << failed.status().message();
+  const fs::path staging = fs::path(root_) / "ingest" / ("chunked-sha256-" + layer.digest.hex());
+  std::set<size_t> missing;
+  {
+    auto map = store::ChunkBitmap::Open(staging / "chunks.map", idx.chunks.size(), idx.chunk_shift, loc.digest);
+    ASSERT_OK(map);
+    EXPECT_GT(map->Count(), 0u);
+    EXPECT_LT(map->Count(), idx.chunks.size());
+    for (size_t k = 0; k < idx.chunks.size(); ++k) {
+      if (!map->Test(k)) missing.insert(k);
+    }
+  }
+  // Again: only the chunks the first pull did not verify are fetched.
+  auto again = source(1000);
+  auto img = store->Pull(*again, ref, store::PullOptions{});
+  ASSERT_OK(img);
+  EXPECT_EQ(again->bytes(), Expected(Built{layer, idx, loc}, missing));
+  EXPECT_EQ(ReadFileCapped(img->disk_file, 1 << 28).value(), raw);
+  EXPECT_FALSE(fs::exists(staging)) << "the staging goes once the disk is committed";
 }
 
 }  // namespace

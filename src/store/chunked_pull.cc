@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -16,7 +17,9 @@
 
 #include <fmt/core.h>
 
+#include "store/chunk_bitmap.h"
 #include "store/chunk_fetch.h"
+#include "util/bytes.h"
 #include "util/env.h"
 #include "util/fs.h"
 #include "util/log.h"
@@ -104,14 +107,14 @@ Status ParallelFor(size_t n, int threads, const std::function<Status(size_t)>& f
 }
 
 // Copies into fd every chunk the chunk table places in a disk of the store,
-// verifying each copy; sets (*have)[k] for those. A chunk whose copy does
+// verifying each copy; sets their bits in *have. A chunk whose copy does
 // not verify (a disk that rotted, a stale row) tries its next place, and is
 // fetched when none holds it.
-Status ReuseLocalChunks(const oci::ChunkIndex& idx, int fd, const ChunkedPullOptions& o, std::vector<uint8_t>* have,
+Status ReuseLocalChunks(const oci::ChunkIndex& idx, int fd, const ChunkedPullOptions& o, ChunkBitmap* have,
                         ChunkedDisk* out) {
   std::vector<ChunkTable::Sha256> digests;
   for (size_t k = 0; k < idx.chunks.size(); ++k) {
-    if (!idx.chunks[k].zero && !(*have)[k]) digests.push_back(idx.chunks[k].sha256);
+    if (!idx.chunks[k].zero && !have->Test(k)) digests.push_back(idx.chunks[k].sha256);
   }
   if (digests.empty()) return OkStatus();
   auto found = o.table->Find(idx.chunk_shift, digests);
@@ -138,7 +141,7 @@ Status ReuseLocalChunks(const oci::ChunkIndex& idx, int fd, const ChunkedPullOpt
   }
   std::vector<size_t> candidates;
   for (size_t k = 0; k < idx.chunks.size(); ++k) {
-    if (!idx.chunks[k].zero && !(*have)[k] && found->count(idx.chunks[k].sha256)) candidates.push_back(k);
+    if (!idx.chunks[k].zero && !have->Test(k) && found->count(idx.chunks[k].sha256)) candidates.push_back(k);
   }
   std::atomic<uint64_t> reused{0}, bytes{0}, frames{0}, rotten{0};
   const int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -161,7 +164,7 @@ Status ReuseLocalChunks(const oci::ChunkIndex& idx, int fd, const ChunkedPullOpt
       }
       ASSIGN_OR_RETURN(bool good, RangeHashes(fd, at, len, c.sha256, &buf));
       if (good) {
-        (*have)[k] = 1;
+        have->Set(k);
         ++reused;
         bytes += len;
         frames += c.frame_length;
@@ -197,11 +200,43 @@ Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descrip
   out.chunks = idx.chunks.size();
 
   // The disk: sparse, its full size; only chunks with data are written.
+  // Its bitmap says which chunks are there and verified: what a killed
+  // pull of this layer left (same staging directory) is kept.
   out.file = staging / "disk.raw";
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(out.file, O_RDWR | O_CREAT | O_TRUNC, 0644));
-  uint64_t data_bytes = 0;
+  ASSIGN_OR_RETURN(ChunkBitmap have, ChunkBitmap::Open(staging / "chunks.map", idx.chunks.size(), idx.chunk_shift,
+                                                       loc.digest));
+  if (struct stat st; have.Count() > 0 &&
+                      (::stat(out.file.c_str(), &st) != 0 || static_cast<uint64_t>(st.st_size) != idx.disk_size)) {
+    // Bits without the disk they describe (it was moved on, or cut short).
+    for (uint64_t k = 0; k < have.chunks(); ++k) have.Clear(k);
+  }
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(out.file, O_RDWR | O_CREAT | (have.Count() == 0 ? O_TRUNC : 0), 0644));
+  if (have.Count() > 0 && have.from_previous_boot()) {
+    // Bits may have reached the disk before the bytes did: check them.
+    std::string buf;
+    RETURN_IF_ERROR(have.Revalidate([&](uint64_t k) {
+      const uint64_t len = idx.ChunkLength(k), at = k << idx.chunk_shift;
+      if (!idx.chunks[k].zero) {
+        auto good = RangeHashes(fd.get(), at, len, idx.chunks[k].sha256, &buf);
+        return good.ok() && *good;
+      }
+      buf.resize(len);
+      const ssize_t n = ::pread(fd.get(), buf.data(), len, static_cast<off_t>(at));
+      return n == static_cast<ssize_t>(len) && AllZero(buf.data(), len);
+    }));
+  }
+  out.resumed_chunks = have.Count();
+  uint64_t data_bytes = 0, held_frame_bytes = 0;
   for (size_t k = 0; k < idx.chunks.size(); ++k) {
-    if (!idx.chunks[k].zero) data_bytes += idx.ChunkLength(k);
+    if (have.Test(k)) {
+      held_frame_bytes += idx.chunks[k].frame_length;
+    } else if (!idx.chunks[k].zero) {
+      data_bytes += idx.ChunkLength(k);
+    }
+  }
+  if (out.resumed_chunks > 0) {
+    log::Info("{}: resuming a pull: {} of {} chunks are already here, verified", o.label, out.resumed_chunks,
+              out.chunks);
   }
   if (struct statvfs vfs; ::fstatvfs(fd.get(), &vfs) == 0) {
     const uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
@@ -214,21 +249,21 @@ Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descrip
   RETURN_IF_ERROR(Env::Default()->Truncate(fd.get(), idx.disk_size).Annotate(out.file.string()));
 
   // Chunks the store already holds: copied and verified, not fetched.
-  std::vector<uint8_t> have(idx.chunks.size(), 0);
   if (o.table != nullptr) RETURN_IF_ERROR(ReuseLocalChunks(idx, fd.get(), o, &have, &out));
   std::vector<size_t> wanted;
   for (size_t k = 0; k < idx.chunks.size(); ++k) {
-    if (!have[k]) wanted.push_back(k);
+    if (!have.Test(k)) wanted.push_back(k);
   }
 
   const std::vector<ChunkBatch> batches = CoalesceChunks(idx, wanted, o.max_batch_bytes, o.max_gap_bytes);
   out.requests = batches.size() + 2;
   const uint64_t total = static_cast<uint64_t>(layer.size);
   std::atomic<size_t> next{0};
-  std::atomic<uint64_t> fetched{0}, zero_chunks{0};
+  std::atomic<uint64_t> fetched{0};
   std::mutex mu;  // failure, and progress events (one at a time, in order)
   Status failure;
-  uint64_t reported = out.reused_frame_bytes;
+  const uint64_t held = held_frame_bytes + out.reused_frame_bytes;
+  uint64_t reported = held;
   auto fail = [&](Status st) {
     std::lock_guard lock(mu);
     if (failure.ok()) failure = std::move(st);
@@ -255,19 +290,20 @@ Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descrip
                                                        batch.first + batch.count - 1, o.label)));
       }
       for (size_t k = batch.first; k < batch.first + batch.count; ++k) {
-        if (have[k]) continue;  // a gap the read bridged: copied already
+        if (have.Test(k)) continue;  // a gap the read bridged: here already
         if (Status st = decoder.Decode(idx, k, FrameOf(idx, batch, buf, k), &chunk, o.label); !st.ok()) {
           return fail(std::move(st));
         }
         if (idx.chunks[k].zero) {
-          ++zero_chunks;
+          have.Set(k);  // a hole, as the file was made
           continue;
         }
         if (Status st = PWriteAll(fd.get(), chunk, uint64_t{k} << idx.chunk_shift); !st.ok()) {
           return fail(std::move(st).Annotate(fmt::format("writing chunk {} of {}", k, o.label)));
         }
+        have.Set(k);
       }
-      const uint64_t now = (fetched += batch.length) + out.reused_frame_bytes;
+      const uint64_t now = (fetched += batch.length) + held;
       if (o.on_progress) {
         std::lock_guard lock(mu);
         if (now > reported) {
@@ -294,7 +330,9 @@ Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descrip
   }
   for (auto& t : pool) t.join();
   RETURN_IF_ERROR(failure);
-  out.zero_chunks = zero_chunks;
+  if (!have.Complete()) return Internal(fmt::format("{}: {} of {} chunks after the pull", o.label, have.Count(), out.chunks));
+  out.zero_chunks = static_cast<uint64_t>(
+      std::count_if(idx.chunks.begin(), idx.chunks.end(), [](const oci::ChunkEntry& c) { return c.zero; }));
   out.fetched_bytes = fetched;
   if (out.reused_chunks > 0 || o.table != nullptr) {
     log::Info("{}: {} chunks verified ({} zero); {} reused from the store ({} bytes, {} compressed bytes not "

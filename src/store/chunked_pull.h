@@ -11,8 +11,12 @@
 //   ASSIGN_OR_RETURN(std::optional<oci::ChunkIndexLocation> loc, oci::ChunkIndexLocationOf(layer));
 //   ASSIGN_OR_RETURN(ChunkedDisk d, PullChunkedLayer(src, layer, *loc, staging_dir, options));
 //
-// Nothing it writes is to be trusted unless it returns OK: the caller stages
-// the file and removes it on failure. Refusals: InvalidArgument for an index
+// STAGING holds disk.raw and chunks.map (store/chunk_bitmap.h), the chunks
+// present and verified: a pull into the same directory after a kill or a
+// transient failure fetches only the chunks whose bit is clear (bits an
+// earlier boot wrote are verified again first). Nothing in disk.raw is to be
+// trusted unless this returns OK; the caller removes STAGING after a refusal
+// or once the disk is committed, and keeps it otherwise. Refusals: InvalidArgument for an index
 // or frame that lies, DataLoss for a chunk whose bytes do not match its
 // hash, ResourceExhausted for a disk over the size cap; NoSpace when the
 // file system cannot hold the disk's data.
@@ -53,6 +57,7 @@ struct ChunkedDisk {
   uint64_t size = 0;
   uint64_t chunks = 0, zero_chunks = 0, requests = 0;
   oci::ChunkIndex index;           // verified; what the chunk table records on commit
+  uint64_t resumed_chunks = 0;     // verified by a killed pull of this layer (chunks.map)
   uint64_t reused_chunks = 0;      // copied from disks in the store, verified
   uint64_t reused_bytes = 0;       // their bytes (uncompressed)
   uint64_t reused_frame_bytes = 0; // what their frames would have cost to fetch

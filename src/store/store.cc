@@ -50,6 +50,9 @@ bool IsRefusal(const Status& st) {
   }
 }
 
+// A chunked layer's staging directory under ROOT/ingest.
+std::string ChunkedIngestName(const oci::Digest& layer) { return "chunked-" + layer.algorithm() + "-" + layer.hex(); }
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -201,6 +204,8 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   DiskTree::File file;
   std::optional<ChunkTable> table;
   std::optional<oci::ChunkIndex> chunk_index;  // recorded in the chunk table on commit
+  std::optional<FileLock> chunk_ingest_lock;
+  fs::path chunk_ingest;  // ROOT/ingest/chunked-<hex>: removed once the disk is committed
   if (chunked) {
     // The chunk table is a hint: a store whose table cannot be opened
     // still pulls (every chunk fetched), and fsck says why.
@@ -217,8 +222,15 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     co.label = "layer 1 (" + layers[0].digest.Short() + ")";
     co.on_progress = progress;
     co.cancel = options.cancel.get();
+    // Its own staging, kept across a kill or a transient failure (the disk
+    // so far and its chunk bitmap), one writer at a time.
+    const std::string key = ChunkedIngestName(layers[0].digest);
+    ASSIGN_OR_RETURN(chunk_ingest_lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
+    chunk_ingest = root_ / "ingest" / key;
+    RETURN_IF_ERROR(MakeDirs(chunk_ingest));
     const auto t0 = std::chrono::steady_clock::now();
-    auto d = PullChunkedLayer(src, layers[0], *chunked, staging.path(), co);
+    auto d = PullChunkedLayer(src, layers[0], *chunked, chunk_ingest, co);
+    if (d.ok() && d->resumed_chunks > 0) *resumed = true;
     if (progress) {
       progress({d.ok() ? image::ProgressEvent::Kind::kDone : image::ProgressEvent::Kind::kFailed, layers[0].digest,
                 static_cast<uint64_t>(layers[0].size), static_cast<uint64_t>(layers[0].size), {}});
@@ -283,6 +295,7 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
   ::chmod(image_dir.c_str(), 0555);
   RETURN_IF_ERROR(env->Rename(image_dir, dir).Annotate("committing the disk"));
   RETURN_IF_ERROR(SyncDir(root_ / "disks"));
+  if (!chunk_ingest.empty()) RemoveAll(chunk_ingest);  // its disk is committed; the bitmap goes
   // Its chunks, for the next pull to copy. After the commit: a row never
   // names a disk that is not there; a disk a kill left without its rows
   // is found by fsck, and costs only a fuller fetch meanwhile.
@@ -299,7 +312,10 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
 
 void Store::RemovePartials(const std::vector<oci::Descriptor>& layers) {
   std::error_code ec;
-  for (const auto& l : layers) fs::remove(root_ / "ingest" / (l.digest.algorithm() + "-" + l.digest.hex()), ec);
+  for (const auto& l : layers) {
+    fs::remove(root_ / "ingest" / (l.digest.algorithm() + "-" + l.digest.hex()), ec);
+    RemoveAll(root_ / "ingest" / ChunkedIngestName(l.digest));
+  }
 }
 
 Result<StoredImage> Store::Load(const Ref& ref) const {
