@@ -117,8 +117,8 @@ void Store::CheckChunkTable(bool repair, std::set<std::string>* broken, std::vec
   auto table = ChunkTable::Open(root_);
   if (!table.ok()) {
     Problem p{"the store's chunk table " + db.string() + " cannot be read: " + table.status().message(), false};
-    if (repair) {
-      // Rebuilt from the disks below.
+    // Rebuilt from the disks below; one a newer regdisk wrote is left alone.
+    if (repair && table.status().code() != Code::kFailedPrecondition) {
       for (const char* suffix : {"", "-wal", "-shm"}) fs::remove(db.string() + suffix, ec);
       table = ChunkTable::Open(root_);
       p.repaired = table.ok();

@@ -4,6 +4,9 @@
 //   ROOT/blobs/sha256/<hex>     manifests and configs: verified, read-only
 //   ROOT/ingest/sha256-<hex>    a layer being downloaded; a killed pull
 //                               resumes from it with Range
+//   ROOT/ingest/chunked-sha256-<hex>/
+//                               a chunked layer being pulled: disk.raw and
+//                               chunks.map; a killed pull fetches the rest
 //   ROOT/disks/<hex>[-<p>]/     one materialised disk, by manifest digest (and,
 //                               when a --path was given, a hash of that path):
 //                                 <file>       the disk, read-only
