@@ -95,6 +95,8 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   out.size = size;
   out.chunks = disk_->index().chunks.size();
   out.requests = disk_->requests();
+  out.index = disk_->index();  // for the store's chunk table
+  out.fetched_bytes = disk_->fetched_bytes();
   log::Info("{}: every chunk verified ({} requests); committing it to the store", label, disk_->requests());
   return out;
 }

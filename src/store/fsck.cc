@@ -5,10 +5,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include <openssl/evp.h>
+
+#include <map>
 #include <set>
 
 #include "disk/format.h"
+#include "store/chunk_table.h"
 #include "store/store.h"
+#include "util/bytes.h"
 #include "util/fs.h"
 #include "util/log.h"
 #include "util/text.h"
@@ -39,7 +44,146 @@ Result<oci::Digest> DigestOf(const fs::path& p) {
   return h.Finish();
 }
 
+// A chunked disk's chunks as the chunk table records them: every non-zero
+// chunk's SHA-256, by chunk number.
+Result<std::map<uint64_t, ChunkTable::Sha256>> HashChunks(const fs::path& p, int shift) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(p, O_RDONLY | O_NOFOLLOW));
+  std::map<uint64_t, ChunkTable::Sha256> out;
+  std::string buf(size_t{1} << shift, '\0');
+  for (uint64_t k = 0;; ++k) {
+    size_t got = 0;
+    while (got < buf.size()) {
+      const ssize_t n = ::pread(fd.get(), buf.data() + got, buf.size() - got, static_cast<off_t>((k << shift) + got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return ErrnoStatus("reading " + p.string());
+      if (n == 0) break;
+      got += static_cast<size_t>(n);
+    }
+    if (got == 0) break;
+    if (AllZero(buf.data(), got)) continue;
+    ChunkTable::Sha256 sum;
+    EVP_Digest(buf.data(), got, sum.data(), nullptr, EVP_sha256(), nullptr);
+    out[k] = sum;
+    if (got < buf.size()) break;
+  }
+  return out;
+}
+
 }  // namespace
+
+bool Store::RemoveBrokenDisk(const fs::path& dir, Problem* p) {
+  auto unused = FileLock::TryAcquire(UseLockPath(dir));
+  if (!unused.ok()) {
+    p->what += " (" + unused.status().message() + ")";
+    return false;
+  }
+  if (!*unused) {
+    p->what += " (a running VM uses it; stop the VM, then repair again)";
+    return false;
+  }
+  const fs::path trash = root_ / "tmp" / ("broken-" + dir.filename().string());
+  RemoveAll(trash);
+  if (::rename(dir.c_str(), trash.c_str()) != 0) return false;
+  RemoveAll(trash);
+  p->repaired = true;
+  return true;
+}
+
+void Store::CheckChunkTable(bool repair, std::set<std::string>* broken, std::vector<Problem>* out) {
+  std::error_code ec;
+  // The chunked disks (their record names a chunk size), broken ones apart.
+  struct Chunked {
+    std::string file;
+    int shift = 0;
+  };
+  std::map<std::string, Chunked> chunked;
+  for (const auto& e : fs::directory_iterator(root_ / "disks", ec)) {
+    const std::string dir = e.path().filename().string();
+    if (broken->count(dir)) continue;
+    auto text = ReadFileCapped(e.path() / "meta.json", kMaxMetaBytes);
+    if (!text.ok()) continue;
+    json m = json::parse(*text, nullptr, false);
+    if (!m.is_object() || !m["chunkSize"].is_number_unsigned() || !m["file"].is_string()) continue;
+    const uint64_t size = m["chunkSize"].get<uint64_t>();
+    int shift = 0;
+    while (shift < 63 && (uint64_t{1} << shift) < size) ++shift;
+    if ((uint64_t{1} << shift) != size || shift < oci::chunked::kMinChunkShift || shift > oci::chunked::kMaxChunkShift) {
+      continue;
+    }
+    chunked[dir] = Chunked{m["file"].get<std::string>(), shift};
+  }
+  const fs::path db = root_ / "store.db";
+  if (!fs::exists(db, ec) && chunked.empty()) return;
+  auto table = ChunkTable::Open(root_);
+  if (!table.ok()) {
+    Problem p{"the store's chunk table " + db.string() + " cannot be read: " + table.status().message(), false};
+    // Rebuilt from the disks below; one a newer regdisk wrote is left alone.
+    if (repair && table.status().code() != Code::kFailedPrecondition) {
+      for (const char* suffix : {"", "-wal", "-shm"}) fs::remove(db.string() + suffix, ec);
+      table = ChunkTable::Open(root_);
+      p.repaired = table.ok();
+    }
+    out->push_back(std::move(p));
+    if (!table.ok()) return;
+  }
+  auto recorded = table->Disks();
+  if (!recorded.ok()) {
+    out->push_back(Problem{"the store's chunk table cannot be read: " + recorded.status().message(), false});
+    return;
+  }
+  for (const auto& [dir, shift] : *recorded) {
+    if (chunked.count(dir)) continue;
+    if (broken->count(dir)) {  // reported with its disk
+      if (repair) (void)table->RemoveDisk(dir);
+      continue;
+    }
+    Problem p{"chunk table: it lists the chunks of " + Printable(dir, 100) + ", which is not a chunked disk of the store",
+              false};
+    if (repair) p.repaired = table->RemoveDisk(dir).ok();
+    out->push_back(std::move(p));
+  }
+  for (const auto& [dir, c] : chunked) {
+    const fs::path path = root_ / "disks" / dir;
+    auto hashed = HashChunks(path / c.file, c.shift);
+    if (!hashed.ok()) continue;  // CheckDisk reported the file
+    auto it = recorded->find(dir);
+    if (it == recorded->end() || it->second != c.shift) {
+      // A pull killed between its commit and its rows: the disk passed
+      // every check when it was committed, so its chunks are recorded as
+      // they are.
+      Problem p{"chunk table: the chunked disk " + Printable(dir, 100) + " is not listed (repair records its chunks)", false};
+      if (repair) {
+        oci::ChunkIndex idx;
+        idx.chunk_shift = c.shift;
+        struct stat st;
+        if (::stat((path / c.file).c_str(), &st) == 0) idx.disk_size = static_cast<uint64_t>(st.st_size);
+        idx.chunks.resize(oci::ChunkCount(idx.disk_size, c.shift));
+        for (auto& e : idx.chunks) e.zero = true;
+        for (const auto& [k, sum] : *hashed) {
+          if (k < idx.chunks.size()) idx.chunks[k] = oci::ChunkEntry{0, 0, false, sum};
+        }
+        p.repaired = table->AddDisk(dir, c.file, idx).ok();
+      }
+      out->push_back(std::move(p));
+      continue;
+    }
+    // Listed: the disk must still hold the chunks it was pulled with.
+    auto rows = table->DiskChunks(dir);
+    if (!rows.ok() || *rows == *hashed) continue;
+    std::string wrong = "its content no longer matches the chunk digests it was pulled with";
+    for (const auto& [k, sum] : *rows) {
+      auto h = hashed->find(k);
+      if (h == hashed->end() || h->second != sum) {
+        wrong = "its chunk " + std::to_string(k) + " no longer hashes to the digest it was pulled with";
+        break;
+      }
+    }
+    broken->insert(dir);
+    Problem p{"disk " + Printable(dir, 100) + ": " + wrong, false};
+    if (repair && RemoveBrokenDisk(path, &p)) (void)table->RemoveDisk(dir);
+    out->push_back(std::move(p));
+  }
+}
 
 void Store::CheckBlobs(bool repair, std::vector<Problem>* out) {
   std::error_code ec;
@@ -118,21 +262,12 @@ Result<std::vector<Problem>> Store::Check(bool repair) {
     if (!wrong) continue;
     broken.insert(name);
     Problem p{"disk " + Printable(name, 100) + ": " + *wrong, false};
-    if (repair) {
-      ASSIGN_OR_RETURN(std::optional<FileLock> unused, FileLock::TryAcquire(UseLockPath(e.path())));
-      if (unused) {
-        const fs::path trash = root_ / "tmp" / ("broken-" + name);
-        RemoveAll(trash);
-        if (::rename(e.path().c_str(), trash.c_str()) == 0) {
-          RemoveAll(trash);
-          p.repaired = true;
-        }
-      } else {
-        p.what += " (a running VM uses it; stop the VM, then repair again)";
-      }
-    }
+    if (repair) RemoveBrokenDisk(e.path(), &p);
     out.push_back(std::move(p));
   }
+  // Chunked disks against the chunk digests they were pulled with, and the
+  // chunk table against the disks (rows of removed disks go).
+  CheckChunkTable(repair, &broken, &out);
 
   // Names: each must point to a disk that is there and whole.
   ASSIGN_OR_RETURN(FileLock refs_lock, FileLock::Acquire(root_ / "locks" / "refs"));

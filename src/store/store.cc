@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "image/copy.h"
+#include "store/chunk_table.h"
 #include "store/chunked_pull.h"
 #include "store/unpack.h"
 #include "util/byte_source.h"
@@ -48,6 +49,9 @@ bool IsRefusal(const Status& st) {
     default: return false;
   }
 }
+
+// A chunked layer's staging directory under ROOT/ingest.
+std::string ChunkedIngestName(const oci::Digest& layer) { return "chunked-" + layer.algorithm() + "-" + layer.hex(); }
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -198,15 +202,36 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     ASSIGN_OR_RETURN(chunked, oci::ChunkIndexLocationOf(layers[0]));
   }
   DiskTree::File file;
+  std::optional<ChunkTable> table;
+  std::optional<oci::ChunkIndex> chunk_index;  // recorded in the chunk table on commit
+  std::optional<FileLock> chunk_ingest_lock;
+  fs::path chunk_ingest;  // ROOT/ingest/chunked-<hex>: removed once the disk is committed
   if (chunked) {
+    // The chunk table is a hint: a store whose table cannot be opened
+    // still pulls (every chunk fetched), and fsck says why.
+    if (auto t = ChunkTable::Open(root_); t.ok()) {
+      table.emplace(std::move(*t));
+    } else {
+      log::Warn("the store's chunk table cannot be opened; fetching every chunk ({})", t.status().message());
+    }
     ChunkedPullOptions co;
+    co.table = table ? &*table : nullptr;
+    co.disks_dir = root_ / "disks";
+    co.max_gap_bytes = kDefaultMaxGapBytes;
     co.max_disk_bytes = options.limits.max_file_bytes;
     co.label = "layer 1 (" + layers[0].digest.Short() + ")";
     co.on_progress = progress;
     co.cancel = options.cancel.get();
+    // Its own staging, kept across a kill or a transient failure (the disk
+    // so far and its chunk bitmap), one writer at a time.
+    const std::string key = ChunkedIngestName(layers[0].digest);
+    ASSIGN_OR_RETURN(chunk_ingest_lock, FileLock::Acquire(root_ / "locks" / (key + ".ingest")));
+    chunk_ingest = root_ / "ingest" / key;
+    RETURN_IF_ERROR(MakeDirs(chunk_ingest));
     const auto t0 = std::chrono::steady_clock::now();
-    auto d = options.chunked_puller ? options.chunked_puller(src, layers[0], *chunked, staging.path())
-                                    : PullChunkedLayer(src, layers[0], *chunked, staging.path(), co);
+    auto d = options.chunked_puller ? options.chunked_puller(src, layers[0], *chunked, chunk_ingest)
+                                    : PullChunkedLayer(src, layers[0], *chunked, chunk_ingest, co);
+    if (d.ok() && d->resumed_chunks > 0) *resumed = true;
     if (progress) {
       progress({d.ok() ? image::ProgressEvent::Kind::kDone : image::ProgressEvent::Kind::kFailed, layers[0].digest,
                 static_cast<uint64_t>(layers[0].size), static_cast<uint64_t>(layers[0].size), {}});
@@ -219,6 +244,7 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     file.staged = d->file;
     file.image_path = d->image_path;
     file.size = d->size;
+    chunk_index = std::move(d->index);
   }
   for (size_t i = 0; !chunked && i < layers.size(); ++i) {
     const auto& l = layers[i];
@@ -265,17 +291,32 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
                {"virtualSize", info.virtual_size},
                {"size", info.file_size},
                {"qcow2Version", info.qcow2_version}};
+  if (chunk_index) meta["chunkSize"] = chunk_index->chunk_size();  // what fsck rebuilds the chunk table with
   RETURN_IF_ERROR(WriteFileAtomic(image_dir / "meta.json", meta.dump(2) + "\n", 0444));
   ::chmod(image_dir.c_str(), 0555);
   RETURN_IF_ERROR(env->Rename(image_dir, dir).Annotate("committing the disk"));
   RETURN_IF_ERROR(SyncDir(root_ / "disks"));
+  if (!chunk_ingest.empty()) RemoveAll(chunk_ingest);  // its disk is committed; the bitmap goes
+  // Its chunks, for the next pull to copy. After the commit: a row never
+  // names a disk that is not there; a disk a kill left without its rows
+  // is found by fsck, and costs only a fuller fetch meanwhile.
+  if (table && chunk_index) {
+    if (Status st = table->AddDisk(dir.filename().string(), name, *chunk_index); !st.ok()) {
+      log::Warn("the disk's chunks could not be recorded in the store's chunk table (regdisk fsck --repair "
+                "records them): {}",
+                st.message());
+    }
+  }
   for (const auto& e : done) options.on_progress(e);
   return OkStatus();
 }
 
 void Store::RemovePartials(const std::vector<oci::Descriptor>& layers) {
   std::error_code ec;
-  for (const auto& l : layers) fs::remove(root_ / "ingest" / (l.digest.algorithm() + "-" + l.digest.hex()), ec);
+  for (const auto& l : layers) {
+    fs::remove(root_ / "ingest" / (l.digest.algorithm() + "-" + l.digest.hex()), ec);
+    RemoveAll(root_ / "ingest" / ChunkedIngestName(l.digest));
+  }
 }
 
 Result<StoredImage> Store::Load(const Ref& ref) const {
@@ -610,6 +651,20 @@ uint64_t UsedBytes(const fs::path& p) {
 
 }  // namespace
 
+void Store::ForgetMissingChunks() {
+  std::error_code ec;
+  if (!fs::exists(root_ / "store.db", ec)) return;
+  Status st = [&]() -> Status {
+    ASSIGN_OR_RETURN(ChunkTable table, ChunkTable::Open(root_));
+    ASSIGN_OR_RETURN(auto disks, table.Disks());
+    for (const auto& [dir, shift] : disks) {
+      if (!fs::exists(root_ / "disks" / dir, ec)) RETURN_IF_ERROR(table.RemoveDisk(dir));
+    }
+    return OkStatus();
+  }();
+  if (!st.ok()) log::Warn("the store's chunk table could not be updated (regdisk fsck --repair does it): {}", st.message());
+}
+
 Result<GcResult> Store::CollectLocked() {
   GcResult r;
   std::error_code ec;
@@ -657,6 +712,7 @@ Result<GcResult> Store::CollectLocked() {
   }
   RETURN_IF_ERROR(SyncDir(root_ / "disks"));
   DropStaleLinks(refs);
+  ForgetMissingChunks();
 
   for (const auto& e : fs::directory_iterator(root_ / "blobs" / "sha256", ec)) {
     if (keep_blobs.count(e.path().filename().string())) continue;

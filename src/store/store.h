@@ -4,6 +4,9 @@
 //   ROOT/blobs/sha256/<hex>     manifests and configs: verified, read-only
 //   ROOT/ingest/sha256-<hex>    a layer being downloaded; a killed pull
 //                               resumes from it with Range
+//   ROOT/ingest/chunked-sha256-<hex>/
+//                               a chunked layer being pulled: disk.raw and
+//                               chunks.map; a killed pull fetches the rest
 //   ROOT/disks/<hex>[-<p>]/     one materialised disk, by manifest digest (and,
 //                               when a --path was given, a hash of that path):
 //                                 <file>       the disk, read-only
@@ -20,6 +23,10 @@
 //                               each pull and removed with the name; what
 //                               domxml names, so a libvirt domain outlives
 //                               a new pull of its tag
+//   ROOT/store.db               SQLite (WAL; schema_migrations versions it):
+//                               the chunk table, every non-zero chunk's
+//                               SHA-256 of each chunked disk, for delta
+//                               pulls (store/chunk_table.h)
 //   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system;
 //                               a pull stages in tmp/<disk dir>.staging, so
 //                               the next pull of that image (under the same
@@ -51,6 +58,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -168,9 +176,12 @@ class Store {
   // Checks the store: every manifest and config blob against its digest,
   // every disk's record, file, size, mode and format header (the disk's
   // bytes were checked against the layer digests when pulled; no digest of
-  // the flattened disk is kept), and every name against its disk. With
-  // `repair`, removes what is broken (a disk a running VM uses is only
-  // reported) and the names that pointed to it.
+  // a flattened qcow2 is kept, but a chunked disk's chunks are checked
+  // against the chunk table), the chunk table against the disks, and every
+  // name against its disk. With `repair`, removes what is broken (a disk a
+  // running VM uses is only reported) and the names that pointed to it,
+  // drops the table's rows of disks that are gone and records chunked disks
+  // it lacks.
   Result<std::vector<Problem>> Check(bool repair);
 
  private:
@@ -193,10 +204,17 @@ class Store {
   Status StreamLayer(image::ImageSource& src, const oci::Descriptor& desc, DiskTree& tree, const std::string& label,
                      bool* resumed, const image::ProgressFn& progress, const CancelToken* cancel);
   void RemovePartials(const std::vector<oci::Descriptor>& layers);
+  // Drops the chunk table's rows of disks that are no longer in disks/
+  // (with the store lock held exclusively); a failure is only logged.
+  void ForgetMissingChunks();
   Result<GcResult> CollectLocked();  // with the store lock held exclusively
   // Check's parts (store/fsck.cc).
   std::optional<std::string> CheckDisk(const std::filesystem::path& dir) const;
   void CheckBlobs(bool repair, std::vector<Problem>* out);
+  void CheckChunkTable(bool repair, std::set<std::string>* broken, std::vector<Problem>* out);
+  // Removes a broken disk unless a VM uses it (then says so in p->what);
+  // true when removed.
+  bool RemoveBrokenDisk(const std::filesystem::path& dir, Problem* p);
   std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;
   // refs.json in either form; entries that are not digests are skipped
   // (fsck reports them).
