@@ -9,6 +9,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <regex>
+
 #include <nlohmann/json.hpp>
 
 #include "blockserve/export.h"
@@ -246,6 +248,72 @@ TEST_F(LazyExportTest, AGuestReadOfACorruptedChunkGetsEio) {
   r = RunProgram({"qemu-io", "-r", "-f", "raw", "-c", "read 0 512", (*e)->uri()});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_THAT(r.out, HasSubstr("read 512/512 bytes"));
+}
+
+// regdisk run, end to end: a chunked image of the boot-sector guest, padded
+// with 32 MiB of random data the guest never reads, boots from the registry
+// through the export.
+TEST(LazyRunTest, RunBootsAChunkedImageWhileItIsPulled) {
+  TempDir tmp = TempDir::Create("regdisk-test").value();
+  auto reg = TestRegistry::Start(RegistryMode::kPlain, {}, TestRegistry::Extra{.access_log = true}).value();
+  const fs::path root = tmp.path() / "root";
+  std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+  std::string sector1 = "LAZY-SECTOR-CONTENT";
+  sector1.resize(512, '\0');
+  raw += sector1 + "POWEROFF";
+  raw.resize(1 * kMiB, '\0');
+  raw += RandomBytes(32 * kMiB, 3);
+  ASSERT_OK(WriteFileAtomic(tmp.path() / "guest.raw", raw));
+  const std::string ref = reg->host() + "/vmdisks/lazy:v1";
+  RunResult r = RunRegdisk({"build", (tmp.path() / "guest.raw").string(), "-t", "docker://" + ref, "--layout",
+                            "chunked", "--chunk-size", "64K", "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm.yaml", 1 << 20).value();
+  spec = std::regex_replace(spec, std::regex("image: [^\n]*"), "image: " + ref);
+  ASSERT_OK(WriteFileAtomic(tmp.path() / "vm.yaml", spec));
+
+  const size_t log_before = reg->log().size();
+  r = RunRegdisk({"--root", root.string(), "run", "-f", (tmp.path() / "vm.yaml").string(), "--timeout", "120",
+                  "--grace", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("is booting while it is pulled"));
+  EXPECT_THAT(r.out, HasSubstr("REGDISK-GUEST-BOOTED"));
+  EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
+  EXPECT_THAT(r.out, HasSubstr("REGDISK-GUEST-POWEROFF"));
+  // Every read of the layer was a ranged one: nothing fetched it whole.
+  const std::string log = reg->log().substr(log_before);
+  int ranged = 0, whole = 0;
+  for (size_t at = 0; (at = log.find("GET /v2/vmdisks/lazy/blobs/", at)) != std::string::npos; ++at) {
+    const std::string line = log.substr(at, log.find('\n', at) - at);
+    const size_t q = line.find('"');
+    int status = 0;
+    if (q != std::string::npos && std::sscanf(line.c_str() + q + 1, "%d", &status) == 1) {
+      if (status == 206) ++ranged;
+      if (status == 200 && line.find("GET /v2/vmdisks/lazy/blobs/sha256:") != std::string::npos) ++whole;
+    }
+  }
+  EXPECT_GT(ranged, 0) << log;
+  // (The config blob is fetched whole; it is small. The layer never is.)
+  EXPECT_LE(whole, 1) << log;
+  // nbdkit went with the VM.
+  EXPECT_NE(RunProgram({"pgrep", "-f", (root / "lazy").string()}).exit_code, 0) << "an nbdkit outlived the VM";
+
+  // The disk completes (resuming what the first run verified) and equals
+  // the original; a run then boots from the store without lazy boot.
+  r = RunRegdisk({"--root", root.string(), "pull", "docker://" + ref});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  fs::path stored;
+  for (const auto& e : fs::recursive_directory_iterator(root / "disks")) {
+    if (e.path().filename() == "disk.raw") stored = e.path();
+  }
+  ASSERT_FALSE(stored.empty());
+  r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", (tmp.path() / "guest.raw").string(), stored.string()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = RunRegdisk({"--root", root.string(), "run", "-f", (tmp.path() / "vm.yaml").string(), "--timeout", "120",
+                  "--grace", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
+  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("while it is pulled")));
 }
 
 }  // namespace

@@ -96,45 +96,41 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
   for (const auto& name : candidates) {
     const std::string key = name.String();
     log::Info("pulling {}", key);
-    if (o.lazy) {
-      auto served = [&]() -> Result<ResolvedVolume> {
-        ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
-        ASSIGN_OR_RETURN(std::unique_ptr<blockserve::LazyPull> pull,
-                         blockserve::LazyPull::Start(st, std::move(source), key, po, o.lazy_options));
-        ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready());
-        if (disk.stored) {
-          ResolvedVolume rv{key, std::move(*disk.stored), nullptr, {}, {}};
-          rv.note = Printable(key) + " is not a chunked image, so it was pulled in full before boot";
-          return rv;
-        }
-        if (!src.path.empty() && src.path != disk.image_path) {
-          return NotFound("the image holds " + Printable(disk.image_path) + ", not " + Printable(src.path));
-        }
-        ResolvedVolume rv;
-        rv.key = key;
-        rv.image.name = key;
-        rv.image.disk_path = disk.image_path;
-        rv.image.disk_file = disk.file;
-        rv.image.disk.format = disk::Format::kRaw;
-        rv.image.disk.virtual_size = rv.image.disk.file_size = disk.size;
-        rv.nbd_socket = disk.socket;
-        rv.note = Printable(key) + " is booting while it is pulled (lazy boot: chunks are fetched and verified as "
-                  "the guest reads them)";
-        rv.lazy = std::move(pull);
-        return rv;
-      }();
-      if (served.ok()) return served;
-      failed = std::move(served).status().Annotate("pulling " + key);
-      if (candidates.size() == 1 || failed.code() == Code::kCancelled) return failed;
-      tried += (tried.empty() ? "" : "; ") + failed.message();
-      continue;
-    }
-    auto img = [&]() -> Result<store::StoredImage> {
+    // Lazy boot: served while it fills when chunked, else pulled in full.
+    auto lazily = [&]() -> Result<ResolvedVolume> {
       ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
-      return st.Pull(*source, key, po);
-    }();
-    if (img.ok()) return ResolvedVolume{key, std::move(*img), nullptr, {}, {}};
-    failed = std::move(img).status();
+      ASSIGN_OR_RETURN(std::unique_ptr<blockserve::LazyPull> pull,
+                       blockserve::LazyPull::Start(st, std::move(source), key, po, o.lazy_options));
+      ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready());
+      if (disk.stored) {
+        ResolvedVolume rv{key, std::move(*disk.stored), nullptr, {}, {}};
+        rv.note = Printable(key) + " is not a chunked image, so it was pulled in full before boot";
+        return rv;
+      }
+      if (!src.path.empty() && src.path != disk.image_path) {
+        return NotFound("the image holds " + Printable(disk.image_path) + ", not " + Printable(src.path));
+      }
+      ResolvedVolume rv;
+      rv.key = key;
+      rv.image.name = key;
+      rv.image.disk_path = disk.image_path;
+      rv.image.disk_file = disk.file;
+      rv.image.disk.format = disk::Format::kRaw;
+      rv.image.disk.virtual_size = rv.image.disk.file_size = disk.size;
+      rv.nbd_socket = disk.socket;
+      rv.note = Printable(key) + " is booting while it is pulled (lazy boot: chunks are fetched and verified as "
+                "the guest reads them)";
+      rv.lazy = std::move(pull);
+      return rv;
+    };
+    auto fully = [&]() -> Result<ResolvedVolume> {
+      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
+      ASSIGN_OR_RETURN(store::StoredImage img, st.Pull(*source, key, po));
+      return ResolvedVolume{key, std::move(img), nullptr, {}, {}};
+    };
+    Result<ResolvedVolume> got = o.lazy ? lazily() : fully();
+    if (got.ok()) return got;
+    failed = std::move(got).status();
     // The registry is unreachable but the store has the tag: say so.
     if (failed.code() == Code::kUnavailable || failed.code() == Code::kDeadlineExceeded) {
       auto have = st.Lookup(key, o.platform);
