@@ -29,6 +29,7 @@
 #include "cli/common.h"
 #include "util/fs.h"
 #include "util/text.h"
+#include "vm/launch.h"
 #include "vm/runner.h"
 
 namespace regdisk::cli {
@@ -795,17 +796,7 @@ int RunPortCommand(const Globals& g, const ClientFlags& c, const std::string& na
     if (r->code == 404) return Fail(NotFound(local + ", nor is it a VMI of the daemon: " + r->Error().message()));
     if (!r->ok()) return Fail(r->Error());
     const json list = json::parse(r->body, nullptr, false);
-    if (list.is_object() && list.contains("ports") && list["ports"].is_array()) {
-      for (const auto& p : list["ports"]) {
-        vm::PublishedPort pp;
-        pp.name = p.value("name", "");
-        pp.protocol = p.value("protocol", "tcp");
-        pp.guest_port = p.value("port", 0);
-        pp.host_ip = p.value("hostIP", "");
-        pp.host_port = p.value("hostPort", 0);
-        ports.push_back(pp);
-      }
-    }
+    if (list.is_object() && list.contains("ports")) ports = vm::PortsFromJson(list["ports"]);
   }
   if (port.empty()) {
     for (const auto& p : ports) std::printf("%s\n", PrintableLine(p.String()).c_str());
