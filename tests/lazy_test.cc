@@ -314,6 +314,16 @@ TEST(LazyRunTest, RunBootsAChunkedImageWhileItIsPulled) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
   EXPECT_THAT(r.err, ::testing::Not(HasSubstr("while it is pulled")));
+
+  // Without the plugin there is no export: the run pulls in full, says
+  // why, and boots.
+  r = RunRegdisk({"--root", (tmp.path() / "root2").string(), "run", "-f", (tmp.path() / "vm.yaml").string(),
+                  "--timeout", "120", "--grace", "1"},
+                 {}, {"REGDISK_NBDKIT_PLUGIN=" + (tmp.path() / "no-such-plugin.so").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("lazy boot needs nbdkit and regdisk's nbdkit plugin"));
+  EXPECT_THAT(r.err, HasSubstr("was pulled in full before boot"));
+  EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
 }
 
 }  // namespace

@@ -44,8 +44,8 @@ struct ExportOptions {
 };
 
 // The control server alone: answers the plugin's requests for `disk` on
-// `socket` until destroyed. (Export runs one; a restarted owner can run
-// one for an nbdkit that outlived its predecessor.)
+// `socket` until destroyed. (Export runs one, next to the nbdkit it
+// starts.)
 class ControlServer {
  public:
   static Result<std::unique_ptr<ControlServer>> Start(LazyDisk& disk, const std::filesystem::path& socket,

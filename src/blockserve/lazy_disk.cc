@@ -139,6 +139,7 @@ Status LazyDisk::Ensure(uint64_t offset, uint64_t length) {
     std::vector<size_t> claim;
     {
       std::unique_lock lock(mu_);
+      if (stop_) return Cancelled("the lazy disk " + options_.label + " is shutting down");
       bool waiting = false;
       for (size_t k = first; k <= last; ++k) {
         if (bitmap_.Test(k)) continue;
@@ -164,6 +165,7 @@ Status LazyDisk::Ensure(uint64_t offset, uint64_t length) {
         // Someone else is fetching what we need: wait for them, then look
         // again (they may have failed).
         const bool woke = cv_.wait_until(lock, deadline, [&] {
+          if (stop_) return true;
           for (size_t k = first; k <= last; ++k) {
             if (inflight_.count(k)) return false;
           }

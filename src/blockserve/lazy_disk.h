@@ -100,7 +100,7 @@ class LazyDisk {
   LazyDisk& operator=(const LazyDisk&) = delete;
 
   // Makes every chunk that [offset, offset + length) touches present and
-  // verified. DataLoss when a chunk fetched for it failed verification
+  // verified. InvalidArgument when a chunk fetched for it failed verification
   // (the chunk stays absent and is fetched again next time), OutOfRange
   // outside the disk, DeadlineExceeded when the registry could not serve
   // it within read_deadline.

@@ -89,6 +89,12 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
             disk_->present());
   disk_->StartFill();
   RETURN_IF_ERROR(disk_->WaitComplete(cancel_.get()));
+  {
+    // The commit renames disk.raw: an export starting now would not find
+    // it. One that started already holds it open (mu_ waits for it).
+    std::lock_guard guard(mu_);
+    committing_ = true;
+  }
   store::ChunkedDisk out;
   out.file = disk_->file();
   out.image_path = image_path;
@@ -105,6 +111,17 @@ Result<LazyPull::Disk> LazyPull::Ready() {
   std::unique_lock lock(mu_);
   cv_.wait(lock, [&] { return ready_.has_value(); });
   if (!ready_->ok() || (*ready_)->stored) return *ready_;
+  if (!export_ && committing_) {
+    // It arrived in full before anyone asked: boot from the store.
+    cv_.wait(lock, [&] { return result_.has_value(); });
+    if (!result_->ok()) return result_->status();
+    Disk d;
+    d.stored = **result_;
+    d.size = d.stored->disk.virtual_size;
+    d.image_path = d.stored->disk_path;
+    d.arrived = true;
+    return d;
+  }
   if (!export_) {
     ASSIGN_OR_RETURN(export_, Export::Start(*disk_, options_.export_options));
     (*ready_)->socket = export_->socket();
@@ -124,6 +141,9 @@ LazyPull::~LazyPull() {
   // else touches disk_ and export_ then.
   cancel_->Cancel("the VM using the lazily-pulled disk stopped");
   if (thread_.joinable()) thread_.join();
+  // Guest reads still waiting on the registry give up before the control
+  // server's workers are joined.
+  if (disk_) disk_->Stop();
   export_.reset();
   const bool committed = result_.has_value() && result_->ok();
   fs::path dir;

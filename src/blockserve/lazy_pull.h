@@ -55,6 +55,7 @@ class LazyPull {
     uint64_t size = 0;
     std::string image_path;
     std::optional<store::StoredImage> stored;
+    bool arrived = false;  // chunked, but complete and committed before boot
   };
 
   // Starts pulling `key` from `source` into `store` on a thread of its own.
@@ -95,6 +96,7 @@ class LazyPull {
   std::condition_variable cv_;
   std::optional<Result<Disk>> ready_;                      // guarded by mu_
   std::optional<Result<store::StoredImage>> result_;       // guarded by mu_
+  bool committing_ = false;                                // guarded by mu_
   std::optional<FileLock> lock_;
   std::unique_ptr<LazyDisk> disk_;
   std::unique_ptr<Export> export_;

@@ -10,8 +10,8 @@
  * read only once their bits are set. Nothing else is ever served: a chunk
  * whose bit stays clear fails the read with EIO, as does a read the owner
  * cannot complete within the deadline (the guest sees an I/O error rather
- * than a hung disk). While the owner is away (restarting), the plugin keeps
- * trying to reach it until the deadline.
+ * than a hung disk). An owner that does not answer (it went away) is tried
+ * again until the deadline, then the read fails with EIO too.
  *
  * There is no write path: the plugin has no pwrite, so nbdkit refuses
  * writes. Every connection may read in parallel (can_multi_conn). */

@@ -97,14 +97,30 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
     const std::string key = name.String();
     log::Info("pulling {}", key);
     // Lazy boot: served while it fills when chunked, else pulled in full.
+    auto fully = [&]() -> Result<ResolvedVolume> {
+      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
+      ASSIGN_OR_RETURN(store::StoredImage img, st.Pull(*source, key, po));
+      return ResolvedVolume{key, std::move(img), nullptr, {}, {}};
+    };
     auto lazily = [&]() -> Result<ResolvedVolume> {
+      // Without nbdkit or regdisk's plugin there is no export: pull in full.
+      Result<fs::path> plugin = blockserve::FindNbdkitPlugin();
+      const bool have_nbdkit = !FindExecutable(o.lazy_options.export_options.nbdkit).empty();
+      if (!plugin.ok() || !have_nbdkit) {
+        ASSIGN_OR_RETURN(ResolvedVolume rv, fully());
+        rv.note = "lazy boot needs nbdkit and regdisk's nbdkit plugin (" +
+                  (have_nbdkit ? plugin.status().message() : std::string("nbdkit is not on PATH")) +
+                  "), so " + Printable(key) + " was pulled in full before boot";
+        return rv;
+      }
       ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
       ASSIGN_OR_RETURN(std::unique_ptr<blockserve::LazyPull> pull,
                        blockserve::LazyPull::Start(st, std::move(source), key, po, o.lazy_options));
       ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready());
       if (disk.stored) {
         ResolvedVolume rv{key, std::move(*disk.stored), nullptr, {}, {}};
-        rv.note = Printable(key) + " is not a chunked image, so it was pulled in full before boot";
+        rv.note = Printable(key) + (disk.arrived ? " arrived in full before boot"
+                                                 : " is not a chunked image, so it was pulled in full before boot");
         return rv;
       }
       if (!src.path.empty() && src.path != disk.image_path) {
@@ -122,11 +138,6 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
                 "the guest reads them)";
       rv.lazy = std::move(pull);
       return rv;
-    };
-    auto fully = [&]() -> Result<ResolvedVolume> {
-      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
-      ASSIGN_OR_RETURN(store::StoredImage img, st.Pull(*source, key, po));
-      return ResolvedVolume{key, std::move(img), nullptr, {}, {}};
     };
     Result<ResolvedVolume> got = o.lazy ? lazily() : fully();
     if (got.ok()) return got;
