@@ -315,6 +315,13 @@ TEST(LazyRunTest, RunBootsAChunkedImageWhileItIsPulled) {
   EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
   EXPECT_THAT(r.err, ::testing::Not(HasSubstr("while it is pulled")));
 
+  // A disk over --max-disk-size is refused before anything is served.
+  r = RunRegdisk({"--root", (tmp.path() / "root3").string(), "--max-disk-size", "1M", "run", "-f",
+                  (tmp.path() / "vm.yaml").string(), "--timeout", "120", "--grace", "1"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("over the maximum disk size"));
+  EXPECT_THAT(r.out, ::testing::Not(HasSubstr("REGDISK-GUEST-BOOTED")));
+
   // Without the plugin there is no export: the run pulls in full, says
   // why, and boots.
   r = RunRegdisk({"--root", (tmp.path() / "root2").string(), "run", "-f", (tmp.path() / "vm.yaml").string(),

@@ -16,6 +16,7 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
   p->store_ = store;
   p->source_ = std::move(source);
   p->options_ = std::move(lazy);
+  p->max_disk_bytes_ = options.limits.max_file_bytes;
   if (!options.cancel) options.cancel = p->cancel_;
   options.chunked_puller = [raw = p.get()](image::ImageSource& src, const oci::Descriptor& layer,
                                            const oci::ChunkIndexLocation& loc, const fs::path&) {
@@ -61,7 +62,7 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   lock_ = std::move(*lock);
   Result<std::unique_ptr<image::BlobRangeReader>> reader = src.OpenRangeReader();
   if (!reader.ok()) return fail(reader.status());
-  Result<store::ChunkedLayerHead> head = store::OpenChunkedLayer(**reader, layer, loc, uint64_t{1} << 44, label);
+  Result<store::ChunkedLayerHead> head = store::OpenChunkedLayer(**reader, layer, loc, max_disk_bytes_, label);
   if (!head.ok()) return fail(head.status());
   LazyDiskOptions o = options_.disk_options;
   o.label = label;

@@ -88,6 +88,7 @@ class LazyPull {
   std::optional<store::Store> store_;
   std::unique_ptr<image::ImageSource> source_;
   LazyPullOptions options_;
+  uint64_t max_disk_bytes_ = 0;  // the pull's --max-disk-size, checked before anything is served
   // Ends the fill (and the pull, unless the caller gave a token of its
   // own) when the LazyPull goes.
   std::shared_ptr<CancelToken> cancel_ = std::make_shared<CancelToken>();
