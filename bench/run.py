@@ -90,13 +90,19 @@ def wait_http(url, proc, seconds=30):
 
 
 class Registry:
-    """docker-registry on 127.0.0.1; restart() empties it."""
+    """docker-registry on 127.0.0.1; restart() empties it.
 
-    def __init__(self, work):
+    With access_log, its access log (one line per request) goes to
+    self.log_path (bench/chunked.py counts the bytes a pull fetched from it).
+    """
+
+    def __init__(self, work, access_log=False):
         self.dir = os.path.join(work, "registry")
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.proc = None
+        self.access_log = access_log
+        self.log_path = os.path.join(self.dir, "log")
 
     def restart(self):
         self.stop()
@@ -104,11 +110,12 @@ class Registry:
         os.makedirs(self.dir)
         cfg = os.path.join(self.dir, "config.yml")
         with open(cfg, "w") as f:
-            f.write("version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\n"
+            f.write(f"version: 0.1\nlog: {{level: error, accesslog: {{disabled: {str(not self.access_log).lower()}}}}}\n"
                     f"storage: {{filesystem: {{rootdirectory: {self.dir}/data}}}}\n"
                     f"http: {{addr: {self.host}}}\n")
-        self.proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(self.dir, "log"), "w"))
+        with open(self.log_path, "w") as logf:
+            self.proc = subprocess.Popen(["docker-registry", "serve", cfg],
+                                         stdout=logf if self.access_log else subprocess.DEVNULL, stderr=logf)
         wait_http(f"http://{self.host}/v2/", self.proc)
 
     def stop(self):
