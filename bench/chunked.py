@@ -247,8 +247,8 @@ class ChunkedBench(common.Bench):
         super().__init__(args)
         self.reg = common.Registry(self.work, access_log=True)
         self.sizes = [parse_size(s) for s in args.chunk_sizes.split(",")]
-        self.ctd_sizes = ([parse_size(s) for s in args.containerd_chunk_sizes.split(",")]
-                          if args.containerd_chunk_sizes else self.sizes)
+        ctd = args.containerd_chunk_sizes
+        self.ctd_sizes = [] if ctd == "none" else [parse_size(s) for s in ctd.split(",")] if ctd else self.sizes
         self.containerd = os.geteuid() == 0 and args.containerd_chunk_sizes != "none"
         self.failures = []
         self.fig = {}  # figures other than timings
@@ -357,8 +357,11 @@ class ChunkedBench(common.Bench):
                 elif name.startswith("pull containerd"):
                     self.add(name, r[0], peak_rss_mib=r[1] / 1024, disk_usage_bytes=r[2])
                 else:
+                    repo = "bench/" + ("chunked-" + name.split()[-1] if "chunked" in name else
+                                       name.split("(")[1].rstrip(")") + "-zstd")
                     self.add(name, r[0], peak_rss_mib=r[1] / 1024, fetched_bytes=r[2], requests=r[3],
-                             disk_usage_bytes=common.used_bytes(store))
+                             disk_usage_bytes=common.used_bytes(store),
+                             disk_file_bytes=allocated(self.stored_disk(store, repo)))
         self.ctd.stop()
         # Outside the timed rounds: what each pull stored equals the disk.
         for c in self.sizes:
@@ -400,8 +403,7 @@ class ChunkedBench(common.Bench):
         """Pulls v2 into a store holding v1, `runs` times (v2 removed between).
         Records bytes and requests against the indexes' expectation."""
         store = os.path.join(self.work, "store-delta")
-        shutil.rmtree(store, ignore_errors=True)
-        subprocess.run(self.rd("pull", self.ref(v1_repo), root=store), check=True, capture_output=True)
+        t_v1 = self.pull(v1_repo, store)[0]  # a full pull of v1 into an empty store
         i1, i2 = self.index(v1_repo), self.index(v2_repo)
         n_changed, frames, expected = delta_expectation(i1, i2)
         times, got = [], []
@@ -422,7 +424,7 @@ class ChunkedBench(common.Bench):
              "changed frames bytes": frames, "index bytes": i2["length"], "header frame bytes": i2["header_frame"],
              "expected bytes": expected, "fetched bytes": b, "requests": reqs,
              "fetched / expected": b / expected, "fetched / disk virtual size": b / i2["disk_size"],
-             "pull s": common.summary(times)}
+             "pull s": common.summary(times), "v1 full pull s": t_v1}
         self.fig.setdefault("delta", {}).setdefault(kind, {})[size_name(c)] = d
         log(f"delta {kind} {size_name(c)}: fetched {b} in {reqs} requests (expected {expected}, "
             f"{n_changed} changed chunks), {statistics_median(times):.2f} s")
@@ -549,6 +551,9 @@ def summarize(r):
                "build+push+pull s": med(f"build+push+pull chunked {n}")}
         if row["node disk bytes"]:
             row["node disk / qcow2"] = row["node disk bytes"] / fig["qcow2 bytes"]
+        disk_file = t.get(f"pull regdisk chunked {n}", {}).get("disk_file_bytes (median)")
+        if disk_file:  # the disk file alone, without the store's metadata and chunk table
+            row["disk file / qcow2"] = disk_file / fig["qcow2 bytes"]
         if row["containerd pull s"] and pull:
             row["regdisk / containerd"] = pull / row["containerd pull s"]
         e2e, e2e_zstd = row["build+push+pull s"], med("build+push+pull zstd stream")
@@ -563,8 +568,9 @@ def summarize(r):
             row[f"delta {kind}: fetched / disk"] = d["fetched / disk virtual size"]
             row[f"delta {kind}: requests"] = d["requests"]
             row[f"delta {kind}: pull s"] = d["pull s"]["median"]
-            if pull:
-                row[f"delta {kind}: pull / full v1 pull"] = d["pull s"]["median"] / pull
+            v1_pull = d.get("v1 full pull s") if kind == "ext4 update" else pull
+            if v1_pull:  # against v1's full pull (the ext4 image's own, timed once, for the ext4 update)
+                row[f"delta {kind}: pull / full v1 pull"] = d["pull s"]["median"] / v1_pull
             if kind == "ext4 update":
                 row["delta ext4 update: fetched / used data"] = d["fetched bytes"] / fig["ext4"]["used bytes (v1)"]
         out[n] = row
