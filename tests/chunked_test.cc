@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <functional>
 
 #include <nlohmann/json.hpp>
@@ -50,9 +51,12 @@ class ChunkedTest : public TempDirTest {
     ASSERT_EQ(RunProgram({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", P("d.raw"), P("d.qcow2")}).exit_code, 0);
   }
 
-  // Builds DISK into oci:DIR:v1 with --layout chunked; returns the layer.
+  // Builds DISK into oci:DIR:v1 with --layout chunked (1 MiB chunks, which
+  // the disk above is laid out for, unless `extra` names a chunk size);
+  // returns the layer.
   oci::Descriptor Build(const std::string& disk, const std::string& dir, std::vector<std::string> extra = {}) {
     std::vector<std::string> args = {"build", P(disk), "-t", "oci:" + P(dir) + ":v1", "--layout", "chunked", "-q"};
+    if (std::find(extra.begin(), extra.end(), "--chunk-size") == extra.end()) extra.insert(extra.begin(), {"--chunk-size", "1M"});
     args.insert(args.end(), extra.begin(), extra.end());
     RunResult r = RunRegdisk(args);
     EXPECT_EQ(r.exit_code, 0) << r.err;
@@ -165,6 +169,25 @@ TEST_F(ChunkedTest, TheSameDiskGivesTheSameLayerWhateverTheThreads) {
   EXPECT_EQ(outs[0], outs[1]);
   // And the CLI twice: the same layer digest.
   EXPECT_EQ(Build("d.qcow2", "a").digest, Build("d.qcow2", "b").digest);
+}
+
+TEST_F(ChunkedTest, WithoutAChunkSizeBuildUses256KChunksOrWhatTheIndexHolds) {
+  RunResult r = RunRegdisk({"build", P("d.raw"), "-t", "oci:" + P("dflt") + ":v1", "--layout", "chunked", "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const oci::Descriptor layer = Layer("dflt");
+  const oci::ChunkIndexLocation loc = oci::ChunkIndexLocationOf(layer).value().value();
+  const std::string blob = Blob("dflt", layer);
+  auto index = oci::ParseChunkIndex(blob.substr(loc.offset, loc.length), loc, blob.size());
+  ASSERT_OK(index);
+  EXPECT_EQ(index->chunk_shift, 18);
+  EXPECT_EQ(index->chunks.size(), raw_.size() / (256 << 10) + 1);
+  // Larger disks get the smallest chunk size whose index fits in 64 MiB
+  // (32 + 48 bytes per chunk): 1398100 chunks at most.
+  EXPECT_EQ(image::DefaultChunkSize(1), 256u << 10);
+  EXPECT_EQ(image::DefaultChunkSize(uint64_t{1398100} << 18), 256u << 10);
+  EXPECT_EQ(image::DefaultChunkSize((uint64_t{1398100} << 18) + 1), 512u << 10);
+  EXPECT_EQ(image::DefaultChunkSize(uint64_t{1} << 40), 1u << 20);
+  EXPECT_EQ(image::DefaultChunkSize(uint64_t{1} << 60), 16u << 20);
 }
 
 TEST_F(ChunkedTest, BadFlagsAreUsageErrors) {

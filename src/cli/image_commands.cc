@@ -518,7 +518,9 @@ Result<image::BuildOptions> MakeBuildOptions(const Globals& g, const BuildFlags&
       return InvalidArgument("--layout chunked writes zstd; drop --compression " + f.compression);
     }
     o.compression = "zstd";
-    ASSIGN_OR_RETURN(o.chunk_size, image::ParseChunkSize(f.chunk_size.empty() ? "1M" : f.chunk_size));
+    if (!f.chunk_size.empty()) {  // else 0: the default for the disk's size (image::DefaultChunkSize)
+      ASSIGN_OR_RETURN(o.chunk_size, image::ParseChunkSize(f.chunk_size));
+    }
   } else if (!f.chunk_size.empty()) {
     return InvalidArgument("--chunk-size needs --layout chunked");
   }

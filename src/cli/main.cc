@@ -166,7 +166,7 @@ int Main(int argc, char** argv) {
   build->add_option("--layout", bf.layout, "stream (default: one compressed stream) or chunked (raw disk, zstd frames "
                     "per chunk, pulled in parallel; docs/chunked-format.md)")->check(OneOf({"stream", "chunked"}));
   build->add_option("--chunk-size", bf.chunk_size, "chunk size with --layout chunked: a power of two, 64K..16M "
-                    "(default 1M)");
+                    "(default 256K; more for disks over 341 GiB, whose index would not fit)");
 
   RunFlags rf;
   CLI::App* run = app.add_subcommand("run", "run a VM from a spec on ephemeral registry disks, console on stdout");

@@ -401,13 +401,13 @@ Result<BuildResult> BuildDiskImage(const fs::path& disk_file, const ImageName& d
     writer = [&](int out, int64_t mtime) -> Result<LayerBlob> {
       ChunkedLayerOptions co;
       co.name = name;
-      co.chunk_size = options.chunk_size;
+      co.chunk_size = options.chunk_size != 0 ? options.chunk_size : DefaultChunkSize(raw->size);
       co.mtime = mtime;
       co.threads = static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
       co.on_progress = options.on_progress;
       co.label = disk_file.string();
       ASSIGN_OR_RETURN(ChunkedLayer l, WriteChunkedLayer(raw->fd, raw->size, co, out));
-      log::Info("{} chunks of {} bytes, {} of them zero", l.chunks, options.chunk_size, l.zero_chunks);
+      log::Info("{} chunks of {} bytes, {} of them zero", l.chunks, co.chunk_size, l.zero_chunks);
       return LayerBlob{l.desc, l.diff_id};
     };
   } else {

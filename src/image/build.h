@@ -41,7 +41,7 @@ struct BuildOptions {
   // disk as raw, one zstd frame per chunk_size bytes of it and a chunk
   // index (docs/chunked-format.md; zstd, OCI media types, no --base).
   std::string layout = "stream";
-  uint64_t chunk_size = 1 << 20;
+  uint64_t chunk_size = 0;           // 0: DefaultChunkSize(the disk's size)
   std::map<std::string, std::string> labels;
   std::optional<ImageName> base;     // default: no base, a single-layer image
   oci::Platform platform{"linux", "amd64", ""};

@@ -113,6 +113,16 @@ struct Slot {
 
 }  // namespace
 
+uint64_t DefaultChunkSize(uint64_t disk_size) {
+  uint64_t size = kDefaultChunkSize;
+  while (size < (uint64_t{1} << oci::chunked::kMaxChunkShift) &&
+         oci::chunked::kHeaderBytes + oci::ChunkCount(disk_size, std::countr_zero(size)) * oci::chunked::kEntryBytes >
+             oci::chunked::kMaxPayloadBytes) {
+    size <<= 1;
+  }
+  return size;
+}
+
 Result<uint64_t> ParseChunkSize(std::string_view text) {
   auto bad = [&] {
     return InvalidArgument("--chunk-size \"" + Printable(text, 40) +

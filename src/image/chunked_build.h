@@ -24,7 +24,16 @@
 
 namespace regdisk::image {
 
-inline constexpr uint64_t kDefaultChunkSize = 1 << 20;
+// The chunk size `build --layout chunked` uses unless told otherwise. A
+// delta moves whole chunks; smaller chunks cost layer size, decompression
+// CPU, index size and requests. docs/benchmarks.md ("Chunked layers") has
+// the figures that chose it.
+inline constexpr uint64_t kDefaultChunkSize = 256 << 10;
+
+// The default chunk size for a disk of `disk_size` bytes: kDefaultChunkSize,
+// or the smallest larger power of two whose chunk index stays within the
+// index's limit (disks over about 341 GiB at 256 KiB chunks); 16 MiB at most.
+uint64_t DefaultChunkSize(uint64_t disk_size);
 
 // Parses --chunk-size: a power of two from 64K to 16M, as bytes or with a
 // K/KiB/M/MiB suffix ("1M", "256KiB", "65536").
@@ -43,7 +52,7 @@ Result<RawDisk> OpenRawDisk(const std::filesystem::path& disk_file, int disk_fd,
 
 struct ChunkedLayerOptions {
   std::string name;         // the file under disk/
-  uint64_t chunk_size = kDefaultChunkSize;
+  uint64_t chunk_size = kDefaultChunkSize;  // a power of two, 64 KiB..16 MiB
   int64_t mtime = 0;
   int threads = 2;
   ProgressFn on_progress;   // kStart/kBytes/kDone with `label`
