@@ -346,9 +346,10 @@ class ChunkedBench(common.Bench):
         for c in self.ctd_sizes if self.containerd else ():
             steps.append((f"pull containerd chunked {size_name(c)}",
                           lambda c=c: self.pull_containerd_chunked(f"bench/chunked-{size_name(c)}")))
-        log("warm-up round (not counted)")
-        for _, fn in steps:
-            fn()
+        if self.a.warmup:
+            log("warm-up round (not counted)")
+            for _, fn in steps:
+                fn()
         for i in range(self.a.runs):
             for name, fn in steps[i % len(steps):] + steps[:i % len(steps)]:
                 r = fn()
@@ -612,6 +613,7 @@ def main():
     ap.add_argument("--size-gib", type=float, default=2.0, help="virtual size of the generated disks")
     ap.add_argument("--runs", type=int, default=3, help="rounds of full pulls (after a warm-up) and of delta pulls")
     ap.add_argument("--build-runs", type=int, default=2, help="rounds of build+push+pull (0: skip)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up round before the full pulls")
     ap.add_argument("--chunk-sizes", default="64K,256K,1M,4M")
     ap.add_argument("--containerd-chunk-sizes", help="chunk sizes containerd pulls (default: all; none: skip)")
     ap.add_argument("--ext4-mb", type=float, default=500, help="MB of /usr files in the ext4 image")
