@@ -280,6 +280,11 @@ class Bench:
                     self.add(f"{label}: lazy run, first console line s", r["first line s"])
                     self.add(f"{label}: lazy run, registry bytes before the first line", r["sent"])
                     self.add(f"{label}: lazy run, share of the layer before the first line", r["sent"] / layer)
+                    for phase, marker in (("chunk index verified", "filling in the background"),
+                                          ("QEMU started", "started (QEMU pid")):
+                        at = next((t for t, l in r["stderr"] if marker in l), None)
+                        if at is not None:
+                            self.add(f"{label}: lazy run, {phase} s", at)
                     self.add(f"{label}: lazy run, fill committed s", r["committed s"])
                     self.add(f"{label}: lazy run, registry bytes until committed", r["sent at commit"])
                     if label not in self.traces:
