@@ -29,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,6 +52,13 @@ class CheckFailed(Exception):
 def check(cond, what):
     if not cond:
         raise CheckFailed(what)
+
+
+def cpu_s(pid):
+    """CPU seconds (user + system, every thread) a live process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Registry:
@@ -185,7 +193,7 @@ class Bench:
         self.cold()
         spec = os.path.join(self.work, f"vm-{label}.yaml")
         vm_spec(spec, image)
-        sent0, log0 = self.reg.sent(), self.reg.log_size()
+        sent0, log0, reg_cpu0 = self.reg.sent(), self.reg.log_size(), cpu_s(self.reg.proc.pid)
         argv = self.rd("-v", "run", "-f", spec, "--accel", "tcg", "--timeout", "1200", "--grace", "1")
         if not lazy:
             argv.append("--no-lazy")
@@ -222,6 +230,9 @@ class Bench:
                       f"(VM exit {p.poll()}): " + "; ".join(l for _, l in r["stderr"][-5:]))
                 r["committed s"] = time.monotonic() - t0
                 r["sent at commit"] = self.reg.sent() - sent0
+                r["regdisk cpu s"] = cpu_s(p.pid)
+                r["registry cpu s"] = cpu_s(self.reg.proc.pid) - reg_cpu0
+                r["requests until commit"] = len(self.reg.requests(log0))
         finally:
             if p.poll() is None:
                 p.terminate()
@@ -237,9 +248,12 @@ class Bench:
 
     def pull(self, image):
         self.cold()
-        sent0 = self.reg.sent()
+        sent0, log0, reg_cpu0 = self.reg.sent(), self.reg.log_size(), cpu_s(self.reg.proc.pid)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t, rss = timed(self.rd("pull", image))
-        return t, self.reg.sent() - sent0
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime  # GNU time's child: regdisk
+        return t, self.reg.sent() - sent0, cpu, cpu_s(self.reg.proc.pid) - reg_cpu0, len(self.reg.requests(log0))
 
     def compare(self, raw):
         stored = self.stored_disk()
@@ -287,6 +301,9 @@ class Bench:
                             self.add(f"{label}: lazy run, {phase} s", at)
                     self.add(f"{label}: lazy run, fill committed s", r["committed s"])
                     self.add(f"{label}: lazy run, registry bytes until committed", r["sent at commit"])
+                    self.add(f"{label}: lazy run, regdisk CPU s until committed", r["regdisk cpu s"])
+                    self.add(f"{label}: lazy run, registry CPU s until committed", r["registry cpu s"])
+                    self.add(f"{label}: lazy run, registry requests until committed", r["requests until commit"])
                     if label not in self.traces:
                         reqs = r["requests before first line"]
                         self.traces[label] = {
@@ -303,6 +320,9 @@ class Bench:
                 else:
                     self.add(f"{label}: regdisk pull (chunked, full) s", r[0])
                     self.add(f"{label}: regdisk pull, registry bytes", r[1])
+                    self.add(f"{label}: regdisk pull, regdisk CPU s", r[2])
+                    self.add(f"{label}: regdisk pull, registry CPU s", r[3])
+                    self.add(f"{label}: regdisk pull, registry requests", r[4])
 
     def run(self):
         small = self.a.small_mib * MIB
@@ -376,7 +396,8 @@ def print_table(r):
     print(f"\n| {'measurement (TCG)':75} | median | min | max | runs |")
     print(f"|{'-' * 77}|--------|-----|-----|------|")
     for k, v in r["timings"].items():
-        f = (lambda x: f"{x / MIB:.1f} MiB") if "bytes" in k else (lambda x: f"{x:.3f}")
+        f = ((lambda x: f"{x / MIB:.1f} MiB") if "bytes" in k else
+             (lambda x: f"{x:.0f}") if "requests" in k else (lambda x: f"{x:.3f}"))
         print(f"| {k:75} | {f(v['median'])} | {f(v['min'])} | {f(v['max'])} | {len(v['runs'])} |")
     print()
     for k, v in r["ratios"].items():
