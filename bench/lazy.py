@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 
+sys.dont_write_bytecode = True  # importing run.py must not leave bench/__pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import MIB, free_port, log, summary, timed, wait_http  # noqa: E402
 
