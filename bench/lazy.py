@@ -22,7 +22,7 @@ every lazy run printed the line, booted lazily and completed its fill; the
 stored disk equals the original (`qemu-img compare`); with
 --check-first-line-share, the large image's bytes before the first line
 stay within that share of its layer. Results: a table on stdout and
-OUT/lazy-results.json. Needs root only to read nothing but its own children.
+OUT/lazy-results.json. It needs no root: it reads /proc only for its own children.
 """
 
 import argparse
