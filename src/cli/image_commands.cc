@@ -382,9 +382,10 @@ void PrintGc(const store::GcResult& r) {
                  d.c_str());
   }
   for (const auto& d : r.lazy_in_use) {
-    std::fprintf(stderr, "regdisk: kept lazily-pulled disk lazy/%s: it is served to a running VM\n", d.c_str());
+    std::fprintf(stderr, "regdisk: kept lazily-pulled disk lazy/%s: it is served to a running VM\n",
+                 PrintableLine(d, 200).c_str());
   }
-  for (const auto& d : r.lazy_removed) std::printf("removed lazily-pulled disk lazy/%s\n", d.c_str());
+  for (const auto& d : r.lazy_removed) std::printf("removed lazily-pulled disk lazy/%s\n", PrintableLine(d, 300).c_str());
   std::printf("freed %.1f MiB: %d disks, %d blobs\n", static_cast<double>(r.bytes_freed) / (1 << 20), r.disks_removed,
               r.blobs_removed);
 }
