@@ -119,17 +119,22 @@ LazyDisk::~LazyDisk() {
   SaveProfile();
 }
 
-LazyDisk::Armed LazyDisk::Arm(CancelToken* token, Clock::time_point at) {
+void LazyDisk::Arm(CancelToken* token, Clock::time_point at) {
   std::lock_guard lock(mu_);
   if (stop_) token->Cancel("the lazy disk " + options_.label + " is shutting down");
-  Armed a = armed_.emplace(at, token);
+  armed_.emplace(at, token);
   watch_cv_.notify_all();
-  return a;
 }
 
-void LazyDisk::Disarm(Armed a) {
+void LazyDisk::Disarm(CancelToken* token, Clock::time_point at) {
   std::lock_guard lock(mu_);
-  armed_.erase(a);
+  // The watch thread erases what it cancelled: erase only what is there.
+  for (auto [it, end] = armed_.equal_range(at); it != end; ++it) {
+    if (it->second == token) {
+      armed_.erase(it);
+      return;
+    }
+  }
 }
 
 void LazyDisk::WatchLoop() {
@@ -145,7 +150,8 @@ void LazyDisk::WatchLoop() {
       armed_.erase(first);
       continue;
     }
-    watch_cv_.wait_until(lock, first->first);
+    const Clock::time_point at = first->first;  // the entry may go while we wait
+    watch_cv_.wait_until(lock, at);
   }
 }
 
@@ -310,9 +316,9 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
         // stalls does not hold this thread past it.
         const auto at = request_deadline;
         CancelToken token;
-        const Armed armed = Arm(&token, at);
+        Arm(&token, at);
         st = Clock::now() >= at ? DeadlineExceeded("no time left") : FetchBatch(*reader, batch, token);
-        Disarm(armed);
+        Disarm(&token, at);
         if (!st.ok() && token.cancelled()) {
           {
             std::lock_guard lock(mu_);

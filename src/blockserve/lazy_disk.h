@@ -148,10 +148,9 @@ class LazyDisk {
   // Chunk k's bytes in the local file match the index.
   bool VerifyLocal(size_t k);
   // Per-request tokens: cancelled at their time by the watch thread, or by
-  // Stop. Arm returns a handle for Disarm.
-  using Armed = std::multimap<std::chrono::steady_clock::time_point, CancelToken*>::iterator;
-  Armed Arm(CancelToken* token, std::chrono::steady_clock::time_point at);
-  void Disarm(Armed a);
+  // Stop. Every Arm is matched by a Disarm before the token goes.
+  void Arm(CancelToken* token, std::chrono::steady_clock::time_point at);
+  void Disarm(CancelToken* token, std::chrono::steady_clock::time_point at);
   void WatchLoop();
   Result<std::unique_ptr<image::BlobRangeReader>> TakeReader();
   void GiveReader(std::unique_ptr<image::BlobRangeReader> r);
