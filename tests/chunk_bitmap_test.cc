@@ -1,6 +1,7 @@
 #include "store/chunk_bitmap.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -120,6 +121,33 @@ TEST_F(ChunkBitmapTest, ASecondMappingSeesBitsAtOnce) {
   ChunkBitmap b = ChunkBitmap::Open(path(), 10, 16, Key("a")).value();
   a.Set(7);
   EXPECT_TRUE(b.Test(7));
+}
+
+// What the nbdkit plugin does: map the file read-only. A bitmap started
+// afresh for another index must not change what such a mapping shows.
+TEST_F(ChunkBitmapTest, AReaderMappingTheOldBitmapKeepsItsViewWhenItStartsAfresh) {
+  {
+    ChunkBitmap m = ChunkBitmap::Open(path(), 200, 16, Key("a")).value();
+    m.Set(5);
+    m.Set(150);
+    ASSERT_OK(m.Sync());
+  }
+  UniqueFd fd = OpenFile(path(), O_RDONLY).value();
+  const size_t bytes = REGDISK_CHUNKMAP_HEADER_BYTES + 4 * 8;
+  void* map = ::mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd.get(), 0);
+  ASSERT_NE(map, MAP_FAILED);
+  const auto* words = reinterpret_cast<const uint64_t*>(static_cast<const char*>(map) + REGDISK_CHUNKMAP_HEADER_BYTES);
+  ChunkBitmap fresh = ChunkBitmap::Open(path(), 200, 16, Key("b")).value();
+  EXPECT_EQ(fresh.Count(), 0u);
+  fresh.Set(7);
+  // The old mapping: the old header and bits, whole (not truncated, not
+  // cleared, not the new bits).
+  EXPECT_EQ(std::memcmp(map, REGDISK_CHUNKMAP_MAGIC, REGDISK_CHUNKMAP_MAGIC_BYTES), 0);
+  EXPECT_EQ(words[0], uint64_t{1} << 5);
+  EXPECT_EQ(words[2], uint64_t{1} << (150 - 128));
+  ::munmap(map, bytes);
+  EXPECT_FALSE(std::filesystem::exists(path().string() + ".new"));
+  EXPECT_EQ(ChunkBitmap::Open(path(), 200, 16, Key("b")).value().Count(), 1u) << "the new one is at the path";
 }
 
 }  // namespace

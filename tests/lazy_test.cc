@@ -7,12 +7,20 @@
 #include <gtest/gtest.h>
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <cstring>
+#include <future>
 #include <regex>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "blockserve/control_protocol.h"
 #include "blockserve/export.h"
 #include "blockserve/lazy_disk.h"
 #include "harness/harness.h"
@@ -156,6 +164,73 @@ TEST_F(LazyTest, TheFillFetchesTheProfiledChunksFirst) {
       << "the profile's chunks (lines that name no chunk of this disk ignored), then disk order";
 }
 
+TEST_F(LazyTest, AResumedRunMergesItsReadsIntoTheProfile) {
+  ASSERT_OK(WriteFileAtomic(tmp() / "profile", "3\n1\n"));
+  LazyDiskOptions o;
+  o.profile = tmp() / "profile";
+  o.readahead_bytes = 0;
+  {
+    auto d = Open(o);
+    ASSERT_NE(d, nullptr);
+    std::string buf(10, '\0');
+    ASSERT_OK(d->Read(5 * 64 * kKiB, buf.size(), buf.data()));
+    ASSERT_OK(d->Read(1 * 64 * kKiB, buf.size(), buf.data()));
+  }
+  EXPECT_EQ(ReadFileCapped(tmp() / "profile", 1 << 20).value(), "3\n1\n5\n")
+      << "the previous order kept, the new chunk after it, each once";
+}
+
+TEST_F(LazyTest, BitsFromAnEarlierBootAreCheckedWhenFirstNeededNotAtOpen) {
+  LazyDiskOptions o;
+  o.readahead_bytes = 0;
+  {
+    auto d = Open(o);
+    ASSERT_NE(d, nullptr);
+    ASSERT_OK(d->Ensure(0, 4 * 64 * kKiB));  // chunks 0..3
+    ASSERT_EQ(d->present(), 4u);
+  }
+  // Chunk 2's bytes never reached the disk before a crash; the machine
+  // rebooted (another boot id in the bitmap).
+  {
+    UniqueFd fd = OpenFile(tmp() / "lazy/disk.raw", O_RDWR).value();
+    ASSERT_OK(PWriteAll(fd.get(), std::string(64 * kKiB, '\0'), 2 * 64 * kKiB));
+    UniqueFd map = OpenFile(tmp() / "lazy/chunks.map", O_RDWR).value();
+    ASSERT_OK(PWriteAll(map.get(), std::string("an-earlier-boot").append(25, '\0'), 64));
+  }
+  auto d = Open(o);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->present(), 0u) << "nothing trusted, and nothing hashed, at open";
+  std::string buf(64 * kKiB, '\0');
+  ASSERT_OK(d->Read(0, buf.size(), buf.data()));
+  EXPECT_EQ(buf, raw_.substr(0, buf.size()));
+  EXPECT_EQ(d->requests(), 0u) << "chunk 0 checked out locally";
+  ASSERT_OK(d->Read(2 * 64 * kKiB, buf.size(), buf.data()));
+  EXPECT_EQ(buf, raw_.substr(2 * 64 * kKiB, buf.size()));
+  EXPECT_EQ(d->requests(), 1u) << "chunk 2 did not: fetched";
+  EXPECT_EQ(d->present(), 2u);
+}
+
+TEST_F(LazyTest, AReaderOfTheOldDiskKeepsItWhenTheDiskStartsAfresh) {
+  {
+    auto d = Open();
+    ASSERT_NE(d, nullptr);
+    ASSERT_OK(d->Ensure(0, 512));
+  }
+  // What nbdkit holds: the disk file, open.
+  UniqueFd old = OpenFile(tmp() / "lazy/disk.raw", O_RDONLY).value();
+  src_ = Source();
+  auto reader = src_->OpenRangeReader().value();
+  store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+  // Another index for the same directory: everything starts afresh.
+  auto d = LazyDisk::Open([this] { return src_->OpenRangeReader(); }, layer_, std::move(head),
+                          oci::Digest::Sha256Of("another index"), tmp() / "lazy", {});
+  ASSERT_OK(d.status());
+  EXPECT_EQ((*d)->present(), 0u);
+  std::string buf(512, '\0');
+  ASSERT_EQ(::pread(old.get(), buf.data(), buf.size(), 0), 512) << "the old file was not truncated under its reader";
+  EXPECT_EQ(buf, raw_.substr(0, 512));
+}
+
 TEST_F(LazyTest, ACorruptedFrameIsNeverServedAndTheNextReadHealsIt) {
   LazyDiskOptions o;
   o.readahead_bytes = 0;
@@ -204,6 +279,148 @@ TEST_F(LazyTest, ReadsFailAfterTheDeadlineWhenTheRegistryIsGone) {
   EXPECT_TRUE(d->Read(0, buf.size(), buf.data()).ok()) << "what is present is still served";
 }
 
+// A registry behind a proxy that can stall: what a read does when the
+// registry accepts a request and then sends nothing.
+class LazyStallTest : public LazyTest {
+ protected:
+  void SetUp() override {
+    LazyTest::SetUp();
+    reg_ = TestRegistry::Start(RegistryMode::kPlain).value();
+    RunResult r = RunRegdisk({"copy", "oci:" + P("img") + ":v1", "docker://" + reg_->host() + "/lazy/d:v1"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    proxy_ = FaultProxy::Start(reg_->port()).value();
+  }
+  void TearDown() override {
+    proxy_.reset();  // ends every stall
+    LazyTest::TearDown();
+  }
+  // A disk read through the proxy. The HTTP client alone would wait 10
+  // minutes for a stalled answer and try once.
+  std::unique_ptr<LazyDisk> OpenStalling(LazyDiskOptions o) {
+    registry::ClientOptions co;
+    co.max_attempts = 1;
+    co.limits.stall_timeout = std::chrono::seconds(600);
+    src_ = image::OpenSource(image::ImageName::Parse("docker://" + proxy_->host() + "/lazy/d:v1").value(), co).value();
+    auto reader = src_->OpenRangeReader().value();
+    store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+    o.label = "test layer";
+    o.readahead_bytes = 0;
+    return LazyDisk::Open([this] { return src_->OpenRangeReader(); }, layer_, std::move(head), loc_.digest,
+                          tmp() / "lazy", std::move(o))
+        .value();
+  }
+  void StallBlobReads(int times) {
+    FaultProxy::Rule rule;
+    rule.method = "GET";
+    rule.path_contains = "/blobs/" + layer_.digest.str();
+    rule.times = times;
+    rule.action = FaultProxy::Rule::Action::kStall;
+    rule.stall = std::chrono::seconds(600);
+    proxy_->AddRule(rule);
+  }
+  int Stalled() const {
+    int n = 0;
+    for (const auto& s : proxy_->seen()) n += s.faulted;
+    return n;
+  }
+
+  std::unique_ptr<TestRegistry> reg_;
+  std::unique_ptr<FaultProxy> proxy_;
+};
+
+TEST_F(LazyStallTest, AReadOfAStalledRegistryEndsAtItsDeadline) {
+  LazyDiskOptions o;
+  o.read_deadline = std::chrono::milliseconds(1500);
+  auto d = OpenStalling(o);
+  StallBlobReads(1);
+  std::string buf(100, '\0');
+  auto read = std::async(std::launch::async, [&] { return d->Read(5 * 64 * kKiB, buf.size(), buf.data()); });
+  // A hang guard, not a measurement: without a per-request deadline the read
+  // waits for the HTTP client's 10-minute stall timeout.
+  const bool ended = read.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  EXPECT_TRUE(ended) << "the read outlived its deadline";
+  if (!ended) proxy_.reset();
+  Status st = read.get();
+  EXPECT_EQ(st.code(), Code::kDeadlineExceeded) << st.ToString();
+  EXPECT_THAT(st.ToString(), HasSubstr("chunks 5..5"));
+  EXPECT_FALSE(d->has_chunk(5));
+  // The registry answers again: the next read is served.
+  ASSERT_OK(d->Read(5 * 64 * kKiB, buf.size(), buf.data()));
+  EXPECT_EQ(buf, raw_.substr(5 * 64 * kKiB, buf.size()));
+}
+
+// Sends one control request (control_protocol.h) and returns the socket.
+UniqueFd AskControl(const fs::path& socket, uint64_t offset, uint64_t length) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, socket.c_str(), socket.native().size());
+  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+  unsigned char req[REGDISK_CONTROL_REQUEST_BYTES];
+  std::memcpy(req, &offset, 8);
+  std::memcpy(req + 8, &length, 8);
+  EXPECT_EQ(::send(fd.get(), req, sizeof req, MSG_NOSIGNAL), static_cast<ssize_t>(sizeof req));
+  return fd;
+}
+
+// The reply, or -1 when none came within `guard` (a hang guard).
+int ControlReply(int fd, std::chrono::seconds guard) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, static_cast<int>(guard.count() * 1000)) != 1) return -1;
+  int32_t err = -1;
+  if (::recv(fd, &err, sizeof err, MSG_WAITALL) != static_cast<ssize_t>(sizeof err)) return -1;
+  return err;
+}
+
+TEST_F(LazyStallTest, StalledReadsDoNotStarveTheControlServer) {
+  // Long enough that the stalled reads stay stuck for the whole test.
+  LazyDiskOptions o;
+  o.read_deadline = std::chrono::seconds(600);
+  auto d = OpenStalling(o);
+  const fs::path socket = tmp() / "lazy" / "control.sock";
+  auto server = blockserve::ControlServer::Start(*d, socket, blockserve::ExportOptions{}.workers);
+  ASSERT_OK(server.status());
+  StallBlobReads(4);
+  std::vector<UniqueFd> stuck;
+  for (uint64_t k : {0, 10, 20, 30}) stuck.push_back(AskControl(socket, k * 64 * kKiB, 512));
+  // Wait (guarded) until the registry holds all four.
+  for (int i = 0; i < 600 && Stalled() < 4; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_EQ(Stalled(), 4);
+  EXPECT_EQ((*server)->active(), 4);
+  // A fifth read, of another chunk, is answered while they wait (with four
+  // fixed workers it was not even accepted).
+  UniqueFd fifth = AskControl(socket, 50 * 64 * kKiB, 512);
+  EXPECT_EQ(ControlReply(fifth.get(), std::chrono::seconds(60)), 0);
+  EXPECT_TRUE(d->has_chunk(50));
+  // Stopping the disk ends the stalled reads at once (EIO to each), not at
+  // their deadline.
+  d->Stop();
+  for (auto& fd : stuck) EXPECT_EQ(ControlReply(fd.get(), std::chrono::seconds(60)), EIO);
+  server->reset();
+}
+
+TEST_F(LazyTest, TheControlSocketIsOwnerOnlyWithoutTouchingTheUmask) {
+  auto d = Open();
+  ASSERT_NE(d, nullptr);
+  const mode_t before = ::umask(0);
+  auto server = blockserve::ControlServer::Start(*d, tmp() / "lazy" / "control.sock", 1);
+  const mode_t during = ::umask(before);
+  ASSERT_OK(server.status());
+  EXPECT_EQ(during, 0u) << "the process umask is left alone";
+  struct stat st {};
+  ASSERT_EQ(::stat((tmp() / "lazy" / "control.sock").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ASSERT_EQ(::stat((tmp() / "lazy").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u) << "the disk's directory, where nbdkit's socket goes too";
+}
+
+TEST(LazyErrorTest, NbdkitsLogBecomesOneLine) {
+  EXPECT_EQ(blockserve::LastLogLine("nbdkit: debug: x\nnbdkit: error: cannot open plugin\n\n  \t\n"),
+            "nbdkit: error: cannot open plugin");
+  EXPECT_EQ(blockserve::LastLogLine(""), "(nbdkit wrote nothing)");
+  EXPECT_EQ(blockserve::LastLogLine("a\x1b[2Jb\r\n"), "a\\x1b[2Jb");
+}
+
 // The export, read by QEMU's tools over NBD as a VM's backing node would be.
 class LazyExportTest : public LazyTest {
  protected:
@@ -234,6 +451,20 @@ TEST_F(LazyExportTest, QemuReadsTheWholeDiskThroughTheExport) {
   r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", P("d.raw"), (*e)->uri()});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_EQ((*e)->control_requests(), asked);
+}
+
+TEST_F(LazyExportTest, AnExportThatCannotStartSaysWhyInOneLine) {
+  auto d = Open();
+  ASSERT_NE(d, nullptr);
+  ASSERT_OK(WriteFileAtomic(tmp() / "not-a-plugin.so", "not an ELF file\n"));
+  blockserve::ExportOptions o = Options();
+  o.plugin = tmp() / "not-a-plugin.so";
+  auto e = blockserve::Export::Start(*d, o);
+  ASSERT_FALSE(e.ok());
+  const std::string msg = e.status().ToString();
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  EXPECT_THAT(msg, HasSubstr("nbdkit exited"));
+  EXPECT_THAT(msg, HasSubstr("nbdkit.log"));
 }
 
 TEST_F(LazyExportTest, AGuestReadOfACorruptedChunkGetsEio) {

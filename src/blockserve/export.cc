@@ -14,6 +14,7 @@
 
 #include "blockserve/control_protocol.h"
 #include "util/log.h"
+#include "util/text.h"
 
 namespace regdisk::blockserve {
 
@@ -33,16 +34,33 @@ Result<UniqueFd> Listen(const fs::path& path) {
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd.valid()) return ErrnoStatus("socket");
   ::unlink(path.c_str());
-  // Owner only from the first moment: bind under a umask that allows none
-  // of group and other.
-  const mode_t old = ::umask(0077);
-  const int rc = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  const int err = errno;
-  ::umask(old);
-  if (rc != 0) return ErrnoStatus("bind " + path.string(), err);
+  // Owner only from the first moment, without touching the process's umask
+  // (other threads create files meanwhile): Linux gives the socket file
+  // the mode of the socket's inode, less the umask, and fchmod sets that.
+  if (::fchmod(fd.get(), 0600) != 0) return ErrnoStatus("fchmod " + path.string());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    return ErrnoStatus("bind " + path.string());
+  }
   if (::listen(fd.get(), 64) != 0) return ErrnoStatus("listen " + path.string());
   return fd;
 }
+
+}  // namespace
+
+std::string LastLogLine(std::string_view log) {
+  while (!log.empty()) {
+    const size_t nl = log.find_last_of('\n', log.size() - 1);
+    std::string_view line = nl == std::string_view::npos ? log : log.substr(nl + 1);
+    log = nl == std::string_view::npos ? std::string_view() : log.substr(0, nl);
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.remove_suffix(1);
+    while (!line.empty() && (line.front() == ' ' || line.front() == '\t')) line.remove_prefix(1);
+    if (line.empty()) continue;
+    return PrintableLine(line, 300);
+  }
+  return "(nbdkit wrote nothing)";
+}
+
+namespace {
 
 bool ReadFull(int fd, void* buf, size_t n) {
   char* p = static_cast<char*>(buf);
@@ -70,23 +88,67 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Start(LazyDisk& disk, cons
   ASSIGN_OR_RETURN(UniqueFd listener, Listen(socket));
   UniqueFd stop(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!stop.valid()) return ErrnoStatus("eventfd");
-  auto s = std::unique_ptr<ControlServer>(new ControlServer(disk, socket, std::move(listener), std::move(stop)));
-  for (int i = 0; i < std::max(1, workers); ++i) s->workers_.emplace_back([p = s.get()] { p->Serve(); });
+  auto s = std::unique_ptr<ControlServer>(
+      new ControlServer(disk, socket, std::move(listener), std::move(stop), std::max(1, workers)));
+  s->acceptor_ = std::thread([p = s.get()] { p->Serve(); });
   return s;
 }
 
-ControlServer::ControlServer(LazyDisk& disk, fs::path socket, UniqueFd listener, UniqueFd stop)
-    : disk_(disk), socket_(std::move(socket)), listener_(std::move(listener)), stop_(std::move(stop)) {}
+ControlServer::ControlServer(LazyDisk& disk, fs::path socket, UniqueFd listener, UniqueFd stop, int max_active)
+    : disk_(disk),
+      socket_(std::move(socket)),
+      listener_(std::move(listener)),
+      stop_(std::move(stop)),
+      max_active_(max_active) {}
 
 ControlServer::~ControlServer() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+    cv_.notify_all();
+  }
   const uint64_t one = 1;
   if (::write(stop_.get(), &one, sizeof one) < 0) log::Warn("control server: cannot signal its workers");
-  for (auto& t : workers_) t.join();
+  if (acceptor_.joinable()) acceptor_.join();
+  // Requests still being answered end with their reads (the disk's owner
+  // stops it first, which ends them promptly).
+  std::map<std::thread::id, std::thread> left;
+  {
+    std::lock_guard lock(mu_);
+    left.swap(answering_);
+    answered_.clear();
+  }
+  for (auto& [id, t] : left) t.join();
   ::unlink(socket_.c_str());
+}
+
+int ControlServer::active() const {
+  std::lock_guard lock(mu_);
+  return static_cast<int>(answering_.size() - answered_.size());
+}
+
+void ControlServer::Reap() {
+  for (const std::thread::id id : answered_) {
+    auto it = answering_.find(id);
+    if (it == answering_.end()) continue;
+    it->second.join();
+    answering_.erase(it);
+  }
+  answered_.clear();
 }
 
 void ControlServer::Serve() {
   for (;;) {
+    {
+      // At most max_active_ answers at once; the rest wait in the backlog.
+      std::unique_lock lock(mu_);
+      Reap();
+      cv_.wait(lock, [&] {
+        Reap();
+        return stopping_ || static_cast<int>(answering_.size()) < max_active_;
+      });
+      if (stopping_) return;
+    }
     pollfd p[2] = {{listener_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
     if (::poll(p, 2, -1) < 0) {
       if (errno == EINTR) continue;
@@ -94,9 +156,18 @@ void ControlServer::Serve() {
       return;
     }
     if (p[1].revents) return;
-    UniqueFd conn(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!conn.valid()) continue;  // another worker took it
-    Answer(conn.get());
+    auto conn = std::make_shared<UniqueFd>(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn->valid()) continue;
+    std::lock_guard lock(mu_);
+    std::thread t([this, conn] {
+      Answer(conn->get());
+      conn->reset();
+      std::lock_guard done(mu_);
+      answered_.push_back(std::this_thread::get_id());
+      cv_.notify_all();
+    });
+    const std::thread::id id = t.get_id();
+    answering_.emplace(id, std::move(t));
   }
 }
 
@@ -172,9 +243,10 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
   const auto until = std::chrono::steady_clock::now() + o.start_timeout;
   while (!CanConnect(nbd_path)) {
     if (std::optional<int> code = nbdkit.Poll()) {
-      Result<std::string> log_text = ReadFileCapped(dir / "nbdkit.log", 4096);
-      return Unavailable(fmt::format("nbdkit exited with {} before serving {}: {}", *code, nbd_path.string(),
-                                     log_text.ok() ? *log_text : std::string("(no log)")));
+      Result<std::string> log_text = ReadFileCapped(dir / "nbdkit.log", 64 << 10);
+      return Unavailable(fmt::format("nbdkit exited with {} before serving {}: {}; see {} for more", *code,
+                                     nbd_path.string(), LastLogLine(log_text.ok() ? *log_text : ""),
+                                     (dir / "nbdkit.log").string()));
     }
     if (std::chrono::steady_clock::now() > until) {
       return DeadlineExceeded("nbdkit did not listen on " + nbd_path.string() + " in time; see " +

@@ -17,10 +17,15 @@
 //   nbdkit.log    nbdkit's own messages (a chunk it could not serve...)
 #pragma once
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -35,8 +40,11 @@ struct ExportOptions {
   // The plugin; FindNbdkitPlugin() when empty.
   std::filesystem::path plugin;
   std::string nbdkit = "nbdkit";
-  // Control requests served at once (guest reads of missing chunks).
-  int workers = 4;
+  // The most control requests (guest reads of missing chunks) served at
+  // once, each on a thread of its own; more wait in the socket's backlog.
+  // A request waiting on a slow registry holds its thread no longer than
+  // the disk's read deadline.
+  int workers = 64;
   // A guest read that cannot be served in this time fails with EIO.
   std::chrono::seconds deadline{60};
   // How long to wait for nbdkit to listen.
@@ -45,25 +53,36 @@ struct ExportOptions {
 
 // The control server alone: answers the plugin's requests for `disk` on
 // `socket` until destroyed. (Export runs one, next to the nbdkit it
-// starts.)
+// starts.) Each connection is answered on a thread of its own, at most
+// `workers` at once, so requests stuck on a stalled registry never hold
+// up requests for chunks that can be served.
 class ControlServer {
  public:
   static Result<std::unique_ptr<ControlServer>> Start(LazyDisk& disk, const std::filesystem::path& socket,
                                                       int workers);
+  // Requests being answered now.
+  int active() const;
   ~ControlServer();
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
   uint64_t requests() const { return requests_.load(); }
 
  private:
-  ControlServer(LazyDisk& disk, std::filesystem::path socket, UniqueFd listener, UniqueFd stop);
+  ControlServer(LazyDisk& disk, std::filesystem::path socket, UniqueFd listener, UniqueFd stop, int max_active);
   void Serve();
   void Answer(int fd);
+  void Reap();  // joins the threads of answered connections (holding mu_)
 
   LazyDisk& disk_;
   const std::filesystem::path socket_;
   UniqueFd listener_, stop_;
-  std::vector<std::thread> workers_;
+  const int max_active_;
+  std::thread acceptor_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;                          // a connection was answered
+  std::map<std::thread::id, std::thread> answering_;    // guarded by mu_
+  std::vector<std::thread::id> answered_;               // guarded by mu_: to join
+  bool stopping_ = false;                               // guarded by mu_
   std::atomic<uint64_t> requests_{0};
 };
 
@@ -91,5 +110,9 @@ class Export {
 // the running executable, else in ../lib/regdisk/ from it. NotFound (naming
 // the places looked) when none exists.
 Result<std::filesystem::path> FindNbdkitPlugin();
+
+// The last line of nbdkit's log with anything in it, trimmed, printable and
+// at most 300 bytes: what goes into a one-line error.
+std::string LastLogLine(std::string_view log);
 
 }  // namespace regdisk::blockserve

@@ -1,6 +1,7 @@
 #include "blockserve/lazy_disk.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -50,6 +51,9 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
                                                  store::ChunkedLayerHead head, const oci::Digest& index_digest,
                                                  const fs::path& dir, LazyDiskOptions options) {
   RETURN_IF_ERROR(MakeDirs(dir));
+  // The owner's only: its sockets (control.sock, and nbd.sock, which
+  // nbdkit creates) are never reachable by others, even for a moment.
+  if (::chmod(dir.c_str(), 0700) != 0) return ErrnoStatus("chmod " + dir.string());
   const oci::ChunkIndex& idx = head.index;
   ASSIGN_OR_RETURN(store::ChunkBitmap bitmap,
                    store::ChunkBitmap::Open(dir / "chunks.map", idx.chunks.size(), idx.chunk_shift, index_digest));
@@ -61,20 +65,31 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
     for (uint64_t k = 0; k < bitmap.chunks(); ++k) bitmap.Clear(k);
   }
   const bool fresh = bitmap.Count() == 0;
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(file, O_RDWR | O_CREAT | (fresh ? O_TRUNC : 0), 0644));
+  UniqueFd fd;
+  if (fresh) {
+    // A new file, renamed into place: an nbdkit still serving the old one
+    // (under the old bitmap, which it maps) keeps reading it unchanged.
+    const fs::path next = dir / "disk.raw.new";
+    ASSIGN_OR_RETURN(fd, OpenFile(next, O_RDWR | O_CREAT | O_TRUNC, 0644));
+    if (::rename(next.c_str(), file.c_str()) != 0) return ErrnoStatus("renaming " + next.string());
+  } else {
+    ASSIGN_OR_RETURN(fd, OpenFile(file, O_RDWR | O_CREAT, 0644));
+  }
   RETURN_IF_ERROR(Env::Default()->Truncate(fd.get(), idx.disk_size).Annotate(file.string()));
   auto disk = std::unique_ptr<LazyDisk>(new LazyDisk(std::move(readers), layer, std::move(head), std::move(bitmap),
                                                      std::move(fd), dir, std::move(options)));
   if (disk->bitmap_.from_previous_boot()) {
-    // The bits may have reached the disk before the bytes did: check each.
-    std::string buf;
-    RETURN_IF_ERROR(disk->bitmap_.Revalidate([&](uint64_t k) {
-      const oci::ChunkIndex& ix = disk->head_.index;
-      buf.resize(ix.ChunkLength(k));
-      return ::pread(disk->fd_.get(), buf.data(), buf.size(), static_cast<off_t>(k << ix.chunk_shift)) ==
-                 static_cast<ssize_t>(buf.size()) &&
-             store::VerifyChunk(ix, k, buf, disk->options_.label).ok();
-    }));
+    // The bits may have reached the disk before the bytes did. Nothing is
+    // hashed now: each such chunk is cleared (so the plugin asks for it) and
+    // remembered, and is checked against the index when first needed; only
+    // one that fails is fetched.
+    for (uint64_t k = 0; k < disk->bitmap_.chunks(); ++k) {
+      if (disk->bitmap_.Test(k)) {
+        disk->suspect_[k] = 1;
+        disk->bitmap_.Clear(k);
+      }
+    }
+    RETURN_IF_ERROR(disk->bitmap_.Revalidate([](uint64_t) { return true; }));
   }
   return disk;
 }
@@ -90,14 +105,54 @@ LazyDisk::LazyDisk(RangeReaderFactory readers, const oci::Descriptor& layer, sto
       options_(std::move(options)) {
   const size_t n = head_.index.chunks.size();
   profiled_.assign(n, false);
-  fill_order_ = ReadProfile(profile_path(), n);
+  suspect_.assign(n, 0);
+  previous_profile_ = ReadProfile(profile_path(), n);
+  fill_order_ = previous_profile_;
   fill_order_.reserve(fill_order_.size() + n);
   for (size_t k = 0; k < n; ++k) fill_order_.push_back(k);
+  watch_ = std::thread([this] { WatchLoop(); });
 }
 
 LazyDisk::~LazyDisk() {
   Stop();
+  if (watch_.joinable()) watch_.join();
   SaveProfile();
+}
+
+void LazyDisk::Arm(CancelToken* token, Clock::time_point at) {
+  std::lock_guard lock(mu_);
+  if (stop_) token->Cancel("the lazy disk " + options_.label + " is shutting down");
+  armed_.emplace(at, token);
+  watch_cv_.notify_all();
+}
+
+void LazyDisk::Disarm(CancelToken* token, Clock::time_point at) {
+  std::lock_guard lock(mu_);
+  // The watch thread erases what it cancelled: erase only what is there.
+  for (auto [it, end] = armed_.equal_range(at); it != end; ++it) {
+    if (it->second == token) {
+      armed_.erase(it);
+      return;
+    }
+  }
+}
+
+void LazyDisk::WatchLoop() {
+  std::unique_lock lock(mu_);
+  while (!stop_) {
+    if (armed_.empty()) {
+      watch_cv_.wait(lock);
+      continue;
+    }
+    const auto first = armed_.begin();
+    if (Clock::now() >= first->first) {
+      first->second->Cancel("the registry did not deliver the range in time");
+      armed_.erase(first);
+      continue;
+    }
+    const Clock::time_point at = first->first;  // the entry may go while we wait
+    watch_cv_.wait_until(lock, at);
+  }
 }
 
 void LazyDisk::Emit(LazyEvent e) const {
@@ -178,7 +233,7 @@ Status LazyDisk::Ensure(uint64_t offset, uint64_t length) {
         continue;
       }
     }
-    Status st = Fetch(claim, deadline);
+    Status st = Fetch(claim, deadline, deadline);
     if (st.ok()) continue;
     // A failure of a read-ahead chunk is not this read's business.
     bool have_all = true;
@@ -223,13 +278,27 @@ void LazyDisk::Release(const std::vector<size_t>& claimed) {
   cv_.notify_all();
 }
 
-Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point deadline) {
+Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point deadline,
+                       Clock::time_point request_deadline) {
   struct ReleaseOnExit {
     LazyDisk* d;
     const std::vector<size_t>& claimed;
     ~ReleaseOnExit() { d->Release(claimed); }
   } release{this, wanted};
-  std::vector<size_t> sorted = wanted;
+  std::vector<size_t> sorted;
+  for (size_t k : wanted) {
+    if (!suspect_[k]) {
+      sorted.push_back(k);
+      continue;
+    }
+    // Written under an earlier boot: served once its bytes check out.
+    suspect_[k] = 0;
+    if (VerifyLocal(k)) {
+      bitmap_.Set(k);
+    } else {
+      sorted.push_back(k);
+    }
+  }
   std::sort(sorted.begin(), sorted.end());
   Status result;
   std::unique_ptr<image::BlobRangeReader> reader;
@@ -242,7 +311,28 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
         st = r.status();
         if (r.ok()) reader = std::move(*r);
       }
-      if (reader) st = FetchBatch(*reader, batch);
+      if (reader) {
+        // The request's own deadline: a registry that accepted it and then
+        // stalls does not hold this thread past it.
+        const auto at = request_deadline;
+        CancelToken token;
+        Arm(&token, at);
+        st = Clock::now() >= at ? DeadlineExceeded("no time left") : FetchBatch(*reader, batch, token);
+        Disarm(&token, at);
+        if (!st.ok() && token.cancelled()) {
+          {
+            std::lock_guard lock(mu_);
+            if (stop_) return Cancelled("the lazy disk " + options_.label + " is shutting down");
+          }
+          st = DeadlineExceeded(fmt::format("the registry did not deliver chunks {}..{} of {} within the {} s deadline",
+                                            batch.first, batch.first + batch.count - 1, options_.label,
+                                            options_.read_deadline.count() / 1000.0));
+          reader.reset();  // its connection is in an unknown state
+          Emit({LazyEvent::Kind::kFetchFailed, 0, 0, st.message()});
+          if (result.ok()) result = st;
+          break;
+        }
+      }
       if (st.ok()) break;
       if (!Retryable(st)) {
         if (result.ok()) result = st;
@@ -264,14 +354,29 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
         if (stop_) return Cancelled("the lazy disk " + options_.label + " is shutting down");
       }
     }
+    // This batch's chunks are done with (present, or failed): a guest read
+    // waiting for one of them goes on now, not after the rest of `wanted`.
+    std::vector<size_t> batch_chunks;
+    for (size_t k : sorted) {
+      if (k >= batch.first && k < batch.first + batch.count) batch_chunks.push_back(k);
+    }
+    Release(batch_chunks);
   }
   if (reader) GiveReader(std::move(reader));
   return result;
 }
 
-Status LazyDisk::FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch) {
+bool LazyDisk::VerifyLocal(size_t k) {
+  const oci::ChunkIndex& idx = head_.index;
+  std::string buf(idx.ChunkLength(k), '\0');
+  return ::pread(fd_.get(), buf.data(), buf.size(), static_cast<off_t>(uint64_t{k} << idx.chunk_shift)) ==
+             static_cast<ssize_t>(buf.size()) &&
+         store::VerifyChunk(idx, k, buf, options_.label).ok();
+}
+
+Status LazyDisk::FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch, const CancelToken& cancel) {
   std::string buf, chunk;
-  RETURN_IF_ERROR(store::ReadRange(r, layer_, batch.offset, batch.length, &buf));
+  RETURN_IF_ERROR(store::ReadRange(r, layer_, batch.offset, batch.length, &buf, &cancel));
   ++requests_;
   fetched_bytes_ += batch.length;
   store::ChunkDecoder decoder;
@@ -304,7 +409,10 @@ void LazyDisk::Stop() {
   {
     std::lock_guard lock(mu_);
     stop_ = true;
+    // Requests in flight stop now, not at their deadline.
+    for (auto& [at, token] : armed_) token->Cancel("the lazy disk " + options_.label + " is shutting down");
     cv_.notify_all();
+    watch_cv_.notify_all();
   }
   if (fill_.joinable()) fill_.join();
 }
@@ -343,7 +451,9 @@ void LazyDisk::FillLoop() {
         continue;
       }
     }
-    if (Status st = Fetch(batch, Clock::now()); !st.ok()) {
+    // One attempt per batch (a failed one is retried after fill_retry),
+    // each bounded like a guest read's.
+    if (Status st = Fetch(batch, Clock::now(), Clock::now() + options_.read_deadline); !st.ok()) {
       if (st.code() == Code::kCancelled) break;
       std::unique_lock lock(mu_);
       cv_.wait_for(lock, options_.fill_retry, [&] { return stop_; });
@@ -384,8 +494,20 @@ void LazyDisk::SaveProfile() {
     profile = profile_;
   }
   if (profile.empty()) return;
+  // Merged with the previous boot's: a resumed boot asks only for what was
+  // missing, so its own order alone would lose the rest. The previous
+  // order first, then what is new, each chunk once, bounded.
+  std::vector<char> listed(head_.index.chunks.size(), 0);
   std::string text;
-  for (size_t k : profile) text += std::to_string(k) + "\n";
+  size_t entries = 0;
+  for (const std::vector<size_t>* list : {&previous_profile_, &profile}) {
+    for (size_t k : *list) {
+      if (listed[k] || entries >= kMaxProfileEntries) continue;
+      listed[k] = 1;
+      ++entries;
+      text += std::to_string(k) + "\n";
+    }
+  }
   if (Status st = WriteFileAtomic(profile_path(), text, 0644); !st.ok()) {
     log::Warn("cannot record the boot profile of {}: {}", options_.label, st.ToString());
   }

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -72,11 +73,15 @@ struct LazyDiskOptions {
   // Frames of chunks nobody asked for that may be fetched to join two
   // wanted ranges into one request.
   uint64_t max_gap_bytes = 256 << 10;
-  // How long Ensure keeps retrying a registry that fails before it gives up.
+  // How long Ensure keeps retrying a registry that fails before it gives
+  // up. It bounds each request too: a registry that accepts a ranged read
+  // and then stalls is abandoned at the deadline (the fill's requests get
+  // the same time each).
   std::chrono::milliseconds read_deadline{60000};
   // Background fill: the size of each request, and the pause after a
-  // failed one.
-  uint64_t fill_batch_bytes = 4 << 20;
+  // failed one. A guest read that needs a chunk the fill is fetching waits
+  // for that one request, so it is kept small.
+  uint64_t fill_batch_bytes = 1 << 20;
   std::chrono::milliseconds fill_retry{1000};
   std::function<void(const LazyEvent&)> on_event;
   // Where the boot profile is read from and written to; DIR/profile when
@@ -136,8 +141,17 @@ class LazyDisk {
   // Fetches `wanted` (claimed by the caller: in inflight_), verifies and
   // writes each chunk, sets its bit. Retries registry failures until
   // `deadline`; a chunk that fails verification fails the call at once.
-  Status Fetch(const std::vector<size_t>& wanted, std::chrono::steady_clock::time_point deadline);
-  Status FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch);
+  // Each request is abandoned at `request_deadline` (or on Stop).
+  Status Fetch(const std::vector<size_t>& wanted, std::chrono::steady_clock::time_point deadline,
+               std::chrono::steady_clock::time_point request_deadline);
+  Status FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch, const CancelToken& cancel);
+  // Chunk k's bytes in the local file match the index.
+  bool VerifyLocal(size_t k);
+  // Per-request tokens: cancelled at their time by the watch thread, or by
+  // Stop. Every Arm is matched by a Disarm before the token goes.
+  void Arm(CancelToken* token, std::chrono::steady_clock::time_point at);
+  void Disarm(CancelToken* token, std::chrono::steady_clock::time_point at);
+  void WatchLoop();
   Result<std::unique_ptr<image::BlobRangeReader>> TakeReader();
   void GiveReader(std::unique_ptr<image::BlobRangeReader> r);
   void Release(const std::vector<size_t>& claimed);
@@ -160,6 +174,11 @@ class LazyDisk {
   std::set<size_t> inflight_;           // chunks some thread is fetching
   std::vector<std::unique_ptr<image::BlobRangeReader>> idle_readers_;
   std::vector<size_t> profile_;         // first-touch order of guest reads
+  std::vector<size_t> previous_profile_;  // as read at open
+  // Chunks whose bit was set under an earlier boot of the machine: cleared,
+  // and checked against the index (not fetched) when first needed. Each
+  // entry is touched only by the thread that claimed the chunk.
+  std::vector<char> suspect_;
   std::vector<bool> profiled_;
   std::vector<size_t> fill_order_;      // the previous boot's profile, then the rest
   size_t fill_pos_ = 0;
@@ -167,6 +186,9 @@ class LazyDisk {
   bool stop_ = false, fill_done_ = false;
   Status fill_status_;
   std::thread fill_;
+  std::multimap<std::chrono::steady_clock::time_point, CancelToken*> armed_;  // guarded by mu_
+  std::condition_variable watch_cv_;  // armed_ changed, or stop
+  std::thread watch_;
 
   std::atomic<uint64_t> requests_{0}, fetched_bytes_{0};
 };

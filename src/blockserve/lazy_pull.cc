@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include "store/chunk_fetch.h"
+#include "store/lazy_dir.h"
 #include "util/log.h"
 #include "util/text.h"
 
@@ -74,6 +75,17 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
       LazyDisk::Open([&src] { return src.OpenRangeReader(); }, layer, std::move(*head), loc.digest,
                      root / "lazy" / hex, std::move(o));
   if (!disk.ok()) return fail(disk.status());
+  // What it is, for `images`, prune and rmi (store/lazy_dir.h).
+  if (Status st = store::WriteLazyRecord(root / "lazy" / hex, {.image = src.Name(),
+                                                               .layer = layer.digest,
+                                                               .index = loc.digest,
+                                                               .image_path = image_path,
+                                                               .disk_size = size,
+                                                               .chunks = (*disk)->index().chunks.size(),
+                                                               .created = {}});
+      !st.ok()) {
+    return fail(st);
+  }
   {
     // Ready() starts the export, on its caller's thread: nbdkit dies with
     // the thread that started it, and this one ends with the pull.

@@ -245,13 +245,17 @@ static int regdisk_pread(void *handle, void *buf, uint32_t count, uint64_t offse
   const uint64_t first = offset >> chunk_shift, last = (offset + count - 1) >> chunk_shift;
   if (last >= chunk_count) {
     nbdkit_set_error(EIO);
-    nbdkit_error("read beyond the disk");
+    nbdkit_error("a read of %" PRIu32 " bytes at offset %" PRIu64 " reaches beyond the %" PRId64
+                 "-byte disk %s; the client must read inside the export's size",
+                 count, offset, disk_size, file_path);
     return -1;
   }
   if (!range_present(first, last)) {
     const int err = ask_owner(offset, count, now_ms() + deadline_ms);
     if (err != 0 || !range_present(first, last)) {
-      nbdkit_error("chunks %" PRIu64 "..%" PRIu64 " are not available: %s", first, last,
+      nbdkit_error("chunks %" PRIu64 "..%" PRIu64 " of %s (a read of %" PRIu32 " bytes at offset %" PRIu64
+                   ") are not available: %s; the owner's log says why, and a later read tries again",
+                   first, last, file_path, count, offset,
                    err == ETIMEDOUT ? "the registry did not deliver them in time"
                                     : (err != 0 ? strerror(err) : "not verified"));
       nbdkit_set_error(EIO);

@@ -16,6 +16,7 @@
 #include "image/chunked_build.h"
 #include "image/copy.h"
 #include "image/transport.h"
+#include "store/lazy_dir.h"
 #include "store/peek.h"
 #include "store/store.h"
 #include "util/log.h"
@@ -209,6 +210,42 @@ ojson ImageRow(const store::StoredImage& img, int64_t now) {
           {"DiskPath", img.disk_path}};
 }
 
+// A disk still filling (lazy boot): its image's name, and in FORMAT how
+// much has arrived ("filling 37%"); no ID or digest yet (the ID column
+// shows its layer's first 12 hex digits, in parentheses).
+ojson FillingRow(const store::FillingDisk& d, int64_t now) {
+  const store::LazyRecord& rec = *d.record;
+  auto [repo, tag] = RepoAndTag(rec.image);
+  auto created = ParseRfc3339(rec.created);
+  return {{"Repository", repo},
+          {"Tag", tag},
+          {"ID", "(" + rec.layer.hex().substr(0, 12) + ")"},
+          {"Digest", "<filling>"},
+          {"Created", created ? HumanAgo(now - *created) : "unknown"},
+          {"CreatedAt", rec.created},
+          {"Size", HumanSize(d.bytes)},
+          {"VirtualSize", HumanSize(rec.disk_size)},
+          {"Format", fmt::format("filling {}%", d.Percent())},
+          {"Platform", ""},
+          {"Name", rec.image},
+          {"DiskPath", rec.image_path}};
+}
+
+json FillingJson(const store::FillingDisk& d) {
+  const store::LazyRecord& rec = *d.record;
+  return {{"name", rec.image},
+          {"layer", rec.layer.str()},
+          {"created", rec.created},
+          {"filling",
+           {{"present", d.present}, {"chunks", d.chunks}, {"percent", d.Percent()}, {"served", d.in_use}}},
+          {"disk",
+           {{"path", rec.image_path},
+            {"format", "raw"},
+            {"virtualSize", rec.disk_size},
+            {"size", d.bytes},
+            {"file", (d.dir / "disk.raw").string()}}}};
+}
+
 // Columns padded to their widest cell, two spaces apart (podman's tabwriter).
 void PrintTable(const std::vector<std::vector<std::string>>& rows, bool heading) {
   if (rows.empty()) return;
@@ -252,24 +289,32 @@ int RunImages(const Globals& g, const ImagesFlags& f) {
   const store::Store st = store::Store::OpenForReading(g.root);
   auto list = st.List();
   if (!list.ok()) return Fail(list.status());
+  // Disks still filling (lazy boot) whose record names their image.
+  auto filling = st.Filling();
+  if (!filling.ok()) return Fail(filling.status());
   if (f.output == "json") {
     json out = json::array();
     for (const auto& img : *list) out.push_back(img.ToJson());
+    for (const auto& d : *filling) out.push_back(FillingJson(d));
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
   const int64_t now = static_cast<int64_t>(::time(nullptr));
   if (f.quiet) {
+    // IDs only: a filling disk has none yet.
     std::set<std::string> seen;
     for (const auto& img : *list) {
       if (seen.insert(ShortId(img)).second) std::printf("%s\n", ShortId(img).c_str());
     }
     return 0;
   }
+  std::vector<ojson> rows_in;
+  for (const auto& img : *list) rows_in.push_back(ImageRow(img, now));
+  for (const auto& d : *filling) rows_in.push_back(FillingRow(d, now));
   if (tmpl) {
     std::string out;
-    for (const auto& img : *list) {
-      auto line = tmpl->Execute(ImageRow(img, now));
+    for (const auto& row : rows_in) {
+      auto line = tmpl->Execute(row);
       if (!line.ok()) return Fail(line.status());
       out += *line;
       if (out.empty() || out.back() != '\n') out += '\n';
@@ -282,8 +327,7 @@ int RunImages(const Globals& g, const ImagesFlags& f) {
   if (f.digests) head.push_back("DIGEST");
   for (const char* h : {"IMAGE ID", "CREATED", "SIZE", "FORMAT", "VIRTUAL SIZE"}) head.push_back(h);
   rows.push_back(head);
-  for (const auto& img : *list) {
-    ojson r = ImageRow(img, now);
+  for (const ojson& r : rows_in) {
     std::vector<std::string> row = {PrintableLine(r["Repository"].get<std::string>(), 200),
                                     PrintableLine(r["Tag"].get<std::string>(), 128)};
     if (f.digests) row.push_back(r["Digest"]);
@@ -337,6 +381,11 @@ void PrintGc(const store::GcResult& r) {
     std::fprintf(stderr, "regdisk: kept disk %s: a running VM uses it (regdisk prune removes it once the VM stops)\n",
                  d.c_str());
   }
+  for (const auto& d : r.lazy_in_use) {
+    std::fprintf(stderr, "regdisk: kept lazily-pulled disk lazy/%s: it is served to a running VM\n",
+                 PrintableLine(d, 200).c_str());
+  }
+  for (const auto& d : r.lazy_removed) std::printf("removed lazily-pulled disk lazy/%s\n", PrintableLine(d, 300).c_str());
   std::printf("freed %.1f MiB: %d disks, %d blobs\n", static_cast<double>(r.bytes_freed) / (1 << 20), r.disks_removed,
               r.blobs_removed);
 }
@@ -365,13 +414,31 @@ int RunRmi(const Globals& g, const RmiFlags& f) {
   if (f.all) {
     for (const auto& img : *all) add(img);
   }
+  std::vector<std::string> filling_names;  // names only a filling disk has
   for (const auto& arg : f.images) {
     auto m = Match(arg, *all);
+    if (!m.ok() && m.status().code() == Code::kNotFound) {
+      auto filling = store::ListFilling(g.root);
+      if (!filling.ok()) return Fail(filling.status());
+      if (std::any_of(filling->begin(), filling->end(),
+                      [&](const store::FillingDisk& d) { return d.record && d.record->image == arg; })) {
+        filling_names.push_back(arg);
+        continue;
+      }
+    }
     if (!m.ok()) return Fail(m.status());
     for (const auto& img : *m) add(img);
   }
+  store::GcResult filling_gc;
+  for (const auto& name : filling_names) {
+    auto n = st->RemoveFilling(name, &filling_gc);
+    if (!n.ok()) return Fail(n.status());
+  }
   auto r = st->RemoveImages(targets, f.force);
   if (!r.ok()) return Fail(r.status());
+  r->lazy_removed.insert(r->lazy_removed.begin(), filling_gc.lazy_removed.begin(), filling_gc.lazy_removed.end());
+  r->bytes_freed += filling_gc.bytes_freed;
+  for (const auto& name : filling_names) std::printf("Untagged: %s (filling)\n", PrintableLine(name).c_str());
   for (const auto& img : targets) {
     std::printf("Untagged: %s%s\n", PrintableLine(img.name).c_str(),
                 img.platform.empty() ? "" : (" (" + img.platform + ")").c_str());

@@ -209,6 +209,10 @@ class RegistryRangeReader : public BlobRangeReader {
   Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) override {
     return client_.FetchBlobRange(ref_.repository, desc, offset, length, sink);
   }
+  Status ReadCancellable(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink,
+                         const CancelToken& cancel) override {
+    return client_.FetchBlobRange(ref_.repository, desc, offset, length, sink, &cancel);
+  }
 
  private:
   oci::Reference ref_;

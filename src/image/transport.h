@@ -41,6 +41,14 @@ class BlobRangeReader {
  public:
   virtual ~BlobRangeReader() = default;
   virtual Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) = 0;
+  // Read, stopped by `cancel` as well (a per-request deadline): a registry
+  // that accepts and then stalls holds the caller no longer than that.
+  // Readers of local files, which do not stall, may ignore it.
+  virtual Status ReadCancellable(const oci::Descriptor& desc, uint64_t offset, uint64_t length,
+                                 const registry::BlobSink& sink, const CancelToken& cancel) {
+    RETURN_IF_ERROR(cancel.status());
+    return Read(desc, offset, length, sink);
+  }
 };
 
 class ImageSource {

@@ -344,6 +344,9 @@ struct Call {
   std::function<void(HttpRequest&)> before_attempt;
   // Retrying a non-idempotent step (an upload PATCH) is the caller's call.
   bool retry = true;
+  // This call's own token (a per-request deadline), besides the client's:
+  // either stops its transfers and back-off waits.
+  const CancelToken* cancel = nullptr;
 };
 
 }  // namespace
@@ -354,6 +357,15 @@ static std::string RepoOfScopes(const std::vector<std::string>& scopes) {
   if (scopes.empty() || scopes[0].rfind("repository:", 0) != 0) return {};
   std::string r = scopes[0].substr(11);
   return r.substr(0, r.rfind(':'));
+}
+
+// A back-off wait of one call: cut short by the client's token or the call's.
+static Status SleepFor(RegistryClient::State& s, const Call& call, std::chrono::milliseconds d) {
+  if (call.cancel) {
+    RETURN_IF_ERROR(call.cancel->SleepFor(d));
+    return s.opt.cancel ? s.opt.cancel->status() : OkStatus();
+  }
+  return s.Sleep(d);
 }
 
 static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& registry, const Call& call) {
@@ -375,6 +387,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
     HttpRequest req = call.req;
     req.url = target;
     req.cancel = s.opt.cancel.get();
+    req.request_cancel = call.cancel;
     if (call.before_attempt) call.before_attempt(req);
     // Credentials only ever go to the registry's own origin.
     bool own_origin = Origin(target) == s.BaseUrl();
@@ -422,7 +435,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       }
       auto wait = s.Backoff(attempt);
       log::Debug("{} (attempt {}); retrying in {} ms", resp.status().message(), attempt, wait.count());
-      RETURN_IF_ERROR(s.Sleep(wait));
+      RETURN_IF_ERROR(SleepFor(s, call, wait));
       continue;
     }
     if (own_origin) s.scheme_settled = true;
@@ -447,7 +460,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       auto wait = ParseRetryAfter(resp->Header("retry-after"), s.opt.retry_after_max);
       if (wait.count() < 0) wait = s.Backoff(attempt);
       log::Debug("{} {} answered HTTP {}; retrying in {} ms", call.req.method, registry, st, wait.count());
-      RETURN_IF_ERROR(s.Sleep(wait));
+      RETURN_IF_ERROR(SleepFor(s, call, wait));
       url.clear();
       continue;
     }
@@ -636,7 +649,7 @@ Status RegistryClient::FetchBlob(const std::string& repo, const oci::Descriptor&
 }
 
 Status RegistryClient::FetchBlobRange(const std::string& repo, const oci::Descriptor& desc, uint64_t offset,
-                                      uint64_t length, const BlobSink& sink) {
+                                      uint64_t length, const BlobSink& sink, const CancelToken* cancel) {
   const std::string what = "bytes " + std::to_string(offset) + "+" + std::to_string(length) + " of blob " +
                            desc.digest.Short() + " of " + repo;
   const uint64_t size = static_cast<uint64_t>(desc.size);
@@ -645,7 +658,7 @@ Status RegistryClient::FetchBlobRange(const std::string& repo, const oci::Descri
   }
   if (router_) {
     return router_->Pull(repo, true, what, [&](RegistryClient& c, const std::string& r, const PullSource&) {
-      return c.FetchBlobRange(r, desc, offset, length, sink);
+      return c.FetchBlobRange(r, desc, offset, length, sink, cancel);
     });
   }
   uint64_t received = 0;  // bytes handed to the sink
@@ -655,6 +668,7 @@ Status RegistryClient::FetchBlobRange(const std::string& repo, const oci::Descri
   Call c;
   c.req.url = "/v2/" + repo + "/blobs/" + desc.digest.str();
   c.scopes = {Scope(repo, false)};
+  c.cancel = cancel;
   c.before_attempt = [&](HttpRequest& req) {
     error_body.clear();
     whole = false;

@@ -98,8 +98,11 @@ class RegistryClient {
   // verified (only a whole blob can be): the caller checks them against
   // digests it trusts. A range outside desc.size is InvalidArgument; a
   // registry that ignores Range (200) is read up to the range and dropped.
+  // `cancel`, when given, is this read's own token besides the client's (a
+  // per-request deadline): once cancelled, the transfer and any back-off
+  // wait stop within about a second and the read returns its status.
   Status FetchBlobRange(const std::string& repo, const oci::Descriptor& desc, uint64_t offset, uint64_t length,
-                        const BlobSink& sink);
+                        const BlobSink& sink, const CancelToken* cancel = nullptr);
   // Small blobs (configs) into memory, verified; refuses more than max_bytes.
   Result<std::string> FetchBlobToString(const std::string& repo, const oci::Descriptor& desc, uint64_t max_bytes);
 

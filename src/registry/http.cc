@@ -47,8 +47,15 @@ size_t OnHeader(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
-int OnProgress(void* token, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
-  return static_cast<const CancelToken*>(token)->cancelled() ? 1 : 0;
+// The request's token that was cancelled, if any.
+const CancelToken* Fired(const HttpRequest& req) {
+  if (req.cancel && req.cancel->cancelled()) return req.cancel;
+  if (req.request_cancel && req.request_cancel->cancelled()) return req.request_cancel;
+  return nullptr;
+}
+
+int OnProgress(void* req, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  return Fired(*static_cast<const HttpRequest*>(req)) ? 1 : 0;
 }
 
 size_t OnBody(char* data, size_t size, size_t n, void* user) {
@@ -223,16 +230,16 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &ex);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, OnBody);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &ex);
-  if (req.cancel) {
-    if (req.cancel->cancelled()) {
+  if (req.cancel || req.request_cancel) {
+    if (const CancelToken* fired = Fired(req)) {
       if (transport_error) *transport_error = TransportError::kAborted;
-      return req.cancel->status();
+      return fired->status();
     }
     // libcurl calls this about once a second while idle, and on every
     // chunk: a cancelled token aborts the transfer.
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
     curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, OnProgress);
-    curl_easy_setopt(c, CURLOPT_XFERINFODATA, req.cancel);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, &req);
   }
 
   const TlsOptions& tls = impl_->tls;
@@ -283,9 +290,9 @@ Result<HttpResponse> HttpSession::Do(const HttpRequest& req, TransportError* tra
 
   TransportError te = Classify(rc);
   if (transport_error) *transport_error = te;
-  if (rc != CURLE_OK && req.cancel && req.cancel->cancelled()) {
+  if (const CancelToken* fired = rc != CURLE_OK ? Fired(req) : nullptr) {
     if (transport_error) *transport_error = TransportError::kAborted;
-    return req.cancel->status();
+    return fired->status();
   }
   if (rc != CURLE_OK) {
     if (!ex.body_status.ok()) {

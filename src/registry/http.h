@@ -50,6 +50,9 @@ struct HttpRequest {
   // When set and cancelled, the exchange stops within a fraction of a
   // second and Do returns its Cancelled status.
   const CancelToken* cancel = nullptr;
+  // A second token with the same effect, for one request's own limit (a
+  // per-request deadline) besides the operation's token.
+  const CancelToken* request_cancel = nullptr;
 };
 
 struct HttpResponse {

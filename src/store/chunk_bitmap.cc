@@ -8,6 +8,7 @@
 #include <atomic>
 #include <bit>
 #include <cstring>
+#include <vector>
 
 #include <openssl/evp.h>
 
@@ -42,6 +43,34 @@ std::string CurrentBootId() {
   return s;
 }
 
+Result<ChunkBitmapCounts> PeekChunkBitmap(const fs::path& path) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("stat " + path.string());
+  char header[REGDISK_CHUNKMAP_HEADER_BYTES];
+  if (static_cast<size_t>(st.st_size) < sizeof header ||
+      ::pread(fd.get(), header, sizeof header, 0) != static_cast<ssize_t>(sizeof header) ||
+      std::memcmp(header, REGDISK_CHUNKMAP_MAGIC, REGDISK_CHUNKMAP_MAGIC_BYTES) != 0) {
+    return InvalidArgument(path.string() + " is not a chunk bitmap");
+  }
+  ChunkBitmapCounts out;
+  std::memcpy(&out.chunks, header + REGDISK_CHUNKMAP_OFF_COUNT, 8);
+  const uint64_t words = (out.chunks + 63) / 64;
+  if (out.chunks > (uint64_t{1} << 40) ||
+      static_cast<uint64_t>(st.st_size) != REGDISK_CHUNKMAP_HEADER_BYTES + words * 8) {
+    return InvalidArgument(path.string() + " is not a whole chunk bitmap");
+  }
+  std::vector<uint64_t> buf(std::min<uint64_t>(words, 8192));
+  for (uint64_t w = 0; w < words;) {
+    const uint64_t n = std::min<uint64_t>(buf.size(), words - w);
+    const ssize_t got = ::pread(fd.get(), buf.data(), n * 8, static_cast<off_t>(REGDISK_CHUNKMAP_HEADER_BYTES + w * 8));
+    if (got != static_cast<ssize_t>(n * 8)) return DataLoss("reading " + path.string());
+    for (uint64_t i = 0; i < n; ++i) out.present += std::popcount(buf[i]);
+    w += n;
+  }
+  return out;
+}
+
 Result<ChunkBitmap> ChunkBitmap::Open(const fs::path& path, uint64_t chunks, int chunk_shift,
                                       const oci::Digest& key) {
   if (chunk_shift < 9 || chunk_shift > 40) return InvalidArgument("chunk bitmap: chunk shift out of range");
@@ -50,6 +79,7 @@ Result<ChunkBitmap> ChunkBitmap::Open(const fs::path& path, uint64_t chunks, int
   ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDWR | O_CREAT, 0600));
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("stat " + path.string());
+  const bool empty = st.st_size == 0;
 
   unsigned char key_bytes[32];
   KeyBytes(key, key_bytes);
@@ -70,11 +100,16 @@ Result<ChunkBitmap> ChunkBitmap::Open(const fs::path& path, uint64_t chunks, int
               count != chunks || std::memcmp(header + REGDISK_CHUNKMAP_OFF_KEY, key_bytes, 32) != 0;
     }
   }
+  if (fresh && !empty) {
+    // Another process (the nbdkit plugin) may map the old bitmap: it keeps
+    // the old file, whole, and the new one is renamed into place.
+    const fs::path next = path.string() + ".new";
+    ASSIGN_OR_RETURN(fd, OpenFile(next, O_RDWR | O_CREAT | O_TRUNC, 0600));
+    if (::rename(next.c_str(), path.c_str()) != 0) return ErrnoStatus("renaming " + next.string());
+  }
   if (fresh) {
     // Header last, so that a bitmap cut short by a crash reads as damaged.
-    if (::ftruncate(fd.get(), 0) != 0 || ::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
-      return ErrnoStatus("sizing " + path.string());
-    }
+    if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) return ErrnoStatus("sizing " + path.string());
     char header[REGDISK_CHUNKMAP_HEADER_BYTES] = {};
     std::memcpy(header, REGDISK_CHUNKMAP_MAGIC, REGDISK_CHUNKMAP_MAGIC_BYTES);
     const uint32_t version = REGDISK_CHUNKMAP_VERSION, shift = static_cast<uint32_t>(chunk_shift);

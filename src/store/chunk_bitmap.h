@@ -31,7 +31,9 @@ class ChunkBitmap {
  public:
   // Opens PATH, or creates it with every bit clear. An existing file made
   // for another index (key, count or shift differ) or that is damaged is
-  // started afresh (all clear): it holds no proof about this disk.
+  // started afresh (all clear): it holds no proof about this disk. The
+  // fresh bitmap is a new file renamed over PATH, so a process that maps
+  // the old one keeps a whole, unchanged view of it.
   static Result<ChunkBitmap> Open(const std::filesystem::path& path, uint64_t chunks, int chunk_shift,
                                   const oci::Digest& key);
 
@@ -70,6 +72,13 @@ class ChunkBitmap {
   uint64_t chunks_ = 0;
   bool previous_boot_ = false;
 };
+
+// What a bitmap file says, read without changing it (for `images`):
+// chunks and set bits. InvalidArgument when PATH is not a bitmap.
+struct ChunkBitmapCounts {
+  uint64_t chunks = 0, present = 0;
+};
+Result<ChunkBitmapCounts> PeekChunkBitmap(const std::filesystem::path& path);
 
 // The current boot id (/proc/sys/kernel/random/boot_id), or "" if unknown.
 std::string CurrentBootId();

@@ -30,14 +30,15 @@ std::string Hex(const std::array<uint8_t, 32>& sum) {
 }  // namespace
 
 Status ReadRange(image::BlobRangeReader& r, const oci::Descriptor& blob, uint64_t offset, uint64_t length,
-                 std::string* out) {
+                 std::string* out, const CancelToken* cancel) {
   out->clear();
   out->reserve(length);
-  RETURN_IF_ERROR(r.Read(blob, offset, length, [&](std::string_view chunk) -> Status {
+  const registry::BlobSink sink = [&](std::string_view chunk) -> Status {
     if (out->size() + chunk.size() > length) return DataLoss("the registry sent more than the range asked for");
     out->append(chunk);
     return OkStatus();
-  }));
+  };
+  RETURN_IF_ERROR(cancel ? r.ReadCancellable(blob, offset, length, sink, *cancel) : r.Read(blob, offset, length, sink));
   if (out->size() != length) {
     return DataLoss("the registry sent " + std::to_string(out->size()) + " of " + std::to_string(length) + " bytes");
   }

@@ -29,15 +29,18 @@
 #include "image/transport.h"
 #include "oci/chunk_index.h"
 #include "oci/manifest.h"
+#include "util/cancel.h"
 #include "util/status.h"
 
 struct ZSTD_DCtx_s;
 
 namespace regdisk::store {
 
-// Reads exactly [offset, offset + length) of the blob into *out.
+// Reads exactly [offset, offset + length) of the blob into *out. With
+// `cancel`, the read also stops once it is cancelled (a per-request
+// deadline) and returns its status.
 Status ReadRange(image::BlobRangeReader& r, const oci::Descriptor& blob, uint64_t offset, uint64_t length,
-                 std::string* out);
+                 std::string* out, const CancelToken* cancel = nullptr);
 
 struct ChunkedLayerHead {
   oci::ChunkIndex index;

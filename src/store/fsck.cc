@@ -7,6 +7,7 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -268,6 +269,17 @@ Result<std::vector<Problem>> Store::Check(bool repair) {
   // Chunked disks against the chunk digests they were pulled with, and the
   // chunk table against the disks (rows of removed disks go).
   CheckChunkTable(repair, &broken, &out);
+
+  // Lazily-pulled disks left behind: committed, or without a record, and
+  // served by no export (a fill that can resume is not a problem).
+  {
+    GcResult gc;
+    ASSIGN_OR_RETURN(std::vector<std::string> left, CollectLazy(repair, &gc));
+    for (const std::string& what : left) {
+      const bool removed = std::find(gc.lazy_removed.begin(), gc.lazy_removed.end(), what) != gc.lazy_removed.end();
+      out.push_back({"lazily-pulled disk lazy/" + what + ", and no export serves it (regdisk prune removes it)", removed});
+    }
+  }
 
   // Names: each must point to a disk that is there and whole.
   ASSIGN_OR_RETURN(FileLock refs_lock, FileLock::Acquire(root_ / "locks" / "refs"));

@@ -18,6 +18,7 @@
 #include "image/copy.h"
 #include "store/chunk_table.h"
 #include "store/chunked_pull.h"
+#include "store/lazy_dir.h"
 #include "store/unpack.h"
 #include "util/byte_source.h"
 #include "util/env.h"
@@ -617,16 +618,128 @@ Result<GcResult> Store::RemoveImages(const std::vector<StoredImage>& images, boo
       for (const auto& dir : dropped_dirs) {
         if (kept_dirs.count(dir)) continue;
         ASSIGN_OR_RETURN(std::optional<FileLock> unused, FileLock::TryAcquire(UseLockPath(root_ / "disks" / dir)));
-        if (!unused) {
-          return FailedPrecondition("the disk " + dir + " is in use by a running VM; stop the VM first, or use --force "
-                                    "to remove the name now (the disk stays until its VMs stop, then regdisk prune "
-                                    "removes it)");
+        ASSIGN_OR_RETURN(const bool served, ServedLazily(root_ / "disks" / dir));
+        if (!unused || served) {
+          return FailedPrecondition("the disk " + dir + " is in use by a running VM" +
+                                    (served ? " (booted while it was pulled, and still served to it)" : "") +
+                                    "; stop the VM first, or use --force to remove the name now (the disk stays "
+                                    "until its VMs stop, then regdisk prune removes it)");
         }
       }
     }
     RETURN_IF_ERROR(WriteRefList(kept));
   }
   return CollectLocked();
+}
+
+std::vector<oci::Digest> Store::LayersOfDisk(const fs::path& dir) const {
+  auto meta = ReadFileCapped(dir / "meta.json", kMaxMetaBytes);
+  if (!meta.ok()) return {};
+  const json m = json::parse(*meta, nullptr, false);
+  if (!m.is_object() || !m.contains("manifest") || !m["manifest"].is_string()) return {};
+  auto d = oci::Digest::Parse(m["manifest"].get<std::string>());
+  if (!d.ok()) return {};
+  auto text = ReadFileCapped(BlobPath(*d), 4 << 20);
+  if (!text.ok()) return {};
+  auto manifest = oci::Manifest::Parse(*text);
+  if (!manifest.ok()) return {};
+  std::vector<oci::Digest> out;
+  for (const auto& l : manifest->layers) out.push_back(l.digest);
+  return out;
+}
+
+Result<bool> Store::ServedLazily(const fs::path& dir) const {
+  for (const oci::Digest& layer : LayersOfDisk(dir)) {
+    ASSIGN_OR_RETURN(const bool held, LazyInUse(root_, LazyName(layer)));
+    if (held) return true;
+  }
+  return false;
+}
+
+std::set<std::string> Store::CommittedLazyNames() const {
+  std::error_code ec;
+  std::set<std::string> out;  // lazy names of every stored disk's layers
+  for (const auto& e : fs::directory_iterator(root_ / "disks", ec)) {
+    for (const oci::Digest& layer : LayersOfDisk(e.path())) out.insert(LazyName(layer));
+  }
+  return out;
+}
+
+Result<std::vector<FillingDisk>> Store::Filling() const {
+  ASSIGN_OR_RETURN(std::vector<FillingDisk> all, ListFilling(root_));
+  const std::set<std::string> committed = CommittedLazyNames();
+  std::erase_if(all, [&](const FillingDisk& d) { return !d.record || committed.count(d.name) > 0; });
+  return all;
+}
+
+Result<std::vector<std::string>> Store::CollectLazy(bool remove, GcResult* gc) {
+  std::vector<std::string> found;
+  const std::set<std::string> committed = CommittedLazyNames();
+  ASSIGN_OR_RETURN(std::vector<FillingDisk> filling, ListFilling(root_));
+  for (const FillingDisk& d : filling) {
+    if (d.in_use) {
+      if (gc) gc->lazy_in_use.push_back(d.name);
+      continue;
+    }
+    std::string why;
+    if (committed.count(d.name)) {
+      why = "committed to the store";
+    } else if (!d.record) {
+      why = "no readable lazy.json";
+    } else {
+      if (gc) ++gc->lazy_kept;  // a fill the next run of its image resumes
+      continue;
+    }
+    found.push_back(d.name + ": " + why);
+    if (!remove) continue;
+    // Under the lock, so that no export starts on it meanwhile.
+    ASSIGN_OR_RETURN(std::optional<FileLock> lock, FileLock::TryAcquire(LazyLockPath(root_, d.name)));
+    if (!lock) continue;  // an export started after all
+    const fs::path trash = root_ / "tmp" / ("removed-lazy-" + d.name);
+    RemoveAll(trash);
+    if (::rename(d.dir.c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + d.dir.string());
+    RemoveAll(trash);
+    ::unlink(LazyLockPath(root_, d.name).c_str());  // no one waits on it: the store lock is ours
+    if (gc) {
+      gc->lazy_removed.push_back(found.back());
+      gc->bytes_freed += d.bytes;
+    }
+    log::Info("removed the lazily-pulled disk lazy/{} ({})", d.name, why);
+  }
+  return found;
+}
+
+Result<int> Store::RemoveFilling(const std::string& image, GcResult* gc) {
+  ASSIGN_OR_RETURN(FileLock exclusive, FileLock::Acquire(root_ / "locks" / "store"));
+  ASSIGN_OR_RETURN(std::vector<FillingDisk> filling, ListFilling(root_));
+  std::vector<const FillingDisk*> targets;
+  for (const FillingDisk& d : filling) {
+    if (!d.record || d.record->image != image) continue;
+    if (d.in_use) {
+      return FailedPrecondition("the disk of " + Printable(image) + " is being pulled for a running VM (lazy/" + d.name +
+                                "); stop the VM first");
+    }
+    targets.push_back(&d);
+  }
+  int removed = 0;
+  for (const FillingDisk* d : targets) {
+    ASSIGN_OR_RETURN(std::optional<FileLock> lock, FileLock::TryAcquire(LazyLockPath(root_, d->name)));
+    if (!lock) {
+      return FailedPrecondition("the disk of " + Printable(image) + " is being pulled for a running VM (lazy/" +
+                                d->name + "); stop the VM first");
+    }
+    const fs::path trash = root_ / "tmp" / ("removed-lazy-" + d->name);
+    RemoveAll(trash);
+    if (::rename(d->dir.c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + d->dir.string());
+    RemoveAll(trash);
+    ::unlink(LazyLockPath(root_, d->name).c_str());
+    ++removed;
+    if (gc) {
+      gc->lazy_removed.push_back(d->name + ": image removed");
+      gc->bytes_freed += d->bytes;
+    }
+  }
+  return removed;
 }
 
 Result<GcResult> Store::Prune() {
@@ -694,7 +807,8 @@ Result<GcResult> Store::CollectLocked() {
       continue;
     }
     ASSIGN_OR_RETURN(std::optional<FileLock> unused, FileLock::TryAcquire(UseLockPath(e.path())));
-    if (!unused) {
+    ASSIGN_OR_RETURN(const bool served, ServedLazily(e.path()));
+    if (!unused || served) {
       r.disks_in_use.push_back(name);
       keep_blobs_of(e.path());
       continue;
@@ -713,6 +827,7 @@ Result<GcResult> Store::CollectLocked() {
   RETURN_IF_ERROR(SyncDir(root_ / "disks"));
   DropStaleLinks(refs);
   ForgetMissingChunks();
+  RETURN_IF_ERROR(CollectLazy(true, &r).status());
 
   for (const auto& e : fs::directory_iterator(root_ / "blobs" / "sha256", ec)) {
     if (keep_blobs.count(e.path().filename().string())) continue;

@@ -69,6 +69,7 @@
 #include "image/transport.h"
 #include "oci/manifest.h"
 #include "store/chunked_pull.h"
+#include "store/lazy_dir.h"
 #include "store/unpack.h"
 #include "util/cancel.h"
 #include "util/fs.h"
@@ -123,9 +124,15 @@ struct Problem {
 
 struct GcResult {
   int disks_removed = 0;
-  std::vector<std::string> disks_in_use;  // kept: a running VM uses them
+  std::vector<std::string> disks_in_use;  // kept: a running VM uses them (or an export serves them)
   int blobs_removed = 0;
   uint64_t bytes_freed = 0;
+  // lazy/<name> directories (store/lazy_dir.h) removed, each "NAME: why"
+  // ("committed", "no record", "image removed"), and those kept because an
+  // export serves them, or because they are fills a later run resumes.
+  std::vector<std::string> lazy_removed;
+  std::vector<std::string> lazy_in_use;
+  int lazy_kept = 0;
 };
 
 class Store {
@@ -148,6 +155,9 @@ class Store {
   Result<std::optional<StoredImage>> Lookup(const std::string& name, const oci::Platform& platform) const;
   // Every named image, sorted by name, then platform.
   Result<std::vector<StoredImage>> List() const;
+  // The disks still filling (lazy/, store/lazy_dir.h) that have a record
+  // and were not committed yet, by directory name. Reads only.
+  Result<std::vector<FillingDisk>> Filling() const;
 
   // The stable path of the disk `name` was pulled as for `platform` (see
   // by-name/ above); it exists only once such a pull happened.
@@ -172,6 +182,10 @@ class Store {
   // Deletes disks no name refers to (unless a VM uses them), blobs of no
   // kept disk, staging left by killed pulls and partial downloads.
   Result<GcResult> Prune();
+  // Removes the filling disks (lazy/, store/lazy_dir.h) recorded as pulled
+  // for `image` that no export serves; FailedPrecondition, removing
+  // nothing, when one is served. How many went (0: none was recorded).
+  Result<int> RemoveFilling(const std::string& image, GcResult* gc);
 
   // Checks the store: every manifest and config blob against its digest,
   // every disk's record, file, size, mode and format header (the disk's
@@ -208,6 +222,16 @@ class Store {
   // (with the store lock held exclusively); a failure is only logged.
   void ForgetMissingChunks();
   Result<GcResult> CollectLocked();  // with the store lock held exclusively
+  // The layers of a stored disk (from its manifest), empty when unknown.
+  std::vector<oci::Digest> LayersOfDisk(const std::filesystem::path& dir) const;
+  // True when an export (a lazily-pulled disk's nbdkit) still serves one of
+  // the disk's layers: its locks/lazy-<name> is held.
+  Result<bool> ServedLazily(const std::filesystem::path& dir) const;
+  // The lazy names (LazyName) of every stored disk's layers.
+  std::set<std::string> CommittedLazyNames() const;
+  // Lazy directories nobody serves that are committed or have no record
+  // (removed with `repair`), for prune and fsck: "NAME: why" each.
+  Result<std::vector<std::string>> CollectLazy(bool remove, GcResult* gc);
   // Check's parts (store/fsck.cc).
   std::optional<std::string> CheckDisk(const std::filesystem::path& dir) const;
   void CheckBlobs(bool repair, std::vector<Problem>* out);

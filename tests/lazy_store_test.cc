@@ -1,0 +1,196 @@
+// Lazy boot in the node store: `images` lists a disk that is still filling
+// with its image's name and fill; rmi and prune never remove a disk an
+// export serves (a filling one, or a committed one nbdkit still reads), and
+// prune and fsck deal with lazy/ directories left behind.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "blockserve/lazy_disk.h"
+#include "blockserve/lazy_pull.h"
+#include "harness/harness.h"
+#include "image/layout.h"
+#include "image/transport.h"
+#include "store/chunk_fetch.h"
+#include "store/lazy_dir.h"
+#include "store/store.h"
+#include "util/fs.h"
+
+namespace regdisk::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+constexpr uint64_t kKiB = 1024, kMiB = 1024 * 1024;
+
+class LazyStoreTest : public TempDirTest {
+ protected:
+  void SetUp() override {
+    TempDirTest::SetUp();
+    root_ = tmp() / "root";
+    // 4 MiB in 64 KiB chunks.
+    raw_ = RandomBytes(4 * kMiB, 11);
+    ASSERT_OK(WriteFileAtomic(tmp() / "d.raw", raw_));
+    reg_ = TestRegistry::Start(RegistryMode::kPlain).value();
+    ref_ = "docker://" + reg_->host() + "/lazy/store:v1";
+    RunResult r = RunRegdisk({"build", P("d.raw"), "-t", ref_, "--layout", "chunked", "--chunk-size", "64K", "-q"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    src_ = image::OpenSource(image::ImageName::Parse(ref_).value(), {}).value();
+    const oci::RawManifest m = src_->GetManifest().value();
+    const json manifest = json::parse(m.bytes);
+    layer_ = oci::Descriptor::FromJson(manifest["layers"][0]).value();
+    loc_ = oci::ChunkIndexLocationOf(layer_).value().value();
+    name_ = store::LazyName(layer_.digest);
+  }
+
+  RunResult Regdisk(std::vector<std::string> args) {
+    args.insert(args.begin(), {"--root", root_.string()});
+    return RunRegdisk(args);
+  }
+
+  // A filling disk as LazyPull leaves it in the store: chunk 0 present.
+  std::unique_ptr<blockserve::LazyDisk> Filling() {
+    auto reader = src_->OpenRangeReader().value();
+    store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+    const std::string image_path = head.image_path;
+    blockserve::LazyDiskOptions o;
+    o.label = "test layer";
+    o.readahead_bytes = 0;
+    auto d = blockserve::LazyDisk::Open([this] { return src_->OpenRangeReader(); }, layer_, std::move(head),
+                                        loc_.digest, store::LazyDirPath(root_, name_), o)
+                 .value();
+    EXPECT_OK(store::WriteLazyRecord(d->dir(), {.image = ref_,
+                                                .layer = layer_.digest,
+                                                .index = loc_.digest,
+                                                .image_path = image_path,
+                                                .disk_size = d->size(),
+                                                .chunks = d->index().chunks.size()}));
+    EXPECT_OK(d->Ensure(0, 512));
+    return d;
+  }
+
+  fs::path root_;
+  std::string raw_, ref_, name_;
+  std::unique_ptr<TestRegistry> reg_;
+  std::unique_ptr<image::ImageSource> src_;
+  oci::Descriptor layer_;
+  oci::ChunkIndexLocation loc_;
+};
+
+TEST_F(LazyStoreTest, ImagesListsAFillingDiskAndRmiRemovesItOnlyWhenNotServed) {
+  ASSERT_EQ(Regdisk({"images"}).exit_code, 0);
+  ASSERT_OK(MakeDirs(root_ / "locks"));
+  auto d = Filling();
+  ASSERT_NE(d, nullptr);
+  d.reset();  // the fill stopped: 1 of 64 chunks
+  {
+    FileLock serving = FileLock::Acquire(store::LazyLockPath(root_, name_)).value();
+    RunResult r = Regdisk({"images"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_THAT(r.out, HasSubstr(reg_->host() + "/lazy/store"));
+    EXPECT_THAT(r.out, HasSubstr("filling 1%"));
+    EXPECT_THAT(r.out, HasSubstr("4.19 MB")) << "its virtual size";
+    r = Regdisk({"images", "-o", "json"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const json j = json::parse(r.out);
+    ASSERT_EQ(j.size(), 1u) << r.out;
+    EXPECT_EQ(j[0]["name"], ref_);
+    EXPECT_EQ(j[0]["layer"], layer_.digest.str());
+    EXPECT_EQ(j[0]["filling"]["present"], 1);
+    EXPECT_EQ(j[0]["filling"]["chunks"], 64);
+    EXPECT_EQ(j[0]["filling"]["percent"], 1);
+    EXPECT_EQ(j[0]["filling"]["served"], true);
+    EXPECT_EQ(j[0]["disk"]["virtualSize"], 4 * kMiB);
+    // Served: rmi refuses, prune keeps it.
+    r = Regdisk({"rmi", ref_});
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_THAT(r.err, HasSubstr("being pulled for a running VM"));
+    r = Regdisk({"prune"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_THAT(r.err, HasSubstr("kept lazily-pulled disk lazy/" + name_));
+    EXPECT_TRUE(fs::exists(root_ / "lazy" / name_ / "disk.raw"));
+  }
+  // Served by no one: prune keeps a fill a later run resumes, fsck finds
+  // nothing wrong with it, and rmi of its name removes it.
+  RunResult r = Regdisk({"prune"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(root_ / "lazy" / name_ / "disk.raw"));
+  r = Regdisk({"fsck"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = Regdisk({"rmi", ref_});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("removed lazily-pulled disk lazy/" + name_ + ": image removed"));
+  EXPECT_FALSE(fs::exists(root_ / "lazy" / name_));
+  r = Regdisk({"images", "-o", "json"});
+  EXPECT_EQ(json::parse(r.out).size(), 0u) << r.out;
+}
+
+TEST_F(LazyStoreTest, ACommittedDiskAnExportStillServesIsNeverRemoved) {
+  auto st = store::Store::Open(root_).value();
+  blockserve::LazyPullOptions lo;
+  lo.disk_options.readahead_bytes = 0;
+  auto pull = blockserve::LazyPull::Start(st, image::OpenSource(image::ImageName::Parse(ref_).value(), {}).value(),
+                                          ref_, store::PullOptions{}, lo)
+                  .value();
+  ASSERT_OK(pull->Wait().status());  // filled and committed; its export would still serve it
+  RunResult r = Regdisk({"images"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, Not(HasSubstr("filling")));
+  // rmi refuses while the disk is served; --force drops the name and keeps
+  // the disk; prune keeps it too.
+  r = Regdisk({"rmi", ref_});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("still served"));
+  r = Regdisk({"rmi", "--force", ref_});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("kept disk"));
+  r = Regdisk({"prune"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto disks = [&] {
+    int n = 0;
+    for ([[maybe_unused]] const auto& e : fs::directory_iterator(root_ / "disks")) ++n;
+    return n;
+  };
+  EXPECT_EQ(disks(), 1) << "the served disk stays";
+  // Once the export is gone, prune removes it.
+  pull.reset();
+  EXPECT_FALSE(fs::exists(root_ / "lazy" / name_)) << "a committed disk leaves nothing under lazy/";
+  r = Regdisk({"prune"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(disks(), 0);
+}
+
+TEST_F(LazyStoreTest, PruneAndFsckDealWithLazyDirectoriesLeftBehind) {
+  RunResult r = Regdisk({"pull", ref_});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Left behind: a committed disk's lazy directory (its owner was killed
+  // after the commit), and a directory without a record.
+  ASSERT_OK(MakeDirs(root_ / "lazy" / name_));
+  ASSERT_OK(WriteFileAtomic(root_ / "lazy" / name_ / "disk.raw", "x"));
+  ASSERT_OK(store::WriteLazyRecord(root_ / "lazy" / name_,
+                                   {.image = ref_, .layer = layer_.digest, .index = loc_.digest, .disk_size = 4 * kMiB, .chunks = 64}));
+  ASSERT_OK(MakeDirs(root_ / "lazy" / "0123456789abcdef01234567"));
+  r = Regdisk({"fsck"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, HasSubstr("lazy/" + name_ + ": committed to the store"));
+  EXPECT_THAT(r.out, HasSubstr("lazy/0123456789abcdef01234567: no readable lazy.json"));
+  r = Regdisk({"images"});
+  EXPECT_THAT(r.out, Not(HasSubstr("filling"))) << "a committed disk is listed once";
+  r = Regdisk({"prune"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("removed lazily-pulled disk lazy/" + name_ + ": committed to the store"));
+  EXPECT_THAT(r.out, HasSubstr("removed lazily-pulled disk lazy/0123456789abcdef01234567: no readable lazy.json"));
+  EXPECT_FALSE(fs::exists(root_ / "lazy" / name_));
+  r = Regdisk({"fsck"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  // The named disk itself stays.
+  r = Regdisk({"images", "-q"});
+  EXPECT_FALSE(r.out.empty());
+}
+
+}  // namespace
+}  // namespace regdisk::testing
