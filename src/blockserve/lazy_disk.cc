@@ -280,11 +280,15 @@ void LazyDisk::Release(const std::vector<size_t>& claimed) {
 
 Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point deadline,
                        Clock::time_point request_deadline) {
+  // The claims this call still holds. Each batch's chunks are released as
+  // soon as that batch is done, and only what is left goes at the end: a
+  // chunk released early may have been claimed by another reader since,
+  // and that claim is not this call's to drop.
   struct ReleaseOnExit {
     LazyDisk* d;
-    const std::vector<size_t>& claimed;
-    ~ReleaseOnExit() { d->Release(claimed); }
-  } release{this, wanted};
+    std::set<size_t> held;
+    ~ReleaseOnExit() { d->Release(std::vector<size_t>(held.begin(), held.end())); }
+  } release{this, std::set<size_t>(wanted.begin(), wanted.end())};
   std::vector<size_t> sorted;
   for (size_t k : wanted) {
     if (!suspect_[k]) {
@@ -360,6 +364,7 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
     for (size_t k : sorted) {
       if (k >= batch.first && k < batch.first + batch.count) batch_chunks.push_back(k);
     }
+    for (size_t k : batch_chunks) release.held.erase(k);
     Release(batch_chunks);
   }
   if (reader) GiveReader(std::move(reader));

@@ -429,13 +429,16 @@ int RunRmi(const Globals& g, const RmiFlags& f) {
     if (!m.ok()) return Fail(m.status());
     for (const auto& img : *m) add(img);
   }
+  // The stored images first: RemoveImages checks all of them before it
+  // removes any, so a refusal (a disk in use) leaves everything as it was,
+  // fills included.
+  auto r = st->RemoveImages(targets, f.force);
+  if (!r.ok()) return Fail(r.status());
   store::GcResult filling_gc;
   for (const auto& name : filling_names) {
     auto n = st->RemoveFilling(name, &filling_gc);
     if (!n.ok()) return Fail(n.status());
   }
-  auto r = st->RemoveImages(targets, f.force);
-  if (!r.ok()) return Fail(r.status());
   r->lazy_removed.insert(r->lazy_removed.begin(), filling_gc.lazy_removed.begin(), filling_gc.lazy_removed.end());
   r->bytes_freed += filling_gc.bytes_freed;
   for (const auto& name : filling_names) std::printf("Untagged: %s (filling)\n", PrintableLine(name).c_str());

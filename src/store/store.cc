@@ -699,7 +699,8 @@ Result<std::vector<std::string>> Store::CollectLazy(bool remove, GcResult* gc) {
     RemoveAll(trash);
     if (::rename(d.dir.c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + d.dir.string());
     RemoveAll(trash);
-    ::unlink(LazyLockPath(root_, d.name).c_str());  // no one waits on it: the store lock is ours
+    // The lock file stays (it is empty): a `run` may be waiting on it, and
+    // one that got a lock on an unlinked file would serve beside another.
     if (gc) {
       gc->lazy_removed.push_back(found.back());
       gc->bytes_freed += d.bytes;
@@ -732,7 +733,6 @@ Result<int> Store::RemoveFilling(const std::string& image, GcResult* gc) {
     RemoveAll(trash);
     if (::rename(d->dir.c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + d->dir.string());
     RemoveAll(trash);
-    ::unlink(LazyLockPath(root_, d->name).c_str());
     ++removed;
     if (gc) {
       gc->lazy_removed.push_back(d->name + ": image removed");
