@@ -210,6 +210,29 @@ TEST_F(LazyTest, BitsFromAnEarlierBootAreCheckedWhenFirstNeededNotAtOpen) {
   EXPECT_EQ(d->present(), 2u);
 }
 
+TEST_F(LazyTest, AZeroChunkThatFailsItsLocalCheckReadsAsZeros) {
+  LazyDiskOptions o;
+  o.readahead_bytes = 0;
+  const uint64_t at = 16 * 64 * kKiB;  // chunk 16: in the zero stretch
+  {
+    auto d = Open(o);
+    ASSERT_NE(d, nullptr);
+    ASSERT_OK(d->Ensure(at, 64 * kKiB));
+  }
+  // Other bytes where the zero chunk is, and a reboot since.
+  {
+    UniqueFd fd = OpenFile(tmp() / "lazy/disk.raw", O_RDWR).value();
+    ASSERT_OK(PWriteAll(fd.get(), std::string(64 * kKiB, 'x'), at));
+    UniqueFd map = OpenFile(tmp() / "lazy/chunks.map", O_RDWR).value();
+    ASSERT_OK(PWriteAll(map.get(), std::string("an-earlier-boot").append(25, '\0'), 64));
+  }
+  auto d = Open(o);
+  ASSERT_NE(d, nullptr);
+  std::string buf(64 * kKiB, 'y');
+  ASSERT_OK(d->Read(at, buf.size(), buf.data()));
+  EXPECT_EQ(buf, std::string(64 * kKiB, '\0'));
+}
+
 TEST_F(LazyTest, AReaderOfTheOldDiskKeepsItWhenTheDiskStartsAfresh) {
   {
     auto d = Open();

@@ -395,9 +395,15 @@ Status LazyDisk::FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& 
       if (rejected.ok()) rejected = InvalidArgument(st.message());
       continue;
     }
+    const uint64_t at = uint64_t{k} << idx.chunk_shift;
     if (!idx.chunks[k].zero) {
-      RETURN_IF_ERROR(PWriteAll(fd_.get(), chunk, uint64_t{k} << idx.chunk_shift)
-                          .Annotate(fmt::format("writing chunk {} of {}", k, options_.label)));
+      RETURN_IF_ERROR(PWriteAll(fd_.get(), chunk, at).Annotate(fmt::format("writing chunk {} of {}", k, options_.label)));
+    } else if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(at),
+                           static_cast<off_t>(idx.ChunkLength(k))) != 0) {
+      // A hole already, unless an earlier boot left other bytes there (the
+      // chunk failed its local check): zeros either way.
+      RETURN_IF_ERROR(PWriteAll(fd_.get(), std::string(idx.ChunkLength(k), '\0'), at)
+                          .Annotate(fmt::format("zeroing chunk {} of {}", k, options_.label)));
     }
     bitmap_.Set(k);
   }
