@@ -16,7 +16,11 @@
 #include "daemon/node.h"
 #include "daemon/resources.h"
 #include "harness/harness.h"
+#include "image/layout.h"
+#include "oci/chunk_index.h"
+#include "store/store.h"
 #include "state/object_store.h"
+#include "util/log.h"
 
 namespace regdisk::testing {
 namespace {
@@ -87,10 +91,10 @@ TEST(DaemonConvertTest, NewVmisCarryTheTemplateOwnerAndGeneration) {
 }
 
 TEST(DaemonConvertTest, ProcessStartTicksNamesOneProcess) {
-  auto mine = daemon::ProcessStartTicks(::getpid());
+  auto mine = ProcessStartTicks(::getpid());
   ASSERT_TRUE(mine);
-  EXPECT_EQ(daemon::ProcessStartTicks(::getpid()), mine);
-  EXPECT_FALSE(daemon::ProcessStartTicks(0x3ffffff));
+  EXPECT_EQ(ProcessStartTicks(::getpid()), mine);
+  EXPECT_FALSE(ProcessStartTicks(0x3ffffff));
 }
 
 class DaemonTest : public TempDirTest {
@@ -147,11 +151,13 @@ class DaemonTest : public TempDirTest {
     return meta["annotations"][key].get<std::string>();
   }
 
-  void StartNode() {
+  void StartNode(bool lazy = false) {
     daemon::NodeOptions o;
     o.root = root_;
     o.store = store_.get();
     o.plan.accel = "auto";
+    o.plan.lazy = lazy;
+    o.plan.lazy_options.export_options.plugin = REGDISK_NBDKIT_PLUGIN;
     o.node_name = "node1";
     o.grace = 1s;
     o.resync = 500ms;
@@ -435,6 +441,161 @@ TEST_F(DaemonTest, AnImageThatIsNotThereYetIsRetriedThenRuns) {
   RunResult r = RunRegdisk({"copy", "docker://" + image_, "docker://" + later});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+}
+
+// Lazy boot in the daemon: the VMs of a replica set boot a chunked image
+// while it fills, from one export; a daemon restart mid-fill hands the
+// export and the fill to the next daemon, and the disk completes.
+class LazyDaemonTest : public DaemonTest {
+ protected:
+  static constexpr size_t kMiB = 1 << 20;
+  void SetUp() override {
+    DaemonTest::SetUp();
+    auto proxy = FaultProxy::Start(reg_->port());
+    ASSERT_OK(proxy);
+    proxy_ = std::move(*proxy);
+    // The guest stays up after printing sector 1; 8 MiB of data behind it
+    // that nothing reads but the fill.
+    raw_ = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+    std::string sector1 = "LAZY-DAEMON-SECTOR";
+    sector1.resize(512, '\0');
+    raw_ += sector1 + "STAY-UP";
+    raw_.resize(kMiB, '\0');
+    raw_ += RandomBytes(8 * kMiB, 11);
+    ASSERT_OK(WriteFileAtomic(tmp() / "lazy.raw", raw_));
+    // Pushed to the registry, pulled through the proxy (which relays
+    // requests one at a time, not uploads).
+    image_ = proxy_->host() + "/vmdisks/lazy:v1";
+    for (const std::string& dest : {"docker://" + reg_->host() + "/vmdisks/lazy:v1", "oci:" + P("lazy.oci") + ":v1"}) {
+      RunResult r = RunRegdisk({"build", P("lazy.raw"), "-t", dest, "--layout", "chunked", "--chunk-size", "64K", "-q"});
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+    }
+    auto layout = image::OciLayout::Open(P("lazy.oci")).value();
+    json manifest = json::parse(layout.ReadBlob(layout.Resolve("v1").value(), 1 << 20).value());
+    layer_ = oci::Descriptor::FromJson(manifest["layers"][0]).value();
+    loc_ = oci::ChunkIndexLocationOf(layer_).value().value();
+    const std::string blob = layout.ReadBlob(layer_, 1 << 28).value();
+    index_ = oci::ParseChunkIndex(blob.substr(loc_.offset, loc_.length), loc_, blob.size()).value();
+  }
+
+  // How often each chunk's frame left the registry: ranges of the layer
+  // the proxy relayed in full.
+  std::vector<int> FrameFetches() const {
+    std::vector<int> n(index_.chunks.size(), 0);
+    for (const auto& s : proxy_->seen()) {
+      unsigned long long a = 0, b = 0;
+      if (s.faulted || s.path.find(layer_.digest.str()) == std::string::npos ||
+          std::sscanf(s.range.c_str(), "bytes=%llu-%llu", &a, &b) != 2 || s.body_bytes != b - a + 1) {
+        continue;
+      }
+      for (size_t k = 0; k < index_.chunks.size(); ++k) {
+        const auto& c = index_.chunks[k];
+        if (c.frame_length > 0 && c.frame_offset >= a && c.frame_offset + c.frame_length - 1 <= b) n[k]++;
+      }
+    }
+    return n;
+  }
+  std::vector<std::string> NbdkitsUnderRoot() {
+    RunResult r = RunProgram({"pgrep", "-f", "nbdkit.*" + (root_ / "lazy").string()});
+    std::vector<std::string> out;
+    for (std::string_view rest = r.out; !rest.empty();) {
+      const size_t eol = rest.find('\n');
+      out.emplace_back(rest.substr(0, eol));
+      rest = eol == std::string_view::npos ? std::string_view() : rest.substr(eol + 1);
+    }
+    return out;
+  }
+  bool Stored() {
+    store::Store st = store::Store::OpenForReading(root_);
+    auto have = st.Lookup(image_, oci::Platform{"linux", "amd64", ""});
+    return have.ok() && have->has_value();
+  }
+  bool ConsoleShows(const json& vmi, const std::string& what) {
+    auto text = ReadFileCapped(root_ / "logs" / ("default_" + vmi["metadata"]["name"].get<std::string>() + ".log"), 1 << 20);
+    return text.ok() && text->find(what) != std::string::npos;
+  }
+  // Every fill request fails while this holds: a range that starts past
+  // the first chunk and before the index (the index, the tar header and
+  // the guest's first read start before or after it).
+  void StallTheFill() {
+    FaultProxy::Rule rule;
+    rule.path_contains = layer_.digest.str();
+    rule.times = 1 << 30;
+    rule.range_from = index_.chunks[1].frame_offset;
+    rule.range_below = loc_.offset;
+    proxy_->AddRule(rule);
+  }
+
+  std::string raw_;
+  std::unique_ptr<FaultProxy> proxy_;
+  oci::Descriptor layer_;
+  oci::ChunkIndexLocation loc_;
+  oci::ChunkIndex index_;
+};
+
+TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
+  if (getenv("REGDISK_TEST_DEBUG")) log::SetLevel(log::Level::kInfo);
+  StallTheFill();
+  StartNode(/*lazy=*/true);
+  CreateReplicaSet("web", 2);
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2);
+  // Both guests read sector 1 through the export, verified.
+  for (const auto& v : RunningVmis()) {
+    EXPECT_TRUE(Eventually([&] { return ConsoleShows(v, "sector1: LAZY-DAEMON-SECTOR"); }))
+        << v["metadata"]["name"] << ": "
+        << ReadFileCapped(root_ / "logs" / ("default_" + v["metadata"]["name"].get<std::string>() + ".log"), 4096)
+               .value_or("(no console log)");
+  }
+  // One export for the two VMs, and the disk is not complete: the fill
+  // cannot fetch while the proxy fails it.
+  std::vector<std::string> nbdkits = NbdkitsUnderRoot();
+  ASSERT_EQ(nbdkits.size(), 1u);
+  EXPECT_FALSE(Stored());
+  const fs::path lazy_dir = root_ / "lazy" / layer_.digest.hex().substr(0, 24);
+  EXPECT_TRUE(fs::exists(lazy_dir / "nbd.sock"));
+
+  // The daemon goes; QEMU and nbdkit stay (a QEMU reading a disk that is
+  // not all there needs its export). The next daemon adopts both.
+  std::map<std::string, pid_t> pids;
+  for (const auto& v : RunningVmis()) pids[v["metadata"]["uid"]] = PidOf(root_, v["metadata"]["uid"]);
+  node_.reset();
+  for (const auto& [uid, pid] : pids) EXPECT_TRUE(Alive(pid)) << uid;
+  EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "nbdkit did not outlive the daemon";
+  StartNode(/*lazy=*/true);
+  proxy_->ClearRules();
+  // The fill resumes in the new daemon and commits the disk.
+  ASSERT_TRUE(Eventually([&] { return Stored(); })) << json(Vmis()).dump(2);
+  EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the export was restarted instead of adopted";
+  auto after = RunningVmis();
+  ASSERT_EQ(after.size(), 2u);
+  for (const auto& v : after) EXPECT_EQ(PidOf(root_, v["metadata"]["uid"]), pids[v["metadata"]["uid"]]);
+  // Each chunk left the registry once: two VMs and two daemons shared
+  // one fetch of it (zero chunks have no frame to fetch).
+  const std::vector<int> fetches = FrameFetches();
+  for (size_t k = 0; k < fetches.size(); ++k) {
+    if (!index_.chunks[k].zero) {
+      EXPECT_EQ(fetches[k], 1) << "chunk " << k;
+    }
+  }
+  fs::path stored;
+  for (const auto& e : fs::recursive_directory_iterator(root_ / "disks")) {
+    if (e.path().filename() == "disk.raw") stored = e.path();
+  }
+  ASSERT_FALSE(stored.empty());
+  RunResult r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", P("lazy.raw"), stored.string()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+
+  // A third replica boots from the store; once the set is gone, so are
+  // the export and its directory.
+  auto rs = store_->Get(kVmirsResource, "default", "web");
+  ASSERT_OK(rs);
+  (*rs)["spec"]["replicas"] = 3;
+  ASSERT_OK(store_->Update(kVmirsResource, *rs));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 3; })) << json(Vmis()).dump(2);
+  ASSERT_OK(store_->Delete(kVmirsResource, "default", "web"));
+  for (const auto& v : Vmis()) ASSERT_OK(store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>()));
+  ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); }));
+  EXPECT_TRUE(Eventually([&] { return !fs::exists(lazy_dir); }));
 }
 
 }  // namespace

@@ -2,12 +2,15 @@
 
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
+#include <cstdio>
 #include <cstring>
 
 #include <fmt/core.h>
@@ -23,6 +26,8 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr std::string_view kPluginName = "nbdkit-regdisk-plugin.so";
+// "PID START_TICKS": the nbdkit an owner with outlive_owner left running.
+constexpr std::string_view kPidRecord = "nbdkit.pid";
 
 Result<UniqueFd> Listen(const fs::path& path) {
   sockaddr_un addr{};
@@ -214,6 +219,11 @@ Result<fs::path> FindNbdkitPlugin() {
 }
 
 Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOptions& o) {
+  if (o.outlive_owner) {
+    // An nbdkit an earlier owner left serving this disk's VMs: take it over.
+    Result<std::unique_ptr<Export>> adopted = Adopt(disk, o);
+    if (adopted.ok() || adopted.status().code() != Code::kNotFound) return adopted;
+  }
   fs::path plugin = o.plugin;
   if (plugin.empty()) {
     ASSIGN_OR_RETURN(plugin, FindNbdkitPlugin());
@@ -222,10 +232,11 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
   const fs::path control_path = dir / "control.sock", nbd_path = dir / "nbd.sock";
   ASSIGN_OR_RETURN(std::unique_ptr<ControlServer> control, ControlServer::Start(disk, control_path, o.workers));
   ::unlink(nbd_path.c_str());
+  ::unlink((dir / kPidRecord).c_str());
   Process::Options po;
   po.stderr_mode = Process::Stdio::kFile;
   po.stderr_file = dir / "nbdkit.log";
-  po.die_with_parent = true;
+  po.die_with_parent = !o.outlive_owner;
   // Every path here is the store's own (digests), never a name from an image.
   const std::vector<std::string> argv = {o.nbdkit,
                                          "--foreground",
@@ -255,15 +266,63 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
     ::usleep(10000);
   }
   ::chmod(nbd_path.c_str(), 0600);
-  return std::unique_ptr<Export>(new Export(nbd_path, std::move(control), std::move(nbdkit)));
+  auto e = std::unique_ptr<Export>(new Export());
+  e->socket_ = nbd_path;
+  e->control_ = std::move(control);
+  e->pid_ = nbdkit.pid();
+  if (o.outlive_owner) {
+    // What a later owner adopts it by: the pid and that process's start time.
+    const std::optional<uint64_t> ticks = ProcessStartTicks(nbdkit.pid());
+    if (!ticks) return Unavailable("nbdkit exited as it started; see " + (dir / "nbdkit.log").string());
+    RETURN_IF_ERROR(WriteFileAtomic(dir / kPidRecord, fmt::format("{} {}\n", nbdkit.pid(), *ticks), 0600));
+  }
+  e->nbdkit_.emplace(std::move(nbdkit));
+  return e;
 }
 
-Export::Export(fs::path socket, std::unique_ptr<ControlServer> control, Process nbdkit)
-    : socket_(std::move(socket)), control_(std::move(control)), nbdkit_(std::move(nbdkit)) {}
+Result<std::unique_ptr<Export>> Export::Adopt(LazyDisk& disk, const ExportOptions& o) {
+  const fs::path dir = disk.dir();
+  Result<std::string> text = ReadFileCapped(dir / kPidRecord, 64);
+  if (!text.ok()) return NotFound("no nbdkit recorded for " + dir.string());
+  unsigned long long pid = 0, ticks = 0;
+  if (std::sscanf(text->c_str(), "%llu %llu", &pid, &ticks) != 2 || pid == 0 || pid > INT32_MAX) {
+    return NotFound("an unreadable nbdkit record in " + dir.string());
+  }
+  // The pidfd first, then the start time: if it still matches, the pidfd
+  // refers to that very process, not to one that reused its pid.
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0)));
+  const std::optional<uint64_t> now_ticks = ProcessStartTicks(static_cast<pid_t>(pid));
+  const fs::path nbd_path = dir / "nbd.sock";
+  if (!pidfd.valid() || now_ticks != ticks || !CanConnect(nbd_path)) {
+    ::unlink((dir / kPidRecord).c_str());
+    return NotFound("the nbdkit recorded for " + dir.string() + " is gone");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<ControlServer> control, ControlServer::Start(disk, dir / "control.sock", o.workers));
+  auto e = std::unique_ptr<Export>(new Export());
+  e->socket_ = nbd_path;
+  e->control_ = std::move(control);
+  e->pidfd_ = std::move(pidfd);
+  e->pid_ = static_cast<pid_t>(pid);
+  e->adopted_ = true;
+  log::Info("serving {} again through its running nbdkit (pid {})", dir.string(), pid);
+  return e;
+}
 
 Export::~Export() {
-  nbdkit_.Terminate(std::chrono::seconds(5));
-  ::unlink(socket_.c_str());
+  if (!released_) {
+    if (nbdkit_) {
+      nbdkit_->Terminate(std::chrono::seconds(5));
+    } else if (pidfd_.valid()) {
+      // Not our child: signal it through its pidfd; its parent reaps it.
+      ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGTERM, nullptr, 0);
+      pollfd p{pidfd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 5000) == 0) ::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
+    }
+    ::unlink(socket_.c_str());
+    ::unlink((socket_.parent_path() / kPidRecord).c_str());
+  } else if (nbdkit_) {
+    nbdkit_->Release();  // it goes on serving; whoever adopts it next may stop it
+  }
   control_.reset();
 }
 

@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -49,6 +50,12 @@ struct ExportOptions {
   std::chrono::seconds deadline{60};
   // How long to wait for nbdkit to listen.
   std::chrono::milliseconds start_timeout{10000};
+  // For the node daemon, whose VMs outlive it: nbdkit is started without a
+  // parent-death signal and recorded in DIR/nbdkit.pid, Release() leaves
+  // it serving, and a later Start on the same disk adopts a live one
+  // (starting only the control server) instead of starting another. Off
+  // (`regdisk run`): nbdkit dies with the thread that started it.
+  bool outlive_owner = false;
 };
 
 // The control server alone: answers the plugin's requests for `disk` on
@@ -89,7 +96,7 @@ class ControlServer {
 class Export {
  public:
   static Result<std::unique_ptr<Export>> Start(LazyDisk& disk, const ExportOptions& options);
-  ~Export();  // nbdkit is stopped first, then the control server
+  ~Export();  // nbdkit is stopped first (unless released), then the control server
   Export(const Export&) = delete;
   Export& operator=(const Export&) = delete;
 
@@ -97,13 +104,27 @@ class Export {
   // The NBD URI QEMU and nbd tools take: nbd+unix:///?socket=PATH
   std::string uri() const;
   uint64_t control_requests() const { return control_->requests(); }
+  pid_t nbdkit_pid() const { return pid_; }
+  // True when Start found this disk's nbdkit running and took it over.
+  bool adopted() const { return adopted_; }
+
+  // With ExportOptions::outlive_owner: leaves nbdkit serving the VMs that
+  // read from it when this object goes (the control server stops; nbdkit's
+  // reads of present chunks go on, and its reads of missing ones wait for
+  // the next owner up to the deadline).
+  void Release() { released_ = true; }
 
  private:
-  Export(std::filesystem::path socket, std::unique_ptr<ControlServer> control, Process nbdkit);
+  Export() = default;
+  static Result<std::unique_ptr<Export>> Adopt(LazyDisk& disk, const ExportOptions& options);
 
   std::filesystem::path socket_;
   std::unique_ptr<ControlServer> control_;
-  Process nbdkit_;
+  std::optional<Process> nbdkit_;  // a child of this process
+  UniqueFd pidfd_;                 // one adopted from an earlier process
+  pid_t pid_ = 0;
+  bool adopted_ = false;
+  bool released_ = false;
 };
 
 // The plugin: $REGDISK_NBDKIT_PLUGIN, else nbdkit-regdisk-plugin.so next to

@@ -19,10 +19,9 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
   p->options_ = std::move(lazy);
   p->max_disk_bytes_ = options.limits.max_file_bytes;
   if (!options.cancel) options.cancel = p->cancel_;
-  options.chunked_puller = [raw = p.get()](image::ImageSource& src, const oci::Descriptor& layer,
-                                           const oci::ChunkIndexLocation& loc, const fs::path&) {
-    return raw->Serve(src, layer, loc);
-  };
+  options.chunked_puller = [raw = p.get()](image::ImageSource& src, const oci::Digest& manifest,
+                                           const oci::Descriptor& layer, const oci::ChunkIndexLocation& loc,
+                                           const fs::path&) { return raw->Serve(src, manifest, layer, loc); };
   p->thread_ = std::thread([raw = p.get(), key = std::move(key), options = std::move(options)] {
     Result<store::StoredImage> r = raw->store_->Pull(*raw->source_, key, options);
     std::lock_guard lock(raw->mu_);
@@ -33,6 +32,7 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
         d.stored = *r;
         d.size = r->disk.virtual_size;
         d.image_path = r->disk_path;
+        d.manifest = r->manifest_digest;
         raw->ready_ = d;
       } else {
         raw->ready_ = r.status();
@@ -44,8 +44,8 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
   return p;
 }
 
-Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::Descriptor& layer,
-                                           const oci::ChunkIndexLocation& loc) {
+Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::Digest& manifest,
+                                           const oci::Descriptor& layer, const oci::ChunkIndexLocation& loc) {
   // Short enough for the unix sockets in its directory (108 bytes with the
   // root); the bitmap inside is keyed by the full index digest.
   const std::string hex = layer.digest.hex().substr(0, 24);
@@ -95,6 +95,7 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
     d.file = disk_->file();
     d.size = size;
     d.image_path = image_path;
+    d.manifest = manifest;
     ready_ = d;
     cv_.notify_all();
   }
@@ -132,6 +133,7 @@ Result<LazyPull::Disk> LazyPull::Ready() {
     d.stored = **result_;
     d.size = d.stored->disk.virtual_size;
     d.image_path = d.stored->disk_path;
+    d.manifest = d.stored->manifest_digest;
     d.arrived = true;
     return d;
   }
@@ -148,6 +150,16 @@ Result<store::StoredImage> LazyPull::Wait() {
   return *result_;
 }
 
+bool LazyPull::Ended() {
+  std::lock_guard lock(mu_);
+  return result_.has_value();
+}
+
+void LazyPull::KeepExport() {
+  std::lock_guard lock(mu_);
+  keep_export_ = true;
+}
+
 LazyPull::~LazyPull() {
   // The fill ends (Serve's wait returns Cancelled, so the pull fails and
   // its thread ends); the export goes once the thread is joined, as no one
@@ -157,12 +169,14 @@ LazyPull::~LazyPull() {
   // Guest reads still waiting on the registry give up before the control
   // server's workers are joined.
   if (disk_) disk_->Stop();
+  if (export_ && keep_export_) export_->Release();
   export_.reset();
   const bool committed = result_.has_value() && result_->ok();
   fs::path dir;
   if (disk_) dir = disk_->dir();
   disk_.reset();
-  if (committed && !dir.empty()) RemoveAll(dir);
+  // A kept export still reads from its directory (the bitmap, the sockets).
+  if (committed && !dir.empty() && !keep_export_) RemoveAll(dir);
 }
 
 }  // namespace regdisk::blockserve

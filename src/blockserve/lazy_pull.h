@@ -56,6 +56,7 @@ class LazyPull {
     std::string image_path;
     std::optional<store::StoredImage> stored;
     bool arrived = false;  // chunked, but complete and committed before boot
+    oci::Digest manifest;  // the image's manifest, the one these bytes are
   };
 
   // Starts pulling `key` from `source` into `store` on a thread of its own.
@@ -76,13 +77,19 @@ class LazyPull {
   Result<Disk> Ready();
   // Waits until the pull ended: the stored disk, or why not.
   Result<store::StoredImage> Wait();
+  // Whether the pull has ended (committed or failed), without waiting.
+  bool Ended();
+  // The export outlives this object (ExportOptions::outlive_owner): nbdkit
+  // keeps serving the VMs that read from it, for the next owner to adopt.
+  // For a daemon that stops while its VMs run on.
+  void KeepExport();
   // The fill, for `images` and tests: nullptr until served.
   const LazyDisk* disk() const { return disk_.get(); }
   const Export* served() const { return export_.get(); }
 
  private:
   LazyPull() = default;
-  Result<store::ChunkedDisk> Serve(image::ImageSource& src, const oci::Descriptor& layer,
+  Result<store::ChunkedDisk> Serve(image::ImageSource& src, const oci::Digest& manifest, const oci::Descriptor& layer,
                                    const oci::ChunkIndexLocation& loc);
 
   std::optional<store::Store> store_;
@@ -98,6 +105,7 @@ class LazyPull {
   std::optional<Result<Disk>> ready_;                      // guarded by mu_
   std::optional<Result<store::StoredImage>> result_;       // guarded by mu_
   bool committing_ = false;                                // guarded by mu_
+  bool keep_export_ = false;                               // guarded by mu_
   std::optional<FileLock> lock_;
   std::unique_ptr<LazyDisk> disk_;
   std::unique_ptr<Export> export_;

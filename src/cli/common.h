@@ -155,6 +155,7 @@ struct ServeFlags {
   std::string node_name;       // --node-name: status.nodeName (default: the host name)
   bool stop_vms = false;       // --stop-vms: stop every VM at exit (default: they keep running)
   bool api_only = false;       // --api-only: serve the API and run no VM or controller
+  bool lazy = true;            // --lazy/--no-lazy: boot chunked images while they fill
 };
 int RunServe(const Globals& g, const ServeFlags& f);
 

@@ -267,6 +267,9 @@ int Main(int argc, char** argv) {
   serve->add_option("--node-name", serve_flags.node_name, "the name VMIs report as status.nodeName (default: the host name)");
   serve->add_flag("--stop-vms", serve_flags.stop_vms,
                   "stop every VM when the daemon exits (default: VMs keep running and the next daemon adopts them)");
+  serve->add_flag("--lazy,!--no-lazy", serve_flags.lazy,
+                  "boot VMs from a chunked image while it is pulled, one export per image shared by the node's VMs "
+                  "(default); --no-lazy pulls every disk in full first");
   serve->add_flag("--api-only", serve_flags.api_only,
                   "serve the API over the store and run no VM and no controller (to inspect or edit a node's state)");
   serve->fallthrough();

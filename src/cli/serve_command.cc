@@ -86,6 +86,7 @@ int RunServe(const Globals& g, const ServeFlags& f) {
   Result<store::DiskTree::Limits> limits = MakeDiskLimits(g);
   if (!limits.ok()) return Fail(limits.status());
   node_options.plan.disk_limits = *limits;
+  node_options.plan.lazy = f.lazy;
   std::unique_ptr<daemon::Node> node;
   if (!f.api_only) {
     Result<std::unique_ptr<daemon::Node>> started = daemon::Node::Start(std::move(node_options));

@@ -38,7 +38,7 @@ nlohmann::json RecordToJson(const InstanceRecord& r) {
   return {{"namespace", r.namespace_}, {"name", r.name}, {"uid", r.uid}, {"qemuPid", r.pid},
           {"qemuStartTicks", r.start_ticks}, {"startedAt", r.started_at}, {"qmpSocket", r.qmp_socket.string()},
           {"consoleSocket", r.console_socket.string()}, {"logFile", r.log_file.string()}, {"ip", r.ip},
-          {"ports", vm::PortsToJson(r.ports)}, {"images", r.images}};
+          {"ports", vm::PortsToJson(r.ports)}, {"images", r.images}, {"lazyImages", r.lazy_images}};
 }
 
 Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& run_dir) {
@@ -61,6 +61,9 @@ Result<InstanceRecord> RecordFromJson(const nlohmann::json& j, const fs::path& r
     for (const auto& [image, digest] : images.items()) {
       if (digest.is_string()) r.images[image] = digest.get<std::string>();
     }
+    for (const auto& image : j.value("lazyImages", nlohmann::json::array())) {
+      if (image.is_string()) r.lazy_images.push_back(image.get<std::string>());
+    }
     if (r.pid <= 1) return InvalidArgument("no QEMU pid");
     return r;
   } catch (const nlohmann::json::exception& e) {
@@ -80,25 +83,6 @@ std::vector<fs::path> ListInstanceDirs(const fs::path& root) {
   }
   std::sort(out.begin(), out.end());
   return out;
-}
-
-std::optional<uint64_t> ProcessStartTicks(pid_t pid) {
-  auto stat = ReadFileCapped("/proc/" + std::to_string(pid) + "/stat", 4096);
-  if (!stat.ok()) return std::nullopt;
-  // "pid (comm) state ppid ..."; comm may hold spaces and parentheses, so
-  // count fields after the last ')': starttime is field 22, the 20th after.
-  size_t close = stat->rfind(')');
-  if (close == std::string::npos) return std::nullopt;
-  std::string_view rest = std::string_view(*stat).substr(close + 1);
-  int field = 2;
-  size_t pos = 0;
-  while (field < 22) {
-    pos = rest.find(' ', pos);
-    if (pos == std::string_view::npos) return std::nullopt;
-    ++pos;
-    ++field;
-  }
-  return std::strtoull(std::string(rest.substr(pos, rest.find(' ', pos) - pos)).c_str(), nullptr, 10);
 }
 
 Result<std::unique_ptr<Instance>> Instance::Launch(vm::VmPlan plan, const LaunchOptions& options) {
@@ -149,6 +133,7 @@ Result<std::unique_ptr<Instance>> Instance::Launch(vm::VmPlan plan, const Launch
   for (const auto& d : plan.disks) {
     if (!d.image.empty() && d.manifest_digest) r.images[d.image] = d.manifest_digest->str();
   }
+  r.lazy_images = plan.lazy_images;
   for (const auto& nic : plan.nics) {
     if (r.ip.empty()) r.ip = nic.GuestAddress();
     r.ports.insert(r.ports.end(), nic.ports.begin(), nic.ports.end());
@@ -164,6 +149,7 @@ Result<std::unique_ptr<Instance>> Instance::Launch(vm::VmPlan plan, const Launch
   }
   qemu.Release();  // reaped through the pidfd (waitid) by Poll
   inst->pidfd_ = std::move(pidfd);
+  inst->lazy_ = std::move(plan.lazy_pulls);
   cleanup.armed = false;
   log::Info("VMI {}/{} started (QEMU pid {})", r.namespace_, r.name, r.pid);
   return inst;

@@ -63,6 +63,10 @@ struct InstanceRecord {
   // Each registry disk's image as the spec names it -> the manifest digest
   // it runs ("sha256:...").
   std::map<std::string, std::string> images;
+  // The images (as the store knows them, digest-pinned) whose disks QEMU
+  // reads from a lazy-boot export while they fill: a restarted daemon
+  // serves them again (blockserve::LazyPool).
+  std::vector<std::string> lazy_images;
 };
 
 struct InstanceExit {
@@ -77,9 +81,6 @@ std::filesystem::path InstanceDir(const std::filesystem::path& root, std::string
 // The instance directories under ROOT/run, whatever their state.
 std::vector<std::filesystem::path> ListInstanceDirs(const std::filesystem::path& root);
 
-// The kernel's start time of `pid` (clock ticks after boot), or nullopt
-// when there is no such process.
-std::optional<uint64_t> ProcessStartTicks(pid_t pid);
 
 class Instance {
  public:
@@ -119,12 +120,18 @@ class Instance {
   // Removes the run directory; QEMU must have exited.
   void Remove();
 
+  // The lazy pulls QEMU's disks read from (InstanceRecord::lazy_images):
+  // held for as long as this object lives. A restarted daemon hands them
+  // back once it has acquired them again.
+  void HoldLazy(std::vector<std::shared_ptr<blockserve::LazyPull>> pulls) { lazy_ = std::move(pulls); }
+
  private:
   Instance() = default;
   InstanceRecord record_;
   UniqueFd pidfd_;
   bool adopted_ = false;
   std::optional<InstanceExit> exit_;
+  std::vector<std::shared_ptr<blockserve::LazyPull>> lazy_;
 };
 
 }  // namespace regdisk::daemon

@@ -19,6 +19,8 @@
 #include "daemon/events.h"
 #include "daemon/instance.h"
 #include "daemon/resources.h"
+#include "image/transport.h"
+#include "store/store.h"
 #include "spec/spec.h"
 #include "util/cancel.h"
 #include "util/log.h"
@@ -78,6 +80,10 @@ uint64_t RandomSeed() {
 }  // namespace
 
 struct Node::Impl {
+  // Lazy boot's pulls and exports, one per image, shared by the VMs that
+  // read from them (each Instance holds its own): destroyed last, after
+  // every Instance has let go.
+  blockserve::LazyPool lazy_pool;
   NodeOptions o;
   state::ObjectStore* store = nullptr;
   c::RandomNameSource names{1};
@@ -101,6 +107,9 @@ struct Node::Impl {
   };
   std::map<std::string, Start> starts;      // by VMI uid; loop thread only
   std::map<std::string, std::thread> stops;  // by VMI uid; loop thread only
+  // Adopted VMs whose disks are served while they fill: their lazy pulls,
+  // acquired again (by VMI uid; loop thread only).
+  std::map<std::string, std::thread> reserves;
   struct Done {
     std::string uid;
     bool is_stop = false;
@@ -109,6 +118,9 @@ struct Node::Impl {
     // and planning took.
     uint64_t pulled_bytes = 0;
     double plan_seconds = 0;
+    // An adopted VM's lazy pulls, acquired again (ReServe).
+    bool is_reserve = false;
+    std::vector<std::shared_ptr<blockserve::LazyPull>> lazy = {};
   };
   std::mutex mu;
   std::deque<Done> done;  // guarded by mu
@@ -514,7 +526,13 @@ struct Node::Impl {
       finished.swap(done);
     }
     for (auto& d : finished) {
-      if (d.is_stop) {
+      if (d.is_reserve) {
+        if (auto it = reserves.find(d.uid); it != reserves.end()) {
+          it->second.join();
+          reserves.erase(it);
+        }
+        if (auto it = instances.find(d.uid); it != instances.end()) it->second->HoldLazy(std::move(d.lazy));
+      } else if (d.is_stop) {
         auto it = stops.find(d.uid);
         if (it != stops.end()) {
           it->second.join();
@@ -524,6 +542,9 @@ struct Node::Impl {
         FinishStart(d);
       }
     }
+    // Lazy pulls whose disk is committed (or that failed) and that no VM
+    // reads from any more: their exports stop.
+    lazy_pool.Sweep();
 
     auto list = ListInstances();
     if (!list.ok()) {
@@ -778,6 +799,34 @@ struct Node::Impl {
     }
   }
 
+  // In a thread of its own: serves an adopted VM's lazily-pulled disks
+  // again (the fill resumes from its bitmap, and the export's running
+  // nbdkit is taken over), and hands the pulls to the VM.
+  void ReServe(const std::string& uid, const std::vector<std::string>& images) {
+    Done d;
+    d.uid = uid;
+    d.is_reserve = true;
+    for (const std::string& key : images) {
+      Result<std::shared_ptr<blockserve::LazyPull>> pull =
+          lazy_pool.Acquire(key + "@" + o.plan.platform.String(), [&]() -> Result<std::unique_ptr<blockserve::LazyPull>> {
+            ASSIGN_OR_RETURN(image::ImageName name, image::ImageName::Parse(key));
+            ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, o.plan.client));
+            store::PullOptions po;
+            po.platform = o.plan.platform;
+            po.limits = o.plan.disk_limits;
+            ASSIGN_OR_RETURN(store::Store st, store::Store::Open(o.root));
+            return blockserve::LazyPull::Start(st, std::move(source), key, po, o.plan.lazy_options);
+          });
+      Status st = pull.ok() ? (*pull)->Ready().status() : pull.status();
+      if (!st.ok()) {
+        log::Warn("serving {} again for VMI {}: {}", key, uid, st.message());
+        continue;
+      }
+      d.lazy.push_back(std::move(*pull));
+    }
+    Post(std::move(d));
+  }
+
   void Adopt() {
     for (const auto& dir : ListInstanceDirs(o.root)) {
       auto inst = Instance::Adopt(dir);
@@ -789,6 +838,9 @@ struct Node::Impl {
       }
       const InstanceRecord& r = (*inst)->record();
       log::Info("adopted VMI {}/{} (QEMU pid {})", r.namespace_, r.name, r.pid);
+      if (!r.lazy_images.empty()) {
+        reserves[r.uid] = std::thread([this, uid = r.uid, images = r.lazy_images] { ReServe(uid, images); });
+      }
       instances[r.uid] = std::move(*inst);
     }
   }
@@ -799,8 +851,10 @@ struct Node::Impl {
     for (auto& [uid, s] : starts) s.cancel->Cancel("the daemon is stopping");
     for (auto& [uid, s] : starts) s.thread.join();
     for (auto& [uid, t] : stops) t.join();
+    for (auto& [uid, t] : reserves) t.join();
     starts.clear();
     stops.clear();
+    reserves.clear();
     std::lock_guard lock(mu);
     done.clear();  // a QEMU a start launched meanwhile keeps running; the next daemon adopts it
   }
@@ -813,6 +867,9 @@ Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
   impl->store = impl->o.store;
   if (impl->o.node_name.empty()) impl->o.node_name = Hostname();
   impl->names = c::RandomNameSource(impl->o.name_seed ? impl->o.name_seed : RandomSeed());
+  // QEMU outlives the daemon, so the exports its disks read from do too.
+  impl->o.plan.lazy_pool = &impl->lazy_pool;
+  impl->o.plan.lazy_options.export_options.outlive_owner = true;
   impl->wake = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!impl->wake.valid()) return ErrnoStatus("creating an eventfd");
   RETURN_IF_ERROR(MakeDirs(impl->o.root / "run"));
@@ -827,7 +884,11 @@ Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
 
 Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Node::~Node() { impl_->Shutdown(); }
+Node::~Node() {
+  impl_->Shutdown();
+  // The VMs keep running, and so do the exports they read from.
+  impl_->lazy_pool.KeepExports();
+}
 
 std::string Node::MetricsText() {
   std::map<std::string, int> phases;

@@ -230,7 +230,7 @@ Status Store::Materialise(image::ImageSource& src, const std::vector<oci::Descri
     chunk_ingest = root_ / "ingest" / key;
     RETURN_IF_ERROR(MakeDirs(chunk_ingest));
     const auto t0 = std::chrono::steady_clock::now();
-    auto d = options.chunked_puller ? options.chunked_puller(src, layers[0], *chunked, chunk_ingest)
+    auto d = options.chunked_puller ? options.chunked_puller(src, manifest, layers[0], *chunked, chunk_ingest)
                                     : PullChunkedLayer(src, layers[0], *chunked, chunk_ingest, co);
     if (d.ok() && d->resumed_chunks > 0) *resumed = true;
     if (progress) {

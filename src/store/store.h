@@ -110,8 +110,10 @@ struct PullOptions {
   // layer, where its index is, and the staging directory, and returns the
   // verified raw disk in a file on the store's file system, which the
   // store then commits as it commits any pull.
-  std::function<Result<ChunkedDisk>(image::ImageSource&, const oci::Descriptor&, const oci::ChunkIndexLocation&,
-                                    const std::filesystem::path&)>
+  // Its arguments: the source, the image's manifest digest, the layer, its
+  // index and the ingest directory the store would use.
+  std::function<Result<ChunkedDisk>(image::ImageSource&, const oci::Digest&, const oci::Descriptor&,
+                                    const oci::ChunkIndexLocation&, const std::filesystem::path&)>
       chunked_puller;
 };
 

@@ -9,7 +9,11 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
+#include <string_view>
 #include <thread>
+
+#include "util/fs.h"
 
 extern char** environ;
 
@@ -325,6 +329,25 @@ void EnsureStdioOpen() {
     int null = ::open("/dev/null", O_RDWR);
     if (null >= 0 && null != fd) ::close(null);
   }
+}
+
+std::optional<uint64_t> ProcessStartTicks(pid_t pid) {
+  auto stat = ReadFileCapped("/proc/" + std::to_string(pid) + "/stat", 4096);
+  if (!stat.ok()) return std::nullopt;
+  // "pid (comm) state ppid ..."; comm may hold spaces and parentheses, so
+  // count fields after the last ')': starttime is field 22, the 20th after.
+  size_t close = stat->rfind(')');
+  if (close == std::string::npos) return std::nullopt;
+  std::string_view rest = std::string_view(*stat).substr(close + 1);
+  int field = 2;
+  size_t pos = 0;
+  while (field < 22) {
+    pos = rest.find(' ', pos);
+    if (pos == std::string_view::npos) return std::nullopt;
+    ++pos;
+    ++field;
+  }
+  return std::strtoull(std::string(rest.substr(pos, rest.find(' ', pos) - pos)).c_str(), nullptr, 10);
 }
 
 }  // namespace regdisk

@@ -104,6 +104,11 @@ class Process {
   UniqueFd in_, out_, err_;
 };
 
+// The kernel's start time of `pid` (clock ticks after boot), or nullopt
+// when there is no such process: with the pid, it names one process (a
+// reused pid has another start time).
+std::optional<uint64_t> ProcessStartTicks(pid_t pid);
+
 // Searches PATH for an executable; empty when not found.
 std::filesystem::path FindExecutable(std::string_view name);
 

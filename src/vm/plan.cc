@@ -104,7 +104,10 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
     };
     auto lazily = [&]() -> Result<ResolvedVolume> {
       // Without nbdkit or regdisk's plugin there is no export: pull in full.
-      Result<fs::path> plugin = blockserve::FindNbdkitPlugin();
+      const fs::path& given = o.lazy_options.export_options.plugin;
+      Result<fs::path> plugin = given.empty() ? blockserve::FindNbdkitPlugin()
+                                : fs::exists(given) ? Result<fs::path>(given)
+                                                    : Result<fs::path>(NotFound(given.string() + " does not exist"));
       const bool have_nbdkit = !FindExecutable(o.lazy_options.export_options.nbdkit).empty();
       if (!plugin.ok() || !have_nbdkit) {
         ASSIGN_OR_RETURN(ResolvedVolume rv, fully());
@@ -113,9 +116,24 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
                   "), so " + Printable(key) + " was pulled in full before boot";
         return rv;
       }
-      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, copts));
-      ASSIGN_OR_RETURN(std::unique_ptr<blockserve::LazyPull> pull,
-                       blockserve::LazyPull::Start(st, std::move(source), key, po, o.lazy_options));
+      auto start = [&]() -> Result<std::unique_ptr<blockserve::LazyPull>> {
+        // A shared pull outlives this VM's start: it ends with its own
+        // token when the pool lets it go, not with this start's.
+        registry::ClientOptions lazy_copts = copts;
+        store::PullOptions lazy_po = po;
+        if (o.lazy_pool != nullptr) {
+          lazy_copts.cancel = nullptr;
+          lazy_po.cancel = nullptr;
+        }
+        ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, lazy_copts));
+        return blockserve::LazyPull::Start(st, std::move(source), key, lazy_po, o.lazy_options);
+      };
+      std::shared_ptr<blockserve::LazyPull> pull;
+      if (o.lazy_pool != nullptr) {
+        ASSIGN_OR_RETURN(pull, o.lazy_pool->Acquire(key + "@" + o.platform.String(), start));
+      } else {
+        ASSIGN_OR_RETURN(pull, start());
+      }
       ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready());
       if (disk.stored) {
         ResolvedVolume rv{key, std::move(*disk.stored), nullptr, {}, {}};
@@ -133,6 +151,7 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
       rv.image.disk_file = disk.file;
       rv.image.disk.format = disk::Format::kRaw;
       rv.image.disk.virtual_size = rv.image.disk.file_size = disk.size;
+      rv.image.manifest_digest = disk.manifest;
       rv.nbd_socket = disk.socket;
       rv.note = Printable(key) + " is booting while it is pulled (lazy boot: chunks are fetched and verified as "
                 "the guest reads them)";
@@ -529,8 +548,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       if (resolved->lazy) {
         // Served while it fills: there is no store disk to lease yet.
         pd.nbd_socket = resolved->nbd_socket;
-        pd.manifest_digest.reset();
         plan.lazy_pulls.push_back(std::move(resolved->lazy));
+        plan.lazy_images.push_back(resolved->key);
       } else if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));

@@ -20,6 +20,7 @@
 #include "util/fs.h"
 #include "util/ipv4.h"
 #include "util/status.h"
+#include "blockserve/lazy_pool.h"
 #include "blockserve/lazy_pull.h"
 #include "vm/cloudinit.h"
 
@@ -100,6 +101,8 @@ struct VmPlan {
   // Disks served while they fill (PlanOptions::lazy): each stops its fill
   // and export when the plan goes, so the plan must outlive QEMU.
   std::vector<std::shared_ptr<blockserve::LazyPull>> lazy_pulls;
+  // The images (as the store knows them) that lazy_pulls serve, in order.
+  std::vector<std::string> lazy_images;
   // What the runner tells the user once, before the console: how each
   // registry disk was pulled when that is not the usual (lazy boot).
   std::vector<std::string> notes;
@@ -131,6 +134,9 @@ struct PlanOptions {
   // images are pulled in full first (and the plan logs so, once).
   bool lazy = false;
   blockserve::LazyPullOptions lazy_options;
+  // Shares one pull and export per image among the plans that use the
+  // pool (the node daemon's VMs); without one, each plan pulls its own.
+  blockserve::LazyPool* lazy_pool = nullptr;
 };
 
 // Pulls what the pull policies ask for and fills in every path. The Secrets

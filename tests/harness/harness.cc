@@ -365,6 +365,11 @@ void FaultProxy::AddRule(Rule r) {
   rules_.push_back(std::move(r));
 }
 
+void FaultProxy::ClearRules() {
+  std::lock_guard<std::mutex> l(mu_);
+  rules_.clear();
+}
+
 std::vector<FaultProxy::Seen> FaultProxy::seen() const {
   std::lock_guard<std::mutex> l(mu_);
   return seen_;
@@ -381,12 +386,17 @@ void FaultProxy::AcceptLoop() {
   }
 }
 
-std::optional<FaultProxy::Rule> FaultProxy::Match(const std::string& method, const std::string& path) {
+std::optional<FaultProxy::Rule> FaultProxy::Match(const std::string& method, const std::string& path,
+                                                  const std::string& range) {
   std::lock_guard<std::mutex> l(mu_);
   for (auto& r : rules_) {
     if (r.times <= 0) continue;
     if (!r.method.empty() && r.method != method) continue;
     if (!r.path_contains.empty() && path.find(r.path_contains) == std::string::npos) continue;
+    if (r.range_from != 0 || r.range_below != 0) {
+      unsigned long long start = 0;
+      if (std::sscanf(range.c_str(), "bytes=%llu-", &start) != 1 || start < r.range_from || start >= r.range_below) continue;
+    }
     --r.times;
     return r;
   }
@@ -459,7 +469,7 @@ void FaultProxy::Serve(int client) {
       body.append(tmp, static_cast<size_t>(n));
     }
     Seen seen{method, path, HeaderValue(head, "range"), false, 0};
-    auto rule = Match(method, path);
+    auto rule = Match(method, path, seen.range);
     auto record = [&] {
       std::lock_guard<std::mutex> l(mu_);
       seen_.push_back(seen);

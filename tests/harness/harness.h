@@ -186,6 +186,9 @@ class FaultProxy {
     std::string retry_after;     // header value, with kStatus
     uint64_t cut_after = 0;      // body bytes, with kCutAfter
     std::chrono::milliseconds stall{0};
+    // Only requests whose Range starts in [range_from, range_below)
+    // ("bytes=N-..."); both 0: any request, with or without a Range.
+    uint64_t range_from = 0, range_below = 0;
   };
   struct Seen {
     std::string method, path, range;
@@ -197,13 +200,14 @@ class FaultProxy {
   ~FaultProxy();
   std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
   void AddRule(Rule r);
+  void ClearRules();
   std::vector<Seen> seen() const;
 
  private:
   FaultProxy() = default;
   void AcceptLoop();
   void Serve(int client_fd);
-  std::optional<Rule> Match(const std::string& method, const std::string& path);
+  std::optional<Rule> Match(const std::string& method, const std::string& path, const std::string& range);
 
   int listen_fd_ = -1;
   int port_ = 0;

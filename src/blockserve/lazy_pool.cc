@@ -1,0 +1,62 @@
+#include "blockserve/lazy_pool.h"
+
+#include <vector>
+
+namespace regdisk::blockserve {
+
+Result<std::shared_ptr<LazyPull>> LazyPool::Acquire(const std::string& key, const StartFn& start) {
+  // Starting takes a moment (no network: the pull runs on its own thread),
+  // so it happens under the lock, and a second caller for the key waits
+  // for the first and shares its pull.
+  std::lock_guard lock(mu_);
+  auto it = pulls_.find(key);
+  if (it != pulls_.end()) {
+    std::shared_ptr<LazyPull>& p = it->second;
+    // An ended pull is reused when it committed (Ready() gives its export or
+    // the stored disk); one that failed is replaced by a fresh attempt.
+    if (!p->Ended() || p->Wait().ok()) return p;
+    if (p.use_count() == 1) pulls_.erase(it);
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<LazyPull> started, start());
+  std::shared_ptr<LazyPull> p = std::move(started);
+  pulls_[key] = p;
+  return p;
+}
+
+size_t LazyPool::Sweep() {
+  std::vector<std::shared_ptr<LazyPull>> ended;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = pulls_.begin(); it != pulls_.end();) {
+      if (it->second.use_count() == 1 && it->second->Ended()) {
+        ended.push_back(std::move(it->second));
+        it = pulls_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  const size_t left = [&] {
+    std::lock_guard lock(mu_);
+    return pulls_.size();
+  }();
+  ended.clear();  // stops their exports, outside the lock
+  return left;
+}
+
+void LazyPool::KeepExports() {
+  std::lock_guard lock(mu_);
+  for (auto& [key, p] : pulls_) {
+    if (p.use_count() > 1) p->KeepExport();
+  }
+}
+
+LazyPool::~LazyPool() {
+  std::map<std::string, std::shared_ptr<LazyPull>> pulls;
+  {
+    std::lock_guard lock(mu_);
+    pulls.swap(pulls_);
+  }
+}
+
+}  // namespace regdisk::blockserve
