@@ -507,7 +507,8 @@ class LazyDaemonTest : public DaemonTest {
   }
   bool Stored() {
     store::Store st = store::Store::OpenForReading(root_);
-    auto have = st.Lookup(image_, oci::Platform{"linux", "amd64", ""});
+    // The store records the reference the pull was given: with its transport.
+    auto have = st.Lookup("docker://" + image_, oci::Platform{"linux", "amd64", ""});
     return have.ok() && have->has_value();
   }
   bool ConsoleShows(const json& vmi, const std::string& what) {

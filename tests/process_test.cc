@@ -7,6 +7,9 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <optional>
+#include <thread>
+
 #include "util/fs.h"
 
 namespace regdisk {
@@ -97,6 +100,51 @@ TEST(ProcessTest, DestructorKillsAndReaps) {
     pid = p->pid();
   }
   EXPECT_EQ(::kill(pid, 0), -1);  // gone, and reaped (not a zombie)
+}
+
+// The ppid of `pid`, from /proc.
+pid_t ParentOf(pid_t pid) {
+  auto status = ReadFileCapped("/proc/" + std::to_string(pid) + "/status", 1 << 16);
+  if (!status.ok()) return -1;
+  const size_t at = status->find("\nPPid:");
+  return at == std::string::npos ? -1 : static_cast<pid_t>(std::atoi(status->c_str() + at + 6));
+}
+
+TEST(ProcessTest, ADetachedChildIsNotOursAndOutlivesTheThreadThatStartedIt) {
+  // setpriv asks for a parent-death signal, as nbdkit does; the thread that
+  // starts it then exits. A detached child was handed to init before it
+  // ran, so that signal refers to init and never comes.
+  std::optional<Process> p;
+  Status started;
+  std::thread([&] {
+    Process::Options o;
+    o.detach = true;
+    auto r = Process::Spawn({"setpriv", "--pdeathsig", "TERM", "--", "sleep", "60"}, o);
+    started = r.status();
+    if (r.ok()) p.emplace(std::move(*r));
+  }).join();
+  ASSERT_TRUE(started.ok()) << started.ToString();
+  ASSERT_GT(p->pid(), 0);
+  EXPECT_NE(ParentOf(p->pid()), ::getpid());
+  EXPECT_NE(ParentOf(p->pid()), -1) << "the detached child is gone";
+  EXPECT_EQ(p->Poll(), std::nullopt);
+  EXPECT_EQ(p->Wait(20ms), std::nullopt);
+  // Terminate works through the pidfd, and the child is gone afterwards.
+  const pid_t pid = p->pid();
+  EXPECT_EQ(p->Terminate(5s), -1);
+  EXPECT_EQ(p->Poll(), -1);
+  EXPECT_NE(ParentOf(pid), ::getpid());
+}
+
+TEST(ProcessTest, ADetachedChildThatCannotStartIsAnError) {
+  Process::Options o;
+  o.detach = true;
+  auto r = Process::Spawn({"/nonexistent/program"}, o);
+  EXPECT_FALSE(r.ok());
+  o.die_with_parent = true;
+  r = Process::Spawn({"true"}, o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
 }
 
 TEST(ProcessTest, ChildInheritsNoDescriptors) {

@@ -236,7 +236,11 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
   Process::Options po;
   po.stderr_mode = Process::Stdio::kFile;
   po.stderr_file = dir / "nbdkit.log";
+  // nbdkit asks for a parent-death signal of its own, so one that is to
+  // outlive us must not be our child (or a child of the thread that
+  // started it) at all.
   po.die_with_parent = !o.outlive_owner;
+  po.detach = o.outlive_owner;
   // Every path here is the store's own (digests), never a name from an image.
   const std::vector<std::string> argv = {o.nbdkit,
                                          "--foreground",
@@ -255,7 +259,8 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
   while (!CanConnect(nbd_path)) {
     if (std::optional<int> code = nbdkit.Poll()) {
       Result<std::string> log_text = ReadFileCapped(dir / "nbdkit.log", 64 << 10);
-      return Unavailable(fmt::format("nbdkit exited with {} before serving {}: {}; see {} for more", *code,
+      return Unavailable(fmt::format("nbdkit exited{} before serving {}: {}; see {} for more",
+                                     *code >= 0 ? fmt::format(" with {}", *code) : std::string(),
                                      nbd_path.string(), LastLogLine(log_text.ok() ? *log_text : ""),
                                      (dir / "nbdkit.log").string()));
     }

@@ -50,8 +50,9 @@ struct ExportOptions {
   std::chrono::seconds deadline{60};
   // How long to wait for nbdkit to listen.
   std::chrono::milliseconds start_timeout{10000};
-  // For the node daemon, whose VMs outlive it: nbdkit is started without a
-  // parent-death signal and recorded in DIR/nbdkit.pid, Release() leaves
+  // For the node daemon, whose VMs outlive it: nbdkit is started detached
+  // (a child of init, not of this process: it sets a parent-death signal
+  // of its own) and recorded in DIR/nbdkit.pid, Release() leaves
   // it serving, and a later Start on the same disk adopts a live one
   // (starting only the control server) instead of starting another. Off
   // (`regdisk run`): nbdkit dies with the thread that started it.

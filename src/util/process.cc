@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -66,6 +67,9 @@ int DecodeWaitStatus(int status) {
 
 Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Options& options) {
   if (argv.empty()) return InvalidArgument("cannot start a process with an empty argv");
+  if (options.detach && options.die_with_parent) {
+    return InvalidArgument("a process cannot both be detached and die with its parent");
+  }
   fs::path exe = FindExecutable(argv[0]);
   if (exe.empty()) {
     return NotFound("program \"" + argv[0] + "\" was not found on PATH; install it or give its full path");
@@ -101,6 +105,10 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
   // exec's errno comes back through this pipe; it closes on a successful exec.
   UniqueFd exec_err_read, exec_err_write;
   RETURN_IF_ERROR(MakePipe(exec_err_read, exec_err_write));
+  // A detached child's pid comes back through this one (it is not the pid
+  // fork returns).
+  UniqueFd detached_pid_read, detached_pid_write;
+  if (options.detach) RETURN_IF_ERROR(MakePipe(detached_pid_read, detached_pid_write));
   // When our own stdio was closed, a descriptor made above can sit on 0, 1
   // or 2, where the child's dup2 calls would clobber it (or, being its own
   // target, keep close-on-exec): each moves above stdio first.
@@ -144,7 +152,24 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
-    if (options.new_process_group && ::setpgid(0, 0) != 0) die(errno);
+    if (options.detach) {
+      // Fork again and let the middle process go; the grandchild waits to
+      // be re-parented before it runs anything, so that a parent-death
+      // signal the program sets refers to init, not to us.
+      const pid_t middle = ::getpid();
+      const pid_t grandchild = ::fork();
+      if (grandchild < 0) die(errno);
+      if (grandchild > 0) ::_exit(0);
+      while (::getppid() == middle) {
+        timespec pause{0, 1000000};
+        ::nanosleep(&pause, nullptr);
+      }
+      if (::setsid() < 0) die(errno);
+      const pid_t self = ::getpid();
+      if (::write(detached_pid_write.get(), &self, sizeof self) != sizeof self) die(errno);
+    } else if (options.new_process_group && ::setpgid(0, 0) != 0) {
+      die(errno);
+    }
     if (options.die_with_parent) {
       if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die(errno);
       if (::getppid() != parent) ::_exit(127);  // the parent is already gone
@@ -168,8 +193,30 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
     die(errno);
   }
   p.pid_ = pid;
-  p.group_ = options.new_process_group;
+  p.group_ = options.new_process_group && !options.detach;
   exec_err_write.reset();
+  if (options.detach) {
+    // The middle process exits at once; then the grandchild names itself.
+    int status;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    p.pid_ = -1;
+    detached_pid_write.reset();
+    pid_t grandchild = -1;
+    ssize_t got;
+    while ((got = ::read(detached_pid_read.get(), &grandchild, sizeof grandchild)) < 0 && errno == EINTR) {
+    }
+    if (got != sizeof grandchild) {
+      int err = 0;
+      if (::read(exec_err_read.get(), &err, sizeof err) == sizeof err) return ErrnoStatus("starting " + argv[0], err);
+      return Internal("starting " + argv[0] + ": the detached child did not report its pid");
+    }
+    // Held before exec can fail: a failed child is then still a zombie of
+    // init's at worst, and the pidfd names it, not a reuse of its pid.
+    p.pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, grandchild, 0)));
+    if (!p.pidfd_.valid()) return ErrnoStatus("opening a pidfd for " + argv[0]);
+    p.pid_ = grandchild;
+  }
   int err = 0;
   ssize_t n;
   while ((n = ::read(exec_err_read.get(), &err, sizeof err)) < 0 && errno == EINTR) {
@@ -183,7 +230,7 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
 }
 
 Process::Process(Process&& o) noexcept
-    : pid_(o.pid_), group_(o.group_), exit_code_(o.exit_code_), in_(std::move(o.in_)),
+    : pid_(o.pid_), group_(o.group_), pidfd_(std::move(o.pidfd_)), exit_code_(o.exit_code_), in_(std::move(o.in_)),
       out_(std::move(o.out_)), err_(std::move(o.err_)) {
   o.pid_ = -1;
 }
@@ -193,6 +240,7 @@ Process& Process::operator=(Process&& o) noexcept {
     if (pid_ > 0 && !exit_code_) Terminate(std::chrono::milliseconds(0));
     pid_ = o.pid_;
     group_ = o.group_;
+    pidfd_ = std::move(o.pidfd_);
     exit_code_ = o.exit_code_;
     in_ = std::move(o.in_);
     out_ = std::move(o.out_);
@@ -209,6 +257,7 @@ Process::~Process() {
 pid_t Process::Release() {
   pid_t pid = pid_;
   pid_ = -1;
+  pidfd_.reset();
   in_.reset();
   out_.reset();
   err_.reset();
@@ -217,6 +266,13 @@ pid_t Process::Release() {
 
 std::optional<int> Process::Poll() {
   if (exit_code_ || pid_ <= 0) return exit_code_;
+  if (pidfd_.valid()) {
+    // Not our child: it has exited when its pidfd is readable; init has
+    // its status.
+    pollfd p{pidfd_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 0) > 0) exit_code_ = -1;
+    return exit_code_;
+  }
   int status;
   pid_t r = ::waitpid(pid_, &status, WNOHANG);
   if (r == pid_) exit_code_ = DecodeWaitStatus(status);
@@ -236,7 +292,9 @@ std::optional<int> Process::Wait(std::chrono::milliseconds timeout) {
 
 void Process::Signal(int sig) {
   if (pid_ <= 0 || exit_code_) return;
-  if (group_) {
+  if (pidfd_.valid()) {
+    ::syscall(SYS_pidfd_send_signal, pidfd_.get(), sig, nullptr, 0);
+  } else if (group_) {
     ::kill(-pid_, sig);
   } else {
     ::kill(pid_, sig);
@@ -249,7 +307,13 @@ int Process::Terminate(std::chrono::milliseconds grace) {
     Signal(SIGTERM);
     Wait(grace);
   }
-  if (!exit_code_) {
+  if (!exit_code_ && pidfd_.valid()) {
+    Signal(SIGKILL);
+    pollfd p{pidfd_.get(), POLLIN, 0};
+    while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+    }
+    exit_code_ = -1;
+  } else if (!exit_code_) {
     Signal(SIGKILL);
     int status;
     while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {

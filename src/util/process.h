@@ -46,6 +46,13 @@ class Process {
     // dies (PR_SET_PDEATHSIG): a supervised child never outlives its
     // supervisor unnoticed.
     bool die_with_parent = false;
+    // The child is handed to init (or the nearest child subreaper) before
+    // it runs the program: it is not our child, outlives us, and a
+    // parent-death signal the program asks for itself (nbdkit does, even
+    // in the foreground) never fires when we go. It leads a new session.
+    // Poll, Wait and Terminate then work through a pidfd, and an exit code
+    // is not known (-1). Not with die_with_parent.
+    bool detach = false;
     // Descriptors the child inherits under the same numbers (say, a lock
     // it must hold for as long as it lives); every other one is closed.
     std::vector<int> inherit_fds;
@@ -100,6 +107,7 @@ class Process {
   Process() = default;
   pid_t pid_ = -1;
   bool group_ = false;
+  UniqueFd pidfd_;  // detached children only
   std::optional<int> exit_code_;
   UniqueFd in_, out_, err_;
 };
