@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <functional>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -29,6 +30,7 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using daemon::kVmiResource;
 using daemon::kVmirsResource;
 using daemon::kVmResource;
@@ -597,6 +599,75 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   for (const auto& v : Vmis()) ASSERT_OK(store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>()));
   ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); }));
   EXPECT_TRUE(Eventually([&] { return !fs::exists(lazy_dir); }));
+}
+
+// The same through the real `regdisk serve`, killed with SIGKILL mid-fill:
+// nothing of the daemon's runs its destructors, yet the QEMUs and the
+// export run on, and the next daemon adopts them and finishes the fill.
+TEST_F(LazyDaemonTest, AKilledDaemonMidFillLeavesTheVmsAndTheirExportRunningAndTheNextOneFinishesIt) {
+  StallTheFill();
+  const std::string socket = P("api.sock");
+  std::optional<Process> serve;
+  auto start_serve = [&] {
+    Process::Options o;
+    o.stderr_mode = Process::Stdio::kFile;
+    o.stderr_file = P("serve.log");
+    auto p = Process::Spawn({REGDISK_BIN, "--root", root_.string(), "serve", "--socket", socket}, o);
+    ASSERT_OK(p);
+    serve.emplace(std::move(*p));
+    ASSERT_TRUE(Eventually([&] {
+      return RunRegdisk({"get", "vmis", "--socket", socket}).exit_code == 0 || serve->Poll().has_value();
+    })) << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
+    ASSERT_FALSE(serve->Poll().has_value()) << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
+  };
+  start_serve();
+  json rs = {{"apiVersion", "kubevirt.io/v1"},
+             {"kind", "VirtualMachineInstanceReplicaSet"},
+             {"metadata", {{"name", "web"}, {"namespace", "default"}}},
+             {"spec", {{"replicas", 2}, {"selector", {{"matchLabels", {{"app", "web"}}}}}, {"template", VmiTemplate()}}}};
+  ASSERT_OK(WriteFileAtomic(P("rs.json"), rs.dump()));
+  RunResult apply = RunRegdisk({"apply", "-f", P("rs.json"), "--socket", socket});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2);
+  for (const auto& v : RunningVmis()) {
+    EXPECT_TRUE(Eventually([&] { return ConsoleShows(v, "sector1: LAZY-DAEMON-SECTOR"); })) << v["metadata"]["name"];
+  }
+  const std::vector<std::string> nbdkits = NbdkitsUnderRoot();
+  ASSERT_EQ(nbdkits.size(), 1u);
+  RunResult images = RunRegdisk({"--root", root_.string(), "images"});
+  EXPECT_THAT(images.out, HasSubstr("filling")) << images.out;
+
+  std::map<std::string, pid_t> pids;
+  for (const auto& v : RunningVmis()) pids[v["metadata"]["uid"]] = PidOf(root_, v["metadata"]["uid"]);
+  serve->Signal(SIGKILL);
+  serve->Wait(10s);
+  serve.reset();
+  for (const auto& [uid, pid] : pids) EXPECT_TRUE(Alive(pid)) << uid;
+  EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "nbdkit did not outlive the killed daemon";
+
+  proxy_->ClearRules();
+  start_serve();
+  ASSERT_TRUE(Eventually([&] { return Stored(); })) << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
+  images = RunRegdisk({"--root", root_.string(), "images"});
+  EXPECT_THAT(images.out, Not(HasSubstr("filling"))) << images.out;
+  EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the export was restarted instead of adopted";
+  std::vector<json> after = RunningVmis();
+  ASSERT_EQ(after.size(), 2u);
+  for (const auto& v : after) EXPECT_EQ(PidOf(root_, v["metadata"]["uid"]), pids[v["metadata"]["uid"]]);
+  const std::vector<int> fetches = FrameFetches();
+  for (size_t k = 0; k < fetches.size(); ++k) {
+    if (!index_.chunks[k].zero) {
+      EXPECT_EQ(fetches[k], 1) << "chunk " << k;
+    }
+  }
+
+  // Deleting the set takes its VMs, then the export and its directory.
+  RunResult del = RunRegdisk({"delete", "-f", P("rs.json"), "--socket", socket});
+  ASSERT_EQ(del.exit_code, 0) << del.err;
+  ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); }))
+      << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
+  EXPECT_TRUE(Eventually([&] { return !fs::exists(root_ / "lazy" / layer_.digest.hex().substr(0, 24)); }));
+  serve->Terminate(10s);
 }
 
 }  // namespace
