@@ -119,6 +119,7 @@ class DaemonTest : public TempDirTest {
   void TearDown() override {
     if (node_) node_->StopAllVms();
     node_.reset();
+    if (serve_) serve_->Terminate(10s);
     RunProgram({"pkill", "-KILL", "-f", (root_ / "run").string()});  // whatever a failed test left
     TempDirTest::TearDown();
   }
@@ -213,6 +214,43 @@ class DaemonTest : public TempDirTest {
     return json::parse(*text).value("qemuPid", 0);
   }
   static bool Alive(pid_t pid) { return pid > 0 && ::kill(pid, 0) == 0; }
+
+  // The real `regdisk serve` on root_, its API on socket(), its log in
+  // serve.log; returns once it answers.
+  std::string socket() const { return P("api.sock"); }
+  void StartServe(const std::vector<std::string>& extra = {}) {
+    Process::Options o;
+    o.stderr_mode = Process::Stdio::kFile;
+    o.stderr_file = P("serve.log");
+    std::vector<std::string> argv = {REGDISK_BIN, "--root", root_.string(), "serve", "--socket", socket()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto p = Process::Spawn(argv, o);
+    ASSERT_OK(p);
+    serve_.emplace(std::move(*p));
+    ASSERT_TRUE(Eventually([&] {
+      return RunRegdisk({"get", "vmis", "--socket", socket()}).exit_code == 0 || serve_->Poll().has_value();
+    })) << ServeLog();
+    ASSERT_FALSE(serve_->Poll().has_value()) << ServeLog();
+  }
+  void KillServe() {
+    serve_->Signal(SIGKILL);
+    serve_->Wait(10s);
+    serve_.reset();
+  }
+  std::string ServeLog() const { return ReadFileCapped(P("serve.log"), 1 << 16).value_or("(no log)"); }
+  // A replica set of `replicas` VMIs of VmiTemplate(), applied with the
+  // client through the socket; the file it applied.
+  std::string ApplyReplicaSet(const std::string& name, int replicas) {
+    json rs = {{"apiVersion", "kubevirt.io/v1"},
+               {"kind", "VirtualMachineInstanceReplicaSet"},
+               {"metadata", {{"name", name}, {"namespace", "default"}}},
+               {"spec", {{"replicas", replicas}, {"selector", {{"matchLabels", {{"app", "web"}}}}}, {"template", VmiTemplate()}}}};
+    const std::string file = P(name + ".json");
+    EXPECT_OK(WriteFileAtomic(file, rs.dump()));
+    RunResult apply = RunRegdisk({"apply", "-f", file, "--socket", socket()});
+    EXPECT_EQ(apply.exit_code, 0) << apply.err;
+    return file;
+  }
   int QemusUnderRoot() {
     RunResult r = RunProgram({"pgrep", "-f", (root_ / "run").string()});
     int n = 0;
@@ -222,6 +260,7 @@ class DaemonTest : public TempDirTest {
 
   fs::path root_;
   std::string image_;
+  std::optional<Process> serve_;
   std::unique_ptr<TestRegistry> reg_;
   std::unique_ptr<state::ObjectStore> store_;
   std::unique_ptr<daemon::Node> node_;
@@ -448,6 +487,65 @@ TEST_F(DaemonTest, AnImageThatIsNotThereYetIsRetriedThenRuns) {
 // Lazy boot in the daemon: the VMs of a replica set boot a chunked image
 // while it fills, from one export; a daemon restart mid-fill hands the
 // export and the fill to the next daemon, and the disk completes.
+// The real `regdisk serve`, killed with SIGKILL while one VM runs and
+// another VM's pull hangs mid-blob: the next daemon adopts the running VM
+// (same QEMU, still Running) and pulls the other image again, which runs.
+TEST_F(DaemonTest, AKilledDaemonWithAPullInFlightKeepsItsVmAndTheNextOneFinishesThePull) {
+  auto proxy = FaultProxy::Start(reg_->port());
+  ASSERT_OK(proxy);
+  StartServe({"--no-lazy"});
+  const std::string rs = ApplyReplicaSet("web", 1);
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << ServeLog();
+  const json web = RunningVmis()[0];
+  const std::string web_uid = web["metadata"]["uid"];
+  const pid_t web_pid = PidOf(root_, web_uid);
+  ASSERT_TRUE(Alive(web_pid));
+
+  // Another image, whose blobs hang in the proxy.
+  image_ = reg_->host() + "/vmdisks/halt:v2";
+  PushGuest("v2");
+  image_ = (*proxy)->host() + "/vmdisks/halt:v2";
+  FaultProxy::Rule hang;
+  hang.path_contains = "/blobs/";
+  hang.action = FaultProxy::Rule::Action::kStall;
+  hang.stall = 600s;
+  hang.times = 1 << 30;
+  (*proxy)->AddRule(hang);
+  json slow = {{"apiVersion", "kubevirt.io/v1"},
+               {"kind", "VirtualMachineInstance"},
+               {"metadata", {{"name", "slow"}, {"namespace", "default"}}},
+               {"spec", VmiTemplate()["spec"]}};
+  ASSERT_OK(WriteFileAtomic(P("slow.json"), slow.dump()));
+  RunResult apply = RunRegdisk({"apply", "-f", P("slow.json"), "--socket", socket()});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  auto pulling = [&] {
+    for (const auto& r : (*proxy)->seen()) {
+      if (r.path.find("/blobs/") != std::string::npos) return true;
+    }
+    return false;
+  };
+  ASSERT_TRUE(Eventually(pulling)) << ServeLog();
+  EXPECT_EQ(RunningVmis().size(), 1u);
+
+  KillServe();
+  EXPECT_TRUE(Alive(web_pid));
+  (*proxy)->ClearRules();
+  StartServe({"--no-lazy"});
+  // The adopted VM did not change: same QEMU, Running throughout.
+  auto web_now = store_->Get(kVmiResource, "default", web["metadata"]["name"].get<std::string>());
+  ASSERT_OK(web_now);
+  EXPECT_EQ((*web_now)["status"].value("phase", ""), "Running");
+  EXPECT_EQ(PidOf(root_, web_uid), web_pid);
+  // The pull the killed daemon left is made again, and its VM runs.
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2) << ServeLog();
+  EXPECT_EQ(PidOf(root_, web_uid), web_pid);
+  EXPECT_TRUE(Alive(web_pid));
+
+  ASSERT_EQ(RunRegdisk({"delete", "-f", rs, "--socket", socket()}).exit_code, 0);
+  ASSERT_EQ(RunRegdisk({"delete", "-f", P("slow.json"), "--socket", socket()}).exit_code, 0);
+  EXPECT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && Vmis().empty(); })) << ServeLog();
+}
+
 class LazyDaemonTest : public DaemonTest {
  protected:
   static constexpr size_t kMiB = 1 << 20;
@@ -606,28 +704,8 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
 // export run on, and the next daemon adopts them and finishes the fill.
 TEST_F(LazyDaemonTest, AKilledDaemonMidFillLeavesTheVmsAndTheirExportRunningAndTheNextOneFinishesIt) {
   StallTheFill();
-  const std::string socket = P("api.sock");
-  std::optional<Process> serve;
-  auto start_serve = [&] {
-    Process::Options o;
-    o.stderr_mode = Process::Stdio::kFile;
-    o.stderr_file = P("serve.log");
-    auto p = Process::Spawn({REGDISK_BIN, "--root", root_.string(), "serve", "--socket", socket}, o);
-    ASSERT_OK(p);
-    serve.emplace(std::move(*p));
-    ASSERT_TRUE(Eventually([&] {
-      return RunRegdisk({"get", "vmis", "--socket", socket}).exit_code == 0 || serve->Poll().has_value();
-    })) << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
-    ASSERT_FALSE(serve->Poll().has_value()) << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
-  };
-  start_serve();
-  json rs = {{"apiVersion", "kubevirt.io/v1"},
-             {"kind", "VirtualMachineInstanceReplicaSet"},
-             {"metadata", {{"name", "web"}, {"namespace", "default"}}},
-             {"spec", {{"replicas", 2}, {"selector", {{"matchLabels", {{"app", "web"}}}}}, {"template", VmiTemplate()}}}};
-  ASSERT_OK(WriteFileAtomic(P("rs.json"), rs.dump()));
-  RunResult apply = RunRegdisk({"apply", "-f", P("rs.json"), "--socket", socket});
-  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  StartServe();
+  const std::string rs = ApplyReplicaSet("web", 2);
   ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2);
   for (const auto& v : RunningVmis()) {
     EXPECT_TRUE(Eventually([&] { return ConsoleShows(v, "sector1: LAZY-DAEMON-SECTOR"); })) << v["metadata"]["name"];
@@ -639,15 +717,13 @@ TEST_F(LazyDaemonTest, AKilledDaemonMidFillLeavesTheVmsAndTheirExportRunningAndT
 
   std::map<std::string, pid_t> pids;
   for (const auto& v : RunningVmis()) pids[v["metadata"]["uid"]] = PidOf(root_, v["metadata"]["uid"]);
-  serve->Signal(SIGKILL);
-  serve->Wait(10s);
-  serve.reset();
+  KillServe();
   for (const auto& [uid, pid] : pids) EXPECT_TRUE(Alive(pid)) << uid;
   EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "nbdkit did not outlive the killed daemon";
 
   proxy_->ClearRules();
-  start_serve();
-  ASSERT_TRUE(Eventually([&] { return Stored(); })) << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
+  StartServe();
+  ASSERT_TRUE(Eventually([&] { return Stored(); })) << ServeLog();
   images = RunRegdisk({"--root", root_.string(), "images"});
   EXPECT_THAT(images.out, Not(HasSubstr("filling"))) << images.out;
   EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the export was restarted instead of adopted";
@@ -662,12 +738,10 @@ TEST_F(LazyDaemonTest, AKilledDaemonMidFillLeavesTheVmsAndTheirExportRunningAndT
   }
 
   // Deleting the set takes its VMs, then the export and its directory.
-  RunResult del = RunRegdisk({"delete", "-f", P("rs.json"), "--socket", socket});
+  RunResult del = RunRegdisk({"delete", "-f", rs, "--socket", socket()});
   ASSERT_EQ(del.exit_code, 0) << del.err;
-  ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); }))
-      << ReadFileCapped(P("serve.log"), 1 << 16).value_or("");
+  ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); })) << ServeLog();
   EXPECT_TRUE(Eventually([&] { return !fs::exists(root_ / "lazy" / layer_.digest.hex().substr(0, 24)); }));
-  serve->Terminate(10s);
 }
 
 }  // namespace
