@@ -652,6 +652,11 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   std::vector<std::string> nbdkits = NbdkitsUnderRoot();
   ASSERT_EQ(nbdkits.size(), 1u);
   EXPECT_FALSE(Stored());
+  // /metrics: one export, one fill, with chunks still missing.
+  const std::string metrics = node_->MetricsText();
+  EXPECT_THAT(metrics, HasSubstr("\nregdisk_lazy_exports 1\n"));
+  EXPECT_THAT(metrics, HasSubstr("\nregdisk_lazy_fills 1\n"));
+  EXPECT_THAT(metrics, Not(HasSubstr("regdisk_lazy_chunks{state=\"missing\"} 0\n")));
   const fs::path lazy_dir = root_ / "lazy" / layer_.digest.hex().substr(0, 24);
   EXPECT_TRUE(fs::exists(lazy_dir / "nbd.sock"));
 
@@ -667,6 +672,8 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   // The fill resumes in the new daemon and commits the disk.
   ASSERT_TRUE(Eventually([&] { return Stored(); })) << json(Vmis()).dump(2);
   EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the export was restarted instead of adopted";
+  EXPECT_TRUE(Eventually([&] { return node_->MetricsText().find("\nregdisk_lazy_fills 0\n") != std::string::npos; }))
+      << node_->MetricsText();
   auto after = RunningVmis();
   ASSERT_EQ(after.size(), 2u);
   for (const auto& v : after) EXPECT_EQ(PidOf(root_, v["metadata"]["uid"]), pids[v["metadata"]["uid"]]);

@@ -44,6 +44,26 @@ size_t LazyPool::Sweep() {
   return left;
 }
 
+LazyPool::Stats LazyPool::stats() {
+  std::vector<std::shared_ptr<LazyPull>> pulls;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [key, p] : pulls_) pulls.push_back(p);
+  }
+  Stats s;
+  for (const auto& p : pulls) {
+    const LazyPull::Progress g = p->progress();
+    s.exports += g.serving;
+    s.fetched_bytes += g.fetched_bytes;
+    if (!g.ended) {
+      ++s.filling;
+      s.present += g.present;
+      s.missing += g.chunks - g.present;
+    }
+  }
+  return s;
+}
+
 void LazyPool::KeepExports() {
   std::lock_guard lock(mu_);
   for (auto& [key, p] : pulls_) {

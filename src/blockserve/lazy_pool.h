@@ -45,6 +45,15 @@ class LazyPool {
   // failed) and that nobody else holds. Returns how many remain.
   size_t Sweep();
 
+  // The node's lazy pulls at a glance, for /metrics.
+  struct Stats {
+    uint64_t exports = 0;  // exports serving VMs now
+    uint64_t filling = 0;  // pulls not yet committed (or failed)
+    uint64_t present = 0, missing = 0;  // chunks of the filling ones
+    uint64_t fetched_bytes = 0;         // by the pulls the pool holds
+  };
+  Stats stats();
+
   // Every pull that someone besides the pool holds (a running VM) leaves
   // its export serving when it goes (LazyPull::KeepExport): call before a
   // daemon that leaves its VMs running exits.

@@ -150,6 +150,19 @@ Result<store::StoredImage> LazyPull::Wait() {
   return *result_;
 }
 
+LazyPull::Progress LazyPull::progress() {
+  std::lock_guard lock(mu_);
+  Progress p;
+  p.ended = result_.has_value();
+  p.serving = export_ != nullptr;
+  if (disk_) {
+    p.present = disk_->present();
+    p.chunks = disk_->index().chunks.size();
+    p.fetched_bytes = disk_->fetched_bytes();
+  }
+  return p;
+}
+
 bool LazyPull::Ended() {
   std::lock_guard lock(mu_);
   return result_.has_value();

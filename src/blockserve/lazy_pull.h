@@ -73,7 +73,8 @@ class LazyPull {
 
   // Waits until the disk can be booted from, or the pull failed. The first
   // call starts the export, tied to the calling thread (nbdkit dies with
-  // it): call it from the thread that runs the VM.
+  // it) unless ExportOptions::outlive_owner: call it from the thread that
+  // runs the VM.
   Result<Disk> Ready();
   // Waits until the pull ended: the stored disk, or why not.
   Result<store::StoredImage> Wait();
@@ -83,6 +84,15 @@ class LazyPull {
   // keeps serving the VMs that read from it, for the next owner to adopt.
   // For a daemon that stops while its VMs run on.
   void KeepExport();
+  // Where the fill stands, for metrics; all zero until the disk is served.
+  // Thread-safe.
+  struct Progress {
+    uint64_t present = 0, chunks = 0;  // chunks verified, of all
+    uint64_t fetched_bytes = 0;        // from the registry, by this pull
+    bool serving = false;              // an export is up
+    bool ended = false;                // committed or failed
+  };
+  Progress progress();
   // The fill, for `images` and tests: nullptr until served.
   const LazyDisk* disk() const { return disk_.get(); }
   const Export* served() const { return export_.get(); }

@@ -903,6 +903,7 @@ std::string Node::MetricsText() {
       phases[phase.empty() ? "Pending" : phase]++;
     }
   }
+  const blockserve::LazyPool::Stats lazy = impl_->lazy_pool.stats();  // before m.mu: no lock held across both
   auto& m = impl_->metrics;
   std::lock_guard lock(m.mu);
   std::string out;
@@ -926,6 +927,15 @@ std::string Node::MetricsText() {
   for (const char* r : {"succeeded", "failed"}) {
     out += fmt::format("regdisk_vmi_exits_total{{result=\"{}\"}} {}\n", r, m.exits.count(r) ? m.exits.at(r) : 0);
   }
+  out += fmt::format("# HELP regdisk_lazy_exports Lazily-pulled disks served to VMs over NBD now.\n"
+                     "# TYPE regdisk_lazy_exports gauge\nregdisk_lazy_exports {}\n", lazy.exports);
+  out += fmt::format("# HELP regdisk_lazy_fills Lazy pulls still filling in the background.\n"
+                     "# TYPE regdisk_lazy_fills gauge\nregdisk_lazy_fills {}\n", lazy.filling);
+  out += fmt::format("# HELP regdisk_lazy_chunks Chunks of the disks still filling, by state.\n"
+                     "# TYPE regdisk_lazy_chunks gauge\nregdisk_lazy_chunks{{state=\"present\"}} {}\n"
+                     "regdisk_lazy_chunks{{state=\"missing\"}} {}\n", lazy.present, lazy.missing);
+  out += fmt::format("# HELP regdisk_lazy_fetched_bytes Bytes the lazy pulls the node holds fetched from registries.\n"
+                     "# TYPE regdisk_lazy_fetched_bytes gauge\nregdisk_lazy_fetched_bytes {}\n", lazy.fetched_bytes);
   return out;
 }
 
