@@ -595,6 +595,23 @@ class LazyDaemonTest : public DaemonTest {
     }
     return n;
   }
+  // The running VMIs are those of `pids` (uid -> QEMU pid), with the same
+  // QEMUs, and each chunk left the registry once: the VMs and the daemons
+  // shared one fetch of it (zero chunks have no frame to fetch).
+  void ExpectTheSameVmsAndOneFetchPerChunk(const std::map<std::string, pid_t>& pids) {
+    std::vector<json> running = RunningVmis();
+    EXPECT_EQ(running.size(), pids.size());
+    for (const auto& v : running) {
+      const std::string uid = v["metadata"]["uid"];
+      EXPECT_EQ(PidOf(root_, uid), pids.count(uid) ? pids.at(uid) : -1) << uid;
+    }
+    const std::vector<int> fetches = FrameFetches();
+    for (size_t k = 0; k < fetches.size(); ++k) {
+      if (!index_.chunks[k].zero) {
+        EXPECT_EQ(fetches[k], 1) << "chunk " << k;
+      }
+    }
+  }
   std::vector<std::string> NbdkitsUnderRoot() {
     RunResult r = RunProgram({"pgrep", "-f", "nbdkit.*" + (root_ / "lazy").string()});
     std::vector<std::string> out;
@@ -674,17 +691,7 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the export was restarted instead of adopted";
   EXPECT_TRUE(Eventually([&] { return node_->MetricsText().find("\nregdisk_lazy_fills 0\n") != std::string::npos; }))
       << node_->MetricsText();
-  auto after = RunningVmis();
-  ASSERT_EQ(after.size(), 2u);
-  for (const auto& v : after) EXPECT_EQ(PidOf(root_, v["metadata"]["uid"]), pids[v["metadata"]["uid"]]);
-  // Each chunk left the registry once: two VMs and two daemons shared
-  // one fetch of it (zero chunks have no frame to fetch).
-  const std::vector<int> fetches = FrameFetches();
-  for (size_t k = 0; k < fetches.size(); ++k) {
-    if (!index_.chunks[k].zero) {
-      EXPECT_EQ(fetches[k], 1) << "chunk " << k;
-    }
-  }
+  ExpectTheSameVmsAndOneFetchPerChunk(pids);
   fs::path stored;
   for (const auto& e : fs::recursive_directory_iterator(root_ / "disks")) {
     if (e.path().filename() == "disk.raw") stored = e.path();
@@ -734,15 +741,7 @@ TEST_F(LazyDaemonTest, AKilledDaemonMidFillLeavesTheVmsAndTheirExportRunningAndT
   images = RunRegdisk({"--root", root_.string(), "images"});
   EXPECT_THAT(images.out, Not(HasSubstr("filling"))) << images.out;
   EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the export was restarted instead of adopted";
-  std::vector<json> after = RunningVmis();
-  ASSERT_EQ(after.size(), 2u);
-  for (const auto& v : after) EXPECT_EQ(PidOf(root_, v["metadata"]["uid"]), pids[v["metadata"]["uid"]]);
-  const std::vector<int> fetches = FrameFetches();
-  for (size_t k = 0; k < fetches.size(); ++k) {
-    if (!index_.chunks[k].zero) {
-      EXPECT_EQ(fetches[k], 1) << "chunk " << k;
-    }
-  }
+  ExpectTheSameVmsAndOneFetchPerChunk(pids);
 
   // Deleting the set takes its VMs, then the export and its directory.
   RunResult del = RunRegdisk({"delete", "-f", rs, "--socket", socket()});
