@@ -33,7 +33,7 @@ std::string Text(const YAML::Node& map, const std::string& key) {
 Result<Endpoint> LoadKubeconfig(const fs::path& path) {
   const std::string where = "kubeconfig " + Printable(path.string());
   auto text = ReadFileCapped(path, 4 << 20);
-  if (!text.ok()) return InvalidArgument(where + ": " + text.status().message());
+  if (!text.ok()) return InvalidArgument("cannot read the kubeconfig: " + text.status().message());
   YAML::Node root;
   try {
     root = YAML::Load(*text);
