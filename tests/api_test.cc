@@ -29,6 +29,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "api/credentials.h"
 #include "api/kube_api.h"
 #include "api/table.h"
 #include "harness/harness.h"
@@ -67,6 +68,7 @@ struct CallOptions {
   std::string https_base;   // "https://127.0.0.1:PORT"
   std::string ca_file;
   std::string token;
+  std::string cert_file, key_file;  // a client certificate (PEM)
   bool chunked = false;     // send the body without Content-Length
   long timeout_seconds = 60;
 };
@@ -91,6 +93,8 @@ HttpResult Call(const CallOptions& o) {
   curl_easy_setopt(c, CURLOPT_URL, url.c_str());
   if (!o.unix_socket.empty()) curl_easy_setopt(c, CURLOPT_UNIX_SOCKET_PATH, o.unix_socket.c_str());
   if (!o.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, o.ca_file.c_str());
+  if (!o.cert_file.empty()) curl_easy_setopt(c, CURLOPT_SSLCERT, o.cert_file.c_str());
+  if (!o.key_file.empty()) curl_easy_setopt(c, CURLOPT_SSLKEY, o.key_file.c_str());
   curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, o.method.c_str());
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, Append);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &r.body);
@@ -211,7 +215,7 @@ class ApiServerTest : public TempDirTest {
     CallOptions o;
     o.path = path;
     o.https_base = "https://127.0.0.1:" + std::to_string(port_);
-    o.ca_file = P("root/api/tls.crt");
+    o.ca_file = P("root/api/ca.crt");
     return o;
   }
 
@@ -232,18 +236,26 @@ TEST_F(ApiServerTest, SocketKubeconfigAndCredentialsAreOwnerOnlyAndSurviveAResta
   EXPECT_EQ(Mode(P("api.sock")), 0600u);
   EXPECT_EQ(Mode(P("root/kubeconfig")), 0600u);
   EXPECT_EQ(Mode(P("root/api")), 0700u);
-  for (const char* f : {"root/api/token", "root/api/tls.key", "root/api/tls.crt"}) EXPECT_EQ(Mode(P(f)), 0600u) << f;
+  for (const char* f : {"root/api/token", "root/api/tls.key", "root/api/tls.crt", "root/api/ca.key", "root/api/ca.crt",
+                        "root/api/client.key", "root/api/client.crt"}) {
+    EXPECT_EQ(Mode(P(f)), 0600u) << f;
+  }
   std::string kubeconfig = ReadFileCapped(P("root/kubeconfig"), 1 << 20).value();
   EXPECT_THAT(kubeconfig, HasSubstr("server: https://127.0.0.1:" + std::to_string(port_) + "\n"));
   EXPECT_THAT(kubeconfig, HasSubstr("token: " + token_ + "\n"));
+  EXPECT_THAT(kubeconfig, Not(HasSubstr("client-key-data")));  // token is the default
   EXPECT_THAT(ReadFileCapped(log_, 1 << 20).value(), Not(HasSubstr(token_)));
   ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("keep")).code, 201);
 
   EXPECT_EQ(StopServer(), 0);
   EXPECT_FALSE(fs::exists(P("api.sock")));  // removed on SIGTERM
   const std::string old_token = token_;
+  const std::string old_ca = ReadFileCapped(P("root/api/ca.crt"), 1 << 20).value();
+  const std::string old_cert = ReadFileCapped(P("root/api/tls.crt"), 1 << 20).value();
   StartServer();
   EXPECT_EQ(token_, old_token);
+  EXPECT_EQ(ReadFileCapped(P("root/api/ca.crt"), 1 << 20).value(), old_ca);
+  EXPECT_EQ(ReadFileCapped(P("root/api/tls.crt"), 1 << 20).value(), old_cert);
   HttpResult got = Socket("GET", std::string(kVmisPath) + "/keep");
   EXPECT_EQ(got.code, 200) << got.body;
   EXPECT_EQ(got.Json()["metadata"]["name"], "keep");
@@ -252,6 +264,19 @@ TEST_F(ApiServerTest, SocketKubeconfigAndCredentialsAreOwnerOnlyAndSurviveAResta
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_EQ(r.out, "virtualmachineinstance.kubevirt.io/keep\n");
   }
+  // A root from before the CA (its tls.crt self-signed) gets a CA, and
+  // certificates it signed, at the next start; the token stays.
+  EXPECT_EQ(StopServer(), 0);
+  fs::remove(P("root/api/ca.crt"));
+  fs::remove(P("root/api/ca.key"));
+  StartServer();
+  EXPECT_EQ(token_, old_token);
+  EXPECT_NE(ReadFileCapped(P("root/api/ca.crt"), 1 << 20).value(), old_ca);
+  EXPECT_NE(ReadFileCapped(P("root/api/tls.crt"), 1 << 20).value(), old_cert);
+  CallOptions o = Tls(std::string(kVmisPath) + "/keep");
+  o.token = token_;
+  HttpResult again = Call(o);
+  EXPECT_EQ(again.code, 200) << again.body << curl_easy_strerror(again.curl);
 }
 
 TEST_F(ApiServerTest, ASecondServeOnTheSameRootIsRefused) {
@@ -461,6 +486,33 @@ TEST_F(ApiServerTest, WatchResumesFromAResourceVersionOneEventPerLine) {
   EXPECT_EQ(events[0]["object"]["metadata"]["name"], "b");
   EXPECT_EQ(events[1]["type"], "DELETED");
   EXPECT_EQ(events[1]["object"]["metadata"]["name"], "a");
+}
+
+TEST_F(ApiServerTest, AWatchOnStatusPhaseSeesObjectsEnterAndLeaveTheSelection) {
+  HttpResult a = Socket("POST", kVmisPath, VmiJson("a"));
+  ASSERT_EQ(a.code, 201);
+  const std::string rv = a.Json()["metadata"]["resourceVersion"];
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("b")).code, 201);
+  for (const char* phase : {"Running", "Failed"}) {
+    HttpResult r = Socket("PATCH", std::string(kVmisPath) + "/a/status",
+                          std::string(R"({"status":{"phase":")") + phase + "\"}}", "application/merge-patch+json");
+    ASSERT_EQ(r.code, 200) << r.body;
+  }
+  CallOptions o;
+  o.unix_socket = P("api.sock");
+  o.path = std::string(kVmisPath) + "?watch=1&timeoutSeconds=1&fieldSelector=status.phase%3DRunning&resourceVersion=" + rv;
+  HttpResult w = Call(o);
+  ASSERT_EQ(w.code, 200) << w.body;
+  std::vector<std::string> events;
+  std::istringstream lines(w.body);
+  for (std::string line; std::getline(lines, line);) {
+    json ev = json::parse(line);
+    events.push_back(ev["type"].get<std::string>() + " " + ev["object"]["metadata"]["name"].get<std::string>());
+  }
+  // b never runs; a enters the selection (ADDED), then leaves it (DELETED).
+  EXPECT_EQ(events, (std::vector<std::string>{"ADDED a", "DELETED a"})) << w.body;
+  HttpResult list = Socket("GET", std::string(kVmisPath) + "?fieldSelector=status.phase%21%3DRunning");
+  EXPECT_EQ(list.Json()["items"].size(), 2u) << list.body;
 }
 
 // --- kubectl --------------------------------------------------------------
@@ -1063,6 +1115,167 @@ TEST_F(ClientTest, AnUnreachableDaemonAndBadUsageAreOneLineErrors) {
   RunResult file = Client({"apply", "-f", P("absent.yaml")});
   EXPECT_EQ(file.exit_code, 2);
   EXPECT_EQ(Client({"delete", "vmis"}).exit_code, 2);
+}
+
+TEST_F(ClientTest, AKubeconfigTakesTheClientCommandsToTheTlsEndpoint) {
+  ASSERT_OK(WriteFileAtomic(P("rs.yaml"), kReplicaSet));
+  const std::vector<std::string> tls = {"--kubeconfig", P("root/kubeconfig")};
+  auto over_tls = [&](std::vector<std::string> args, std::string_view input = {}) {
+    args.insert(args.end(), tls.begin(), tls.end());
+    return RunRegdisk(args, input);
+  };
+  RunResult apply = over_tls({"apply", "-f", P("rs.yaml")});
+  ASSERT_EQ(apply.exit_code, 0) << apply.err;
+  EXPECT_EQ(apply.out, "virtualmachineinstancereplicaset.kubevirt.io/web created\n");
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("standalone")).code, 201);
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"get", "vmirs"}, {"get", "vmis", "-o", "name"}, {"get", "vmi", "standalone", "-o", "yaml"}}) {
+    RunResult ours = over_tls(args);
+    RunResult theirs = Kubectl(args);
+    EXPECT_EQ(ours.exit_code, 0) << ours.err;
+    EXPECT_EQ(WithoutAges(ours.out), WithoutAges(theirs.out)) << ::testing::PrintToString(args);
+  }
+  EXPECT_EQ(over_tls({"scale", "vmirs", "web", "--replicas", "4"}).out,
+            "virtualmachineinstancereplicaset.kubevirt.io/web scaled\n");
+  EXPECT_EQ(Replicas(), "4");
+  // KUBECONFIG alone is enough; --socket (or REGDISK_SOCKET) wins over it.
+  const std::string env = "KUBECONFIG=" + P("nowhere") + ":" + P("root/kubeconfig");
+  RunResult via_env = RunRegdisk({"get", "vmi", "standalone", "-o", "name"}, {}, {env});
+  EXPECT_EQ(via_env.out, "virtualmachineinstance.kubevirt.io/standalone\n") << via_env.err;
+  RunResult socket_wins = RunRegdisk({"get", "vmis", "--socket", P("nothing.sock")}, {}, {env});
+  EXPECT_EQ(socket_wins.exit_code, 1);
+  EXPECT_THAT(socket_wins.err, HasSubstr("cannot reach the regdisk daemon at " + P("nothing.sock")));
+  // A wrong token is the server's 401; an unreadable kubeconfig is bad input.
+  std::string config = ReadFileCapped(P("root/kubeconfig"), 1 << 20).value();
+  config.replace(config.find(token_), token_.size(), std::string(token_.size(), '0'));
+  ASSERT_OK(WriteFileAtomic(P("wrong-token"), config));
+  RunResult refused = RunRegdisk({"get", "vmis", "--kubeconfig", P("wrong-token")});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_EQ(refused.err, "regdisk: error: Error from server (Unauthorized): Unauthorized\n");
+  EXPECT_THAT(refused.err, Not(HasSubstr(token_)));
+  RunResult missing = RunRegdisk({"get", "vmis", "--kubeconfig", P("absent")});
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_EQ(missing.err, "regdisk: error: cannot read the kubeconfig: opening " + P("absent") +
+                             ": No such file or directory\n");
+  // The console needs the socket.
+  RunResult console = over_tls({"console", "standalone"});
+  EXPECT_EQ(console.exit_code, 1);
+  EXPECT_THAT(console.err, HasSubstr("a console goes over the daemon's unix socket only"));
+  RunResult del = over_tls({"delete", "-f", P("rs.yaml")});
+  EXPECT_EQ(del.out, "virtualmachineinstancereplicaset.kubevirt.io \"web\" deleted\n") << del.err;
+}
+
+TEST_F(ClientTest, AllNamespacesAndFieldSelectorsPrintWhatKubectlPrints) {
+  ASSERT_EQ(Socket("POST", "/api/v1/namespaces", R"({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"other"}})")
+                .code,
+            201);
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("a")).code, 201);
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("b")).code, 201);
+  ASSERT_EQ(Socket("POST", "/apis/kubevirt.io/v1/namespaces/other/virtualmachineinstances", VmiJson("c")).code, 201);
+  HttpResult running = Socket("PATCH", std::string(kVmisPath) + "/a/status", R"({"status":{"phase":"Running"}})",
+                              "application/merge-patch+json");
+  ASSERT_EQ(running.code, 200) << running.body;
+  // The cluster-wide list path kubectl get -A uses.
+  HttpResult all = Socket("GET", "/apis/kubevirt.io/v1/virtualmachineinstances");
+  ASSERT_EQ(all.code, 200) << all.body;
+  EXPECT_EQ(all.Json()["items"].size(), 3u);
+
+  RunResult table = Client({"get", "vmis", "-A"});
+  EXPECT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_EQ(table.out.substr(0, table.out.find('\n')).substr(0, 15), "NAMESPACE   NAM") << table.out;
+  EXPECT_THAT(table.out, HasSubstr("\nother       c "));
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"get", "vmis", "-A"},
+           {"get", "vmis", "--all-namespaces", "-o", "wide"},
+           {"get", "vmis", "-A", "-o", "name"},
+           {"get", "vmis", "--field-selector", "metadata.name=a"},
+           {"get", "vmis", "--field-selector", "metadata.name!=a", "-o", "name"},
+           {"get", "vmis", "-A", "--field-selector", "metadata.namespace=other"},
+           {"get", "vmis", "-A", "--field-selector", "status.phase=Running", "-o", "name"},
+           {"get", "vmis", "--field-selector", "status.phase!=Running,metadata.name!=zzz", "-o", "name"},
+           {"get", "vmis", "--field-selector", "metadata.name=zzz"},
+           {"get", "vmis", "-A", "--field-selector", "metadata.name=zzz"}}) {
+    auto [ours, theirs] = Both(args);
+    EXPECT_EQ(ours.exit_code, 0) << ours.err;
+    EXPECT_EQ(ours.out, theirs.out) << ::testing::PrintToString(args);
+    EXPECT_EQ(ours.err, theirs.err) << ::testing::PrintToString(args);
+  }
+  EXPECT_EQ(Client({"get", "vmis", "-A", "--field-selector", "status.phase=Running", "-o", "name"}).out,
+            "virtualmachineinstance.kubevirt.io/a\n");
+  // A field the server does not index: Kubernetes' 400, through both clients.
+  HttpResult bad = Socket("GET", std::string(kVmisPath) + "?fieldSelector=spec.running%3Dtrue");
+  EXPECT_EQ(bad.code, 400);
+  EXPECT_EQ(bad.Json()["reason"], "BadRequest");
+  EXPECT_EQ(bad.Json()["message"], "field label not supported: spec.running");
+  EXPECT_EQ(Socket("GET", std::string(kVmirsPath) + "?fieldSelector=status.phase%3DRunning").code, 400);
+  RunResult ours = Client({"get", "vmis", "--field-selector", "spec.running=true"});
+  EXPECT_EQ(ours.exit_code, 1);
+  EXPECT_EQ(ours.err, "regdisk: error: Error from server (BadRequest): field label not supported: spec.running\n");
+  RunResult theirs = Kubectl({"get", "vmis", "--field-selector", "spec.running=true"});
+  EXPECT_NE(theirs.exit_code, 0);
+  EXPECT_THAT(theirs.err, HasSubstr("field label not supported: spec.running"));
+  RunResult named = Client({"get", "vmis", "a", "-A"});
+  EXPECT_EQ(named.exit_code, 2);
+  EXPECT_THAT(named.err, HasSubstr("cannot be retrieved by name across all namespaces"));
+}
+
+// --- serve --auth cert -------------------------------------------------------
+
+class CertAuthTest : public KubectlApiTest {
+ protected:
+  void SetUp() override {
+    serve_args_ = {"--api-only", "--auth", "cert"};
+    KubectlApiTest::SetUp();
+  }
+};
+
+TEST_F(CertAuthTest, KubectlAndRegdiskGetInWithTheClientCertificateAndNothingElseDoes) {
+  EXPECT_EQ(Mode(P("root/kubeconfig")), 0600u);
+  const std::string kubeconfig = ReadFileCapped(P("root/kubeconfig"), 1 << 20).value();
+  EXPECT_THAT(kubeconfig, HasSubstr("\n    client-certificate-data: "));
+  EXPECT_THAT(kubeconfig, HasSubstr("\n    client-key-data: "));
+  EXPECT_THAT(kubeconfig, Not(HasSubstr("token")));
+  ASSERT_EQ(Socket("POST", kVmisPath, VmiJson("a")).code, 201);
+  RunResult kubectl = Kubectl({"get", "vmis", "-o", "name"});
+  EXPECT_EQ(kubectl.exit_code, 0) << kubectl.err;
+  EXPECT_EQ(kubectl.out, "virtualmachineinstance.kubevirt.io/a\n");
+  RunResult ours = RunRegdisk({"get", "vmis", "-o", "name", "--kubeconfig", P("root/kubeconfig")});
+  EXPECT_EQ(ours.exit_code, 0) << ours.err;
+  EXPECT_EQ(ours.out, kubectl.out);
+
+  CallOptions o = Tls(kVmisPath);
+  EXPECT_EQ(Call(o).code, 401);  // no credential
+  o.token = token_;
+  EXPECT_EQ(Call(o).code, 401);  // the token is not taken with --auth cert
+  o.token.clear();
+  o.cert_file = P("root/api/client.crt");
+  o.key_file = P("root/api/client.key");
+  HttpResult ok = Call(o);
+  EXPECT_EQ(ok.code, 200) << ok.body;
+  // The server's certificate, from the same CA, is not a client's.
+  o.cert_file = P("root/api/tls.crt");
+  o.key_file = P("root/api/tls.key");
+  EXPECT_EQ(Call(o).code, 401);
+  // A client certificate from another CA (another root's) is refused.
+  auto other = api::LoadOrCreateCredentials(P("other"), "127.0.0.1");
+  ASSERT_OK(other);
+  o.cert_file = P("other/client.crt");
+  o.key_file = P("other/client.key");
+  HttpResult foreign = Call(o);
+  EXPECT_EQ(foreign.code, 401) << curl_easy_strerror(foreign.curl);
+  EXPECT_EQ(foreign.Json()["reason"], "Unauthorized");
+  // ... by kubectl and regdisk too, with a kubeconfig that trusts this server.
+  api::Credentials forged = *other;
+  forged.ca_cert_pem = ReadFileCapped(P("root/api/ca.crt"), 1 << 20).value();
+  ASSERT_OK(api::WriteKubeconfig(P("forged"), "https://127.0.0.1:" + std::to_string(port_), forged,
+                                 api::AuthMode::kClientCert));
+  RunResult kubectl_refused = RunProgram({kKubectl, "--cache-dir", P("home/cache"), "get", "vmis"}, {},
+                                         {"KUBECONFIG=" + P("forged"), "HOME=" + P("home")}, std::chrono::seconds(60));
+  EXPECT_NE(kubectl_refused.exit_code, 0);
+  EXPECT_THAT(kubectl_refused.err, HasSubstr("Unauthorized"));
+  RunResult ours_refused = RunRegdisk({"get", "vmis", "--kubeconfig", P("forged")});
+  EXPECT_EQ(ours_refused.exit_code, 1);
+  EXPECT_EQ(ours_refused.err, "regdisk: error: Error from server (Unauthorized): Unauthorized\n");
 }
 
 // The client commands against a daemon that runs VMs: logs, console and

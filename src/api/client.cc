@@ -66,16 +66,44 @@ std::string ConnectError(const std::string& path) {
   return std::strerror(errno);
 }
 
-CurlPtr NewHandle(const std::string& socket, const std::string& path) {
+// A handle for `path` at the endpoint: the unix socket, or the https
+// server with the kubeconfig's CA and client certificate (the token goes
+// in a header: AuthHeader).
+CurlPtr NewHandle(const Endpoint& e, const std::string& path) {
   CurlPtr c(curl_easy_init());
   if (!c) return c;
-  curl_easy_setopt(c.get(), CURLOPT_UNIX_SOCKET_PATH, socket.c_str());
-  // The host is a placeholder: the socket is the server.
-  const std::string url = "http://localhost" + path;
+  std::string url;
+  if (!e.socket.empty()) {
+    curl_easy_setopt(c.get(), CURLOPT_UNIX_SOCKET_PATH, e.socket.c_str());
+    // The host is a placeholder: the socket is the server.
+    url = "http://localhost" + path;
+  } else {
+    url = e.server + path;
+    curl_easy_setopt(c.get(), CURLOPT_PROTOCOLS_STR, "https");
+    if (!e.ca_pem.empty()) {
+      curl_blob ca{const_cast<char*>(e.ca_pem.data()), e.ca_pem.size(), CURL_BLOB_COPY};
+      curl_easy_setopt(c.get(), CURLOPT_CAINFO_BLOB, &ca);
+    }
+    if (!e.client_cert_pem.empty()) {
+      curl_blob cert{const_cast<char*>(e.client_cert_pem.data()), e.client_cert_pem.size(), CURL_BLOB_COPY};
+      curl_blob key{const_cast<char*>(e.client_key_pem.data()), e.client_key_pem.size(), CURL_BLOB_COPY};
+      curl_easy_setopt(c.get(), CURLOPT_SSLCERTTYPE, "PEM");
+      curl_easy_setopt(c.get(), CURLOPT_SSLCERT_BLOB, &cert);
+      curl_easy_setopt(c.get(), CURLOPT_SSLKEYTYPE, "PEM");
+      curl_easy_setopt(c.get(), CURLOPT_SSLKEY_BLOB, &key);
+    }
+  }
   curl_easy_setopt(c.get(), CURLOPT_URL, url.c_str());
   curl_easy_setopt(c.get(), CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c.get(), CURLOPT_CONNECTTIMEOUT, 10L);
   return c;
+}
+
+// Connecting failed before any answer (refused, TLS, certificate).
+bool IsConnectFailure(CURLcode rc) {
+  return rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_SSL_CONNECT_ERROR ||
+         rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CERTPROBLEM || rc == CURLE_SSL_CACERT_BADFILE ||
+         rc == CURLE_OPERATION_TIMEDOUT;
 }
 
 }  // namespace
@@ -104,10 +132,22 @@ Status ApiClient::Response::Error() const {
   }
 }
 
-ApiClient::ApiClient(std::string socket_path) : socket_(std::move(socket_path)) {}
+ApiClient::ApiClient(std::string socket_path) : endpoint_(Endpoint::Socket(std::move(socket_path))) {}
+
+ApiClient::ApiClient(Endpoint endpoint) : endpoint_(std::move(endpoint)) {}
+
+std::string ApiClient::Where() const {
+  if (!over_tls()) return "the regdisk daemon at " + endpoint_.socket;
+  return "the API server at " + PrintableLine(endpoint_.server, 200) + " (kubeconfig " +
+         PrintableLine(endpoint_.kubeconfig, 200) + ")";
+}
 
 Status ApiClient::Unreachable(const std::string& reason) const {
-  return Unavailable("cannot reach the regdisk daemon at " + socket_ + ": " + reason +
+  if (over_tls()) {
+    return Unavailable("cannot reach " + Where() + ": " + reason +
+                       "; is regdisk serve --listen running, and is this its kubeconfig?");
+  }
+  return Unavailable("cannot reach " + Where() + ": " + reason +
                      "; start it with regdisk serve or set --socket/REGDISK_SOCKET");
 }
 
@@ -131,12 +171,15 @@ ApiClient::Request ApiClient::WithBody(std::string method, std::string path, std
 
 Result<ApiClient::Response> ApiClient::Stream(const Request& request,
                                               const std::function<bool(std::string_view)>& sink) const {
-  CurlPtr c = NewHandle(socket_, request.path);
+  CurlPtr c = NewHandle(endpoint_, request.path);
   if (!c) return Internal("libcurl could not make a handle");
   Sink s;
   s.curl = c.get();
   if (sink) s.stream = &sink;
   SlistPtr headers(curl_slist_append(nullptr, ("Accept: " + request.accept).c_str()));
+  if (over_tls() && !endpoint_.token.empty()) {
+    headers.reset(curl_slist_append(headers.release(), ("Authorization: Bearer " + endpoint_.token).c_str()));
+  }
   if (!request.body.empty() || request.method == "POST" || request.method == "PUT" || request.method == "PATCH") {
     headers.reset(curl_slist_append(headers.release(), ("Content-Type: " + request.content_type).c_str()));
     curl_easy_setopt(c.get(), CURLOPT_POSTFIELDS, request.body.data());
@@ -150,12 +193,12 @@ Result<ApiClient::Response> ApiClient::Stream(const Request& request,
   char errbuf[CURL_ERROR_SIZE] = {0};
   curl_easy_setopt(c.get(), CURLOPT_ERRORBUFFER, errbuf);
   CURLcode rc = curl_easy_perform(c.get());
-  if (rc == CURLE_COULDNT_CONNECT) return Unreachable(ConnectError(socket_));
+  if (rc == CURLE_COULDNT_CONNECT && !over_tls()) return Unreachable(ConnectError(endpoint_.socket));
   Response r;
   curl_easy_getinfo(c.get(), CURLINFO_RESPONSE_CODE, &r.code);
   if (rc != CURLE_OK && !(rc == CURLE_WRITE_ERROR && s.stopped)) {
-    if (r.code == 0) return Unreachable(errbuf[0] ? errbuf : curl_easy_strerror(rc));
-    return Unavailable("the regdisk daemon at " + socket_ + " broke off the answer: " +
+    if (r.code == 0 || IsConnectFailure(rc)) return Unreachable(errbuf[0] ? errbuf : curl_easy_strerror(rc));
+    return Unavailable(Where() + " broke off the answer: " +
                        (errbuf[0] ? std::string(errbuf) : curl_easy_strerror(rc)));
   }
   char* type = nullptr;
@@ -180,11 +223,15 @@ Status WaitSocket(CURL* c, short events) {
 }  // namespace
 
 Result<ApiClient::Upgraded> ApiClient::Upgrade(const std::string& path) const {
-  CurlPtr c = NewHandle(socket_, path);
+  if (over_tls()) {
+    return FailedPrecondition("a console goes over the daemon's unix socket only, not " + Where() +
+                              "; run it on the node with --socket (or without --kubeconfig)");
+  }
+  CurlPtr c = NewHandle(endpoint_, path);
   if (!c) return Internal("libcurl could not make a handle");
   curl_easy_setopt(c.get(), CURLOPT_CONNECT_ONLY, 1L);
   CURLcode rc = curl_easy_perform(c.get());
-  if (rc == CURLE_COULDNT_CONNECT) return Unreachable(ConnectError(socket_));
+  if (rc == CURLE_COULDNT_CONNECT) return Unreachable(ConnectError(endpoint_.socket));
   if (rc != CURLE_OK) return Unreachable(curl_easy_strerror(rc));
   const std::string head = "GET " + path +
                            " HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
@@ -216,7 +263,7 @@ Result<ApiClient::Upgraded> ApiClient::Upgrade(const std::string& path) const {
     return OkStatus();
   };
   while ((end = in.find("\r\n\r\n")) == std::string::npos) {
-    if (closed) return Unavailable("the regdisk daemon at " + socket_ + " closed the connection before answering");
+    if (closed) return Unavailable(Where() + " closed the connection before answering");
     RETURN_IF_ERROR(read_more());
   }
   Upgraded u;

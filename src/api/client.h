@@ -1,16 +1,20 @@
 // ApiClient: what regdisk's client commands (apply, get, delete, scale,
-// logs, console, port) use to talk to `regdisk serve` over its unix
-// socket. HTTP is libcurl's (CURLOPT_UNIX_SOCKET_PATH); this class only
-// builds paths' requests and turns answers into Status.
+// logs, console, port) use to talk to `regdisk serve`: over its unix
+// socket, or over TLS to the server a kubeconfig names (api/kubeconfig.h),
+// with the kubeconfig's CA and its token or client certificate. HTTP is
+// libcurl's (CURLOPT_UNIX_SOCKET_PATH, or https with the PEM blobs); this
+// class only builds paths' requests and turns answers into Status.
 //
-//   ApiClient api("/run/regdisk/regdisk.sock");
+//   ApiClient api("/run/regdisk/regdisk.sock");   // or ApiClient(endpoint)
 //   ASSIGN_OR_RETURN(ApiClient::Response r, api.Do("GET", "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances"));
 //   if (!r.ok()) return r.Error();   // "Error from server (NotFound): ..."
 //
 // Errors:
 //   - the socket is missing, refuses or is not ours to use: Unavailable
 //     "cannot reach the regdisk daemon at SOCKET: REASON; start it with
-//     regdisk serve or set --socket/REGDISK_SOCKET";
+//     regdisk serve or set --socket/REGDISK_SOCKET"; for a kubeconfig's
+//     server (refused, or its certificate not the CA's): "cannot reach
+//     the API server at URL (kubeconfig FILE): REASON";
 //   - an answer with an HTTP error code is a Response, not an error: its
 //     Error() turns the metav1.Status body into one line as kubectl prints
 //     it, with a code that says what happened (NotFound, AlreadyExists,
@@ -25,6 +29,7 @@
 #include <string>
 #include <string_view>
 
+#include "api/kubeconfig.h"
 #include "util/fs.h"
 #include "util/status.h"
 
@@ -51,6 +56,7 @@ class ApiClient {
   };
 
   explicit ApiClient(std::string socket_path);
+  explicit ApiClient(Endpoint endpoint);
 
   // One request, the whole answer in memory.
   Result<Response> Do(const Request& request) const;
@@ -71,7 +77,8 @@ class ApiClient {
   // connects (CURLOPT_CONNECT_ONLY) and the fixed request head is sent
   // through it; the status line and headers are read back. On 101 the
   // connection's socket is the stream; otherwise the answer as a Response
-  // (`upgraded` false).
+  // (`upgraded` false). Over the unix socket only (a TLS connection's
+  // socket carries TLS records): FailedPrecondition otherwise.
   struct Upgraded {
     bool upgraded = false;
     Response response;  // when not upgraded
@@ -81,11 +88,13 @@ class ApiClient {
   };
   Result<Upgraded> Upgrade(const std::string& path) const;
 
-  const std::string& socket_path() const { return socket_; }
+  const std::string& socket_path() const { return endpoint_.socket; }
+  bool over_tls() const { return endpoint_.socket.empty(); }
 
  private:
   Status Unreachable(const std::string& reason) const;
-  std::string socket_;
+  std::string Where() const;
+  Endpoint endpoint_;
 };
 
 }  // namespace regdisk::api

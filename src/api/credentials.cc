@@ -10,9 +10,11 @@
 #include <openssl/x509v3.h>
 #include <sys/stat.h>
 
+#include <functional>
 #include <memory>
 
 #include "util/fs.h"
+#include "util/text.h"
 
 namespace regdisk::api {
 
@@ -36,24 +38,17 @@ std::string BioText(BIO* bio) {
   return std::string(data, static_cast<size_t>(n));
 }
 
-bool AddExtension(X509* cert, int nid, const char* value) {
-  X509V3_CTX ctx;
-  X509V3_set_ctx_nodb(&ctx);
-  X509V3_set_ctx(&ctx, cert, cert, nullptr, nullptr, 0);
-  X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value);
-  if (!ext) return false;
-  bool ok = X509_add_ext(cert, ext, -1) == 1;
-  X509_EXTENSION_free(ext);
-  return ok;
-}
-
 bool NamesHost(X509* cert, const std::string& host) {
   if (host.empty() || host == "0.0.0.0") return true;
   return X509_check_ip_asc(cert, host.c_str(), 0) == 1;
 }
 
-// A self-signed certificate for the key, valid ten years.
-Result<std::string> MakeCertificate(EVP_PKEY* key, const std::string& host) {
+enum class CertKind { kCa, kServer, kClient };
+
+// A certificate for `key`, valid ten years: the CA's own (self-signed), or
+// the server's or the client's, signed by the CA.
+Result<std::string> MakeCertificate(EVP_PKEY* key, CertKind kind, const std::string& host, X509* ca_cert,
+                                    EVP_PKEY* ca_key) {
   X509Ptr cert(X509_new());
   if (!cert) return OpenSslError("X509_new");
   X509_set_version(cert.get(), 2);
@@ -66,18 +61,40 @@ Result<std::string> MakeCertificate(EVP_PKEY* key, const std::string& host) {
   X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
   X509_gmtime_adj(X509_getm_notAfter(cert.get()), 10L * 365 * 24 * 3600);
   X509_set_pubkey(cert.get(), key);
+  const char* cn = kind == CertKind::kCa ? "regdisk-ca" : kind == CertKind::kServer ? "regdisk" : "regdisk-admin";
   X509_NAME* name = X509_get_subject_name(cert.get());
-  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("regdisk"), -1, -1, 0);
-  X509_set_issuer_name(cert.get(), name);
-  std::string san = "DNS:localhost,IP:127.0.0.1,IP:::1";
-  if (!host.empty() && host != "0.0.0.0" && host != "127.0.0.1") san += ",IP:" + host;
-  if (!AddExtension(cert.get(), NID_basic_constraints, "critical,CA:TRUE") ||
-      !AddExtension(cert.get(), NID_key_usage, "critical,digitalSignature,keyCertSign") ||
-      !AddExtension(cert.get(), NID_ext_key_usage, "serverAuth") ||
-      !AddExtension(cert.get(), NID_subject_alt_name, san.c_str())) {
-    return OpenSslError("adding the certificate's extensions");
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>(cn), -1, -1, 0);
+  X509* issuer = kind == CertKind::kCa ? cert.get() : ca_cert;
+  EVP_PKEY* signer = kind == CertKind::kCa ? key : ca_key;
+  X509_set_issuer_name(cert.get(), X509_get_subject_name(issuer));
+  bool ok = true;
+  auto add = [&](int nid, const std::string& value) {
+    X509V3_CTX ctx;
+    X509V3_set_ctx_nodb(&ctx);
+    X509V3_set_ctx(&ctx, issuer, cert.get(), nullptr, nullptr, 0);
+    X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
+    ok = ok && ext && X509_add_ext(cert.get(), ext, -1) == 1;
+    X509_EXTENSION_free(ext);
+  };
+  add(NID_subject_key_identifier, "hash");
+  if (kind == CertKind::kCa) {
+    add(NID_basic_constraints, "critical,CA:TRUE,pathlen:0");
+    add(NID_key_usage, "critical,keyCertSign,cRLSign");
+  } else {
+    add(NID_authority_key_identifier, "keyid:always");
+    add(NID_basic_constraints, "critical,CA:FALSE");
+    add(NID_key_usage, "critical,digitalSignature");
   }
-  if (X509_sign(cert.get(), key, EVP_sha256()) == 0) return OpenSslError("signing the certificate");
+  if (kind == CertKind::kServer) {
+    std::string san = "DNS:localhost,IP:127.0.0.1,IP:::1";
+    if (!host.empty() && host != "0.0.0.0" && host != "127.0.0.1") san += ",IP:" + host;
+    add(NID_ext_key_usage, "serverAuth");
+    add(NID_subject_alt_name, san);
+  } else if (kind == CertKind::kClient) {
+    add(NID_ext_key_usage, "clientAuth");
+  }
+  if (!ok) return OpenSslError("adding the certificate's extensions");
+  if (X509_sign(cert.get(), signer, EVP_sha256()) == 0) return OpenSslError("signing the certificate");
   BioPtr bio(BIO_new(BIO_s_mem()));
   if (!bio || PEM_write_bio_X509(bio.get(), cert.get()) != 1) return OpenSslError("PEM_write_bio_X509");
   return BioText(bio.get());
@@ -93,18 +110,17 @@ Result<std::string> MakeKey() {
   return BioText(bio.get());
 }
 
-Result<PkeyPtr> ReadKey(const std::string& pem) {
+Result<PkeyPtr> ReadKey(const std::string& pem, const fs::path& file) {
   BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
   PkeyPtr key(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
-  if (!key) return InvalidArgument("the API server's key is not a PEM private key");
+  if (!key) return InvalidArgument(file.string() + " is not a PEM private key; remove it and restart to make a new one");
   return key;
 }
 
-Result<X509Ptr> ReadCert(const std::string& pem) {
+// The certificate, or null when the text is not one.
+X509Ptr ReadCert(const std::string& pem) {
   BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  X509Ptr cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-  if (!cert) return InvalidArgument("the API server's certificate is not PEM");
-  return cert;
+  return X509Ptr(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
 }
 
 Result<std::string> MakeToken() {
@@ -134,31 +150,80 @@ Result<std::string> ReadIfExists(const fs::path& path) {
   return ReadFileCapped(path, 1 << 20);
 }
 
+
+// One key and its certificate under `dir` (NAME.key, NAME.crt): the key
+// kept (made when missing), the certificate kept while `still_good` says
+// so, otherwise issued anew by `issue`.
+struct KeyPair {
+  std::string key_pem, cert_pem;
+  PkeyPtr key;
+  X509Ptr cert;
+  bool fresh_cert = false;
+};
+
+Result<KeyPair> LoadOrIssue(const fs::path& dir, const std::string& name,
+                            const std::function<bool(X509*, EVP_PKEY*)>& still_good,
+                            const std::function<Result<std::string>(EVP_PKEY*)>& issue) {
+  KeyPair p;
+  const fs::path key_file = dir / (name + ".key"), cert_file = dir / (name + ".crt");
+  ASSIGN_OR_RETURN(p.key_pem, ReadIfExists(key_file));
+  ASSIGN_OR_RETURN(p.cert_pem, ReadIfExists(cert_file));
+  if (p.key_pem.empty()) {
+    ASSIGN_OR_RETURN(p.key_pem, MakeKey());
+    p.cert_pem.clear();
+    RETURN_IF_ERROR(WriteFileAtomic(key_file, p.key_pem, 0600));
+  }
+  ASSIGN_OR_RETURN(p.key, ReadKey(p.key_pem, key_file));
+  if (!p.cert_pem.empty()) p.cert = ReadCert(p.cert_pem);
+  if (!p.cert || X509_check_private_key(p.cert.get(), p.key.get()) != 1 || !still_good(p.cert.get(), p.key.get())) {
+    ASSIGN_OR_RETURN(p.cert_pem, issue(p.key.get()));
+    p.cert = ReadCert(p.cert_pem);
+    if (!p.cert) return Internal("reading back a certificate just made failed (OpenSSL)");
+    p.fresh_cert = true;
+    RETURN_IF_ERROR(WriteFileAtomic(cert_file, p.cert_pem, 0600));
+  }
+  return p;
+}
+
 }  // namespace
+
+Result<AuthMode> ParseAuthMode(const std::string& word) {
+  if (word == "token") return AuthMode::kToken;
+  if (word == "cert") return AuthMode::kClientCert;
+  return InvalidArgument("--auth takes token or cert, not " + Printable(word, 40));
+}
 
 Result<Credentials> LoadOrCreateCredentials(const fs::path& dir, const std::string& host) {
   RETURN_IF_ERROR(MakeDirs(dir));
   if (chmod(dir.c_str(), 0700) != 0) return ErrnoStatus("chmod " + dir.string());
+  auto always = [](X509*, EVP_PKEY*) { return true; };
+  ASSIGN_OR_RETURN(KeyPair ca, LoadOrIssue(dir, "ca", always, [](EVP_PKEY* key) {
+                     return MakeCertificate(key, CertKind::kCa, "", nullptr, nullptr);
+                   }));
+  // Issued by this CA (its signature checks out with the CA's key).
+  auto signed_by_ca = [&ca](X509* cert) {
+    return !ca.fresh_cert && X509_check_issued(ca.cert.get(), cert) == X509_V_OK &&
+           X509_verify(cert, ca.key.get()) == 1;
+  };
+  ASSIGN_OR_RETURN(KeyPair server,
+                   LoadOrIssue(
+                       dir, "tls", [&](X509* cert, EVP_PKEY*) { return signed_by_ca(cert) && NamesHost(cert, host); },
+                       [&](EVP_PKEY* key) {
+                         return MakeCertificate(key, CertKind::kServer, host, ca.cert.get(), ca.key.get());
+                       }));
+  ASSIGN_OR_RETURN(KeyPair client, LoadOrIssue(
+                                       dir, "client", [&](X509* cert, EVP_PKEY*) { return signed_by_ca(cert); },
+                                       [&](EVP_PKEY* key) {
+                                         return MakeCertificate(key, CertKind::kClient, "", ca.cert.get(), ca.key.get());
+                                       }));
   Credentials c;
-  ASSIGN_OR_RETURN(c.key_pem, ReadIfExists(dir / "tls.key"));
-  ASSIGN_OR_RETURN(c.cert_pem, ReadIfExists(dir / "tls.crt"));
+  c.ca_cert_pem = std::move(ca.cert_pem);
+  c.cert_pem = std::move(server.cert_pem);
+  c.key_pem = std::move(server.key_pem);
+  c.client_cert_pem = std::move(client.cert_pem);
+  c.client_key_pem = std::move(client.key_pem);
   ASSIGN_OR_RETURN(c.token, ReadIfExists(dir / "token"));
   while (!c.token.empty() && (c.token.back() == '\n' || c.token.back() == '\r')) c.token.pop_back();
-  if (c.key_pem.empty()) {
-    ASSIGN_OR_RETURN(c.key_pem, MakeKey());
-    c.cert_pem.clear();
-    RETURN_IF_ERROR(WriteFileAtomic(dir / "tls.key", c.key_pem, 0600));
-  }
-  ASSIGN_OR_RETURN(PkeyPtr key, ReadKey(c.key_pem));
-  bool fresh_cert = c.cert_pem.empty();
-  if (!fresh_cert) {
-    ASSIGN_OR_RETURN(X509Ptr cert, ReadCert(c.cert_pem));
-    fresh_cert = X509_check_private_key(cert.get(), key.get()) != 1 || !NamesHost(cert.get(), host);
-  }
-  if (fresh_cert) {
-    ASSIGN_OR_RETURN(c.cert_pem, MakeCertificate(key.get(), host));
-    RETURN_IF_ERROR(WriteFileAtomic(dir / "tls.crt", c.cert_pem, 0600));
-  }
   if (c.token.empty()) {
     ASSIGN_OR_RETURN(c.token, MakeToken());
     RETURN_IF_ERROR(WriteFileAtomic(dir / "token", c.token + "\n", 0600));
@@ -166,7 +231,11 @@ Result<Credentials> LoadOrCreateCredentials(const fs::path& dir, const std::stri
   return c;
 }
 
-Status WriteKubeconfig(const fs::path& path, const std::string& server_url, const Credentials& c) {
+Status WriteKubeconfig(const fs::path& path, const std::string& server_url, const Credentials& c, AuthMode mode) {
+  const std::string user = mode == AuthMode::kToken
+                               ? "    token: " + c.token + "\n"
+                               : "    client-certificate-data: " + Base64(c.client_cert_pem) + "\n" +
+                                     "    client-key-data: " + Base64(c.client_key_pem) + "\n";
   std::string text =
       "apiVersion: v1\n"
       "kind: Config\n"
@@ -174,11 +243,10 @@ Status WriteKubeconfig(const fs::path& path, const std::string& server_url, cons
       "- name: regdisk\n"
       "  cluster:\n"
       "    server: " + server_url + "\n"
-      "    certificate-authority-data: " + Base64(c.cert_pem) + "\n"
+      "    certificate-authority-data: " + Base64(c.ca_cert_pem) + "\n"
       "users:\n"
       "- name: regdisk\n"
-      "  user:\n"
-      "    token: " + c.token + "\n"
+      "  user:\n" + user +
       "contexts:\n"
       "- name: regdisk\n"
       "  context:\n"

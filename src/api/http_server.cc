@@ -1,6 +1,8 @@
 #include "api/http_server.h"
 
 #include <arpa/inet.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -279,6 +281,23 @@ bool PeerAllowed(MHD_Connection* c) {
   return cred.uid == 0 || cred.uid == geteuid();
 }
 
+// Whether the TLS client presented a certificate chain that verifies
+// against the trust list (the client CA libmicrohttpd loaded) for client
+// authentication. The handshake already proved the client holds its key.
+bool ClientCertVerified(MHD_Connection* c) {
+  const MHD_ConnectionInfo* info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+  if (!info || !info->tls_session) return false;
+  auto session = static_cast<gnutls_session_t>(info->tls_session);
+  unsigned int listed = 0;
+  if (gnutls_certificate_get_peers(session, &listed) == nullptr || listed == 0) return false;
+  gnutls_typed_vdata_st purpose{};
+  purpose.type = GNUTLS_DT_KEY_PURPOSE_OID;
+  purpose.data = reinterpret_cast<unsigned char*>(const_cast<char*>(GNUTLS_KP_TLS_WWW_CLIENT));
+  unsigned int status = 0;
+  if (gnutls_certificate_verify_peers(session, &purpose, 1, &status) != GNUTLS_E_SUCCESS) return false;
+  return status == 0;
+}
+
 }  // namespace
 
 struct HttpServer::Impl {
@@ -343,6 +362,7 @@ MHD_Result HttpServer::Impl::Access(void* cls, MHD_Connection* c, const char* ur
   req.method = method ? method : "";
   req.path = url ? url : "";
   req.tls = listener->tls;
+  req.client_cert_verified = listener->tls && !self->options.tls_client_ca_pem.empty() && ClientCertVerified(c);
   req.stop = &self->stop;
   req.body = std::move(state->body);
   if (const MHD_ConnectionInfo* info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD)) {
@@ -375,6 +395,10 @@ Status HttpServer::Impl::StartListener(Listener* l, int fd) {
     flags |= MHD_USE_TLS;
     opts.push_back({MHD_OPTION_HTTPS_MEM_KEY, 0, const_cast<char*>(options.tls_key_pem.c_str())});
     opts.push_back({MHD_OPTION_HTTPS_MEM_CERT, 0, const_cast<char*>(options.tls_cert_pem.c_str())});
+    if (!options.tls_client_ca_pem.empty()) {
+      // Also makes libmicrohttpd ask each client for a certificate.
+      opts.push_back({MHD_OPTION_HTTPS_MEM_TRUST, 0, const_cast<char*>(options.tls_client_ca_pem.c_str())});
+    }
   }
   opts.push_back({MHD_OPTION_END, 0, nullptr});
   l->daemon = MHD_start_daemon(flags, 0, nullptr, nullptr, &Impl::Access, l, MHD_OPTION_ARRAY, opts.data(),

@@ -15,7 +15,12 @@
 //     replaced); each connection's peer is checked with SO_PEERCRED and
 //     only the server's own uid or root is served (others get 403 before
 //     the handler runs);
-//   - TLS: the handler sees the Authorization header and decides (401).
+//   - TLS: the handler sees the Authorization header and whether the
+//     client presented a certificate that tls_client_ca_pem signed (with
+//     the clientAuth purpose, verified by GnuTLS), and decides (401).
+//     Clients are asked for a certificate only when tls_client_ca_pem is
+//     set; one that presents none, or another CA's, still gets its
+//     request through to the handler, unverified.
 // Bodies larger than max_body_bytes are refused with 413 (before they are
 // read when the client sends Content-Length); the handler never sees them.
 //
@@ -53,6 +58,9 @@ struct HttpRequest {
   std::map<std::string, std::string> headers;     // names lower-cased
   std::string body;
   bool tls = false;  // arrived on the TLS endpoint (else the unix socket)
+  // TLS only: the client proved it holds a certificate issued by
+  // Options::tls_client_ca_pem.
+  bool client_cert_verified = false;
   int fd = -1;       // the connection's socket, for noticing a hung-up peer
   const CancelToken* stop = nullptr;  // cancelled when the server stops
 
@@ -96,6 +104,9 @@ class HttpServer {
     std::string tls_listen;
     std::string tls_cert_pem;
     std::string tls_key_pem;
+    // When set, TLS clients are asked for a certificate and one this CA
+    // issued sets HttpRequest::client_cert_verified.
+    std::string tls_client_ca_pem;
     size_t max_body_bytes = 3 * 1024 * 1024;
     unsigned max_connections = 1000;
     HttpHandler handler;

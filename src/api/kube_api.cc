@@ -5,6 +5,7 @@
 #include <chrono>
 #include <map>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "api/credentials.h"
@@ -170,17 +171,83 @@ std::string EventLine(const std::string& type, const json& object) {
   return Dump(json({{"type", type}, {"object", object}})) + "\n";
 }
 
+// The fieldSelector query parameter, split: metadata.name and
+// metadata.namespace requirements go to the store (state/selector.h);
+// status.phase (VirtualMachineInstances only, as a Pod's is) is matched
+// here. Any other field is Kubernetes' 400 "field label not supported".
+struct FieldFilter {
+  std::string store;  // for state::ListOptions::field_selector
+  struct Phase {
+    bool equals;
+    std::string value;
+  };
+  std::vector<Phase> phases;
+
+  bool Matches(const json& o) const {
+    std::string phase;
+    if (o.contains("status") && o["status"].is_object() && o["status"].contains("phase") &&
+        o["status"]["phase"].is_string()) {
+      phase = o["status"]["phase"].get<std::string>();
+    }
+    for (const Phase& p : phases) {
+      if ((phase == p.value) != p.equals) return false;
+    }
+    return true;
+  }
+};
+
+std::string Trim(std::string s) {
+  const char* ws = " \t";
+  s.erase(0, s.find_first_not_of(ws));
+  s.erase(s.find_last_not_of(ws) + 1);
+  return s;
+}
+
+std::optional<ApiError> ParseFieldFilter(const std::string& text, const Resource& r, FieldFilter* out) {
+  size_t start = 0;
+  while (start <= text.size() && !Trim(text).empty()) {
+    size_t comma = text.find(',', start);
+    const std::string part = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    const size_t op = part.find_first_of("!=");
+    const std::string field = Trim(part.substr(0, op));
+    // A part without an operator: the store's parser words that error.
+    if (op == std::string::npos || field == "metadata.name" || field == "metadata.namespace") {
+      out->store += (out->store.empty() ? "" : ",") + part;
+    } else if (field == "status.phase" && r.kind == "VirtualMachineInstance") {
+      std::string rest = part.substr(op);
+      FieldFilter::Phase p{true, ""};
+      if (rest.rfind("!=", 0) == 0) {
+        p.equals = false;
+        rest.erase(0, 2);
+      } else {
+        rest.erase(0, rest.rfind("==", 0) == 0 ? 2 : 1);
+      }
+      p.value = Trim(rest);
+      out->phases.push_back(std::move(p));
+    } else {
+      return ApiError::BadRequest("field label not supported: " + field);
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return std::nullopt;
+}
+
 // A watch's events as chunks, until the client hangs up, the server stops,
 // the timeout passes or the subscription ends.
 class WatchStream : public HttpStream {
  public:
+  // `filter` (status.phase) is matched here; `matching` names the objects
+  // that matched it when the watch began ("ns/name").
   WatchStream(std::unique_ptr<state::Subscription> sub, const HttpRequest& req, std::function<json(const json&)> shape,
-              int64_t timeout_seconds)
+              int64_t timeout_seconds, FieldFilter filter = {}, std::set<std::string> matching = {})
       : sub_(std::move(sub)),
         stop_(req.stop),
         fd_(req.fd),
         shape_(std::move(shape)),
-        deadline_(std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds)) {}
+        deadline_(std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds)),
+        filter_(std::move(filter)),
+        matching_(std::move(matching)) {}
 
   Result<std::string> Next() override {
     if (done_) return std::string();
@@ -195,7 +262,9 @@ class WatchStream : public HttpStream {
       }
       if (ev->has_value()) {
         const state::WatchEvent& e = **ev;
-        return EventLine(std::string(state::EventTypeName(e.type)), shape_(e.object));
+        std::string type(state::EventTypeName(e.type));
+        if (!filter_.phases.empty() && !Filter(e.object, &type)) continue;
+        return EventLine(type, shape_(e.object));
       }
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - std::chrono::steady_clock::now());
       if (left.count() <= 0) return std::string();
@@ -216,6 +285,27 @@ class WatchStream : public HttpStream {
   std::function<json(const json&)> shape_;
   std::chrono::steady_clock::time_point deadline_;
   bool done_ = false;
+  FieldFilter filter_;
+  std::set<std::string> matching_;
+
+  // As the API server's watch cache does for a field selector: an object
+  // that starts matching is ADDED, one that stops matching is DELETED,
+  // others' events are dropped. False: drop the event.
+  bool Filter(const json& o, std::string* type) {
+    const json& meta = o["metadata"];
+    const std::string key = meta.value("namespace", "") + "/" + meta.value("name", "");
+    const bool was = matching_.count(key) > 0;
+    const bool is = *type != "DELETED" && filter_.Matches(o);
+    if (is) {
+      matching_.insert(key);
+      if (!was) *type = "ADDED";
+      return true;
+    }
+    matching_.erase(key);
+    if (!was) return false;
+    *type = "DELETED";
+    return true;
+  }
 };
 
 // A stream of one ERROR event (a watch that cannot start).
@@ -270,7 +360,10 @@ HttpResponse RequestHandler::Handle() {
     r.body = "ok";
     return r;
   }
-  if (req_.tls && !BearerMatches(req_.Header("authorization"), o_.token)) return Reply(ApiError::Unauthorized());
+  if (req_.tls && !(o_.accept_client_cert && req_.client_cert_verified) &&
+      !BearerMatches(req_.Header("authorization"), o_.token)) {
+    return Reply(ApiError::Unauthorized());
+  }
   if (path == "/metrics" && o_.metrics) {
     HttpResponse r;
     r.content_type = "text/plain; version=0.0.4; charset=utf-8";
@@ -395,9 +488,12 @@ HttpResponse RequestHandler::Get(const Target& t) {
 }
 
 HttpResponse RequestHandler::List(const Target& t) {
-  state::ListOptions lo{req_.Query("labelSelector"), req_.Query("fieldSelector")};
+  FieldFilter fields;
+  if (auto bad = ParseFieldFilter(req_.Query("fieldSelector"), *t.r, &fields)) return Reply(*bad);
+  state::ListOptions lo{req_.Query("labelSelector"), fields.store};
   Result<state::ObjectList> list = o_.store->List(t.r->store_key, t.ns, lo, t.all_namespaces);
   if (!list.ok()) return Reply(ApiError::FromStatus(list.status(), *t.r, ""));
+  std::erase_if(list->items, [&fields](const json& o) { return !fields.Matches(o); });
   const std::string rv = std::to_string(list->resource_version);
   if (WantsTable(req_.Header("accept"))) return Reply(200, ToTable(*t.r, list->items, rv, Now()));
   return Reply(200, {{"kind", t.r->kind + "List"},
@@ -416,7 +512,19 @@ HttpResponse RequestHandler::Watch(const Target& t) {
     if (*end != '\0' || v < 0) return Reply(ApiError::BadRequest("timeoutSeconds must be a whole number of seconds"));
     if (v > 0) timeout = v;
   }
-  state::ListOptions lo{req_.Query("labelSelector"), req_.Query("fieldSelector")};
+  FieldFilter fields;
+  if (auto bad = ParseFieldFilter(req_.Query("fieldSelector"), *t.r, &fields)) return Reply(*bad);
+  state::ListOptions lo{req_.Query("labelSelector"), fields.store};
+  // Which objects match the phase filter now, so that the first event of
+  // one that stops matching is a DELETED.
+  std::set<std::string> matching;
+  if (!fields.phases.empty()) {
+    Result<state::ObjectList> now = o_.store->List(t.r->store_key, t.ns, lo, t.all_namespaces);
+    if (!now.ok()) return Reply(ApiError::FromStatus(now.status(), *t.r, ""));
+    for (const json& o : now->items) {
+      if (fields.Matches(o)) matching.insert(o["metadata"].value("namespace", "") + "/" + o["metadata"].value("name", ""));
+    }
+  }
   Result<std::unique_ptr<state::Subscription>> sub =
       o_.store->Watch(t.r->store_key, t.ns, lo, *from, t.all_namespaces);
   HttpResponse resp;
@@ -435,7 +543,8 @@ HttpResponse RequestHandler::Watch(const Target& t) {
       return ToTable(*r, {o}, rv, now ? now() : SystemNow());
     };
   }
-  resp.stream = std::make_unique<WatchStream>(std::move(*sub), req_, std::move(shape), timeout);
+  resp.stream = std::make_unique<WatchStream>(std::move(*sub), req_, std::move(shape), timeout, std::move(fields),
+                                             std::move(matching));
   return resp;
 }
 
@@ -710,9 +819,12 @@ HttpResponse RequestHandler::Delete(const Target& t) {
 }
 
 HttpResponse RequestHandler::DeleteCollection(const Target& t) {
-  state::ListOptions lo{req_.Query("labelSelector"), req_.Query("fieldSelector")};
+  FieldFilter fields;
+  if (auto bad = ParseFieldFilter(req_.Query("fieldSelector"), *t.r, &fields)) return Reply(*bad);
+  state::ListOptions lo{req_.Query("labelSelector"), fields.store};
   Result<state::ObjectList> list = o_.store->List(t.r->store_key, t.ns, lo, t.all_namespaces);
   if (!list.ok()) return Reply(ApiError::FromStatus(list.status(), *t.r, ""));
+  std::erase_if(list->items, [&fields](const json& o) { return !fields.Matches(o); });
   json items = json::array();
   for (const auto& item : list->items) {
     const std::string name = item["metadata"].value("name", "");

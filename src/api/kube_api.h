@@ -20,9 +20,10 @@
 //   subresources.kubevirt.io/v1: a VMI's console, log and ports
 //              (api/subresources.h).
 //   errors     metav1.Status with the HTTP code (api/errors.h).
-// Requests on the TLS endpoint need `Authorization: Bearer TOKEN` (401
-// otherwise; the health checks excepted); unix-socket peers were checked
-// by the transport.
+// Requests on the TLS endpoint need `Authorization: Bearer TOKEN` or,
+// when accept_client_cert is set, a client certificate the transport
+// verified (401 otherwise; the health checks excepted); unix-socket peers
+// were checked by the transport.
 //
 // Thread safety: Handle may be called from many threads at once.
 #pragma once
@@ -41,7 +42,8 @@ class KubeApi {
  public:
   struct Options {
     state::ObjectStore* store = nullptr;
-    std::string token;  // the TLS endpoint's bearer token
+    std::string token;  // the TLS endpoint's bearer token; "" accepts none
+    bool accept_client_cert = false;  // HttpRequest::client_cert_verified authenticates
     // Unix seconds, for Age columns; the system clock when unset.
     std::function<int64_t()> now;
     // A watch without timeoutSeconds ends after this long (the client

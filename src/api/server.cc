@@ -27,7 +27,9 @@ Result<std::unique_ptr<Server>> Server::Start(Options options) {
   }
   KubeApi::Options ao;
   ao.store = options.store;
-  ao.token = creds.token;
+  const bool cert_auth = options.auth == AuthMode::kClientCert;
+  if (!cert_auth) ao.token = creds.token;
+  ao.accept_client_cert = cert_auth;
   ao.metrics = options.metrics;
   ao.vmi_runtime = options.vmi_runtime;
   impl.api = std::make_unique<KubeApi>(std::move(ao));
@@ -36,6 +38,7 @@ Result<std::unique_ptr<Server>> Server::Start(Options options) {
   ho.tls_listen = options.listen;
   ho.tls_cert_pem = creds.cert_pem;
   ho.tls_key_pem = creds.key_pem;
+  if (cert_auth) ho.tls_client_ca_pem = creds.ca_cert_pem;
   ho.max_body_bytes = options.max_body_bytes;
   KubeApi* api = impl.api.get();
   ho.handler = [api](const HttpRequest& req) { return api->Handle(req); };
@@ -44,7 +47,7 @@ Result<std::unique_ptr<Server>> Server::Start(Options options) {
     const std::string client_host = host == "0.0.0.0" ? "127.0.0.1" : host;
     impl.url = "https://" + client_host + ":" + std::to_string(impl.http->tcp_port());
     impl.kubeconfig = options.root / "kubeconfig";
-    RETURN_IF_ERROR(WriteKubeconfig(impl.kubeconfig, impl.url, creds));
+    RETURN_IF_ERROR(WriteKubeconfig(impl.kubeconfig, impl.url, creds, options.auth));
   }
   return server;
 }

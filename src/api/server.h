@@ -10,9 +10,11 @@
 //   api->Stop();  // or destroy it; before the store
 //
 // Start creates the "default" namespace if missing and, with `listen`:
-// ROOT/api/{tls.crt,tls.key,token} (generated once, 0600) and
-// ROOT/kubeconfig (0600, rewritten at every start with the bound port, so
-// "127.0.0.1:0" works). The server only reads and writes the store; it
+// ROOT/api/{ca,tls,client}.{crt,key} and ROOT/api/token (generated once,
+// 0600; api/credentials.h) and ROOT/kubeconfig (0600, rewritten at every
+// start with the bound port, so "127.0.0.1:0" works, and with the
+// credential `auth` names). With kClientCert the endpoint accepts only a
+// certificate the CA issued, with kToken only the token. The server only reads and writes the store; it
 // runs no controller. The store must outlive the server.
 #pragma once
 
@@ -21,6 +23,7 @@
 #include <memory>
 #include <string>
 
+#include "api/credentials.h"
 #include "api/http_server.h"
 #include "api/subresources.h"
 #include "state/object_store.h"
@@ -35,6 +38,9 @@ class Server {
     std::filesystem::path root;  // for ROOT/api and ROOT/kubeconfig
     std::string socket_path;     // "" for no unix socket
     std::string listen;          // "" for no TLS endpoint; "ADDR:PORT"
+    // What the TLS endpoint accepts and the kubeconfig carries: the bearer
+    // token, or the client certificate (api/credentials.h).
+    AuthMode auth = AuthMode::kToken;
     size_t max_body_bytes = 3 * 1024 * 1024;
     // GET /metrics (Prometheus text); unset: not served.
     std::function<std::string()> metrics;

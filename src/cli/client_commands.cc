@@ -1,6 +1,6 @@
 // The client commands: apply, get, delete, scale, logs, console and port,
 // as kubectl and virtctl do them, against `regdisk serve` over its unix
-// socket (api/client.h). Kinds are resolved through the server's
+// socket or, given a kubeconfig, over TLS (api/client.h). Kinds are resolved through the server's
 // discovery documents, so the names, short names and plurals are the
 // server's; tables are the server's Table answers (printed as kubectl
 // prints them), so their columns are the same as kubectl's.
@@ -51,9 +51,10 @@ struct Kind {
   std::string api_version() const { return group.empty() ? version : group + "/" + version; }
   // "virtualmachineinstancereplicaset.kubevirt.io", as kubectl names objects.
   std::string object_prefix() const { return group.empty() ? singular : singular + "." + group; }
+  // ns "" with a namespaced kind: every namespace's (a list or a watch).
   std::string Path(const std::string& ns, const std::string& name = "") const {
     std::string p = group.empty() ? "/api/" + version : "/apis/" + group + "/" + version;
-    if (namespaced) p += "/namespaces/" + Escape(ns);
+    if (namespaced && !ns.empty()) p += "/namespaces/" + Escape(ns);
     p += "/" + plural;
     if (!name.empty()) p += "/" + Escape(name);
     return p;
@@ -69,6 +70,36 @@ struct Kind {
 std::string Lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   return s;
+}
+
+// The API the flags name (--kubeconfig, else --socket/REGDISK_SOCKET, else
+// KUBECONFIG, else the default socket) and the namespace to use (-n,
+// else the kubeconfig context's, else default).
+struct Connection {
+  api::ApiClient api;
+  ClientFlags flags;
+};
+
+Result<Connection> Connect(const ClientFlags& flags) {
+  Connection out{api::ApiClient(flags.socket), flags};
+  std::string kubeconfig = flags.kubeconfig;
+  if (kubeconfig.empty() && !flags.socket_set) {
+    // KUBECONFIG may list several files; the first that exists is read.
+    const char* env = std::getenv("KUBECONFIG");
+    std::string list = env ? env : "";
+    for (size_t start = 0; start < list.size() && kubeconfig.empty();) {
+      size_t colon = list.find(':', start);
+      std::string file = list.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
+      std::error_code ec;
+      if (!file.empty() && std::filesystem::exists(file, ec)) kubeconfig = file;
+      start = colon == std::string::npos ? list.size() : colon + 1;
+    }
+  }
+  if (kubeconfig.empty()) return out;
+  ASSIGN_OR_RETURN(api::Endpoint e, api::LoadKubeconfig(kubeconfig));
+  if (!flags.namespace_set && !e.ns.empty()) out.flags.namespace_ = e.ns;
+  out.api = api::ApiClient(std::move(e));
+  return out;
 }
 
 // The group versions whose kinds the client knows, in order of preference
@@ -278,20 +309,33 @@ std::vector<size_t> Columns(const json& table, bool wide) {
   return cols;
 }
 
-std::vector<std::vector<std::string>> TableRows(const json& table, const std::vector<size_t>& cols) {
+// With `with_namespace`, each row starts with its object's namespace (the
+// row's object is the server's PartialObjectMetadata), as kubectl get -A
+// prints it.
+std::vector<std::vector<std::string>> TableRows(const json& table, const std::vector<size_t>& cols,
+                                                bool with_namespace = false) {
   std::vector<std::vector<std::string>> rows;
   if (!table.contains("rows") || !table["rows"].is_array()) return rows;
   for (const auto& row : table["rows"]) {
     if (!row.is_object() || !row.contains("cells") || !row["cells"].is_array()) continue;
     std::vector<std::string> cells;
+    if (with_namespace) {
+      std::string ns;
+      if (row.contains("object") && row["object"].is_object() && row["object"].contains("metadata") &&
+          row["object"]["metadata"].is_object()) {
+        ns = CellText(row["object"]["metadata"].value("namespace", json("")));
+      }
+      cells.push_back(ns);
+    }
     for (size_t c : cols) cells.push_back(c < row["cells"].size() ? CellText(row["cells"][c]) : "");
     rows.push_back(std::move(cells));
   }
   return rows;
 }
 
-std::vector<std::string> Header(const json& table, const std::vector<size_t>& cols) {
+std::vector<std::string> Header(const json& table, const std::vector<size_t>& cols, bool with_namespace = false) {
   std::vector<std::string> h;
+  if (with_namespace) h.push_back("NAMESPACE");
   for (size_t c : cols) {
     std::string name = table["columnDefinitions"][c].value("name", "");
     std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) { return std::toupper(ch); });
@@ -424,6 +468,7 @@ std::string Query(const GetFlags& f, bool watch, const std::string& resource_ver
     q += (q.empty() ? "?" : "&") + k + "=" + Kind::Escape(v);
   };
   if (!f.selector.empty()) add("labelSelector", f.selector);
+  if (!f.field_selector.empty()) add("fieldSelector", f.field_selector);
   if (watch) {
     add("watch", "true");
     if (!resource_version.empty()) add("resourceVersion", resource_version);
@@ -437,7 +482,8 @@ Status Watch(const api::ApiClient& api, const Kind& k, const ClientFlags& c, con
   const bool table = f.output.empty() || f.output == "wide";
   std::string pending;
   api::ApiClient::Request req;
-  req.path = k.Path(c.namespace_) + Query(f, true, resource_version);
+  const bool all = f.all_namespaces && k.namespaced;
+  req.path = k.Path(all ? "" : c.namespace_) + Query(f, true, resource_version);
   if (table) req.accept = kTableAccept;
   auto sink = [&](std::string_view bytes) {
     pending.append(bytes);
@@ -453,7 +499,7 @@ Status Watch(const api::ApiClient& api, const Kind& k, const ClientFlags& c, con
         json t = ev["object"];
         std::vector<size_t> use = cols;
         if (t.contains("columnDefinitions") && !t["columnDefinitions"].empty()) use = Columns(t, f.output == "wide");
-        PrintRows(TableRows(t, use), &widths);
+        PrintRows(TableRows(t, use, all), &widths);
       } else {
         PrintObject(k, ev["object"], f.output);
       }
@@ -467,10 +513,13 @@ Status Watch(const api::ApiClient& api, const Kind& k, const ClientFlags& c, con
 
 }  // namespace
 
-int RunApply(const Globals&, const ClientFlags& c, const std::string& file) {
+int RunApply(const Globals&, const ClientFlags& flags, const std::string& file) {
   auto objects = ReadObjects(file);
   if (!objects.ok()) return Fail(objects.status());
-  api::ApiClient api(c.socket);
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
+  const api::ApiClient& api = conn->api;
   auto kinds = Discover(api);
   if (!kinds.ok()) return Fail(kinds.status());
   int code = 0;
@@ -536,19 +585,28 @@ int RunApply(const Globals&, const ClientFlags& c, const std::string& file) {
   return code;
 }
 
-int RunGet(const Globals&, const ClientFlags& c, const GetFlags& f) {
-  api::ApiClient api(c.socket);
+int RunGet(const Globals&, const ClientFlags& flags, const GetFlags& f) {
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
+  const api::ApiClient& api = conn->api;
   auto kinds = Discover(api);
   if (!kinds.ok()) return Fail(kinds.status());
   auto k = ResolveKind(*kinds, f.kind);
   if (!k.ok()) return Fail(k.status());
   const bool table = f.output.empty() || f.output == "wide";
+  // -A: one list across namespaces, a NAMESPACE column first (kubectl
+  // prints none for a kind that has no namespace).
+  const bool all = f.all_namespaces && k->namespaced;
+  if (f.all_namespaces && !f.names.empty()) {
+    return Fail(InvalidArgument("a resource cannot be retrieved by name across all namespaces; leave out -A or the names"));
+  }
   api::ApiClient::Request req;
   if (table) req.accept = kTableAccept;
   std::vector<json> answers;  // one list or table, or one per name
   int code = 0;
   if (f.names.empty()) {
-    req.path = k->Path(c.namespace_) + Query(f, false, "");
+    req.path = k->Path(all ? "" : c.namespace_) + Query(f, false, "");
     auto r = api.Do(req);
     if (!r.ok()) return Fail(r.status());
     if (!r->ok()) return Fail(r->Error());
@@ -573,14 +631,18 @@ int RunGet(const Globals&, const ClientFlags& c, const GetFlags& f) {
       if (!t.is_object()) continue;
       if (cols.empty()) {
         cols = Columns(t, f.output == "wide");
-        rows.push_back(Header(t, cols));
+        rows.push_back(Header(t, cols, all));
       }
-      auto more = TableRows(t, cols);
+      auto more = TableRows(t, cols, all);
       rows.insert(rows.end(), more.begin(), more.end());
       if (t.contains("metadata")) resource_version = t["metadata"].value("resourceVersion", "");
     }
     if (rows.size() <= 1 && f.names.empty() && !f.watch) {
-      std::fprintf(stderr, "No resources found in %s namespace.\n", PrintableLine(c.namespace_).c_str());
+      if (all || !k->namespaced) {
+        std::fprintf(stderr, "No resources found\n");
+      } else {
+        std::fprintf(stderr, "No resources found in %s namespace.\n", PrintableLine(c.namespace_).c_str());
+      }
     } else if (rows.size() > 1 || f.watch) {
       PrintRows(rows, &widths);
     }
@@ -615,8 +677,11 @@ int RunGet(const Globals&, const ClientFlags& c, const GetFlags& f) {
   return code;
 }
 
-int RunDelete(const Globals&, const ClientFlags& c, const DeleteFlags& f) {
-  api::ApiClient api(c.socket);
+int RunDelete(const Globals&, const ClientFlags& flags, const DeleteFlags& f) {
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
+  const api::ApiClient& api = conn->api;
   if (f.file.empty() == f.args.empty()) {
     return Fail(InvalidArgument("regdisk delete takes KIND NAME... or -f FILE (one of them)"));
   }
@@ -651,9 +716,12 @@ int RunDelete(const Globals&, const ClientFlags& c, const DeleteFlags& f) {
   return code;
 }
 
-int RunScale(const Globals&, const ClientFlags& c, const std::string& kind, const std::string& name, int64_t replicas) {
+int RunScale(const Globals&, const ClientFlags& flags, const std::string& kind, const std::string& name, int64_t replicas) {
   if (replicas < 0) return Fail(InvalidArgument("--replicas must be 0 or more"));
-  api::ApiClient api(c.socket);
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
+  const api::ApiClient& api = conn->api;
   auto kinds = Discover(api);
   if (!kinds.ok()) return Fail(kinds.status());
   auto k = ResolveKind(*kinds, kind);
@@ -713,8 +781,11 @@ constexpr char kEscape = 0x1d;  // Ctrl-]
 
 }  // namespace
 
-int RunLogs(const Globals&, const ClientFlags& c, const std::string& vmi, bool follow) {
-  api::ApiClient api(c.socket);
+int RunLogs(const Globals&, const ClientFlags& flags, const std::string& vmi, bool follow) {
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
+  const api::ApiClient& api = conn->api;
   api::ApiClient::Request req;
   req.path = SubresourcePath(c, vmi, "log") + (follow ? "?follow=true" : "");
   req.accept = "text/plain, application/json";
@@ -728,8 +799,11 @@ int RunLogs(const Globals&, const ClientFlags& c, const std::string& vmi, bool f
   return 0;
 }
 
-int RunConsole(const Globals&, const ClientFlags& c, const std::string& vmi) {
-  api::ApiClient api(c.socket);
+int RunConsole(const Globals&, const ClientFlags& flags, const std::string& vmi) {
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
+  const api::ApiClient& api = conn->api;
   auto u = api.Upgrade(SubresourcePath(c, vmi, "console"));
   if (!u.ok()) return Fail(u.status());
   if (!u->upgraded) return Fail(u->response.Error());
@@ -767,7 +841,10 @@ int RunConsole(const Globals&, const ClientFlags& c, const std::string& vmi) {
 
 // port: foreground `regdisk run` VMs under --root first (they need no
 // daemon); then, for a named VM not found there, the daemon's VMI.
-int RunPortCommand(const Globals& g, const ClientFlags& c, const std::string& name, const std::string& port) {
+int RunPortCommand(const Globals& g, const ClientFlags& flags, const std::string& name, const std::string& port) {
+  auto conn = Connect(flags);
+  if (!conn.ok()) return Fail(conn.status());
+  const ClientFlags& c = conn->flags;
   std::vector<vm::PublishedPort> ports;
   std::vector<vm::RunningVm> running = vm::ListRunningVms(g.root);
   std::sort(running.begin(), running.end(), [](const auto& a, const auto& b) {
@@ -788,8 +865,7 @@ int RunPortCommand(const Globals& g, const ClientFlags& c, const std::string& na
     ports = r.ports;
   }
   if (!found) {
-    api::ApiClient api(c.socket);
-    auto r = api.Do("GET", SubresourcePath(c, name, "ports"));
+    auto r = conn->api.Do("GET", SubresourcePath(c, name, "ports"));
     const std::string local = "VM " + c.namespace_ + "/" + PrintableLine(name, 80) +
                               " is not running on this node (under --root " + g.root + ")";
     if (!r.ok()) return Fail(NotFound(local + ", and " + r.status().message()));

@@ -150,6 +150,7 @@ int RunDomxml(const Globals& g, const RunFlags& f);
 struct ServeFlags {
   std::string socket = "/run/regdisk/regdisk.sock";  // --socket, env REGDISK_SOCKET; "" for none
   std::string listen;  // --listen ADDR:PORT for TLS; "" for none
+  std::string auth = "token";  // --auth token|cert: what the TLS endpoint takes and the kubeconfig holds
   std::string qemu;    // --qemu: the QEMU binary for the node's VMs
   std::string accel = "auto";  // --accel auto|kvm|tcg
   std::string node_name;       // --node-name: status.nodeName (default: the host name)
@@ -160,16 +161,24 @@ struct ServeFlags {
 int RunServe(const Globals& g, const ServeFlags& f);
 
 // Client commands (client_commands.cc): kubectl's and virtctl's verbs
-// against `regdisk serve` over its unix socket (api/client.h).
+// against `regdisk serve` over its unix socket or, with a kubeconfig, its
+// TLS endpoint (api/client.h).
 struct ClientFlags {
   std::string socket = "/run/regdisk/regdisk.sock";  // --socket, env REGDISK_SOCKET
   std::string namespace_ = "default";                // -n, --namespace
+  // --kubeconfig: talk TLS to the server it names (env KUBECONFIG when
+  // neither --socket nor REGDISK_SOCKET is set); "" for the socket.
+  std::string kubeconfig;
+  bool socket_set = false;     // --socket or REGDISK_SOCKET was given
+  bool namespace_set = false;  // -n was given (else the kubeconfig context's)
 };
 struct GetFlags {
   std::string kind;
   std::vector<std::string> names;
   std::string output;    // "" (a table), wide, json, yaml or name
   std::string selector;  // -l
+  std::string field_selector;  // --field-selector
+  bool all_namespaces = false;  // -A, --all-namespaces
   bool watch = false;    // -w
 };
 struct DeleteFlags {

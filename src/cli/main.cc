@@ -198,11 +198,17 @@ int Main(int argc, char** argv) {
 
   // The client commands: the daemon's API over its unix socket.
   ClientFlags client;
-  auto add_client_flags = [&client](CLI::App* cmd) {
-    cmd->add_option("--socket", client.socket, "the daemon's unix socket (env REGDISK_SOCKET)")
-        ->envname("REGDISK_SOCKET")
-        ->capture_default_str();
-    cmd->add_option("-n,--namespace", client.namespace_, "the namespace (default: default)");
+  std::vector<std::pair<CLI::Option*, CLI::Option*>> client_opts;  // --socket and -n of each client command
+  auto add_client_flags = [&client, &client_opts](CLI::App* cmd) {
+    CLI::Option* socket = cmd->add_option("--socket", client.socket, "the daemon's unix socket (env REGDISK_SOCKET)")
+                              ->envname("REGDISK_SOCKET")
+                              ->capture_default_str();
+    cmd->add_option("--kubeconfig", client.kubeconfig,
+                    "talk to the API server this kubeconfig names over TLS, such as ROOT/kubeconfig from regdisk serve "
+                    "--listen (env KUBECONFIG, used when neither --socket nor REGDISK_SOCKET is given)");
+    CLI::Option* ns = cmd->add_option("-n,--namespace", client.namespace_,
+                                      "the namespace (default: the kubeconfig context's, else default)");
+    client_opts.emplace_back(socket, ns);
     cmd->fallthrough();
   };
   std::string port_vm, port_port;
@@ -225,6 +231,9 @@ int Main(int argc, char** argv) {
   get->add_option("-o,--output", get_flags.output, "wide, json, yaml or name (default: a table)")
       ->check(OneOf({"wide", "json", "yaml", "name"}));
   get->add_option("-l,--selector", get_flags.selector, "a label selector, such as app=web");
+  get->add_option("--field-selector", get_flags.field_selector,
+                  "a field selector, such as metadata.name=web-x7k2p or status.phase!=Running (VMIs); =, == and !=");
+  get->add_flag("-A,--all-namespaces", get_flags.all_namespaces, "list the objects of every namespace");
   get->add_flag("-w,--watch", get_flags.watch, "after listing, print changes as they happen (until interrupted)");
   add_client_flags(get);
 
@@ -261,6 +270,10 @@ int Main(int argc, char** argv) {
       ->capture_default_str();
   serve->add_option("--listen", serve_flags.listen,
                     "also serve TLS on ADDR:PORT (port 0: any free one); writes ROOT/kubeconfig for kubectl");
+  serve->add_option("--auth", serve_flags.auth,
+                    "what the TLS endpoint accepts and ROOT/kubeconfig carries: token (a bearer token, the default) "
+                    "or cert (a client certificate its own CA issued)")
+      ->check(OneOf({"token", "cert"}));
   serve->add_option("--qemu", serve_flags.qemu, "the QEMU binary for the node's VMs (default: qemu-system-x86_64 on PATH)");
   serve->add_option("--accel", serve_flags.accel, "auto (KVM when usable, else TCG), kvm or tcg")
       ->check(CLI::IsMember({"auto", "kvm", "tcg"}));
@@ -353,6 +366,10 @@ int Main(int argc, char** argv) {
   if (*build) return RunBuild(g, bf, disk_file);
   if (*run) return RunRun(g, rf);
   if (*domxml) return RunDomxml(g, rf);
+  for (const auto& [socket, ns] : client_opts) {
+    client.socket_set = client.socket_set || socket->count() > 0;
+    client.namespace_set = client.namespace_set || ns->count() > 0;
+  }
   if (*port) return RunPortCommand(g, client, port_vm, port_port);
   if (*apply) return RunApply(g, client, apply_file);
   if (*get) return RunGet(g, client, get_flags);

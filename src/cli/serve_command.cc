@@ -69,6 +69,7 @@ int RunServe(const Globals& g, const ServeFlags& f) {
   options.root = root;
   options.socket_path = f.socket;
   options.listen = f.listen;
+  options.auth = f.auth == "cert" ? api::AuthMode::kClientCert : api::AuthMode::kToken;
   // The engine first: it adopts the VMs an earlier daemon left before the
   // API takes requests.
   daemon::NodeOptions node_options;
