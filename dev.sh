@@ -22,7 +22,7 @@ cd "$(dirname "$0")"
 PACKAGES=(
   cmake ninja-build g++ pkg-config binutils
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libcli11-dev libfmt-dev libyaml-cpp-dev libtomlplusplus-dev
-  libarchive-dev libzstd-dev libisal-dev libxml2-dev libisofs-dev libsqlite3-dev libmicrohttpd-dev
+  libarchive-dev libzstd-dev libisal-dev libxml2-dev libisofs-dev libsqlite3-dev libmicrohttpd-dev libgnutls28-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcpp-httplib-dev clang libclang-rt-14-dev
   docker-registry skopeo umoci buildah apache2-utils openssl ca-certificates tar
   qemu-utils qemu-system-x86 libvirt-clients procps iproute2
