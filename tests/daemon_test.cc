@@ -121,6 +121,7 @@ class DaemonTest : public TempDirTest {
     node_.reset();
     if (serve_) serve_->Terminate(10s);
     RunProgram({"pkill", "-KILL", "-f", (root_ / "run").string()});  // whatever a failed test left
+    RunProgram({"pkill", "-KILL", "-f", "nbdkit.*" + (root_ / "lazy").string()});
     TempDirTest::TearDown();
   }
 

@@ -188,6 +188,10 @@ void ControlServer::Answer(int fd) {
   std::memcpy(&length, req + 8, 8);
   ++requests_;
   const Status st = disk_.Ensure(offset, length);
+  // The disk is stopping (its owner goes, and may be restarting): no
+  // answer, so the plugin asks again, of the next owner, until its own
+  // deadline, rather than failing the guest's read.
+  if (st.code() == Code::kCancelled) return;
   int32_t err = 0;
   if (!st.ok()) {
     err = EIO;
@@ -234,6 +238,7 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
   ::unlink(nbd_path.c_str());
   ::unlink((dir / kPidRecord).c_str());
   Process::Options po;
+  po.stdout_mode = Process::Stdio::kNull;  // never a pipe or terminal of ours, which it may outlive
   po.stderr_mode = Process::Stdio::kFile;
   po.stderr_file = dir / "nbdkit.log";
   // nbdkit asks for a parent-death signal of its own, so one that is to
@@ -255,6 +260,14 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
                                          "control=" + control_path.string(),
                                          "deadline=" + std::to_string(o.deadline.count())};
   ASSIGN_OR_RETURN(Process nbdkit, Process::Spawn(argv, po));
+  if (o.outlive_owner) {
+    // What a later owner adopts it by: the pid and that process's start
+    // time, written at once, so that an owner killed while nbdkit starts
+    // leaves it findable (to adopt, or to stop) rather than running unseen.
+    const std::optional<uint64_t> ticks = ProcessStartTicks(nbdkit.pid());
+    if (!ticks) return Unavailable("nbdkit exited as it started; see " + (dir / "nbdkit.log").string());
+    RETURN_IF_ERROR(WriteFileAtomic(dir / kPidRecord, fmt::format("{} {}\n", nbdkit.pid(), *ticks), 0600));
+  }
   const auto until = std::chrono::steady_clock::now() + o.start_timeout;
   while (!CanConnect(nbd_path)) {
     if (std::optional<int> code = nbdkit.Poll()) {
@@ -275,12 +288,6 @@ Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOption
   e->socket_ = nbd_path;
   e->control_ = std::move(control);
   e->pid_ = nbdkit.pid();
-  if (o.outlive_owner) {
-    // What a later owner adopts it by: the pid and that process's start time.
-    const std::optional<uint64_t> ticks = ProcessStartTicks(nbdkit.pid());
-    if (!ticks) return Unavailable("nbdkit exited as it started; see " + (dir / "nbdkit.log").string());
-    RETURN_IF_ERROR(WriteFileAtomic(dir / kPidRecord, fmt::format("{} {}\n", nbdkit.pid(), *ticks), 0600));
-  }
   e->nbdkit_.emplace(std::move(nbdkit));
   return e;
 }
@@ -299,6 +306,13 @@ Result<std::unique_ptr<Export>> Export::Adopt(LazyDisk& disk, const ExportOption
   const std::optional<uint64_t> now_ticks = ProcessStartTicks(static_cast<pid_t>(pid));
   const fs::path nbd_path = dir / "nbd.sock";
   if (!pidfd.valid() || now_ticks != ticks || !CanConnect(nbd_path)) {
+    if (pidfd.valid() && now_ticks == ticks) {
+      // Ours, alive, but not serving (its owner died as it started, or it
+      // hangs): stopped, so that the one started next is the only one.
+      ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0);
+      pollfd p{pidfd.get(), POLLIN, 0};
+      ::poll(&p, 1, 5000);
+    }
     ::unlink((dir / kPidRecord).c_str());
     return NotFound("the nbdkit recorded for " + dir.string() + " is gone");
   }

@@ -15,7 +15,10 @@ Result<std::shared_ptr<LazyPull>> LazyPool::Acquire(const std::string& key, cons
     // An ended pull is reused when it committed (Ready() gives its export or
     // the stored disk); one that failed is replaced by a fresh attempt.
     if (!p->Ended() || p->Wait().ok()) return p;
-    if (p.use_count() == 1) pulls_.erase(it);
+    // A failed pull that VMs still hold keeps the layer's lock: a new one
+    // would wait for them all to stop. Its error stands until they have.
+    if (p.use_count() > 1) return p->Wait().status();
+    pulls_.erase(it);
   }
   ASSIGN_OR_RETURN(std::unique_ptr<LazyPull> started, start());
   std::shared_ptr<LazyPull> p = std::move(started);

@@ -121,9 +121,11 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   return out;
 }
 
-Result<LazyPull::Disk> LazyPull::Ready() {
+Result<LazyPull::Disk> LazyPull::Ready(const CancelToken* cancel) {
   std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return ready_.has_value(); });
+  while (!cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return ready_.has_value(); })) {
+    if (cancel && cancel->cancelled()) return cancel->status();
+  }
   if (!ready_->ok() || (*ready_)->stored) return *ready_;
   if (!export_ && committing_) {
     // It arrived in full before anyone asked: boot from the store.

@@ -75,7 +75,9 @@ class LazyPull {
   // call starts the export, tied to the calling thread (nbdkit dies with
   // it) unless ExportOptions::outlive_owner: call it from the thread that
   // runs the VM.
-  Result<Disk> Ready();
+  // With `cancel`, the wait ends (Cancelled) when it is cancelled; the
+  // pull goes on.
+  Result<Disk> Ready(const CancelToken* cancel = nullptr);
   // Waits until the pull ended: the stored disk, or why not.
   Result<store::StoredImage> Wait();
   // Whether the pull has ended (committed or failed), without waiting.

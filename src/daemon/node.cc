@@ -24,6 +24,7 @@
 #include "spec/spec.h"
 #include "util/cancel.h"
 #include "util/log.h"
+#include "util/text.h"
 
 namespace regdisk::daemon {
 
@@ -817,9 +818,9 @@ struct Node::Impl {
             ASSIGN_OR_RETURN(store::Store st, store::Store::Open(o.root));
             return blockserve::LazyPull::Start(st, std::move(source), key, po, o.plan.lazy_options);
           });
-      Status st = pull.ok() ? (*pull)->Ready().status() : pull.status();
+      Status st = pull.ok() ? (*pull)->Ready(quit.get()).status() : pull.status();
       if (!st.ok()) {
-        log::Warn("serving {} again for VMI {}: {}", key, uid, st.message());
+        log::Warn("serving {} again for VMI {}: {}", Printable(key), uid, st.message());
         continue;
       }
       d.lazy.push_back(std::move(*pull));
@@ -855,8 +856,12 @@ struct Node::Impl {
     starts.clear();
     stops.clear();
     reserves.clear();
+    // A QEMU a start launched meanwhile keeps running, and the next daemon
+    // adopts it: the export it reads from stays up too, so it is kept
+    // while its holders (in `done`) still count.
+    lazy_pool.KeepExports();
     std::lock_guard lock(mu);
-    done.clear();  // a QEMU a start launched meanwhile keeps running; the next daemon adopts it
+    done.clear();
   }
 };
 
@@ -876,7 +881,10 @@ Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
   Impl* self = impl.get();
   impl->events = std::make_unique<EventRecorder>(impl->store, impl->o.node_name, [self] { return self->Now(); });
   impl->Adopt();
-  RETURN_IF_ERROR(impl->OpenWatches());
+  if (Status st = impl->OpenWatches(); !st.ok()) {
+    impl->Shutdown();  // joins the threads Adopt started
+    return st;
+  }
   Impl* raw = impl.get();
   impl->loop = std::thread([raw] { raw->Run(); });
   return std::unique_ptr<Node>(new Node(std::move(impl)));

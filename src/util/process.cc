@@ -108,11 +108,19 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
   // A detached child's pid comes back through this one (it is not the pid
   // fork returns).
   UniqueFd detached_pid_read, detached_pid_write;
-  if (options.detach) RETURN_IF_ERROR(MakePipe(detached_pid_read, detached_pid_write));
+  // ...and the grandchild waits on this one until the parent holds a
+  // pidfd for it, so the pidfd names it for sure (it cannot have exited,
+  // been reaped by init and its pid reused); EOF without a byte: give up.
+  UniqueFd detached_go_read, detached_go_write;
+  if (options.detach) {
+    RETURN_IF_ERROR(MakePipe(detached_pid_read, detached_pid_write));
+    RETURN_IF_ERROR(MakePipe(detached_go_read, detached_go_write));
+  }
   // When our own stdio was closed, a descriptor made above can sit on 0, 1
   // or 2, where the child's dup2 calls would clobber it (or, being its own
   // target, keep close-on-exec): each moves above stdio first.
-  for (UniqueFd* fd : {&child_ends[0], &child_ends[1], &child_ends[2], &exec_err_write}) {
+  for (UniqueFd* fd : {&child_ends[0], &child_ends[1], &child_ends[2], &exec_err_write, &detached_pid_write,
+                       &detached_go_read}) {
     RETURN_IF_ERROR(RaiseAboveStdio(*fd));
   }
 
@@ -156,8 +164,10 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
       // Fork again and let the middle process go; the grandchild waits to
       // be re-parented before it runs anything, so that a parent-death
       // signal the program sets refers to init, not to us.
+      ::close(detached_go_write.get());  // the parent's end alone: its closing is EOF here
+      // (_Fork: no atfork handlers, which are not async-signal-safe.)
       const pid_t middle = ::getpid();
-      const pid_t grandchild = ::fork();
+      const pid_t grandchild = ::_Fork();
       if (grandchild < 0) die(errno);
       if (grandchild > 0) ::_exit(0);
       while (::getppid() == middle) {
@@ -167,6 +177,11 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
       if (::setsid() < 0) die(errno);
       const pid_t self = ::getpid();
       if (::write(detached_pid_write.get(), &self, sizeof self) != sizeof self) die(errno);
+      char go = 0;
+      ssize_t got;
+      while ((got = ::read(detached_go_read.get(), &go, 1)) < 0 && errno == EINTR) {
+      }
+      if (got != 1) ::_exit(127);
     } else if (options.new_process_group && ::setpgid(0, 0) != 0) {
       die(errno);
     }
@@ -202,6 +217,7 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
     }
     p.pid_ = -1;
     detached_pid_write.reset();
+    detached_go_read.reset();
     pid_t grandchild = -1;
     ssize_t got;
     while ((got = ::read(detached_pid_read.get(), &grandchild, sizeof grandchild)) < 0 && errno == EINTR) {
@@ -211,11 +227,14 @@ Result<Process> Process::Spawn(const std::vector<std::string>& argv, const Optio
       if (::read(exec_err_read.get(), &err, sizeof err) == sizeof err) return ErrnoStatus("starting " + argv[0], err);
       return Internal("starting " + argv[0] + ": the detached child did not report its pid");
     }
-    // Held before exec can fail: a failed child is then still a zombie of
-    // init's at worst, and the pidfd names it, not a reuse of its pid.
+    // The grandchild waits for the go byte: the pidfd names it. Without
+    // the byte (this returns early, the pipe closes) it exits.
     p.pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, grandchild, 0)));
     if (!p.pidfd_.valid()) return ErrnoStatus("opening a pidfd for " + argv[0]);
     p.pid_ = grandchild;
+    const char go = 1;
+    if (::write(detached_go_write.get(), &go, 1) != 1) return ErrnoStatus("starting " + argv[0]);
+    detached_go_write.reset();
   }
   int err = 0;
   ssize_t n;

@@ -124,6 +124,10 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
         if (o.lazy_pool != nullptr) {
           lazy_copts.cancel = nullptr;
           lazy_po.cancel = nullptr;
+          // Nor does it report to this start's progress callback, which
+          // refers to the start's own state (its commit may come long
+          // after the start returned).
+          lazy_po.on_progress = nullptr;
         }
         ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, lazy_copts));
         return blockserve::LazyPull::Start(st, std::move(source), key, lazy_po, o.lazy_options);
@@ -134,8 +138,13 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
       } else {
         ASSIGN_OR_RETURN(pull, start());
       }
-      ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready());
+      // A shared pull that has committed its disk: boot from the store, as
+      // a VM started after any pull would (its export is the earlier VMs').
+      if (o.lazy_pool != nullptr && pull->Ended() && pull->Wait().ok()) return fully();
+      ASSIGN_OR_RETURN(blockserve::LazyPull::Disk disk, pull->Ready(copts.cancel.get()));
       if (disk.stored) {
+        // A shared pull resolved another VM's path: this one pulls its own.
+        if (!src.path.empty() && src.path != disk.stored->disk_path) return fully();
         ResolvedVolume rv{key, std::move(*disk.stored), nullptr, {}, {}};
         rv.note = Printable(key) + (disk.arrived ? " arrived in full before boot"
                                                  : " is not a chunked image, so it was pulled in full before boot");
