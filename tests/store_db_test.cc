@@ -215,9 +215,9 @@ TEST_F(StoreDbTest, TwoProcessesNamingImagesAtOnceLoseNone) {
       Status st = [&]() -> Status {
         ASSIGN_OR_RETURN(auto name, image::ImageName::Parse(Layout(k == 0 ? "a" : "b")));
         ASSIGN_OR_RETURN(auto src, image::OpenSource(name, registry::ClientOptions{}));
-        ASSIGN_OR_RETURN(store::Store st, store::Store::Open(root_));
+        ASSIGN_OR_RETURN(store::Store s, store::Store::Open(root_));
         for (int i = 0; i < kEach; ++i) {
-          RETURN_IF_ERROR(st.Pull(*src, "docker://example.com/p" + std::to_string(k) + ":" + std::to_string(i),
+          RETURN_IF_ERROR(s.Pull(*src, "docker://example.com/p" + std::to_string(k) + ":" + std::to_string(i),
                                   store::PullOptions{})
                               .status());
         }
@@ -275,8 +275,8 @@ TEST_F(StoreDbTest, FsckChecksTheNamesInTheDatabaseAndRepairDropsBadOnes) {
   EXPECT_EQ(Images().size(), 2u);  // neither is listed
   RunResult r = Regdisk({"fsck"});
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.out, HasSubstr("vm/bogus:1\" (linux/amd64) is not a digest"));
-  EXPECT_THAT(r.out, HasSubstr("vm/gone:1\" (linux/amd64) points to the disk 0000"));
+  EXPECT_THAT(r.out, HasSubstr("vm/bogus:1\" (\"linux/amd64\") is not a digest"));
+  EXPECT_THAT(r.out, HasSubstr("vm/gone:1\" (\"linux/amd64\") points to the disk 0000"));
   EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 2) << r.out;
   r = Regdisk({"fsck", "--repair"});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
