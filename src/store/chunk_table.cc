@@ -1,45 +1,15 @@
 #include "store/chunk_table.h"
 
-#include <sqlite3.h>
-
-#include <iterator>
 #include <set>
 
 #include <nlohmann/json.hpp>
+
+#include "store/db.h"
 
 namespace regdisk::store {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-namespace {
-
-// Migration N brings the database from N-1 to N. Never edit one that was
-// released: append the next (moving refs.json into the database, say).
-struct Migration {
-  int version;
-  const char* sql;
-};
-constexpr Migration kMigrations[] = {
-    {1, R"sql(
-CREATE TABLE chunk_disks (
-  dir         TEXT PRIMARY KEY,  -- its directory under ROOT/disks
-  file        TEXT NOT NULL,     -- the disk file in it
-  chunk_shift INTEGER NOT NULL   -- chunk size = 1 << chunk_shift
-) WITHOUT ROWID;
-CREATE TABLE chunks (
-  dir         TEXT NOT NULL,     -- chunk_disks.dir
-  chunk       INTEGER NOT NULL,  -- chunk number: guest offset = chunk << chunk_shift
-  chunk_shift INTEGER NOT NULL,
-  digest      TEXT NOT NULL,     -- SHA-256 (hex) of the chunk's bytes; zero chunks are not listed
-  PRIMARY KEY (dir, chunk)
-) WITHOUT ROWID;
-CREATE INDEX chunks_by_digest ON chunks (chunk_shift, digest);
-)sql"},
-};
-constexpr int kBusyTimeoutMs = 10000;
-
-}  // namespace
 
 std::string HexOf(const ChunkTable::Sha256& sum) {
   static constexpr char kDigits[] = "0123456789abcdef";
@@ -70,47 +40,10 @@ bool ParseHex(const std::string& hex, ChunkTable::Sha256* out) {
 
 }  // namespace
 
-int ChunkTable::SchemaVersion() { return static_cast<int>(std::size(kMigrations)); }
+int ChunkTable::SchemaVersion() { return StoreDbSchemaVersion(); }
 
 Result<ChunkTable> ChunkTable::Open(const fs::path& root) {
-  const fs::path path = root / "store.db";
-  ASSIGN_OR_RETURN(state::Db db, state::Db::Open(path));
-  sqlite3_busy_timeout(db.get(), kBusyTimeoutMs);
-  auto where = [&](Status st) { return std::move(st).Annotate("the store's database " + path.string()); };
-  {
-    ASSIGN_OR_RETURN(state::Stmt st, db.Prepare("PRAGMA journal_mode = WAL"));
-    ASSIGN_OR_RETURN(bool row, st.Step());
-    if (!row || st.Text(0) != "wal") {
-      return FailedPrecondition(path.string() + ": SQLite could not switch to WAL mode; is the store on a file "
-                                "system without shared memory?");
-    }
-  }
-  // The table is a hint that fsck rebuilds: the last commits may be lost
-  // on a power cut, never the database.
-  RETURN_IF_ERROR(where(db.Exec("PRAGMA synchronous = NORMAL")));
-  RETURN_IF_ERROR(where(db.Exec("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                                "version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")));
-  auto newest = [&]() -> Result<int64_t> { return db.QueryInt("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"); };
-  auto too_new = [&](int64_t v) {
-    return FailedPrecondition(path.string() + ": schema version " + std::to_string(v) +
-                              " is newer than this regdisk knows (" + std::to_string(SchemaVersion()) +
-                              "); run a newer regdisk");
-  };
-  ASSIGN_OR_RETURN(int64_t found, newest());
-  if (found > SchemaVersion()) return too_new(found);
-  if (found < SchemaVersion()) {
-    ASSIGN_OR_RETURN(state::Transaction txn, state::Transaction::Begin(db));
-    ASSIGN_OR_RETURN(int64_t version, newest());  // another process may have migrated
-    if (version > SchemaVersion()) return too_new(version);
-    for (const Migration& m : kMigrations) {
-      if (m.version <= version) continue;
-      RETURN_IF_ERROR(db.Exec(m.sql).Annotate(path.string() + ": migrating to schema version " +
-                                              std::to_string(m.version)));
-      RETURN_IF_ERROR(db.Exec("INSERT INTO schema_migrations (version, applied_at) VALUES (" +
-                              std::to_string(m.version) + ", strftime('%s', 'now'))"));
-    }
-    RETURN_IF_ERROR(txn.Commit());
-  }
+  ASSIGN_OR_RETURN(state::Db db, OpenStoreDb(root));
   return ChunkTable(std::move(db));
 }
 

@@ -9,9 +9,8 @@
 //   ASSIGN_OR_RETURN(auto found, t.Find(index.chunk_shift, digests));  // before a pull
 //   RETURN_IF_ERROR(t.RemoveDisk("ab12…"));                          // on removal
 //
-// The database is ROOT/store.db (SQLite, WAL), its schema versioned by the
-// schema_migrations table: migration N is applied once, in order, in one
-// transaction with its row. The table is a hint, never the truth: a row may
+// The table lives in the store's database, ROOT/store.db (store/db.h: its
+// schema and migrations). The table is a hint, never the truth: a row may
 // name a disk that rotted or went away, so whoever copies a chunk it finds
 // verifies the copied bytes against the digest it wants.
 //
@@ -36,8 +35,8 @@ class ChunkTable {
  public:
   using Sha256 = std::array<uint8_t, 32>;
 
-  // Opens (creating, migrating) ROOT/store.db. FailedPrecondition for a
-  // schema newer than this regdisk knows.
+  // Opens (creating, migrating) ROOT/store.db, as OpenStoreDb does.
+  // FailedPrecondition for a schema newer than this regdisk knows.
   static Result<ChunkTable> Open(const std::filesystem::path& root);
 
   // The schema version this regdisk writes (the highest migration).

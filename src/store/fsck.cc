@@ -12,7 +12,9 @@
 #include <set>
 
 #include "disk/format.h"
+#include "state/sqlite.h"
 #include "store/chunk_table.h"
+#include "store/db.h"
 #include "store/store.h"
 #include "util/bytes.h"
 #include "util/fs.h"
@@ -113,19 +115,11 @@ void Store::CheckChunkTable(bool repair, std::set<std::string>* broken, std::vec
     }
     chunked[dir] = Chunked{m["file"].get<std::string>(), shift};
   }
-  const fs::path db = root_ / "store.db";
-  if (!fs::exists(db, ec) && chunked.empty()) return;
+  // CheckDatabase opened it (setting aside a damaged one) before.
   auto table = ChunkTable::Open(root_);
   if (!table.ok()) {
-    Problem p{"the store's chunk table " + db.string() + " cannot be read: " + table.status().message(), false};
-    // Rebuilt from the disks below; one a newer regdisk wrote is left alone.
-    if (repair && table.status().code() != Code::kFailedPrecondition) {
-      for (const char* suffix : {"", "-wal", "-shm"}) fs::remove(db.string() + suffix, ec);
-      table = ChunkTable::Open(root_);
-      p.repaired = table.ok();
-    }
-    out->push_back(std::move(p));
-    if (!table.ok()) return;
+    out->push_back(Problem{"the store's chunk table cannot be read: " + table.status().message(), false});
+    return;
   }
   auto recorded = table->Disks();
   if (!recorded.ok()) {
@@ -248,6 +242,118 @@ std::optional<std::string> Store::CheckDisk(const fs::path& dir) const {
   return std::nullopt;
 }
 
+namespace {
+
+// Renames `from` to the first of TO, TO.1, TO.2... that does not exist.
+Result<fs::path> MoveAside(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  fs::path target = to;
+  for (int i = 1; fs::exists(target, ec); ++i) target = to.string() + "." + std::to_string(i);
+  if (::rename(from.c_str(), target.c_str()) != 0) return ErrnoStatus("renaming " + from.string());
+  return target;
+}
+
+}  // namespace
+
+Result<bool> Store::CheckDatabase(bool repair, std::vector<Problem>* out) {
+  const fs::path db = root_ / "store.db";
+  for (;;) {
+    auto opened = OpenStoreDb(root_);
+    if (opened.ok()) return true;
+    const Status& why = opened.status();
+    if (Status legacy = CheckLegacyRefs(root_); !legacy.ok()) {
+      // A refs.json that cannot be imported: its names are lost.
+      Problem p{legacy.message(), false};
+      if (repair) {
+        ASSIGN_OR_RETURN(fs::path to, MoveAside(root_ / "refs.json", root_ / "refs.json.damaged"));
+        p = Problem{"the names file " + (root_ / "refs.json").string() + " (written by an older regdisk) was damaged; " +
+                        "set aside as " + to.filename().string() + " (its names are lost: pull those images again)",
+                    true};
+      }
+      out->push_back(std::move(p));
+      if (!repair) return false;
+      continue;
+    }
+    if (why.code() != Code::kDataLoss) {
+      // Newer than this regdisk (left alone), or busy, or unreadable: said.
+      out->push_back(Problem{why.message(), false});
+      return false;
+    }
+    // Damaged: kept aside for sqlite3's .recover, and started afresh (the
+    // chunk table is rebuilt from the disks; the names are lost).
+    Problem p{why.message(), false};
+    if (repair) {
+      ASSIGN_OR_RETURN(fs::path to, MoveAside(db, root_ / "store.db.damaged"));
+      std::error_code ec;
+      if (fs::exists(db.string() + "-wal", ec)) ::rename((db.string() + "-wal").c_str(), (to.string() + "-wal").c_str());
+      fs::remove(db.string() + "-shm", ec);
+      p = Problem{p.what + "; set aside as " + to.filename().string() +
+                      " (its names are lost: pull those images again, or recover them with sqlite3's .recover)",
+                  true};
+    }
+    out->push_back(std::move(p));
+    if (!repair) return false;
+    // One attempt: a fresh database that cannot be opened either is said.
+    auto fresh = OpenStoreDb(root_);
+    if (!fresh.ok()) {
+      out->push_back(Problem{fresh.status().message(), false});
+      return false;
+    }
+    return true;
+  }
+}
+
+Status Store::CheckRefs(bool repair, const std::set<std::string>& broken, std::vector<Problem>* out) {
+  ASSIGN_OR_RETURN(state::Db db, OpenStoreDb(root_));
+  // Read and repaired in one transaction (only with `repair`: a check does
+  // not hold up the pulls that go on meanwhile).
+  std::optional<state::Transaction> txn;
+  if (repair) {
+    ASSIGN_OR_RETURN(state::Transaction t, state::Transaction::Begin(db));
+    txn.emplace(std::move(t));
+  }
+  struct Row {
+    std::string name, platform, manifest, path;
+  };
+  std::vector<Row> rows;
+  {
+    ASSIGN_OR_RETURN(state::Stmt st,
+                     db.Prepare("SELECT name, platform, manifest, path FROM refs ORDER BY name, platform"));
+    for (;;) {
+      ASSIGN_OR_RETURN(bool row, st.Step());
+      if (!row) break;
+      rows.push_back(Row{st.Text(0), st.Text(1), st.Text(2), st.Text(3)});
+    }
+  }
+  std::error_code ec;
+  for (const Row& r : rows) {
+    std::string wrong;
+    auto d = oci::Digest::Parse(r.manifest);
+    const std::string dir = d.ok() ? DiskDir(*d, r.path).filename().string() : "";
+    if (!d.ok()) {
+      wrong = "is not a digest";
+    } else if (broken.count(dir)) {
+      wrong = "points to the broken disk " + dir;
+    } else if (!fs::exists(root_ / "disks" / dir, ec)) {
+      wrong = "points to the disk " + dir + ", which is missing";
+    }
+    if (wrong.empty()) continue;
+    Problem p{"name " + Printable(r.name, 200) + " (" + Printable(r.platform.empty() ? "unknown" : r.platform, 40) +
+                  ") " + wrong,
+              false};
+    if (repair) {
+      ASSIGN_OR_RETURN(state::Stmt del, db.Prepare("DELETE FROM refs WHERE name = ?1 AND platform = ?2"));
+      RETURN_IF_ERROR(del.Bind(1, r.name));
+      RETURN_IF_ERROR(del.Bind(2, r.platform));
+      RETURN_IF_ERROR(del.Run());
+      p.repaired = true;
+    }
+    out->push_back(std::move(p));
+  }
+  if (txn) RETURN_IF_ERROR(txn->Commit());
+  return OkStatus();
+}
+
 Result<std::vector<Problem>> Store::Check(bool repair) {
   // Shared: pulls may go on while we read. Exclusive to repair, as prune.
   ASSIGN_OR_RETURN(FileLock lock, repair ? FileLock::Acquire(root_ / "locks" / "store")
@@ -266,9 +372,12 @@ Result<std::vector<Problem>> Store::Check(bool repair) {
     if (repair) RemoveBrokenDisk(e.path(), &p);
     out.push_back(std::move(p));
   }
+  // The database (names and chunk table); a damaged one is set aside with
+  // `repair`, and then rebuilt as far as the disks tell.
+  ASSIGN_OR_RETURN(const bool have_db, CheckDatabase(repair, &out));
   // Chunked disks against the chunk digests they were pulled with, and the
   // chunk table against the disks (rows of removed disks go).
-  CheckChunkTable(repair, &broken, &out);
+  if (have_db) CheckChunkTable(repair, &broken, &out);
 
   // Lazily-pulled disks left behind: committed, or without a record, and
   // served by no export (a fill that can resume is not a problem).
@@ -282,51 +391,7 @@ Result<std::vector<Problem>> Store::Check(bool repair) {
   }
 
   // Names: each must point to a disk that is there and whole.
-  ASSIGN_OR_RETURN(FileLock refs_lock, FileLock::Acquire(root_ / "locks" / "refs"));
-  ASSIGN_OR_RETURN(json refs, ReadRefs());
-  bool refs_changed = false;
-  // What is wrong with one value ("sha256:…[#path]"), or "".
-  auto check = [&](const json& value) -> std::string {
-    if (!value.is_string()) return "is not a digest";
-    const std::string v = value.get<std::string>();
-    const size_t hash = v.find('#');
-    auto d = oci::Digest::Parse(v.substr(0, hash));
-    if (!d.ok()) return "is not a digest";
-    const std::string dir = DiskDir(*d, hash == std::string::npos ? "" : v.substr(hash + 1)).filename().string();
-    if (broken.count(dir)) return "points to the broken disk " + dir;
-    if (!fs::exists(root_ / "disks" / dir, ec)) return "points to the disk " + dir + ", which is missing";
-    return "";
-  };
-  auto report = [&](const std::string& what) {
-    Problem p{what, repair};
-    refs_changed |= repair;
-    out.push_back(std::move(p));
-    return repair;  // erase it
-  };
-  for (auto it = refs.begin(); it != refs.end();) {
-    bool erase = false;
-    if (it->is_object()) {  // name -> platform -> digest
-      for (auto p = it->begin(); p != it->end();) {
-        std::string wrong = check(*p);
-        if (!wrong.empty() && report("name " + Printable(it.key(), 200) + " (" + Printable(p.key(), 40) + ") " + wrong)) {
-          p = it->erase(p);
-        } else {
-          ++p;
-        }
-      }
-      erase = it->empty() && repair;
-    } else {  // the form before platforms were recorded
-      std::string wrong = check(*it);
-      erase = !wrong.empty() && report("name " + Printable(it.key(), 200) + " " + wrong);
-    }
-    if (erase) {
-      it = refs.erase(it);
-      refs_changed = true;
-    } else {
-      ++it;
-    }
-  }
-  if (refs_changed) RETURN_IF_ERROR(WriteFileAtomic(root_ / "refs.json", refs.dump(2) + "\n", 0600));
+  if (have_db) RETURN_IF_ERROR(CheckRefs(repair, broken, &out));
   return out;
 }
 

@@ -16,8 +16,10 @@
 #include <thread>
 
 #include "image/copy.h"
+#include "state/sqlite.h"
 #include "store/chunk_table.h"
 #include "store/chunked_pull.h"
+#include "store/db.h"
 #include "store/lazy_dir.h"
 #include "store/unpack.h"
 #include "util/byte_source.h"
@@ -353,42 +355,31 @@ Result<StoredImage> Store::Load(const Ref& ref) const {
   return img;
 }
 
-std::string Store::Ref::DiskKey() const { return manifest.str() + (path.empty() ? "" : "#" + path); }
+std::string Store::StoredPlatform(const oci::Digest& manifest) const { return StoredPlatformOf(root_, manifest); }
 
-std::string Store::StoredPlatform(const oci::Digest& manifest) const {
-  auto mt = ReadFileCapped(BlobPath(manifest), 4 << 20);
-  if (!mt.ok()) return "";
-  auto m = oci::Manifest::Parse(*mt);
-  if (!m.ok() || !m->config) return "";
-  auto ct = ReadFileCapped(BlobPath(m->config->digest), 4 << 20);
-  if (!ct.ok()) return "";
-  json c = json::parse(*ct, nullptr, false);
-  if (!c.is_object()) return "";
-  oci::Platform p{c.value("os", ""), c.value("architecture", ""), c.value("variant", "")};
-  if (p.os.empty() || p.architecture.empty()) return "";
-  return p.String();
+Result<std::optional<state::Db>> Store::OpenDbIfAny() const {
+  std::error_code ec;
+  if (!fs::exists(root_ / "store.db", ec) && !fs::exists(root_ / "refs.json", ec)) {
+    return std::optional<state::Db>();
+  }
+  ASSIGN_OR_RETURN(state::Db db, OpenStoreDb(root_));
+  return std::optional<state::Db>(std::move(db));
 }
 
-Result<std::vector<Store::Ref>> Store::ReadRefList() const {
-  ASSIGN_OR_RETURN(json refs, ReadRefs());
+Result<std::vector<Store::Ref>> Store::RefsIn(state::Db& db, const std::string* name) const {
+  ASSIGN_OR_RETURN(state::Stmt st, db.Prepare(name ? "SELECT name, platform, manifest, path FROM refs WHERE name = ?1"
+                                                   : "SELECT name, platform, manifest, path FROM refs"));
+  if (name) RETURN_IF_ERROR(st.Bind(1, *name));
   std::vector<Ref> out;
-  auto add = [&](const std::string& name, const std::string& platform, const json& value) {
-    if (!value.is_string()) return;
-    const std::string v = value.get<std::string>();
-    const size_t hash = v.find('#');
-    auto d = oci::Digest::Parse(v.substr(0, hash));
-    if (!d.ok()) return;
-    Ref r{name, platform, *d, hash == std::string::npos ? "" : v.substr(hash + 1)};
-    // The form before platforms were recorded: the stored config says.
+  for (;;) {
+    ASSIGN_OR_RETURN(bool row, st.Step());
+    if (!row) break;
+    auto d = oci::Digest::Parse(st.Text(2));
+    if (!d.ok()) continue;
+    Ref r{st.Text(0), st.Text(1), *d, st.Text(3)};
+    // Imported from a refs.json that did not say: the stored config may.
     if (r.platform.empty()) r.platform = StoredPlatform(r.manifest);
     out.push_back(std::move(r));
-  };
-  for (auto& [name, value] : refs.items()) {
-    if (value.is_object()) {
-      for (auto& [platform, v] : value.items()) add(name, platform == "unknown" ? "" : platform, v);
-    } else {
-      add(name, "", value);
-    }
   }
   std::sort(out.begin(), out.end(), [](const Ref& a, const Ref& b) {
     return a.name != b.name ? a.name < b.name : a.platform < b.platform;
@@ -396,33 +387,30 @@ Result<std::vector<Store::Ref>> Store::ReadRefList() const {
   return out;
 }
 
-Status Store::WriteRefList(const std::vector<Ref>& refs) {
-  json out = json::object();
-  for (const auto& r : refs) out[r.name][r.platform.empty() ? "unknown" : r.platform] = r.DiskKey();
-  return WriteFileAtomic(root_ / "refs.json", out.dump(2) + "\n", 0600);
+Result<std::vector<Store::Ref>> Store::ReadRefList(const std::string* name) const {
+  ASSIGN_OR_RETURN(std::optional<state::Db> db, OpenDbIfAny());
+  if (!db) return std::vector<Ref>();
+  return RefsIn(*db, name);
 }
 
-Result<json> Store::ReadRefs() const {
-  const fs::path p = root_ / "refs.json";
-  std::error_code ec;
-  if (!fs::exists(p, ec)) return json::object();
-  ASSIGN_OR_RETURN(std::string text, ReadFileCapped(p, 64 << 20));
-  json j = json::parse(text, nullptr, false);
-  if (!j.is_object()) return DataLoss("the store's " + p.string() + " is damaged; remove it and pull again");
-  return j;
+Status Store::SetRef(state::Db& db, const Ref& ref) {
+  ASSIGN_OR_RETURN(state::Stmt st, db.Prepare("INSERT OR REPLACE INTO refs (name, platform, manifest, path) "
+                                              "VALUES (?1, ?2, ?3, ?4)"));
+  RETURN_IF_ERROR(st.Bind(1, ref.name));
+  RETURN_IF_ERROR(st.Bind(2, ref.platform));
+  RETURN_IF_ERROR(st.Bind(3, ref.manifest.str()));
+  RETURN_IF_ERROR(st.Bind(4, ref.path));
+  return st.Run();
 }
 
-Status Store::SetRef(const std::string& name, const std::string& platform, const oci::Digest& manifest,
-                     const std::string& path) {
-  ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
-  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
-  std::erase_if(refs, [&](const Ref& r) { return r.name == name && r.platform == platform; });
-  refs.push_back(Ref{name, platform, manifest, path});
-  return WriteRefList(refs);
+Status Store::ReplaceRefs(state::Db& db, const std::vector<Ref>& refs) {
+  RETURN_IF_ERROR(db.Exec("DELETE FROM refs"));
+  for (const Ref& r : refs) RETURN_IF_ERROR(SetRef(db, r));
+  return OkStatus();
 }
 
 Result<std::optional<StoredImage>> Store::Lookup(const std::string& name, const oci::Platform& platform) const {
-  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
+  ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList(&name));
   for (const auto& r : refs) {
     if (r.name != name) continue;
     auto p = oci::Platform::Parse(r.platform);
@@ -448,6 +436,8 @@ Result<std::vector<StoredImage>> Store::List() const {
 }
 
 Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name, const PullOptions& options) {
+  // Where the name goes, opened (migrated) before anything is fetched.
+  ASSIGN_OR_RETURN(state::Db db, OpenStoreDb(root_));
   ASSIGN_OR_RETURN(FileLock sharing, Share());  // no Prune between the commit and the name
   ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(src, options.platform));
   const oci::Digest digest = img.raw.digest;
@@ -496,8 +486,9 @@ Result<StoredImage> Store::Pull(image::ImageSource& src, const std::string& name
   if (auto p = oci::Platform::Parse(platform); p.ok() && !p->Matches(options.platform)) {
     log::Warn("{} is for {}, not {}; it is stored as {}", Printable(name), platform, options.platform.String(), platform);
   }
-  RETURN_IF_ERROR(SetRef(name, platform, digest, options.path));
-  ASSIGN_OR_RETURN(StoredImage stored, Load(Ref{name, platform, digest, options.path}));
+  const Ref ref{name, platform, digest, options.path};
+  RETURN_IF_ERROR(SetRef(db, ref));
+  ASSIGN_OR_RETURN(StoredImage stored, Load(ref));
   RETURN_IF_ERROR(SetStableLink(name, options.platform, stored.disk_file));
   return stored;
 }
@@ -589,8 +580,10 @@ Result<GcResult> Store::Remove(const std::vector<std::string>& names) {
 Result<GcResult> Store::RemoveImages(const std::vector<StoredImage>& images, bool force) {
   ASSIGN_OR_RETURN(FileLock exclusive, FileLock::Acquire(root_ / "locks" / "store"));
   {
-    ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(root_ / "locks" / "refs"));
-    ASSIGN_OR_RETURN(std::vector<Ref> refs, ReadRefList());
+    // One transaction: no name another process adds meanwhile is lost.
+    ASSIGN_OR_RETURN(state::Db db, OpenStoreDb(root_));
+    ASSIGN_OR_RETURN(state::Transaction txn, state::Transaction::Begin(db));
+    ASSIGN_OR_RETURN(std::vector<Ref> refs, RefsIn(db, nullptr));
     auto is_target = [&](const Ref& r) {
       for (const auto& img : images) {
         if (img.name == r.name && img.platform == r.platform) return true;
@@ -627,7 +620,8 @@ Result<GcResult> Store::RemoveImages(const std::vector<StoredImage>& images, boo
         }
       }
     }
-    RETURN_IF_ERROR(WriteRefList(kept));
+    RETURN_IF_ERROR(ReplaceRefs(db, kept));
+    RETURN_IF_ERROR(txn.Commit());
   }
   return CollectLocked();
 }

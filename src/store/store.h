@@ -11,22 +11,20 @@
 //                               when a --path was given, a hash of that path):
 //                                 <file>       the disk, read-only
 //                                 meta.json    what it is (see StoredImage)
-//   ROOT/refs.json              image name -> platform -> manifest digest
-//                               [#path]: {"docker://h/r:t": {"linux/amd64":
-//                               "sha256:…"}}. A store written before
-//                               platforms were recorded maps names to
-//                               digests directly; such a name is read with
-//                               the platform its stored config states, and
-//                               rewritten in the new form on the next change
 //   ROOT/by-name/<h>-<platform> a link to the disk a name (hashed: h) was
 //                               last pulled as for --platform, replaced by
 //                               each pull and removed with the name; what
 //                               domxml names, so a libvirt domain outlives
 //                               a new pull of its tag
-//   ROOT/store.db               SQLite (WAL; schema_migrations versions it):
-//                               the chunk table, every non-zero chunk's
-//                               SHA-256 of each chunked disk, for delta
-//                               pulls (store/chunk_table.h)
+//   ROOT/store.db               SQLite (WAL; schema_migrations versions it,
+//                               store/db.h): the names (table refs: image
+//                               name and platform -> manifest digest [and
+//                               path]) and the chunk table, every non-zero
+//                               chunk's SHA-256 of each chunked disk, for
+//                               delta pulls (store/chunk_table.h)
+//   ROOT/refs.json.migrated     where the names were kept before store.db
+//                               held them (ROOT/refs.json): imported on the
+//                               first open, then renamed (store/db.h)
 //   ROOT/locks/, ROOT/tmp/      locks and staging on the same file system;
 //                               a pull stages in tmp/<disk dir>.staging, so
 //                               the next pull of that image (under the same
@@ -45,7 +43,9 @@
 // deleting needs that lock exclusively. Pulls and VM planning hold the
 // store lock shared; Remove and Prune take it exclusively, so they never
 // delete a disk between a pull's commit and its name, or between a VM's
-// lookup and its Use.
+// lookup and its Use. Names are written in SQLite transactions (so pulls
+// naming images side by side, in several processes, lose none) and read
+// without any lock of the store's.
 //
 // Nothing becomes visible before it is complete: a disk directory is
 // renamed into place after every layer's digest has checked and the disk
@@ -74,6 +74,10 @@
 #include "util/cancel.h"
 #include "util/fs.h"
 #include "util/status.h"
+
+namespace regdisk::state {
+class Db;
+}
 
 namespace regdisk::store {
 
@@ -148,7 +152,9 @@ class Store {
 
   const std::filesystem::path& root() const { return root_; }
 
-  // Pulls `src` (named `name` in refs.json) and materialises its disk.
+  // Pulls `src` (named `name` in the store's names) and materialises its
+  // disk. A store whose database cannot be opened (a damaged refs.json to
+  // import, say) fails before anything is fetched.
   Result<StoredImage> Pull(image::ImageSource& src, const std::string& name, const PullOptions& options);
 
   // The image a name was last pulled as for `platform` (an image whose
@@ -202,12 +208,11 @@ class Store {
 
  private:
   explicit Store(std::filesystem::path root) : root_(std::move(root)) {}
-  // One name of refs.json for one platform.
+  // One name for one platform (a row of store.db's refs).
   struct Ref {
     std::string name, platform;
     oci::Digest manifest;
     std::string path;
-    std::string DiskKey() const;  // "digest#path" as refs.json stores it
   };
   Result<StoredImage> Load(const Ref& ref) const;
   // Stores a small verified blob (a manifest, a config) unless it is there,
@@ -238,18 +243,26 @@ class Store {
   std::optional<std::string> CheckDisk(const std::filesystem::path& dir) const;
   void CheckBlobs(bool repair, std::vector<Problem>* out);
   void CheckChunkTable(bool repair, std::set<std::string>* broken, std::vector<Problem>* out);
+  // Opens the database (false when it cannot be: problems say why), with
+  // `repair` setting aside a damaged refs.json or store.db first.
+  Result<bool> CheckDatabase(bool repair, std::vector<Problem>* out);
+  Status CheckRefs(bool repair, const std::set<std::string>& broken, std::vector<Problem>* out);
   // Removes a broken disk unless a VM uses it (then says so in p->what);
   // true when removed.
   bool RemoveBrokenDisk(const std::filesystem::path& dir, Problem* p);
   std::filesystem::path UseLockPath(const std::filesystem::path& disk_dir) const;
-  // refs.json in either form; entries that are not digests are skipped
-  // (fsck reports them).
-  Result<std::vector<Ref>> ReadRefList() const;
-  Status WriteRefList(const std::vector<Ref>& refs);  // with locks/refs held
+  // The store's database, or nullopt (nothing created) when the store has
+  // neither store.db nor a refs.json to import: it has no names.
+  Result<std::optional<state::Db>> OpenDbIfAny() const;
+  // Every name, sorted by name, then platform; rows that are not digests
+  // are skipped (fsck reports them). `name`: only that name's.
+  Result<std::vector<Ref>> ReadRefList(const std::string* name = nullptr) const;
+  Result<std::vector<Ref>> RefsIn(state::Db& db, const std::string* name) const;
+  // Replaces every name by `refs` (in the caller's transaction).
+  static Status ReplaceRefs(state::Db& db, const std::vector<Ref>& refs);
   // The platform of a stored manifest's config ("" when unknown).
   std::string StoredPlatform(const oci::Digest& manifest) const;
-  Status SetRef(const std::string& name, const std::string& platform, const oci::Digest& manifest, const std::string& path);
-  Result<nlohmann::json> ReadRefs() const;
+  static Status SetRef(state::Db& db, const Ref& ref);
   // Points StablePath(name, platform) at `disk_file` (replaced atomically).
   Status SetStableLink(const std::string& name, const oci::Platform& platform, const std::filesystem::path& disk_file);
   // Removes links whose name no longer refers to the disk they point to,
