@@ -714,6 +714,34 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   EXPECT_TRUE(Eventually([&] { return !fs::exists(lazy_dir); }));
 }
 
+// The fill completes in the daemon that started it, long after the VM's
+// start has returned: the commit reports to nothing of that start's (under
+// ASan, a use after free if it did), and a VM started afterwards boots from
+// the store, not from the export.
+TEST_F(LazyDaemonTest, AFillThatCompletesUnderItsOwnDaemonCommitsAndLaterVmsUseTheStore) {
+  StallTheFill();  // until the first VM runs from the export
+  StartNode(/*lazy=*/true);
+  CreateReplicaSet("web", 1);
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  proxy_->ClearRules();
+  ASSERT_TRUE(Eventually([&] { return Stored(); })) << json(Vmis()).dump(2);
+  EXPECT_TRUE(Eventually([&] { return node_->MetricsText().find("\nregdisk_lazy_fills 0\n") != std::string::npos; }));
+  auto rs = store_->Get(kVmirsResource, "default", "web");
+  ASSERT_OK(rs);
+  (*rs)["spec"]["replicas"] = 2;
+  ASSERT_OK(store_->Update(kVmirsResource, *rs));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 2; })) << json(Vmis()).dump(2);
+  // The second VM's overlay is backed by the store's disk, not by NBD.
+  int over_nbd = 0;
+  for (const auto& v : RunningVmis()) {
+    const std::string uid = v["metadata"]["uid"];
+    auto cmdline = ReadFileCapped("/proc/" + std::to_string(PidOf(root_, uid)) + "/cmdline", 1 << 20);
+    ASSERT_OK(cmdline.status());
+    over_nbd += cmdline->find("\"driver\":\"nbd\"") != std::string::npos;
+  }
+  EXPECT_EQ(over_nbd, 1);
+}
+
 // The same through the real `regdisk serve`, killed with SIGKILL mid-fill:
 // nothing of the daemon's runs its destructors, yet the QEMUs and the
 // export run on, and the next daemon adopts them and finishes the fill.

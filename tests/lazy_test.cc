@@ -254,6 +254,20 @@ TEST_F(LazyTest, AReaderOfTheOldDiskKeepsItWhenTheDiskStartsAfresh) {
   EXPECT_EQ(buf, raw_.substr(0, 512));
 }
 
+TEST_F(LazyTest, AKeptBitmapWithNoBitSetKeepsItsFileForAReaderOfBoth) {
+  // The first owner served the disk and stopped before any chunk arrived:
+  // its nbdkit runs on (adopted by the next owner) with the file open and
+  // the bitmap mapped, so the next owner must fill that very file.
+  { ASSERT_NE(Open(), nullptr); }
+  UniqueFd old = OpenFile(tmp() / "lazy/disk.raw", O_RDONLY).value();
+  auto d = Open();
+  ASSERT_NE(d, nullptr);
+  ASSERT_OK(d->Ensure(0, 512));
+  std::string buf(512, '\0');
+  ASSERT_EQ(::pread(old.get(), buf.data(), buf.size(), 0), 512);
+  EXPECT_EQ(buf, raw_.substr(0, 512)) << "the bit was set for another file than the one its reader holds";
+}
+
 TEST_F(LazyTest, ACorruptedFrameIsNeverServedAndTheNextReadHealsIt) {
   LazyDiskOptions o;
   o.readahead_bytes = 0;

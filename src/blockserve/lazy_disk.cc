@@ -58,13 +58,21 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
   ASSIGN_OR_RETURN(store::ChunkBitmap bitmap,
                    store::ChunkBitmap::Open(dir / "chunks.map", idx.chunks.size(), idx.chunk_shift, index_digest));
   const fs::path file = dir / "disk.raw";
-  // A fresh bitmap proves nothing about the file: start it empty too. And
-  // bits prove nothing about a file that is gone or of another size.
+  // The bitmap and the file go together: an nbdkit serving them (adopted
+  // by a later owner) holds the file open and maps the bitmap, and must see
+  // bits that speak of the file it reads. Bits prove nothing about a file
+  // that is gone or of another size: then both are started afresh, each a
+  // new file renamed into place, and such an nbdkit keeps its old pair.
   std::error_code ec;
-  if (bitmap.Count() != 0 && (!fs::exists(file, ec) || fs::file_size(file, ec) != idx.disk_size)) {
-    for (uint64_t k = 0; k < bitmap.chunks(); ++k) bitmap.Clear(k);
+  const bool file_ok = fs::exists(file, ec) && fs::file_size(file, ec) == idx.disk_size;
+  if (!bitmap.created() && !file_ok) {
+    if (::unlink((dir / "chunks.map").c_str()) != 0) return ErrnoStatus("removing " + (dir / "chunks.map").string());
+    ASSIGN_OR_RETURN(bitmap, store::ChunkBitmap::Open(dir / "chunks.map", idx.chunks.size(), idx.chunk_shift,
+                                                      index_digest));
   }
-  const bool fresh = bitmap.Count() == 0;
+  // A new bitmap proves nothing about the old file: a new file too. A kept
+  // one keeps its file, even with no bit set.
+  const bool fresh = bitmap.created();
   UniqueFd fd;
   if (fresh) {
     // A new file, renamed into place: an nbdkit still serving the old one

@@ -127,6 +127,7 @@ Result<ChunkBitmap> ChunkBitmap::Open(const fs::path& path, uint64_t chunks, int
   out.map_ = map;
   out.map_bytes_ = bytes;
   out.chunks_ = chunks;
+  out.created_ = fresh;
   if (!fresh) {
     const std::string now = CurrentBootId();
     const char* was = static_cast<const char*>(map) + REGDISK_CHUNKMAP_OFF_BOOT_ID;
@@ -145,6 +146,7 @@ ChunkBitmap& ChunkBitmap::operator=(ChunkBitmap&& o) noexcept {
     map_bytes_ = std::exchange(o.map_bytes_, 0);
     chunks_ = std::exchange(o.chunks_, 0);
     previous_boot_ = o.previous_boot_;
+    created_ = o.created_;
   }
   return *this;
 }

@@ -52,6 +52,9 @@ class ChunkBitmap {
   // The first clear bit at or after k, or chunks() when there is none.
   uint64_t NextClear(uint64_t k) const;
 
+  // True when Open made this file (none was there, or the one there was
+  // not this index's): a process that mapped the file before maps another.
+  bool created() const { return created_; }
   // True when the bits were written under an earlier boot of the machine.
   bool from_previous_boot() const { return previous_boot_; }
   // Calls still_good(k) for every set bit and clears those it rejects,
@@ -71,6 +74,7 @@ class ChunkBitmap {
   size_t map_bytes_ = 0;
   uint64_t chunks_ = 0;
   bool previous_boot_ = false;
+  bool created_ = false;
 };
 
 // What a bitmap file says, read without changing it (for `images`):
