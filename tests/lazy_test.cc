@@ -331,6 +331,7 @@ TEST_F(LazyTest, TheFillKeepsSeveralRequestsInFlight) {
   LazyDiskOptions o;
   o.fill_batch_bytes = 256 * kKiB;  // enough requests for three at once
   o.fill_connections = 3;
+  o.fill_ramp = std::chrono::milliseconds(0);
   o.label = "test layer";
   src_ = Source();
   auto reader = src_->OpenRangeReader().value();

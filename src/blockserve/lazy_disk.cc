@@ -467,7 +467,17 @@ void LazyDisk::FillLoop() {
   // verifies and writes another. Each worker takes the next batch in fill
   // order, so the requests start in that order.
   std::vector<std::thread> more;
-  for (int i = 1; i < options_.fill_connections; ++i) more.emplace_back([this] { FillWorker(); });
+  for (int i = 1; i < options_.fill_connections; ++i) {
+    more.emplace_back([this] {
+      {
+        // The first moments belong to what starts beside the fill (a VM
+        // booting from this disk): one request at a time until then.
+        std::unique_lock lock(mu_);
+        cv_.wait_for(lock, options_.fill_ramp, [&] { return stop_ || bitmap_.Complete(); });
+      }
+      FillWorker();
+    });
+  }
   FillWorker();
   for (std::thread& t : more) t.join();
   FinishFill();

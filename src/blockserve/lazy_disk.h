@@ -8,9 +8,12 @@
 // The fill, and how long it can hold up a guest read. The fill keeps up to
 // fill_connections ranged reads in flight, each of up to fill_batch_bytes
 // of frames (3 and 8 MiB: what a plain chunked pull uses, so that a fill
-// costs the registry as few requests as a pull does). Its threads run at a
-// lower CPU priority (fill_nice) than everything else in the process, so a
-// guest read's own fetch and the VM beside it go first on a busy machine.
+// costs the registry as few requests as a pull does), after a first
+// fill_ramp (1 s) with one request at a time, while a VM that boots from
+// the disk starts. Its threads run at the lowest CPU priority (fill_nice
+// 19), so a guest read's own fetch and the VM beside it go first on a busy
+// machine; a guest read that waits for a chunk the fill is fetching waits
+// on such a thread (for one frame, see below).
 // A guest read never waits for a whole fill request:
 //  - no fill request starts while a guest read is in progress;
 //  - a fill request hands on each chunk the moment its frame has arrived,
@@ -98,13 +101,15 @@ struct LazyDiskOptions {
   // the same time each).
   std::chrono::milliseconds read_deadline{60000};
   // Background fill: the most bytes of frames one request asks for, how
-  // many requests are in flight at once, the CPU priority (nice value, 0 to
-  // 19) of the fill's threads, and the pause after a failed request. A
-  // guest read that needs a chunk a fill request is fetching waits until
-  // that chunk's frame has arrived, not for the whole request.
+  // many requests are in flight at once (at least one; only one during the
+  // first fill_ramp), the CPU priority (nice value, 0 to 19) of the fill's
+  // threads, and the pause after a failed request. A guest read that needs
+  // a chunk a fill request is fetching waits until that chunk's frame has
+  // arrived, not for the whole request.
   uint64_t fill_batch_bytes = 8 << 20;
   int fill_connections = 3;
-  int fill_nice = 10;
+  std::chrono::milliseconds fill_ramp{1000};
+  int fill_nice = 19;
   std::chrono::milliseconds fill_retry{1000};
   std::function<void(const LazyEvent&)> on_event;
   // Where the boot profile is read from and written to; DIR/profile when
