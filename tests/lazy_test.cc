@@ -14,7 +14,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <condition_variable>
 #include <future>
+#include <mutex>
 #include <regex>
 #include <thread>
 
@@ -141,6 +143,7 @@ TEST_F(LazyTest, TheFillFetchesTheProfiledChunksFirst) {
   LazyDiskOptions o;
   o.profile = tmp() / "profile";
   o.fill_batch_bytes = 1;  // one chunk per request, so the order shows
+  o.fill_connections = 1;  // and one at a time: completions in the order asked
   std::vector<uint64_t> order;
   std::vector<bool> seen(64, false);
   LazyDisk* disk = nullptr;
@@ -178,6 +181,219 @@ TEST_F(LazyTest, AResumedRunMergesItsReadsIntoTheProfile) {
   }
   EXPECT_EQ(ReadFileCapped(tmp() / "profile", 1 << 20).value(), "3\n1\n5\n")
       << "the previous order kept, the new chunk after it, each once";
+}
+
+// Readers that report on the requests made through them: how many, how
+// many at once, and a gate that holds a request's bytes at one offset of
+// the blob until the test opens it. Every wait here is a hang guard.
+struct ReadWatch {
+  std::mutex mu;
+  std::condition_variable cv;
+  int reads = 0, in_flight = 0, max_in_flight = 0;
+  int hold_until_in_flight = 0;  // a Read waits until this many are in flight
+  uint64_t piece = 0;            // hand bytes on in pieces of this size (0: as they come)
+  uint64_t gate_at = UINT64_MAX;  // blob offset where a request's bytes stop...
+  bool gate_open = true;          // ...until this is set
+  bool at_gate = false;
+  uint64_t delivered_to = 0;  // blob offset just past the last byte handed on
+
+  template <class Pred>
+  bool WaitFor(std::unique_lock<std::mutex>& lock, Pred pred) {
+    return cv.wait_for(lock, std::chrono::seconds(30), pred);
+  }
+};
+
+class WatchedReader : public image::BlobRangeReader {
+ public:
+  WatchedReader(std::unique_ptr<image::BlobRangeReader> inner, ReadWatch* w) : inner_(std::move(inner)), w_(w) {}
+  Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) override {
+    return Watched(desc, offset, length, sink, nullptr);
+  }
+  Status ReadCancellable(const oci::Descriptor& desc, uint64_t offset, uint64_t length,
+                         const registry::BlobSink& sink, const CancelToken& cancel) override {
+    return Watched(desc, offset, length, sink, &cancel);
+  }
+
+ private:
+  Status Watched(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink,
+                 const CancelToken* cancel) {
+    {
+      std::unique_lock lock(w_->mu);
+      ++w_->reads;
+      w_->max_in_flight = std::max(w_->max_in_flight, ++w_->in_flight);
+      w_->cv.notify_all();
+      w_->WaitFor(lock, [&] { return w_->in_flight >= w_->hold_until_in_flight; });
+      w_->hold_until_in_flight = 0;  // once reached (or given up on), never again
+      w_->cv.notify_all();
+    }
+    uint64_t pos = offset;
+    auto hand_on = [&](std::string_view bytes) -> Status {
+      while (!bytes.empty()) {
+        uint64_t n = w_->piece ? std::min<uint64_t>(w_->piece, bytes.size()) : bytes.size();
+        {
+          std::unique_lock lock(w_->mu);
+          if (!w_->gate_open && pos <= w_->gate_at && pos + n > w_->gate_at) {
+            if (pos == w_->gate_at) {
+              w_->at_gate = true;
+              w_->cv.notify_all();
+              w_->WaitFor(lock, [&] { return w_->gate_open; });
+            } else {
+              n = w_->gate_at - pos;
+            }
+          }
+        }
+        RETURN_IF_ERROR(sink(bytes.substr(0, n)));
+        pos += n;
+        bytes.remove_prefix(n);
+        std::lock_guard lock(w_->mu);
+        w_->delivered_to = pos;
+      }
+      return OkStatus();
+    };
+    Status st = cancel ? inner_->ReadCancellable(desc, offset, length, hand_on, *cancel)
+                       : inner_->Read(desc, offset, length, hand_on);
+    std::lock_guard lock(w_->mu);
+    --w_->in_flight;
+    w_->cv.notify_all();
+    return st;
+  }
+
+  std::unique_ptr<image::BlobRangeReader> inner_;
+  ReadWatch* w_;
+};
+
+// Each chunk's frame is handed on as soon as its last byte is in, in order,
+// and is exactly the frame.
+TEST_F(LazyTest, ReadBatchFramesHandsOnEachFrameAsItArrives) {
+  src_ = Source();
+  auto inner = src_->OpenRangeReader().value();
+  store::ChunkedLayerHead head = store::OpenChunkedLayer(*inner, layer_, loc_, 1ull << 40, "test").value();
+  const oci::ChunkIndex& idx = head.index;
+  ReadWatch w;
+  w.piece = 1000;
+  WatchedReader r(std::move(inner), &w);
+  const auto batches = store::CoalesceChunks(idx, store::AllChunks(idx), 1 << 30, 0);
+  ASSERT_EQ(batches.size(), 1u);
+  const store::ChunkBatch& b = batches[0];
+  std::string whole;
+  ASSERT_OK(store::ReadRange(r, layer_, b.offset, b.length, &whole));
+  std::vector<size_t> seen;
+  ASSERT_OK(store::ReadBatchFrames(r, layer_, idx, b, [&](size_t k, std::string_view frame) -> Status {
+    seen.push_back(k);
+    EXPECT_EQ(frame, store::FrameOf(idx, b, whole, k)) << "chunk " << k;
+    const uint64_t frame_end = idx.chunks[k].frame_offset + idx.chunks[k].frame_length;
+    std::lock_guard lock(w.mu);
+    EXPECT_LT(w.delivered_to, frame_end + w.piece) << "chunk " << k << " was held back after its frame arrived";
+    return OkStatus();
+  }));
+  EXPECT_EQ(seen, store::AllChunks(idx));
+  // An error from the sink stops the read and is returned.
+  Status st = store::ReadBatchFrames(r, layer_, idx, b, [&](size_t k, std::string_view) -> Status {
+    return k == 3 ? Internal("stop here") : OkStatus();
+  });
+  EXPECT_EQ(st.code(), Code::kInternal) << st.ToString();
+}
+
+// The number of requests a fill of everything makes when each takes frames
+// up to `max` bytes, in disk order.
+size_t FillRequests(const oci::ChunkIndex& idx, uint64_t max) {
+  size_t requests = 0;
+  uint64_t bytes = 0;
+  for (const oci::ChunkEntry& c : idx.chunks) {
+    if (requests == 0 || bytes + c.frame_length > max) {
+      ++requests;
+      bytes = 0;
+    }
+    bytes += c.frame_length;
+  }
+  return requests;
+}
+
+TEST_F(LazyTest, TheFillAsksForFewLargeRequests) {
+  LazyDiskOptions o;
+  o.max_batch_bytes = 256 * kKiB;  // a guest read's requests: not the fill's
+  o.fill_batch_bytes = 1 * kMiB;
+  auto d = Open(o);
+  ASSERT_NE(d, nullptr);
+  uint64_t frames = 0;
+  for (const oci::ChunkEntry& c : d->index().chunks) frames += c.frame_length;
+  d->StartFill();
+  ASSERT_OK(d->WaitComplete(nullptr));
+  EXPECT_EQ(d->requests(), FillRequests(d->index(), o.fill_batch_bytes))
+      << "each request as large as fill_batch_bytes allows";
+  EXPECT_EQ(d->fetched_bytes(), frames) << "every frame once";
+  EXPECT_EQ(ReadFileCapped(d->file(), 8 * kMiB).value(), raw_);
+}
+
+TEST_F(LazyTest, TheFillKeepsSeveralRequestsInFlight) {
+  ReadWatch w;
+  w.hold_until_in_flight = 3;
+  LazyDiskOptions o;
+  o.fill_batch_bytes = 256 * kKiB;  // enough requests for three at once
+  o.fill_connections = 3;
+  o.fill_ramp = std::chrono::milliseconds(0);
+  o.label = "test layer";
+  src_ = Source();
+  auto reader = src_->OpenRangeReader().value();
+  store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+  auto d = LazyDisk::Open(
+               [&]() -> Result<std::unique_ptr<image::BlobRangeReader>> {
+                 ASSIGN_OR_RETURN(auto inner, src_->OpenRangeReader());
+                 return std::unique_ptr<image::BlobRangeReader>(new WatchedReader(std::move(inner), &w));
+               },
+               layer_, std::move(head), loc_.digest, tmp() / "lazy", o)
+               .value();
+  d->StartFill();
+  ASSERT_OK(d->WaitComplete(nullptr));
+  d->Stop();
+  std::lock_guard lock(w.mu);
+  EXPECT_EQ(w.max_in_flight, 3) << "fill_connections requests at once, no more";
+  EXPECT_EQ(static_cast<size_t>(w.reads), FillRequests(d->index(), o.fill_batch_bytes));
+  EXPECT_EQ(ReadFileCapped(d->file(), 8 * kMiB).value(), raw_);
+}
+
+TEST_F(LazyTest, AGuestReadGetsAChunkOfAFillRequestThatIsStillArriving) {
+  ReadWatch w;
+  LazyDiskOptions o;
+  o.fill_batch_bytes = 8 * kMiB;  // the whole disk in one request
+  o.fill_connections = 1;
+  o.readahead_bytes = 0;
+  // A hang guard: a read that waits for the whole fill request fails here.
+  o.read_deadline = std::chrono::seconds(20);
+  o.label = "test layer";
+  src_ = Source();
+  auto reader = src_->OpenRangeReader().value();
+  store::ChunkedLayerHead head = store::OpenChunkedLayer(*reader, layer_, loc_, 1ull << 40, "test").value();
+  // The fill's request stops after chunk 2's frame until the gate opens.
+  w.gate_at = head.index.chunks[2].frame_offset + head.index.chunks[2].frame_length;
+  w.gate_open = false;
+  auto d = LazyDisk::Open(
+               [&]() -> Result<std::unique_ptr<image::BlobRangeReader>> {
+                 ASSIGN_OR_RETURN(auto inner, src_->OpenRangeReader());
+                 return std::unique_ptr<image::BlobRangeReader>(new WatchedReader(std::move(inner), &w));
+               },
+               layer_, std::move(head), loc_.digest, tmp() / "lazy", o)
+               .value();
+  d->StartFill();
+  {
+    std::unique_lock lock(w.mu);
+    ASSERT_TRUE(w.WaitFor(lock, [&] { return w.at_gate; }));
+  }
+  // Chunk 1 has arrived in the fill's request, which is still open.
+  std::string buf(64 * kKiB, '\0');
+  Status st = d->Read(1 * 64 * kKiB, buf.size(), buf.data());
+  {
+    std::lock_guard lock(w.mu);
+    EXPECT_EQ(w.reads, 1) << "the guest read made no request of its own";
+    EXPECT_FALSE(d->has_chunk(3)) << "behind the gate";
+    w.gate_open = true;
+    w.cv.notify_all();
+  }
+  ASSERT_OK(st);
+  EXPECT_EQ(buf, raw_.substr(64 * kKiB, buf.size()));
+  ASSERT_OK(d->WaitComplete(nullptr));
+  EXPECT_EQ(d->requests(), 1u);
+  EXPECT_EQ(ReadFileCapped(d->file(), 8 * kMiB).value(), raw_);
 }
 
 TEST_F(LazyTest, BitsFromAnEarlierBootAreCheckedWhenFirstNeededNotAtOpen) {

@@ -1,6 +1,7 @@
 #include "blockserve/lazy_disk.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -241,7 +242,7 @@ Status LazyDisk::Ensure(uint64_t offset, uint64_t length) {
         continue;
       }
     }
-    Status st = Fetch(claim, deadline, deadline);
+    Status st = Fetch(claim, deadline, deadline, options_.max_batch_bytes);
     if (st.ok()) continue;
     // A failure of a read-ahead chunk is not this read's business.
     bool have_all = true;
@@ -287,11 +288,11 @@ void LazyDisk::Release(const std::vector<size_t>& claimed) {
 }
 
 Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point deadline,
-                       Clock::time_point request_deadline) {
-  // The claims this call still holds. Each batch's chunks are released as
-  // soon as that batch is done, and only what is left goes at the end: a
-  // chunk released early may have been claimed by another reader since,
-  // and that claim is not this call's to drop.
+                       Clock::time_point request_deadline, uint64_t max_batch_bytes) {
+  // The claims this call still holds. Each chunk is released as soon as it
+  // is present, the rest of a batch when the batch is done, and only what
+  // is left goes at the end: a chunk released early may have been claimed
+  // by another reader since, and that claim is not this call's to drop.
   struct ReleaseOnExit {
     LazyDisk* d;
     std::set<size_t> held;
@@ -315,7 +316,7 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
   Status result;
   std::unique_ptr<image::BlobRangeReader> reader;
   for (const store::ChunkBatch& batch :
-       store::CoalesceChunks(head_.index, sorted, options_.max_batch_bytes, options_.max_gap_bytes)) {
+       store::CoalesceChunks(head_.index, sorted, max_batch_bytes, options_.max_gap_bytes)) {
     for (int attempt = 1;; ++attempt) {
       Status st;
       if (!reader) {
@@ -323,14 +324,17 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
         st = r.status();
         if (r.ok()) reader = std::move(*r);
       }
-      if (reader) {
+      if (st.ok() && reader) {
         // The request's own deadline: a registry that accepted it and then
         // stalls does not hold this thread past it.
         const auto at = request_deadline;
         CancelToken token;
         Arm(&token, at);
-        st = Clock::now() >= at ? DeadlineExceeded("no time left") : FetchBatch(*reader, batch, token);
+        bool reader_ok = true;
+        st = Clock::now() >= at ? DeadlineExceeded("no time left")
+                                : FetchBatch(*reader, batch, token, &release.held, &reader_ok);
         Disarm(&token, at);
+        if (!reader_ok) reader.reset();  // stopped mid-response: its connection is in an unknown state
         if (!st.ok() && token.cancelled()) {
           {
             std::lock_guard lock(mu_);
@@ -339,7 +343,6 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
           st = DeadlineExceeded(fmt::format("the registry did not deliver chunks {}..{} of {} within the {} s deadline",
                                             batch.first, batch.first + batch.count - 1, options_.label,
                                             options_.read_deadline.count() / 1000.0));
-          reader.reset();  // its connection is in an unknown state
           Emit({LazyEvent::Kind::kFetchFailed, 0, 0, st.message()});
           if (result.ok()) result = st;
           break;
@@ -369,10 +372,10 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
     // This batch's chunks are done with (present, or failed): a guest read
     // waiting for one of them goes on now, not after the rest of `wanted`.
     std::vector<size_t> batch_chunks;
-    for (size_t k : sorted) {
-      if (k >= batch.first && k < batch.first + batch.count) batch_chunks.push_back(k);
+    for (auto it = release.held.lower_bound(batch.first); it != release.held.end() && *it < batch.first + batch.count;) {
+      batch_chunks.push_back(*it);
+      it = release.held.erase(it);
     }
-    for (size_t k : batch_chunks) release.held.erase(k);
     Release(batch_chunks);
   }
   if (reader) GiveReader(std::move(reader));
@@ -387,34 +390,44 @@ bool LazyDisk::VerifyLocal(size_t k) {
          store::VerifyChunk(idx, k, buf, options_.label).ok();
 }
 
-Status LazyDisk::FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch, const CancelToken& cancel) {
-  std::string buf, chunk;
-  RETURN_IF_ERROR(store::ReadRange(r, layer_, batch.offset, batch.length, &buf, &cancel));
-  ++requests_;
-  fetched_bytes_ += batch.length;
+Status LazyDisk::FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch, const CancelToken& cancel,
+                            std::set<size_t>* held, bool* reader_ok) {
+  std::string chunk;
   store::ChunkDecoder decoder;
   const oci::ChunkIndex& idx = head_.index;
   Status rejected;
-  for (size_t k = batch.first; k < batch.first + batch.count; ++k) {
-    if (bitmap_.Test(k)) continue;  // a gap chunk someone already has
-    if (Status st = decoder.Decode(idx, k, store::FrameOf(idx, batch, buf, k), &chunk, options_.label); !st.ok()) {
-      // Never written, never marked: the next read fetches it again.
-      Emit({LazyEvent::Kind::kChunkRejected, 0, 0, st.ToString()});
-      if (rejected.ok()) rejected = InvalidArgument(st.message());
-      continue;
-    }
-    const uint64_t at = uint64_t{k} << idx.chunk_shift;
-    if (!idx.chunks[k].zero) {
-      RETURN_IF_ERROR(PWriteAll(fd_.get(), chunk, at).Annotate(fmt::format("writing chunk {} of {}", k, options_.label)));
-    } else if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(at),
-                           static_cast<off_t>(idx.ChunkLength(k))) != 0) {
-      // A hole already, unless an earlier boot left other bytes there (the
-      // chunk failed its local check): zeros either way.
-      RETURN_IF_ERROR(PWriteAll(fd_.get(), std::string(idx.ChunkLength(k), '\0'), at)
-                          .Annotate(fmt::format("zeroing chunk {} of {}", k, options_.label)));
-    }
-    bitmap_.Set(k);
-  }
+  // Each chunk as its frame arrives: verified, written, marked, and handed
+  // to whoever waits for it, while the rest of the range is on the wire.
+  Status st = store::ReadBatchFrames(
+      r, layer_, idx, batch,
+      [&](size_t k, std::string_view frame) -> Status {
+        if (bitmap_.Test(k)) return OkStatus();  // a gap chunk someone already has
+        if (Status bad = decoder.Decode(idx, k, frame, &chunk, options_.label); !bad.ok()) {
+          // Never written, never marked: the next read fetches it again.
+          Emit({LazyEvent::Kind::kChunkRejected, 0, 0, bad.ToString()});
+          if (rejected.ok()) rejected = InvalidArgument(bad.message());
+          return OkStatus();
+        }
+        const uint64_t at = uint64_t{k} << idx.chunk_shift;
+        if (!idx.chunks[k].zero) {
+          RETURN_IF_ERROR(
+              PWriteAll(fd_.get(), chunk, at).Annotate(fmt::format("writing chunk {} of {}", k, options_.label)));
+        } else if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(at),
+                               static_cast<off_t>(idx.ChunkLength(k))) != 0) {
+          // A hole already, unless an earlier boot left other bytes there
+          // (the chunk failed its local check): zeros either way.
+          RETURN_IF_ERROR(PWriteAll(fd_.get(), std::string(idx.ChunkLength(k), '\0'), at)
+                              .Annotate(fmt::format("zeroing chunk {} of {}", k, options_.label)));
+        }
+        bitmap_.Set(k);
+        if (held->erase(k) != 0) Release({k});
+        return OkStatus();
+      },
+      &cancel);
+  *reader_ok = st.ok();
+  RETURN_IF_ERROR(st);
+  ++requests_;
+  fetched_bytes_ += batch.length;
   return rejected;
 }
 
@@ -439,21 +452,51 @@ void LazyDisk::Stop() {
 std::vector<size_t> LazyDisk::NextFillBatch() {
   std::vector<size_t> out;
   uint64_t bytes = 0;
-  for (size_t i = fill_pos_; i < fill_order_.size() && bytes < options_.fill_batch_bytes; ++i) {
+  // Frames up to fill_batch_bytes in all (one frame at least), counted as
+  // the request will be: a batch of adjacent chunks is one request.
+  for (size_t i = fill_pos_; i < fill_order_.size(); ++i) {
     const size_t k = fill_order_[i];
     if (bitmap_.Test(k)) {
       if (i == fill_pos_) ++fill_pos_;
       continue;
     }
     if (inflight_.count(k) || std::find(out.begin(), out.end(), k) != out.end()) continue;
+    const uint64_t frame = head_.index.chunks[k].frame_length;
+    if (!out.empty() && bytes + frame > options_.fill_batch_bytes) break;
     out.push_back(k);
-    bytes += head_.index.chunks[k].frame_length;
+    bytes += frame;
   }
   inflight_.insert(out.begin(), out.end());
   return out;
 }
 
 void LazyDisk::FillLoop() {
+  // Several requests in flight: the registry serves one while this process
+  // verifies and writes another. Each worker takes the next batch in fill
+  // order, so the requests start in that order.
+  std::vector<std::thread> more;
+  for (int i = 1; i < options_.fill_connections; ++i) {
+    more.emplace_back([this] {
+      {
+        // The first moments belong to what starts beside the fill (a VM
+        // booting from this disk): one request at a time until then.
+        std::unique_lock lock(mu_);
+        cv_.wait_for(lock, options_.fill_ramp, [&] { return stop_ || bitmap_.Complete(); });
+      }
+      FillWorker();
+    });
+  }
+  FillWorker();
+  for (std::thread& t : more) t.join();
+  FinishFill();
+}
+
+void LazyDisk::FillWorker() {
+  // Below the process's other threads (guest reads, the export's workers)
+  // and the VM: on a busy machine the fill takes what is left. Raising
+  // one's own nice value needs no privilege; failing to is harmless.
+  const int nice_now = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+  if (options_.fill_nice > nice_now) ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), options_.fill_nice);
   const uint64_t n = head_.index.chunks.size();
   for (;;) {
     std::vector<size_t> batch;
@@ -472,7 +515,8 @@ void LazyDisk::FillLoop() {
     }
     // One attempt per batch (a failed one is retried after fill_retry),
     // each bounded like a guest read's.
-    if (Status st = Fetch(batch, Clock::now(), Clock::now() + options_.read_deadline); !st.ok()) {
+    if (Status st = Fetch(batch, Clock::now(), Clock::now() + options_.read_deadline, options_.fill_batch_bytes);
+        !st.ok()) {
       if (st.code() == Code::kCancelled) break;
       std::unique_lock lock(mu_);
       cv_.wait_for(lock, options_.fill_retry, [&] { return stop_; });
@@ -480,6 +524,10 @@ void LazyDisk::FillLoop() {
     }
     Emit({LazyEvent::Kind::kFillProgress, bitmap_.Count(), n, {}});
   }
+}
+
+void LazyDisk::FinishFill() {
+  const uint64_t n = head_.index.chunks.size();
   bool complete = false;
   {
     std::lock_guard lock(mu_);

@@ -5,6 +5,28 @@
 // the rest in the order a previous boot read it (its boot profile), then in
 // disk order, and only while no guest read waits.
 //
+// The fill, and how long it can hold up a guest read. The fill keeps up to
+// fill_connections ranged reads in flight, each of up to fill_batch_bytes
+// of frames (3 and 8 MiB: what a plain chunked pull uses, so that a fill
+// costs the registry as few requests as a pull does), after a first
+// fill_ramp (1 s) with one request at a time, while a VM that boots from
+// the disk starts. Its threads run at the lowest CPU priority (fill_nice
+// 19), so a guest read's own fetch and the VM beside it go first on a busy
+// machine; a guest read that waits for a chunk the fill is fetching waits
+// on such a thread (for one frame, see below).
+// A guest read never waits for a whole fill request:
+//  - no fill request starts while a guest read is in progress;
+//  - a fill request hands on each chunk the moment its frame has arrived,
+//    verified and written: a guest read that needs a chunk the fill is
+//    fetching waits only until that chunk's frame is in (at most one
+//    request's worth of bytes, fill_batch_bytes, from one connection);
+//  - a guest read that needs a chunk nobody is fetching fetches it itself,
+//    on its own connection, at once.
+// Every claim (inflight_) is held by exactly one thread and released by it;
+// a bit is set only once the chunk's bytes are verified and written; every
+// request has its own deadline; Stop() ends every request and joins every
+// thread.
+//
 //   ASSIGN_OR_RETURN(auto disk, LazyDisk::Open(reader_factory, layer, std::move(head), index_digest, dir, opts));
 //   disk->StartFill();
 //   RETURN_IF_ERROR(disk->Ensure(offset, length));  // then pread(disk->file(), ...) is verified data
@@ -78,10 +100,16 @@ struct LazyDiskOptions {
   // and then stalls is abandoned at the deadline (the fill's requests get
   // the same time each).
   std::chrono::milliseconds read_deadline{60000};
-  // Background fill: the size of each request, and the pause after a
-  // failed one. A guest read that needs a chunk the fill is fetching waits
-  // for that one request, so it is kept small.
-  uint64_t fill_batch_bytes = 1 << 20;
+  // Background fill: the most bytes of frames one request asks for, how
+  // many requests are in flight at once (at least one; only one during the
+  // first fill_ramp), the CPU priority (nice value, 0 to 19) of the fill's
+  // threads, and the pause after a failed request. A guest read that needs
+  // a chunk a fill request is fetching waits until that chunk's frame has
+  // arrived, not for the whole request.
+  uint64_t fill_batch_bytes = 8 << 20;
+  int fill_connections = 3;
+  std::chrono::milliseconds fill_ramp{1000};
+  int fill_nice = 19;
   std::chrono::milliseconds fill_retry{1000};
   std::function<void(const LazyEvent&)> on_event;
   // Where the boot profile is read from and written to; DIR/profile when
@@ -138,13 +166,18 @@ class LazyDisk {
   LazyDisk(RangeReaderFactory readers, const oci::Descriptor& layer, store::ChunkedLayerHead head,
            store::ChunkBitmap bitmap, UniqueFd fd, std::filesystem::path dir, LazyDiskOptions options);
 
-  // Fetches `wanted` (claimed by the caller: in inflight_), verifies and
-  // writes each chunk, sets its bit. Retries registry failures until
-  // `deadline`; a chunk that fails verification fails the call at once.
-  // Each request is abandoned at `request_deadline` (or on Stop).
+  // Fetches `wanted` (claimed by the caller: in inflight_) in requests of
+  // at most max_batch_bytes, verifies and writes each chunk, sets its bit
+  // and releases its claim as soon as that is done. Retries registry
+  // failures until `deadline`; a chunk that fails verification fails the
+  // call at once. Each request is abandoned at `request_deadline` (or on
+  // Stop).
   Status Fetch(const std::vector<size_t>& wanted, std::chrono::steady_clock::time_point deadline,
-               std::chrono::steady_clock::time_point request_deadline);
-  Status FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch, const CancelToken& cancel);
+               std::chrono::steady_clock::time_point request_deadline, uint64_t max_batch_bytes);
+  // One request. Chunks in *held are released (and erased from it) as they
+  // are done. *reader_ok is false when the connection may be left mid-response.
+  Status FetchBatch(image::BlobRangeReader& r, const store::ChunkBatch& batch, const CancelToken& cancel,
+                    std::set<size_t>* held, bool* reader_ok);
   // Chunk k's bytes in the local file match the index.
   bool VerifyLocal(size_t k);
   // Per-request tokens: cancelled at their time by the watch thread, or by
@@ -156,6 +189,8 @@ class LazyDisk {
   void GiveReader(std::unique_ptr<image::BlobRangeReader> r);
   void Release(const std::vector<size_t>& claimed);
   void FillLoop();
+  void FillWorker();
+  void FinishFill();  // records how the fill ended; wakes WaitComplete
   std::vector<size_t> NextFillBatch();
   void Record(size_t first, size_t last);
   void SaveProfile();

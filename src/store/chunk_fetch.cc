@@ -5,6 +5,7 @@
 #include <openssl/evp.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <array>
 
 #include <fmt/core.h>
@@ -188,6 +189,41 @@ std::vector<ChunkBatch> CoalesceChunks(const oci::ChunkIndex& index, const std::
     out.push_back({k, 1, c.frame_offset, c.frame_length});
   }
   return out;
+}
+
+Status ReadBatchFrames(image::BlobRangeReader& r, const oci::Descriptor& blob, const oci::ChunkIndex& index,
+                       const ChunkBatch& batch, const FrameSink& on_frame, const CancelToken* cancel) {
+  std::string buf;  // the bytes not yet handed on: from frame `next` on
+  buf.reserve(std::min<uint64_t>(batch.length, 16 << 20));
+  uint64_t received = 0, consumed = 0;  // bytes of the range, and those handed on
+  size_t next = batch.first;
+  const size_t end = batch.first + batch.count;
+  const registry::BlobSink sink = [&](std::string_view piece) -> Status {
+    if (received + piece.size() > batch.length) return DataLoss("the registry sent more than the range asked for");
+    received += piece.size();
+    buf.append(piece);
+    size_t used = 0;
+    while (next < end) {
+      const oci::ChunkEntry& c = index.chunks[next];
+      const uint64_t frame_end = c.frame_offset + c.frame_length - batch.offset;
+      if (frame_end > received) break;
+      const uint64_t at = c.frame_offset - batch.offset - consumed;
+      RETURN_IF_ERROR(on_frame(next, std::string_view(buf).substr(at, c.frame_length)));
+      used = frame_end - consumed;
+      ++next;
+    }
+    if (used > 0) {
+      buf.erase(0, used);
+      consumed += used;
+    }
+    return OkStatus();
+  };
+  RETURN_IF_ERROR(cancel ? r.ReadCancellable(blob, batch.offset, batch.length, sink, *cancel)
+                         : r.Read(blob, batch.offset, batch.length, sink));
+  if (received != batch.length || next != end) {
+    return DataLoss("the registry sent " + std::to_string(received) + " of " + std::to_string(batch.length) + " bytes");
+  }
+  return OkStatus();
 }
 
 std::string_view FrameOf(const oci::ChunkIndex& index, const ChunkBatch& batch, std::string_view fetched, size_t k) {

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -73,6 +74,17 @@ struct ChunkBatch {
 // fewer requests for a few bytes more.
 std::vector<ChunkBatch> CoalesceChunks(const oci::ChunkIndex& index, const std::vector<size_t>& wanted,
                                        uint64_t max_bytes, uint64_t max_gap_bytes);
+
+// Fetches one batch's range and hands each chunk's frame to on_frame(k,
+// frame) the moment its last byte has arrived, in order from batch.first:
+// a caller can verify and use the first chunks of a large read while the
+// rest is still on the wire. An error from on_frame stops the read and is
+// returned (the reader's connection is then in an unknown state: do not
+// reuse it); so does a registry that sends more or fewer bytes than the
+// range. With `cancel`, as ReadRange.
+using FrameSink = std::function<Status(size_t k, std::string_view frame)>;
+Status ReadBatchFrames(image::BlobRangeReader& r, const oci::Descriptor& blob, const oci::ChunkIndex& index,
+                       const ChunkBatch& batch, const FrameSink& on_frame, const CancelToken* cancel = nullptr);
 
 // All chunks, in order.
 std::vector<size_t> AllChunks(const oci::ChunkIndex& index);
