@@ -1208,6 +1208,11 @@ TEST_F(ClientTest, AllNamespacesAndFieldSelectorsPrintWhatKubectlPrints) {
   EXPECT_EQ(bad.Json()["reason"], "BadRequest");
   EXPECT_EQ(bad.Json()["message"], "field label not supported: spec.running");
   EXPECT_EQ(Socket("GET", std::string(kVmirsPath) + "?fieldSelector=status.phase%3DRunning").code, 400);
+  // A lone '!' is no operator: refused, never read as '=' (its opposite).
+  for (const char* sel : {"status.phase%21Running", "status.phase%21%3D%3DRunning", "status.phase%3D%3D%3DRunning"}) {
+    HttpResult loose = Socket("GET", std::string(kVmisPath) + "?fieldSelector=" + sel);
+    EXPECT_EQ(loose.code, 400) << sel << ": " << loose.body;
+  }
   RunResult ours = Client({"get", "vmis", "--field-selector", "spec.running=true"});
   EXPECT_EQ(ours.exit_code, 1);
   EXPECT_EQ(ours.err, "regdisk: error: Error from server (BadRequest): field label not supported: spec.running\n");

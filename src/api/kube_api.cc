@@ -219,10 +219,19 @@ std::optional<ApiError> ParseFieldFilter(const std::string& text, const Resource
       if (rest.rfind("!=", 0) == 0) {
         p.equals = false;
         rest.erase(0, 2);
+      } else if (rest.rfind("==", 0) == 0) {
+        rest.erase(0, 2);
+      } else if (rest.rfind("=", 0) == 0) {
+        rest.erase(0, 1);
       } else {
-        rest.erase(0, rest.rfind("==", 0) == 0 ? 2 : 1);
+        rest = "!";  // a lone '!': refused below
       }
       p.value = Trim(rest);
+      // "status.phase!Running" or "status.phase!==X" is no selector (read
+      // loosely, the first would be its opposite).
+      if (p.value.find_first_of("!=") != std::string::npos) {
+        return ApiError::BadRequest("invalid field selector: " + part + " (use FIELD=VALUE, FIELD==VALUE or FIELD!=VALUE)");
+      }
       out->phases.push_back(std::move(p));
     } else {
       return ApiError::BadRequest("field label not supported: " + field);

@@ -308,6 +308,8 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
     suspect_[k] = 0;
     if (VerifyLocal(k)) {
       bitmap_.Set(k);
+      release.held.erase(k);  // at once: a reader waiting for it goes on
+      Release({k});
     } else {
       sorted.push_back(k);
     }

@@ -140,7 +140,14 @@ Status Import(state::Db& db, const fs::path& root, const std::string& text, cons
   return OkStatus();
 }
 
-// refs.json's bytes, or nullopt when there is none.
+// What refs.json holds once its names are in the database: valid JSON but
+// not an object, which a regdisk from before the database refuses as
+// damaged (so its prune and rmi stop before removing anything, rather than
+// finding no names and removing every disk).
+constexpr std::string_view kMovedMarker =
+    "[\"regdisk: this store's names are in store.db; run a regdisk that knows it. Do not remove this file.\"]\n";
+
+// refs.json's bytes, or nullopt when there is none (or only the marker).
 Result<std::optional<std::string>> ReadLegacyFile(const fs::path& root) {
   const fs::path file = root / "refs.json";
   std::error_code ec;
@@ -151,21 +158,29 @@ Result<std::optional<std::string>> ReadLegacyFile(const fs::path& root) {
     if (text.status().code() == Code::kResourceExhausted) return Damaged(file, text.status().message());
     return std::move(text).status();
   }
+  if (*text == kMovedMarker) return std::optional<std::string>();
   return std::optional<std::string>(std::move(*text));
 }
 
-// After the commit: refs.json goes, kept beside as refs.json.migrated. A
-// failure is only logged (the names are in the database; the next open
-// renames it).
+// After the commit: refs.json is kept beside as refs.json.migrated, and the
+// marker takes its place. A failure is only logged (the names are in the
+// database; the next open renames it).
 void SetAside(const fs::path& root, const std::string& sha) {
   std::error_code ec;
   fs::path to = root / "refs.json.migrated";
   if (fs::exists(to, ec)) to = root / ("refs.json.migrated-" + sha.substr(0, 12));
   Status st = Env::Default()->Rename(root / "refs.json", to);
-  if (!st.ok() && fs::exists(root / "refs.json", ec)) {
-    log::Warn("{} was imported but could not be renamed ({}); it is renamed on the next open", (root / "refs.json").string(),
+  if (st.ok()) st = WriteFileAtomic(root / "refs.json", std::string(kMovedMarker), 0600);
+  if (!st.ok()) {
+    log::Warn("{} was imported but could not be replaced ({}); it is on the next open", (root / "refs.json").string(),
               st.message());
   }
+}
+
+// A refs.json whose names are not in the database yet.
+bool LegacyPending(const fs::path& root) {
+  auto text = ReadLegacyFile(root);
+  return !text.ok() || text->has_value();
 }
 
 }  // namespace
@@ -218,7 +233,7 @@ Result<state::Db> Open(const fs::path& root) {
   ASSIGN_OR_RETURN(int64_t found, VersionOf(db));
   if (found > StoreDbSchemaVersion()) return TooNew(found);
   std::error_code ec;
-  if (found == StoreDbSchemaVersion() && !fs::exists(root / "refs.json", ec)) return db;  // the common case
+  if (found == StoreDbSchemaVersion() && !LegacyPending(root)) return db;  // the common case
   std::optional<std::string> imported;
   RETURN_IF_ERROR(Migrate(db, root, &imported));
   if (imported) SetAside(root, oci::Digest::Sha256Of(*imported).hex());

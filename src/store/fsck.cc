@@ -262,7 +262,13 @@ Result<bool> Store::CheckDatabase(bool repair, std::vector<Problem>* out) {
     if (opened.ok()) return true;
     const Status& why = opened.status();
     if (Status legacy = CheckLegacyRefs(root_); !legacy.ok()) {
-      // A refs.json that cannot be imported: its names are lost.
+      // A refs.json that cannot be read now (permissions, I/O) is said and
+      // left alone: its names may be fine.
+      if (legacy.code() != Code::kDataLoss) {
+        out->push_back(Problem{legacy.message(), false});
+        return false;
+      }
+      // One that cannot be imported: its names are lost.
       Problem p{legacy.message(), false};
       if (repair) {
         ASSIGN_OR_RETURN(fs::path to, MoveAside(root_ / "refs.json", root_ / "refs.json.damaged"));
@@ -283,9 +289,18 @@ Result<bool> Store::CheckDatabase(bool repair, std::vector<Problem>* out) {
     // chunk table is rebuilt from the disks; the names are lost).
     Problem p{why.message(), false};
     if (repair) {
-      ASSIGN_OR_RETURN(fs::path to, MoveAside(db, root_ / "store.db.damaged"));
+      // Its log first: a fresh database must never find the old one's log
+      // beside it (SQLite would replay it into the new file).
       std::error_code ec;
-      if (fs::exists(db.string() + "-wal", ec)) ::rename((db.string() + "-wal").c_str(), (to.string() + "-wal").c_str());
+      fs::path to = root_ / "store.db.damaged";
+      for (int i = 1; fs::exists(to, ec) || fs::exists(to.string() + "-wal", ec); ++i) {
+        to = root_ / ("store.db.damaged." + std::to_string(i));
+      }
+      const fs::path wal = db.string() + "-wal";
+      if (fs::exists(wal, ec) && ::rename(wal.c_str(), (to.string() + "-wal").c_str()) != 0) {
+        return ErrnoStatus("renaming " + wal.string());
+      }
+      if (::rename(db.c_str(), to.c_str()) != 0) return ErrnoStatus("renaming " + db.string());
       fs::remove(db.string() + "-shm", ec);
       p = Problem{p.what + "; set aside as " + to.filename().string() +
                       " (its names are lost: pull those images again, or recover them with sqlite3's .recover)",
