@@ -1138,10 +1138,14 @@ TEST_F(ClientTest, AKubeconfigTakesTheClientCommandsToTheTlsEndpoint) {
   EXPECT_EQ(over_tls({"scale", "vmirs", "web", "--replicas", "4"}).out,
             "virtualmachineinstancereplicaset.kubevirt.io/web scaled\n");
   EXPECT_EQ(Replicas(), "4");
-  // KUBECONFIG alone is enough; --socket (or REGDISK_SOCKET) wins over it.
-  const std::string env = "KUBECONFIG=" + P("nowhere") + ":" + P("root/kubeconfig");
+  // REGDISK_KUBECONFIG alone is enough; --socket (or REGDISK_SOCKET) wins
+  // over it. KUBECONFIG, which names kubectl's cluster, is never read.
+  const std::string env = "REGDISK_KUBECONFIG=" + P("root/kubeconfig");
   RunResult via_env = RunRegdisk({"get", "vmi", "standalone", "-o", "name"}, {}, {env});
   EXPECT_EQ(via_env.out, "virtualmachineinstance.kubevirt.io/standalone\n") << via_env.err;
+  RunResult not_kubectls = RunRegdisk({"get", "vmi", "standalone", "-o", "name"}, {}, {"KUBECONFIG=" + P("root/kubeconfig")});
+  EXPECT_EQ(not_kubectls.exit_code, 1) << not_kubectls.out;
+  EXPECT_THAT(not_kubectls.err, HasSubstr("cannot reach the regdisk daemon at /run/regdisk/regdisk.sock"));
   RunResult socket_wins = RunRegdisk({"get", "vmis", "--socket", P("nothing.sock")}, {}, {env});
   EXPECT_EQ(socket_wins.exit_code, 1);
   EXPECT_THAT(socket_wins.err, HasSubstr("cannot reach the regdisk daemon at " + P("nothing.sock")));

@@ -73,7 +73,7 @@ std::string Lower(std::string s) {
 }
 
 // The API the flags name (--kubeconfig, else --socket/REGDISK_SOCKET, else
-// KUBECONFIG, else the default socket) and the namespace to use (-n,
+// REGDISK_KUBECONFIG, else the default socket) and the namespace to use (-n,
 // else the kubeconfig context's, else default).
 struct Connection {
   api::ApiClient api;
@@ -84,16 +84,11 @@ Result<Connection> Connect(const ClientFlags& flags) {
   Connection out{api::ApiClient(flags.socket), flags};
   std::string kubeconfig = flags.kubeconfig;
   if (kubeconfig.empty() && !flags.socket_set) {
-    // KUBECONFIG may list several files; the first that exists is read.
-    const char* env = std::getenv("KUBECONFIG");
-    std::string list = env ? env : "";
-    for (size_t start = 0; start < list.size() && kubeconfig.empty();) {
-      size_t colon = list.find(':', start);
-      std::string file = list.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
-      std::error_code ec;
-      if (!file.empty() && std::filesystem::exists(file, ec)) kubeconfig = file;
-      start = colon == std::string::npos ? list.size() : colon + 1;
-    }
+    // Only a kubeconfig named for regdisk: KUBECONFIG usually names a real
+    // cluster, which `regdisk apply` or `delete` must never act on by
+    // accident.
+    const char* env = std::getenv("REGDISK_KUBECONFIG");
+    if (env != nullptr) kubeconfig = env;
   }
   if (kubeconfig.empty()) return out;
   ASSIGN_OR_RETURN(api::Endpoint e, api::LoadKubeconfig(kubeconfig));

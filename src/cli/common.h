@@ -166,8 +166,9 @@ int RunServe(const Globals& g, const ServeFlags& f);
 struct ClientFlags {
   std::string socket = "/run/regdisk/regdisk.sock";  // --socket, env REGDISK_SOCKET
   std::string namespace_ = "default";                // -n, --namespace
-  // --kubeconfig: talk TLS to the server it names (env KUBECONFIG when
-  // neither --socket nor REGDISK_SOCKET is set); "" for the socket.
+  // --kubeconfig: talk TLS to the server it names (env REGDISK_KUBECONFIG
+  // when neither --socket nor REGDISK_SOCKET is set; never KUBECONFIG);
+  // "" for the socket.
   std::string kubeconfig;
   bool socket_set = false;     // --socket or REGDISK_SOCKET was given
   bool namespace_set = false;  // -n was given (else the kubeconfig context's)

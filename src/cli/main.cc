@@ -205,7 +205,8 @@ int Main(int argc, char** argv) {
                               ->capture_default_str();
     cmd->add_option("--kubeconfig", client.kubeconfig,
                     "talk to the API server this kubeconfig names over TLS, such as ROOT/kubeconfig from regdisk serve "
-                    "--listen (env KUBECONFIG, used when neither --socket nor REGDISK_SOCKET is given)");
+                    "--listen (env REGDISK_KUBECONFIG, used when neither --socket nor REGDISK_SOCKET is given; KUBECONFIG is "
+                    "not read)");
     CLI::Option* ns = cmd->add_option("-n,--namespace", client.namespace_,
                                       "the namespace (default: the kubeconfig context's, else default)");
     client_opts.emplace_back(socket, ns);
