@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+
+#include <future>
 #include <httplib.h>
 
 #include <nlohmann/json.hpp>
@@ -346,6 +348,47 @@ TEST_F(RegistryTest, TokenAuthCachesTokensAndRenewsOnExpiry) {
   std::this_thread::sleep_for(4500ms);
   ASSERT_OK(short_lived.FetchBlob("vm/disk", parsed->layers[0], [](std::string_view) { return OkStatus(); }));
   EXPECT_EQ(short_lived.token_requests(), 2);
+}
+
+// A ranged read's own token (lazy boot's per-request deadline) also ends
+// the token fetch it needs: a stalled token service cannot hold the read,
+// and with it a guest's I/O, past its deadline.
+TEST_F(RegistryTest, ARangedReadsOwnTokenEndsAStalledTokenFetch) {
+  auto reg = TestRegistry::Start(RegistryMode::kToken);
+  ASSERT_OK(reg);
+  TokenServer* ts = (*reg)->token_server();
+  auto img = MakeTestImage(tmp() / "src", "v1", {{"disk/disk.img", RandomBytes(50000, 7)}});
+  ASSERT_OK(img);
+  std::string remote = "docker://" + (*reg)->host() + "/vm/stall:v1";
+  RunResult r = RunRegdisk({"copy", Layout("src", "v1"), remote, "--creds", "alice:s3cret-pass"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  registry::ClientOptions opt;
+  registry::RegistryClient client((*reg)->host(), opt);
+  const oci::Descriptor& layer = img->layers[0];
+  ts->Hold(true);
+  const int before = ts->requests();
+  CancelToken deadline;
+  auto read = std::async(std::launch::async, [&] {
+    return client.FetchBlobRange("vm/stall", layer, 0, 512, [](std::string_view) { return OkStatus(); }, &deadline);
+  });
+  // The read is waiting on the token service; its deadline passes.
+  for (int i = 0; i < 3000 && ts->requests() == before; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_GT(ts->requests(), before);
+  deadline.Cancel("the read's deadline passed");
+  const bool ended = read.wait_for(30s) == std::future_status::ready;
+  ts->Hold(false);  // lets a read that ignored its token end, for the test to finish
+  ASSERT_TRUE(ended) << "the ranged read waited on the token service past its own deadline";
+  Status st = read.get();
+  EXPECT_FALSE(st.ok());
+
+  // Released, the service answers and the same client reads the range.
+  std::string got;
+  ASSERT_OK(client.FetchBlobRange("vm/stall", layer, 0, 512, [&](std::string_view b) {
+    got.append(b);
+    return OkStatus();
+  }));
+  EXPECT_EQ(got.size(), 512u);
 }
 
 TEST_F(RegistryTest, IndexIsPushedAfterItsChildren) {

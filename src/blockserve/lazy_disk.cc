@@ -128,19 +128,19 @@ LazyDisk::~LazyDisk() {
   SaveProfile();
 }
 
-void LazyDisk::Arm(CancelToken* token, Clock::time_point at) {
-  std::lock_guard lock(mu_);
-  if (stop_) token->Cancel("the lazy disk " + options_.label + " is shutting down");
-  armed_.emplace(at, token);
-  watch_cv_.notify_all();
+LazyDisk::ArmedToken::ArmedToken(LazyDisk* disk, Clock::time_point at) : disk_(disk), at_(at) {
+  std::lock_guard lock(disk_->mu_);
+  if (disk_->stop_) token_.Cancel("the lazy disk " + disk_->options_.label + " is shutting down");
+  disk_->armed_.emplace(at_, &token_);
+  disk_->watch_cv_.notify_all();
 }
 
-void LazyDisk::Disarm(CancelToken* token, Clock::time_point at) {
-  std::lock_guard lock(mu_);
+LazyDisk::ArmedToken::~ArmedToken() {
+  std::lock_guard lock(disk_->mu_);
   // The watch thread erases what it cancelled: erase only what is there.
-  for (auto [it, end] = armed_.equal_range(at); it != end; ++it) {
-    if (it->second == token) {
-      armed_.erase(it);
+  for (auto [it, end] = disk_->armed_.equal_range(at_); it != end; ++it) {
+    if (it->second == &token_) {
+      disk_->armed_.erase(it);
       return;
     }
   }
@@ -329,15 +329,17 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
       if (st.ok() && reader) {
         // The request's own deadline: a registry that accepted it and then
         // stalls does not hold this thread past it.
-        const auto at = request_deadline;
-        CancelToken token;
-        Arm(&token, at);
-        bool reader_ok = true;
-        st = Clock::now() >= at ? DeadlineExceeded("no time left")
-                                : FetchBatch(*reader, batch, token, &release.held, &reader_ok);
-        Disarm(&token, at);
-        if (!reader_ok) reader.reset();  // stopped mid-response: its connection is in an unknown state
-        if (!st.ok() && token.cancelled()) {
+        bool cut_off = false;
+        {
+          ArmedToken armed(this, request_deadline);
+          bool reader_ok = true;
+          st = Clock::now() >= request_deadline
+                   ? DeadlineExceeded("no time left")
+                   : FetchBatch(*reader, batch, armed.token(), &release.held, &reader_ok);
+          if (!reader_ok) reader.reset();  // stopped mid-response: its connection is in an unknown state
+          cut_off = armed.token().cancelled();
+        }
+        if (!st.ok() && cut_off) {
           {
             std::lock_guard lock(mu_);
             if (stop_) return Cancelled("the lazy disk " + options_.label + " is shutting down");

@@ -180,10 +180,22 @@ class LazyDisk {
                     std::set<size_t>* held, bool* reader_ok);
   // Chunk k's bytes in the local file match the index.
   bool VerifyLocal(size_t k);
-  // Per-request tokens: cancelled at their time by the watch thread, or by
-  // Stop. Every Arm is matched by a Disarm before the token goes.
-  void Arm(CancelToken* token, std::chrono::steady_clock::time_point at);
-  void Disarm(CancelToken* token, std::chrono::steady_clock::time_point at);
+  // A per-request token, cancelled at `at` by the watch thread (or by
+  // Stop) for as long as this object lives: the watch thread never touches
+  // the token after it is gone.
+  class ArmedToken {
+   public:
+    ArmedToken(LazyDisk* disk, std::chrono::steady_clock::time_point at);
+    ~ArmedToken();
+    ArmedToken(const ArmedToken&) = delete;
+    ArmedToken& operator=(const ArmedToken&) = delete;
+    CancelToken& token() { return token_; }
+
+   private:
+    LazyDisk* disk_;
+    std::chrono::steady_clock::time_point at_;
+    CancelToken token_;
+  };
   void WatchLoop();
   Result<std::unique_ptr<image::BlobRangeReader>> TakeReader();
   void GiveReader(std::unique_ptr<image::BlobRangeReader> r);

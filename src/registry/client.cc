@@ -158,8 +158,13 @@ struct RegistryClient::State {
 
   bool MayUsePlainHttp() const { return loopback || (opt.tls_verify.has_value() && !*opt.tls_verify); }
 
-  // A back-off wait; cut short (Cancelled) when the operation is cancelled.
-  Status Sleep(std::chrono::milliseconds d) {
+  // A back-off wait; cut short (Cancelled) when the operation is cancelled,
+  // or when `call_cancel` (one request's own deadline) is.
+  Status Sleep(std::chrono::milliseconds d, const CancelToken* call_cancel = nullptr) {
+    if (call_cancel) {
+      RETURN_IF_ERROR(call_cancel->SleepFor(d));
+      return opt.cancel ? opt.cancel->status() : OkStatus();
+    }
     if (opt.cancel) return opt.cancel->SleepFor(d);
     std::this_thread::sleep_for(d);
     return OkStatus();
@@ -204,8 +209,11 @@ struct RegistryClient::State {
   }
 
   // Answers a 401: learns the challenge and fetches a token for scopes.
+  // `call_cancel`, the request's own token (its deadline), bounds the token
+  // fetch too: a stalled token service does not outlast it.
   Status Authenticate(const std::string& registry, const std::string& www_authenticate,
-                      const std::vector<std::string>& scopes, const std::string& scope_key) {
+                      const std::vector<std::string>& scopes, const std::string& scope_key,
+                      const CancelToken* call_cancel) {
     auto challenges = ParseChallenges(www_authenticate);
     const Challenge* chosen = nullptr;
     for (const auto& c : challenges) {
@@ -229,10 +237,11 @@ struct RegistryClient::State {
       }
       return OkStatus();
     }
-    return FetchToken(registry, scopes, scope_key);
+    return FetchToken(registry, scopes, scope_key, call_cancel);
   }
 
-  Status FetchToken(const std::string& registry, const std::vector<std::string>& scopes, const std::string& scope_key) {
+  Status FetchToken(const std::string& registry, const std::vector<std::string>& scopes, const std::string& scope_key,
+                    const CancelToken* call_cancel) {
     std::string realm = challenge->params["realm"];
     if (realm.empty() || (realm.rfind("https://", 0) != 0 && realm.rfind("http://", 0) != 0)) {
       return Unauthenticated("registry " + registry + " sent a Bearer challenge without a usable realm");
@@ -247,6 +256,7 @@ struct RegistryClient::State {
     HttpRequest req;
     req.max_body = 1 << 20;
     req.cancel = opt.cancel.get();
+    req.request_cancel = call_cancel;
     if (identity_token) {
       // An identity token (docker login's "identitytoken") is an OAuth2
       // refresh token: POSTed to the realm, never sent as Basic auth.
@@ -277,7 +287,7 @@ struct RegistryClient::State {
       resp = http->Do(req, &te);
       if (resp.ok() && !IsRetryableStatus(resp->status)) break;
       if (te == TransportError::kAborted) break;
-      if (attempt + 1 < opt.max_attempts) RETURN_IF_ERROR(Sleep(Backoff(attempt)));
+      if (attempt + 1 < opt.max_attempts) RETURN_IF_ERROR(Sleep(Backoff(attempt), call_cancel));
     }
     if (!resp.ok()) return std::move(resp).status().Annotate("requesting a token for " + registry);
     if (identity_token && (resp->status == 400 || resp->status == 401 || resp->status == 403)) {
@@ -359,15 +369,6 @@ static std::string RepoOfScopes(const std::vector<std::string>& scopes) {
   return r.substr(0, r.rfind(':'));
 }
 
-// A back-off wait of one call: cut short by the client's token or the call's.
-static Status SleepFor(RegistryClient::State& s, const Call& call, std::chrono::milliseconds d) {
-  if (call.cancel) {
-    RETURN_IF_ERROR(call.cancel->SleepFor(d));
-    return s.opt.cancel ? s.opt.cancel->status() : OkStatus();
-  }
-  return s.Sleep(d);
-}
-
 static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& registry, const Call& call) {
   RETURN_IF_ERROR(s.init_status);
   if (std::string repo = RepoOfScopes(call.scopes); repo != s.repo) {
@@ -435,7 +436,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       }
       auto wait = s.Backoff(attempt);
       log::Debug("{} (attempt {}); retrying in {} ms", resp.status().message(), attempt, wait.count());
-      RETURN_IF_ERROR(SleepFor(s, call, wait));
+      RETURN_IF_ERROR(s.Sleep(wait, call.cancel));
       continue;
     }
     if (own_origin) s.scheme_settled = true;
@@ -444,7 +445,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       ++auth_tries;
       // A token that was refused mid-transfer is dropped and fetched again.
       s.tokens.erase(scope_key);
-      RETURN_IF_ERROR(s.Authenticate(registry, resp->Header("www-authenticate"), call.scopes, scope_key));
+      RETURN_IF_ERROR(s.Authenticate(registry, resp->Header("www-authenticate"), call.scopes, scope_key, call.cancel));
       continue;
     }
     if (st == 401 && own_origin && s.challenge && s.challenge->scheme == "basic" && s.creds) {
@@ -460,7 +461,7 @@ static Result<HttpResponse> Send(RegistryClient::State& s, const std::string& re
       auto wait = ParseRetryAfter(resp->Header("retry-after"), s.opt.retry_after_max);
       if (wait.count() < 0) wait = s.Backoff(attempt);
       log::Debug("{} {} answered HTTP {}; retrying in {} ms", call.req.method, registry, st, wait.count());
-      RETURN_IF_ERROR(SleepFor(s, call, wait));
+      RETURN_IF_ERROR(s.Sleep(wait, call.cancel));
       url.clear();
       continue;
     }

@@ -123,8 +123,23 @@ struct TokenServer::Impl {
   std::thread thread;
   std::string x5c;
   EVP_PKEY* key = nullptr;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool held = false;      // guarded by mu
+  bool stopping = false;  // guarded by mu
+  // Returns once the server is not held (or is stopping).
+  void WaitWhileHeld() {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [this] { return !held || stopping; });
+  }
   ~Impl() { EVP_PKEY_free(key); }
 };
+
+void TokenServer::Hold(bool held) {
+  std::lock_guard lock(impl_->mu);
+  impl_->held = held;
+  impl_->cv.notify_all();
+}
 
 Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Options options) {
   std::unique_ptr<TokenServer> ts(new TokenServer());
@@ -195,6 +210,7 @@ Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Opt
   // The Docker token flow: GET with Basic credentials, or anonymous.
   ts->impl_->server.Get("/token", [self, issue](const httplib::Request& req, httplib::Response& res) {
     self->requests_++;
+    self->impl_->WaitWhileHeld();
     std::string auth = req.get_header_value("Authorization");
     bool authed = false;
     if (!auth.empty()) {
@@ -214,6 +230,7 @@ Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Opt
   ts->impl_->server.Post("/token", [self, issue](const httplib::Request& req, httplib::Response& res) {
     self->requests_++;
     self->oauth_requests_++;
+    self->impl_->WaitWhileHeld();
     if (req.has_header("Authorization") || req.get_param_value("grant_type") != "refresh_token" ||
         req.get_param_value("refresh_token") != self->options_.identity_token ||
         req.get_param_value("client_id").empty()) {
@@ -236,6 +253,11 @@ Result<std::unique_ptr<TokenServer>> TokenServer::Start(const fs::path& dir, Opt
 
 TokenServer::~TokenServer() {
   if (impl_) {
+    {
+      std::lock_guard lock(impl_->mu);
+      impl_->stopping = true;
+      impl_->cv.notify_all();
+    }
     impl_->server.stop();
     if (impl_->thread.joinable()) impl_->thread.join();
   }

@@ -111,6 +111,9 @@ class TokenServer {
   int requests() const { return requests_.load(); }
   int oauth_requests() const { return oauth_requests_.load(); }
   void set_jwt_lifetime(int seconds) { options_.jwt_lifetime = seconds; }
+  // While held, GET and POST /token do not answer: they wait until
+  // released (or the server stops), as a stalled token service would.
+  void Hold(bool held);
 
  private:
   TokenServer() = default;
