@@ -100,6 +100,17 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
     }
     RETURN_IF_ERROR(disk->bitmap_.Revalidate([](uint64_t) { return true; }));
   }
+  if (!disk->options_.store_root.empty()) {
+    // One query now; the copies are made when the chunks are first needed.
+    const store::ChunkBitmap& bits = disk->bitmap_;
+    disk->local_ = std::make_unique<store::LocalChunks>(store::LocalChunks::Find(
+        disk->options_.store_root, disk->head_.index, [&bits](size_t k) { return !bits.Test(k); },
+        disk->options_.label));
+    if (const size_t n = disk->local_->chunks().size(); n > 0) {
+      log::Info("{}: {} of the missing chunks are in disks the store holds; they are copied, not fetched",
+                disk->options_.label, n);
+    }
+  }
   return disk;
 }
 
@@ -313,6 +324,22 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
     } else {
       sorted.push_back(k);
     }
+  }
+  if (local_) {
+    // Chunks a disk in the store holds: copied from there and verified.
+    std::vector<size_t> remote;
+    for (size_t k : sorted) {
+      ASSIGN_OR_RETURN(bool copied, local_->Copy(k, fd_.get()));
+      if (!copied) {
+        remote.push_back(k);
+        continue;
+      }
+      bitmap_.Set(k);
+      ++reused_chunks_;
+      release.held.erase(k);
+      Release({k});
+    }
+    sorted = std::move(remote);
   }
   std::sort(sorted.begin(), sorted.end());
   Status result;

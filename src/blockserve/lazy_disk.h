@@ -67,6 +67,7 @@
 #include "oci/digest.h"
 #include "store/chunk_bitmap.h"
 #include "store/chunk_fetch.h"
+#include "store/local_chunks.h"
 #include "util/cancel.h"
 #include "util/fs.h"
 #include "util/status.h"
@@ -116,6 +117,10 @@ struct LazyDiskOptions {
   // empty. The store keeps one per image, outside DIR, so that it outlives
   // the fill.
   std::filesystem::path profile;
+  // The node store whose disks may already hold some of the chunks (an
+  // earlier version of the image): those are copied from there and
+  // verified instead of fetched (store/local_chunks.h). Empty: none.
+  std::filesystem::path store_root;
 };
 
 using RangeReaderFactory = std::function<Result<std::unique_ptr<image::BlobRangeReader>>()>;
@@ -161,6 +166,8 @@ class LazyDisk {
   // the benchmarks).
   uint64_t requests() const { return requests_.load(); }
   uint64_t fetched_bytes() const { return fetched_bytes_.load(); }
+  // Chunks copied from disks in the store (options.store_root), verified.
+  uint64_t reused_chunks() const { return reused_chunks_.load(); }
 
  private:
   LazyDisk(RangeReaderFactory readers, const oci::Descriptor& layer, store::ChunkedLayerHead head,
@@ -237,7 +244,11 @@ class LazyDisk {
   std::condition_variable watch_cv_;  // armed_ changed, or stop
   std::thread watch_;
 
-  std::atomic<uint64_t> requests_{0}, fetched_bytes_{0};
+  // The chunks disks in the store hold, found at open; nullptr without a
+  // store_root. Copying chunk k is done by the thread that claimed it.
+  std::unique_ptr<store::LocalChunks> local_;
+
+  std::atomic<uint64_t> requests_{0}, fetched_bytes_{0}, reused_chunks_{0};
 };
 
 }  // namespace regdisk::blockserve

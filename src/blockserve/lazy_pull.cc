@@ -68,6 +68,7 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   LazyDiskOptions o = options_.disk_options;
   o.label = label;
   o.profile = root / "profiles" / hex;
+  o.store_root = root;  // chunks an earlier version left in the store are copied, not fetched
   if (Status st = MakeDirs(root / "profiles"); !st.ok()) return fail(st);
   const std::string image_path = head->image_path;
   const uint64_t size = head->index.disk_size;
@@ -117,6 +118,7 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   out.requests = disk_->requests();
   out.index = disk_->index();  // for the store's chunk table
   out.fetched_bytes = disk_->fetched_bytes();
+  out.reused_chunks = disk_->reused_chunks();
   log::Info("{}: every chunk verified ({} requests); committing it to the store", label, disk_->requests());
   return out;
 }

@@ -19,6 +19,7 @@
 
 #include "store/chunk_bitmap.h"
 #include "store/chunk_fetch.h"
+#include "store/local_chunks.h"
 #include "util/bytes.h"
 #include "util/env.h"
 #include "util/fs.h"
@@ -30,56 +31,6 @@ namespace regdisk::store {
 namespace fs = std::filesystem;
 
 namespace {
-
-// Copies [in_off, in_off + len) of `in` to `out` at out_off: copy_file_range
-// (which shares the extents on file systems that reflink), or read and
-// write where the kernel cannot.
-Status CopyRange(int in, uint64_t in_off, int out, uint64_t out_off, uint64_t len) {
-  bool fallback = false;
-  while (len > 0 && !fallback) {
-    loff_t i = static_cast<loff_t>(in_off), o = static_cast<loff_t>(out_off);
-    const ssize_t n = ::copy_file_range(in, &i, out, &o, len, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP)) {
-      fallback = true;
-      break;
-    }
-    if (n < 0) return ErrnoStatus("copying a chunk");
-    if (n == 0) return DataLoss("the chunk's source file is shorter than the chunk table says");
-    in_off += static_cast<uint64_t>(n);
-    out_off += static_cast<uint64_t>(n);
-    len -= static_cast<uint64_t>(n);
-  }
-  std::string buf;
-  while (len > 0) {
-    buf.resize(std::min<uint64_t>(len, 1 << 20));
-    const ssize_t n = ::pread(in, buf.data(), buf.size(), static_cast<off_t>(in_off));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return ErrnoStatus("reading a chunk");
-    if (n == 0) return DataLoss("the chunk's source file is shorter than the chunk table says");
-    RETURN_IF_ERROR(PWriteAll(out, std::string_view(buf.data(), static_cast<size_t>(n)), out_off));
-    in_off += static_cast<uint64_t>(n);
-    out_off += static_cast<uint64_t>(n);
-    len -= static_cast<uint64_t>(n);
-  }
-  return OkStatus();
-}
-
-// Whether [off, off + len) of fd hashes to `want`.
-Result<bool> RangeHashes(int fd, uint64_t off, uint64_t len, const ChunkTable::Sha256& want, std::string* buf) {
-  buf->resize(len);
-  uint64_t got = 0;
-  while (got < len) {
-    const ssize_t n = ::pread(fd, buf->data() + got, len - got, static_cast<off_t>(off + got));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return ErrnoStatus("reading back a copied chunk");
-    if (n == 0) return false;
-    got += static_cast<uint64_t>(n);
-  }
-  ChunkTable::Sha256 sum;
-  EVP_Digest(buf->data(), len, sum.data(), nullptr, EVP_sha256(), nullptr);
-  return sum == want;
-}
 
 // Runs fn(i) for i in [0, n) on `threads` threads; the first failure stops
 // the rest and is returned.
@@ -112,77 +63,27 @@ Status ParallelFor(size_t n, int threads, const std::function<Status(size_t)>& f
 // fetched when none holds it.
 Status ReuseLocalChunks(const oci::ChunkIndex& idx, int fd, const ChunkedPullOptions& o, ChunkBitmap* have,
                         ChunkedDisk* out) {
-  std::vector<ChunkTable::Sha256> digests;
-  for (size_t k = 0; k < idx.chunks.size(); ++k) {
-    if (!idx.chunks[k].zero && !have->Test(k)) digests.push_back(idx.chunks[k].sha256);
-  }
-  if (digests.empty()) return OkStatus();
-  auto found = o.table->Find(idx.chunk_shift, digests);
-  if (!found.ok()) {
-    // A hint only: without it the chunks are fetched.
-    log::Warn("{}: the store's chunk table cannot be read; fetching every chunk ({})", o.label,
-              found.status().message());
-    return OkStatus();
-  }
-  if (found->empty()) return OkStatus();
-  // The source files, opened once (a name from the table is one of the
-  // store's own directories; one that is not a plain name is skipped).
-  std::map<std::string, UniqueFd> files;
-  for (const auto& [sum, places] : *found) {
-    for (const auto& p : places) {
-      const std::string key = p.dir + "/" + p.file;
-      if (files.count(key) || p.dir.find('/') != std::string::npos || p.file.find('/') != std::string::npos ||
-          p.dir.empty() || p.dir[0] == '.' || p.file.empty() || p.file[0] == '.') {
-        continue;
-      }
-      auto f = OpenFile(o.disks_dir / p.dir / p.file, O_RDONLY | O_NOFOLLOW);
-      if (f.ok()) files.emplace(key, std::move(*f));
-    }
-  }
-  std::vector<size_t> candidates;
-  for (size_t k = 0; k < idx.chunks.size(); ++k) {
-    if (!idx.chunks[k].zero && !have->Test(k) && found->count(idx.chunks[k].sha256)) candidates.push_back(k);
-  }
-  std::atomic<uint64_t> reused{0}, bytes{0}, frames{0}, rotten{0};
+  LocalChunks local = LocalChunks::Find(*o.table, o.disks_dir, idx, [&](size_t k) { return !have->Test(k); }, o.label);
+  const std::vector<size_t> candidates = local.chunks();
+  std::atomic<uint64_t> reused{0}, bytes{0}, frames{0};
   const int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   Status st = ParallelFor(candidates.size(), threads, [&](size_t i) -> Status {
     if (o.cancel && !o.cancel->status().ok()) return o.cancel->status();
     const size_t k = candidates[i];
-    const oci::ChunkEntry& c = idx.chunks[k];
-    const uint64_t len = idx.ChunkLength(k), at = uint64_t{k} << idx.chunk_shift;
-    thread_local std::string buf;
-    bool mismatched = false;
-    for (const auto& p : found->at(c.sha256)) {
-      auto f = files.find(p.dir + "/" + p.file);
-      if (f == files.end()) continue;
-      if (Status copied = CopyRange(f->second.get(), p.chunk << idx.chunk_shift, fd, at, len); !copied.ok()) {
-        if (copied.code() == Code::kDataLoss) {
-          mismatched = true;
-          continue;
-        }
-        return std::move(copied).Annotate(fmt::format("copying chunk {} of {} from the store", k, o.label));
-      }
-      ASSIGN_OR_RETURN(bool good, RangeHashes(fd, at, len, c.sha256, &buf));
-      if (good) {
-        have->Set(k);
-        ++reused;
-        bytes += len;
-        frames += c.frame_length;
-        return OkStatus();
-      }
-      mismatched = true;
-      log::Warn("chunk {} of the disk {} does not hash to what the store's chunk table says (the disk may be "
-                "damaged: regdisk fsck checks it); fetching it instead",
-                p.chunk, p.dir);
+    ASSIGN_OR_RETURN(bool copied, local.Copy(k, fd));
+    if (copied) {
+      have->Set(k);
+      ++reused;
+      bytes += idx.ChunkLength(k);
+      frames += idx.chunks[k].frame_length;
     }
-    if (mismatched) ++rotten;
     return OkStatus();
   });
   RETURN_IF_ERROR(st);
   out->reused_chunks = reused;
   out->reused_bytes = bytes;
   out->reused_frame_bytes = frames;
-  out->rotten_chunks = rotten;
+  out->rotten_chunks = local.rotten();
   return OkStatus();
 }
 

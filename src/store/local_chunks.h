@@ -1,0 +1,86 @@
+// The chunks a wanted disk shares with disks already in the node store:
+// where the store's chunk table (store/chunk_table.h) says they are, copied
+// into the new disk and verified against the wanted index instead of being
+// fetched. A chunked pull (store/chunked_pull.h) and a lazily-pulled disk
+// (blockserve/lazy_disk.h) both use it, so a new version of an image moves
+// only the chunks that changed, whether it is pulled first or booted while
+// it fills.
+//
+//   LocalChunks local = LocalChunks::Find(root, index, [&](size_t k) { return !have.Test(k); }, label);
+//   ASSIGN_OR_RETURN(bool copied, local.Copy(k, fd));  // true: chunk k in fd is verified
+//
+// The table is a hint: a row may be stale (a disk that rotted or was
+// replaced), so each copy is hashed before it counts, and a chunk no place
+// holds verified is left to fetch. A table that cannot be read finds
+// nothing (with a warning). Thread-safe.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "oci/chunk_index.h"
+#include "store/chunk_table.h"
+#include "util/fs.h"
+#include "util/status.h"
+
+namespace regdisk::store {
+
+class LocalChunks {
+ public:
+  LocalChunks() = default;  // finds nothing
+  // The places in the store at ROOT (its chunk table, ROOT/disks) of each
+  // non-zero chunk k of `index` for which wanted(k). `label` names the
+  // disk in the warning for an unreadable table.
+  static LocalChunks Find(const std::filesystem::path& root, const oci::ChunkIndex& index,
+                          const std::function<bool(size_t)>& wanted, std::string_view label);
+  // The same with a table the caller has open.
+  static LocalChunks Find(ChunkTable& table, const std::filesystem::path& disks_dir, const oci::ChunkIndex& index,
+                          const std::function<bool(size_t)>& wanted, std::string_view label);
+  LocalChunks(LocalChunks&& other) noexcept;
+  LocalChunks& operator=(LocalChunks&&) = delete;
+
+  // Whether some disk in the store is said to hold chunk k.
+  bool Has(size_t k) const { return wanted_.count(k) > 0; }
+  // The chunks some disk is said to hold, in disk order.
+  std::vector<size_t> chunks() const;
+
+  // Copies chunk k to `fd` at its offset in the disk from the first place
+  // whose copy hashes to the index's digest. true: the chunk's bytes in
+  // fd are verified; false: no place held it (fetch it). An error only when
+  // fd cannot be written.
+  Result<bool> Copy(size_t k, int fd);
+
+  // Copies that did not hash to what the table said (a damaged disk).
+  uint64_t rotten() const { return rotten_.load(); }
+
+ private:
+  struct Wanted {
+    ChunkTable::Sha256 sha256;
+    uint64_t at = 0, length = 0;  // in the new disk
+    int chunk_shift = 0;
+    std::vector<ChunkTable::Place> places;
+  };
+  std::filesystem::path disks_dir_;
+  std::map<size_t, Wanted> wanted_;
+  std::mutex mu_;
+  std::map<std::string, UniqueFd> files_;  // DIR/FILE -> opened on first use; guarded by mu_
+  std::atomic<uint64_t> rotten_{0};
+};
+
+// Copies [in_off, in_off + len) of `in` to `out` at out_off:
+// copy_file_range (which shares the extents on file systems that reflink),
+// or read and write where the kernel cannot. DataLoss when `in` ends first.
+Status CopyFileRange(int in, uint64_t in_off, int out, uint64_t out_off, uint64_t len);
+
+// Whether [off, off + len) of fd hashes (SHA-256) to `want`; `buf` is
+// scratch space.
+Result<bool> RangeHashes(int fd, uint64_t off, uint64_t len, const ChunkTable::Sha256& want, std::string* buf);
+
+}  // namespace regdisk::store
