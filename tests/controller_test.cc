@@ -588,6 +588,7 @@ VmState Vm(RunStrategy strategy) {
   vm.template_.labels = {{"kubevirt.io/vm", "db"}};
   vm.template_.generation = 3;
   vm.status.run_strategy = strategy;  // not a new VM unless a case says so
+  vm.has_finalizer = true;             // as the first reconcile left it
   return vm;
 }
 
@@ -744,6 +745,7 @@ TEST(VmController, RunningMapsToAlwaysAndHalted) {
 TEST(VmController, TheFinalizerIsAddedAndRemovedOnceTheVmisGone) {
   // A VM without KubeVirt's finalizer gets it, first.
   VmState vm = Vm(RunStrategy::kAlways);
+  vm.has_finalizer = false;
   auto actions = ReconcileVm(vm, VmVmi(VmiPhase::kRunning));
   ASSERT_FALSE(actions.empty());
   EXPECT_TRUE(std::holds_alternative<AddVmFinalizer>(actions.front()));

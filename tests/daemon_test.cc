@@ -333,7 +333,9 @@ TEST_F(DaemonTest, ReplicaSetRunsHealsScalesAndSurvivesARestart) {
   // The set's deletion deleted them too (marked while they stop); once more is a no-op, or NotFound once gone.
   for (const auto& v : Vmis()) {
     auto st = store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>());
-    if (!st.ok()) ASSERT_EQ(st.status().code(), Code::kNotFound) << st.status().ToString();
+    if (!st.ok()) {
+      ASSERT_EQ(st.status().code(), Code::kNotFound) << st.status().ToString();
+    }
   }
   ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && daemon::ListInstanceDirs(root_).empty(); }));
   EXPECT_TRUE(survivor.size() > 0);
@@ -752,7 +754,9 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   // The set's deletion deleted them too (marked while they stop); once more is a no-op, or NotFound once gone.
   for (const auto& v : Vmis()) {
     auto st = store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>());
-    if (!st.ok()) ASSERT_EQ(st.status().code(), Code::kNotFound) << st.status().ToString();
+    if (!st.ok()) {
+      ASSERT_EQ(st.status().code(), Code::kNotFound) << st.status().ToString();
+    }
   }
   ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); }));
   EXPECT_TRUE(Eventually([&] { return !fs::exists(lazy_dir); }));
