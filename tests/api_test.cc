@@ -1093,9 +1093,11 @@ std::string HaltVmi(const std::string& name, const std::string& image, const std
 TEST_F(NodeE2eTest, KubectlDeleteEndsWhenTheQemuAndItsFilesAreGoneAndAUserFinalizerHoldsTheVmi) {
   ASSERT_OK(WriteFileAtomic(P("a.yaml"), HaltVmi("a", image_)));
   ASSERT_OK(WriteFileAtomic(P("b.yaml"), HaltVmi("b", image_, "  - example.com/keep\n")));
+  ASSERT_OK(WriteFileAtomic(P("c.yaml"), HaltVmi("c", image_)));
   ASSERT_EQ(Kubectl({"apply", "-f", P("a.yaml")}).exit_code, 0);
   ASSERT_EQ(Kubectl({"apply", "-f", P("b.yaml")}).exit_code, 0);
-  ASSERT_TRUE(Eventually([&] { return Running() == 2 && Pids().size() == 2; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
+  ASSERT_EQ(Kubectl({"apply", "-f", P("c.yaml")}).exit_code, 0);
+  ASSERT_TRUE(Eventually([&] { return Running() == 3 && Pids().size() == 3; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
   const std::map<std::string, int> pids = Pids();
   const std::string uid_a = Kubectl({"get", "vmi", "a", "-o", "jsonpath={.metadata.uid}"}).out;
   const std::string uid_b = Kubectl({"get", "vmi", "b", "-o", "jsonpath={.metadata.uid}"}).out;
@@ -1121,6 +1123,12 @@ TEST_F(NodeE2eTest, KubectlDeleteEndsWhenTheQemuAndItsFilesAreGoneAndAUserFinali
   EXPECT_FALSE(run_dir_of(uid_a));
   RunResult gone = Kubectl({"get", "vmi", "a"});
   EXPECT_THAT(gone.err, HasSubstr("\"a\" not found"));
+  // regdisk delete waits the same way.
+  RunResult ours = RunRegdisk({"delete", "--socket", P("api.sock"), "vmi", "c"});
+  ASSERT_EQ(ours.exit_code, 0) << ours.err;
+  EXPECT_EQ(ours.out, "virtualmachineinstance.kubevirt.io \"c\" deleted\n");
+  EXPECT_FALSE(Alive(pids.at("c"))) << "QEMU of c still runs";
+  EXPECT_THAT(Kubectl({"get", "vmi", "c"}).err, HasSubstr("\"c\" not found"));
 
   // A user's finalizer: QEMU stops and ours comes off, the VMI stays,
   // listed with its deletionTimestamp, until the user removes theirs.

@@ -298,7 +298,8 @@ struct Node::Impl {
       auto vmi = GetInstance(ns, name, uid);
       if (!vmi || (*vmi)["metadata"].contains("deletionTimestamp")) return false;
       if (HasFinalizer(*vmi, c::kVmiFinalizer)) return true;
-      auto st = store->Update(InstanceResourceOf(*vmi), WithFinalizer(std::move(*vmi), c::kVmiFinalizer));
+      const std::string_view resource = InstanceResourceOf(*vmi);
+      auto st = store->Update(resource, WithFinalizer(std::move(*vmi), c::kVmiFinalizer));
       if (st.ok()) return true;
       if (st.status().code() != Code::kAborted) {
         log::Warn("adding the finalizer to VMI {}/{}: {}", ns, name, st.status().message());
