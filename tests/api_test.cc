@@ -31,6 +31,7 @@
 
 #include "api/credentials.h"
 #include "api/kube_api.h"
+#include "api/resources.h"
 #include "api/table.h"
 #include "harness/harness.h"
 #include "state/object_store.h"
@@ -763,6 +764,99 @@ TEST_F(KubeApiTest, TableCellsFollowKubeVirtsPrinterColumns) {
   EXPECT_EQ(json::parse(Do("GET", kVmisPath, {}, "", "application/json").body)["kind"], "VirtualMachineInstanceList");
 }
 
+TEST_F(KubeApiTest, DeletePropagationForegroundBackgroundAndOrphan) {
+  auto set = [&](const std::string& name) {
+    json rs = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstanceReplicaSet"},
+               {"metadata", {{"name", name}, {"namespace", "default"}}}, {"spec", {{"replicas", 0}}}};
+    return store_->Create(api::kVmirsKey, rs).value()["metadata"]["uid"].get<std::string>();
+  };
+  auto vmi = [&](const std::string& name, const std::string& owner, bool keep) {
+    json v = json::parse(VmiJson(name, owner));
+    if (keep) v["metadata"]["finalizers"] = {"example.com/keep"};
+    ASSERT_EQ(Do("POST", kVmisPath, {}, v.dump()).status, 201);
+  };
+  auto code = [&](const std::string& path) { return Do("GET", path).status; };
+  auto get = [&](const std::string& path) { return json::parse(Do("GET", path).body); };
+  auto patch = [&](const std::string& path, const std::string& body) {
+    api::HttpRequest req;
+    req.method = "PATCH";
+    req.path = path;
+    req.body = body;
+    req.headers["content-type"] = "application/merge-patch+json";
+    req.stop = &stop_;
+    return api_->Handle(req);
+  };
+  const std::string sets = kVmirsPath, vmis = kVmisPath;
+
+  // Foreground: the set stays, marked, until its blocking VMIs are gone.
+  std::string uid = set("fg");
+  vmi("fg-a", uid, false);
+  vmi("fg-b", uid, true);
+  api::HttpResponse fg = Do("DELETE", sets + "/fg", {}, R"({"kind":"DeleteOptions","apiVersion":"v1","propagationPolicy":"Foreground"})");
+  ASSERT_EQ(fg.status, 200) << fg.body;
+  json marked = json::parse(fg.body);
+  EXPECT_EQ(marked["metadata"]["finalizers"], json({"foregroundDeletion"}));
+  EXPECT_TRUE(marked["metadata"].contains("deletionTimestamp"));
+  EXPECT_EQ(marked["metadata"]["deletionGracePeriodSeconds"], 0);
+  EXPECT_EQ(code(sets + "/fg"), 200);
+  EXPECT_EQ(code(vmis + "/fg-a"), 404);
+  EXPECT_TRUE(get(vmis + "/fg-b")["metadata"].contains("deletionTimestamp"));
+  // Deleting it again changes nothing.
+  api::HttpResponse again = Do("DELETE", sets + "/fg");
+  EXPECT_EQ(again.status, 200);
+  EXPECT_EQ(json::parse(again.body), get(sets + "/fg"));
+  EXPECT_EQ(get(sets + "/fg")["metadata"]["resourceVersion"], marked["metadata"]["resourceVersion"]);
+  // The user's finalizer comes off fg-b: it goes, then the set.
+  api::HttpResponse released = patch(vmis + "/fg-b", R"({"metadata":{"finalizers":null}})");
+  EXPECT_EQ(released.status, 200) << released.body;
+  EXPECT_EQ(code(vmis + "/fg-b"), 404);
+  EXPECT_EQ(code(sets + "/fg"), 404);
+
+  // Background (the default): the set goes now, its VMIs after it.
+  uid = set("bg");
+  vmi("bg-a", uid, false);
+  vmi("bg-b", uid, true);
+  EXPECT_EQ(Do("DELETE", sets + "/bg").status, 200);
+  EXPECT_EQ(code(sets + "/bg"), 404);
+  EXPECT_EQ(code(vmis + "/bg-a"), 404);
+  EXPECT_TRUE(get(vmis + "/bg-b")["metadata"].contains("deletionTimestamp"));
+  // No new finalizer on an object being deleted: 422, as Kubernetes words it.
+  api::HttpResponse late = patch(vmis + "/bg-b", R"({"metadata":{"finalizers":["example.com/keep","example.com/late"]}})");
+  EXPECT_EQ(late.status, 422) << late.body;
+  json st = json::parse(late.body);
+  EXPECT_EQ(st["kind"], "Status");
+  EXPECT_EQ(st["reason"], "Invalid");
+  EXPECT_EQ(st["message"], "VirtualMachineInstance.kubevirt.io \"bg-b\" is invalid: metadata.finalizers: Forbidden: no new "
+                           "finalizers can be added if the object is being deleted, found new finalizers "
+                           "[]string{\"example.com/late\"}");
+  EXPECT_EQ(st["details"]["causes"][0]["reason"], "FieldValueForbidden");
+  EXPECT_EQ(st["details"]["causes"][0]["field"], "metadata.finalizers");
+  // Nor can a client clear deletionTimestamp.
+  api::HttpResponse clear = patch(vmis + "/bg-b", R"({"metadata":{"deletionTimestamp":null}})");
+  EXPECT_EQ(clear.status, 200) << clear.body;
+  EXPECT_TRUE(get(vmis + "/bg-b")["metadata"].contains("deletionTimestamp"));
+
+  // Orphan: the set goes; its VMIs stay, without the owner reference.
+  uid = set("or");
+  vmi("or-a", uid, false);
+  EXPECT_EQ(Do("DELETE", sets + "/or", {}, R"({"propagationPolicy":"Orphan"})").status, 200);
+  EXPECT_EQ(code(sets + "/or"), 404);
+  json orphan = get(vmis + "/or-a");
+  EXPECT_FALSE(orphan["metadata"].contains("ownerReferences")) << orphan.dump();
+  EXPECT_FALSE(orphan["metadata"].contains("deletionTimestamp"));
+  // The deprecated orphanDependents says the same; an unknown policy is 422.
+  uid = set("or2");
+  vmi("or2-a", uid, false);
+  EXPECT_EQ(Do("DELETE", sets + "/or2", {}, R"({"orphanDependents":true})").status, 200);
+  EXPECT_EQ(code(vmis + "/or2-a"), 200);
+  api::HttpResponse bad = Do("DELETE", vmis + "/or2-a", {}, R"({"propagationPolicy":"Sometimes"})");
+  EXPECT_EQ(bad.status, 422);
+  EXPECT_THAT(json::parse(bad.body)["message"].get<std::string>(),
+              HasSubstr("propagationPolicy: Unsupported value: \"Sometimes\": supported values: \"Foreground\", "
+                        "\"Background\", \"Orphan\""));
+  EXPECT_EQ(code(vmis + "/or2-a"), 200);
+}
+
 TEST(HumanDurationTest, MatchesKubernetes) {
   EXPECT_EQ(api::HumanDuration(0), "0s");
   EXPECT_EQ(api::HumanDuration(119), "119s");
@@ -967,6 +1061,127 @@ spec:
       << Kubectl({"get", "vmis"}).out;
 }
 
+
+// The process runs (a zombie, exited but not yet reaped by whoever adopted
+// it, does not).
+bool Alive(int pid) {
+  if (::kill(pid, 0) != 0) return false;
+  std::string stat = ReadFileCapped("/proc/" + std::to_string(pid) + "/stat", 4096).value_or("");
+  size_t paren = stat.rfind(')');
+  return paren == std::string::npos || paren + 2 >= stat.size() || stat[paren + 2] != 'Z';
+}
+
+// A VMI of the boot-sector disk, with `finalizers` (YAML list items) if any.
+std::string HaltVmi(const std::string& name, const std::string& image, const std::string& finalizers = "") {
+  return "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: " + name + "\n" +
+         (finalizers.empty() ? "" : "  finalizers:\n" + finalizers) + R"(spec:
+  domain:
+    devices:
+      disks:
+      - name: root
+        disk:
+          bus: virtio
+    resources:
+      requests:
+        memory: 64M
+  volumes:
+  - name: root
+    containerDisk:
+      image: )" + image + "\n";
+}
+
+TEST_F(NodeE2eTest, KubectlDeleteEndsWhenTheQemuAndItsFilesAreGoneAndAUserFinalizerHoldsTheVmi) {
+  ASSERT_OK(WriteFileAtomic(P("a.yaml"), HaltVmi("a", image_)));
+  ASSERT_OK(WriteFileAtomic(P("b.yaml"), HaltVmi("b", image_, "  - example.com/keep\n")));
+  ASSERT_OK(WriteFileAtomic(P("c.yaml"), HaltVmi("c", image_)));
+  ASSERT_EQ(Kubectl({"apply", "-f", P("a.yaml")}).exit_code, 0);
+  ASSERT_EQ(Kubectl({"apply", "-f", P("b.yaml")}).exit_code, 0);
+  ASSERT_EQ(Kubectl({"apply", "-f", P("c.yaml")}).exit_code, 0);
+  ASSERT_TRUE(Eventually([&] { return Running() == 3 && Pids().size() == 3; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
+  const std::map<std::string, int> pids = Pids();
+  const std::string uid_a = Kubectl({"get", "vmi", "a", "-o", "jsonpath={.metadata.uid}"}).out;
+  const std::string uid_b = Kubectl({"get", "vmi", "b", "-o", "jsonpath={.metadata.uid}"}).out;
+  ASSERT_FALSE(uid_a.empty());
+  // KubeVirt's finalizer, as a cluster shows it.
+  RunResult yaml = Kubectl({"get", "vmi", "a", "-o", "yaml"});
+  EXPECT_THAT(yaml.out, HasSubstr("  finalizers:\n  - kubevirt.io/foregroundDeleteVirtualMachine\n")) << yaml.out;
+  auto run_dir_of = [&](const std::string& uid) {
+    for (const auto& e : fs::directory_iterator(tmp() / "root" / "run")) {
+      if (e.path().filename().string().find(uid) != std::string::npos) return true;
+    }
+    return false;
+  };
+  ASSERT_TRUE(run_dir_of(uid_a));
+
+  // kubectl delete waits (its default) until the VMI is gone, which is once
+  // its QEMU has stopped and its run directory (overlay, seed, sockets) is
+  // removed: all of that holds when it returns, not eventually.
+  RunResult del = Kubectl({"delete", "vmi", "a"});
+  ASSERT_EQ(del.exit_code, 0) << del.err;
+  EXPECT_EQ(del.out, "virtualmachineinstance.kubevirt.io \"a\" deleted\n");
+  EXPECT_FALSE(Alive(pids.at("a"))) << "QEMU of a still runs";
+  EXPECT_FALSE(run_dir_of(uid_a));
+  RunResult gone = Kubectl({"get", "vmi", "a"});
+  EXPECT_THAT(gone.err, HasSubstr("\"a\" not found"));
+  // regdisk delete waits the same way.
+  RunResult ours = RunRegdisk({"delete", "--socket", P("api.sock"), "vmi", "c"});
+  ASSERT_EQ(ours.exit_code, 0) << ours.err;
+  EXPECT_EQ(ours.out, "virtualmachineinstance.kubevirt.io \"c\" deleted\n");
+  EXPECT_FALSE(Alive(pids.at("c"))) << "QEMU of c still runs";
+  EXPECT_THAT(Kubectl({"get", "vmi", "c"}).err, HasSubstr("\"c\" not found"));
+
+  // A user's finalizer: QEMU stops and ours comes off, the VMI stays,
+  // listed with its deletionTimestamp, until the user removes theirs.
+  RunResult nowait = Kubectl({"delete", "vmi", "b", "--wait=false"});
+  ASSERT_EQ(nowait.exit_code, 0) << nowait.err;
+  ASSERT_TRUE(Eventually([&] {
+    return !Alive(pids.at("b")) && !run_dir_of(uid_b) &&
+           Kubectl({"get", "vmi", "b", "-o", "jsonpath={.metadata.finalizers}"}).out == R"(["example.com/keep"])";
+  })) << Kubectl({"get", "vmi", "b", "-o", "yaml"}).out;
+  RunResult held = Kubectl({"get", "vmi", "b", "-o", "yaml"});
+  EXPECT_THAT(held.out, HasSubstr("  deletionTimestamp: \""));
+  EXPECT_THAT(held.out, HasSubstr("  deletionGracePeriodSeconds: 0\n"));
+  EXPECT_THAT(Kubectl({"get", "vmis", "-o", "name"}).out, HasSubstr("virtualmachineinstance.kubevirt.io/b\n"));
+  // Not started again, and no new finalizer may be added.
+  RunResult late = Kubectl({"patch", "vmi", "b", "--type", "merge", "-p",
+                            R"({"metadata":{"finalizers":["example.com/keep","example.com/late"]}})"});
+  EXPECT_NE(late.exit_code, 0);
+  EXPECT_THAT(late.err, HasSubstr("metadata.finalizers: Forbidden: no new finalizers can be added if the object is being "
+                                  "deleted, found new finalizers []string{\"example.com/late\"}"));
+  RunResult patched = Kubectl({"patch", "vmi", "b", "--type", "json", "-p", R"([{"op":"remove","path":"/metadata/finalizers"}])"});
+  EXPECT_EQ(patched.exit_code, 0) << patched.err;
+  EXPECT_THAT(Kubectl({"get", "vmi", "b"}).err, HasSubstr("\"b\" not found"));
+  EXPECT_EQ(Qemus(), 0);
+}
+
+TEST_F(NodeE2eTest, ADaemonKilledWhileAVmiStopsFinishesTheDeletionAfterARestart) {
+  ASSERT_OK(WriteFileAtomic(P("c.yaml"), HaltVmi("c", image_)));
+  ASSERT_EQ(Kubectl({"apply", "-f", P("c.yaml")}).exit_code, 0);
+  ASSERT_TRUE(Eventually([&] { return Running() == 1 && Pids().size() == 1; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
+  const int pid = Pids().at("c");
+  ASSERT_EQ(Kubectl({"delete", "vmi", "c", "--wait=false"}).exit_code, 0);
+  // kill -9 while it stops: the guest ignores ACPI powerdown, so QEMU runs
+  // until the grace period (10 s) ends, long after this.
+  server_->Signal(SIGKILL);
+  server_->Wait(std::chrono::seconds(10));
+  server_.reset();
+  port_ = 0;
+  {
+    auto store = state::ObjectStore::Open(tmp() / "root" / "state.db");
+    ASSERT_OK(store);
+    auto vmi = (*store)->Get("kubevirt.io/v1/virtualmachineinstances", "default", "c");
+    ASSERT_OK(vmi);
+    EXPECT_TRUE((*vmi)["metadata"].contains("deletionTimestamp"));
+    EXPECT_EQ((*vmi)["metadata"]["finalizers"], json({"kubevirt.io/foregroundDeleteVirtualMachine"}));
+  }
+  ASSERT_TRUE(Alive(pid)) << "the QEMU stopped before the daemon was killed";
+  // The next daemon adopts the QEMU, sees the deletion and finishes it.
+  StartServer();
+  EXPECT_TRUE(Eventually([&] {
+    return !Alive(pid) && fs::is_empty(tmp() / "root" / "run") &&
+           Kubectl({"get", "vmis", "-o", "name"}).out.empty();
+  })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
+}
 
 // --- The client commands (regdisk apply/get/delete/scale/logs/console/port)
 // against the same server, their output held against kubectl's.

@@ -588,6 +588,7 @@ VmState Vm(RunStrategy strategy) {
   vm.template_.labels = {{"kubevirt.io/vm", "db"}};
   vm.template_.generation = 3;
   vm.status.run_strategy = strategy;  // not a new VM unless a case says so
+  vm.has_finalizer = true;             // as the first reconcile left it
   return vm;
 }
 
@@ -739,6 +740,42 @@ TEST(VmController, RunningMapsToAlwaysAndHalted) {
                  RunStrategy::kOnce}) {
     EXPECT_EQ(ParseRunStrategy(RunStrategyName(s)), s);
   }
+}
+
+TEST(VmController, TheFinalizerIsAddedAndRemovedOnceTheVmisGone) {
+  // A VM without KubeVirt's finalizer gets it, first.
+  VmState vm = Vm(RunStrategy::kAlways);
+  vm.has_finalizer = false;
+  auto actions = ReconcileVm(vm, VmVmi(VmiPhase::kRunning));
+  ASSERT_FALSE(actions.empty());
+  EXPECT_TRUE(std::holds_alternative<AddVmFinalizer>(actions.front()));
+  vm.has_finalizer = true;
+  EXPECT_TRUE(All<AddVmFinalizer>(ReconcileVm(vm, VmVmi(VmiPhase::kRunning))).empty());
+  // Being deleted: the VMI is stopped; the finalizer stays while it exists.
+  vm.deletion_requested = true;
+  actions = ReconcileVm(vm, VmVmi(VmiPhase::kRunning));
+  EXPECT_EQ(Summary(actions), "delete:OwnerDeleted");
+  EXPECT_TRUE(All<RemoveVmFinalizer>(actions).empty());
+  EXPECT_TRUE(All<AddVmFinalizer>(actions).empty());
+  ObservedVmi stopping = VmVmi(VmiPhase::kRunning);
+  stopping.deletion_requested = true;
+  EXPECT_TRUE(All<RemoveVmFinalizer>(ReconcileVm(vm, stopping)).empty());
+  // Gone: the finalizer comes off, last.
+  actions = ReconcileVm(vm, std::nullopt);
+  ASSERT_FALSE(actions.empty());
+  EXPECT_TRUE(std::holds_alternative<RemoveVmFinalizer>(actions.back()));
+  // A VMI of its name that it does not own (orphaned by a delete with
+  // propagationPolicy Orphan) is neither adopted nor stopped, and does not
+  // hold the VM.
+  ObservedVmi orphan = VmVmi(VmiPhase::kRunning);
+  orphan.controller_ref.reset();
+  actions = ReconcileVm(vm, orphan);
+  EXPECT_EQ(Summary(actions), "");
+  EXPECT_EQ(All<RemoveVmFinalizer>(actions).size(), 1u);
+  // Nor does one another controller owns.
+  ObservedVmi foreign = VmVmi(VmiPhase::kRunning);
+  foreign.controller_ref->uid = "someone-else";
+  EXPECT_EQ(All<RemoveVmFinalizer>(ReconcileVm(vm, foreign)).size(), 1u);
 }
 
 TEST(VmController, CreatesTheVmiFromTheTemplateUnderTheVmsName) {

@@ -330,7 +330,13 @@ TEST_F(DaemonTest, ReplicaSetRunsHealsScalesAndSurvivesARestart) {
   ASSERT_OK(store_->Update(kVmirsResource, *rs));
   ASSERT_TRUE(Eventually([&] { return Vmis().size() == 1 && QemusUnderRoot() == 1; })) << json(Vmis()).dump(2);
   ASSERT_OK(store_->Delete(kVmirsResource, "default", "web"));
-  for (const auto& v : Vmis()) ASSERT_OK(store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>()));
+  // The set's deletion deleted them too (marked while they stop); once more is a no-op, or NotFound once gone.
+  for (const auto& v : Vmis()) {
+    auto st = store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>());
+    if (!st.ok()) {
+      ASSERT_EQ(st.status().code(), Code::kNotFound) << st.status().ToString();
+    }
+  }
   ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && daemon::ListInstanceDirs(root_).empty(); }));
   EXPECT_TRUE(survivor.size() > 0);
 }
@@ -385,6 +391,42 @@ TEST_F(DaemonTest, AVirtualMachineFollowsItsRunStrategy) {
   ASSERT_OK(store_->Update(kVmResource, *current));
   ASSERT_TRUE(Eventually([&] { return Vmis().empty() && QemusUnderRoot() == 0 && printable() == "Stopped"; }))
       << json(Vmis()).dump(2) << printable();
+}
+
+// Deleting a VirtualMachine: KubeVirt's finalizers keep the VM and its VMI
+// listed, marked, while the QEMU stops; the VMI goes once its files are
+// removed, then the VM once its VMI is gone.
+TEST_F(DaemonTest, ADeletedVirtualMachineGoesAfterItsVmiWhichGoesAfterItsQemu) {
+  StartNode();
+  json vm = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachine"},
+             {"metadata", {{"name", "db"}, {"namespace", "default"}}},
+             {"spec", {{"runStrategy", "Always"}, {"template", VmiTemplate()}}}};
+  ASSERT_OK(store_->Create(kVmResource, vm));
+  auto finalizers = [&](std::string_view resource) {
+    auto v = store_->Get(resource, "default", "db");
+    return v.ok() ? (*v)["metadata"].value("finalizers", json::array()) : json();
+  };
+  ASSERT_TRUE(Eventually([&] {
+    return RunningVmis().size() == 1 && finalizers(kVmResource) == json({"kubevirt.io/virtualMachineControllerFinalize"});
+  })) << json(Vmis()).dump(2);
+  EXPECT_EQ(finalizers(kVmiResource), json({"kubevirt.io/foregroundDeleteVirtualMachine"}));
+  const std::string uid = RunningVmis()[0]["metadata"]["uid"];
+  const pid_t pid = PidOf(root_, uid);
+  ASSERT_TRUE(Alive(pid));
+
+  auto marked = store_->Delete(kVmResource, "default", "db");
+  ASSERT_OK(marked);
+  EXPECT_TRUE((*marked)["metadata"].contains("deletionTimestamp"));
+  // Its VMI was deleted with it (Background): marked while its QEMU runs.
+  auto vmi = store_->Get(kVmiResource, "default", "db");
+  ASSERT_OK(vmi);
+  EXPECT_TRUE((*vmi)["metadata"].contains("deletionTimestamp"));
+  ASSERT_TRUE(Eventually([&] {
+    return store_->Get(kVmResource, "default", "db").status().code() == Code::kNotFound && Vmis().empty();
+  })) << json(Vmis()).dump(2);
+  EXPECT_FALSE(Alive(pid));
+  EXPECT_FALSE(fs::exists(daemon::InstanceDir(root_, uid)));
+  EXPECT_EQ(QemusUnderRoot(), 0);
 }
 
 // The seed's kinds: a v1alpha1 VirtualMachine runs as an instance, and a
@@ -709,7 +751,13 @@ TEST_F(LazyDaemonTest, ReplicasShareOneExportAndTheFillSurvivesARestart) {
   ASSERT_OK(store_->Update(kVmirsResource, *rs));
   ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 3; })) << json(Vmis()).dump(2);
   ASSERT_OK(store_->Delete(kVmirsResource, "default", "web"));
-  for (const auto& v : Vmis()) ASSERT_OK(store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>()));
+  // The set's deletion deleted them too (marked while they stop); once more is a no-op, or NotFound once gone.
+  for (const auto& v : Vmis()) {
+    auto st = store_->Delete(kVmiResource, "default", v["metadata"]["name"].get<std::string>());
+    if (!st.ok()) {
+      ASSERT_EQ(st.status().code(), Code::kNotFound) << st.status().ToString();
+    }
+  }
   ASSERT_TRUE(Eventually([&] { return QemusUnderRoot() == 0 && NbdkitsUnderRoot().empty(); }));
   EXPECT_TRUE(Eventually([&] { return !fs::exists(lazy_dir); }));
 }

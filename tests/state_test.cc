@@ -756,4 +756,184 @@ TEST_F(StateTest, SurvivesKillNineMidWrite) {
 }
 
 }  // namespace
+// --- Finalizers and deletion (Kubernetes' rules) -------------------------------
+
+constexpr char kSets[] = "kubevirt.io/v1/virtualmachineinstancereplicasets";
+
+json WithFinalizers(json o, std::vector<std::string> finalizers) {
+  o["metadata"]["finalizers"] = finalizers;
+  return o;
+}
+
+json OwnedBy(json o, const json& owner, bool block) {
+  o["metadata"]["ownerReferences"] = {{{"apiVersion", "kubevirt.io/v1"},
+                                       {"kind", "VirtualMachineInstanceReplicaSet"},
+                                       {"name", owner["metadata"]["name"]},
+                                       {"uid", owner["metadata"]["uid"]},
+                                       {"controller", true},
+                                       {"blockOwnerDeletion", block}}};
+  return o;
+}
+
+TEST_F(StateTest, AFinalizerHoldsADeleteUntilAWriteLeavesNone) {
+  json created = MustCreate(kVmis, WithFinalizers(Obj("web"), {"example.com/a", "example.com/b"}));
+  auto w = store_->Watch(kVmis, "default", {}, Rv(created));
+  ASSERT_TRUE(w.ok());
+  clock_ = kClock + 60;
+  // DELETE marks it: deletionTimestamp, grace 0, a new resourceVersion, MODIFIED.
+  auto marked = store_->Delete(kVmis, "default", "web");
+  ASSERT_TRUE(marked.ok()) << marked.status().ToString();
+  EXPECT_EQ(marked.value()["metadata"]["deletionTimestamp"], FormatTimestamp(kClock + 60));
+  EXPECT_EQ(marked.value()["metadata"]["deletionGracePeriodSeconds"], 0);
+  EXPECT_EQ(Rv(marked.value()), Rv(created) + 1);
+  auto listed = store_->List(kVmis, "default");
+  ASSERT_EQ(listed.value().items.size(), 1u);
+  EXPECT_EQ(listed.value().items[0], marked.value());
+  // A second DELETE: the object as it is, no write.
+  auto again = store_->Delete(kVmis, "default", "web");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again.value(), marked.value());
+  EXPECT_EQ(store_->CurrentResourceVersion().value(), Rv(marked.value()));
+  // Preconditions still apply.
+  EXPECT_EQ(store_->Delete(kVmis, "default", "web", {.resource_version = Rv(created)}).status().code(), Code::kAborted);
+  EXPECT_EQ(store_->Delete(kVmis, "default", "web", {.uid = "other"}).status().code(), Code::kAborted);
+  // No new finalizer on an object being deleted.
+  json add = marked.value();
+  add["metadata"]["finalizers"] = {"example.com/a", "example.com/b", "example.com/c", "example.com/d"};
+  auto refused = store_->Update(kVmis, add);
+  EXPECT_EQ(refused.status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(refused.status().message(),
+            "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new "
+            "finalizers []string{\"example.com/c\", \"example.com/d\"}");
+  // A client can neither clear nor move deletionTimestamp.
+  json clear = marked.value();
+  clear["metadata"].erase("deletionTimestamp");
+  clear["metadata"].erase("deletionGracePeriodSeconds");
+  clear["metadata"]["finalizers"] = {"example.com/b"};
+  auto one_left = store_->Update(kVmis, clear);
+  ASSERT_TRUE(one_left.ok()) << one_left.status().ToString();
+  EXPECT_EQ(one_left.value()["metadata"]["deletionTimestamp"], FormatTimestamp(kClock + 60));
+  EXPECT_EQ(one_left.value()["metadata"]["deletionGracePeriodSeconds"], 0);
+  json moved = one_left.value();
+  moved["metadata"]["deletionTimestamp"] = FormatTimestamp(kClock + 999);
+  moved["spec"]["cpu"] = 4;
+  auto still = store_->Update(kVmis, moved);
+  ASSERT_TRUE(still.ok());
+  EXPECT_EQ(still.value()["metadata"]["deletionTimestamp"], FormatTimestamp(kClock + 60));
+  // A status write keeps it too.
+  json status = still.value();
+  status["status"] = {{"phase", "Running"}};
+  ASSERT_TRUE(store_->UpdateStatus(kVmis, status).ok());
+  // The write that leaves no finalizer removes it: DELETED, with that write's state.
+  json last = store_->Get(kVmis, "default", "web").value();
+  last["metadata"].erase("finalizers");
+  auto removed = store_->Update(kVmis, last);
+  ASSERT_TRUE(removed.ok()) << removed.status().ToString();
+  EXPECT_FALSE(removed.value()["metadata"].contains("finalizers"));
+  EXPECT_EQ(store_->Get(kVmis, "default", "web").status().code(), Code::kNotFound);
+  const int64_t m = Rv(created);
+  using V = std::vector<std::string>;
+  auto at = [&](const char* type, int64_t rv) { return std::string(type) + " default/web@" + std::to_string(rv); };
+  EXPECT_EQ(Drain(**w), (V{at("MODIFIED", m + 1), at("MODIFIED", m + 2), at("MODIFIED", m + 3), at("MODIFIED", m + 4),
+                           at("DELETED", m + 5)}));
+  // Created with a deletionTimestamp of its own: the store drops it.
+  json fresh = Obj("fresh");
+  fresh["metadata"]["deletionTimestamp"] = FormatTimestamp(kClock);
+  fresh["metadata"]["deletionGracePeriodSeconds"] = 30;
+  json stored = MustCreate(kVmis, fresh);
+  EXPECT_FALSE(stored["metadata"].contains("deletionTimestamp"));
+  EXPECT_FALSE(stored["metadata"].contains("deletionGracePeriodSeconds"));
+  // Without finalizers, DELETE removes at once.
+  ASSERT_TRUE(store_->Delete(kVmis, "default", "fresh").ok());
+  EXPECT_EQ(store_->Get(kVmis, "default", "fresh").status().code(), Code::kNotFound);
+}
+
+TEST_F(StateTest, BackgroundDeletesTheOwnerThenItsDependents) {
+  json rs = MustCreate(kSets, Obj("web"));
+  MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));
+  MustCreate(kVmis, OwnedBy(WithFinalizers(Obj("web-b"), {"kubevirt.io/foregroundDeleteVirtualMachine"}), rs, true));
+  MustCreate(kVmis, Obj("other"));
+  const int64_t m = store_->CurrentResourceVersion().value();
+  auto sets = store_->Watch(kSets, "default", {}, m);
+  auto vmis = store_->Watch(kVmis, "default", {}, m);
+  ASSERT_TRUE(sets.ok() && vmis.ok());
+  auto gone = store_->Delete(kSets, "default", "web");
+  ASSERT_TRUE(gone.ok()) << gone.status().ToString();
+  using V = std::vector<std::string>;
+  auto ev = [](const char* type, const char* name, int64_t rv) {
+    return std::string(type) + " default/" + name + "@" + std::to_string(rv);
+  };
+  EXPECT_EQ(Drain(**sets), (V{ev("DELETED", "web", m + 1)}));
+  EXPECT_EQ(Drain(**vmis), (V{ev("DELETED", "web-a", m + 2), ev("MODIFIED", "web-b", m + 3)}));
+  EXPECT_TRUE(store_->Get(kVmis, "default", "web-b").value()["metadata"].contains("deletionTimestamp"));
+  EXPECT_TRUE(store_->Get(kVmis, "default", "other").ok());
+}
+
+TEST_F(StateTest, ForegroundKeepsTheOwnerUntilItsBlockingDependentsAreGone) {
+  json rs = MustCreate(kSets, Obj("web"));
+  MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));
+  MustCreate(kVmis, OwnedBy(WithFinalizers(Obj("web-b"), {"kubevirt.io/foregroundDeleteVirtualMachine"}), rs, true));
+  MustCreate(kVmis, OwnedBy(WithFinalizers(Obj("web-c"), {"example.com/slow"}), rs, false));
+  const int64_t m = store_->CurrentResourceVersion().value();
+  auto sets = store_->Watch(kSets, "default", {}, m);
+  auto vmis = store_->Watch(kVmis, "default", {}, m);
+  ASSERT_TRUE(sets.ok() && vmis.ok());
+  auto marked = store_->Delete(kSets, "default", "web", {}, Propagation::kForeground);
+  ASSERT_TRUE(marked.ok()) << marked.status().ToString();
+  EXPECT_EQ(marked.value()["metadata"]["finalizers"], json({"foregroundDeletion"}));
+  EXPECT_TRUE(marked.value()["metadata"].contains("deletionTimestamp"));
+  // The owner went first (MODIFIED), then each dependent: web-a (no
+  // finalizer) is gone, web-b and web-c are being deleted.
+  using V = std::vector<std::string>;
+  auto ev = [](const char* type, const char* name, int64_t rv) {
+    return std::string(type) + " default/" + name + "@" + std::to_string(rv);
+  };
+  EXPECT_EQ(Drain(**sets), (V{ev("MODIFIED", "web", m + 1)}));
+  EXPECT_EQ(Drain(**vmis), (V{ev("DELETED", "web-a", m + 2), ev("MODIFIED", "web-b", m + 3),
+                              ev("MODIFIED", "web-c", m + 4)}));
+  EXPECT_TRUE(store_->Get(kSets, "default", "web").ok());
+  // A finalizer on the owner itself cannot be added now either.
+  json add = store_->Get(kSets, "default", "web").value();
+  add["metadata"]["finalizers"].push_back("example.com/late");
+  EXPECT_THAT(store_->Update(kSets, add).status().message(), HasSubstr("[]string{\"example.com/late\"}"));
+  // web-b's finalizer comes off: it goes, and with it the owner (web-c does
+  // not block: blockOwnerDeletion is false).
+  json b = store_->Get(kVmis, "default", "web-b").value();
+  b["metadata"]["finalizers"] = json::array();
+  ASSERT_TRUE(store_->Update(kVmis, b).ok());
+  EXPECT_EQ(store_->Get(kVmis, "default", "web-b").status().code(), Code::kNotFound);
+  EXPECT_EQ(store_->Get(kSets, "default", "web").status().code(), Code::kNotFound);
+  EXPECT_EQ(Drain(**vmis), (V{ev("DELETED", "web-b", m + 5)}));
+  EXPECT_EQ(Drain(**sets), (V{ev("DELETED", "web", m + 6)}));
+  EXPECT_TRUE(store_->Get(kVmis, "default", "web-c").ok());
+  // Without blocking dependents, Foreground goes at once.
+  MustCreate(kSets, Obj("lone"));
+  ASSERT_TRUE(store_->Delete(kSets, "default", "lone", {}, Propagation::kForeground).ok());
+  EXPECT_EQ(store_->Get(kSets, "default", "lone").status().code(), Code::kNotFound);
+}
+
+TEST_F(StateTest, OrphanRemovesTheOwnerReferencesAndKeepsTheDependents) {
+  json rs = MustCreate(kSets, WithFinalizers(Obj("web"), {"example.com/keep"}));
+  json a = OwnedBy(Obj("web-a"), rs, true);
+  a["metadata"]["ownerReferences"].push_back({{"apiVersion", "v1"}, {"kind", "Other"}, {"name", "x"}, {"uid", "u-2"}});
+  MustCreate(kVmis, a);
+  MustCreate(kVmis, OwnedBy(Obj("web-b"), rs, true));
+  const int64_t m = store_->CurrentResourceVersion().value();
+  auto vmis = store_->Watch(kVmis, "default", {}, m);
+  ASSERT_TRUE(vmis.ok());
+  auto marked = store_->Delete(kSets, "default", "web", {}, Propagation::kOrphan);
+  ASSERT_TRUE(marked.ok()) << marked.status().ToString();
+  // Its own finalizer keeps the owner; the dependents were let go first.
+  EXPECT_EQ(marked.value()["metadata"]["finalizers"], json({"example.com/keep"}));
+  EXPECT_EQ(Rv(marked.value()), m + 3);
+  using V = std::vector<std::string>;
+  EXPECT_EQ(Drain(**vmis), (V{"MODIFIED default/web-a@" + std::to_string(m + 1),
+                              "MODIFIED default/web-b@" + std::to_string(m + 2)}));
+  json got_a = store_->Get(kVmis, "default", "web-a").value();
+  ASSERT_EQ(got_a["metadata"]["ownerReferences"].size(), 1u);
+  EXPECT_EQ(got_a["metadata"]["ownerReferences"][0]["uid"], "u-2");
+  EXPECT_FALSE(store_->Get(kVmis, "default", "web-b").value()["metadata"].contains("ownerReferences"));
+  EXPECT_FALSE(store_->Get(kVmis, "default", "web-b").value()["metadata"].contains("deletionTimestamp"));
+}
+
 }  // namespace regdisk::state

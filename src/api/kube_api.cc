@@ -161,6 +161,14 @@ void NormalizeSecret(json* object) {
 ApiError WriteError(const Status& st, const Resource& r, const std::string& name) {
   if (st.code() != Code::kInvalidArgument) return ApiError::FromStatus(st, r, name);
   std::string what = r.group.empty() ? r.kind : r.kind + "." + r.group;
+  // "FIELD: Forbidden: ..." (a finalizer added to an object being deleted).
+  if (size_t at = st.message().find(": Forbidden: "); at != std::string::npos &&
+                                                     st.message().find(' ') > at) {
+    const std::string field = st.message().substr(0, at);
+    return {422, "Invalid", what + " \"" + name + "\" is invalid: " + st.message(),
+            {{"name", name}, {"group", r.group}, {"kind", r.kind},
+             {"causes", {{{"reason", "FieldValueForbidden"}, {"message", st.message().substr(at + 2)}, {"field", field}}}}}};
+  }
   return {422, "Invalid", what + " \"" + name + "\" is invalid: " + st.message(),
           {{"name", name}, {"group", r.group}, {"kind", r.kind},
            {"causes", {{{"reason", "FieldValueInvalid"}, {"message", st.message()}, {"field", "metadata"}}}}}};
@@ -350,7 +358,7 @@ class RequestHandler {
   // object is ready to store; warnings go to response headers.
   std::optional<ApiError> Prepare(const Target& t, json* object, bool create);
   Result<json> StoreUpdate(const Target& t, const json& object);
-  void DeleteOwned(const std::string& ns, const std::string& uid);
+  Result<state::Propagation> PropagationOf(const json& options) const;
   void DeleteNamespaceContents(const std::string& ns);
   HttpResponse Output(int code, const Target& t, const json& object);
   int64_t Now() const { return o_.now ? o_.now() : SystemNow(); }
@@ -761,26 +769,6 @@ HttpResponse RequestHandler::Patch(const Target& t) {
   }
 }
 
-void RequestHandler::DeleteOwned(const std::string& ns, const std::string& uid) {
-  for (std::string_view key : {kVmiKey, kV1alpha1VmKey}) {
-    Result<state::ObjectList> list = o_.store->List(key, ns);
-    if (!list.ok()) continue;
-    for (const auto& item : list->items) {
-      const json& meta = item["metadata"];
-      if (!meta.contains("ownerReferences") || !meta["ownerReferences"].is_array()) continue;
-      for (const auto& ref : meta["ownerReferences"]) {
-        if (ref.is_object() && ref.value("uid", "") == uid) {
-          Status st = o_.store->Delete(key, ns, meta.value("name", "")).status();
-          if (!st.ok() && st.code() != Code::kNotFound) {
-            log::Warn("api: deleting {} owned by {}: {}", Printable(meta.value("name", "")), uid, st.ToString());
-          }
-          break;
-        }
-      }
-    }
-  }
-}
-
 // A deleted namespace takes its objects with it (at once: there is no
 // Terminating phase).
 void RequestHandler::DeleteNamespaceContents(const std::string& ns) {
@@ -793,6 +781,33 @@ void RequestHandler::DeleteNamespaceContents(const std::string& ns) {
       if (!st.ok() && st.code() != Code::kNotFound) log::Warn("api: emptying namespace {}: {}", Printable(ns), st.ToString());
     }
   }
+}
+
+// DeleteOptions.propagationPolicy (the query parameter when the body has
+// none), or the deprecated orphanDependents.
+Result<state::Propagation> RequestHandler::PropagationOf(const json& options) const {
+  std::string policy = req_.Query("propagationPolicy");
+  if (options.contains("propagationPolicy") && options["propagationPolicy"].is_string()) {
+    policy = options["propagationPolicy"].get<std::string>();
+  }
+  const json* orphan = options.contains("orphanDependents") ? &options["orphanDependents"] : nullptr;
+  if (orphan != nullptr && !orphan->is_boolean()) orphan = nullptr;
+  if (orphan != nullptr && !policy.empty()) {
+    return InvalidArgument("propagationPolicy: Invalid value: \"" + policy +
+                           "\": orphanDependents and deletionPropagation cannot be both set");
+  }
+  if (orphan != nullptr) return orphan->get<bool>() ? state::Propagation::kOrphan : state::Propagation::kBackground;
+  if (policy.empty() || policy == "Background") return state::Propagation::kBackground;
+  if (policy == "Foreground") return state::Propagation::kForeground;
+  if (policy == "Orphan") return state::Propagation::kOrphan;
+  return InvalidArgument("propagationPolicy: Unsupported value: " + json(policy).dump() +
+                         ": supported values: \"Foreground\", \"Background\", \"Orphan\"");
+}
+
+ApiError DeleteOptionsInvalid(const Status& st) {
+  return {422, "Invalid", "DeleteOptions.meta.k8s.io \"\" is invalid: " + st.message(),
+          {{"group", "meta.k8s.io"}, {"kind", "DeleteOptions"},
+           {"causes", {{{"reason", "FieldValueNotSupported"}, {"message", st.message()}, {"field", "propagationPolicy"}}}}}};
 }
 
 HttpResponse RequestHandler::Delete(const Target& t) {
@@ -818,11 +833,10 @@ HttpResponse RequestHandler::Delete(const Target& t) {
   if (t.r->kind == "Namespace" && t.name == "default") {
     return Reply(ApiError{403, "Forbidden", "namespace \"default\" is kept: regdisk does not delete it"});
   }
-  Result<json> deleted = o_.store->Delete(t.r->store_key, t.ns, t.name, pre);
+  Result<state::Propagation> propagation = PropagationOf(options);
+  if (!propagation.ok()) return Reply(DeleteOptionsInvalid(propagation.status()));
+  Result<json> deleted = o_.store->Delete(t.r->store_key, t.ns, t.name, pre, *propagation);
   if (!deleted.ok()) return Reply(ApiError::FromStatus(deleted.status(), *t.r, t.name));
-  std::string policy = options.value("propagationPolicy", "Background");
-  if (options.contains("orphanDependents") && options["orphanDependents"] == true) policy = "Orphan";
-  if (policy != "Orphan") DeleteOwned(t.ns, (*deleted)["metadata"].value("uid", ""));
   if (t.r->kind == "Namespace") DeleteNamespaceContents(t.name);
   return Reply(200, *deleted);
 }
@@ -834,6 +848,15 @@ HttpResponse RequestHandler::DeleteCollection(const Target& t) {
   Result<state::ObjectList> list = o_.store->List(t.r->store_key, t.ns, lo, t.all_namespaces);
   if (!list.ok()) return Reply(ApiError::FromStatus(list.status(), *t.r, ""));
   std::erase_if(list->items, [&fields](const json& o) { return !fields.Matches(o); });
+  json options = json::object();
+  if (!req_.body.empty()) {
+    Result<json> body = ParseBody(req_);
+    if (!body.ok() || !body->is_object()) return Reply(ApiError::BadRequest("the DeleteOptions are not a JSON object"));
+    options = std::move(*body);
+  }
+  Result<state::Propagation> prop = PropagationOf(options);
+  if (!prop.ok()) return Reply(DeleteOptionsInvalid(prop.status()));
+  const state::Propagation propagation = *prop;
   json items = json::array();
   for (const auto& item : list->items) {
     const std::string name = item["metadata"].value("name", "");
@@ -843,9 +866,8 @@ HttpResponse RequestHandler::DeleteCollection(const Target& t) {
       items.push_back(item);
       continue;
     }
-    Result<json> deleted = o_.store->Delete(t.r->store_key, ns, name);
+    Result<json> deleted = o_.store->Delete(t.r->store_key, ns, name, {}, propagation);
     if (!deleted.ok()) continue;  // deleted meanwhile
-    DeleteOwned(ns, (*deleted)["metadata"].value("uid", ""));
     items.push_back(*deleted);
   }
   return Reply(200, {{"kind", t.r->kind + "List"},

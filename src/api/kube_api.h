@@ -13,8 +13,9 @@
 //   resources  api/resources.h: GET, LIST (labelSelector, fieldSelector),
 //              watch=true (one WatchEvent per line), POST, PUT, PATCH
 //              (merge, JSON and strategic merge patch, the last as a merge
-//              patch as for custom resources), DELETE (owned VMIs deleted
-//              too unless propagationPolicy=Orphan), DELETE of a collection;
+//              patch as for custom resources), DELETE (finalizers and
+//              propagationPolicy Background, Foreground or Orphan, as
+//              state::ObjectStore::Delete applies them), DELETE of a collection;
 //              /status; /scale (autoscaling/v1 Scale) for replica sets;
 //              Table output when the Accept header asks for it.
 //   subresources.kubevirt.io/v1: a VMI's console, log and ports

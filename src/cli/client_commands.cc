@@ -698,15 +698,40 @@ int RunDelete(const Globals&, const ClientFlags& flags, const DeleteFlags& f) {
     if (!k.ok()) return Fail(k.status());
     for (size_t i = 1; i < f.args.size(); ++i) targets.emplace_back(*k, c.namespace_, f.args[i]);
   }
+  std::string policy = f.cascade;
+  if (!policy.empty()) policy[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(policy[0])));
+  const std::string options = json({{"kind", "DeleteOptions"}, {"apiVersion", "v1"}, {"propagationPolicy", policy}}).dump();
   int code = 0;
+  std::vector<std::tuple<Kind, std::string, std::string, std::string>> pending;  // ..., uid
   for (const auto& [k, ns, name] : targets) {
-    auto r = api.Do("DELETE", k.Path(ns, name));
+    auto r = api.Do(api::ApiClient::WithBody("DELETE", k.Path(ns, name), options, "application/json"));
     if (!r.ok()) return Fail(r.status());
     if (!r->ok()) {
       code = Fail(r->Error());
       continue;
     }
     std::printf("%s \"%s\" deleted\n", k.object_prefix().c_str(), PrintableLine(name).c_str());
+    std::fflush(stdout);
+    json deleted = json::parse(r->body, nullptr, false);
+    if (deleted.is_object() && deleted.contains("metadata") && deleted["metadata"].is_object()) {
+      pending.emplace_back(k, ns, name, deleted["metadata"].value("uid", ""));
+    }
+  }
+  // As kubectl delete --wait: until each object (that uid) is gone, which
+  // is when its finalizers are done (a VMI: its QEMU stopped, its files removed).
+  while (f.wait && !pending.empty()) {
+    auto& [k, ns, name, uid] = pending.front();
+    auto r = api.Do("GET", k.Path(ns, name));
+    if (!r.ok()) return Fail(r.status());
+    json now = r->ok() ? json::parse(r->body, nullptr, false) : json();
+    const bool gone = r->code == 404 || (now.is_object() && now.contains("metadata") && now["metadata"].is_object() &&
+                                         now["metadata"].value("uid", "") != uid);
+    if (!r->ok() && r->code != 404) return Fail(r->Error());
+    if (gone) {
+      pending.erase(pending.begin());
+      continue;
+    }
+    ::poll(nullptr, 0, 200);
   }
   return code;
 }

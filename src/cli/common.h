@@ -185,6 +185,8 @@ struct GetFlags {
 struct DeleteFlags {
   std::vector<std::string> args;  // KIND NAME...
   std::string file;               // -f
+  bool wait = true;               // --wait: until each object is gone (finalizers done)
+  std::string cascade = "background";  // --cascade: background | foreground | orphan
 };
 int RunApply(const Globals& g, const ClientFlags& c, const std::string& file);
 int RunGet(const Globals& g, const ClientFlags& c, const GetFlags& f);

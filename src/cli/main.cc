@@ -242,6 +242,11 @@ int Main(int argc, char** argv) {
   CLI::App* del = app.add_subcommand("delete", "delete objects of the daemon by kind and name or by file, as kubectl delete");
   del->add_option("args", delete_flags.args, "KIND NAME...");
   del->add_option("-f,--filename", delete_flags.file, "delete the objects a file names (- for stdin)");
+  del->add_flag("--wait", delete_flags.wait,
+                "wait until each object is gone, its finalizers done (the default; --wait=false returns at once)");
+  del->add_option("--cascade", delete_flags.cascade,
+                  "background (the default), foreground (the owner goes after its VMIs) or orphan (its VMIs stay)")
+      ->check(CLI::IsMember({"background", "foreground", "orphan"}));
   add_client_flags(del);
 
   std::string scale_kind, scale_name;

@@ -27,6 +27,15 @@ namespace regdisk::controller {
 
 using Labels = std::map<std::string, std::string>;
 
+// KubeVirt's finalizers (staging/src/kubevirt.io/api/core/v1/types.go).
+// On every VMI the node starts, removed once its QEMU and files are gone
+// (the domain-qualified name KubeVirt uses since v1.7; older releases
+// wrote "foregroundDeleteVirtualMachine").
+inline constexpr char kVmiFinalizer[] = "kubevirt.io/foregroundDeleteVirtualMachine";
+// On every VirtualMachine, removed once the VM is being deleted and its
+// VMI is gone.
+inline constexpr char kVmControllerFinalizer[] = "kubevirt.io/virtualMachineControllerFinalize";
+
 // The VMI phases of KubeVirt's VirtualMachineInstanceStatus.phase.
 enum class VmiPhase { kPending, kScheduling, kScheduled, kRunning, kSucceeded, kFailed, kUnknown };
 

@@ -168,13 +168,16 @@ std::vector<VmAction> ReconcileVm(const VmState& vm, const std::optional<Observe
   const ObservedVmi* vmi = observed ? &*observed : nullptr;
   VmStatus status;
   status.run_strategy = vm.status.run_strategy;
+  if (!vm.deletion_requested && !vm.has_finalizer) plan.actions.push_back(AddVmFinalizer{});
   if (vmi != nullptr && vmi->controller_ref && vmi->controller_ref->controller && !IsOurs(vm, *vmi->controller_ref)) {
     status.printable_status = "Unknown";
+    vmi = nullptr;  // not ours: it does not hold up the VM's deletion
   } else {
     if (vmi != nullptr && !(vmi->controller_ref && vmi->controller_ref->controller)) {
       // An orphan of the VM's name: KubeVirt's VM controller claims it
-      // (unless it is being deleted, which leaves nothing to claim).
-      if (vmi->deletion_requested) {
+      // (unless it or the VM is being deleted, which leaves nothing to
+      // claim: a VM deleted with propagationPolicy Orphan let it go).
+      if (vmi->deletion_requested || vm.deletion_requested) {
         vmi = nullptr;
       } else {
         plan.actions.push_back(AdoptVmi{vm.namespace_, vmi->name, vmi->uid, OwnerRefFor(vm)});
@@ -192,6 +195,7 @@ std::vector<VmAction> ReconcileVm(const VmState& vm, const std::optional<Observe
     status.ready = vmi != nullptr && vmi->ready && vmi->phase == VmiPhase::kRunning && !vmi->deletion_requested;
   }
   if (status != vm.status) plan.actions.push_back(UpdateVmStatus{std::move(status)});
+  if (vm.deletion_requested && vm.has_finalizer && vmi == nullptr) plan.actions.push_back(RemoveVmFinalizer{});
   return std::move(plan.actions);
 }
 

@@ -60,6 +60,7 @@ struct VmState {
   RunStrategy run_strategy = RunStrategy::kHalted;
   VmiTemplate template_;
   bool deletion_requested = false;
+  bool has_finalizer = false;  // metadata.finalizers holds kVmControllerFinalizer
   std::vector<StateChangeRequest> state_change_requests;  // only the first is acted on
   VmStatus status;  // as last written
 };
@@ -78,17 +79,25 @@ struct SetRunStrategy {
 struct UpdateVmStatus {
   VmStatus status;
 };
+// Add kVmControllerFinalizer to the VM (a VM not being deleted lacks it).
+struct AddVmFinalizer {};
+// Remove kVmControllerFinalizer: the VM is being deleted and has no VMI
+// of its own left (its deletion then completes unless other finalizers
+// remain).
+struct RemoveVmFinalizer {};
 
 using VmAction = std::variant<AdoptVmi, DeleteVmi, CreateVmi, AddStateChangeRequest, RemoveFirstStateChangeRequest,
-                              SetRunStrategy, UpdateVmStatus>;
+                              SetRunStrategy, UpdateVmStatus, AddVmFinalizer, RemoveVmFinalizer>;
 
 OwnerReference OwnerRefFor(const VmState& vm);
 
-// The VM's actions, in order: adoption, deletion or creation of its VMI,
+// The VM's actions, in order: the finalizer added (a VM not being
+// deleted), adoption, deletion or creation of its VMI,
 // state change request bookkeeping, then the status (only when changed).
 // `vmi` is the VMI named vm.name in vm.namespace_, whoever owns it; one
 // that another controller owns blocks the VM (no actions; printableStatus
-// Unknown).
+// Unknown). A VM being deleted adopts nothing, stops its VMI, and removes
+// its finalizer (last) once no VMI of its own is left.
 std::vector<VmAction> ReconcileVm(const VmState& vm, const std::optional<ObservedVmi>& vmi);
 
 }  // namespace regdisk::controller

@@ -1,5 +1,7 @@
 #include "daemon/convert.h"
 
+#include <algorithm>
+
 #include <ctime>
 
 #include "daemon/resources.h"
@@ -187,6 +189,7 @@ Result<c::VmState> VmFromJson(const json& vm) {
   if (!Field(spec, "template").is_object()) return InvalidArgument("VirtualMachine " + s.name + " has no spec.template");
   s.template_ = TemplateOf(spec, Field(meta, "generation").is_number_integer() ? meta["generation"].get<int64_t>() : 0);
   s.deletion_requested = Field(meta, "deletionTimestamp").is_string();
+  s.has_finalizer = HasFinalizer(vm, c::kVmControllerFinalizer);
   const json& status = Field(vm, "status");
   const json& requests = Field(status, "stateChangeRequests");
   if (requests.is_array()) {
@@ -203,6 +206,36 @@ Result<c::VmState> VmFromJson(const json& vm) {
   s.status.ready = Field(status, "ready").is_boolean() && status["ready"].get<bool>();
   if (auto rs = StringField(status, "runStrategy"); !rs.empty()) s.status.run_strategy = c::ParseRunStrategy(rs);
   return s;
+}
+
+bool HasFinalizer(const json& object, std::string_view finalizer) {
+  const json& list = Field(Field(object, "metadata"), "finalizers");
+  if (!list.is_array()) return false;
+  return std::any_of(list.begin(), list.end(), [&](const json& f) { return f.is_string() && f == finalizer; });
+}
+
+json WithoutFinalizer(json object, std::string_view finalizer) {
+  if (!object.is_object() || !object.contains("metadata") || !object["metadata"].is_object()) return object;
+  json& md = object["metadata"];
+  if (!md.contains("finalizers") || !md["finalizers"].is_array()) return object;
+  json kept = json::array();
+  for (const auto& f : md["finalizers"]) {
+    if (!(f.is_string() && f == finalizer)) kept.push_back(f);
+  }
+  if (kept.empty()) {
+    md.erase("finalizers");
+  } else {
+    md["finalizers"] = kept;
+  }
+  return object;
+}
+
+json WithFinalizer(json object, std::string_view finalizer) {
+  if (HasFinalizer(object, finalizer)) return object;
+  json& list = object["metadata"]["finalizers"];
+  if (!list.is_array()) list = json::array();
+  list.push_back(finalizer);
+  return object;
 }
 
 json OwnerReferenceJson(const c::OwnerReference& ref) {
@@ -223,6 +256,8 @@ json VmiFromTemplate(const json& owner, const c::CreateVmi& action) {
   annotations[kTemplateGenerationAnnotation] = std::to_string(action.template_.generation);
   meta["annotations"] = annotations;
   meta["ownerReferences"] = json::array({OwnerReferenceJson(action.owner)});
+  // As KubeVirt's admission webhook puts it on every new VMI.
+  meta["finalizers"] = json::array({c::kVmiFinalizer});
   // A v1alpha1 replica set makes v1alpha1 VirtualMachines (its template's
   // spec is in that generation's shape).
   json vmi = IsV1alpha1(owner)

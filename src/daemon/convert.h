@@ -38,9 +38,16 @@ Result<controller::VmState> VmFromJson(const json& vm);
 
 json OwnerReferenceJson(const controller::OwnerReference& ref);
 
+// metadata.finalizers of `object` holds `finalizer`.
+bool HasFinalizer(const json& object, std::string_view finalizer);
+// `object` with `finalizer` added to metadata.finalizers (once), or removed
+// (an emptied list is dropped).
+json WithFinalizer(json object, std::string_view finalizer);
+json WithoutFinalizer(json object, std::string_view finalizer);
+
 // The VMI a CreateVmi action asks for: the owner's spec.template (labels,
 // annotations and spec as the owner holds them) under the action's name,
-// namespace, labels and owner.
+// namespace, labels and owner, with controller::kVmiFinalizer.
 json VmiFromTemplate(const json& owner, const controller::CreateVmi& action);
 
 // The owner's status with the controller's fields replaced (other fields

@@ -290,10 +290,64 @@ struct Node::Impl {
     return pins.is_object() ? pins : json::object();
   }
 
+  // Puts controller::kVmiFinalizer on the VMI `uid` (retrying on a
+  // conflict), so that its deletion waits for this node's cleanup. False
+  // when the VMI is gone or being deleted: it must not start.
+  bool AddVmiFinalizer(const std::string& ns, const std::string& name, const std::string& uid) {
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      auto vmi = GetInstance(ns, name, uid);
+      if (!vmi || (*vmi)["metadata"].contains("deletionTimestamp")) return false;
+      if (HasFinalizer(*vmi, c::kVmiFinalizer)) return true;
+      const std::string_view resource = InstanceResourceOf(*vmi);
+      auto st = store->Update(resource, WithFinalizer(std::move(*vmi), c::kVmiFinalizer));
+      if (st.ok()) return true;
+      if (st.status().code() != Code::kAborted) {
+        log::Warn("adding the finalizer to VMI {}/{}: {}", ns, name, st.status().message());
+        return false;
+      }
+    }
+    return false;
+  }
+
+  // The deletion of a VMI that nothing of this node runs or holds any more
+  // (no QEMU, start or stop, no run directory): KubeVirt's finalizer comes
+  // off, and the store removes the VMI unless other finalizers remain.
+  // The same for a final VMI (KubeVirt lets those go once cleaned up).
+  // Level-triggered: after a restart, a VMI that was being deleted when
+  // the daemon died is finished here.
+  void ReleaseFinalizers(const std::vector<json>& list) {
+    for (const auto& v : list) {
+      if (!HasFinalizer(v, c::kVmiFinalizer)) continue;
+      const json& meta = v["metadata"];
+      const std::string uid = meta.value("uid", ""), ns = meta.value("namespace", "default"),
+                        name = meta.value("name", "");
+      const bool deleting = meta.contains("deletionTimestamp");
+      if (!deleting && !c::IsFinal(ObservedVmiFromJson(v).phase)) continue;
+      if (instances.count(uid) || starts.count(uid) || stops.count(uid) || reserves.count(uid)) continue;
+      const fs::path dir = InstanceDir(o.root, uid);
+      std::error_code ec;
+      if (fs::exists(dir, ec)) {
+        // Left by a failed start or a killed daemon; nothing runs from it.
+        fs::remove_all(dir, ec);
+        if (ec) {
+          log::Warn("removing {} of VMI {}/{}: {}", dir.string(), ns, name, ec.message());
+          continue;
+        }
+      }
+      auto st = store->Update(InstanceResourceOf(v), WithoutFinalizer(v, c::kVmiFinalizer));
+      if (!st.ok() && st.status().code() != Code::kAborted && st.status().code() != Code::kNotFound) {
+        Warn(st.status(), "removing the finalizer of VMI " + name);
+      } else if (st.ok() && deleting) {
+        log::Info("VMI {}/{}: cleaned up, finalizer removed", ns, name);
+      }
+    }
+  }
+
   void BeginStart(json vmi) {
     const json& meta = vmi["metadata"];
     const std::string ns = meta.value("namespace", "default"), name = meta.value("name", ""),
                       uid = meta.value("uid", "");
+    if (!AddVmiFinalizer(ns, name, uid)) return;
     // A replica's images: the digests its set pinned (a tag that moved
     // since does not split the set).
     if (auto rs = OwningReplicaSet(vmi)) {
@@ -585,7 +639,10 @@ struct Node::Impl {
       ++it;
     }
     for (auto& [uid, start] : starts) {
-      if (!by_uid.count(uid)) start.cancel->Cancel("the VMI was deleted");
+      auto vmi = by_uid.find(uid);
+      if (vmi == by_uid.end() || (*vmi->second)["metadata"].contains("deletionTimestamp")) {
+        start.cancel->Cancel("the VMI was deleted");
+      }
     }
     for (const auto& v : *list) {
       const json& meta = v["metadata"];
@@ -607,6 +664,7 @@ struct Node::Impl {
     for (auto b = backoffs.begin(); b != backoffs.end();) {
       b = by_uid.count(b->first) ? std::next(b) : backoffs.erase(b);
     }
+    ReleaseFinalizers(*list);
 
     if (Clock::now() >= next_prune) {
       events->Prune();
@@ -724,6 +782,14 @@ struct Node::Impl {
       if (reqs.is_array() && !reqs.empty()) reqs.erase(reqs.begin());
       if (reqs.is_array() && reqs.empty()) vm["status"].erase("stateChangeRequests");
     }, true);
+  }
+  void Apply(const json& owner, const c::AddVmFinalizer&, bool) {
+    EditOwner(kVmResource, owner, [](json& vm) { vm = WithFinalizer(std::move(vm), c::kVmControllerFinalizer); }, false);
+  }
+  void Apply(const json& owner, const c::RemoveVmFinalizer&, bool) {
+    log::Info("VM {}/{}: its VMI is gone, finalizer removed", owner["metadata"].value("namespace", "default"),
+              owner["metadata"].value("name", ""));
+    EditOwner(kVmResource, owner, [](json& vm) { vm = WithoutFinalizer(std::move(vm), c::kVmControllerFinalizer); }, false);
   }
   void Apply(const json& owner, const c::SetRunStrategy& a, bool) {
     EditOwner(kVmResource, owner, [&](json& vm) {

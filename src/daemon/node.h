@@ -18,9 +18,14 @@
 //     the node cannot run, or a QEMU that fails at once, makes it Failed;
 //   - a QEMU that exits makes its VMI Succeeded (guest power-off) or
 //     Failed, and its run directory is removed;
-//   - a QEMU whose VMI is gone (deleted, or replaced by a newer uid) is
-//     stopped (ACPI powerdown, `grace`, then SIGKILL) and removed; a VMI
-//     deleted during its pull cancels the pull;
+//   - every VMI it starts carries KubeVirt's finalizer
+//     (controller::kVmiFinalizer), so a deleted VMI stays, with its
+//     deletionTimestamp, while its QEMU stops;
+//   - a QEMU whose VMI is being deleted or gone (or replaced by a newer
+//     uid) is stopped (ACPI powerdown, `grace`, then SIGKILL) and its run
+//     directory removed; a VMI deleted during its pull cancels the pull;
+//     then the finalizer comes off (also for a final VMI), and the store
+//     removes the VMI unless a user's finalizer remains;
 //   - the replica set and VirtualMachine controllers' actions are applied
 //     to the store.
 // Start first adopts the QEMUs an earlier daemon left running (see

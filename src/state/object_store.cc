@@ -268,7 +268,82 @@ struct ObjectStore::Impl {
   Status Prune();
   void Publish(EventType type, std::string_view resource, const Meta& meta, int64_t rv, const json& body);
   Result<json> Replace(std::string_view resource, json object, bool status_only);
+
+  // ---- inside a write transaction (mu held) ----
+  // Events written in the current transaction, published after its commit
+  // (Flush) in resourceVersion order; a write that fails drops them.
+  struct Pending {
+    EventType type;
+    std::string resource;
+    Meta meta;
+    int64_t rv;
+    json body;
+  };
+  std::vector<Pending> pending;
+  Status Record(EventType type, std::string_view resource, const Meta& meta, int64_t rv, const json& body);
+  void Flush();
+
+  struct Dependent {
+    std::string resource;
+    std::string ns;
+    std::string name;
+    bool blocking = false;  // its reference has blockOwnerDeletion: true
+  };
+  Result<std::vector<Dependent>> Dependents(const std::string& owner_uid);
+  Result<bool> HasBlockingDependents(const std::string& owner_uid);
+  // Writes `body` (metadata only changed) as the next version of the stored
+  // row `old`: new resourceVersion, MODIFIED event.
+  Result<json> WriteMetadata(std::string_view resource, const Row& old, json body);
+  // Removes the row, records DELETED, and releases the foreground-deleted
+  // owners that waited for it.
+  Result<json> RemoveObject(std::string_view resource, const Meta& meta, json body, int depth);
+  Status ReleaseOwners(const json& body, int depth);
+  Result<json> DeleteLocked(std::string_view resource, std::string_view ns, std::string_view name,
+                            const Preconditions& pre, Propagation propagation, int depth);
 };
+
+namespace {
+
+bool HasFinalizer(const json& finalizers, std::string_view f) {
+  return std::any_of(finalizers.begin(), finalizers.end(), [&](const json& x) { return x == f; });
+}
+
+const json& FinalizersOf(const json& body) {
+  static const json kNone = json::array();
+  auto m = body.find("metadata");
+  if (m == body.end() || !m->is_object()) return kNone;
+  auto f = m->find("finalizers");
+  return f != m->end() && f->is_array() ? *f : kNone;
+}
+
+bool BeingDeleted(const json& body) {
+  auto m = body.find("metadata");
+  return m != body.end() && m->is_object() && m->contains("deletionTimestamp") &&
+         !(*m)["deletionTimestamp"].is_null();
+}
+
+// The owner references of `body` that name `uid`.
+bool OwnedBy(const json& body, const std::string& uid, bool* blocking) {
+  const json& md = body["metadata"];
+  if (!md.is_object() || !md.contains("ownerReferences") || !md["ownerReferences"].is_array()) return false;
+  bool found = false;
+  for (const auto& ref : md["ownerReferences"]) {
+    if (!ref.is_object() || ref.value("uid", "") != uid) continue;
+    found = true;
+    auto b = ref.find("blockOwnerDeletion");
+    if (b != ref.end() && b->is_boolean() && b->get<bool>()) *blocking = true;
+  }
+  return found;
+}
+
+// Go's %#v of a []string, as Kubernetes' message prints the new finalizers.
+std::string GoStringSlice(const std::vector<std::string>& items) {
+  std::string out = "[]string{";
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + json(items[i]).dump();
+  return out + "}";
+}
+
+}  // namespace
 
 Status ObjectStore::Impl::TooNew(int64_t version) const {
   return FailedPrecondition(path.string() + ": schema version " + std::to_string(version) +
@@ -375,7 +450,7 @@ Status ObjectStore::Impl::AddEvent(EventType type, std::string_view resource, co
 
 // Drops events beyond the count or older than the age limit, and records
 // the newest dropped resourceVersion as 'compacted'. Events are contiguous
-// (one per write), so compacted = the oldest kept - 1.
+// (one per resourceVersion), so compacted = the oldest kept - 1.
 Status ObjectStore::Impl::Prune() {
   ASSIGN_OR_RETURN(int64_t current, Counter("resource_version"));
   ASSIGN_OR_RETURN(Stmt del, db.Prepare("DELETE FROM events WHERE resource_version <= ?1 OR created_at < ?2"));
@@ -453,11 +528,13 @@ Result<json> ObjectStore::Create(std::string_view resource, json object) {
   md["generation"] = 1;
   md["creationTimestamp"] = FormatTimestamp(s.Now());
   md.erase("deletionTimestamp");
+  md.erase("deletionGracePeriodSeconds");
   Row row{std::move(object), uid, rv, 1};
   RETURN_IF_ERROR(s.PutRow(resource, meta, row, /*insert=*/true));
-  RETURN_IF_ERROR(s.AddEvent(EventType::kAdded, resource, meta, rv, row.body));
+  s.pending.clear();
+  RETURN_IF_ERROR(s.Record(EventType::kAdded, resource, meta, rv, row.body));
   RETURN_IF_ERROR(txn.Commit());
-  s.Publish(EventType::kAdded, resource, meta, rv, row.body);
+  s.Flush();
   return std::move(row.body);
 }
 
@@ -536,10 +613,25 @@ Result<json> ObjectStore::Impl::Replace(std::string_view resource, json object, 
   json& md = next["metadata"];
   md["uid"] = old->uid;
   md["creationTimestamp"] = old_md.value("creationTimestamp", "");
-  if (auto d = old_md.find("deletionTimestamp"); d != old_md.end()) {
-    md["deletionTimestamp"] = *d;
-  } else {
-    md.erase("deletionTimestamp");
+  // Set by Delete only: a client can neither set nor clear them.
+  for (const char* field : {"deletionTimestamp", "deletionGracePeriodSeconds"}) {
+    if (auto d = old_md.find(field); d != old_md.end()) {
+      md[field] = *d;
+    } else {
+      md.erase(field);
+    }
+  }
+  const bool deleting = BeingDeleted(old->body);
+  if (deleting) {
+    const json& had = FinalizersOf(old->body);
+    std::vector<std::string> added;
+    for (const auto& f : meta.finalizers) {
+      if (!HasFinalizer(had, f.get<std::string>())) added.push_back(f.get<std::string>());
+    }
+    if (!added.empty()) {
+      return InvalidArgument("metadata.finalizers: Forbidden: no new finalizers can be added if the object is being "
+                             "deleted, found new finalizers " + GoStringSlice(added));
+    }
   }
   bool spec_changed = next.value("spec", json()) != old->body.value("spec", json());
   int64_t generation = old->generation + (spec_changed ? 1 : 0);
@@ -547,13 +639,21 @@ Result<json> ObjectStore::Impl::Replace(std::string_view resource, json object, 
   md["resourceVersion"] = std::to_string(old->resource_version);
   if (next == old->body) return std::move(old->body);  // nothing changed: no write, no event
 
+  pending.clear();
+  if (deleting && meta.finalizers.empty()) {
+    // The last finalizer is gone: the deletion completes.
+    ASSIGN_OR_RETURN(json removed, RemoveObject(resource, meta, std::move(next), 0));
+    RETURN_IF_ERROR(txn.Commit());
+    Flush();
+    return removed;
+  }
   ASSIGN_OR_RETURN(int64_t rv, NextResourceVersion());
   md["resourceVersion"] = std::to_string(rv);
   Row row{std::move(next), old->uid, rv, generation};
   RETURN_IF_ERROR(PutRow(resource, meta, row, /*insert=*/false));
-  RETURN_IF_ERROR(AddEvent(EventType::kModified, resource, meta, rv, row.body));
+  RETURN_IF_ERROR(Record(EventType::kModified, resource, meta, rv, row.body));
   RETURN_IF_ERROR(txn.Commit());
-  Publish(EventType::kModified, resource, meta, rv, row.body);
+  Flush();
   return std::move(row.body);
 }
 
@@ -566,12 +666,118 @@ Result<json> ObjectStore::UpdateStatus(std::string_view resource, json object) {
 }
 
 Result<json> ObjectStore::Delete(std::string_view resource, std::string_view ns, std::string_view name,
-                                 const Preconditions& pre) {
-  std::string what = Describe(resource, ns, name);
+                                 const Preconditions& pre, Propagation propagation) {
   Impl& s = *impl_;
   std::lock_guard lock(s.mu);
+  s.pending.clear();
   ASSIGN_OR_RETURN(Transaction txn, Transaction::Begin(s.db));
-  ASSIGN_OR_RETURN(std::optional<Row> old, s.Load(resource, ns, name));
+  ASSIGN_OR_RETURN(json out, s.DeleteLocked(resource, ns, name, pre, propagation, 0));
+  RETURN_IF_ERROR(txn.Commit());
+  s.Flush();
+  return out;
+}
+
+Status ObjectStore::Impl::Record(EventType type, std::string_view resource, const Meta& meta, int64_t rv,
+                                 const json& body) {
+  RETURN_IF_ERROR(AddEvent(type, resource, meta, rv, body));
+  pending.push_back(Pending{type, std::string(resource), meta, rv, body});
+  return OkStatus();
+}
+
+void ObjectStore::Impl::Flush() {
+  for (const Pending& p : pending) Publish(p.type, p.resource, p.meta, p.rv, p.body);
+  pending.clear();
+}
+
+Result<std::vector<ObjectStore::Impl::Dependent>> ObjectStore::Impl::Dependents(const std::string& owner_uid) {
+  std::vector<Dependent> out;
+  if (owner_uid.empty()) return out;
+  // A uid is unique and random: a body that names it is almost always a
+  // dependent; OwnedBy checks.
+  ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT resource, namespace, name, body FROM objects "
+                                       "WHERE instr(body, ?1) > 0 ORDER BY resource, namespace, name"));
+  RETURN_IF_ERROR(st.Bind(1, owner_uid));
+  for (;;) {
+    ASSIGN_OR_RETURN(bool row, st.Step());
+    if (!row) break;
+    Dependent d{st.Text(0), st.Text(1), st.Text(2)};
+    ASSIGN_OR_RETURN(json body, ParseBody(st.Text(3), Describe(d.resource, d.ns, d.name)));
+    if (body.is_object() && OwnedBy(body, owner_uid, &d.blocking)) out.push_back(std::move(d));
+  }
+  return out;
+}
+
+Result<bool> ObjectStore::Impl::HasBlockingDependents(const std::string& owner_uid) {
+  ASSIGN_OR_RETURN(std::vector<Dependent> deps, Dependents(owner_uid));
+  return std::any_of(deps.begin(), deps.end(), [](const Dependent& d) { return d.blocking; });
+}
+
+Result<json> ObjectStore::Impl::WriteMetadata(std::string_view resource, const Row& old, json body) {
+  ASSIGN_OR_RETURN(Meta meta, ReadMeta(resource, body));
+  ASSIGN_OR_RETURN(int64_t rv, NextResourceVersion());
+  body["metadata"]["resourceVersion"] = std::to_string(rv);
+  Row row{std::move(body), old.uid, rv, old.generation};
+  RETURN_IF_ERROR(PutRow(resource, meta, row, /*insert=*/false));
+  RETURN_IF_ERROR(Record(EventType::kModified, resource, meta, rv, row.body));
+  return std::move(row.body);
+}
+
+Result<json> ObjectStore::Impl::RemoveObject(std::string_view resource, const Meta& meta, json body, int depth) {
+  ASSIGN_OR_RETURN(int64_t rv, NextResourceVersion());
+  body["metadata"]["resourceVersion"] = std::to_string(rv);
+  ASSIGN_OR_RETURN(Stmt del, db.Prepare("DELETE FROM objects WHERE resource = ?1 AND namespace = ?2 AND name = ?3"));
+  RETURN_IF_ERROR(del.Bind(1, resource));
+  RETURN_IF_ERROR(del.Bind(2, meta.ns));
+  RETURN_IF_ERROR(del.Bind(3, meta.name));
+  RETURN_IF_ERROR(del.Run());
+  RETURN_IF_ERROR(Record(EventType::kDeleted, resource, meta, rv, body));
+  RETURN_IF_ERROR(ReleaseOwners(body, depth));
+  return body;
+}
+
+// A removed dependent may have been the last one a foreground deletion of
+// its owner waited for: the owner loses "foregroundDeletion", and goes if
+// that was its last finalizer (as Kubernetes' garbage collector does).
+Status ObjectStore::Impl::ReleaseOwners(const json& body, int depth) {
+  const json& md = body["metadata"];
+  if (!md.contains("ownerReferences") || !md["ownerReferences"].is_array()) return OkStatus();
+  if (depth >= kMaxCascadeDepth) return OkStatus();
+  for (const auto& ref : md["ownerReferences"]) {
+    if (!ref.is_object() || !ref.contains("uid") || !ref["uid"].is_string()) continue;
+    const std::string uid = ref["uid"].get<std::string>();
+    ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT resource, namespace, name FROM objects WHERE uid = ?1"));
+    RETURN_IF_ERROR(st.Bind(1, uid));
+    ASSIGN_OR_RETURN(bool found, st.Step());
+    if (!found) continue;
+    const std::string resource = st.Text(0), ns = st.Text(1), name = st.Text(2);
+    ASSIGN_OR_RETURN(std::optional<Row> owner, Load(resource, ns, name));
+    if (!owner || !BeingDeleted(owner->body) ||
+        !HasFinalizer(FinalizersOf(owner->body), kForegroundDeletionFinalizer)) {
+      continue;
+    }
+    ASSIGN_OR_RETURN(bool blocked, HasBlockingDependents(uid));
+    if (blocked) continue;
+    json next = owner->body;
+    json kept = json::array();
+    for (const auto& f : FinalizersOf(owner->body)) {
+      if (f != kForegroundDeletionFinalizer) kept.push_back(f);
+    }
+    next["metadata"]["finalizers"] = kept;
+    if (kept.empty()) {
+      next["metadata"].erase("finalizers");
+      ASSIGN_OR_RETURN(Meta meta, ReadMeta(resource, next));
+      RETURN_IF_ERROR(RemoveObject(resource, meta, std::move(next), depth + 1).status());
+    } else {
+      RETURN_IF_ERROR(WriteMetadata(resource, *owner, std::move(next)).status());
+    }
+  }
+  return OkStatus();
+}
+
+Result<json> ObjectStore::Impl::DeleteLocked(std::string_view resource, std::string_view ns, std::string_view name,
+                                             const Preconditions& pre, Propagation propagation, int depth) {
+  std::string what = Describe(resource, ns, name);
+  ASSIGN_OR_RETURN(std::optional<Row> old, Load(resource, ns, name));
   if (!old) return NotFound(what + " not found");
   if (pre.uid && *pre.uid != old->uid) {
     return Aborted("Conflict: precondition failed for deleting " + what + ": uid is " + old->uid + ", not " +
@@ -581,19 +787,66 @@ Result<json> ObjectStore::Delete(std::string_view resource, std::string_view ns,
     return Aborted("Conflict: precondition failed for deleting " + what + ": resourceVersion is " +
                    std::to_string(old->resource_version) + ", not " + std::to_string(*pre.resource_version));
   }
+  // Already being deleted: nothing more to do (its finalizers decide).
+  if (BeingDeleted(old->body)) return std::move(old->body);
   ASSIGN_OR_RETURN(Meta meta, ReadMeta(resource, old->body));
-  ASSIGN_OR_RETURN(int64_t rv, s.NextResourceVersion());
+  const std::string uid = old->uid;
+  ASSIGN_OR_RETURN(std::vector<Dependent> deps, Dependents(uid));
+  if (depth >= kMaxCascadeDepth) deps.clear();
+  bool blocking = std::any_of(deps.begin(), deps.end(), [](const Dependent& d) { return d.blocking; });
+
+  if (propagation == Propagation::kOrphan) {
+    for (const Dependent& d : deps) {
+      ASSIGN_OR_RETURN(std::optional<Row> dep, Load(d.resource, d.ns, d.name));
+      if (!dep) continue;
+      json next = dep->body;
+      json kept = json::array();
+      for (const auto& ref : next["metadata"]["ownerReferences"]) {
+        if (!ref.is_object() || ref.value("uid", "") != uid) kept.push_back(ref);
+      }
+      if (kept.empty()) {
+        next["metadata"].erase("ownerReferences");
+      } else {
+        next["metadata"]["ownerReferences"] = kept;
+      }
+      RETURN_IF_ERROR(WriteMetadata(d.resource, *dep, std::move(next)).status());
+    }
+    deps.clear();
+    blocking = false;
+  }
+
   json body = std::move(old->body);
-  body["metadata"]["resourceVersion"] = std::to_string(rv);
-  ASSIGN_OR_RETURN(Stmt del, s.db.Prepare("DELETE FROM objects WHERE resource = ?1 AND namespace = ?2 AND name = ?3"));
-  RETURN_IF_ERROR(del.Bind(1, resource));
-  RETURN_IF_ERROR(del.Bind(2, ns));
-  RETURN_IF_ERROR(del.Bind(3, name));
-  RETURN_IF_ERROR(del.Run());
-  RETURN_IF_ERROR(s.AddEvent(EventType::kDeleted, resource, meta, rv, body));
-  RETURN_IF_ERROR(txn.Commit());
-  s.Publish(EventType::kDeleted, resource, meta, rv, body);
-  return body;
+  json& md = body["metadata"];
+  const bool foreground = propagation == Propagation::kForeground && blocking;
+  if (foreground && !HasFinalizer(meta.finalizers, kForegroundDeletionFinalizer)) {
+    meta.finalizers.push_back(kForegroundDeletionFinalizer);
+    md["finalizers"] = meta.finalizers;
+  }
+  json out;
+  if (meta.finalizers.empty()) {
+    ASSIGN_OR_RETURN(out, RemoveObject(resource, meta, std::move(body), depth));
+  } else {
+    md["deletionTimestamp"] = FormatTimestamp(Now());
+    md["deletionGracePeriodSeconds"] = 0;
+    ASSIGN_OR_RETURN(out, WriteMetadata(resource, *old, std::move(body)));
+  }
+  // The dependents, after the owner (Background), or while it waits for
+  // them (Foreground: their removal releases it, see ReleaseOwners).
+  for (const Dependent& d : deps) {
+    Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, propagation, depth + 1);
+    if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+  }
+  if (foreground) {
+    // The owner as the cascade left it (released and removed, perhaps).
+    ASSIGN_OR_RETURN(std::optional<Row> now, Load(resource, ns, name));
+    if (now && now->uid == uid) return std::move(now->body);
+    for (auto it = pending.rbegin(); it != pending.rend(); ++it) {
+      if (it->type == EventType::kDeleted && it->resource == resource && it->meta.ns == ns && it->meta.name == name) {
+        return it->body;
+      }
+    }
+  }
+  return out;
 }
 
 Result<std::unique_ptr<Subscription>> ObjectStore::Watch(std::string_view resource, std::string_view ns,

@@ -35,6 +35,7 @@
 //   NotFound (404)             no such object
 //   AlreadyExists (409)        Create of a name that exists
 //   Aborted (409 Conflict)     a stale metadata.resourceVersion or uid precondition
+//   InvalidArgument "...Forbidden: ..." (422)  a finalizer added to an object being deleted
 //   OutOfRange (410 Gone)      a watch from a resourceVersion older than the kept events
 //   FailedPrecondition         the database's schema is newer than this code
 // Database failures keep SQLite's meaning (NoSpace, DataLoss, Unavailable...).
@@ -72,6 +73,14 @@ struct ObjectList {
   std::vector<json> items;       // sorted by namespace, then name
   int64_t resource_version = 0;  // the store's counter when the list was read
 };
+
+// DeleteOptions.propagationPolicy.
+enum class Propagation { kBackground, kForeground, kOrphan };
+
+// The finalizer a foreground deletion puts on the owner (metav1.FinalizerDeleteDependents).
+inline constexpr char kForegroundDeletionFinalizer[] = "foregroundDeletion";
+// How many owners deep a delete cascades in one transaction.
+inline constexpr int kMaxCascadeDepth = 16;
 
 // Preconditions for Delete; an unset one is not checked.
 struct Preconditions {
@@ -168,6 +177,13 @@ class ObjectStore {
   // uid, creationTimestamp and deletionTimestamp are kept; generation is
   // incremented when .spec changes. An update that changes nothing is not
   // written and returns the stored object.
+  // On an object being deleted (deletionTimestamp set, which no client can
+  // set or clear): a write that adds a finalizer is refused
+  // (InvalidArgument "metadata.finalizers: Forbidden: no new finalizers
+  // can be added if the object is being deleted, found new finalizers
+  // [...]"); one that leaves the finalizers empty removes the object
+  // (one DELETED event carrying the written state), releasing a
+  // foreground-deleted owner waiting for it. Same for UpdateStatus.
   Result<json> Update(std::string_view resource, json object);
 
   // Replaces only .status (the /status subresource); the rest of the
@@ -175,13 +191,27 @@ class ObjectStore {
   // resourceVersion precondition.
   Result<json> UpdateStatus(std::string_view resource, json object);
 
-  // Removes an object and records a DELETED event. Returns the object as
-  // it was, with the delete's resourceVersion.
-  // TODO(finalizers): with metadata.finalizers set, Kubernetes sets
-  // deletionTimestamp instead and deletes when the list empties; the
-  // columns for that exist (finalizers, deletion_timestamp).
+  // DELETE, with Kubernetes' finalizer and owner-reference rules, all in
+  // one transaction:
+  //   - an object whose metadata.finalizers is empty is removed (DELETED
+  //     event); one with finalizers gets metadata.deletionTimestamp (now)
+  //     and deletionGracePeriodSeconds 0 and stays (MODIFIED event) until
+  //     a write leaves its finalizers empty (see Update);
+  //   - an object that already has a deletionTimestamp is returned as it
+  //     is (no write, no event), whatever the propagation;
+  //   - dependents (objects whose metadata.ownerReferences name its uid):
+  //     kBackground deletes them after the owner, kForeground adds the
+  //     "foregroundDeletion" finalizer to the owner when a dependent with
+  //     blockOwnerDeletion: true exists, deletes the dependents, and
+  //     releases the owner when the last such dependent is removed;
+  //     kOrphan removes the owner references to it from its dependents
+  //     first (what Kubernetes' "orphan" finalizer does, done at once).
+  //     Cascades go at most kMaxCascadeDepth owners deep.
+  // Preconditions are checked first (Aborted). Returns the object as the
+  // delete left it: marked, or as it was removed (with the delete's
+  // resourceVersion).
   Result<json> Delete(std::string_view resource, std::string_view ns, std::string_view name,
-                      const Preconditions& pre = {});
+                      const Preconditions& pre = {}, Propagation propagation = Propagation::kBackground);
 
   // Events of `resource` in `ns` (all namespaces when all_namespaces)
   // matching the selectors, with a resourceVersion greater than
