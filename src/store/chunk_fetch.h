@@ -58,13 +58,16 @@ inline constexpr uint64_t kHeadGuessBytes = 4 << 10;
 // tar header frame (checked by CheckTarHead). ResourceExhausted when the
 // disk is larger than max_disk_bytes.
 //
-// With `head_reader` (a second connection), the first `head_guess_bytes` of
-// the blob are fetched on it while `r` fetches the index, so both arrive in one
-// round trip; they are used only once the index is verified, and only the
-// header frame's bytes the index names. Without it, the header frame is read
-// on `r` after the index. Either way a registry that sends a short, long or
-// wrong header is refused (DataLoss or InvalidArgument naming the tar
-// header), and an index error comes first.
+// With `head_reader` (a second connection: the lazy path's, where one round
+// trip matters), the first `head_guess_bytes` of the blob are fetched on it
+// while `r` fetches the index, so both arrive in one round trip; they are
+// used only once the index is verified, and only the header frame's bytes
+// the index names. Without it, the header frame is read on `r` after the
+// index. Either way a registry that sends a short, long or wrong header is
+// refused (DataLoss or InvalidArgument naming the tar header), and an index
+// error comes first. The guess fetches some of chunk 0's frame too, so a
+// pull (whose delta must fetch only the header frame and the changed
+// frames) passes no head_reader.
 Result<ChunkedLayerHead> OpenChunkedLayer(image::BlobRangeReader& r, const oci::Descriptor& layer,
                                           const oci::ChunkIndexLocation& loc, uint64_t max_disk_bytes,
                                           const std::string& label, image::BlobRangeReader* head_reader = nullptr,

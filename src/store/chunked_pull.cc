@@ -191,11 +191,8 @@ Status ReuseLocalChunks(const oci::ChunkIndex& idx, int fd, const ChunkedPullOpt
 Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descriptor& layer,
                                      const oci::ChunkIndexLocation& loc, const fs::path& staging,
                                      const ChunkedPullOptions& o) {
-  // The index and the tar header at once, on the first two workers' connections.
   ASSIGN_OR_RETURN(std::unique_ptr<image::BlobRangeReader> reader, src.OpenRangeReader());
-  ASSIGN_OR_RETURN(std::unique_ptr<image::BlobRangeReader> second, src.OpenRangeReader());
-  ASSIGN_OR_RETURN(ChunkedLayerHead head,
-                   OpenChunkedLayer(*reader, layer, loc, o.max_disk_bytes, o.label, second.get()));
+  ASSIGN_OR_RETURN(ChunkedLayerHead head, OpenChunkedLayer(*reader, layer, loc, o.max_disk_bytes, o.label));
   const oci::ChunkIndex& idx = head.index;
   ChunkedDisk out;
   out.image_path = std::move(head.image_path);
@@ -322,8 +319,6 @@ Result<ChunkedDisk> PullChunkedLayer(image::ImageSource& src, const oci::Descrip
     Result<std::unique_ptr<image::BlobRangeReader>> r = std::unique_ptr<image::BlobRangeReader>();
     if (i == 0) {
       r = std::move(reader);
-    } else if (i == 1) {
-      r = std::move(second);
     } else {
       r = src.OpenRangeReader();
     }
