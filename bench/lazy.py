@@ -2,6 +2,7 @@
 """Lazy boot on a cold node: first console line, bytes before it, background fill.
 
     bench/lazy.py REGDISK BOOT_SECTOR [--small-mib 64] [--large-gib 8] [--runs 5] [--large-runs 3] [--out DIR]
+                  [--baseline OLD_REGDISK]
 
 Two chunked images (`regdisk build --layout chunked`) of the boot-sector
 guest, padded with seeded incompressible data that the guest never reads,
@@ -167,8 +168,8 @@ class Bench:
         self.images = {}  # label -> figures
         self.traces = {}  # label -> what happened before the first line, first lazy run
 
-    def rd(self, *argv):
-        return [self.regdisk, "--root", self.store, "--tls-verify=false", *argv]
+    def rd(self, *argv, regdisk=None):
+        return [regdisk or self.regdisk, "--root", self.store, "--tls-verify=false", *argv]
 
     def add(self, name, value):
         self.samples.setdefault(name, []).append(value)
@@ -188,14 +189,15 @@ class Bench:
         check(len(images) == 1, f"the store holds {len(images)} images after the pull, not 1")
         return images[0]["disk"]["file"]
 
-    def boot(self, label, image, lazy):
-        """One cold `regdisk run`. Returns its figures; stops the VM at the first line
-        (full+boot) or once the disk is committed (lazy)."""
+    def boot(self, label, image, lazy, regdisk=None):
+        """One cold `regdisk run` (of `regdisk`, default the one measured). Returns its
+        figures; stops the VM at the first line (full+boot) or once the disk is committed (lazy)."""
         self.cold()
         spec = os.path.join(self.work, f"vm-{label}.yaml")
         vm_spec(spec, image)
         sent0, log0, reg_cpu0 = self.reg.sent(), self.reg.log_size(), cpu_s(self.reg.proc.pid)
-        argv = self.rd("-v", "run", "-f", spec, "--accel", "tcg", "--timeout", "1200", "--grace", "1")
+        argv = self.rd("-v", "run", "-f", spec, "--accel", "tcg", "--timeout", "1200", "--grace", "1",
+                       regdisk=regdisk)
         if not lazy:
             argv.append("--no-lazy")
         t0 = time.monotonic()
@@ -289,6 +291,9 @@ class Bench:
         """Rounds of lazy (and, with `full`, full+boot and pull), order rotating."""
         layer = self.images[label]["layer bytes"]
         steps = [("lazy", lambda: self.boot(label, ref, lazy=True))]
+        if self.a.baseline:
+            steps.append(("baseline lazy", lambda: self.boot(label, ref, lazy=True,
+                                                             regdisk=os.path.abspath(self.a.baseline))))
         if full:
             steps += [("full+boot", lambda: self.boot(label, ref, lazy=False)), ("pull", lambda: self.pull(ref))]
         for i in range(runs):
@@ -320,6 +325,14 @@ class Bench:
                         }
                     if self.a.compare_every or i == runs - 1:
                         self.compare(raw)
+                elif kind == "baseline lazy":
+                    self.add(f"{label}: baseline lazy run, first console line s", r["first line s"])
+                    for phase, marker in (("chunk index verified", "filling in the background"),
+                                          ("QEMU started", "started (QEMU pid")):
+                        at = next((t for t, l in r["stderr"] if marker in l), None)
+                        if at is not None:
+                            self.add(f"{label}: baseline lazy run, {phase} s", at)
+                    self.add(f"{label}: baseline lazy run, fill committed s", r["committed s"])
                 elif kind == "full+boot":
                     self.add(f"{label}: full pull then boot (--no-lazy), first console line s", r["first line s"])
                 else:
@@ -371,7 +384,10 @@ class Bench:
             "fill committed / regdisk pull, small":
                 med("small: lazy run, fill committed s") / med("small: regdisk pull (chunked, full) s"),
         }
-        result = {"machine": machine(), "accel": "tcg", "runs": {"small": self.a.runs, "large": self.a.large_runs},
+        if self.a.baseline:
+            ratios["baseline first line: lazy large / lazy small"] = (
+                med("large: baseline lazy run, first console line s") / med("small: baseline lazy run, first console line s"))
+        result = {"machine": machine(), "accel": "tcg", "baseline": self.a.baseline, "runs": {"small": self.a.runs, "large": self.a.large_runs},
                   "images": self.images, "timings": s, "ratios": ratios, "before the first line": self.traces}
         os.makedirs(self.a.out, exist_ok=True)
         with open(os.path.join(self.a.out, "lazy-results.json"), "w") as f:
@@ -427,6 +443,9 @@ def main():
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--work-parent", default="/var/tmp", help="where the work directory goes (not a tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--baseline", metavar="REGDISK",
+                    help="another regdisk binary (an older build) whose lazy run is measured beside each lazy run, "
+                         "in the same rounds (its nbdkit plugin must be beside it)")
     a = ap.parse_args()
     try:
         Bench(a).run()

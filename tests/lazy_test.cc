@@ -262,6 +262,105 @@ class WatchedReader : public image::BlobRangeReader {
   ReadWatch* w_;
 };
 
+// A registry connection that records the ranges asked of it and can lie
+// about the bytes it sends back: fewer, more, or one of them changed.
+class LyingReader : public image::BlobRangeReader {
+ public:
+  enum class Lie { kNone, kShort, kLong, kFlip };
+  LyingReader(std::unique_ptr<image::BlobRangeReader> inner, Lie lie, ReadWatch* watch = nullptr)
+      : lie_(lie), watched_(std::move(inner), watch != nullptr ? watch : &unwatched_) {}
+  Status Read(const oci::Descriptor& desc, uint64_t offset, uint64_t length, const registry::BlobSink& sink) override {
+    {
+      std::lock_guard lock(mu_);
+      ranges_.emplace_back(offset, length);
+    }
+    std::string bytes;
+    RETURN_IF_ERROR(store::ReadRange(watched_, desc, offset, length, &bytes));
+    switch (lie_) {
+      case Lie::kNone: break;
+      case Lie::kShort: bytes.resize(bytes.size() / 2); break;
+      case Lie::kLong: bytes += "and more"; break;
+      case Lie::kFlip: bytes[std::min<size_t>(bytes.size() - 1, 40)] ^= 0x5a; break;
+    }
+    return sink(bytes);
+  }
+  std::vector<std::pair<uint64_t, uint64_t>> ranges() {
+    std::lock_guard lock(mu_);
+    return ranges_;
+  }
+
+ private:
+  Lie lie_;
+  ReadWatch unwatched_;  // when the test watches nothing
+  WatchedReader watched_;
+  std::mutex mu_;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges_;
+};
+
+// The index and the start of the blob (where the tar header frame is) are
+// asked for at once, on two connections; the head is what one connection
+// reading them one after the other gives.
+TEST_F(LazyTest, TheIndexAndTheTarHeaderAreFetchedAtOnce) {
+  src_ = Source();
+  auto plain = src_->OpenRangeReader().value();
+  const store::ChunkedLayerHead want = store::OpenChunkedLayer(*plain, layer_, loc_, 1ull << 40, "test").value();
+  ReadWatch w;
+  w.hold_until_in_flight = 2;  // each read waits (30 s at most) until the other is in flight too
+  LyingReader r(src_->OpenRangeReader().value(), LyingReader::Lie::kNone, &w);
+  LyingReader h(src_->OpenRangeReader().value(), LyingReader::Lie::kNone, &w);
+  const store::ChunkedLayerHead got = store::OpenChunkedLayer(r, layer_, loc_, 1ull << 40, "test", &h).value();
+  EXPECT_EQ(w.max_in_flight, 2) << "the tar header was asked for only after the index arrived";
+  EXPECT_EQ(got.image_path, want.image_path);
+  EXPECT_EQ(got.index.disk_size, want.index.disk_size);
+  ASSERT_EQ(got.index.chunks.size(), want.index.chunks.size());
+  EXPECT_EQ(got.index.chunks.back().sha256, want.index.chunks.back().sha256);
+  using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+  EXPECT_EQ(r.ranges(), (Ranges{{loc_.offset, loc_.length}}));
+  EXPECT_EQ(h.ranges(), (Ranges{{0, store::kHeadGuessBytes}}));
+  ASSERT_LT(want.index.HeaderFrameLength(), store::kHeadGuessBytes);
+
+  // A header frame longer than the guess: the rest comes after the index,
+  // on the index's connection.
+  LyingReader r2(src_->OpenRangeReader().value(), LyingReader::Lie::kNone);
+  LyingReader h2(src_->OpenRangeReader().value(), LyingReader::Lie::kNone);
+  const store::ChunkedLayerHead got2 =
+      store::OpenChunkedLayer(r2, layer_, loc_, 1ull << 40, "test", &h2, /*head_guess_bytes=*/16).value();
+  EXPECT_EQ(got2.image_path, want.image_path);
+  EXPECT_EQ(r2.ranges(), (Ranges{{loc_.offset, loc_.length}, {16, want.index.HeaderFrameLength() - 16}}));
+  EXPECT_EQ(h2.ranges(), (Ranges{{0, 16}}));
+}
+
+// A registry that sends a short, long or changed tar header, or a wrong
+// index, beside it: refused with an error that names which, and no head.
+TEST_F(LazyTest, AHeadFromAHostileRegistryIsRefused) {
+  src_ = Source();
+  using Lie = LyingReader::Lie;
+  struct Case {
+    std::string name;
+    Lie index, header;
+    Code code;
+    std::string words;
+  };
+  const std::vector<Case> cases = {
+      {"short header", Lie::kNone, Lie::kShort, Code::kDataLoss, "reading the tar header"},
+      {"long header", Lie::kNone, Lie::kLong, Code::kDataLoss, "reading the tar header"},
+      {"changed header", Lie::kNone, Lie::kFlip, Code::kInvalidArgument, "tar header"},
+      {"short index", Lie::kShort, Lie::kNone, Code::kDataLoss, "reading the chunk index"},
+      {"changed index", Lie::kFlip, Lie::kNone, Code::kDataLoss, "the chunk index failed verification"},
+      {"changed index and header", Lie::kFlip, Lie::kFlip, Code::kDataLoss, "the chunk index failed verification"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    LyingReader r(src_->OpenRangeReader().value(), c.index);
+    LyingReader h(src_->OpenRangeReader().value(), c.header);
+    Result<store::ChunkedLayerHead> head = store::OpenChunkedLayer(r, layer_, loc_, 1ull << 40, "test", &h);
+    ASSERT_FALSE(head.ok());
+    EXPECT_EQ(head.status().code(), c.code) << head.status().ToString();
+    EXPECT_THAT(head.status().ToString(), HasSubstr(c.words));
+    EXPECT_EQ(head.status().ToString().find('\n'), std::string::npos) << head.status().ToString();
+  }
+}
+
 // Each chunk's frame is handed on as soon as its last byte is in, in order,
 // and is exactly the frame.
 TEST_F(LazyTest, ReadBatchFramesHandsOnEachFrameAsItArrives) {

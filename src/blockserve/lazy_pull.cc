@@ -1,5 +1,9 @@
 #include "blockserve/lazy_pull.h"
 
+#include <memory>
+#include <mutex>
+#include <vector>
+
 #include <fmt/core.h>
 
 #include "store/chunk_fetch.h"
@@ -61,9 +65,14 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   Result<FileLock> lock = FileLock::Acquire(root / "locks" / ("lazy-" + hex));
   if (!lock.ok()) return fail(lock.status());
   lock_ = std::move(*lock);
+  // Two connections: the index on one, the tar header's bytes on the other,
+  // at once (one round trip before anything can be served).
   Result<std::unique_ptr<image::BlobRangeReader>> reader = src.OpenRangeReader();
   if (!reader.ok()) return fail(reader.status());
-  Result<store::ChunkedLayerHead> head = store::OpenChunkedLayer(**reader, layer, loc, max_disk_bytes_, label);
+  Result<std::unique_ptr<image::BlobRangeReader>> head_reader = src.OpenRangeReader();
+  if (!head_reader.ok()) return fail(head_reader.status());
+  Result<store::ChunkedLayerHead> head =
+      store::OpenChunkedLayer(**reader, layer, loc, max_disk_bytes_, label, head_reader->get());
   if (!head.ok()) return fail(head.status());
   LazyDiskOptions o = options_.disk_options;
   o.label = label;
@@ -72,9 +81,28 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   if (Status st = MakeDirs(root / "profiles"); !st.ok()) return fail(st);
   const std::string image_path = head->image_path;
   const uint64_t size = head->index.disk_size;
+  // The head's two connections have made their first requests (a TLS probe,
+  // a token): the disk's first fetches take them before opening new ones.
+  struct Warm {
+    std::mutex mu;
+    std::vector<std::unique_ptr<image::BlobRangeReader>> readers;
+  };
+  auto warm = std::make_shared<Warm>();
+  warm->readers.push_back(std::move(*reader));
+  warm->readers.push_back(std::move(*head_reader));
+  auto readers = [&src, warm]() -> Result<std::unique_ptr<image::BlobRangeReader>> {
+    {
+      std::lock_guard guard(warm->mu);
+      if (!warm->readers.empty()) {
+        std::unique_ptr<image::BlobRangeReader> r = std::move(warm->readers.back());
+        warm->readers.pop_back();
+        return r;
+      }
+    }
+    return src.OpenRangeReader();
+  };
   Result<std::unique_ptr<LazyDisk>> disk =
-      LazyDisk::Open([&src] { return src.OpenRangeReader(); }, layer, std::move(*head), loc.digest,
-                     root / "lazy" / hex, std::move(o));
+      LazyDisk::Open(readers, layer, std::move(*head), loc.digest, root / "lazy" / hex, std::move(o));
   if (!disk.ok()) return fail(disk.status());
   // What it is, for `images`, prune and rmi (store/lazy_dir.h).
   if (Status st = store::WriteLazyRecord(root / "lazy" / hex, {.image = src.Name(),

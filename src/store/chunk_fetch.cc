@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <thread>
 
 #include <fmt/core.h>
 
@@ -138,9 +139,21 @@ Result<std::string> CheckTarHead(std::string_view head, uint64_t disk_size) {
 
 Result<ChunkedLayerHead> OpenChunkedLayer(image::BlobRangeReader& r, const oci::Descriptor& layer,
                                           const oci::ChunkIndexLocation& loc, uint64_t max_disk_bytes,
-                                          const std::string& label) {
+                                          const std::string& label, image::BlobRangeReader* head_reader,
+                                          uint64_t head_guess_bytes) {
+  // The header guess, on its own connection, while this one reads the index.
+  // The frames end before the index, so the guess stays inside the blob.
+  std::string guess;
+  Status guessed = OkStatus();
+  std::thread guesser;
+  if (head_reader != nullptr) {
+    const uint64_t length = std::max<uint64_t>(1, std::min(head_guess_bytes, loc.offset));
+    guesser = std::thread([&, length] { guessed = ReadRange(*head_reader, layer, 0, length, &guess); });
+  }
   std::string bytes;
-  RETURN_IF_ERROR(ReadRange(r, layer, loc.offset, loc.length, &bytes).Annotate("reading the chunk index"));
+  Status indexed = ReadRange(r, layer, loc.offset, loc.length, &bytes).Annotate("reading the chunk index");
+  if (guesser.joinable()) guesser.join();
+  RETURN_IF_ERROR(indexed);
   ChunkedLayerHead out;
   ASSIGN_OR_RETURN(out.index, oci::ParseChunkIndex(bytes, loc, static_cast<uint64_t>(layer.size)));
   if (out.index.disk_size > max_disk_bytes) {
@@ -150,12 +163,25 @@ Result<ChunkedLayerHead> OpenChunkedLayer(image::BlobRangeReader& r, const oci::
   }
   // The tar header frame: the disk's name, and proof that a plain tar
   // reader sees the disk where the index says.
-  if (out.index.HeaderFrameLength() > ZSTD_compressBound(oci::chunked::kMaxDataOffset)) {
-    return InvalidArgument("the chunked layer's tar header frame is " +
-                           std::to_string(out.index.HeaderFrameLength()) + " bytes, more than a tar header needs");
+  const uint64_t frame_length = out.index.HeaderFrameLength();
+  if (frame_length > ZSTD_compressBound(oci::chunked::kMaxDataOffset)) {
+    return InvalidArgument("the chunked layer's tar header frame is " + std::to_string(frame_length) +
+                           " bytes, more than a tar header needs");
+  }
+  if (head_reader != nullptr) {
+    RETURN_IF_ERROR(std::move(guessed).Annotate("reading the tar header"));
+    if (frame_length <= guess.size()) {
+      bytes = guess.substr(0, frame_length);
+    } else {
+      // A header frame longer than the guess: the rest, after it.
+      RETURN_IF_ERROR(ReadRange(r, layer, guess.size(), frame_length - guess.size(), &bytes)
+                          .Annotate("reading the tar header"));
+      bytes.insert(0, guess);
+    }
+  } else {
+    RETURN_IF_ERROR(ReadRange(r, layer, 0, frame_length, &bytes).Annotate("reading the tar header"));
   }
   std::string head;
-  RETURN_IF_ERROR(ReadRange(r, layer, 0, out.index.HeaderFrameLength(), &bytes).Annotate("reading the tar header"));
   ChunkDecoder decoder;
   RETURN_IF_ERROR(decoder.DecompressExact(bytes, out.index.data_offset, &head, "the tar header frame"));
   ASSIGN_OR_RETURN(out.image_path, CheckTarHead(head, out.index.disk_size));

@@ -48,12 +48,30 @@ struct ChunkedLayerHead {
   std::string image_path;  // "/disk/NAME", from the verified tar header
 };
 
+// The bytes at the blob's start fetched at the same time as the index, before
+// the index says how long the tar header frame is: a header frame (a disk
+// directory and one file's header, compressed) is 100 to 200 bytes, so the
+// guess almost always holds it; a longer one is completed by a second read.
+inline constexpr uint64_t kHeadGuessBytes = 4 << 10;
+
 // Reads the index (verified against the descriptor's annotation) and the
 // tar header frame (checked by CheckTarHead). ResourceExhausted when the
 // disk is larger than max_disk_bytes.
+//
+// With `head_reader` (a second connection: the lazy path's, where one round
+// trip matters), the first `head_guess_bytes` of the blob are fetched on it
+// while `r` fetches the index, so both arrive in one round trip; they are
+// used only once the index is verified, and only the header frame's bytes
+// the index names. Without it, the header frame is read on `r` after the
+// index. Either way a registry that sends a short, long or wrong header is
+// refused (DataLoss or InvalidArgument naming the tar header), and an index
+// error comes first. The guess fetches some of chunk 0's frame too, so a
+// pull (whose delta must fetch only the header frame and the changed
+// frames) passes no head_reader.
 Result<ChunkedLayerHead> OpenChunkedLayer(image::BlobRangeReader& r, const oci::Descriptor& layer,
                                           const oci::ChunkIndexLocation& loc, uint64_t max_disk_bytes,
-                                          const std::string& label);
+                                          const std::string& label, image::BlobRangeReader* head_reader = nullptr,
+                                          uint64_t head_guess_bytes = kHeadGuessBytes);
 
 // Checks the header frame's decompressed bytes: a tar whose last header is
 // disk/NAME, a regular file of `disk_size` bytes, ending exactly where the
