@@ -17,6 +17,7 @@
 #include "daemon/node.h"
 #include "daemon/resources.h"
 #include "harness/harness.h"
+#include "store/chunk_fetch.h"
 #include "image/layout.h"
 #include "oci/chunk_index.h"
 #include "store/store.h"
@@ -622,7 +623,9 @@ class LazyDaemonTest : public DaemonTest {
   }
 
   // How often each chunk's frame left the registry: ranges of the layer
-  // the proxy relayed in full.
+  // the proxy relayed in full. The read of the blob's first bytes that
+  // each start makes for the tar header, beside the index
+  // (store::kHeadGuessBytes), is not a fetch of the chunk it may hold.
   std::vector<int> FrameFetches() const {
     std::vector<int> n(index_.chunks.size(), 0);
     for (const auto& s : proxy_->seen()) {
@@ -631,6 +634,7 @@ class LazyDaemonTest : public DaemonTest {
           std::sscanf(s.range.c_str(), "bytes=%llu-%llu", &a, &b) != 2 || s.body_bytes != b - a + 1) {
         continue;
       }
+      if (a == 0 && b + 1 == store::kHeadGuessBytes) continue;
       for (size_t k = 0; k < index_.chunks.size(); ++k) {
         const auto& c = index_.chunks[k];
         if (c.frame_length > 0 && c.frame_offset >= a && c.frame_offset + c.frame_length - 1 <= b) n[k]++;
