@@ -869,6 +869,39 @@ TEST_F(StateTest, BackgroundDeletesTheOwnerThenItsDependents) {
   EXPECT_TRUE(store_->Get(kVmis, "default", "other").ok());
 }
 
+TEST_F(StateTest, BackgroundLeavesTheDependentsOfAnOwnerOnlyMarkedAndDeletesThemWhenItsRowGoes) {
+  json rs = MustCreate(kSets, WithFinalizers(Obj("web"), {"example.com/keep"}));
+  json other = MustCreate(kSets, Obj("other"));
+  MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));
+  json shared = OwnedBy(Obj("web-shared"), rs, false);
+  shared["metadata"]["ownerReferences"].push_back(
+      {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstanceReplicaSet"}, {"name", "other"},
+       {"uid", other["metadata"]["uid"]}});
+  MustCreate(kVmis, shared);
+  const int64_t m = store_->CurrentResourceVersion().value();
+  auto vmis = store_->Watch(kVmis, "default", {}, m);
+  ASSERT_TRUE(vmis.ok());
+  // Marked, not removed: it is still the owner, and nothing of it goes.
+  auto marked = store_->Delete(kSets, "default", "web");
+  ASSERT_TRUE(marked.ok()) << marked.status().ToString();
+  EXPECT_TRUE(marked.value()["metadata"].contains("deletionTimestamp"));
+  using V = std::vector<std::string>;
+  EXPECT_EQ(Drain(**vmis), V{});
+  EXPECT_FALSE(store_->Get(kVmis, "default", "web-a").value()["metadata"].contains("deletionTimestamp"));
+  // Its last finalizer comes off: the row goes, then its dependents with no
+  // other owner left (web-shared keeps "other").
+  json last = marked.value();
+  last["metadata"].erase("finalizers");
+  ASSERT_TRUE(store_->Update(kSets, last).ok());
+  EXPECT_EQ(store_->Get(kSets, "default", "web").status().code(), Code::kNotFound);
+  EXPECT_EQ(store_->Get(kVmis, "default", "web-a").status().code(), Code::kNotFound);
+  EXPECT_EQ(Drain(**vmis), (V{"DELETED default/web-a@" + std::to_string(m + 3)}));
+  EXPECT_TRUE(store_->Get(kVmis, "default", "web-shared").ok());
+  // The other owner goes too: now web-shared has none left.
+  ASSERT_TRUE(store_->Delete(kSets, "default", "other").ok());
+  EXPECT_EQ(store_->Get(kVmis, "default", "web-shared").status().code(), Code::kNotFound);
+}
+
 TEST_F(StateTest, ForegroundKeepsTheOwnerUntilItsBlockingDependentsAreGone) {
   json rs = MustCreate(kSets, Obj("web"));
   MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));

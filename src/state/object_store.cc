@@ -298,6 +298,8 @@ struct ObjectStore::Impl {
   // owners that waited for it.
   Result<json> RemoveObject(std::string_view resource, const Meta& meta, json body, int depth);
   Status ReleaseOwners(const json& body, int depth);
+  // Whether any object named by body's metadata.ownerReferences still exists.
+  Result<bool> AnyOwnerLeft(const json& body);
   Result<json> DeleteLocked(std::string_view resource, std::string_view ns, std::string_view name,
                             const Preconditions& pre, Propagation propagation, int depth);
 };
@@ -732,7 +734,35 @@ Result<json> ObjectStore::Impl::RemoveObject(std::string_view resource, const Me
   RETURN_IF_ERROR(del.Run());
   RETURN_IF_ERROR(Record(EventType::kDeleted, resource, meta, rv, body));
   RETURN_IF_ERROR(ReleaseOwners(body, depth));
+  // The row is gone, so the owner is gone: its dependents with no other
+  // owner left go too (Background, as Kubernetes' garbage collector does
+  // after the owner's DELETED; an owner merely marked is still an owner).
+  const std::string uid = body["metadata"].value("uid", "");
+  if (depth + 1 < kMaxCascadeDepth) {
+    ASSIGN_OR_RETURN(std::vector<Dependent> deps, Dependents(uid));
+    for (const Dependent& d : deps) {
+      ASSIGN_OR_RETURN(std::optional<Row> dep, Load(d.resource, d.ns, d.name));
+      if (!dep) continue;
+      ASSIGN_OR_RETURN(bool owned, AnyOwnerLeft(dep->body));
+      if (owned) continue;
+      Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, Propagation::kBackground, depth + 1);
+      if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+    }
+  }
   return body;
+}
+
+Result<bool> ObjectStore::Impl::AnyOwnerLeft(const json& body) {
+  const json& md = body["metadata"];
+  if (!md.contains("ownerReferences") || !md["ownerReferences"].is_array()) return false;
+  for (const auto& ref : md["ownerReferences"]) {
+    if (!ref.is_object() || !ref.contains("uid") || !ref["uid"].is_string()) continue;
+    ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT 1 FROM objects WHERE uid = ?1"));
+    RETURN_IF_ERROR(st.Bind(1, ref["uid"].get<std::string>()));
+    ASSIGN_OR_RETURN(bool found, st.Step());
+    if (found) return true;
+  }
+  return false;
 }
 
 // A removed dependent may have been the last one a foreground deletion of
@@ -830,13 +860,15 @@ Result<json> ObjectStore::Impl::DeleteLocked(std::string_view resource, std::str
     md["deletionGracePeriodSeconds"] = 0;
     ASSIGN_OR_RETURN(out, WriteMetadata(resource, *old, std::move(body)));
   }
-  // The dependents, after the owner (Background), or while it waits for
-  // them (Foreground: their removal releases it, see ReleaseOwners).
-  for (const Dependent& d : deps) {
-    Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, propagation, depth + 1);
-    if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
-  }
+  // Foreground: the dependents while the owner waits for them (their
+  // removal releases it, see ReleaseOwners). Background: RemoveObject
+  // deleted them if the owner's row went; an owner only marked (its
+  // finalizers remain) is still their owner, and they stay.
   if (foreground) {
+    for (const Dependent& d : deps) {
+      Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, propagation, depth + 1);
+      if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+    }
     // The owner as the cascade left it (released and removed, perhaps).
     ASSIGN_OR_RETURN(std::optional<Row> now, Load(resource, ns, name));
     if (now && now->uid == uid) return std::move(now->body);
