@@ -601,6 +601,11 @@ struct Node::Impl {
     // reads from any more: their exports stop.
     lazy_pool.Sweep();
 
+    // The garbage collector: dependents whose owners are all gone (a VMI
+    // created from a replica set read before the set's DELETE, say), and
+    // foreground deletions no blocking dependent holds any more.
+    if (auto gc = store->CollectGarbage(); !gc.ok()) log::Warn("collecting garbage: {}", gc.status().message());
+
     auto list = ListInstances();
     if (!list.ok()) {
       log::Warn("listing VMIs: {}", list.status().message());
