@@ -320,6 +320,7 @@ TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
       {"POST", kVmisPath, VmiJson("dup"), "application/json", 409, "AlreadyExists"},
       {"PUT", std::string(kVmisPath) + "/dup", rv_stale, "application/json", 409, "Conflict"},
       {"POST", kVmisPath, VmiJson("stray", "no-such-uid"), "application/json", 409, "Conflict"},
+      {"PUT", std::string(kVmisPath) + "/dup", VmiJson("dup"), "application/json", 422, "Invalid"},
       {"POST", kVmisPath, VmiJson("bad", "", R"({"domain":{"memory":{"guest":"lots"}}})"), "application/json", 422,
        "Invalid"},
       {"POST", "/api/v1/namespaces/elsewhere/secrets", R"({"apiVersion":"v1","kind":"Secret","metadata":{"name":"s"}})",

@@ -507,6 +507,31 @@ TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {
   EXPECT_FALSE(fs::exists(daemon::InstanceDir(root_, uid)));
 }
 
+// A write that drops KubeVirt's finalizer from a VMI the node runs (a PUT
+// of the original manifest): the next pass puts it back.
+TEST_F(DaemonTest, ARunningVmiGetsItsFinalizerBackAfterAWriteDropsIt) {
+  StartNode();
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "solo"}, {"namespace", "default"}}}, {"spec", VmiTemplate()["spec"]}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  auto finalizers = [&] {
+    auto v = store_->Get(kVmiResource, "default", "solo");
+    return v.ok() ? (*v)["metadata"].value("finalizers", json::array()) : json();
+  };
+  for (int attempt = 0;; ++attempt) {  // the daemon may write it meanwhile (a conflict)
+    auto current = store_->Get(kVmiResource, "default", "solo");
+    ASSERT_OK(current);
+    (*current)["metadata"].erase("finalizers");
+    auto st = store_->Update(kVmiResource, *current);
+    if (st.ok()) break;
+    ASSERT_EQ(st.status().code(), Code::kAborted);
+    ASSERT_LT(attempt, 50);
+  }
+  ASSERT_TRUE(Eventually([&] { return finalizers() == json({"kubevirt.io/foregroundDeleteVirtualMachine"}); }))
+      << finalizers().dump();
+}
+
 TEST_F(DaemonTest, AnImageThatIsNotThereYetIsRetriedThenRuns) {
   StartNode();
   json spec = VmiTemplate()["spec"];

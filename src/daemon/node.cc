@@ -290,6 +290,10 @@ struct Node::Impl {
     return pins.is_object() ? pins : json::object();
   }
 
+  static bool HasOurFinalizer(const json& vmi) {
+    return HasFinalizer(vmi, c::kVmiFinalizer);
+  }
+
   // Puts controller::kVmiFinalizer on the VMI `uid` (retrying on a
   // conflict), so that its deletion waits for this node's cleanup. False
   // when the VMI is gone or being deleted: it must not start.
@@ -639,6 +643,8 @@ struct Node::Impl {
         BeginStop(std::move(owned), "its VMI is " + std::string(c::PhaseName(phase)));
         continue;
       }
+      // A write (a PUT of the original manifest) may have dropped it.
+      if (!HasOurFinalizer(*vmi->second)) AddVmiFinalizer(r.namespace_, r.name, r.uid);
       // An adopted QEMU whose start the previous daemon did not report.
       if (phase != c::VmiPhase::kRunning) MarkRunning(r);
       ++it;
@@ -647,6 +653,9 @@ struct Node::Impl {
       auto vmi = by_uid.find(uid);
       if (vmi == by_uid.end() || (*vmi->second)["metadata"].contains("deletionTimestamp")) {
         start.cancel->Cancel("the VMI was deleted");
+      } else if (!HasOurFinalizer(*vmi->second) && !c::IsFinal(ObservedVmiFromJson(*vmi->second).phase)) {
+        const json& meta = (*vmi->second)["metadata"];
+        AddVmiFinalizer(meta.value("namespace", "default"), meta.value("name", ""), uid);
       }
     }
     for (const auto& v : *list) {
