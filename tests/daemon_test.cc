@@ -532,6 +532,20 @@ TEST_F(DaemonTest, ARunningVmiGetsItsFinalizerBackAfterAWriteDropsIt) {
       << finalizers().dump();
 }
 
+// The older name of KubeVirt's VMI finalizer is ours too: a VMI imported
+// with it (here a final one, being deleted) is not stuck.
+TEST_F(DaemonTest, TheOlderVmiFinalizerNameIsRemovedToo) {
+  StartNode();
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "old"}, {"namespace", "default"},
+                            {"finalizers", {"foregroundDeleteVirtualMachine"}}}},
+              {"spec", VmiTemplate()["spec"]}, {"status", {{"phase", "Failed"}}}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_OK(store_->Delete(kVmiResource, "default", "old"));
+  ASSERT_TRUE(Eventually([&] { return store_->Get(kVmiResource, "default", "old").status().code() == Code::kNotFound; }))
+      << json(Vmis()).dump(2);
+}
+
 TEST_F(DaemonTest, AnImageThatIsNotThereYetIsRetriedThenRuns) {
   StartNode();
   json spec = VmiTemplate()["spec"];

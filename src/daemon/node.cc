@@ -291,7 +291,7 @@ struct Node::Impl {
   }
 
   static bool HasOurFinalizer(const json& vmi) {
-    return HasFinalizer(vmi, c::kVmiFinalizer);
+    return HasFinalizer(vmi, c::kVmiFinalizer) || HasFinalizer(vmi, c::kLegacyVmiFinalizer);
   }
 
   // Puts controller::kVmiFinalizer on the VMI `uid` (retrying on a
@@ -301,7 +301,7 @@ struct Node::Impl {
     for (int attempt = 0; attempt < 5; ++attempt) {
       auto vmi = GetInstance(ns, name, uid);
       if (!vmi || (*vmi)["metadata"].contains("deletionTimestamp")) return false;
-      if (HasFinalizer(*vmi, c::kVmiFinalizer)) return true;
+      if (HasFinalizer(*vmi, c::kVmiFinalizer) || HasFinalizer(*vmi, c::kLegacyVmiFinalizer)) return true;
       const std::string_view resource = InstanceResourceOf(*vmi);
       auto st = store->Update(resource, WithFinalizer(std::move(*vmi), c::kVmiFinalizer));
       if (st.ok()) return true;
@@ -321,7 +321,7 @@ struct Node::Impl {
   // the daemon died is finished here.
   void ReleaseFinalizers(const std::vector<json>& list) {
     for (const auto& v : list) {
-      if (!HasFinalizer(v, c::kVmiFinalizer)) continue;
+      if (!HasFinalizer(v, c::kVmiFinalizer) && !HasFinalizer(v, c::kLegacyVmiFinalizer)) continue;
       const json& meta = v["metadata"];
       const std::string uid = meta.value("uid", ""), ns = meta.value("namespace", "default"),
                         name = meta.value("name", "");
@@ -338,7 +338,8 @@ struct Node::Impl {
           continue;
         }
       }
-      auto st = store->Update(InstanceResourceOf(v), WithoutFinalizer(v, c::kVmiFinalizer));
+      auto st = store->Update(InstanceResourceOf(v),
+                              WithoutFinalizer(WithoutFinalizer(v, c::kVmiFinalizer), c::kLegacyVmiFinalizer));
       if (!st.ok() && st.status().code() != Code::kAborted && st.status().code() != Code::kNotFound) {
         Warn(st.status(), "removing the finalizer of VMI " + name);
       } else if (st.ok() && deleting) {
