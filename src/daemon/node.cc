@@ -474,6 +474,13 @@ struct Node::Impl {
     if (d.started.ok()) {
       std::unique_ptr<Instance> inst = std::move(*d.started);
       backoffs.erase(d.uid);
+      // The launch beat the cancel of a VMI deleted meanwhile: it stops at
+      // once, and is never marked Running, announced or pinned.
+      if (vmi && (*vmi)["metadata"].contains("deletionTimestamp")) {
+        pinned.erase(d.uid);
+        BeginStop(std::move(inst), "its VMI is being deleted");
+        return;
+      }
       const InstanceRecord& r = inst->record();
       // Digests, events and counters first: whoever sees Running sees them.
       RecordImages(*inst);
