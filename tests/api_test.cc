@@ -166,8 +166,9 @@ class ApiServerTest : public TempDirTest {
     opt.stderr_mode = Process::Stdio::kFile;
     log_ = P("serve-" + std::to_string(++starts_) + ".log");
     opt.stderr_file = log_;
-    std::vector<std::string> argv = {REGDISK_BIN, "--root", P("root"), "serve", "--socket", P("api.sock"), "--listen",
-                                     "127.0.0.1:0"};
+    // --log-level info: tests wait for the daemon's log lines ("stopping VMI").
+    std::vector<std::string> argv = {REGDISK_BIN, "--root", P("root"), "--log-level", "info", "serve", "--socket",
+                                     P("api.sock"), "--listen", "127.0.0.1:0"};
     argv.insert(argv.end(), serve_args_.begin(), serve_args_.end());
     auto p = Process::Spawn(argv, opt);
     ASSERT_OK(p);
@@ -319,6 +320,8 @@ TEST_F(ApiServerTest, TlsNeedsTheTokenAndErrorsAreStatusObjects) {
       {"POST", kVmisPath, "{not json", "application/json", 400, "BadRequest"},
       {"POST", kVmisPath, VmiJson("dup"), "application/json", 409, "AlreadyExists"},
       {"PUT", std::string(kVmisPath) + "/dup", rv_stale, "application/json", 409, "Conflict"},
+      {"POST", kVmisPath, VmiJson("stray", "no-such-uid"), "application/json", 409, "Conflict"},
+      {"PUT", std::string(kVmisPath) + "/dup", VmiJson("dup"), "application/json", 422, "Invalid"},
       {"POST", kVmisPath, VmiJson("bad", "", R"({"domain":{"memory":{"guest":"lots"}}})"), "application/json", 422,
        "Invalid"},
       {"POST", "/api/v1/namespaces/elsewhere/secrets", R"({"apiVersion":"v1","kind":"Secret","metadata":{"name":"s"}})",
@@ -1160,8 +1163,12 @@ TEST_F(NodeE2eTest, ADaemonKilledWhileAVmiStopsFinishesTheDeletionAfterARestart)
   ASSERT_TRUE(Eventually([&] { return Running() == 1 && Pids().size() == 1; })) << Kubectl({"get", "vmis", "-o", "yaml"}).out;
   const int pid = Pids().at("c");
   ASSERT_EQ(Kubectl({"delete", "vmi", "c", "--wait=false"}).exit_code, 0);
-  // kill -9 while it stops: the guest ignores ACPI powerdown, so QEMU runs
-  // until the grace period (10 s) ends, long after this.
+  // kill -9 once the daemon has begun the stop (its log line, written as
+  // the stop starts; a hang guard only): the guest ignores ACPI powerdown,
+  // and with the daemon gone nothing ends the QEMU it was stopping.
+  ASSERT_TRUE(Eventually([&] {
+    return ReadFileCapped(log_, 1 << 20).value_or("").find("stopping VMI default/c ") != std::string::npos;
+  })) << ReadFileCapped(log_, 1 << 20).value_or("");
   server_->Signal(SIGKILL);
   server_->Wait(std::chrono::seconds(10));
   server_.reset();

@@ -418,10 +418,9 @@ TEST_F(DaemonTest, ADeletedVirtualMachineGoesAfterItsVmiWhichGoesAfterItsQemu) {
   auto marked = store_->Delete(kVmResource, "default", "db");
   ASSERT_OK(marked);
   EXPECT_TRUE((*marked)["metadata"].contains("deletionTimestamp"));
-  // Its VMI was deleted with it (Background): marked while its QEMU runs.
-  auto vmi = store_->Get(kVmiResource, "default", "db");
-  ASSERT_OK(vmi);
-  EXPECT_TRUE((*vmi)["metadata"].contains("deletionTimestamp"));
+  // Only marked, the VM still owns its VMI (Background deletes that once
+  // the VM's row goes): the VM controller stops the VMI, whose QEMU goes
+  // first, then the VMI, then the VM.
   ASSERT_TRUE(Eventually([&] {
     return store_->Get(kVmResource, "default", "db").status().code() == Code::kNotFound && Vmis().empty();
   })) << json(Vmis()).dump(2);
@@ -507,6 +506,45 @@ TEST_F(DaemonTest, AQemuThatDiedWhileNoDaemonRanMakesItsVmiFailed) {
   ASSERT_OK(v);
   EXPECT_THAT((*v)["status"]["message"].get<std::string>(), ::testing::HasSubstr("gone"));
   EXPECT_FALSE(fs::exists(daemon::InstanceDir(root_, uid)));
+}
+
+// A write that drops KubeVirt's finalizer from a VMI the node runs (a PUT
+// of the original manifest): the next pass puts it back.
+TEST_F(DaemonTest, ARunningVmiGetsItsFinalizerBackAfterAWriteDropsIt) {
+  StartNode();
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "solo"}, {"namespace", "default"}}}, {"spec", VmiTemplate()["spec"]}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
+  auto finalizers = [&] {
+    auto v = store_->Get(kVmiResource, "default", "solo");
+    return v.ok() ? (*v)["metadata"].value("finalizers", json::array()) : json();
+  };
+  for (int attempt = 0;; ++attempt) {  // the daemon may write it meanwhile (a conflict)
+    auto current = store_->Get(kVmiResource, "default", "solo");
+    ASSERT_OK(current);
+    (*current)["metadata"].erase("finalizers");
+    auto st = store_->Update(kVmiResource, *current);
+    if (st.ok()) break;
+    ASSERT_EQ(st.status().code(), Code::kAborted);
+    ASSERT_LT(attempt, 50);
+  }
+  ASSERT_TRUE(Eventually([&] { return finalizers() == json({"kubevirt.io/foregroundDeleteVirtualMachine"}); }))
+      << finalizers().dump();
+}
+
+// The older name of KubeVirt's VMI finalizer is ours too: a VMI imported
+// with it (here a final one, being deleted) is not stuck.
+TEST_F(DaemonTest, TheOlderVmiFinalizerNameIsRemovedToo) {
+  StartNode();
+  json vmi = {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstance"},
+              {"metadata", {{"name", "old"}, {"namespace", "default"},
+                            {"finalizers", {"foregroundDeleteVirtualMachine"}}}},
+              {"spec", VmiTemplate()["spec"]}, {"status", {{"phase", "Failed"}}}};
+  ASSERT_OK(store_->Create(kVmiResource, vmi));
+  ASSERT_OK(store_->Delete(kVmiResource, "default", "old"));
+  ASSERT_TRUE(Eventually([&] { return store_->Get(kVmiResource, "default", "old").status().code() == Code::kNotFound; }))
+      << json(Vmis()).dump(2);
 }
 
 TEST_F(DaemonTest, AnImageThatIsNotThereYetIsRetriedThenRuns) {

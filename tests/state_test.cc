@@ -869,6 +869,75 @@ TEST_F(StateTest, BackgroundDeletesTheOwnerThenItsDependents) {
   EXPECT_TRUE(store_->Get(kVmis, "default", "other").ok());
 }
 
+TEST_F(StateTest, BackgroundLeavesTheDependentsOfAnOwnerOnlyMarkedAndDeletesThemWhenItsRowGoes) {
+  json rs = MustCreate(kSets, WithFinalizers(Obj("web"), {"example.com/keep"}));
+  json other = MustCreate(kSets, Obj("other"));
+  MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));
+  json shared = OwnedBy(Obj("web-shared"), rs, false);
+  shared["metadata"]["ownerReferences"].push_back(
+      {{"apiVersion", "kubevirt.io/v1"}, {"kind", "VirtualMachineInstanceReplicaSet"}, {"name", "other"},
+       {"uid", other["metadata"]["uid"]}});
+  MustCreate(kVmis, shared);
+  const int64_t m = store_->CurrentResourceVersion().value();
+  auto vmis = store_->Watch(kVmis, "default", {}, m);
+  ASSERT_TRUE(vmis.ok());
+  // Marked, not removed: it is still the owner, and nothing of it goes.
+  auto marked = store_->Delete(kSets, "default", "web");
+  ASSERT_TRUE(marked.ok()) << marked.status().ToString();
+  EXPECT_TRUE(marked.value()["metadata"].contains("deletionTimestamp"));
+  using V = std::vector<std::string>;
+  EXPECT_EQ(Drain(**vmis), V{});
+  EXPECT_FALSE(store_->Get(kVmis, "default", "web-a").value()["metadata"].contains("deletionTimestamp"));
+  // Its last finalizer comes off: the row goes, then its dependents with no
+  // other owner left (web-shared keeps "other").
+  json last = marked.value();
+  last["metadata"].erase("finalizers");
+  ASSERT_TRUE(store_->Update(kSets, last).ok());
+  EXPECT_EQ(store_->Get(kSets, "default", "web").status().code(), Code::kNotFound);
+  EXPECT_EQ(store_->Get(kVmis, "default", "web-a").status().code(), Code::kNotFound);
+  EXPECT_EQ(Drain(**vmis), (V{"DELETED default/web-a@" + std::to_string(m + 3)}));
+  EXPECT_TRUE(store_->Get(kVmis, "default", "web-shared").ok());
+  // The other owner goes too: now web-shared has none left.
+  ASSERT_TRUE(store_->Delete(kSets, "default", "other").ok());
+  EXPECT_EQ(store_->Get(kVmis, "default", "web-shared").status().code(), Code::kNotFound);
+}
+
+TEST_F(StateTest, ACreateUnderAMissingOrDeletingOwnerIsRefusedAndGarbageIsCollected) {
+  json rs = MustCreate(kSets, WithFinalizers(Obj("web"), {"example.com/keep"}));
+  MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));
+  ASSERT_TRUE(store_->Delete(kSets, "default", "web").ok());
+  // Its owner is being deleted: refused, naming the owner.
+  auto late = store_->Create(kVmis, OwnedBy(Obj("web-late"), rs, true));
+  EXPECT_EQ(late.status().code(), Code::kFailedPrecondition);
+  EXPECT_THAT(late.status().message(), HasSubstr("its owner VirtualMachineInstanceReplicaSet \"web\""));
+  EXPECT_THAT(late.status().message(), HasSubstr("is being deleted"));
+  json gone = rs;
+  gone["metadata"]["uid"] = "no-such-uid";
+  auto orphan = store_->Create(kVmis, OwnedBy(Obj("web-orphan"), gone, false));  // controller: true
+  EXPECT_EQ(orphan.status().code(), Code::kFailedPrecondition);
+  EXPECT_THAT(orphan.status().message(), HasSubstr("(uid no-such-uid) does not exist"));
+  // A reference that is neither controller nor blocking is not checked.
+  json loose = Obj("loose");
+  loose["metadata"]["ownerReferences"] = {{{"apiVersion", "v1"}, {"kind", "Other"}, {"name", "x"}, {"uid", "u-x"}}};
+  MustCreate(kVmis, loose);
+  // The sweep: "loose" has no owner left and goes; a foreground owner whose
+  // blocking dependent lost its reference (a write) is released at once.
+  json fg = MustCreate(kSets, Obj("fg"));
+  MustCreate(kVmis, OwnedBy(WithFinalizers(Obj("fg-a"), {"example.com/slow"}), fg, true));
+  ASSERT_TRUE(store_->Delete(kSets, "default", "fg", {}, Propagation::kForeground).ok());
+  EXPECT_TRUE(store_->Get(kSets, "default", "fg").ok());
+  json a = store_->Get(kVmis, "default", "fg-a").value();
+  a["metadata"]["ownerReferences"][0]["blockOwnerDeletion"] = false;
+  ASSERT_TRUE(store_->Update(kVmis, a).ok());
+  EXPECT_EQ(store_->Get(kSets, "default", "fg").status().code(), Code::kNotFound);
+  auto swept = store_->CollectGarbage();
+  ASSERT_TRUE(swept.ok()) << swept.status().ToString();
+  EXPECT_EQ(swept.value(), 1);
+  EXPECT_EQ(store_->Get(kVmis, "default", "loose").status().code(), Code::kNotFound);
+  EXPECT_TRUE(store_->Get(kVmis, "default", "web-a").ok());  // its owner is only marked
+  EXPECT_EQ(store_->CollectGarbage().value(), 0);
+}
+
 TEST_F(StateTest, ForegroundKeepsTheOwnerUntilItsBlockingDependentsAreGone) {
   json rs = MustCreate(kSets, Obj("web"));
   MustCreate(kVmis, OwnedBy(Obj("web-a"), rs, true));

@@ -42,6 +42,9 @@ ApiError ApiError::FromStatus(const Status& st, const Resource& r, const std::st
               "Operation cannot be fulfilled on " + r.qualified() + " \"" + name +
                   "\": the object has been modified; please apply your changes to the latest version and try again",
               details};
+    case Code::kFailedPrecondition:  // the store's: a create under an owner missing or being deleted
+      return {409, "Conflict", "Operation cannot be fulfilled on " + r.qualified() + " \"" + name + "\": " + st.message(),
+              details};
     case Code::kOutOfRange:
       return Expired(st.message());
     case Code::kInvalidArgument:

@@ -695,6 +695,17 @@ HttpResponse RequestHandler::Update(const Target& t) {
     *body = std::move(*scaled);
   }
   if (auto err = Prepare(t, &*body, false)) return Reply(*err);
+  // As Kubernetes for custom resources: an update names the version it
+  // replaces (a PUT of the original manifest would drop finalizers).
+  if (t.sub.empty() && t.r->group == "kubevirt.io" &&
+      (!(*body)["metadata"].contains("resourceVersion") || (*body)["metadata"]["resourceVersion"] == "")) {
+    const std::string msg = "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update";
+    return Reply(ApiError{422, "Invalid", t.r->kind + "." + t.r->group + " \"" + t.name + "\" is invalid: " + msg,
+                          {{"name", t.name}, {"group", t.r->group}, {"kind", t.r->kind},
+                           {"causes", {{{"reason", "FieldValueInvalid"},
+                                        {"message", "Invalid value: 0x0: must be specified for an update"},
+                                        {"field", "metadata.resourceVersion"}}}}}});
+  }
   if (DryRun()) return Output(200, t, *body);
   Result<json> updated = StoreUpdate(t, *body);
   if (!updated.ok()) return Reply(WriteError(updated.status(), *t.r, t.name));

@@ -32,6 +32,9 @@ using Labels = std::map<std::string, std::string>;
 // (the domain-qualified name KubeVirt uses since v1.7; older releases
 // wrote "foregroundDeleteVirtualMachine").
 inline constexpr char kVmiFinalizer[] = "kubevirt.io/foregroundDeleteVirtualMachine";
+// The older name, on VMIs written by KubeVirt before v1.7 (an imported
+// manifest, say): ours too, it is removed with kVmiFinalizer.
+inline constexpr char kLegacyVmiFinalizer[] = "foregroundDeleteVirtualMachine";
 // On every VirtualMachine, removed once the VM is being deleted and its
 // VMI is gone.
 inline constexpr char kVmControllerFinalizer[] = "kubevirt.io/virtualMachineControllerFinalize";

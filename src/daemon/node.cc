@@ -290,6 +290,10 @@ struct Node::Impl {
     return pins.is_object() ? pins : json::object();
   }
 
+  static bool HasOurFinalizer(const json& vmi) {
+    return HasFinalizer(vmi, c::kVmiFinalizer) || HasFinalizer(vmi, c::kLegacyVmiFinalizer);
+  }
+
   // Puts controller::kVmiFinalizer on the VMI `uid` (retrying on a
   // conflict), so that its deletion waits for this node's cleanup. False
   // when the VMI is gone or being deleted: it must not start.
@@ -297,7 +301,7 @@ struct Node::Impl {
     for (int attempt = 0; attempt < 5; ++attempt) {
       auto vmi = GetInstance(ns, name, uid);
       if (!vmi || (*vmi)["metadata"].contains("deletionTimestamp")) return false;
-      if (HasFinalizer(*vmi, c::kVmiFinalizer)) return true;
+      if (HasFinalizer(*vmi, c::kVmiFinalizer) || HasFinalizer(*vmi, c::kLegacyVmiFinalizer)) return true;
       const std::string_view resource = InstanceResourceOf(*vmi);
       auto st = store->Update(resource, WithFinalizer(std::move(*vmi), c::kVmiFinalizer));
       if (st.ok()) return true;
@@ -317,7 +321,7 @@ struct Node::Impl {
   // the daemon died is finished here.
   void ReleaseFinalizers(const std::vector<json>& list) {
     for (const auto& v : list) {
-      if (!HasFinalizer(v, c::kVmiFinalizer)) continue;
+      if (!HasFinalizer(v, c::kVmiFinalizer) && !HasFinalizer(v, c::kLegacyVmiFinalizer)) continue;
       const json& meta = v["metadata"];
       const std::string uid = meta.value("uid", ""), ns = meta.value("namespace", "default"),
                         name = meta.value("name", "");
@@ -334,7 +338,8 @@ struct Node::Impl {
           continue;
         }
       }
-      auto st = store->Update(InstanceResourceOf(v), WithoutFinalizer(v, c::kVmiFinalizer));
+      auto st = store->Update(InstanceResourceOf(v),
+                              WithoutFinalizer(WithoutFinalizer(v, c::kVmiFinalizer), c::kLegacyVmiFinalizer));
       if (!st.ok() && st.status().code() != Code::kAborted && st.status().code() != Code::kNotFound) {
         Warn(st.status(), "removing the finalizer of VMI " + name);
       } else if (st.ok() && deleting) {
@@ -469,6 +474,13 @@ struct Node::Impl {
     if (d.started.ok()) {
       std::unique_ptr<Instance> inst = std::move(*d.started);
       backoffs.erase(d.uid);
+      // The launch beat the cancel of a VMI deleted meanwhile: it stops at
+      // once, and is never marked Running, announced or pinned.
+      if (vmi && (*vmi)["metadata"].contains("deletionTimestamp")) {
+        pinned.erase(d.uid);
+        BeginStop(std::move(inst), "its VMI is being deleted");
+        return;
+      }
       const InstanceRecord& r = inst->record();
       // Digests, events and counters first: whoever sees Running sees them.
       RecordImages(*inst);
@@ -601,6 +613,11 @@ struct Node::Impl {
     // reads from any more: their exports stop.
     lazy_pool.Sweep();
 
+    // The garbage collector: dependents whose owners are all gone (a VMI
+    // created from a replica set read before the set's DELETE, say), and
+    // foreground deletions no blocking dependent holds any more.
+    if (auto gc = store->CollectGarbage(); !gc.ok()) log::Warn("collecting garbage: {}", gc.status().message());
+
     auto list = ListInstances();
     if (!list.ok()) {
       log::Warn("listing VMIs: {}", list.status().message());
@@ -634,6 +651,8 @@ struct Node::Impl {
         BeginStop(std::move(owned), "its VMI is " + std::string(c::PhaseName(phase)));
         continue;
       }
+      // A write (a PUT of the original manifest) may have dropped it.
+      if (!HasOurFinalizer(*vmi->second)) AddVmiFinalizer(r.namespace_, r.name, r.uid);
       // An adopted QEMU whose start the previous daemon did not report.
       if (phase != c::VmiPhase::kRunning) MarkRunning(r);
       ++it;
@@ -642,6 +661,9 @@ struct Node::Impl {
       auto vmi = by_uid.find(uid);
       if (vmi == by_uid.end() || (*vmi->second)["metadata"].contains("deletionTimestamp")) {
         start.cancel->Cancel("the VMI was deleted");
+      } else if (!HasOurFinalizer(*vmi->second) && !c::IsFinal(ObservedVmiFromJson(*vmi->second).phase)) {
+        const json& meta = (*vmi->second)["metadata"];
+        AddVmiFinalizer(meta.value("namespace", "default"), meta.value("name", ""), uid);
       }
     }
     for (const auto& v : *list) {

@@ -298,6 +298,14 @@ struct ObjectStore::Impl {
   // owners that waited for it.
   Result<json> RemoveObject(std::string_view resource, const Meta& meta, json body, int depth);
   Status ReleaseOwners(const json& body, int depth);
+  // Whether any object named by body's metadata.ownerReferences still exists.
+  Result<bool> AnyOwnerLeft(const json& body);
+  // Create's check: every controller or blockOwnerDeletion owner exists
+  // and is not being deleted, else FailedPrecondition naming it.
+  Status CheckOwners(std::string_view resource, const Meta& meta, const json& object);
+  // Releases the foreground deletion of the object `uid` if it waits for
+  // no blocking dependent any more. Whether it wrote.
+  Result<bool> ReleaseOwner(const std::string& uid, int depth);
   Result<json> DeleteLocked(std::string_view resource, std::string_view ns, std::string_view name,
                             const Preconditions& pre, Propagation propagation, int depth);
 };
@@ -521,6 +529,7 @@ Result<json> ObjectStore::Create(std::string_view resource, json object) {
   ASSIGN_OR_RETURN(Transaction txn, Transaction::Begin(s.db));
   ASSIGN_OR_RETURN(std::optional<Row> existing, s.Load(resource, meta.ns, meta.name));
   if (existing) return AlreadyExists(Describe(resource, meta.ns, meta.name) + " already exists");
+  RETURN_IF_ERROR(s.CheckOwners(resource, meta, object));
   ASSIGN_OR_RETURN(int64_t rv, s.NextResourceVersion());
   json& md = object["metadata"];
   md["uid"] = uid;
@@ -652,6 +661,11 @@ Result<json> ObjectStore::Impl::Replace(std::string_view resource, json object, 
   Row row{std::move(next), old->uid, rv, generation};
   RETURN_IF_ERROR(PutRow(resource, meta, row, /*insert=*/false));
   RETURN_IF_ERROR(Record(EventType::kModified, resource, meta, rv, row.body));
+  // An owner reference (or its blockOwnerDeletion) dropped by this write may
+  // have been the last one a foreground deletion waited for.
+  if (old->body["metadata"].value("ownerReferences", json()) != row.body["metadata"].value("ownerReferences", json())) {
+    RETURN_IF_ERROR(ReleaseOwners(old->body, 0));
+  }
   RETURN_IF_ERROR(txn.Commit());
   Flush();
   return std::move(row.body);
@@ -732,7 +746,35 @@ Result<json> ObjectStore::Impl::RemoveObject(std::string_view resource, const Me
   RETURN_IF_ERROR(del.Run());
   RETURN_IF_ERROR(Record(EventType::kDeleted, resource, meta, rv, body));
   RETURN_IF_ERROR(ReleaseOwners(body, depth));
+  // The row is gone, so the owner is gone: its dependents with no other
+  // owner left go too (Background, as Kubernetes' garbage collector does
+  // after the owner's DELETED; an owner merely marked is still an owner).
+  const std::string uid = body["metadata"].value("uid", "");
+  if (depth + 1 < kMaxCascadeDepth) {
+    ASSIGN_OR_RETURN(std::vector<Dependent> deps, Dependents(uid));
+    for (const Dependent& d : deps) {
+      ASSIGN_OR_RETURN(std::optional<Row> dep, Load(d.resource, d.ns, d.name));
+      if (!dep) continue;
+      ASSIGN_OR_RETURN(bool owned, AnyOwnerLeft(dep->body));
+      if (owned) continue;
+      Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, Propagation::kBackground, depth + 1);
+      if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+    }
+  }
   return body;
+}
+
+Result<bool> ObjectStore::Impl::AnyOwnerLeft(const json& body) {
+  const json& md = body["metadata"];
+  if (!md.contains("ownerReferences") || !md["ownerReferences"].is_array()) return false;
+  for (const auto& ref : md["ownerReferences"]) {
+    if (!ref.is_object() || !ref.contains("uid") || !ref["uid"].is_string()) continue;
+    ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT 1 FROM objects WHERE uid = ?1"));
+    RETURN_IF_ERROR(st.Bind(1, ref["uid"].get<std::string>()));
+    ASSIGN_OR_RETURN(bool found, st.Step());
+    if (found) return true;
+  }
+  return false;
 }
 
 // A removed dependent may have been the last one a foreground deletion of
@@ -741,37 +783,115 @@ Result<json> ObjectStore::Impl::RemoveObject(std::string_view resource, const Me
 Status ObjectStore::Impl::ReleaseOwners(const json& body, int depth) {
   const json& md = body["metadata"];
   if (!md.contains("ownerReferences") || !md["ownerReferences"].is_array()) return OkStatus();
+  // Past the cap the owners stay marked here; CollectGarbage releases them.
   if (depth >= kMaxCascadeDepth) return OkStatus();
   for (const auto& ref : md["ownerReferences"]) {
     if (!ref.is_object() || !ref.contains("uid") || !ref["uid"].is_string()) continue;
+    RETURN_IF_ERROR(ReleaseOwner(ref["uid"].get<std::string>(), depth).status());
+  }
+  return OkStatus();
+}
+
+Result<bool> ObjectStore::Impl::ReleaseOwner(const std::string& uid, int depth) {
+  ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT resource, namespace, name FROM objects WHERE uid = ?1"));
+  RETURN_IF_ERROR(st.Bind(1, uid));
+  ASSIGN_OR_RETURN(bool found, st.Step());
+  if (!found) return false;
+  const std::string resource = st.Text(0), ns = st.Text(1), name = st.Text(2);
+  ASSIGN_OR_RETURN(std::optional<Row> owner, Load(resource, ns, name));
+  if (!owner || !BeingDeleted(owner->body) ||
+      !HasFinalizer(FinalizersOf(owner->body), kForegroundDeletionFinalizer)) {
+    return false;
+  }
+  ASSIGN_OR_RETURN(bool blocked, HasBlockingDependents(uid));
+  if (blocked) return false;
+  json next = owner->body;
+  json kept = json::array();
+  for (const auto& f : FinalizersOf(owner->body)) {
+    if (f != kForegroundDeletionFinalizer) kept.push_back(f);
+  }
+  next["metadata"]["finalizers"] = kept;
+  if (kept.empty()) {
+    next["metadata"].erase("finalizers");
+    ASSIGN_OR_RETURN(Meta meta, ReadMeta(resource, next));
+    RETURN_IF_ERROR(RemoveObject(resource, meta, std::move(next), depth + 1).status());
+  } else {
+    RETURN_IF_ERROR(WriteMetadata(resource, *owner, std::move(next)).status());
+  }
+  return true;
+}
+
+Status ObjectStore::Impl::CheckOwners(std::string_view resource, const Meta& meta, const json& object) {
+  const json& md = object["metadata"];
+  if (!md.contains("ownerReferences") || !md["ownerReferences"].is_array()) return OkStatus();
+  for (const auto& ref : md["ownerReferences"]) {
+    if (!ref.is_object() || !ref.contains("uid") || !ref["uid"].is_string()) continue;
+    auto flag = [&](const char* key) {
+      auto f = ref.find(key);
+      return f != ref.end() && f->is_boolean() && f->get<bool>();
+    };
+    if (!flag("controller") && !flag("blockOwnerDeletion")) continue;
     const std::string uid = ref["uid"].get<std::string>();
-    ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT resource, namespace, name FROM objects WHERE uid = ?1"));
+    const std::string owner = ref.value("kind", std::string("owner")) + " \"" + ref.value("name", std::string()) +
+                              "\" (uid " + uid + ")";
+    ASSIGN_OR_RETURN(Stmt st, db.Prepare("SELECT body FROM objects WHERE uid = ?1"));
     RETURN_IF_ERROR(st.Bind(1, uid));
     ASSIGN_OR_RETURN(bool found, st.Step());
-    if (!found) continue;
-    const std::string resource = st.Text(0), ns = st.Text(1), name = st.Text(2);
-    ASSIGN_OR_RETURN(std::optional<Row> owner, Load(resource, ns, name));
-    if (!owner || !BeingDeleted(owner->body) ||
-        !HasFinalizer(FinalizersOf(owner->body), kForegroundDeletionFinalizer)) {
-      continue;
+    const std::string what = Describe(resource, meta.ns, meta.name);
+    if (!found) {
+      return FailedPrecondition(what + ": its owner " + owner + " does not exist; create it under an owner that does");
     }
-    ASSIGN_OR_RETURN(bool blocked, HasBlockingDependents(uid));
-    if (blocked) continue;
-    json next = owner->body;
-    json kept = json::array();
-    for (const auto& f : FinalizersOf(owner->body)) {
-      if (f != kForegroundDeletionFinalizer) kept.push_back(f);
-    }
-    next["metadata"]["finalizers"] = kept;
-    if (kept.empty()) {
-      next["metadata"].erase("finalizers");
-      ASSIGN_OR_RETURN(Meta meta, ReadMeta(resource, next));
-      RETURN_IF_ERROR(RemoveObject(resource, meta, std::move(next), depth + 1).status());
-    } else {
-      RETURN_IF_ERROR(WriteMetadata(resource, *owner, std::move(next)).status());
+    ASSIGN_OR_RETURN(json body, ParseBody(st.Text(0), what + "'s owner"));
+    if (BeingDeleted(body)) {
+      return FailedPrecondition(what + ": its owner " + owner + " is being deleted");
     }
   }
   return OkStatus();
+}
+
+Result<int> ObjectStore::CollectGarbage() {
+  Impl& s = *impl_;
+  std::lock_guard lock(s.mu);
+  s.pending.clear();
+  ASSIGN_OR_RETURN(Transaction txn, Transaction::Begin(s.db));
+  struct Found {
+    std::string resource, ns, name, uid;
+    json body;
+  };
+  std::vector<Found> all;
+  {
+    ASSIGN_OR_RETURN(Stmt st, s.db.Prepare("SELECT resource, namespace, name, uid, body FROM objects "
+                                           "ORDER BY resource, namespace, name"));
+    for (;;) {
+      ASSIGN_OR_RETURN(bool row, st.Step());
+      if (!row) break;
+      Found f{st.Text(0), st.Text(1), st.Text(2), st.Text(3), json()};
+      ASSIGN_OR_RETURN(f.body, ParseBody(st.Text(4), Describe(f.resource, f.ns, f.name)));
+      all.push_back(std::move(f));
+    }
+  }
+  int written = 0;
+  for (const Found& f : all) {
+    ASSIGN_OR_RETURN(std::optional<Row> now, s.Load(f.resource, f.ns, f.name));
+    if (!now || now->uid != f.uid) continue;  // gone with an earlier one
+    const json& md = now->body["metadata"];
+    const bool owned = md.contains("ownerReferences") && md["ownerReferences"].is_array() &&
+                       !md["ownerReferences"].empty();
+    if (owned && !BeingDeleted(now->body)) {
+      ASSIGN_OR_RETURN(bool left, s.AnyOwnerLeft(now->body));
+      if (!left) {
+        Result<json> r = s.DeleteLocked(f.resource, f.ns, f.name, {}, Propagation::kBackground, 0);
+        if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+        ++written;
+        continue;
+      }
+    }
+    ASSIGN_OR_RETURN(bool released, s.ReleaseOwner(f.uid, 0));
+    if (released) ++written;
+  }
+  RETURN_IF_ERROR(txn.Commit());
+  s.Flush();
+  return written;
 }
 
 Result<json> ObjectStore::Impl::DeleteLocked(std::string_view resource, std::string_view ns, std::string_view name,
@@ -830,13 +950,15 @@ Result<json> ObjectStore::Impl::DeleteLocked(std::string_view resource, std::str
     md["deletionGracePeriodSeconds"] = 0;
     ASSIGN_OR_RETURN(out, WriteMetadata(resource, *old, std::move(body)));
   }
-  // The dependents, after the owner (Background), or while it waits for
-  // them (Foreground: their removal releases it, see ReleaseOwners).
-  for (const Dependent& d : deps) {
-    Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, propagation, depth + 1);
-    if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
-  }
+  // Foreground: the dependents while the owner waits for them (their
+  // removal releases it, see ReleaseOwners). Background: RemoveObject
+  // deleted them if the owner's row went; an owner only marked (its
+  // finalizers remain) is still their owner, and they stay.
   if (foreground) {
+    for (const Dependent& d : deps) {
+      Result<json> r = DeleteLocked(d.resource, d.ns, d.name, {}, propagation, depth + 1);
+      if (!r.ok() && r.status().code() != Code::kNotFound) return r.status();
+    }
     // The owner as the cascade left it (released and removed, perhaps).
     ASSIGN_OR_RETURN(std::optional<Row> now, Load(resource, ns, name));
     if (now && now->uid == uid) return std::move(now->body);

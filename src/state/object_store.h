@@ -35,6 +35,7 @@
 //   NotFound (404)             no such object
 //   AlreadyExists (409)        Create of a name that exists
 //   Aborted (409 Conflict)     a stale metadata.resourceVersion or uid precondition
+//   FailedPrecondition (409)   Create under an owner that is missing or being deleted
 //   InvalidArgument "...Forbidden: ..." (422)  a finalizer added to an object being deleted
 //   OutOfRange (410 Gone)      a watch from a resourceVersion older than the kept events
 //   FailedPrecondition         the database's schema is newer than this code
@@ -162,6 +163,10 @@ class ObjectStore {
   // resourceVersion, generation = 1 and creationTimestamp (RFC 3339 UTC);
   // any caller-given uid, generation, creation or deletion timestamp is
   // replaced. Returns the stored object. AlreadyExists if the key is taken.
+  // An owner reference with controller or blockOwnerDeletion true must name
+  // an object that exists and is not being deleted, else FailedPrecondition
+  // naming that owner (the API server's 409 Conflict): a dependent created
+  // from a stale read would outlive its owner.
   Result<json> Create(std::string_view resource, json object);
 
   Result<json> Get(std::string_view resource, std::string_view ns, std::string_view name);
@@ -212,6 +217,17 @@ class ObjectStore {
   // resourceVersion).
   Result<json> Delete(std::string_view resource, std::string_view ns, std::string_view name,
                       const Preconditions& pre = {}, Propagation propagation = Propagation::kBackground);
+
+  // The garbage collector's sweep, in one transaction: deletes
+  // (Background) every object not being deleted whose
+  // metadata.ownerReferences are non-empty and name no object that still
+  // exists, and releases every foreground-deleted object ("foregroundDeletion"
+  // finalizer, deletionTimestamp set) that waits for no blocking dependent
+  // any more (removing it if that was its last finalizer). What Delete and
+  // Update do at once, for what they could not (a dependent created from a
+  // stale read, an owner reference dropped by a write, a cascade past
+  // kMaxCascadeDepth). Returns how many objects it deleted or released.
+  Result<int> CollectGarbage();
 
   // Events of `resource` in `ns` (all namespaces when all_namespaces)
   // matching the selectors, with a resourceVersion greater than
