@@ -9,6 +9,7 @@
 
 #include <fmt/core.h>
 
+#include "store/chunked_pull.h"
 #include "util/env.h"
 #include "util/log.h"
 
@@ -329,7 +330,10 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
     // Chunks a disk in the store holds: copied from there and verified.
     std::vector<size_t> remote;
     for (size_t k : sorted) {
-      ASSIGN_OR_RETURN(bool copied, local_->Copy(k, fd_.get()));
+      // Read and hashed before it is written: a fetch may write this
+      // chunk's verified frame around our claim meanwhile, and a copy that
+      // turns out wrong must never land over it.
+      ASSIGN_OR_RETURN(bool copied, local_->Copy(k, fd_.get(), store::LocalChunks::CopyMode::kVerifyFirst));
       if (!copied) {
         remote.push_back(k);
         continue;
@@ -342,10 +346,16 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
     sorted = std::move(remote);
   }
   std::sort(sorted.begin(), sorted.end());
+  // Two runs of wanted frames are joined across frames nobody asked for up
+  // to max_gap_bytes; when the store holds chunks of this disk, the gap may
+  // be chunks just copied, so it stays as small as a delta pull's (their
+  // frames would be fetched for nothing).
+  const uint64_t max_gap_bytes =
+      local_ && !local_->empty() ? std::min(options_.max_gap_bytes, store::kDefaultMaxGapBytes) : options_.max_gap_bytes;
   Status result;
   std::unique_ptr<image::BlobRangeReader> reader;
   for (const store::ChunkBatch& batch :
-       store::CoalesceChunks(head_.index, sorted, max_batch_bytes, options_.max_gap_bytes)) {
+       store::CoalesceChunks(head_.index, sorted, max_batch_bytes, max_gap_bytes)) {
     for (int attempt = 1;; ++attempt) {
       Status st;
       if (!reader) {
@@ -572,7 +582,12 @@ void LazyDisk::FinishFill() {
     }
     cv_.notify_all();
   }
-  if (complete) Emit({LazyEvent::Kind::kComplete, n, n, {}});
+  if (complete) {
+    // Every chunk is here: the store disks chunks were copied from are not
+    // needed any more, and one removed meanwhile frees its space.
+    if (local_) local_->CloseFiles();
+    Emit({LazyEvent::Kind::kComplete, n, n, {}});
+  }
 }
 
 Status LazyDisk::WaitComplete(const CancelToken* cancel) {

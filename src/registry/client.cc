@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <poll.h>
 
 #include <algorithm>
 #include <random>
@@ -161,10 +162,20 @@ struct RegistryClient::State {
   // A back-off wait; cut short (Cancelled) when the operation is cancelled,
   // or when `call_cancel` (one request's own deadline) is.
   Status Sleep(std::chrono::milliseconds d, const CancelToken* call_cancel = nullptr) {
-    if (call_cancel) {
-      RETURN_IF_ERROR(call_cancel->SleepFor(d));
-      return opt.cancel ? opt.cancel->status() : OkStatus();
+    if (call_cancel && opt.cancel) {
+      // Either token ends the wait (a poll that misses a token's
+      // descriptor still wakes each 100 ms to look).
+      const auto until = std::chrono::steady_clock::now() + d;
+      for (;;) {
+        RETURN_IF_ERROR(opt.cancel->status());
+        RETURN_IF_ERROR(call_cancel->status());
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+        if (left.count() <= 0) return OkStatus();
+        pollfd fds[2] = {{opt.cancel->poll_fd(), POLLIN, 0}, {call_cancel->poll_fd(), POLLIN, 0}};
+        ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left.count(), 100)));
+      }
     }
+    if (call_cancel) return call_cancel->SleepFor(d);
     if (opt.cancel) return opt.cancel->SleepFor(d);
     std::this_thread::sleep_for(d);
     return OkStatus();

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 
 #include "util/bytes.h"
 #include "util/log.h"
+#include "util/text.h"
 
 namespace regdisk::store {
 
@@ -64,6 +66,7 @@ LocalChunks::LocalChunks(LocalChunks&& other) noexcept
     : disks_dir_(std::move(other.disks_dir_)), wanted_(std::move(other.wanted_)), rotten_(other.rotten_.load()) {
   std::lock_guard lock(other.mu_);
   files_ = std::move(other.files_);
+  closed_ = other.closed_;
 }
 
 LocalChunks LocalChunks::Find(const fs::path& root, const oci::ChunkIndex& index,
@@ -102,8 +105,10 @@ LocalChunks LocalChunks::Find(ChunkTable& table, const fs::path& disks_dir, cons
     // A name from the table is one of the store's own directories: one that
     // is not a plain name is skipped.
     for (const ChunkTable::Place& p : it->second) {
-      if (p.dir.empty() || p.dir[0] == '.' || p.dir.find('/') != std::string::npos || p.file.empty() ||
-          p.file[0] == '.' || p.file.find('/') != std::string::npos) {
+      auto plain = [](const std::string& n) {
+        return !n.empty() && n[0] != '.' && n.find('/') == std::string::npos && n.find('\0') == std::string::npos;
+      };
+      if (!plain(p.dir) || !plain(p.file)) {
         continue;
       }
       w.places.push_back(p);
@@ -120,39 +125,74 @@ std::vector<size_t> LocalChunks::chunks() const {
   return out;
 }
 
-Result<bool> LocalChunks::Copy(size_t k, int fd) {
+std::shared_ptr<UniqueFd> LocalChunks::Source(const ChunkTable::Place& p) {
+  const std::string key = p.dir + "/" + p.file;
+  {
+    std::lock_guard lock(mu_);
+    if (closed_) return nullptr;
+    if (auto f = files_.find(key); f != files_.end()) return f->second;
+  }
+  // Opened outside the lock; a disk removed since, or anything but a
+  // regular file (which O_NONBLOCK keeps from blocking the open), is not a
+  // source.
+  std::shared_ptr<UniqueFd> fd;
+  if (Result<UniqueFd> opened = OpenFile(disks_dir_ / p.dir / p.file, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+      opened.ok()) {
+    struct stat st;
+    if (::fstat(opened->get(), &st) == 0 && S_ISREG(st.st_mode)) fd = std::make_shared<UniqueFd>(std::move(*opened));
+  }
+  std::lock_guard lock(mu_);
+  if (closed_) return nullptr;
+  return files_.emplace(key, fd).first->second;  // another thread's, if it was first
+}
+
+void LocalChunks::CloseFiles() {
+  std::lock_guard lock(mu_);
+  closed_ = true;
+  files_.clear();
+}
+
+Result<bool> LocalChunks::CopyVerifyingFirst(int in, uint64_t in_off, const Wanted& w, int fd, std::string* buf) {
+  buf->resize(w.length);
+  uint64_t got = 0;
+  while (got < w.length) {
+    const ssize_t n = ::pread(in, buf->data() + got, w.length - got, static_cast<off_t>(in_off + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;  // unreadable or short: not this place
+    got += static_cast<uint64_t>(n);
+  }
+  ChunkTable::Sha256 sum;
+  EVP_Digest(buf->data(), w.length, sum.data(), nullptr, EVP_sha256(), nullptr);
+  if (sum != w.sha256) return false;
+  RETURN_IF_ERROR(PWriteAll(fd, std::string_view(buf->data(), w.length), w.at));
+  return true;
+}
+
+Result<bool> LocalChunks::Copy(size_t k, int fd, CopyMode mode) {
   auto it = wanted_.find(k);
   if (it == wanted_.end()) return false;
   const Wanted& w = it->second;
   thread_local std::string buf;
   bool mismatched = false;
   for (const ChunkTable::Place& p : w.places) {
-    int in = -1;
-    {
-      std::lock_guard lock(mu_);
-      const std::string key = p.dir + "/" + p.file;
-      auto f = files_.find(key);
-      if (f == files_.end()) {
-        // Opened once, on first use; a disk removed since is not there.
-        Result<UniqueFd> opened = OpenFile(disks_dir_ / p.dir / p.file, O_RDONLY | O_NOFOLLOW);
-        f = files_.emplace(key, opened.ok() ? std::move(*opened) : UniqueFd()).first;
-      }
-      in = f->second.get();
+    const std::shared_ptr<UniqueFd> in = Source(p);
+    if (!in) continue;
+    const uint64_t in_off = p.chunk << w.chunk_shift;
+    bool good = false;
+    if (mode == CopyMode::kInPlace &&
+        CopyFileRange(in->get(), in_off, fd, w.at, w.length).ok()) {
+      ASSIGN_OR_RETURN(good, RangeHashes(fd, w.at, w.length, w.sha256, &buf));
+    } else {
+      // Verifying first, or the in-place copy failed: reading the source
+      // apart from writing tells a bad source (try the next place) from a
+      // disk that cannot be written (an error).
+      ASSIGN_OR_RETURN(good, CopyVerifyingFirst(in->get(), in_off, w, fd, &buf));
     }
-    if (in < 0) continue;
-    if (Status copied = CopyFileRange(in, p.chunk << w.chunk_shift, fd, w.at, w.length); !copied.ok()) {
-      if (copied.code() == Code::kDataLoss) {
-        mismatched = true;
-        continue;
-      }
-      return std::move(copied).Annotate("copying chunk " + std::to_string(k) + " from the store");
-    }
-    ASSIGN_OR_RETURN(bool good, RangeHashes(fd, w.at, w.length, w.sha256, &buf));
     if (good) return true;
     mismatched = true;
-    log::Warn("chunk {} of the disk {} does not hash to what the store's chunk table says (the disk may be "
-              "damaged: regdisk fsck checks it); fetching it instead",
-              p.chunk, p.dir);
+    log::Warn("chunk {} of the disk {} does not hash to what the store's chunk table says, or cannot be read (the "
+              "disk may be damaged: regdisk fsck checks it); fetching it instead",
+              p.chunk, Printable(p.dir));
   }
   if (mismatched) ++rotten_;
   return false;

@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -48,14 +49,30 @@ class LocalChunks {
 
   // Whether some disk in the store is said to hold chunk k.
   bool Has(size_t k) const { return wanted_.count(k) > 0; }
+  bool empty() const { return wanted_.empty(); }
   // The chunks some disk is said to hold, in disk order.
   std::vector<size_t> chunks() const;
 
+  enum class CopyMode {
+    // copy_file_range into place (sharing extents where the file system
+    // reflinks), then hash what landed: for a file nobody else reads or
+    // writes meanwhile (a pull's staging disk).
+    kInPlace,
+    // Read and hash the source first, then write only verified bytes: for
+    // a file others read, and write verified bytes to, at the same time (a
+    // lazily-pulled disk, which a fetch may fill around a claimed chunk).
+    kVerifyFirst,
+  };
   // Copies chunk k to `fd` at its offset in the disk from the first place
-  // whose copy hashes to the index's digest. true: the chunk's bytes in
-  // fd are verified; false: no place held it (fetch it). An error only when
-  // fd cannot be written.
-  Result<bool> Copy(size_t k, int fd);
+  // whose bytes hash to the index's digest. true: the chunk's bytes in fd
+  // are verified; false: no place held it (fetch it). A place that cannot
+  // be read, or is short, counts as one that does not match. An error only
+  // when fd cannot be written.
+  Result<bool> Copy(size_t k, int fd, CopyMode mode = CopyMode::kInPlace);
+
+  // Closes the source files and finds nothing from now on (a disk that
+  // has every chunk): a store disk removed meanwhile frees its space.
+  void CloseFiles();
 
   // Copies that did not hash to what the table said (a damaged disk).
   uint64_t rotten() const { return rotten_.load(); }
@@ -69,8 +86,15 @@ class LocalChunks {
   };
   std::filesystem::path disks_dir_;
   std::map<size_t, Wanted> wanted_;
+  // DIR/FILE -> opened on first use (nullptr: cannot be opened); a copy
+  // holds its own reference, so CloseFiles never closes an fd in use.
+  std::shared_ptr<UniqueFd> Source(const ChunkTable::Place& p);
+  // One place into fd, read and hashed before it is written.
+  Result<bool> CopyVerifyingFirst(int in, uint64_t in_off, const Wanted& w, int fd, std::string* buf);
+
   std::mutex mu_;
-  std::map<std::string, UniqueFd> files_;  // DIR/FILE -> opened on first use; guarded by mu_
+  std::map<std::string, std::shared_ptr<UniqueFd>> files_;  // guarded by mu_
+  bool closed_ = false;                                      // guarded by mu_
   std::atomic<uint64_t> rotten_{0};
 };
 
