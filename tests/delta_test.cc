@@ -85,6 +85,17 @@ class DeltaTest : public TempDirTest {
     return LayerBytes(reg_->log().substr(before), layer);
   }
 
+  // Flips one byte of chunk k of the stored disk `file` (whose bytes were
+  // `raw`), as a disk that rotted would.
+  static void FlipAByteOfChunk(const fs::path& file, const std::string& raw, size_t k) {
+    const uint64_t at = k * kChunk + 77;
+    ASSERT_EQ(::chmod(file.c_str(), 0644), 0);
+    auto fd = OpenFile(file, O_WRONLY);
+    ASSERT_OK(fd);
+    ASSERT_OK(PWriteAll(fd->get(), std::string(1, static_cast<char>(raw[at] ^ 1)), at));
+    ASSERT_EQ(::chmod(file.c_str(), 0444), 0);
+  }
+
   // Pulls `ref` lazily (blockserve::LazyPull: the fill, no export) until
   // it is committed; returns the bytes the registry sent for b's layer.
   uint64_t LazyPullCounting(const std::string& ref, const Built& b) {
@@ -219,14 +230,7 @@ TEST_F(DeltaTest, ALazilyPulledVersionFetchesAChunkThatRottedInTheStore) {
   RunResult r;
   PullCounting(Ref("delta", "v1"), b1.layer, &r);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  const fs::path v1_disk = DiskOf(Ref("delta", "v1"));
-  ASSERT_EQ(::chmod(v1_disk.c_str(), 0644), 0);
-  {
-    auto fd = OpenFile(v1_disk, O_WRONLY);
-    ASSERT_OK(fd);
-    ASSERT_OK(PWriteAll(fd->get(), std::string(1, static_cast<char>(v1_[10 * kChunk + 77] ^ 1)), 10 * kChunk + 77));
-  }
-  ASSERT_EQ(::chmod(v1_disk.c_str(), 0444), 0);
+  ASSERT_NO_FATAL_FAILURE(FlipAByteOfChunk(DiskOf(Ref("delta", "v1")), v1_, 10));
   std::set<size_t> fetched = kChanged;
   fetched.insert(10);
   EXPECT_EQ(LazyPullCounting(Ref("delta", "v2"), b2), Expected(b2, fetched) + HeadExtra(b2));
@@ -266,14 +270,7 @@ TEST_F(DeltaTest, ALocalChunkThatRottedIsFetchedAndFsckFindsIt) {
   PullCounting(Ref("delta", "v1"), b1.layer, &r);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   // One byte of v1's chunk 10 flips on the node's disk.
-  const fs::path v1_disk = DiskOf(Ref("delta", "v1"));
-  ASSERT_EQ(::chmod(v1_disk.c_str(), 0644), 0);
-  {
-    auto fd = OpenFile(v1_disk, O_WRONLY);
-    ASSERT_OK(fd);
-    ASSERT_OK(PWriteAll(fd->get(), std::string(1, static_cast<char>(v1_[10 * kChunk + 77] ^ 1)), 10 * kChunk + 77));
-  }
-  ASSERT_EQ(::chmod(v1_disk.c_str(), 0444), 0);
+  ASSERT_NO_FATAL_FAILURE(FlipAByteOfChunk(DiskOf(Ref("delta", "v1")), v1_, 10));
   std::set<size_t> fetched = kChanged;
   fetched.insert(10);
   const uint64_t got = PullCounting(Ref("delta", "v2"), b2.layer, &r);
