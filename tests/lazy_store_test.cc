@@ -1,12 +1,21 @@
 // Lazy boot in the node store: `images` lists a disk that is still filling
 // with its image's name and fill; rmi and prune never remove a disk an
 // export serves (a filling one, or a committed one nbdkit still reads), and
-// prune and fsck deal with lazy/ directories left behind.
+// prune and fsck deal with lazy/ directories left behind. One export per
+// layer: a second pull reads the first's, an owner stays up while another
+// process reads it, and a reader takes over from an owner that went.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
+#include <cctype>
+#include <sstream>
+
+#include <atomic>
+#include <thread>
+
+#include "blockserve/export.h"
 #include "blockserve/lazy_disk.h"
 #include "blockserve/lazy_pull.h"
 #include "harness/harness.h"
@@ -16,6 +25,7 @@
 #include "store/lazy_dir.h"
 #include "store/store.h"
 #include "util/fs.h"
+#include "util/process.h"
 
 namespace regdisk::testing {
 namespace {
@@ -190,6 +200,147 @@ TEST_F(LazyStoreTest, PruneAndFsckDealWithLazyDirectoriesLeftBehind) {
   // The named disk itself stays.
   r = Regdisk({"images", "-q"});
   EXPECT_FALSE(r.out.empty());
+}
+
+
+// The first `bytes` bytes of the disk served at `uri`, read with qemu-io
+// (its hex dump, parsed back).
+std::string ReadThroughNbd(const std::string& uri, size_t bytes) {
+  RunResult r = RunProgram({"qemu-io", "-r", "-f", "raw", "-c", "read -v 0 " + std::to_string(bytes), uri});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  std::string out;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    const size_t colon = line.find(':');
+    if (colon != 8) continue;  // "00000000:  ab cd ...  ascii"
+    for (size_t i = 0; i < 16 && colon + 3 + i * 3 + 2 <= line.size(); ++i) {
+      const std::string hex = line.substr(colon + 3 + i * 3, 2);
+      if (!std::isxdigit(static_cast<unsigned char>(hex[0])) || !std::isxdigit(static_cast<unsigned char>(hex[1]))) break;
+      out.push_back(static_cast<char>(std::stoi(hex, nullptr, 16)));
+    }
+  }
+  return out;
+}
+
+class LazyShareTest : public LazyStoreTest {
+ protected:
+  void SetUp() override {
+    LazyStoreTest::SetUp();
+    owner_proxy_ = FaultProxy::Start(reg_->port()).value();
+    reader_proxy_ = FaultProxy::Start(reg_->port()).value();
+  }
+
+  std::string Via(const FaultProxy& proxy) const { return "docker://" + proxy.host() + "/lazy/store:v1"; }
+
+  // Holds the owner's fill: its requests for frames past the first 512 KiB
+  // (not the index, at the end) stall for 2 s and fail, again and again.
+  void HoldTheFill() {
+    owner_proxy_->AddRule({.method = "GET", .path_contains = "/blobs/" + layer_.digest.str(), .times = 1 << 30,
+                           .action = FaultProxy::Rule::Action::kStall, .stall = std::chrono::milliseconds(2000),
+                           .range_from = 512 * kKiB, .range_below = loc_.offset});
+  }
+
+  std::unique_ptr<blockserve::LazyPull> StartPull(const std::string& ref, bool outlive) {
+    blockserve::LazyPullOptions lo;
+    lo.export_options.plugin = REGDISK_NBDKIT_PLUGIN;
+    lo.export_options.outlive_owner = outlive;
+    lo.disk_options.readahead_bytes = 0;
+    lo.disk_options.fill_retry = std::chrono::milliseconds(100);
+    lo.disk_options.fill_batch_bytes = 64 * kKiB;  // one chunk a request: HoldTheFill holds all but the first
+    auto st = store::Store::Open(root_).value();
+    store::PullOptions po;
+    po.limits.max_file_bytes = 1ull << 40;
+    return blockserve::LazyPull::Start(st, image::OpenSource(image::ImageName::Parse(ref).value(), {}).value(), ref,
+                                       po, lo)
+        .value();
+  }
+
+  size_t LayerRequests(const FaultProxy& proxy) const {
+    size_t n = 0;
+    for (const auto& s : proxy.seen()) n += s.path.find("/blobs/" + layer_.digest.str()) != std::string::npos;
+    return n;
+  }
+
+  std::unique_ptr<FaultProxy> owner_proxy_, reader_proxy_;
+};
+
+TEST_F(LazyShareTest, ASecondPullReadsTheFirstsExportAndTakesOverWhenItGoes) {
+  HoldTheFill();
+  auto owner = StartPull(Via(*owner_proxy_), /*outlive=*/true);
+  blockserve::LazyPull::Disk served = owner->Ready().value();
+  ASSERT_FALSE(served.socket.empty());
+  const pid_t nbdkit = owner->served()->nbdkit_pid();
+  const std::optional<uint64_t> nbdkit_ticks = ProcessStartTicks(nbdkit);
+
+  // Another pull of the same layer (through a registry address of its own,
+  // to count its requests) reads that export and fetches nothing.
+  auto reader = StartPull(Via(*reader_proxy_), /*outlive=*/false);
+  blockserve::LazyPull::Disk joined = reader->Ready().value();
+  EXPECT_TRUE(reader->joined());
+  EXPECT_EQ(joined.socket, served.socket);
+  EXPECT_EQ(joined.size, served.size);
+  EXPECT_EQ(joined.image_path, served.image_path);
+  EXPECT_EQ(joined.manifest, served.manifest);
+  EXPECT_EQ(ReadThroughNbd("nbd+unix:///?socket=" + joined.socket.string(), 4096), raw_.substr(0, 4096));
+  EXPECT_EQ(LayerRequests(*reader_proxy_), 0u) << "the reader fetched from the registry";
+  // (The readers' lock counts as a use of the disk for rmi and prune.)
+  EXPECT_TRUE(store::LazyInUse(root_, name_).value());
+
+  // The owner goes, leaving its export to its readers (a daemon that exits,
+  // a killed `pull --lazy`): the reader takes it over, adopts its nbdkit,
+  // and fills and commits the disk itself.
+  owner->KeepExport();
+  owner.reset();
+  Result<store::StoredImage> stored = reader->Wait();
+  ASSERT_OK(stored.status());
+  EXPECT_FALSE(reader->joined());
+  ASSERT_NE(reader->served(), nullptr);
+  EXPECT_TRUE(reader->served()->adopted());
+  EXPECT_EQ(reader->served()->nbdkit_pid(), nbdkit);
+  EXPECT_GT(LayerRequests(*reader_proxy_), 0u);
+  EXPECT_EQ(ReadFileCapped(stored->disk_file, 8 * kMiB).value(), raw_);
+  EXPECT_EQ(ReadThroughNbd("nbd+unix:///?socket=" + joined.socket.string(), 4096), raw_.substr(0, 4096));
+  // Its end stops the adopted nbdkit and removes the directory.
+  reader.reset();
+  EXPECT_FALSE(fs::exists(root_ / "lazy" / name_));
+  // (Detached, it is init's child: gone, or a zombie init has not reaped.)
+  const std::string stat = ReadFileCapped("/proc/" + std::to_string(nbdkit) + "/stat", 4096).value_or("");
+  const size_t paren = stat.rfind(')');
+  const bool running = paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] != 'Z' &&
+                       ProcessStartTicks(nbdkit) == nbdkit_ticks;
+  EXPECT_FALSE(running) << "the adopted nbdkit outlived its last owner";
+}
+
+TEST_F(LazyShareTest, AnOwnerKeepsItsExportUpWhileAnotherProcessReadsIt) {
+  auto owner = StartPull(Via(*owner_proxy_), /*outlive=*/false);
+  blockserve::LazyPull::Disk served = owner->Ready().value();
+  ASSERT_FALSE(served.socket.empty());
+  ASSERT_OK(owner->Wait().status());  // committed; the export still serves
+  // A reader in another process holds the readers' lock (shared).
+  std::optional<FileLock> reader =
+      FileLock::Acquire(store::LazyReadersLockPath(root_, name_), FileLock::Mode::kShared).value();
+  EXPECT_FALSE(owner->TryRetire()) << "a long-lived process must not drop it now";
+  std::atomic<bool> gone{false};
+  std::thread stopper([&] {
+    owner.reset();
+    gone = true;
+  });
+  // It cannot go while the lock is held: still serving after a while.
+  for (int i = 0; i < 10 && !gone.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(gone.load()) << "the owner stopped its export under a reader";
+  EXPECT_TRUE(blockserve::CanConnect(served.socket));
+  EXPECT_EQ(ReadThroughNbd("nbd+unix:///?socket=" + served.socket.string(), 4096), raw_.substr(0, 4096));
+  reader.reset();
+  stopper.join();
+  EXPECT_FALSE(blockserve::CanConnect(served.socket));
+  EXPECT_FALSE(fs::exists(root_ / "lazy" / name_));
+  // rmi and prune count a reader as a use of the disk, as they count its
+  // owner.
+  EXPECT_FALSE(store::LazyInUse(root_, name_).value());
+  {
+    FileLock another = FileLock::Acquire(store::LazyReadersLockPath(root_, name_), FileLock::Mode::kShared).value();
+    EXPECT_TRUE(store::LazyInUse(root_, name_).value());
+  }
 }
 
 }  // namespace

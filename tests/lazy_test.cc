@@ -18,6 +18,7 @@
 #include <future>
 #include <mutex>
 #include <regex>
+#include <csignal>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -920,6 +921,122 @@ TEST(LazyRunTest, RunBootsAChunkedImageWhileItIsPulled) {
   EXPECT_THAT(r.err, HasSubstr("lazy boot needs nbdkit and regdisk's nbdkit plugin"));
   EXPECT_THAT(r.err, HasSubstr("was pulled in full before boot"));
   EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
+}
+
+
+// regdisk pull --lazy, end to end: it returns once the disk is served, a
+// background regdisk fills it; a run boots from that export and fetches
+// nothing; the owner killed with -9 leaves its nbdkit serving, and the next
+// pull --lazy adopts it and completes the disk.
+TEST(LazyRunTest, PullLazyServesAtOnceAndARunBootsFromItsExport) {
+  TempDir tmp = TempDir::Create("regdisk-test").value();
+  auto reg = TestRegistry::Start(RegistryMode::kPlain).value();
+  auto proxy = FaultProxy::Start(reg->port()).value();
+  const fs::path root = tmp.path() / "root";
+  std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+  std::string sector1 = "LAZY-SECTOR-CONTENT";
+  sector1.resize(512, '\0');
+  raw += sector1 + "POWEROFF";
+  raw.resize(1 * kMiB, '\0');
+  raw += RandomBytes(32 * kMiB, 5);
+  ASSERT_OK(WriteFileAtomic(tmp.path() / "guest.raw", raw));
+  RunResult r = RunRegdisk({"build", (tmp.path() / "guest.raw").string(), "-t",
+                            "docker://" + reg->host() + "/vmdisks/lazy:v1", "--layout", "chunked", "--chunk-size", "64K",
+                            "-q"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Through the proxy, which holds the fill: requests for frames past the
+  // first 2 MiB (the guest reads less; the index, at the end, passes)
+  // stall and fail until the rules are cleared.
+  const std::string ref = "docker://" + proxy->host() + "/vmdisks/lazy:v1";
+  auto src = image::OpenSource(image::ImageName::Parse(ref).value(), {}).value();
+  const json manifest = json::parse(src->GetManifest().value().bytes);
+  const oci::Descriptor layer = oci::Descriptor::FromJson(manifest["layers"][0]).value();
+  const oci::ChunkIndexLocation loc = oci::ChunkIndexLocationOf(layer).value().value();
+  proxy->AddRule({.method = "GET", .path_contains = "/blobs/" + layer.digest.str(), .times = 1 << 30,
+                  .action = FaultProxy::Rule::Action::kStall, .stall = std::chrono::milliseconds(2000),
+                  .range_from = 2 * kMiB, .range_below = loc.offset});
+  std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm.yaml", 1 << 20).value();
+  // The run reaches the registry through a proxy of its own, to show it
+  // fetches none of the layer (the same layer: the same export).
+  auto run_proxy = FaultProxy::Start(reg->port()).value();
+  spec = std::regex_replace(spec, std::regex("image: [^\n]*"), "image: " + run_proxy->host() + "/vmdisks/lazy:v1");
+  ASSERT_OK(WriteFileAtomic(tmp.path() / "vm.yaml", spec));
+  const fs::path lazy_dir = root / "lazy" / layer.digest.hex().substr(0, 24);
+  // Whatever happens, no background regdisk or nbdkit outlives the test.
+  struct Cleanup {
+    fs::path root;
+    ~Cleanup() {
+      RunProgram({"pkill", "-9", "-f", "--root " + root.string() + " .*pull --lazy"});
+      RunProgram({"pkill", "-9", "-f", "nbdkit.*" + root.string()});
+    }
+  } cleanup{root};
+  auto owner_pid = [](const std::string& err) {
+    std::smatch m;
+    return std::regex_search(err, m, std::regex("\\(pid ([0-9]+),")) ? std::stoi(m[1]) : 0;
+  };
+
+  r = RunRegdisk({"--root", root.string(), "pull", "--lazy", ref});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("sha256:"));
+  EXPECT_THAT(r.err, HasSubstr("is usable now"));
+  const int owner = owner_pid(r.err);
+  ASSERT_GT(owner, 0) << r.err;
+  EXPECT_TRUE(blockserve::CanConnect(lazy_dir / "nbd.sock"));
+  r = RunRegdisk({"--root", root.string(), "images"});
+  EXPECT_THAT(r.out, HasSubstr("filling")) << r.out;
+
+  // A run boots from that export: the owner fetches, the run does not.
+  r = RunRegdisk({"--root", root.string(), "run", "-f", (tmp.path() / "vm.yaml").string(), "--timeout", "120",
+                  "--grace", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("from the export of the regdisk process pulling it"));
+  EXPECT_THAT(r.out, HasSubstr("sector1: LAZY-SECTOR-CONTENT"));
+  EXPECT_THAT(r.out, HasSubstr("REGDISK-GUEST-POWEROFF"));
+  for (const auto& s : run_proxy->seen()) {
+    EXPECT_EQ(s.path.find(layer.digest.str()), std::string::npos) << "the run fetched the layer: " << s.path;
+  }
+
+  // The owner killed mid-fill: its nbdkit goes on serving (for VMs that
+  // read it), and the next pull --lazy adopts it and completes the disk.
+  RunResult kept = RunProgram({"pgrep", "-f", "nbdkit.*" + lazy_dir.string()});
+  ASSERT_EQ(kept.exit_code, 0) << "no nbdkit serves the export";
+  const std::string kept_pid = kept.out.substr(0, kept.out.find('\n'));
+  ASSERT_EQ(::kill(owner, SIGKILL), 0);
+  for (int i = 0; i < 100 && fs::exists("/proc/" + std::to_string(owner) + "/cmdline") &&
+                  !ReadFileCapped("/proc/" + std::to_string(owner) + "/cmdline", 4096).value_or("").empty();
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(blockserve::CanConnect(lazy_dir / "nbd.sock")) << "the kept nbdkit stopped with its owner";
+  proxy->ClearRules();
+  r = RunRegdisk({"--root", root.string(), "pull", "--lazy", ref});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // The fill ends, the owner commits and exits, stopping the nbdkit, and
+  // leaves nothing under lazy/ (hang guard: 120 s).
+  for (int i = 0; i < 1200 && fs::exists(lazy_dir); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  auto owner_logs = [&] {
+    std::string all;
+    for (const auto& e : fs::directory_iterator(root / "logs")) all += ReadFileCapped(e.path(), 1 << 20).value_or("");
+    return all;
+  };
+  ASSERT_FALSE(fs::exists(lazy_dir)) << owner_logs();
+  EXPECT_THAT(owner_logs(), HasSubstr("again through its running nbdkit (pid " + kept_pid + ")"))
+      << "the second owner started an nbdkit of its own";
+  EXPECT_NE(RunProgram({"pgrep", "-f", "nbdkit.*" + root.string()}).exit_code, 0) << "an nbdkit outlived the fill";
+  r = RunRegdisk({"--root", root.string(), "images"});
+  EXPECT_THAT(r.out, ::testing::Not(HasSubstr("filling"))) << r.out;
+  fs::path stored;
+  for (const auto& e : fs::recursive_directory_iterator(root / "disks")) {
+    if (e.path().filename() == "disk.raw") stored = e.path();
+  }
+  ASSERT_FALSE(stored.empty());
+  r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", (tmp.path() / "guest.raw").string(), stored.string()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  // Once stored, pull --lazy is a plain pull that finds it.
+  r = RunRegdisk({"--root", root.string(), "pull", "--lazy", ref});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("sha256:"));
+  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("usable now")));
 }
 
 }  // namespace

@@ -79,6 +79,8 @@ bool ReadFull(int fd, void* buf, size_t n) {
   return true;
 }
 
+}  // namespace
+
 bool CanConnect(const fs::path& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -86,8 +88,6 @@ bool CanConnect(const fs::path& path) {
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   return fd.valid() && ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
 }
-
-}  // namespace
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Start(LazyDisk& disk, const fs::path& socket, int workers) {
   ASSIGN_OR_RETURN(UniqueFd listener, Listen(socket));
@@ -223,8 +223,9 @@ Result<fs::path> FindNbdkitPlugin() {
 }
 
 Result<std::unique_ptr<Export>> Export::Start(LazyDisk& disk, const ExportOptions& o) {
-  if (o.outlive_owner) {
-    // An nbdkit an earlier owner left serving this disk's VMs: take it over.
+  if (o.outlive_owner || fs::exists(disk.dir() / kPidRecord)) {
+    // An nbdkit an earlier owner left serving this disk's VMs: take it over
+    // (whatever this owner's mode: replacing it would cut those VMs off).
     Result<std::unique_ptr<Export>> adopted = Adopt(disk, o);
     if (adopted.ok() || adopted.status().code() != Code::kNotFound) return adopted;
   }

@@ -133,6 +133,10 @@ class Export {
 // the places looked) when none exists.
 Result<std::filesystem::path> FindNbdkitPlugin();
 
+// Whether the unix socket at PATH accepts a connection (an export serves
+// there now).
+bool CanConnect(const std::filesystem::path& path);
+
 // The last line of nbdkit's log with anything in it, trimmed, printable and
 // at most 300 bytes: what goes into a one-line error.
 std::string LastLogLine(std::string_view log);

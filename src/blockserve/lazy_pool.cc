@@ -31,7 +31,11 @@ size_t LazyPool::Sweep() {
   {
     std::lock_guard lock(mu_);
     for (auto it = pulls_.begin(); it != pulls_.end();) {
-      if (it->second.use_count() == 1 && it->second->Ended()) {
+      // Ended (committed or failed), or reading another process's export,
+      // and held by no VM; an owner whose export another process still
+      // reads stays (it keeps that export up), without blocking the loop.
+      LazyPull& p = *it->second;
+      if (it->second.use_count() == 1 && (p.Ended() || p.joined()) && p.TryRetire()) {
         ended.push_back(std::move(it->second));
         it = pulls_.erase(it);
       } else {
@@ -56,6 +60,7 @@ LazyPool::Stats LazyPool::stats() {
   Stats s;
   for (const auto& p : pulls) {
     const LazyPull::Progress g = p->progress();
+    if (g.joined) continue;  // another process's export and fill
     s.exports += g.serving;
     s.fetched_bytes += g.fetched_bytes;
     if (!g.ended) {
@@ -70,7 +75,7 @@ LazyPool::Stats LazyPool::stats() {
 void LazyPool::KeepExports() {
   std::lock_guard lock(mu_);
   for (auto& [key, p] : pulls_) {
-    if (p.use_count() > 1) p->KeepExport();
+    if (p.use_count() > 1 || !p->TryRetire()) p->KeepExport();
   }
 }
 
@@ -79,6 +84,11 @@ LazyPool::~LazyPool() {
   {
     std::lock_guard lock(mu_);
     pulls.swap(pulls_);
+  }
+  // An export another process still reads is left to it (its reader takes
+  // the fill over) rather than waited on.
+  for (auto& [key, p] : pulls) {
+    if (!p->TryRetire()) p->KeepExport();
   }
 }
 

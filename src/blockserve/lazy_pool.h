@@ -42,7 +42,9 @@ class LazyPool {
   Result<std::shared_ptr<LazyPull>> Acquire(const std::string& key, const StartFn& start);
 
   // Drops the pulls that have ended (the disk is committed, or the pull
-  // failed) and that nobody else holds. Returns how many remain.
+  // failed) or that read another process's export, and that nobody else
+  // holds, unless another process still reads their export. Returns how
+  // many remain.
   size_t Sweep();
 
   // The node's lazy pulls at a glance, for /metrics.

@@ -1,11 +1,16 @@
 #include "blockserve/lazy_pull.h"
 
+#include <unistd.h>
+
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include <fmt/core.h>
 
+#include "blockserve/export.h"
+#include "image/copy.h"
+#include "oci/chunk_index.h"
 #include "store/chunk_fetch.h"
 #include "store/lazy_dir.h"
 #include "util/log.h"
@@ -27,7 +32,7 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
                                            const oci::Descriptor& layer, const oci::ChunkIndexLocation& loc,
                                            const fs::path&) { return raw->Serve(src, manifest, layer, loc); };
   p->thread_ = std::thread([raw = p.get(), key = std::move(key), options = std::move(options)] {
-    Result<store::StoredImage> r = raw->store_->Pull(*raw->source_, key, options);
+    Result<store::StoredImage> r = raw->PullOrJoin(key, options);
     std::lock_guard lock(raw->mu_);
     if (!raw->ready_) {
       // Never served: not chunked (pulled in full), or failed first.
@@ -48,6 +53,36 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
   return p;
 }
 
+Result<store::StoredImage> LazyPull::PullOrJoin(const std::string& key, const store::PullOptions& options) {
+  // Whether another process serves the image's layer is settled before
+  // Store::Pull, which holds the image's locks until the fill commits: a
+  // reader must not wait there. (An image that cannot be resolved here is
+  // left to Store::Pull, which says why.)
+  Result<image::ResolvedImage> img = image::ResolveImage(*source_, options.platform);
+  if (img.ok() && img->manifest.layers.size() == 1) {
+    const oci::Descriptor& layer = img->manifest.layers[0];
+    Result<std::optional<oci::ChunkIndexLocation>> loc = oci::ChunkIndexLocationOf(layer);
+    if (loc.ok() && *loc) {
+      const fs::path root = store_->root();
+      const std::string name = store::LazyName(layer.digest);
+      {
+        std::lock_guard guard(mu_);
+        owner_path_ = store::LazyLockPath(root, name);
+        readers_path_ = store::LazyReadersLockPath(root, name);
+        label_ = "layer " + layer.digest.Short();
+      }
+      RETURN_IF_ERROR(MakeDirs(root / "locks"));
+      ASSIGN_OR_RETURN(std::optional<FileLock> owner, FileLock::TryAcquire(owner_path_));
+      if (!owner) {
+        ASSIGN_OR_RETURN(FileLock got, JoinOrTakeOver(label_, store::LazyDirPath(root, name), img->raw.digest));
+        owner.emplace(std::move(got));
+      }
+      lock_ = std::move(owner);
+    }
+  }
+  return store_->Pull(*source_, key, options);
+}
+
 Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::Digest& manifest,
                                            const oci::Descriptor& layer, const oci::ChunkIndexLocation& loc) {
   // Short enough for the unix sockets in its directory (108 bytes with the
@@ -61,10 +96,21 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
     cv_.notify_all();
     return st;
   };
-  // One process serves a layer's filling disk at a time.
-  Result<FileLock> lock = FileLock::Acquire(root / "locks" / ("lazy-" + hex));
-  if (!lock.ok()) return fail(lock.status());
-  lock_ = std::move(*lock);
+  const fs::path dir = root / "lazy" / hex;
+  // One process serves a layer's filling disk at a time (PullOrJoin took
+  // its lock, or joined the one that holds it). A layer it did not see as
+  // chunked (the image changed in between) waits for its owner here.
+  if (!lock_) {
+    {
+      std::lock_guard guard(mu_);
+      owner_path_ = store::LazyLockPath(root, hex);
+      readers_path_ = store::LazyReadersLockPath(root, hex);
+      label_ = label;
+    }
+    Result<FileLock> lock = FileLock::Acquire(owner_path_);
+    if (!lock.ok()) return fail(lock.status());
+    lock_ = std::move(*lock);
+  }
   // Two connections: the index on one, the tar header's bytes on the other,
   // at once (one round trip before anything can be served).
   Result<std::unique_ptr<image::BlobRangeReader>> reader = src.OpenRangeReader();
@@ -102,10 +148,10 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
     return src.OpenRangeReader();
   };
   Result<std::unique_ptr<LazyDisk>> disk =
-      LazyDisk::Open(readers, layer, std::move(*head), loc.digest, root / "lazy" / hex, std::move(o));
+      LazyDisk::Open(readers, layer, std::move(*head), loc.digest, dir, std::move(o));
   if (!disk.ok()) return fail(disk.status());
   // What it is, for `images`, prune and rmi (store/lazy_dir.h).
-  if (Status st = store::WriteLazyRecord(root / "lazy" / hex, {.image = src.Name(),
+  if (Status st = store::WriteLazyRecord(dir, {.image = src.Name(),
                                                                .layer = layer.digest,
                                                                .index = loc.digest,
                                                                .image_path = image_path,
@@ -115,18 +161,41 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
       !st.ok()) {
     return fail(st);
   }
+  bool took_over = false;
   {
     // Ready() starts the export, on its caller's thread: nbdkit dies with
     // the thread that started it, and this one ends with the pull.
     std::lock_guard guard(mu_);
     disk_ = std::move(*disk);
-    Disk d;
-    d.file = disk_->file();
-    d.size = size;
-    d.image_path = image_path;
-    d.manifest = manifest;
-    ready_ = d;
-    cv_.notify_all();
+    took_over = joined_;
+    if (!took_over) {
+      Disk d;
+      d.file = disk_->file();
+      d.size = size;
+      d.image_path = image_path;
+      d.manifest = manifest;
+      ready_ = d;
+      cv_.notify_all();
+    }
+  }
+  if (took_over) {
+    // This pull's VMs read the export the owner left behind: its nbdkit
+    // outlived it (a killed `pull --lazy`, a daemon that exited), and is
+    // adopted; the chunks it asks for are fetched here from now on.
+    ExportOptions eo = options_.export_options;
+    eo.outlive_owner = true;
+    Result<std::unique_ptr<Export>> e = Export::Start(*disk_, eo);
+    if (!e.ok()) {
+      log::Warn("{}: the process serving it went, and its export could not be taken over: {}", label,
+                e.status().ToString());
+      lock_.reset();  // another process may do better
+      return e.status();
+    }
+    std::lock_guard guard(mu_);
+    export_ = std::move(*e);
+    joined_ = false;
+    log::Info("{}: the process serving it went; this one serves it now{}", label,
+              export_->adopted() ? " (its nbdkit adopted)" : "");
   }
   log::Info("{}: {} chunks, {} present; filling in the background", label, disk_->index().chunks.size(),
             disk_->present());
@@ -151,12 +220,104 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
   return out;
 }
 
+Result<FileLock> LazyPull::JoinOrTakeOver(const std::string& label, const fs::path& dir, const oci::Digest& manifest) {
+  const fs::path socket = dir / "nbd.sock";
+  for (bool said = false;;) {
+    std::optional<FileLock> readers;
+    if (!joined()) {
+      // Shared, before the owner's lock is looked at: an owner takes it
+      // exclusively before it stops its export, so an export found
+      // answering below is not one being stopped.
+      ASSIGN_OR_RETURN(FileLock r, FileLock::Acquire(readers_path_, FileLock::Mode::kShared));
+      readers.emplace(std::move(r));
+    }
+    ASSIGN_OR_RETURN(std::optional<FileLock> owner, FileLock::TryAcquire(owner_path_));
+    if (owner) {
+      // The owner has gone (or never served): this pull serves the disk,
+      // unless it is being destroyed. Its own reader's lock goes first, or
+      // its WaitForReaders would wait for itself.
+      RETURN_IF_ERROR(cancel_->status());
+      std::lock_guard guard(mu_);
+      readers_lock_.reset();
+      return std::move(*owner);
+    }
+    if (readers && CanConnect(socket)) {
+      Result<store::LazyRecord> record = store::ReadLazyRecord(dir);
+      if (record.ok()) {
+        std::lock_guard guard(mu_);
+        Disk d;
+        d.socket = socket;
+        d.file = dir / "disk.raw";
+        d.size = record->disk_size;
+        d.image_path = record->image_path;
+        d.manifest = manifest;
+        readers_lock_ = std::move(readers);
+        joined_ = true;
+        ready_ = d;
+        cv_.notify_all();
+        log::Info("{}: another process serves it (lazy/{}); its VMs read that export", label,
+                  dir.filename().string());
+      }
+    }
+    if (!said && readers) {
+      log::Info("{}: waiting for the process that is pulling it to serve it", label);
+      said = true;
+    }
+    readers.reset();  // not while it sleeps: an owner may be about to retire
+    if (Status st = cancel_->SleepFor(std::chrono::milliseconds(200)); !st.ok()) return st;
+  }
+}
+
+bool LazyPull::joined() {
+  std::lock_guard lock(mu_);
+  return joined_;
+}
+
+bool LazyPull::TryRetire() {
+  std::lock_guard lock(mu_);
+  if (joined_ || !export_ || keep_export_ || retire_lock_ || readers_path_.empty()) return true;
+  Result<std::optional<FileLock>> l = FileLock::TryAcquire(readers_path_);
+  if (!l.ok() || !*l) return false;
+  retire_lock_ = std::move(**l);
+  return true;
+}
+
+void LazyPull::WaitForReaders() {
+  fs::path readers_path;
+  std::string label;
+  {
+    std::lock_guard lock(mu_);
+    if (joined_ || !export_ || keep_export_ || retire_lock_ || readers_path_.empty()) return;
+    readers_path = readers_path_;
+    label = label_;
+  }
+  for (bool said = false;;) {
+    Result<std::optional<FileLock>> l = FileLock::TryAcquire(readers_path);
+    if (!l.ok()) {
+      log::Warn("{}: {}", label, l.status().ToString());
+      return;
+    }
+    if (*l) {
+      std::lock_guard lock(mu_);
+      retire_lock_ = std::move(**l);
+      return;
+    }
+    if (!said) {
+      log::Info("{}: VMs of another process read this disk through this export: it stays up, and the fill goes on, "
+                "until they stop",
+                label);
+      said = true;
+    }
+    ::usleep(200000);
+  }
+}
+
 Result<LazyPull::Disk> LazyPull::Ready(const CancelToken* cancel) {
   std::unique_lock lock(mu_);
   while (!cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return ready_.has_value(); })) {
     if (cancel && cancel->cancelled()) return cancel->status();
   }
-  if (!ready_->ok() || (*ready_)->stored) return *ready_;
+  if (!ready_->ok() || (*ready_)->stored || joined_ || export_) return *ready_;
   if (!export_ && committing_) {
     // It arrived in full before anyone asked: boot from the store.
     cv_.wait(lock, [&] { return result_.has_value(); });
@@ -187,6 +348,7 @@ LazyPull::Progress LazyPull::progress() {
   Progress p;
   p.ended = result_.has_value();
   p.serving = export_ != nullptr;
+  p.joined = joined_;
   if (disk_) {
     p.present = disk_->present();
     p.chunks = disk_->index().chunks.size();
@@ -206,11 +368,17 @@ void LazyPull::KeepExport() {
 }
 
 LazyPull::~LazyPull() {
+  // Another process's VMs may still read this export (and need chunks):
+  // it stays, and the fill goes on, until they have stopped.
+  WaitForReaders();
   // The fill ends (Serve's wait returns Cancelled, so the pull fails and
   // its thread ends); the export goes once the thread is joined, as no one
   // else touches disk_ and export_ then.
   cancel_->Cancel("the VM using the lazily-pulled disk stopped");
   if (thread_.joinable()) thread_.join();
+  // A reader that took the export over as it was being destroyed serves
+  // the other readers now: the same wait.
+  WaitForReaders();
   // Guest reads still waiting on the registry give up before the control
   // server's workers are joined.
   if (disk_) disk_->Stop();
@@ -222,6 +390,9 @@ LazyPull::~LazyPull() {
   disk_.reset();
   // A kept export still reads from its directory (the bitmap, the sockets).
   if (committed && !dir.empty() && !keep_export_) RemoveAll(dir);
+  // The layer is free; then readers may join a later owner's export.
+  lock_.reset();
+  retire_lock_.reset();
 }
 
 }  // namespace regdisk::blockserve

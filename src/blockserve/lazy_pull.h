@@ -17,7 +17,19 @@
 //                         (blockserve/lazy_disk.h, export.h); kept across
 //                         runs until the disk is committed and unused
 //   profiles/<hex>        the boot profile of that layer
-//   locks/lazy-<hex>      held by the one process serving it
+//   locks/lazy-<hex>      held by the one process serving it (the owner)
+//   locks/lazy-<hex>.readers
+//                         held (shared) by every other process whose VMs
+//                         read the owner's export
+//
+// One export per layer per node, whichever process serves it: a pull that
+// finds another process (or another LazyPull here) serving the layer joins
+// it as a reader. Ready() gives the owner's socket, and this pull fetches
+// nothing. When the owner goes first (killed, or a daemon that exits
+// leaving its VMs), a reader takes its lock over: it adopts the nbdkit the
+// owner left (ExportOptions::outlive_owner), resumes the fill from the
+// bitmap and commits the disk. An owner whose VMs have stopped keeps its
+// export up, and the fill going, until its readers have gone.
 #pragma once
 
 #include <condition_variable>
@@ -93,7 +105,15 @@ class LazyPull {
     uint64_t fetched_bytes = 0;        // from the registry, by this pull
     bool serving = false;              // an export is up
     bool ended = false;                // committed or failed
+    bool joined = false;               // reads another process's export
   };
+  // Whether Ready() gave (or will give) another owner's export: this pull
+  // does not fill the disk and never ends by itself.
+  bool joined();
+  // For a long-lived process that must not block: true when this pull can
+  // be destroyed at once (it serves no export, keeps it, or no other
+  // process reads from it, and then none can join until it is gone).
+  bool TryRetire();
   Progress progress();
   // The fill, for `images` and tests: nullptr until served.
   const LazyDisk* disk() const { return disk_.get(); }
@@ -103,6 +123,17 @@ class LazyPull {
   LazyPull() = default;
   Result<store::ChunkedDisk> Serve(image::ImageSource& src, const oci::Digest& manifest, const oci::Descriptor& layer,
                                    const oci::ChunkIndexLocation& loc);
+  // The thread's work: joins the export of another pull of the layer, or
+  // takes the layer's lock, then runs Store::Pull.
+  Result<store::StoredImage> PullOrJoin(const std::string& key, const store::PullOptions& options);
+  // Another process serves the layer: reads its export once it answers,
+  // until this pull is destroyed (Cancelled) or the owner's lock comes
+  // free, which is returned held (this pull serves the disk from then on).
+  Result<FileLock> JoinOrTakeOver(const std::string& label, const std::filesystem::path& dir,
+                                  const oci::Digest& manifest);
+  // Before an owner stops its export: waits until no other process reads
+  // it, and keeps them out (retire_lock_).
+  void WaitForReaders();
 
   std::optional<store::Store> store_;
   std::unique_ptr<image::ImageSource> source_;
@@ -119,6 +150,11 @@ class LazyPull {
   bool committing_ = false;                                // guarded by mu_
   bool keep_export_ = false;                               // guarded by mu_
   std::optional<FileLock> lock_;
+  std::filesystem::path owner_path_, readers_path_;  // guarded by mu_ (written once, by the pull's thread)
+  std::optional<FileLock> readers_lock_;             // guarded by mu_: held while joined_
+  std::optional<FileLock> retire_lock_;              // guarded by mu_: the owner's, exclusive
+  bool joined_ = false;                              // guarded by mu_
+  std::string label_;                                // guarded by mu_, as the paths
   std::unique_ptr<LazyDisk> disk_;
   std::unique_ptr<Export> export_;
   std::thread thread_;

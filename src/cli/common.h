@@ -104,6 +104,10 @@ std::string ProgressSize(uint64_t bytes);
 // Image commands (image_commands.cc).
 int RunCopy(const Globals& g, const std::string& from, const std::string& to, bool all);
 int RunPull(const Globals& g, const std::string& ref, const std::string& path);
+// pull --lazy (pull_lazy.cc): returns once the disk is served while a
+// background copy of regdisk fills it. owner_fd >= 0: this is that copy
+// (--lazy-owner-fd), reporting on the descriptor.
+int RunPullLazy(const Globals& g, const std::string& ref, const std::string& path, int owner_fd);
 struct ImagesFlags {
   std::string output = "text";  // text | json
   std::string format;           // Go template, one line per image

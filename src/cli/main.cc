@@ -129,6 +129,12 @@ int Main(int argc, char** argv) {
   CLI::App* pull = app.add_subcommand("pull", "pull a registry disk into the node store (--root) and validate it");
   pull->add_option("image", pull_ref, "docker://HOST/REPO[:TAG|@DIGEST] or oci:DIR[:TAG]")->required();
   pull->add_option("--path", disk_path, "the disk's path inside the image, when /disk holds several files");
+  bool pull_lazy = false;
+  pull->add_flag("--lazy", pull_lazy,
+                 "return once the disk is usable (a chunked image is served over NBD at once, and a background "
+                 "regdisk fills it and commits it to the store); other images are pulled in full");
+  int lazy_owner_fd = -1;
+  pull->add_option("--lazy-owner-fd", lazy_owner_fd, "internal: the background owner of a pull --lazy")->group("");
   pull->fallthrough();
 
   ImagesFlags images_flags;
@@ -362,7 +368,7 @@ int Main(int argc, char** argv) {
 
   if (*copy) return RunCopy(g, from, to, all);
   if (*inspect) return RunInspect(g, inspect_flags);
-  if (*pull) return RunPull(g, pull_ref, disk_path);
+  if (*pull) return pull_lazy ? RunPullLazy(g, pull_ref, disk_path, lazy_owner_fd) : RunPull(g, pull_ref, disk_path);
   if (*images) return RunImages(g, images_flags);
   if (*rmi) return RunRmi(g, rmi_flags);
   if (*prune) return RunPrune(g);

@@ -49,6 +49,9 @@ std::string LazyName(const oci::Digest& layer) { return layer.hex().substr(0, 24
 fs::path LazyDirPath(const fs::path& root, const std::string& name) { return root / "lazy" / name; }
 
 fs::path LazyLockPath(const fs::path& root, const std::string& name) { return root / "locks" / ("lazy-" + name); }
+fs::path LazyReadersLockPath(const fs::path& root, const std::string& name) {
+  return root / "locks" / ("lazy-" + name + ".readers");
+}
 
 Status WriteLazyRecord(const fs::path& dir, LazyRecord r) {
   if (r.created.empty()) {
@@ -90,20 +93,31 @@ Result<LazyRecord> ReadLazyRecord(const fs::path& dir) {
   return r;
 }
 
-Result<bool> LazyInUse(const fs::path& root, const std::string& name) {
-  const fs::path path = LazyLockPath(root, name);
+namespace {
+
+// Whether someone holds PATH in a way that `op` (a non-blocking flock
+// operation) conflicts with; the lock, if taken, is let go at once.
+Result<bool> LockHeld(const fs::path& path, int op) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) {
     if (errno == ENOENT) return false;
     return ErrnoStatus("opening " + path.string());
   }
-  // A shared try: it fails only while someone holds it exclusively (the
-  // serving process), and is let go at once.
-  while (::flock(fd.get(), LOCK_SH | LOCK_NB) != 0) {
+  while (::flock(fd.get(), op | LOCK_NB) != 0) {
     if (errno == EWOULDBLOCK) return true;
     if (errno != EINTR) return ErrnoStatus("locking " + path.string());
   }
   return false;
+}
+
+}  // namespace
+
+Result<bool> LazyInUse(const fs::path& root, const std::string& name) {
+  // The owner's lock is exclusive: a shared try fails only while it is
+  // held. Readers share theirs: only an exclusive try sees them.
+  ASSIGN_OR_RETURN(const bool served, LockHeld(LazyLockPath(root, name), LOCK_SH));
+  if (served) return true;
+  return LockHeld(LazyReadersLockPath(root, name), LOCK_EX);
 }
 
 int FillingDisk::Percent() const {

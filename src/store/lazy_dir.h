@@ -8,6 +8,10 @@
 //     nbd.sock, control.sock  while an export serves it
 //   ROOT/locks/lazy-<name>    held (exclusive) by the one process serving it,
 //                             from the first read until its VMs are gone
+//   ROOT/locks/lazy-<name>.readers
+//                             held (shared) by each process whose VMs read
+//                             from an export another process serves; the
+//                             owner takes it (exclusive) before it stops
 //
 // `images` lists these with their fill; prune and rmi never remove one whose
 // lock is held, nor a committed disk that such a process still serves.
@@ -42,6 +46,7 @@ struct LazyRecord {
 std::string LazyName(const oci::Digest& layer);
 std::filesystem::path LazyDirPath(const std::filesystem::path& root, const std::string& name);
 std::filesystem::path LazyLockPath(const std::filesystem::path& root, const std::string& name);
+std::filesystem::path LazyReadersLockPath(const std::filesystem::path& root, const std::string& name);
 
 // Writes DIR/lazy.json (atomically; an existing one is replaced). `created`
 // is set to now when empty.
@@ -49,7 +54,8 @@ Status WriteLazyRecord(const std::filesystem::path& dir, LazyRecord record);
 // NotFound when DIR has none, InvalidArgument when it is not one.
 Result<LazyRecord> ReadLazyRecord(const std::filesystem::path& dir);
 
-// True when a process holds locks/lazy-<name> (serves it now). Creates
+// True when a process holds locks/lazy-<name> (serves it now) or
+// locks/lazy-<name>.readers (its VMs read an export of it). Creates
 // nothing: a lock file that does not exist is held by no one.
 Result<bool> LazyInUse(const std::filesystem::path& root, const std::string& name);
 

@@ -689,6 +689,8 @@ Result<std::vector<std::string>> Store::CollectLazy(bool remove, GcResult* gc) {
     // Under the lock, so that no export starts on it meanwhile.
     ASSIGN_OR_RETURN(std::optional<FileLock> lock, FileLock::TryAcquire(LazyLockPath(root_, d.name)));
     if (!lock) continue;  // an export started after all
+    ASSIGN_OR_RETURN(std::optional<FileLock> readers, FileLock::TryAcquire(LazyReadersLockPath(root_, d.name)));
+    if (!readers) continue;  // a VM of another process joined an export of it
     const fs::path trash = root_ / "tmp" / ("removed-lazy-" + d.name);
     RemoveAll(trash);
     if (::rename(d.dir.c_str(), trash.c_str()) != 0) return ErrnoStatus("removing " + d.dir.string());
@@ -719,7 +721,11 @@ Result<int> Store::RemoveFilling(const std::string& image, GcResult* gc) {
   int removed = 0;
   for (const FillingDisk* d : targets) {
     ASSIGN_OR_RETURN(std::optional<FileLock> lock, FileLock::TryAcquire(LazyLockPath(root_, d->name)));
-    if (!lock) {
+    std::optional<FileLock> readers;
+    if (lock) {
+      ASSIGN_OR_RETURN(readers, FileLock::TryAcquire(LazyReadersLockPath(root_, d->name)));
+    }
+    if (!lock || !readers) {
       return FailedPrecondition("the disk of " + Printable(image) + " is being pulled for a running VM (lazy/" +
                                 d->name + "); stop the VM first");
     }

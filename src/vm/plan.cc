@@ -162,8 +162,11 @@ Result<ResolvedVolume> ResolveVolume(const spec::RegistryDiskSource& src, const 
       rv.image.disk.virtual_size = rv.image.disk.file_size = disk.size;
       rv.image.manifest_digest = disk.manifest;
       rv.nbd_socket = disk.socket;
-      rv.note = Printable(key) + " is booting while it is pulled (lazy boot: chunks are fetched and verified as "
-                "the guest reads them)";
+      rv.note = pull->joined()
+                    ? Printable(key) + " is booting while it is pulled, from the export of the regdisk process "
+                                       "pulling it (lazy boot: that process fetches and verifies what the guest reads)"
+                    : Printable(key) + " is booting while it is pulled (lazy boot: chunks are fetched and verified as "
+                                       "the guest reads them)";
       rv.lazy = std::move(pull);
       return rv;
     };
@@ -557,8 +560,12 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       if (resolved->lazy) {
         // Served while it fills: there is no store disk to lease yet.
         pd.nbd_socket = resolved->nbd_socket;
-        plan.lazy_pulls.push_back(std::move(resolved->lazy));
-        plan.lazy_images.push_back(resolved->key);
+        // A pull reading another's export goes first, so it is destroyed
+        // first: an owner waits for its readers (another disk of this VM
+        // may read the export of this one's layer).
+        const bool reader = resolved->lazy->joined();
+        plan.lazy_pulls.insert(reader ? plan.lazy_pulls.begin() : plan.lazy_pulls.end(), std::move(resolved->lazy));
+        plan.lazy_images.insert(reader ? plan.lazy_images.begin() : plan.lazy_images.end(), resolved->key);
       } else if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));
@@ -680,8 +687,15 @@ std::vector<std::string> QemuArgv(const VmPlan& p) {
       nlohmann::json base = {{"driver", "file"}, {"node-name", "base-file" + n},
                              {"filename", d.backing.string()}, {"read-only", true}};
       if (!d.nbd_socket.empty()) {
-        base = {{"driver", "nbd"}, {"node-name", "base-file" + n},
-                {"server", {{"type", "unix"}, {"path", d.nbd_socket.string()}}}, {"read-only", true}};
+        // reconnect-delay: when the export's nbdkit is replaced (its owner
+        // died with it and a reader of the export took over, starting
+        // another on the same socket), QEMU reconnects, and the guest's
+        // reads wait for it up to the lazy read deadline.
+        base = {{"driver", "nbd"},
+                {"node-name", "base-file" + n},
+                {"server", {{"type", "unix"}, {"path", d.nbd_socket.string()}}},
+                {"reconnect-delay", 60},
+                {"read-only", true}};
       }
       a.insert(a.end(), {"-blockdev", Json(base),
                          "-blockdev", Json({{"driver", std::string(disk::FormatName(d.backing_format))},
