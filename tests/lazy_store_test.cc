@@ -283,8 +283,14 @@ TEST_F(LazyShareTest, ASecondPullReadsTheFirstsExportAndTakesOverWhenItGoes) {
   EXPECT_EQ(joined.manifest, served.manifest);
   EXPECT_EQ(ReadThroughNbd("nbd+unix:///?socket=" + joined.socket.string(), 4096), raw_.substr(0, 4096));
   EXPECT_EQ(LayerRequests(*reader_proxy_), 0u) << "the reader fetched from the registry";
-  // (The readers' lock counts as a use of the disk for rmi and prune.)
-  EXPECT_TRUE(store::LazyInUse(root_, name_).value());
+  // rmi and prune do not wait for the fill (it runs outside the store's
+  // locks): rmi refuses the image as in use, prune keeps its disk.
+  RunResult r = Regdisk({"rmi", Via(*owner_proxy_)});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("being pulled for a running VM"));
+  r = Regdisk({"prune"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(root_ / "lazy" / name_ / "disk.raw"));
 
   // The owner goes, leaving its export to its readers (a daemon that exits,
   // a killed `pull --lazy`): the reader takes it over, adopts its nbdkit,

@@ -86,6 +86,8 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
     ASSIGN_OR_RETURN(fd, OpenFile(file, O_RDWR | O_CREAT, 0644));
   }
   RETURN_IF_ERROR(Env::Default()->Truncate(fd.get(), idx.disk_size).Annotate(file.string()));
+  const std::string guess = std::move(head.guess);
+  head.guess.clear();
   auto disk = std::unique_ptr<LazyDisk>(new LazyDisk(std::move(readers), layer, std::move(head), std::move(bitmap),
                                                      std::move(fd), dir, std::move(options)));
   if (disk->bitmap_.from_previous_boot()) {
@@ -101,6 +103,7 @@ Result<std::unique_ptr<LazyDisk>> LazyDisk::Open(RangeReaderFactory readers, con
     }
     RETURN_IF_ERROR(disk->bitmap_.Revalidate([](uint64_t) { return true; }));
   }
+  disk->SeedFromHead(guess);
   if (!disk->options_.store_root.empty()) {
     // One query now; the copies are made when the chunks are first needed.
     const store::ChunkBitmap& bits = disk->bitmap_;
@@ -421,6 +424,28 @@ Status LazyDisk::Fetch(const std::vector<size_t>& wanted, Clock::time_point dead
   }
   if (reader) GiveReader(std::move(reader));
   return result;
+}
+
+void LazyDisk::SeedFromHead(std::string_view guess) {
+  const oci::ChunkIndex& idx = head_.index;
+  store::ChunkDecoder decoder;
+  std::string chunk;
+  size_t seeded = 0;
+  for (size_t k = 0; k < idx.chunks.size(); ++k) {
+    const auto& c = idx.chunks[k];
+    if (c.zero || c.frame_length == 0 || c.frame_offset + c.frame_length > guess.size()) continue;
+    if (bitmap_.Test(k) || suspect_[k]) continue;
+    // A frame that does not verify is left to be fetched (and judged) as
+    // any other.
+    if (!decoder.Decode(idx, k, guess.substr(c.frame_offset, c.frame_length), &chunk, options_.label)
+             .ok()) {
+      continue;
+    }
+    if (!PWriteAll(fd_.get(), chunk, uint64_t{k} << idx.chunk_shift).ok()) return;  // fetched later instead
+    bitmap_.Set(k);
+    ++seeded;
+  }
+  if (seeded > 0) log::Debug("{}: {} chunks were in the bytes read for the tar header", options_.label, seeded);
 }
 
 bool LazyDisk::VerifyLocal(size_t k) {

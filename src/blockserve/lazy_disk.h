@@ -187,6 +187,10 @@ class LazyDisk {
                     std::set<size_t>* held, bool* reader_ok);
   // Chunk k's bytes in the local file match the index.
   bool VerifyLocal(size_t k);
+  // At open: the chunks whose frames lie wholly inside `guess` (the
+  // blob's first bytes, ChunkedLayerHead::guess) are decoded, verified and
+  // written from it.
+  void SeedFromHead(std::string_view guess);
   // A per-request token, cancelled at `at` by the watch thread (or by
   // Stop) for as long as this object lives: the watch thread never touches
   // the token after it is gone.

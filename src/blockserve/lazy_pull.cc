@@ -28,9 +28,6 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
   p->options_ = std::move(lazy);
   p->max_disk_bytes_ = options.limits.max_file_bytes;
   if (!options.cancel) options.cancel = p->cancel_;
-  options.chunked_puller = [raw = p.get()](image::ImageSource& src, const oci::Digest& manifest,
-                                           const oci::Descriptor& layer, const oci::ChunkIndexLocation& loc,
-                                           const fs::path&) { return raw->Serve(src, manifest, layer, loc); };
   p->thread_ = std::thread([raw = p.get(), key = std::move(key), options = std::move(options)] {
     Result<store::StoredImage> r = raw->PullOrJoin(key, options);
     std::lock_guard lock(raw->mu_);
@@ -54,33 +51,56 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
 }
 
 Result<store::StoredImage> LazyPull::PullOrJoin(const std::string& key, const store::PullOptions& options) {
-  // Whether another process serves the image's layer is settled before
-  // Store::Pull, which holds the image's locks until the fill commits: a
-  // reader must not wait there. (An image that cannot be resolved here is
-  // left to Store::Pull, which says why.)
-  Result<image::ResolvedImage> img = image::ResolveImage(*source_, options.platform);
-  if (img.ok() && img->manifest.layers.size() == 1) {
-    const oci::Descriptor& layer = img->manifest.layers[0];
-    Result<std::optional<oci::ChunkIndexLocation>> loc = oci::ChunkIndexLocationOf(layer);
-    if (loc.ok() && *loc) {
-      const fs::path root = store_->root();
-      const std::string name = store::LazyName(layer.digest);
-      {
-        std::lock_guard guard(mu_);
-        owner_path_ = store::LazyLockPath(root, name);
-        readers_path_ = store::LazyReadersLockPath(root, name);
-        label_ = "layer " + layer.digest.Short();
-      }
-      RETURN_IF_ERROR(MakeDirs(root / "locks"));
-      ASSIGN_OR_RETURN(std::optional<FileLock> owner, FileLock::TryAcquire(owner_path_));
-      if (!owner) {
-        ASSIGN_OR_RETURN(FileLock got, JoinOrTakeOver(label_, store::LazyDirPath(root, name), img->raw.digest));
-        owner.emplace(std::move(got));
-      }
-      lock_ = std::move(owner);
-    }
+  // The image is resolved first: a chunked layer is served and filled
+  // under its own lock, outside Store::Pull (which holds the store's shared
+  // lock and the image's until it commits: rmi, prune and a reader of this
+  // export must not wait there), and Store::Pull then only commits it.
+  ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(*source_, options.platform));
+  store::PullOptions plain = options;
+  plain.chunked_puller = nullptr;
+  if (img.manifest.layers.size() != 1) return store_->Pull(*source_, key, plain);
+  const oci::Descriptor layer = img.manifest.layers[0];
+  ASSIGN_OR_RETURN(std::optional<oci::ChunkIndexLocation> loc, oci::ChunkIndexLocationOf(layer));
+  // Not chunked, or its disk is in the store already (under any name):
+  // Store::Pull does the rest.
+  if (!loc || Stored(img.raw.digest, options.path)) return store_->Pull(*source_, key, plain);
+  const fs::path root = store_->root();
+  const std::string name = store::LazyName(layer.digest);
+  {
+    std::lock_guard guard(mu_);
+    owner_path_ = store::LazyLockPath(root, name);
+    readers_path_ = store::LazyReadersLockPath(root, name);
+    label_ = "layer " + layer.digest.Short();
   }
-  return store_->Pull(*source_, key, options);
+  RETURN_IF_ERROR(MakeDirs(root / "locks"));
+  ASSIGN_OR_RETURN(std::optional<FileLock> owner, FileLock::TryAcquire(owner_path_));
+  if (!owner) {
+    ASSIGN_OR_RETURN(FileLock got, JoinOrTakeOver(label_, store::LazyDirPath(root, name), img.raw.digest));
+    owner.emplace(std::move(got));
+  }
+  lock_ = std::move(owner);
+  Result<store::ChunkedDisk> filled = Serve(*source_, img.raw.digest, layer, *loc);
+  if (!filled.ok()) return filled.status();
+  store::PullOptions commit = plain;
+  commit.chunked_puller = [&filled, want = layer.digest](image::ImageSource&, const oci::Digest&,
+                                                         const oci::Descriptor& got, const oci::ChunkIndexLocation&,
+                                                         const fs::path&) -> Result<store::ChunkedDisk> {
+    if (got.digest != want) {
+      return Aborted("the image changed while its disk was pulled lazily (its tag names another manifest now); "
+                     "pull it again");
+    }
+    return *filled;
+  };
+  return store_->Pull(*source_, key, commit);
+}
+
+bool LazyPull::Stored(const oci::Digest& manifest, const std::string& path) const {
+  Result<std::vector<store::StoredImage>> all = store_->List();
+  if (!all.ok()) return false;
+  for (const store::StoredImage& img : *all) {
+    if (img.manifest_digest == manifest && (path.empty() || img.disk_path == path)) return true;
+  }
+  return false;
 }
 
 Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::Digest& manifest,
@@ -97,20 +117,9 @@ Result<store::ChunkedDisk> LazyPull::Serve(image::ImageSource& src, const oci::D
     return st;
   };
   const fs::path dir = root / "lazy" / hex;
-  // One process serves a layer's filling disk at a time (PullOrJoin took
-  // its lock, or joined the one that holds it). A layer it did not see as
-  // chunked (the image changed in between) waits for its owner here.
-  if (!lock_) {
-    {
-      std::lock_guard guard(mu_);
-      owner_path_ = store::LazyLockPath(root, hex);
-      readers_path_ = store::LazyReadersLockPath(root, hex);
-      label_ = label;
-    }
-    Result<FileLock> lock = FileLock::Acquire(owner_path_);
-    if (!lock.ok()) return fail(lock.status());
-    lock_ = std::move(*lock);
-  }
+  // PullOrJoin holds the layer's lock (one process serves a layer's
+  // filling disk at a time).
+  if (!lock_) return fail(Internal("serving " + label + " without its lock"));
   // Two connections: the index on one, the tar header's bytes on the other,
   // at once (one round trip before anything can be served).
   Result<std::unique_ptr<image::BlobRangeReader>> reader = src.OpenRangeReader();
@@ -236,8 +245,8 @@ Result<FileLock> LazyPull::JoinOrTakeOver(const std::string& label, const fs::pa
       // The owner has gone (or never served): this pull serves the disk,
       // unless it is being destroyed. Its own reader's lock goes first, or
       // its WaitForReaders would wait for itself.
-      RETURN_IF_ERROR(cancel_->status());
       std::lock_guard guard(mu_);
+      if (stopping_) return Cancelled("the pull was stopped");
       readers_lock_.reset();
       return std::move(*owner);
     }
@@ -268,9 +277,19 @@ Result<FileLock> LazyPull::JoinOrTakeOver(const std::string& label, const fs::pa
   }
 }
 
+void ReleaseReadersFirst(std::vector<std::shared_ptr<LazyPull>>& pulls) {
+  std::erase_if(pulls, [](const std::shared_ptr<LazyPull>& p) { return p && p->joined(); });
+  pulls.clear();
+}
+
 bool LazyPull::joined() {
   std::lock_guard lock(mu_);
   return joined_;
+}
+
+int LazyPull::reader_lock_fd() {
+  std::lock_guard lock(mu_);
+  return joined_ && readers_lock_ ? readers_lock_->fd() : -1;
 }
 
 bool LazyPull::TryRetire() {
@@ -368,6 +387,10 @@ void LazyPull::KeepExport() {
 }
 
 LazyPull::~LazyPull() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;  // a reader does not take the export over now
+  }
   // Another process's VMs may still read this export (and need chunks):
   // it stays, and the fill goes on, until they have stopped.
   WaitForReaders();
@@ -376,9 +399,13 @@ LazyPull::~LazyPull() {
   // else touches disk_ and export_ then.
   cancel_->Cancel("the VM using the lazily-pulled disk stopped");
   if (thread_.joinable()) thread_.join();
-  // A reader that took the export over as it was being destroyed serves
-  // the other readers now: the same wait.
-  WaitForReaders();
+  // A reader that took the export over just before it was being destroyed
+  // may serve other readers now: it leaves them the export (one of them
+  // takes it over) rather than wait for them here.
+  if (!TryRetire()) {
+    std::lock_guard lock(mu_);
+    keep_export_ = true;
+  }
   // Guest reads still waiting on the registry give up before the control
   // server's workers are joined.
   if (disk_) disk_->Stop();

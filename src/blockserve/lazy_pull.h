@@ -39,6 +39,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "blockserve/export.h"
 #include "blockserve/lazy_disk.h"
@@ -110,6 +111,11 @@ class LazyPull {
   // Whether Ready() gave (or will give) another owner's export: this pull
   // does not fill the disk and never ends by itself.
   bool joined();
+  // While joined: the descriptor of this pull's hold on the owner's export
+  // (a shared lock on locks/lazy-<hex>.readers), for the QEMU that reads
+  // it to inherit, so that the hold lasts as long as the VM does, whatever
+  // happens to this process. -1 when not joined.
+  int reader_lock_fd();
   // For a long-lived process that must not block: true when this pull can
   // be destroyed at once (it serves no export, keeps it, or no other
   // process reads from it, and then none can join until it is gone).
@@ -126,6 +132,9 @@ class LazyPull {
   // The thread's work: joins the export of another pull of the layer, or
   // takes the layer's lock, then runs Store::Pull.
   Result<store::StoredImage> PullOrJoin(const std::string& key, const store::PullOptions& options);
+  // Whether the store holds the disk of `manifest` (at `path`, when given)
+  // under any name.
+  bool Stored(const oci::Digest& manifest, const std::string& path) const;
   // Another process serves the layer: reads its export once it answers,
   // until this pull is destroyed (Cancelled) or the owner's lock comes
   // free, which is returned held (this pull serves the disk from then on).
@@ -154,10 +163,16 @@ class LazyPull {
   std::optional<FileLock> readers_lock_;             // guarded by mu_: held while joined_
   std::optional<FileLock> retire_lock_;              // guarded by mu_: the owner's, exclusive
   bool joined_ = false;                              // guarded by mu_
+  bool stopping_ = false;                            // guarded by mu_: being destroyed (no take-over now)
   std::string label_;                                // guarded by mu_, as the paths
   std::unique_ptr<LazyDisk> disk_;
   std::unique_ptr<Export> export_;
   std::thread thread_;
 };
+
+// Destroys `pulls` (one process's, say a VM's disks), those reading
+// another's export first: an owner waits for its readers, and a reader of
+// an export this same process serves must not outlive it.
+void ReleaseReadersFirst(std::vector<std::shared_ptr<LazyPull>>& pulls);
 
 }  // namespace regdisk::blockserve

@@ -12,7 +12,10 @@
 //   stored <manifest digest>             in the store already (or not
 //                                        chunked, and pulled in full)
 //   joined <manifest digest> <socket>    usable now: another process
-//                                        pulls and serves it
+//                                        pulls and serves it (this one
+//                                        waits for it to go, then pulls
+//                                        again: the name is recorded, or
+//                                        the fill taken over)
 //   error <one line>                     nothing was served
 //
 // A `regdisk run` (or the daemon) that boots the image meanwhile reads the
@@ -32,6 +35,7 @@
 #include "blockserve/lazy_pull.h"
 #include "cli/common.h"
 #include "image/transport.h"
+#include "store/lazy_dir.h"
 #include "store/store.h"
 #include "util/fs.h"
 #include "util/log.h"
@@ -62,24 +66,24 @@ void Report(int fd, const std::string& line) {
 int RunLazyOwner(const Globals& g, const std::string& ref, const std::string& path, int report_fd) {
   UniqueFd report(report_fd);
   ::fcntl(report.get(), F_SETFD, FD_CLOEXEC);  // never handed on to nbdkit
-  auto say_error = [&](const Status& st) {
-    Report(report.get(), "error " + PrintableLine(st.message(), 2000));
-    log::Warn("{}", st.ToString());
+  auto fail_early = [&](const Status& why) {
+    Report(report.get(), "error " + PrintableLine(why.message(), 2000));
+    log::Warn("{}", why.ToString());
     return 1;
   };
   Result<registry::ClientOptions> opts = MakeClientOptions(g);
-  if (!opts.ok()) return say_error(opts.status());
+  if (!opts.ok()) return fail_early(opts.status());
   Result<oci::Platform> platform = oci::Platform::Parse(g.platform);
-  if (!platform.ok()) return say_error(platform.status());
+  if (!platform.ok()) return fail_early(platform.status());
   Result<std::vector<image::ImageName>> candidates = image::CandidateNames(ref, opts->registries.get());
-  if (!candidates.ok()) return say_error(candidates.status());
+  if (!candidates.ok()) return fail_early(candidates.status());
   Result<store::Store> st = store::Store::Open(g.root);
-  if (!st.ok()) return say_error(st.status());
+  if (!st.ok()) return fail_early(st.status());
   store::PullOptions po;
   po.platform = *platform;
   po.path = path;
   Result<store::DiskTree::Limits> limits = MakeDiskLimits(g);
-  if (!limits.ok()) return say_error(limits.status());
+  if (!limits.ok()) return fail_early(limits.status());
   po.limits = *limits;
   blockserve::LazyPullOptions lazy;
   // Its VMs are other processes': a killed owner leaves nbdkit serving
@@ -87,36 +91,59 @@ int RunLazyOwner(const Globals& g, const std::string& ref, const std::string& pa
   // to adopt.
   lazy.export_options.outlive_owner = true;
 
+  // The first line goes to the command that started this process; later
+  // rounds (below) only log.
+  bool reported = false;
+  auto say = [&](const std::string& line) {
+    if (reported) return;
+    Report(report.get(), line);
+    report.reset();
+    reported = true;
+  };
+  auto say_error = [&](const Status& why) {
+    say("error " + PrintableLine(why.message(), 2000));
+    log::Warn("{}", why.ToString());
+    return 1;
+  };
   std::unique_ptr<blockserve::LazyPull> pull;
   Result<blockserve::LazyPull::Disk> disk = Internal("no candidate names for " + Printable(ref, 200));
-  std::string tried;
-  for (const image::ImageName& name : *candidates) {
-    const std::string key = name.String();
-    disk = [&]() -> Result<blockserve::LazyPull::Disk> {
-      ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, *opts));
-      ASSIGN_OR_RETURN(pull, blockserve::LazyPull::Start(*st, std::move(source), key, po, lazy));
-      return pull->Ready(g.cancel.get());
-    }();
-    if (disk.ok()) break;
+  for (;;) {
+    std::string tried;
+    for (const image::ImageName& name : *candidates) {
+      const std::string key = name.String();
+      disk = [&]() -> Result<blockserve::LazyPull::Disk> {
+        ASSIGN_OR_RETURN(std::unique_ptr<image::ImageSource> source, image::OpenSource(name, *opts));
+        ASSIGN_OR_RETURN(pull, blockserve::LazyPull::Start(*st, std::move(source), key, po, lazy));
+        return pull->Ready(g.cancel.get());
+      }();
+      if (disk.ok()) break;
+      pull.reset();
+      Status failed = disk.status().Annotate("pulling " + key);
+      if (candidates->size() == 1 || failed.code() == Code::kCancelled) return say_error(failed);
+      tried += (tried.empty() ? "" : "; ") + failed.message();
+      disk = Status(failed.code(), "short name " + Printable(ref, 200) +
+                                       " matched no image in the unqualified-search registries: " + tried);
+    }
+    if (!disk.ok()) return say_error(disk.status());
+    if (disk->stored) {
+      say("stored " + disk->manifest.str());
+      return 0;
+    }
+    if (!pull->joined()) break;
+    // Another process pulls it and serves it: usable now. This process
+    // waits (holding nothing) for that one to go, then pulls again: the
+    // disk is stored by then (and the name is recorded), or that process
+    // died and this one takes the fill over.
+    say("joined " + disk->manifest.str() + " " + disk->socket.string());
+    const fs::path owner_lock = store::LazyLockPath(g.root, disk->socket.parent_path().filename().string());
     pull.reset();
-    Status failed = disk.status().Annotate("pulling " + key);
-    if (candidates->size() == 1 || failed.code() == Code::kCancelled) return say_error(failed);
-    tried += (tried.empty() ? "" : "; ") + failed.message();
-    disk = Status(failed.code(), "short name " + Printable(ref, 200) +
-                                     " matched no image in the unqualified-search registries: " + tried);
+    for (;;) {
+      if (!g.cancel->SleepFor(std::chrono::seconds(1)).ok()) return 0;
+      Result<std::optional<FileLock>> free = FileLock::TryAcquire(owner_lock);
+      if (!free.ok() || *free) break;
+    }
   }
-  if (!disk.ok()) return say_error(disk.status());
-  if (disk->stored) {
-    Report(report.get(), "stored " + disk->manifest.str());
-    return 0;
-  }
-  if (pull->joined()) {
-    // Another process is pulling it already and serves it: nothing to do.
-    Report(report.get(), "joined " + disk->manifest.str() + " " + disk->socket.string());
-    return 0;
-  }
-  Report(report.get(), "serving " + disk->manifest.str() + " " + disk->socket.string());
-  report.reset();
+  say("serving " + disk->manifest.str() + " " + disk->socket.string());
   log::Info("{}: served at {} while it fills", Printable(ref, 200), disk->socket.string());
   // Until committed or failed; a stop signal ends the fill (it resumes
   // from its bitmap next time).
@@ -229,7 +256,11 @@ int RunPullLazy(const Globals& g, const std::string& ref, const std::string& pat
   const std::string verb = line.substr(0, sp);
   const std::string rest = sp == std::string::npos ? "" : line.substr(sp + 1);
   if (verb == "error" || verb == "stored" || verb == "joined") {
-    owner.Wait(std::chrono::seconds(30));  // it is exiting; let it finish rather than kill it
+    if (verb == "joined") {
+      owner.Release();  // it waits for the process serving the disk, then records the name
+    } else {
+      owner.Wait(std::chrono::seconds(30));  // it is exiting; let it finish rather than kill it
+    }
     if (verb == "error") return Fail(Unavailable(rest));
     const size_t sp2 = rest.find(' ');
     std::printf("%s\n", rest.substr(0, sp2).c_str());

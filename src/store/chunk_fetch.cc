@@ -185,6 +185,7 @@ Result<ChunkedLayerHead> OpenChunkedLayer(image::BlobRangeReader& r, const oci::
   ChunkDecoder decoder;
   RETURN_IF_ERROR(decoder.DecompressExact(bytes, out.index.data_offset, &head, "the tar header frame"));
   ASSIGN_OR_RETURN(out.image_path, CheckTarHead(head, out.index.disk_size));
+  out.guess = std::move(guess);
   return out;
 }
 

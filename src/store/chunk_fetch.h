@@ -46,6 +46,11 @@ Status ReadRange(image::BlobRangeReader& r, const oci::Descriptor& blob, uint64_
 struct ChunkedLayerHead {
   oci::ChunkIndex index;
   std::string image_path;  // "/disk/NAME", from the verified tar header
+  // With a head_reader: the blob's first bytes, fetched beside the index.
+  // They hold the first chunks' frames when those are small (a boot
+  // sector and zeros compress to a few hundred bytes): a lazy disk decodes
+  // and verifies those from here instead of fetching them again.
+  std::string guess;
 };
 
 // The bytes at the blob's start fetched at the same time as the index, before

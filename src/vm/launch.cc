@@ -48,6 +48,11 @@ Process::Options QemuProcessOptions(const VmPlan& plan) {
   popt.stderr_mode = Process::Stdio::kFile;
   popt.stderr_file = QemuLogPath(plan.run_dir);
   for (const auto& lease : plan.disk_leases) popt.inherit_fds.push_back(lease.fd());
+  // A disk read from another process's export: QEMU holds that export up
+  // for as long as it runs (the daemon or `run` may go first).
+  for (const auto& pull : plan.lazy_pulls) {
+    if (const int fd = pull->reader_lock_fd(); fd >= 0) popt.inherit_fds.push_back(fd);
+  }
   return popt;
 }
 

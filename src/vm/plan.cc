@@ -560,12 +560,8 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       if (resolved->lazy) {
         // Served while it fills: there is no store disk to lease yet.
         pd.nbd_socket = resolved->nbd_socket;
-        // A pull reading another's export goes first, so it is destroyed
-        // first: an owner waits for its readers (another disk of this VM
-        // may read the export of this one's layer).
-        const bool reader = resolved->lazy->joined();
-        plan.lazy_pulls.insert(reader ? plan.lazy_pulls.begin() : plan.lazy_pulls.end(), std::move(resolved->lazy));
-        plan.lazy_images.insert(reader ? plan.lazy_images.begin() : plan.lazy_images.end(), resolved->key);
+        plan.lazy_pulls.push_back(std::move(resolved->lazy));
+        plan.lazy_images.push_back(resolved->key);
       } else if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));

@@ -346,6 +346,12 @@ Status RunVm(const spec::VirtualMachine& vm, const std::vector<spec::Secret>& se
   }
   if (!planned.ok()) return std::move(planned).status();
   VmPlan plan = std::move(*planned);
+  // Its lazily-pulled disks go readers first (blockserve/lazy_pull.h): one
+  // of them may serve the export another reads.
+  struct LazyTeardown {
+    std::vector<std::shared_ptr<blockserve::LazyPull>>& pulls;
+    ~LazyTeardown() { blockserve::ReleaseReadersFirst(pulls); }
+  } lazy_teardown{plan.lazy_pulls};
   if (plan.accel == "tcg" && o.plan.accel == "auto" && !log::Quiet()) {
     std::fprintf(stderr, "regdisk: notice: /dev/kvm is not usable here; running %s under TCG emulation, which is slower\n",
                  plan.name.c_str());
