@@ -5,6 +5,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/file.h>
+#include <fcntl.h>
 #include <sys/wait.h>
 
 #include <functional>
@@ -878,9 +880,18 @@ TEST_F(LazyDaemonTest, AVmiBootsFromTheExportOfAPullLazy) {
   // The daemon goes, the VM stays: its QEMU holds the export up by itself
   // (it inherited the daemon's hold), and the next daemon adopts the VM.
   node_.reset();
+  // (An owner with no reader stops its export within 200 ms: a second is
+  // ample for a regression to show.)
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  EXPECT_EQ(NbdkitsUnderRoot(), nbdkits) << "the owner stopped the export under the VM";
   const fs::path readers = store::LazyReadersLockPath(root_, store::LazyName(layer_.digest));
-  EXPECT_FALSE(FileLock::TryAcquire(readers).value().has_value()) << "nothing holds the export up for the VM";
-  EXPECT_EQ(NbdkitsUnderRoot(), nbdkits);
+  {
+    // Held shared (by the QEMU), not exclusively (by an owner retiring).
+    UniqueFd a = OpenFile(readers, O_RDONLY).value();
+    UniqueFd b = OpenFile(readers, O_RDONLY).value();
+    EXPECT_EQ(::flock(a.get(), LOCK_SH | LOCK_NB), 0) << "an owner holds the readers' lock";
+    EXPECT_NE(::flock(b.get(), LOCK_EX | LOCK_NB), 0) << "nothing holds the export up for the VM";
+  }
   StartNode(/*lazy=*/true);
   ASSERT_TRUE(Eventually([&] { return RunningVmis().size() == 1; })) << json(Vmis()).dump(2);
   // The VM goes: its hold goes with its QEMU, and the owner stops the export.

@@ -879,6 +879,24 @@ TEST_F(LazyExportTest, AGuestReadOfACorruptedChunkGetsEio) {
   EXPECT_THAT(r.out, HasSubstr("read 512/512 bytes"));
 }
 
+// The boot-sector guest with its sector 1 ("LAZY-SECTOR-CONTENT", then
+// "POWEROFF"), zeros to 1 MiB, then 32 MiB of random data (from `seed`)
+// that the guest never reads: written to DIR/guest.raw and pushed to
+// docker://REF as a chunked image of 64 KiB chunks. Returns the disk.
+std::string PushPaddedGuest(const fs::path& dir, const std::string& ref, uint32_t seed) {
+  std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
+  std::string sector1 = "LAZY-SECTOR-CONTENT";
+  sector1.resize(512, '\0');
+  raw += sector1 + "POWEROFF";
+  raw.resize(1 * kMiB, '\0');
+  raw += RandomBytes(32 * kMiB, seed);
+  EXPECT_OK(WriteFileAtomic(dir / "guest.raw", raw));
+  RunResult r = RunRegdisk({"build", (dir / "guest.raw").string(), "-t", "docker://" + ref, "--layout", "chunked",
+                            "--chunk-size", "64K", "-q"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return raw;
+}
+
 // regdisk run, end to end: a chunked image of the boot-sector guest, padded
 // with 32 MiB of random data the guest never reads, boots from the registry
 // through the export.
@@ -886,17 +904,9 @@ TEST(LazyRunTest, RunBootsAChunkedImageWhileItIsPulled) {
   TempDir tmp = TempDir::Create("regdisk-test").value();
   auto reg = TestRegistry::Start(RegistryMode::kPlain, {}, TestRegistry::Extra{.access_log = true}).value();
   const fs::path root = tmp.path() / "root";
-  std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
-  std::string sector1 = "LAZY-SECTOR-CONTENT";
-  sector1.resize(512, '\0');
-  raw += sector1 + "POWEROFF";
-  raw.resize(1 * kMiB, '\0');
-  raw += RandomBytes(32 * kMiB, 3);
-  ASSERT_OK(WriteFileAtomic(tmp.path() / "guest.raw", raw));
   const std::string ref = reg->host() + "/vmdisks/lazy:v1";
-  RunResult r = RunRegdisk({"build", (tmp.path() / "guest.raw").string(), "-t", "docker://" + ref, "--layout",
-                            "chunked", "--chunk-size", "64K", "-q"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
+  PushPaddedGuest(tmp.path(), ref, 3);
+  RunResult r;
   std::string spec = ReadFileCapped(REGDISK_SOURCE_DIR "/examples/vm.yaml", 1 << 20).value();
   spec = std::regex_replace(spec, std::regex("image: [^\n]*"), "image: " + ref);
   ASSERT_OK(WriteFileAtomic(tmp.path() / "vm.yaml", spec));
@@ -972,17 +982,8 @@ TEST(LazyRunTest, PullLazyServesAtOnceAndARunBootsFromItsExport) {
   auto reg = TestRegistry::Start(RegistryMode::kPlain).value();
   auto proxy = FaultProxy::Start(reg->port()).value();
   const fs::path root = tmp.path() / "root";
-  std::string raw = ReadFileCapped(REGDISK_GUEST_IMAGE, 512).value();
-  std::string sector1 = "LAZY-SECTOR-CONTENT";
-  sector1.resize(512, '\0');
-  raw += sector1 + "POWEROFF";
-  raw.resize(1 * kMiB, '\0');
-  raw += RandomBytes(32 * kMiB, 5);
-  ASSERT_OK(WriteFileAtomic(tmp.path() / "guest.raw", raw));
-  RunResult r = RunRegdisk({"build", (tmp.path() / "guest.raw").string(), "-t",
-                            "docker://" + reg->host() + "/vmdisks/lazy:v1", "--layout", "chunked", "--chunk-size", "64K",
-                            "-q"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
+  PushPaddedGuest(tmp.path(), reg->host() + "/vmdisks/lazy:v1", 5);
+  RunResult r;
   // Through the proxy, which holds the fill: requests for frames past the
   // first 2 MiB (the guest reads less; the index, at the end, passes)
   // stall and fail until the rules are cleared.

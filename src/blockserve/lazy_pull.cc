@@ -50,20 +50,60 @@ Result<std::unique_ptr<LazyPull>> LazyPull::Start(const store::Store& store, std
   return p;
 }
 
+namespace {
+
+// The image as PullOrJoin resolved it: the first answer to GetManifest is
+// kept, so Store::Pull commits the image that was served even if its tag
+// moves meanwhile. Everything else goes to the source.
+class PinnedSource : public image::ImageSource {
+ public:
+  explicit PinnedSource(image::ImageSource& inner) : inner_(inner) {}
+  std::string Name() const override { return inner_.Name(); }
+  Result<oci::RawManifest> GetManifest() override {
+    if (!top_) {
+      ASSIGN_OR_RETURN(oci::RawManifest m, inner_.GetManifest());
+      top_ = std::move(m);
+    }
+    return *top_;
+  }
+  Result<oci::RawManifest> GetManifestByDigest(const oci::Descriptor& desc) override {
+    return inner_.GetManifestByDigest(desc);
+  }
+  Status FetchBlob(const oci::Descriptor& desc, const registry::BlobSink& sink) override {
+    return inner_.FetchBlob(desc, sink);
+  }
+  Status FetchBlobFrom(const oci::Descriptor& desc, uint64_t offset, oci::Hasher& hasher,
+                       const registry::BlobSink& sink) override {
+    return inner_.FetchBlobFrom(desc, offset, hasher, sink);
+  }
+  Result<std::unique_ptr<image::BlobRangeReader>> OpenRangeReader() override { return inner_.OpenRangeReader(); }
+  std::optional<fs::path> LocalBlobPath(const oci::Descriptor& desc) override { return inner_.LocalBlobPath(desc); }
+  const oci::Reference* RegistryRef() const override { return inner_.RegistryRef(); }
+  Result<std::vector<std::string>> RepoTags() override { return inner_.RepoTags(); }
+  std::string RepoName() const override { return inner_.RepoName(); }
+
+ private:
+  image::ImageSource& inner_;
+  std::optional<oci::RawManifest> top_;
+};
+
+}  // namespace
+
 Result<store::StoredImage> LazyPull::PullOrJoin(const std::string& key, const store::PullOptions& options) {
   // The image is resolved first: a chunked layer is served and filled
   // under its own lock, outside Store::Pull (which holds the store's shared
   // lock and the image's until it commits: rmi, prune and a reader of this
   // export must not wait there), and Store::Pull then only commits it.
-  ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(*source_, options.platform));
+  PinnedSource pinned(*source_);
+  ASSIGN_OR_RETURN(image::ResolvedImage img, image::ResolveImage(pinned, options.platform));
   store::PullOptions plain = options;
   plain.chunked_puller = nullptr;
-  if (img.manifest.layers.size() != 1) return store_->Pull(*source_, key, plain);
+  if (img.manifest.layers.size() != 1) return store_->Pull(pinned, key, plain);
   const oci::Descriptor layer = img.manifest.layers[0];
   ASSIGN_OR_RETURN(std::optional<oci::ChunkIndexLocation> loc, oci::ChunkIndexLocationOf(layer));
   // Not chunked, or its disk is in the store already (under any name):
   // Store::Pull does the rest.
-  if (!loc || Stored(img.raw.digest, options.path)) return store_->Pull(*source_, key, plain);
+  if (!loc || Stored(img.raw.digest, options.path)) return store_->Pull(pinned, key, plain);
   const fs::path root = store_->root();
   const std::string name = store::LazyName(layer.digest);
   {
@@ -77,10 +117,19 @@ Result<store::StoredImage> LazyPull::PullOrJoin(const std::string& key, const st
   if (!owner) {
     ASSIGN_OR_RETURN(FileLock got, JoinOrTakeOver(label_, store::LazyDirPath(root, name), img.raw.digest));
     owner.emplace(std::move(got));
+    // The owner committed the disk before it went: nothing to fill. (An
+    // nbdkit it left for its readers serves them the whole disk.)
+    if (Stored(img.raw.digest, options.path)) return store_->Pull(pinned, key, plain);
   }
   lock_ = std::move(owner);
+  // (The disk's readers outlive this call: the source itself, not `pinned`.)
   Result<store::ChunkedDisk> filled = Serve(*source_, img.raw.digest, layer, *loc);
-  if (!filled.ok()) return filled.status();
+  if (!filled.ok()) {
+    // A take-over that failed lets another process try (this pull's VMs
+    // read on from the export the owner left).
+    if (joined()) lock_.reset();
+    return filled.status();
+  }
   store::PullOptions commit = plain;
   commit.chunked_puller = [&filled, want = layer.digest](image::ImageSource&, const oci::Digest&,
                                                          const oci::Descriptor& got, const oci::ChunkIndexLocation&,
@@ -91,7 +140,7 @@ Result<store::StoredImage> LazyPull::PullOrJoin(const std::string& key, const st
     }
     return *filled;
   };
-  return store_->Pull(*source_, key, commit);
+  return store_->Pull(pinned, key, commit);
 }
 
 bool LazyPull::Stored(const oci::Digest& manifest, const std::string& path) const {
@@ -243,11 +292,11 @@ Result<FileLock> LazyPull::JoinOrTakeOver(const std::string& label, const fs::pa
     ASSIGN_OR_RETURN(std::optional<FileLock> owner, FileLock::TryAcquire(owner_path_));
     if (owner) {
       // The owner has gone (or never served): this pull serves the disk,
-      // unless it is being destroyed. Its own reader's lock goes first, or
-      // its WaitForReaders would wait for itself.
+      // unless it is being destroyed.
+      // (Its own reader's lock stays open until it retires: a QEMU being
+      // started may be inheriting its descriptor.)
       std::lock_guard guard(mu_);
       if (stopping_) return Cancelled("the pull was stopped");
-      readers_lock_.reset();
       return std::move(*owner);
     }
     if (readers && CanConnect(socket)) {
@@ -295,6 +344,7 @@ int LazyPull::reader_lock_fd() {
 bool LazyPull::TryRetire() {
   std::lock_guard lock(mu_);
   if (joined_ || !export_ || keep_export_ || retire_lock_ || readers_path_.empty()) return true;
+  readers_lock_.reset();  // its hold from before it took the export over (its QEMU keeps its own)
   Result<std::optional<FileLock>> l = FileLock::TryAcquire(readers_path_);
   if (!l.ok() || !*l) return false;
   retire_lock_ = std::move(**l);
@@ -307,6 +357,7 @@ void LazyPull::WaitForReaders() {
   {
     std::lock_guard lock(mu_);
     if (joined_ || !export_ || keep_export_ || retire_lock_ || readers_path_.empty()) return;
+    readers_lock_.reset();  // its hold from before it took the export over
     readers_path = readers_path_;
     label = label_;
   }

@@ -193,7 +193,8 @@ int RunPullLazy(const Globals& g, const std::string& ref, const std::string& pat
   const fs::path self = fs::read_symlink("/proc/self/exe", ec);
   if (ec) return Fail(Internal("finding regdisk's own executable: " + ec.message()));
   std::vector<std::string> argv = {self.string(), "--root", g.root, "--platform", g.platform, "--max-disk-size",
-                                   g.max_disk_size, "--log-level", g.verbose ? "debug" : "info"};
+                                   g.max_disk_size, "--log-level",
+                                   g.verbose || g.log_level == "debug" ? "debug" : "info"};
   auto add = [&](const char* flag, const std::string& value) {
     if (value.empty()) return;
     argv.push_back(flag);

@@ -560,8 +560,13 @@ Result<VmPlan> PlanVm(const spec::VirtualMachine& vm, const std::vector<spec::Se
       if (resolved->lazy) {
         // Served while it fills: there is no store disk to lease yet.
         pd.nbd_socket = resolved->nbd_socket;
-        plan.lazy_pulls.push_back(std::move(resolved->lazy));
-        plan.lazy_images.push_back(resolved->key);
+        // Readers of another's export first: destroyed first if planning
+        // fails (an owner waits for its readers; another disk of this VM
+        // may read this one's export). A planned VM's pulls go through
+        // ReleaseReadersFirst.
+        const bool reader = resolved->lazy->joined();
+        plan.lazy_pulls.insert(reader ? plan.lazy_pulls.begin() : plan.lazy_pulls.end(), std::move(resolved->lazy));
+        plan.lazy_images.insert(reader ? plan.lazy_images.begin() : plan.lazy_images.end(), resolved->key);
       } else if (!o.offline) {
         ASSIGN_OR_RETURN(FileLock lease, st.Use(img));
         plan.disk_leases.push_back(std::move(lease));
