@@ -1,8 +1,9 @@
-// Lazy boot's pull: a Store::Pull that, for a chunked image, serves the
-// disk over NBD as soon as its index and tar header are verified, fills it
-// in the background, and commits it to the store exactly as a full pull
-// would once the last chunk is verified. A VM boots from Ready()'s socket
-// while the pull goes on; later VMs find an ordinary store disk.
+// Lazy boot's pull: for a chunked image, serves the disk over NBD as soon
+// as its index and tar header are verified, fills it in the background
+// (outside the store's locks), and commits it to the store exactly as a
+// full pull would (Store::Pull) once the last chunk is verified. Other
+// images are pulled by Store::Pull in full. A VM boots from Ready()'s
+// socket while the pull goes on; later VMs find an ordinary store disk.
 //
 //   ASSIGN_OR_RETURN(auto pull, LazyPull::Start(store, std::move(source), key, pull_options, {}));
 //   ASSIGN_OR_RETURN(LazyPull::Disk disk, pull->Ready());
@@ -129,8 +130,10 @@ class LazyPull {
   LazyPull() = default;
   Result<store::ChunkedDisk> Serve(image::ImageSource& src, const oci::Digest& manifest, const oci::Descriptor& layer,
                                    const oci::ChunkIndexLocation& loc);
-  // The thread's work: joins the export of another pull of the layer, or
-  // takes the layer's lock, then runs Store::Pull.
+  // The thread's work: resolves the image; for a chunked layer the store
+  // lacks, joins the export of another pull of it, or takes its lock,
+  // serves and fills it (Serve), and has Store::Pull commit it; anything
+  // else is a plain Store::Pull.
   Result<store::StoredImage> PullOrJoin(const std::string& key, const store::PullOptions& options);
   // Whether the store holds the disk of `manifest` (at `path`, when given)
   // under any name.

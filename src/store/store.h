@@ -110,10 +110,11 @@ struct PullOptions {
   // for the next pull; the staging directory goes).
   std::shared_ptr<const CancelToken> cancel;
   // Materialises a chunked layer in place of the parallel full pull (lazy
-  // boot: blockserve::LazyPull serves the disk while it fills). It gets the
-  // layer, where its index is, and the staging directory, and returns the
-  // verified raw disk in a file on the store's file system, which the
-  // store then commits as it commits any pull.
+  // boot: blockserve::LazyPull has served and filled the disk already, and
+  // hands it over here). It gets the layer, where its index is, and the
+  // staging directory, and returns the verified raw disk in a file on the
+  // store's file system, which the store then commits as it commits any
+  // pull.
   // Its arguments: the source, the image's manifest digest, the layer, its
   // index and the ingest directory the store would use.
   std::function<Result<ChunkedDisk>(image::ImageSource&, const oci::Digest&, const oci::Descriptor&,
