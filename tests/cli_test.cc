@@ -260,7 +260,8 @@ TEST_F(CliTest, ZshAndFishScriptsParse) {
 // The zsh script loaded by zsh itself: compinit finds _regdisk on $fpath,
 // and a line typed on a pseudo-terminal (zsh's zpty module) is completed
 // with Tab. A compadd wrapper appends what would be offered, after zsh's
-// own matching against the word, to a file.
+// own matching against the word, to a file; the line is cleared only once
+// that file has something in it (each case here offers something).
 TEST_F(CliTest, ZshCompletesCommandsFlagsAndValues) {
   if (FindExecutable("zsh").empty()) GTEST_SKIP() << "zsh is not installed (./dev.sh deps installs it)";
   const fs::path fn = tmp() / "functions";
@@ -277,7 +278,11 @@ zpty -w z "PS1='<ready>'; fpath=(${(q)fn} \$fpath); autoload -Uz compinit; compi
 ready
 zpty -w z "compadd() { if (( \${@[(I)-[OAD]]} )); then builtin compadd \"\$@\"; return; fi; local -a m; builtin compadd -O m \"\$@\"; print -rl -- \$m >> ${(q)out}; builtin compadd \"\$@\"; }"
 ready
-zpty -w -n z "$line"$'\t'$'\C-u'"exit"$'\n'
+zpty -w -n z "$line"$'\t'
+# The rest only once the completion has offered something (hang guard:
+# 30 s): keys typed ahead of a completion can cut it short.
+for i in {1..300}; do [[ -s $out ]] && break; sleep 0.1; done
+zpty -w -n z $'\C-u'"exit"$'\n'
 while zpty -r z chunk; do :; done
 )"));
   int n = 0;
