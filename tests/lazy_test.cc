@@ -897,6 +897,18 @@ std::string PushPaddedGuest(const fs::path& dir, const std::string& ref, uint32_
   return raw;
 }
 
+// The store under ROOT holds one raw disk, and it equals ORIGINAL
+// (qemu-img compare).
+void ExpectTheStoredDiskIs(const fs::path& root, const fs::path& original) {
+  fs::path stored;
+  for (const auto& e : fs::recursive_directory_iterator(root / "disks")) {
+    if (e.path().filename() == "disk.raw") stored = e.path();
+  }
+  ASSERT_FALSE(stored.empty()) << "no raw disk in " << root;
+  RunResult r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", original.string(), stored.string()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
 // regdisk run, end to end: a chunked image of the boot-sector guest, padded
 // with 32 MiB of random data the guest never reads, boots from the registry
 // through the export.
@@ -941,13 +953,7 @@ TEST(LazyRunTest, RunBootsAChunkedImageWhileItIsPulled) {
   // the original; a run then boots from the store without lazy boot.
   r = RunRegdisk({"--root", root.string(), "pull", "docker://" + ref});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  fs::path stored;
-  for (const auto& e : fs::recursive_directory_iterator(root / "disks")) {
-    if (e.path().filename() == "disk.raw") stored = e.path();
-  }
-  ASSERT_FALSE(stored.empty());
-  r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", (tmp.path() / "guest.raw").string(), stored.string()});
-  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  ExpectTheStoredDiskIs(root, tmp.path() / "guest.raw");
   r = RunRegdisk({"--root", root.string(), "run", "-f", (tmp.path() / "vm.yaml").string(), "--timeout", "120",
                   "--grace", "1"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -1080,13 +1086,7 @@ TEST(LazyRunTest, PullLazyServesAtOnceAndARunBootsFromItsExport) {
   EXPECT_THAT(r.out, HasSubstr(reg->host() + "/vmdisks/lazy")) << r.out << owner_logs();
   EXPECT_THAT(r.out, HasSubstr(proxy->host() + "/vmdisks/lazy")) << r.out << owner_logs();
   EXPECT_THAT(r.out, ::testing::Not(HasSubstr("filling"))) << r.out;
-  fs::path stored;
-  for (const auto& e : fs::recursive_directory_iterator(root / "disks")) {
-    if (e.path().filename() == "disk.raw") stored = e.path();
-  }
-  ASSERT_FALSE(stored.empty());
-  r = RunProgram({"qemu-img", "compare", "-f", "raw", "-F", "raw", (tmp.path() / "guest.raw").string(), stored.string()});
-  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  ExpectTheStoredDiskIs(root, tmp.path() / "guest.raw");
   // Once stored, pull --lazy is a plain pull that finds it.
   r = RunRegdisk({"--root", root.string(), "pull", "--lazy", ref});
   ASSERT_EQ(r.exit_code, 0) << r.err;
