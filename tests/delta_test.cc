@@ -96,6 +96,20 @@ class DeltaTest : public TempDirTest {
     ASSERT_EQ(::chmod(file.c_str(), 0444), 0);
   }
 
+  // v1 pulled, then one byte of its chunk 10 flipped on the node's disk:
+  // a pull of v2 must fetch kChanged and chunk 10 (RottedFetches()).
+  void PullV1AndRotItsChunk10(const Built& b1) {
+    RunResult r;
+    PullCounting(Ref("delta", "v1"), b1.layer, &r);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_NO_FATAL_FAILURE(FlipAByteOfChunk(DiskOf(Ref("delta", "v1")), v1_, 10));
+  }
+  std::set<size_t> RottedFetches() const {
+    std::set<size_t> fetched = kChanged;
+    fetched.insert(10);
+    return fetched;
+  }
+
   // Pulls `ref` lazily (blockserve::LazyPull: the fill, no export) until
   // it is committed; returns the bytes the registry sent for b's layer.
   uint64_t LazyPullCounting(const std::string& ref, const Built& b) {
@@ -227,12 +241,8 @@ TEST_F(DeltaTest, ALazilyPulledSecondVersionFetchesOnlyItsChangedFrames) {
 // ends equal to the new version.
 TEST_F(DeltaTest, ALazilyPulledVersionFetchesAChunkThatRottedInTheStore) {
   const Built b1 = Build(v1_, "delta", "v1"), b2 = Build(v2_, "delta", "v2");
-  RunResult r;
-  PullCounting(Ref("delta", "v1"), b1.layer, &r);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  ASSERT_NO_FATAL_FAILURE(FlipAByteOfChunk(DiskOf(Ref("delta", "v1")), v1_, 10));
-  std::set<size_t> fetched = kChanged;
-  fetched.insert(10);
+  ASSERT_NO_FATAL_FAILURE(PullV1AndRotItsChunk10(b1));
+  const std::set<size_t> fetched = RottedFetches();
   EXPECT_EQ(LazyPullCounting(Ref("delta", "v2"), b2), Expected(b2, fetched) + HeadExtra(b2));
   EXPECT_EQ(ReadFileCapped(DiskOf(Ref("delta", "v2")), 1 << 28).value(), v2_);
 }
@@ -266,13 +276,9 @@ TEST_F(DeltaTest, AnotherImageSharingChunksAtOtherOffsetsReusesThem) {
 
 TEST_F(DeltaTest, ALocalChunkThatRottedIsFetchedAndFsckFindsIt) {
   const Built b1 = Build(v1_, "delta", "v1"), b2 = Build(v2_, "delta", "v2");
+  ASSERT_NO_FATAL_FAILURE(PullV1AndRotItsChunk10(b1));  // one byte of v1's chunk 10 flips on the node's disk
+  const std::set<size_t> fetched = RottedFetches();
   RunResult r;
-  PullCounting(Ref("delta", "v1"), b1.layer, &r);
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  // One byte of v1's chunk 10 flips on the node's disk.
-  ASSERT_NO_FATAL_FAILURE(FlipAByteOfChunk(DiskOf(Ref("delta", "v1")), v1_, 10));
-  std::set<size_t> fetched = kChanged;
-  fetched.insert(10);
   const uint64_t got = PullCounting(Ref("delta", "v2"), b2.layer, &r);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(got, Expected(b2, fetched));
