@@ -909,6 +909,23 @@ void ExpectTheStoredDiskIs(const fs::path& root, const fs::path& original) {
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
 }
 
+// --lazy-owner-fd is pull --lazy's own, for its background copy: a user's
+// is refused in one line before anything is made.
+TEST(LazyRunTest, TheOwnersDescriptorFlagIsNotAUsersToGive) {
+  TempDir tmp = TempDir::Create("regdisk-test").value();
+  const fs::path root = tmp.path() / "root";
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"pull", "--lazy-owner-fd", "5", "docker://127.0.0.1:1/a:b"},
+        std::vector<std::string>{"pull", "--lazy", "--lazy-owner-fd", "1", "docker://127.0.0.1:1/a:b"}}) {
+    std::vector<std::string> argv = {"--root", root.string()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    RunResult r = RunRegdisk(argv);
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_THAT(r.err, HasSubstr("--lazy-owner-fd is regdisk's own"));
+    EXPECT_FALSE(fs::exists(root));
+  }
+}
+
 // regdisk run, end to end: a chunked image of the boot-sector guest, padded
 // with 32 MiB of random data the guest never reads, boots from the registry
 // through the export.

@@ -368,6 +368,10 @@ int Main(int argc, char** argv) {
 
   if (*copy) return RunCopy(g, from, to, all);
   if (*inspect) return RunInspect(g, inspect_flags);
+  if (*pull && lazy_owner_fd != -1 && (!pull_lazy || lazy_owner_fd < 3)) {
+    return Fail(InvalidArgument("--lazy-owner-fd is regdisk's own (pull --lazy passes it to its background copy); "
+                                "leave it out"));
+  }
   if (*pull) return pull_lazy ? RunPullLazy(g, pull_ref, disk_path, lazy_owner_fd) : RunPull(g, pull_ref, disk_path);
   if (*images) return RunImages(g, images_flags);
   if (*rmi) return RunRmi(g, rmi_flags);
